@@ -1,0 +1,26 @@
+# normd — the user's entry point. `make test` and `make demo` work on a fresh Debian 12 machine.
+BUILD_DIR ?= build
+JOBS ?= 2
+CMAKE_FLAGS ?=
+
+.PHONY: all deps build test demo bench test-image clean
+
+all: build
+
+deps:
+	@deploy/install-deps.sh all
+
+$(BUILD_DIR)/CMakeCache.txt:
+	cmake -S . -B $(BUILD_DIR) -DCMAKE_BUILD_TYPE=Release $(CMAKE_FLAGS)
+
+build: deps $(BUILD_DIR)/CMakeCache.txt
+	cmake --build $(BUILD_DIR) -j$(JOBS)
+
+test: build
+	ctest --test-dir $(BUILD_DIR) --output-on-failure -j$(JOBS)
+
+demo: build
+	@echo "normd demo: not yet (the service arrives with the server issue)"
+
+clean:
+	rm -rf $(BUILD_DIR)

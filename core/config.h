@@ -1,0 +1,119 @@
+// Plain configuration structs describing a model: what the wire's ModelSpec becomes once the
+// server has decoded it (server/convert.cc is the only place that converts), and what tests and
+// benchmarks build models from directly. Defaults are PyTorch's.
+#ifndef NORMD_CORE_CONFIG_H_
+#define NORMD_CORE_CONFIG_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace normd {
+
+struct LinearConfig {
+  int64_t in_features = 0;
+  int64_t out_features = 0;
+  bool bias = true;
+};
+
+struct BatchNormConfig {
+  int64_t num_features = 0;
+  float eps = 1e-5f;
+  float momentum = 0.1f;
+  bool cumulative_average = false;  // PyTorch momentum=None: m = 1/num_batches_tracked
+  bool affine = true;
+  bool track_running_stats = true;
+};
+
+struct LayerNormConfig {
+  std::vector<int64_t> normalized_shape;
+  float eps = 1e-5f;
+  bool elementwise_affine = true;
+};
+
+struct Conv2dConfig {
+  int64_t in_channels = 0;
+  int64_t out_channels = 0;
+  int64_t kernel_size = 0;
+  int64_t stride = 1;
+  int64_t padding = 0;
+  bool bias = true;
+};
+
+struct Pool2dConfig {
+  int64_t kernel_size = 0;
+  int64_t stride = 0;  // 0: same as kernel_size (PyTorch's stride=None)
+  int64_t padding = 0;
+};
+
+enum class LayerKind {
+  kLinear,
+  kBatchNorm1d,
+  kBatchNorm2d,
+  kLayerNorm,
+  kConv2d,
+  kMaxPool2d,
+  kAvgPool2d,
+  kFlatten,
+  kReLU,
+  kLeakyReLU,
+  kTanh,
+  kSigmoid,
+  kGELU,
+  kDropout,
+};
+
+// PyTorch's class name for a kind ("BatchNorm1d").
+const char* LayerKindName(LayerKind kind);
+
+// One layer. Only the member matching `kind` is read.
+struct LayerConfig {
+  LayerKind kind = LayerKind::kReLU;
+  std::string name;  // the metrics label; empty: the layer's index
+  LinearConfig linear;
+  BatchNormConfig batch_norm;  // kBatchNorm1d, kBatchNorm2d
+  LayerNormConfig layer_norm;
+  Conv2dConfig conv2d;
+  Pool2dConfig pool;  // kMaxPool2d, kAvgPool2d
+  float negative_slope = 0.01f;  // kLeakyReLU
+  float dropout_p = 0.5f;        // kDropout
+};
+
+enum class LossKind { kCrossEntropy, kMse, kBceWithLogits };
+
+struct SgdConfig {
+  float lr = 0.01f;
+  float momentum = 0.0f;
+  float dampening = 0.0f;
+  bool nesterov = false;
+  float weight_decay = 0.0f;
+};
+
+struct AdamConfig {
+  float lr = 1e-3f;
+  float beta1 = 0.9f;
+  float beta2 = 0.999f;
+  float eps = 1e-8f;
+  float weight_decay = 0.0f;
+  bool decoupled_weight_decay = false;  // true: AdamW
+};
+
+enum class OptimizerKind { kSgd, kAdam };
+
+struct OptimizerConfig {
+  OptimizerKind kind = OptimizerKind::kSgd;
+  SgdConfig sgd;
+  AdamConfig adam;
+};
+
+struct ModelConfig {
+  std::vector<int64_t> input_shape;  // one sample, e.g. {784} or {1, 28, 28}
+  std::vector<LayerConfig> layers;
+  LossKind loss = LossKind::kCrossEntropy;
+  OptimizerConfig optimizer;
+  uint64_t seed = 0;
+};
+
+}  // namespace normd
+
+#endif  // NORMD_CORE_CONFIG_H_

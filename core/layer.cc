@@ -1,0 +1,58 @@
+#include "core/layer.h"
+
+#include "core/activation.h"
+#include "core/batch_norm.h"
+#include "core/conv2d.h"
+#include "core/layer_norm.h"
+#include "core/linear.h"
+#include "core/pool2d.h"
+
+namespace normd {
+
+const char* LayerKindName(LayerKind kind) {
+  switch (kind) {
+    case LayerKind::kLinear: return "Linear";
+    case LayerKind::kBatchNorm1d: return "BatchNorm1d";
+    case LayerKind::kBatchNorm2d: return "BatchNorm2d";
+    case LayerKind::kLayerNorm: return "LayerNorm";
+    case LayerKind::kConv2d: return "Conv2d";
+    case LayerKind::kMaxPool2d: return "MaxPool2d";
+    case LayerKind::kAvgPool2d: return "AvgPool2d";
+    case LayerKind::kFlatten: return "Flatten";
+    case LayerKind::kReLU: return "ReLU";
+    case LayerKind::kLeakyReLU: return "LeakyReLU";
+    case LayerKind::kTanh: return "Tanh";
+    case LayerKind::kSigmoid: return "Sigmoid";
+    case LayerKind::kGELU: return "GELU";
+    case LayerKind::kDropout: return "Dropout";
+  }
+  return "?";
+}
+
+std::vector<StateSlot> Layer::state() {
+  std::vector<StateSlot> slots;
+  for (Parameter* p : parameters()) slots.push_back(StateSlot{p->name, &p->value, nullptr});
+  return slots;
+}
+
+std::unique_ptr<Layer> MakeLayer(const LayerConfig& c) {
+  switch (c.kind) {
+    case LayerKind::kLinear: return std::make_unique<Linear>(c.linear);
+    case LayerKind::kBatchNorm1d: return std::make_unique<BatchNorm>(c.batch_norm, false);
+    case LayerKind::kBatchNorm2d: return std::make_unique<BatchNorm>(c.batch_norm, true);
+    case LayerKind::kLayerNorm: return std::make_unique<LayerNorm>(c.layer_norm);
+    case LayerKind::kConv2d: return std::make_unique<Conv2d>(c.conv2d);
+    case LayerKind::kMaxPool2d: return std::make_unique<Pool2d>(c.pool, true);
+    case LayerKind::kAvgPool2d: return std::make_unique<Pool2d>(c.pool, false);
+    case LayerKind::kFlatten: return std::make_unique<Flatten>();
+    case LayerKind::kDropout: return std::make_unique<Dropout>(c.dropout_p);
+    case LayerKind::kReLU:
+    case LayerKind::kLeakyReLU:
+    case LayerKind::kTanh:
+    case LayerKind::kSigmoid:
+    case LayerKind::kGELU: return std::make_unique<Activation>(c.kind, c.negative_slope);
+  }
+  return nullptr;
+}
+
+}  // namespace normd

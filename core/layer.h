@@ -1,0 +1,115 @@
+// The layer interface shared by every layer of the library.
+//
+// A layer keeps three kinds of state apart: configuration (fixed at construction), parameters
+// (tensors with gradients: weight, bias) and buffers (no gradients: BatchNorm's running
+// statistics). A layer object holds no per-call state: what a Forward must hand to its Backward
+// lives in a LayerCache owned by the caller (a ForwardRecord), so several forwards of one model
+// may be retained at once and eval-mode forwards may run concurrently.
+//
+// Thread safety: Forward is const and may run concurrently with other Forwards. Backward
+// (which accumulates parameter gradients) and every non-const method need exclusive access.
+#ifndef NORMD_CORE_LAYER_H_
+#define NORMD_CORE_LAYER_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/config.h"
+#include "core/rng.h"
+#include "core/status.h"
+#include "core/tensor.h"
+
+namespace normd {
+
+// A tensor with a gradient. `grad` has the shape of `value`.
+struct Parameter {
+  std::string name;  // PyTorch's attribute name: "weight", "bias"
+  Tensor value;
+  Tensor grad;
+};
+
+// One named entry of a layer's state (PyTorch state_dict naming, without the layer prefix).
+// Exactly one of `tensor` and `counter` is set; a counter is a 0-d integer tensor in PyTorch
+// (num_batches_tracked).
+struct StateSlot {
+  std::string name;
+  Tensor* tensor = nullptr;
+  int64_t* counter = nullptr;
+};
+
+// What a layer's Forward leaves for its Backward. The layer decides what goes where; the
+// vectors keep their capacity between calls, so a reused cache does not allocate.
+struct LayerCache {
+  std::vector<float> f;
+  std::vector<double> d;
+  std::vector<int32_t> i;
+  // BatchNorm only: the pending running-statistics update is valid (see BatchNorm::Commit).
+  bool has_pending_update = false;
+};
+
+struct ForwardContext {
+  // Train-mode semantics: BatchNorm normalises with batch statistics, Dropout drops.
+  bool training = false;
+  // BatchNorm records a pending running-statistics update in its cache (training and not
+  // frozen); it is applied later by BatchNorm::Commit so a failed step changes nothing.
+  bool update_running_stats = false;
+  // Dropout's generator. Non-null when training.
+  Rng* rng = nullptr;
+};
+
+class BatchNorm;
+
+class Layer {
+ public:
+  virtual ~Layer() = default;
+
+  // PyTorch's class name: "Linear", "BatchNorm1d", ...
+  virtual const char* kind_name() const = 0;
+
+  // Checks the configuration against the per-sample input shape and computes the per-sample
+  // output shape. Allocates nothing: a hostile configuration is rejected by the caller's limits
+  // (NumParameters) before Allocate runs. Messages describe the problem without the layer
+  // prefix, which the caller adds.
+  virtual Status Build(const Shape& sample_in, Shape* sample_out) = 0;
+
+  // Number of parameter elements the layer will allocate. REQUIRES: Build succeeded.
+  virtual int64_t NumParameters() const { return 0; }
+
+  // Allocates parameters and buffers and initialises them with PyTorch's default
+  // distributions, drawing from rng. REQUIRES: Build succeeded.
+  virtual void Allocate(Rng& /*rng*/) {}
+
+  // Checks a batch shape against this layer's training-time rules (BatchNorm's "more than one
+  // value per channel"). The batch shape is (N, sample_in...).
+  virtual Status CheckBatch(const Shape& /*batch_in*/, const ForwardContext& /*ctx*/) const {
+    return Status::Ok();
+  }
+
+  // y = layer(x). x has shape (N, sample_in...); y is resized to (N, sample_out...).
+  // Fills `cache` with what Backward needs.
+  virtual void Forward(const ConstTensorView& x, Tensor* y, LayerCache* cache,
+                       const ForwardContext& ctx) const = 0;
+
+  // Given x and y of the Forward that filled `cache` and dy = dL/dy, accumulates (adds) the
+  // parameter gradients into each Parameter::grad and, when dx is non-null, writes (overwrites)
+  // dL/dx into *dx, resized to x's shape.
+  virtual void Backward(const ConstTensorView& x, const Tensor& y, const ConstTensorView& dy,
+                        const LayerCache& cache, const ForwardContext& ctx, Tensor* dx) = 0;
+
+  virtual std::vector<Parameter*> parameters() { return {}; }
+  // Parameters followed by buffers, in PyTorch's state_dict order.
+  virtual std::vector<StateSlot> state();
+
+  // Non-null for BatchNorm layers.
+  virtual BatchNorm* AsBatchNorm() { return nullptr; }
+  const BatchNorm* AsBatchNorm() const { return const_cast<Layer*>(this)->AsBatchNorm(); }
+};
+
+// Creates the layer for `config` (not yet built).
+std::unique_ptr<Layer> MakeLayer(const LayerConfig& config);
+
+}  // namespace normd
+
+#endif  // NORMD_CORE_LAYER_H_

@@ -1,0 +1,45 @@
+// Losses, separate from layers, all with mean reduction as PyTorch's defaults:
+//  - cross-entropy from logits (N, K) with integer class labels in [0, K)
+//    (nn.CrossEntropyLoss: log-softmax + NLL, averaged over N);
+//  - MSE over all elements (nn.MSELoss);
+//  - BCE-with-logits over all elements (nn.BCEWithLogitsLoss, the log-sum-exp stable form).
+#ifndef NORMD_CORE_LOSS_H_
+#define NORMD_CORE_LOSS_H_
+
+#include <cstdint>
+
+#include "core/config.h"
+#include "core/status.h"
+#include "core/tensor.h"
+
+namespace normd {
+
+const char* LossKindName(LossKind kind);
+
+// What a loss compares the model's output with: labels for cross-entropy, a float tensor of
+// the output's shape for MSE and BCE-with-logits. Non-owning.
+struct Targets {
+  const int64_t* labels = nullptr;
+  int64_t num_labels = 0;
+  ConstTensorView target;
+};
+
+// Checks that the model's per-sample output shape suits the loss (cross-entropy needs a
+// vector of class scores). Called when a model is built.
+Status ValidateLossForOutput(LossKind kind, const Shape& sample_out);
+
+// Checks targets against an output of shape batch_out: label count and range, target shape,
+// finite target values. Messages name the field and the expected vs received values.
+Status ValidateTargets(LossKind kind, const Shape& batch_out, const Targets& targets);
+
+// Returns the mean loss of `output`; when grad is non-null, writes dL/d(output) (resized to
+// output's shape). REQUIRES: ValidateTargets succeeded.
+double ComputeLoss(LossKind kind, const ConstTensorView& output, const Targets& targets,
+                   Tensor* grad);
+
+// Fraction of rows whose arg-max equals the label. REQUIRES: cross-entropy targets, validated.
+double Accuracy(const ConstTensorView& output, const Targets& targets);
+
+}  // namespace normd
+
+#endif  // NORMD_CORE_LOSS_H_

@@ -1,0 +1,63 @@
+// Optimizers with torch.optim's exact update rules (single-tensor, non-foreach form):
+//
+// SGD:   g = grad + weight_decay * p
+//        if momentum != 0: buf = g on the first step, else momentum * buf + (1 - dampening) * g;
+//                          g = nesterov ? g + momentum * buf : buf
+//        p -= lr * g
+// Adam:  t += 1; if decoupled (AdamW): p *= 1 - lr * weight_decay
+//                else: g = grad + weight_decay * p
+//        m = beta1 * m + (1 - beta1) * g;  v = beta2 * v + (1 - beta2) * g^2
+//        p -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+//
+// The optimizer owns its state, kept per parameter index (never by pointer): for SGD the
+// momentum buffer, for Adam exp_avg, exp_avg_sq and step. Hyperparameters can change between
+// steps (UpdateConfig) without losing that state, as a PyTorch scheduler does.
+// Not thread-safe; the owning Model serialises access.
+#ifndef NORMD_CORE_OPTIMIZER_H_
+#define NORMD_CORE_OPTIMIZER_H_
+
+#include <string>
+#include <vector>
+
+#include "core/config.h"
+#include "core/layer.h"
+#include "core/status.h"
+
+namespace normd {
+
+class Optimizer {
+ public:
+  // Checks hyperparameters with torch.optim's rules (lr >= 0, momentum >= 0,
+  // weight_decay >= 0, 0 <= beta < 1, eps >= 0, nesterov needs momentum > 0 and dampening 0).
+  static Status Validate(const OptimizerConfig& config);
+
+  // REQUIRES: Validate(config) is OK. `params` gives the shapes the state is sized for.
+  Optimizer(const OptimizerConfig& config, const std::vector<Parameter*>& params);
+
+  // One update of every parameter from its grad. REQUIRES: the same parameters, in the same
+  // order, as at construction.
+  void Step(const std::vector<Parameter*>& params);
+
+  // Replaces the hyperparameters, keeping the state. The kind cannot change.
+  Status UpdateConfig(const OptimizerConfig& config);
+  const OptimizerConfig& config() const { return config_; }
+
+  // Named state for parameter i, names relative to the parameter: SGD "step" and, with
+  // momentum, "momentum_buffer"; Adam "step", "exp_avg", "exp_avg_sq". Every slot exists from
+  // construction (zeros, step 0) so state can be written before the first step; with step 0
+  // the SGD buffer is treated as not yet existing, as in torch.optim.
+  std::vector<StateSlot> state(size_t i);
+
+ private:
+  struct ParamState {
+    Tensor a;  // SGD: momentum_buffer; Adam: exp_avg
+    Tensor b;  // Adam: exp_avg_sq
+    int64_t step = 0;
+  };
+  OptimizerConfig config_;
+  std::vector<ParamState> state_;
+};
+
+}  // namespace normd
+
+#endif  // NORMD_CORE_OPTIMIZER_H_
