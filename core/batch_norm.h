@@ -89,8 +89,9 @@ class BatchNorm : public Layer {
   BatchNorm* AsBatchNorm() override { return this; }
 
   // Applies the running-statistics update left pending in `cache` by a Forward with
-  // ctx.update_running_stats; does nothing when none is pending. Returns the update norms.
-  BatchNormUpdate Commit(const LayerCache& cache);
+  // ctx.update_running_stats and clears it; does nothing when none is pending. Returns the
+  // update norms.
+  BatchNormUpdate Commit(LayerCache* cache);
 
   // The drift figures a Forward recorded in `cache`.
   static BatchNormDrift DriftOf(const LayerCache& cache);

@@ -133,6 +133,7 @@ class Model {
   std::unique_ptr<Sequential> net_;
   std::unique_ptr<Optimizer> optimizer_;
   Rng rng_;
+  Tensor loss_grad_;  // dL/d(output) scratch for TrainStep
   bool training_ = true;
   bool frozen_ = false;
   uint64_t step_ = 0;

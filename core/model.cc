@@ -1,0 +1,300 @@
+#include "core/model.h"
+
+#include <cmath>
+#include <map>
+#include <utility>
+
+namespace normd {
+namespace {
+
+// Dropout draws come from a generator distinct from the one that initialised the weights.
+constexpr uint64_t kDropoutSeedSalt = 0x6e6f726d64726f70ULL;  // "normdrop"
+
+bool IsNonNegativeInteger(float v) { return v >= 0.0f && std::floor(v) == v; }
+
+}  // namespace
+
+Status Model::Create(const ModelConfig& config, const Sequential::Limits& limits,
+                     std::unique_ptr<Model>* out) {
+  Status s = Optimizer::Validate(config.optimizer);
+  if (!s.ok()) return s.WithPrefix("optimizer");
+  std::unique_ptr<Model> model(new Model());
+  model->config_ = config;
+  NORMD_RETURN_IF_ERROR(
+      Sequential::Create(config.input_shape, config.layers, config.seed, limits, &model->net_));
+  NORMD_RETURN_IF_ERROR(ValidateLossForOutput(config.loss, model->net_->output_shape()));
+  model->optimizer_ =
+      std::make_unique<Optimizer>(config.optimizer, model->net_->parameters());
+  model->rng_.Seed(config.seed ^ kDropoutSeedSalt);
+  for (int i = 0; i < model->net_->num_layers(); ++i) {
+    if (model->net_->layer(i).AsBatchNorm() == nullptr) continue;
+    BatchNormStatus st;
+    st.layer = i;
+    st.name = model->net_->layer_name(i);
+    model->status_.push_back(st);
+  }
+  *out = std::move(model);
+  return Status::Ok();
+}
+
+void Model::SetMode(bool training, bool freeze_running_stats) {
+  if (training != training_) ++mode_version_;
+  training_ = training;
+  frozen_ = freeze_running_stats;
+}
+
+Status Model::CheckInput(const ConstTensorView& x, bool training) const {
+  ForwardContext ctx;
+  ctx.training = training;
+  NORMD_RETURN_IF_ERROR(net_->CheckInput(x.shape, ctx));
+  if (!AllFinite(x.data, x.size())) {
+    return InvalidArgument("input contains non-finite values (NaN or Inf)");
+  }
+  return Status::Ok();
+}
+
+Status Model::Forward(const ConstTensorView& x, ForwardRecord* rec) {
+  NORMD_RETURN_IF_ERROR(CheckInput(x, training_));
+  ForwardContext ctx;
+  ctx.training = training_;
+  ctx.update_running_stats = training_ && !frozen_;
+  ctx.rng = &rng_;
+  net_->Forward(x, ctx, rec);
+  if (training_) rng_ = net_->CommitRunningStats(rec);
+  rec->params_version = params_version_;
+  rec->mode_version = mode_version_;
+  RecordStatus(*rec);
+  return Status::Ok();
+}
+
+Status Model::Backward(ForwardRecord* rec, const ConstTensorView& grad_output,
+                       Tensor* grad_input) {
+  if (rec->mode_version != mode_version_) {
+    return FailedPrecondition("the forward is stale: the model switched mode since it ran; "
+                              "run Forward again");
+  }
+  if (rec->params_version != params_version_) {
+    return FailedPrecondition("the forward is stale: the parameters changed since it ran "
+                              "(an optimizer step or SetState); run Forward again");
+  }
+  if (grad_output.shape != rec->output().shape()) {
+    return InvalidArgument("grad_output has shape ", grad_output.shape.ToString(),
+                           " but the forward's output has shape ",
+                           rec->output().shape().ToString());
+  }
+  if (!AllFinite(grad_output.data, grad_output.size())) {
+    return InvalidArgument("grad_output contains non-finite values (NaN or Inf)");
+  }
+  net_->Backward(rec, grad_output, grad_input);
+  return Status::Ok();
+}
+
+Status Model::ApplyGradients(uint64_t* step) {
+  const int bad = net_->FirstNonFiniteGradLayer();
+  if (bad >= 0) {
+    net_->ZeroGrad();
+    return FailedPrecondition("step ", step_ + 1, " produced non-finite gradients in layer ", bad,
+                              " (", net_->layer(bad).kind_name(),
+                              "); model unchanged, accumulated gradients discarded");
+  }
+  optimizer_->Step(net_->parameters());
+  net_->ZeroGrad();
+  ++step_;
+  ++params_version_;
+  *step = step_;
+  return Status::Ok();
+}
+
+Status Model::TrainStep(const ConstTensorView& x, const Targets& targets, ForwardRecord* rec,
+                        TrainResult* result) {
+  NORMD_RETURN_IF_ERROR(CheckInput(x, training_));
+  NORMD_RETURN_IF_ERROR(
+      ValidateTargets(config_.loss, net_->output_shape().WithBatch(x.rows()), targets));
+  ForwardContext ctx;
+  ctx.training = training_;
+  ctx.update_running_stats = training_ && !frozen_;
+  ctx.rng = &rng_;
+  net_->ZeroGrad();
+  net_->Forward(x, ctx, rec);
+  const double loss = ComputeLoss(config_.loss, rec->output().view(), targets, &loss_grad_);
+  if (!std::isfinite(loss)) {
+    return FailedPrecondition("step ", step_ + 1, " produced a non-finite loss (", loss,
+                              "); model unchanged");
+  }
+  net_->Backward(rec, loss_grad_.view(), nullptr);
+  const int bad = net_->FirstNonFiniteGradLayer();
+  if (bad >= 0) {
+    net_->ZeroGrad();
+    return FailedPrecondition("step ", step_ + 1, " produced non-finite gradients in layer ", bad,
+                              " (", net_->layer(bad).kind_name(), "); model unchanged");
+  }
+  // Commit: nothing below can fail.
+  optimizer_->Step(net_->parameters());
+  if (training_) rng_ = net_->CommitRunningStats(rec);
+  ++step_;
+  ++params_version_;
+  rec->params_version = params_version_;
+  rec->mode_version = mode_version_;
+  RecordStatus(*rec);
+  result->loss = loss;
+  result->step = step_;
+  result->samples = x.rows();
+  return Status::Ok();
+}
+
+Status Model::Evaluate(const ConstTensorView& x, const Targets& targets, ForwardRecord* rec,
+                       EvalResult* result) const {
+  NORMD_RETURN_IF_ERROR(CheckInput(x, false));
+  NORMD_RETURN_IF_ERROR(
+      ValidateTargets(config_.loss, net_->output_shape().WithBatch(x.rows()), targets));
+  ForwardContext ctx;  // eval semantics
+  net_->Forward(x, ctx, rec);
+  result->loss = ComputeLoss(config_.loss, rec->output().view(), targets, nullptr);
+  result->accuracy = config_.loss == LossKind::kCrossEntropy
+                         ? Accuracy(rec->output().view(), targets)
+                         : 0.0;
+  result->samples = x.rows();
+  return Status::Ok();
+}
+
+Status Model::Predict(const ConstTensorView& x, ForwardRecord* rec) const {
+  NORMD_RETURN_IF_ERROR(CheckInput(x, false));
+  ForwardContext ctx;
+  net_->Forward(x, ctx, rec);
+  return Status::Ok();
+}
+
+Status Model::UpdateOptimizer(const OptimizerConfig& config) {
+  Status s = optimizer_->UpdateConfig(config);
+  if (!s.ok()) return s.WithPrefix("optimizer");
+  config_.optimizer = config;
+  return Status::Ok();
+}
+
+std::vector<StateSlot> Model::Slots(bool include_optimizer) {
+  std::vector<StateSlot> slots = net_->state();
+  if (include_optimizer) {
+    const std::vector<std::string> names = net_->parameter_names();
+    for (size_t i = 0; i < names.size(); ++i) {
+      for (StateSlot& s : optimizer_->state(i)) {
+        s.name = StrCat("optimizer.", names[i], ".", s.name);
+        slots.push_back(std::move(s));
+      }
+    }
+  }
+  return slots;
+}
+
+std::vector<NamedTensor> Model::GetState(bool include_optimizer) const {
+  std::vector<NamedTensor> out;
+  for (const StateSlot& s : const_cast<Model*>(this)->Slots(include_optimizer)) {
+    NamedTensor t;
+    t.name = s.name;
+    if (s.tensor != nullptr) {
+      t.shape = s.tensor->shape();
+      t.values.assign(s.tensor->data(), s.tensor->data() + s.tensor->size());
+    } else {
+      t.values.push_back(static_cast<float>(*s.counter));
+    }
+    out.push_back(std::move(t));
+  }
+  return out;
+}
+
+Status Model::SetState(const std::vector<NamedTensor>& entries, bool strict) {
+  std::vector<StateSlot> slots = Slots(true);
+  std::map<std::string, const StateSlot*> by_name;
+  for (const StateSlot& s : slots) by_name[s.name] = &s;
+
+  // Validate everything before writing anything.
+  std::map<std::string, const NamedTensor*> given;
+  for (size_t i = 0; i < entries.size(); ++i) {
+    const NamedTensor& e = entries[i];
+    auto it = by_name.find(e.name);
+    if (it == by_name.end()) {
+      return InvalidArgument("state entry '", e.name, "' is not part of this model");
+    }
+    if (!given.emplace(e.name, &e).second) {
+      return InvalidArgument("state entry '", e.name, "' is given twice");
+    }
+    const StateSlot& slot = *it->second;
+    const Shape expected = slot.tensor != nullptr ? slot.tensor->shape() : Shape();
+    if (e.shape != expected) {
+      return InvalidArgument("state entry '", e.name, "' has shape ", e.shape.ToString(),
+                             " but the model expects ", expected.ToString());
+    }
+    if (static_cast<int64_t>(e.values.size()) != expected.NumElements()) {
+      return InvalidArgument("state entry '", e.name, "' has ", e.values.size(),
+                             " values but its shape ", expected.ToString(), " needs ",
+                             expected.NumElements());
+    }
+    if (!AllFinite(e.values.data(), static_cast<int64_t>(e.values.size()))) {
+      return InvalidArgument("state entry '", e.name, "' contains non-finite values");
+    }
+    if (slot.counter != nullptr && !IsNonNegativeInteger(e.values[0])) {
+      return InvalidArgument("state entry '", e.name, "' must be a non-negative integer, got ",
+                             e.values[0]);
+    }
+  }
+  if (strict) {
+    for (const StateSlot& s : slots) {
+      if (s.name.rfind("optimizer.", 0) == 0) continue;
+      if (given.count(s.name) == 0) {
+        return InvalidArgument("state entry '", s.name, "' is missing (strict)");
+      }
+    }
+  }
+
+  bool params_written = false;
+  for (const auto& [name, e] : given) {
+    const StateSlot& slot = *by_name[name];
+    if (slot.tensor != nullptr) {
+      std::copy(e->values.begin(), e->values.end(), slot.tensor->data());
+      params_written = true;
+    } else {
+      *slot.counter = static_cast<int64_t>(e->values[0]);
+    }
+  }
+  if (params_written) ++params_version_;
+  return Status::Ok();
+}
+
+void Model::ResetRunningStats() {
+  net_->ResetRunningStats();
+  std::lock_guard<std::mutex> lock(status_mu_);
+  for (BatchNormStatus& st : status_) {
+    st.last_mean_shift = st.last_var_log_ratio = 0.0f;
+    st.running_mean_update_norm = st.running_var_update_norm = 0.0f;
+  }
+}
+
+void Model::RecordStatus(const ForwardRecord& rec) const {
+  std::lock_guard<std::mutex> lock(status_mu_);
+  const auto& reports = rec.batch_norms();
+  for (size_t j = 0; j < reports.size() && j < status_.size(); ++j) {
+    const ForwardRecord::BatchNormReport& r = reports[j];
+    BatchNormStatus& st = status_[j];
+    if (r.drift.valid) {
+      st.last_mean_shift = static_cast<float>(r.drift.mean_shift);
+      st.last_var_log_ratio = static_cast<float>(r.drift.var_log_ratio);
+    }
+    if (r.committed) {
+      st.running_mean_update_norm = static_cast<float>(r.update.running_mean_update_norm);
+      st.running_var_update_norm = static_cast<float>(r.update.running_var_update_norm);
+    }
+  }
+}
+
+std::vector<BatchNormStatus> Model::batch_norm_status() const {
+  std::vector<BatchNormStatus> out;
+  {
+    std::lock_guard<std::mutex> lock(status_mu_);
+    out = status_;
+  }
+  for (BatchNormStatus& st : out) {
+    st.num_batches_tracked = net_->layer(st.layer).AsBatchNorm()->num_batches_tracked();
+  }
+  return out;
+}
+
+}  // namespace normd

@@ -1,0 +1,136 @@
+#include "core/optimizer.h"
+
+#include <cmath>
+
+namespace normd {
+namespace {
+
+bool FiniteNonNegative(float v) { return std::isfinite(v) && v >= 0.0f; }
+
+}  // namespace
+
+Status Optimizer::Validate(const OptimizerConfig& config) {
+  if (config.kind == OptimizerKind::kSgd) {
+    const SgdConfig& c = config.sgd;
+    if (!FiniteNonNegative(c.lr)) return InvalidArgument("sgd.lr must be >= 0, got ", c.lr);
+    if (!FiniteNonNegative(c.momentum)) {
+      return InvalidArgument("sgd.momentum must be >= 0, got ", c.momentum);
+    }
+    if (!std::isfinite(c.dampening)) {
+      return InvalidArgument("sgd.dampening must be finite, got ", c.dampening);
+    }
+    if (!FiniteNonNegative(c.weight_decay)) {
+      return InvalidArgument("sgd.weight_decay must be >= 0, got ", c.weight_decay);
+    }
+    if (c.nesterov && (c.momentum <= 0.0f || c.dampening != 0.0f)) {
+      return InvalidArgument("sgd.nesterov requires momentum > 0 and dampening 0, got momentum ",
+                             c.momentum, " and dampening ", c.dampening);
+    }
+    return Status::Ok();
+  }
+  const AdamConfig& c = config.adam;
+  if (!FiniteNonNegative(c.lr)) return InvalidArgument("adam.lr must be >= 0, got ", c.lr);
+  if (!(c.beta1 >= 0.0f && c.beta1 < 1.0f)) {
+    return InvalidArgument("adam.beta1 must be in [0, 1), got ", c.beta1);
+  }
+  if (!(c.beta2 >= 0.0f && c.beta2 < 1.0f)) {
+    return InvalidArgument("adam.beta2 must be in [0, 1), got ", c.beta2);
+  }
+  if (!FiniteNonNegative(c.eps)) return InvalidArgument("adam.eps must be >= 0, got ", c.eps);
+  if (!FiniteNonNegative(c.weight_decay)) {
+    return InvalidArgument("adam.weight_decay must be >= 0, got ", c.weight_decay);
+  }
+  return Status::Ok();
+}
+
+Optimizer::Optimizer(const OptimizerConfig& config, const std::vector<Parameter*>& params)
+    : config_(config), state_(params.size()) {
+  for (size_t i = 0; i < params.size(); ++i) {
+    const Shape& s = params[i]->value.shape();
+    if (config_.kind == OptimizerKind::kSgd) {
+      if (config_.sgd.momentum != 0.0f) state_[i].a = Tensor(s, 0.0f);
+    } else {
+      state_[i].a = Tensor(s, 0.0f);
+      state_[i].b = Tensor(s, 0.0f);
+    }
+  }
+}
+
+void Optimizer::Step(const std::vector<Parameter*>& params) {
+  for (size_t i = 0; i < params.size(); ++i) {
+    Parameter& p = *params[i];
+    ParamState& st = state_[i];
+    const int64_t n = p.value.size();
+    float* w = p.value.data();
+    const float* g = p.grad.data();
+    if (config_.kind == OptimizerKind::kSgd) {
+      const SgdConfig& c = config_.sgd;
+      float* buf = st.a.size() == n ? st.a.data() : nullptr;
+      if (c.momentum != 0.0f && buf == nullptr) {
+        // Momentum switched on by UpdateConfig: the buffer starts now, as torch's would.
+        st.a = Tensor(p.value.shape(), 0.0f);
+        st.step = 0;
+        buf = st.a.data();
+      }
+      const bool first = st.step == 0;
+      for (int64_t j = 0; j < n; ++j) {
+        float d = g[j];
+        if (c.weight_decay != 0.0f) d = d + c.weight_decay * w[j];
+        if (c.momentum != 0.0f) {
+          buf[j] = first ? d : buf[j] * c.momentum + (1.0f - c.dampening) * d;
+          d = c.nesterov ? d + c.momentum * buf[j] : buf[j];
+        }
+        w[j] = w[j] - c.lr * d;
+      }
+      ++st.step;
+      continue;
+    }
+    const AdamConfig& c = config_.adam;
+    ++st.step;
+    const double t = static_cast<double>(st.step);
+    const double bc1 = 1.0 - std::pow(static_cast<double>(c.beta1), t);
+    const double bc2 = 1.0 - std::pow(static_cast<double>(c.beta2), t);
+    const float step_size = static_cast<float>(c.lr / bc1);
+    const float bc2_sqrt = static_cast<float>(std::sqrt(bc2));
+    const float decay = c.decoupled_weight_decay ? 1.0f - c.lr * c.weight_decay : 1.0f;
+    float* m = st.a.data();
+    float* v = st.b.data();
+    for (int64_t j = 0; j < n; ++j) {
+      float d = g[j];
+      if (c.decoupled_weight_decay) {
+        w[j] *= decay;
+      } else if (c.weight_decay != 0.0f) {
+        d = d + c.weight_decay * w[j];
+      }
+      m[j] = m[j] * c.beta1 + (1.0f - c.beta1) * d;
+      v[j] = v[j] * c.beta2 + (1.0f - c.beta2) * d * d;
+      const float denom = std::sqrt(v[j]) / bc2_sqrt + c.eps;
+      w[j] = w[j] - step_size * (m[j] / denom);
+    }
+  }
+}
+
+Status Optimizer::UpdateConfig(const OptimizerConfig& config) {
+  if (config.kind != config_.kind) {
+    return InvalidArgument("optimizer kind cannot change (the model uses ",
+                           config_.kind == OptimizerKind::kSgd ? "sgd" : "adam", ")");
+  }
+  NORMD_RETURN_IF_ERROR(Validate(config));
+  config_ = config;
+  return Status::Ok();
+}
+
+std::vector<StateSlot> Optimizer::state(size_t i) {
+  ParamState& st = state_[i];
+  std::vector<StateSlot> slots;
+  if (config_.kind == OptimizerKind::kSgd) {
+    if (st.a.size() > 0) slots.push_back(StateSlot{"momentum_buffer", &st.a, nullptr});
+  } else {
+    slots.push_back(StateSlot{"exp_avg", &st.a, nullptr});
+    slots.push_back(StateSlot{"exp_avg_sq", &st.b, nullptr});
+  }
+  slots.push_back(StateSlot{"step", nullptr, &st.step});
+  return slots;
+}
+
+}  // namespace normd
