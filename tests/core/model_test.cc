@@ -1,0 +1,349 @@
+// core/model and core/sequential: building, state_dict naming, atomic steps, modes.
+#include "core/model.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+namespace normd {
+namespace {
+
+LayerConfig LinearLayer(int64_t in, int64_t out) {
+  LayerConfig l;
+  l.kind = LayerKind::kLinear;
+  l.linear.in_features = in;
+  l.linear.out_features = out;
+  return l;
+}
+LayerConfig Bn1d(int64_t c) {
+  LayerConfig l;
+  l.kind = LayerKind::kBatchNorm1d;
+  l.batch_norm.num_features = c;
+  return l;
+}
+LayerConfig Relu() {
+  LayerConfig l;
+  l.kind = LayerKind::kReLU;
+  return l;
+}
+
+ModelConfig Mlp() {
+  ModelConfig c;
+  c.input_shape = {6};
+  c.layers = {LinearLayer(6, 8), Bn1d(8), Relu(), LinearLayer(8, 3)};
+  c.loss = LossKind::kCrossEntropy;
+  c.optimizer.kind = OptimizerKind::kSgd;
+  c.optimizer.sgd.lr = 0.1f;
+  c.optimizer.sgd.momentum = 0.9f;
+  c.seed = 42;
+  return c;
+}
+
+std::unique_ptr<Model> Build(const ModelConfig& c) {
+  std::unique_ptr<Model> m;
+  Status s = Model::Create(c, Sequential::Limits(), &m);
+  EXPECT_TRUE(s.ok()) << s.message();
+  return m;
+}
+
+Tensor RandomBatch(int64_t n, int64_t f, uint64_t seed, float shift = 0.0f) {
+  Rng rng(seed);
+  Tensor t(Shape{n, f});
+  for (int64_t i = 0; i < t.size(); ++i) t.data()[i] = rng.Uniform(-1.0f, 1.0f) + shift;
+  return t;
+}
+
+std::vector<int64_t> Labels(int64_t n, int64_t k) {
+  std::vector<int64_t> l(n);
+  for (int64_t i = 0; i < n; ++i) l[i] = i % k;
+  return l;
+}
+
+Targets LabelTargets(const std::vector<int64_t>& l) {
+  Targets t;
+  t.labels = l.data();
+  t.num_labels = static_cast<int64_t>(l.size());
+  return t;
+}
+
+// Bit-exact comparison of two states.
+void ExpectSameState(const std::vector<NamedTensor>& a, const std::vector<NamedTensor>& b) {
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    EXPECT_EQ(a[i].name, b[i].name);
+    EXPECT_EQ(a[i].shape, b[i].shape) << a[i].name;
+    ASSERT_EQ(a[i].values.size(), b[i].values.size()) << a[i].name;
+    EXPECT_EQ(0, std::memcmp(a[i].values.data(), b[i].values.data(),
+                             a[i].values.size() * sizeof(float)))
+        << a[i].name;
+  }
+}
+
+TEST(ModelTest, StateNamesFollowPyTorchSequential) {
+  auto m = Build(Mlp());
+  std::vector<std::string> names;
+  for (const NamedTensor& t : m->GetState(false)) names.push_back(t.name);
+  EXPECT_EQ(names, (std::vector<std::string>{"0.weight", "0.bias", "1.weight", "1.bias",
+                                             "1.running_mean", "1.running_var",
+                                             "1.num_batches_tracked", "3.weight", "3.bias"}));
+  EXPECT_EQ(m->net().parameter_count(), 6 * 8 + 8 + 8 + 8 + 8 * 3 + 3);
+  for (const NamedTensor& t : m->GetState(false)) {
+    if (t.name == "1.num_batches_tracked") {
+      EXPECT_EQ(t.shape.rank(), 0);
+    }
+  }
+}
+
+TEST(ModelTest, ArchitectureErrorsNameTheLayer) {
+  ModelConfig c = Mlp();
+  c.layers[1] = Bn1d(50);
+  std::unique_ptr<Model> m;
+  Status s = Model::Create(c, Sequential::Limits(), &m);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(s.message(),
+            "layer 1 (BatchNorm1d): num_features is 50 but the previous layer produces 8 "
+            "features");
+  c = Mlp();
+  c.layers[0] = LinearLayer(5, 8);
+  s = Model::Create(c, Sequential::Limits(), &m);
+  EXPECT_NE(s.message().find("layer 0 (Linear): in_features is 5"), std::string::npos);
+  c = Mlp();
+  c.loss = LossKind::kCrossEntropy;
+  c.layers.push_back(LayerConfig());
+  c.layers.back().kind = LayerKind::kFlatten;
+  c.input_shape = {6};
+  EXPECT_TRUE(Model::Create(c, Sequential::Limits(), &m).ok());
+}
+
+TEST(ModelTest, ParameterLimitRejectsBeforeAllocating) {
+  ModelConfig c = Mlp();
+  c.input_shape = {1000000000};
+  c.layers = {LinearLayer(1000000000, 1000000000)};
+  Sequential::Limits limits;
+  limits.max_parameters = 10000000;
+  limits.max_sample_elements = int64_t{1} << 40;
+  std::unique_ptr<Model> m;
+  Status s = Model::Create(c, limits, &m);
+  EXPECT_EQ(s.code(), StatusCode::kResourceExhausted) << s.message();
+}
+
+TEST(ModelTest, EvalForwardIsRepeatableAndTrainForwardUpdatesRunningStats) {
+  auto m = Build(Mlp());
+  Tensor x = RandomBatch(16, 6, 1);
+  ForwardRecord rec;
+  ASSERT_TRUE(m->Forward(x.view(), &rec).ok());  // train mode by default
+  EXPECT_EQ(m->net().layer(1).AsBatchNorm()->num_batches_tracked(), 1);
+  m->SetMode(false, false);
+  const std::vector<NamedTensor> before = m->GetState(true);
+  ForwardRecord r1, r2;
+  ASSERT_TRUE(m->Forward(x.view(), &r1).ok());
+  ASSERT_TRUE(m->Forward(x.view(), &r2).ok());
+  ASSERT_EQ(r1.output().size(), r2.output().size());
+  EXPECT_EQ(0, std::memcmp(r1.output().data(), r2.output().data(),
+                           r1.output().size() * sizeof(float)));
+  ExpectSameState(before, m->GetState(true));
+}
+
+TEST(ModelTest, FrozenRunningStatsStayFixedWhileTraining) {
+  auto m = Build(Mlp());
+  m->SetMode(true, true);
+  const auto before = m->GetState(false);
+  Tensor x = RandomBatch(16, 6, 2, 3.0f);
+  std::vector<int64_t> labels = Labels(16, 3);
+  ForwardRecord rec;
+  TrainResult r;
+  ASSERT_TRUE(m->TrainStep(x.view(), LabelTargets(labels), &rec, &r).ok());
+  const auto after = m->GetState(false);
+  for (size_t i = 0; i < before.size(); ++i) {
+    if (before[i].name.find("running") != std::string::npos ||
+        before[i].name.find("num_batches") != std::string::npos) {
+      EXPECT_EQ(before[i].values, after[i].values) << before[i].name;
+    }
+  }
+  EXPECT_NE(before[0].values, after[0].values);  // weights trained
+}
+
+TEST(ModelTest, ForwardBackwardApplyEqualsTrainStep) {
+  auto a = Build(Mlp());
+  auto b = Build(Mlp());
+  std::vector<int64_t> labels = Labels(12, 3);
+  for (int step = 0; step < 3; ++step) {
+    Tensor x = RandomBatch(12, 6, 10 + step);
+    ForwardRecord rec;
+    TrainResult r;
+    ASSERT_TRUE(a->TrainStep(x.view(), LabelTargets(labels), &rec, &r).ok());
+
+    ForwardRecord frec;
+    ASSERT_TRUE(b->Forward(x.view(), &frec).ok());
+    Tensor grad;
+    const double loss = ComputeLoss(LossKind::kCrossEntropy, frec.output().view(),
+                                    LabelTargets(labels), &grad);
+    EXPECT_EQ(loss, r.loss);
+    ASSERT_TRUE(b->Backward(&frec, grad.view(), nullptr).ok());
+    uint64_t s = 0;
+    ASSERT_TRUE(b->ApplyGradients(&s).ok());
+    EXPECT_EQ(s, r.step);
+  }
+  ExpectSameState(a->GetState(true), b->GetState(true));
+}
+
+TEST(ModelTest, StaleForwardIsRefused) {
+  auto m = Build(Mlp());
+  Tensor x = RandomBatch(8, 6, 3);
+  ForwardRecord rec;
+  ASSERT_TRUE(m->Forward(x.view(), &rec).ok());
+  Tensor dy(Shape{8, 3}, 0.1f);
+  ASSERT_TRUE(m->Backward(&rec, dy.view(), nullptr).ok());
+  uint64_t step;
+  ASSERT_TRUE(m->ApplyGradients(&step).ok());
+  Status s = m->Backward(&rec, dy.view(), nullptr);
+  EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition);
+  EXPECT_NE(s.message().find("parameters changed"), std::string::npos);
+
+  ForwardRecord rec2;
+  ASSERT_TRUE(m->Forward(x.view(), &rec2).ok());
+  m->SetMode(false, false);
+  s = m->Backward(&rec2, dy.view(), nullptr);
+  EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition);
+  EXPECT_NE(s.message().find("switched mode"), std::string::npos);
+  // A wrong grad_output shape is an argument error.
+  ForwardRecord rec3;
+  ASSERT_TRUE(m->Forward(x.view(), &rec3).ok());
+  Tensor bad(Shape{8, 4}, 0.1f);
+  EXPECT_EQ(m->Backward(&rec3, bad.view(), nullptr).code(), StatusCode::kInvalidArgument);
+}
+
+TEST(ModelTest, NonFiniteStepLeavesModelBitIdentical) {
+  auto m = Build(Mlp());
+  std::vector<int64_t> labels = Labels(8, 3);
+  ForwardRecord rec;
+  TrainResult r;
+  ASSERT_TRUE(m->TrainStep(RandomBatch(8, 6, 4).view(), LabelTargets(labels), &rec, &r).ok());
+  // Finite but huge weights overflow to Inf inside the network: 6 * 3e38 > FLT_MAX.
+  auto huge = m->GetState(false);
+  std::fill(huge[0].values.begin(), huge[0].values.end(), 3e38f);
+  ASSERT_TRUE(m->SetState({huge[0]}, false).ok());
+  const auto before = m->GetState(true);
+  const uint64_t step = m->step();
+  Tensor x(Shape{8, 6}, 1.0f);
+  Status s = m->TrainStep(x.view(), LabelTargets(labels), &rec, &r);
+  EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition) << s.message();
+  EXPECT_NE(s.message().find("model unchanged"), std::string::npos);
+  EXPECT_NE(s.message().find("step 2"), std::string::npos) << s.message();
+  EXPECT_EQ(m->step(), step);
+  ExpectSameState(before, m->GetState(true));
+}
+
+TEST(ModelTest, BadInputsAreRejectedWithoutChanges) {
+  auto m = Build(Mlp());
+  const auto before = m->GetState(true);
+  ForwardRecord rec;
+  TrainResult r;
+  std::vector<int64_t> labels = Labels(4, 3);
+  Tensor wrong(Shape{4, 5});
+  EXPECT_EQ(m->TrainStep(wrong.view(), LabelTargets(labels), &rec, &r).code(),
+            StatusCode::kInvalidArgument);
+  Tensor nan = RandomBatch(4, 6, 6);
+  nan.data()[3] = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_EQ(m->TrainStep(nan.view(), LabelTargets(labels), &rec, &r).code(),
+            StatusCode::kInvalidArgument);
+  std::vector<int64_t> out_of_range = {0, 1, 3, 0};
+  Status s = m->TrainStep(RandomBatch(4, 6, 7).view(), LabelTargets(out_of_range), &rec, &r);
+  EXPECT_EQ(s.message(), "labels[2] = 3 is out of range [0, 3)");
+  Tensor one = RandomBatch(1, 6, 8);
+  std::vector<int64_t> one_label = {0};
+  s = m->TrainStep(one.view(), LabelTargets(one_label), &rec, &r);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("layer 1 (BatchNorm1d): Expected more than 1 value per channel"),
+            std::string::npos) << s.message();
+  ExpectSameState(before, m->GetState(true));
+  EXPECT_EQ(m->step(), 0u);
+}
+
+TEST(ModelTest, EvaluateChangesNothingInTrainMode) {
+  auto m = Build(Mlp());
+  const auto before = m->GetState(true);
+  std::vector<int64_t> labels = Labels(10, 3);
+  ForwardRecord rec;
+  EvalResult r;
+  ASSERT_TRUE(m->Evaluate(RandomBatch(10, 6, 9).view(), LabelTargets(labels), &rec, &r).ok());
+  EXPECT_GT(r.loss, 0.0);
+  EXPECT_GE(r.accuracy, 0.0);
+  EXPECT_LE(r.accuracy, 1.0);
+  EXPECT_EQ(r.samples, 10);
+  ExpectSameState(before, m->GetState(true));
+  EXPECT_TRUE(m->training());
+}
+
+TEST(ModelTest, SetStateRoundTripsAndValidatesBeforeWriting) {
+  auto a = Build(Mlp());
+  std::vector<int64_t> labels = Labels(8, 3);
+  ForwardRecord rec;
+  TrainResult r;
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_TRUE(a->TrainStep(RandomBatch(8, 6, 20 + i).view(), LabelTargets(labels), &rec, &r)
+                    .ok());
+  }
+  ModelConfig other = Mlp();
+  other.seed = 7;
+  auto b = Build(other);
+  ASSERT_TRUE(b->SetState(a->GetState(true), true).ok());
+  ExpectSameState(a->GetState(true), b->GetState(true));
+  // Both continue identically (optimizer state came along).
+  TrainResult ra, rb;
+  Tensor x = RandomBatch(8, 6, 30);
+  ASSERT_TRUE(a->TrainStep(x.view(), LabelTargets(labels), &rec, &ra).ok());
+  ForwardRecord rec_b;
+  ASSERT_TRUE(b->TrainStep(x.view(), LabelTargets(labels), &rec_b, &rb).ok());
+  EXPECT_EQ(ra.loss, rb.loss);
+
+  const auto before = b->GetState(true);
+  auto bad = a->GetState(false);
+  bad.back().shape = Shape{4};  // 3.bias has 3 elements
+  bad.back().values.resize(4);
+  Status s = b->SetState(bad, false);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("'3.bias' has shape (4) but the model expects (3)"),
+            std::string::npos) << s.message();
+  auto unknown = a->GetState(false);
+  unknown.push_back(NamedTensor{"9.weight", Shape{1}, {1.0f}});
+  EXPECT_EQ(b->SetState(unknown, false).code(), StatusCode::kInvalidArgument);
+  auto partial = a->GetState(false);
+  partial.erase(partial.begin());
+  EXPECT_EQ(b->SetState(partial, true).code(), StatusCode::kInvalidArgument);
+  auto fractional = a->GetState(false);
+  for (NamedTensor& t : fractional) {
+    if (t.name == "1.num_batches_tracked") t.values[0] = 1.5f;
+  }
+  EXPECT_EQ(b->SetState(fractional, false).code(), StatusCode::kInvalidArgument);
+  ExpectSameState(before, b->GetState(true));
+  EXPECT_TRUE(b->SetState(partial, false).ok());  // non-strict accepts a subset
+}
+
+TEST(ModelTest, UpdateOptimizerKeepsState) {
+  auto a = Build(Mlp());
+  auto b = Build(Mlp());
+  std::vector<int64_t> labels = Labels(8, 3);
+  ForwardRecord ra, rb;
+  TrainResult r;
+  Tensor x = RandomBatch(8, 6, 40);
+  ASSERT_TRUE(a->TrainStep(x.view(), LabelTargets(labels), &ra, &r).ok());
+  ASSERT_TRUE(b->TrainStep(x.view(), LabelTargets(labels), &rb, &r).ok());
+  OptimizerConfig same = a->config().optimizer;
+  ASSERT_TRUE(a->UpdateOptimizer(same).ok());
+  ASSERT_TRUE(a->TrainStep(x.view(), LabelTargets(labels), &ra, &r).ok());
+  ASSERT_TRUE(b->TrainStep(x.view(), LabelTargets(labels), &rb, &r).ok());
+  ExpectSameState(a->GetState(true), b->GetState(true));
+  OptimizerConfig adam;
+  adam.kind = OptimizerKind::kAdam;
+  EXPECT_EQ(a->UpdateOptimizer(adam).code(), StatusCode::kInvalidArgument);
+  OptimizerConfig lr = same;
+  lr.sgd.lr = 0.5f;
+  ASSERT_TRUE(a->UpdateOptimizer(lr).ok());
+  EXPECT_EQ(a->config().optimizer.sgd.lr, 0.5f);
+}
+
+}  // namespace
+}  // namespace normd
