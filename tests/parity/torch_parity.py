@@ -1,0 +1,937 @@
+#!/usr/bin/python3
+"""Live PyTorch parity suite for normd's core.
+
+Generates random cases from fixed seeds, runs each one through PyTorch (Debian's python3-torch)
+and through parity_driver (normd's core, see parity_driver.cc for the exchange format), and
+compares every output, input gradient, parameter gradient, running statistic, parameter and
+optimizer state, the state_dict names and the num_batches_tracked counters.
+
+Both sides start from the same weights: the script builds the torch nn.Sequential, randomises
+its BatchNorm affine parameters and running statistics, and hands that state_dict to the driver,
+which loads it with Model::SetState (strict).
+
+PyTorch runs twice per case: in float32 (the primary reference, normd being float32) and in
+float64 (the exact reference). A comparison passes when normd is within tolerance of the
+float32 reference, or failing that of the float64 one (so float32 rounding noise in torch
+itself cannot fail the suite); the latter are counted and reported.
+
+Errors are relative, ||normd - torch|| / ||torch||, per tensor. Tolerances: outputs and
+gradients 1e-5, running statistics 1e-5 (after 20 training steps), parameters and optimizer
+state 1e-4 (after 50 steps). Counters and state names must match exactly, and an operation
+refused by PyTorch (the batch-size-1 rule) must be refused by normd, and vice versa.
+
+Usage: /usr/bin/python3 torch_parity.py --driver build/tests/parity/parity_driver [-k SUBSTR]
+Exit status 0 only when every case passes. Missing PyTorch is a failure, not a skip.
+"""
+
+import argparse
+import io
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+
+try:
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+except ImportError as e:  # the suite must fail, never skip, without torch
+    print(f"FAIL: the parity suite needs PyTorch and NumPy for /usr/bin/python3 "
+          f"(Debian: apt-get install python3-torch python3-numpy; `make deps` does it): {e}",
+          file=sys.stderr)
+    sys.exit(1)
+
+CATEGORIES = ["outputs", "input grads", "param grads", "running stats", "params",
+              "optimizer state"]
+TOLERANCE = {"outputs": 1e-5, "input grads": 1e-5, "param grads": 1e-5,
+             "running stats": 1e-5, "params": 1e-4, "optimizer state": 1e-4}
+SHORT = {"outputs": "out", "input grads": "gx", "param grads": "gp", "running stats": "rs",
+         "params": "par", "optimizer state": "opt"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Layer specs: plain dicts, turned into torch modules and into driver lines.
+
+def linear(i, o, bias=True):
+    return {"kind": "linear", "in": i, "out": o, "bias": bias}
+
+
+def bn(dims, c, momentum=0.1, affine=True, track=True, eps=1e-5):
+    return {"kind": f"batchnorm{dims}", "num_features": c, "momentum": momentum,
+            "affine": affine, "track": track, "eps": eps}
+
+
+def layer_norm(shape, affine=True, eps=1e-5):
+    return {"kind": "layernorm", "shape": list(shape), "affine": affine, "eps": eps}
+
+
+def conv(i, o, k, stride=1, pad=0, bias=True):
+    return {"kind": "conv2d", "in": i, "out": o, "k": k, "stride": stride, "pad": pad,
+            "bias": bias}
+
+
+def pool(kind, k, stride=0, pad=0):
+    return {"kind": kind, "k": k, "stride": stride, "pad": pad}
+
+
+def simple(kind, **kw):
+    return dict(kind=kind, **kw)
+
+
+def torch_module(s):
+    k = s["kind"]
+    if k == "linear":
+        return nn.Linear(s["in"], s["out"], bias=s["bias"])
+    if k in ("batchnorm1d", "batchnorm2d"):
+        cls = nn.BatchNorm1d if k == "batchnorm1d" else nn.BatchNorm2d
+        return cls(s["num_features"], eps=s["eps"], momentum=s["momentum"], affine=s["affine"],
+                   track_running_stats=s["track"])
+    if k == "layernorm":
+        return nn.LayerNorm(s["shape"], eps=s["eps"], elementwise_affine=s["affine"])
+    if k == "conv2d":
+        return nn.Conv2d(s["in"], s["out"], s["k"], stride=s["stride"], padding=s["pad"],
+                         bias=s["bias"])
+    if k in ("maxpool2d", "avgpool2d"):
+        cls = nn.MaxPool2d if k == "maxpool2d" else nn.AvgPool2d
+        return cls(s["k"], stride=s["stride"] or None, padding=s["pad"])
+    if k == "leakyrelu":
+        return nn.LeakyReLU(s["slope"])
+    if k == "dropout":
+        return nn.Dropout(s["p"])
+    return {"flatten": nn.Flatten, "relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
+            "gelu": nn.GELU}[k]()
+
+
+def driver_layer_line(s):
+    k = s["kind"]
+    opts = []
+    for key, v in s.items():
+        if key == "kind":
+            continue
+        if key == "momentum" and v is None:
+            opts.append("cumulative=1")
+            continue
+        if isinstance(v, bool):
+            v = int(v)
+        elif isinstance(v, list):
+            v = ",".join(str(d) for d in v)
+        elif isinstance(v, float):
+            v = repr(v)
+        opts.append(f"{key}={v}")
+    return " ".join(["layer", k] + opts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Cases: a model spec, an initial state and a list of operations with their data.
+
+class Case:
+    def __init__(self, name, input_shape, layers, loss="mse", optimizer=None, seed=None):
+        self.name = name
+        self.input_shape = tuple(input_shape)
+        self.layers = layers
+        self.loss = loss
+        self.optimizer = optimizer  # (kind, dict) or None
+        self.seed = zlib.crc32(name.encode()) if seed is None else seed
+        self.rng = np.random.RandomState(self.seed)
+        self.ops = []
+        self.initial_nbt = None     # num_batches_tracked to preload, else 0
+        self.noise_only = set()     # parameters whose exact gradient is 0 (see compare)
+        self.uncompared = set()     # tags whose values torch cannot reproduce (dropout masks)
+        self.checks = []            # extra checks on normd's results: f(actual) -> [(cat, err)]
+
+    # Data helpers. Inputs get per-channel offsets and scales so statistics are non-trivial.
+    def x(self, n, shape=None):
+        shape = self.input_shape if shape is None else tuple(shape)
+        c = shape[0]
+        scale = self.rng.uniform(0.5, 3.0, size=(1, c) + (1,) * (len(shape) - 1))
+        shift = self.rng.uniform(-2.0, 2.0, size=(1, c) + (1,) * (len(shape) - 1))
+        return (self.rng.randn(n, *shape) * scale + shift).astype(np.float32)
+
+    def randn(self, *shape):
+        return self.rng.randn(*shape).astype(np.float32)
+
+    def targets(self, x, out_dim):
+        """Learnable targets for the case's loss: labels, regression values or 0/1."""
+        w = self.rng.randn(int(np.prod(x.shape[1:])), out_dim)
+        z = x.reshape(x.shape[0], -1) @ w
+        if self.loss == "ce":
+            return np.argmax(z, axis=1).astype(np.float32)
+        if self.loss == "mse":
+            return (z / np.sqrt(w.shape[0])).astype(np.float32)
+        return (z > 0).astype(np.float32)
+
+    # Operations.
+    def mode(self, train, freeze=False):
+        self.ops.append(("mode", train, freeze))
+
+    def forward(self, tag, x, expect_error=None):
+        self.ops.append(("forward", tag, x, expect_error))
+
+    def backward(self, tag, dy):
+        self.ops.append(("backward", tag, dy))
+
+    def fwd_bwd(self, tag, x, out_shape):
+        self.forward(tag, x)
+        self.backward(tag + "b", self.randn(x.shape[0], *out_shape))
+
+    def train_step(self, tag, x, target, expect_error=None):
+        self.ops.append(("train_step", tag, x, target, expect_error))
+
+    def predict(self, tag, x, expect_error=None):
+        self.ops.append(("predict", tag, x, expect_error))
+
+    def evaluate(self, tag, x, target):
+        self.ops.append(("evaluate", tag, x, target))
+
+    def get_state(self, tag, optimizer=False):
+        self.ops.append(("get_state", tag, optimizer))
+
+    def reset_stats(self):
+        self.ops.append(("reset_stats",))
+
+
+def build_torch_model(case):
+    return nn.Sequential(*[torch_module(s) for s in case.layers])
+
+
+def initial_state(case):
+    """The float32 state both sides start from: torch's initialisation from the case seed,
+    with BatchNorm/LayerNorm affine parameters and running statistics randomised."""
+    torch.manual_seed(case.seed)
+    model = build_torch_model(case)
+    g = torch.Generator().manual_seed(case.seed + 1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)):
+                if getattr(m, "weight", None) is not None:
+                    m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.3)
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.track_running_stats:
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) * 1.5 + 0.5)
+                if case.initial_nbt is not None:
+                    m.num_batches_tracked.fill_(case.initial_nbt)
+    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# The PyTorch side.
+
+def make_optimizer(spec, params):
+    kind, o = spec
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=o["lr"], momentum=o.get("momentum", 0.0),
+                               dampening=o.get("dampening", 0.0),
+                               nesterov=bool(o.get("nesterov", 0)),
+                               weight_decay=o.get("weight_decay", 0.0))
+    betas = (o.get("beta1", 0.9), o.get("beta2", 0.999))
+    cls = torch.optim.AdamW if o.get("decoupled", 0) else torch.optim.Adam
+    return cls(params, lr=o["lr"], betas=betas, eps=o.get("eps", 1e-8),
+               weight_decay=o.get("weight_decay", 0.0))
+
+
+def torch_loss(kind, out, target):
+    if kind == "ce":
+        return F.cross_entropy(out, target.long())
+    if kind == "mse":
+        return F.mse_loss(out, target)
+    return F.binary_cross_entropy_with_logits(out, target)
+
+
+class TorchRun:
+    """Runs a case's operations through PyTorch in one dtype; collects named results."""
+
+    def __init__(self, case, state, dtype):
+        self.case = case
+        self.dtype = dtype
+        self.model = build_torch_model(case)
+        self.model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in state.items()})
+        self.model.to(dtype)
+        self.model.train()
+        self.frozen = False
+        self.named_params = list(self.model.named_parameters())
+        self.opt = (make_optimizer(case.optimizer, [p for _, p in self.named_params])
+                    if case.optimizer else None)
+        self.results = {}     # name -> np.ndarray (float64)
+        self.errors = {}      # tag -> message of the exception torch raised
+        self.state_names = {}  # get_state tag -> list of state_dict keys
+        self.last = None      # (x, out) of the last forward, for backward
+
+    def tensor(self, a, grad=False):
+        return torch.tensor(a, dtype=self.dtype, requires_grad=grad)
+
+    def put(self, name, t):
+        self.results[name] = t.detach().to(torch.float64).numpy().copy()
+
+    def bns(self):
+        return [m for m in self.model.modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+    def run_forward(self, x, commit):
+        """model(x) on throw-away copies of the BatchNorm buffers; they are kept (the update
+        committed) only when `commit` and the forward succeeded. A failed forward therefore
+        changes nothing (torch itself would have incremented num_batches_tracked before
+        raising), and `commit=False` is normd's frozen running statistics: batch statistics,
+        buffers untouched."""
+        saved = [(m, m.running_mean, m.running_var, m.num_batches_tracked) for m in self.bns()]
+        for m, rm, rv, nbt in saved:
+            m.running_mean, m.running_var, m.num_batches_tracked = rm.clone(), rv.clone(), \
+                nbt.clone()
+        ok = False
+        try:
+            out = self.model(x)
+            ok = True
+            return out
+        finally:
+            if not (ok and commit):
+                for m, rm, rv, nbt in saved:
+                    m.running_mean, m.running_var, m.num_batches_tracked = rm, rv, nbt
+
+    def eval_forward(self, x):
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                return self.model(x)
+        finally:
+            self.model.train(was_training)
+
+    def run(self):
+        for op in self.case.ops:
+            getattr(self, "op_" + op[0])(*op[1:])
+        return self
+
+    def op_mode(self, train, freeze):
+        self.model.train(train)
+        self.frozen = freeze
+        self.last = None
+
+    def op_forward(self, tag, x, _expect):
+        xt = self.tensor(x, grad=True)
+        try:
+            out = self.run_forward(xt, commit=not self.frozen)
+        except (ValueError, RuntimeError) as e:
+            self.errors[tag] = str(e).splitlines()[0]
+            self.last = None
+            return
+        self.last = (xt, out)
+        self.put(tag + ".out", out)
+
+    def op_backward(self, tag, dy):
+        xt, out = self.last
+        params = [p for _, p in self.named_params]
+        grads = torch.autograd.grad(out, [xt] + params, grad_outputs=self.tensor(dy),
+                                    allow_unused=True)
+        self.put(tag + ".gx", grads[0])
+        for (name, p), g in zip(self.named_params, grads[1:]):
+            self.put(f"{tag}.grad.{name}", torch.zeros_like(p) if g is None else g)
+
+    def op_train_step(self, tag, x, target, _expect):
+        self.opt.zero_grad()
+        try:
+            out = self.run_forward(self.tensor(x), commit=not self.frozen)
+        except (ValueError, RuntimeError) as e:
+            self.errors[tag] = str(e).splitlines()[0]
+            return
+        loss = torch_loss(self.case.loss, out, self.tensor(target))
+        loss.backward()
+        self.opt.step()
+        self.results[tag + ".loss"] = np.array(loss.item())
+        self.last = None
+
+    def op_predict(self, tag, x, _expect):
+        try:
+            out = self.eval_forward(self.tensor(x))
+        except (ValueError, RuntimeError) as e:
+            self.errors[tag] = str(e).splitlines()[0]
+            return
+        self.put(tag + ".out", out)
+
+    def op_evaluate(self, tag, x, target):
+        out = self.eval_forward(self.tensor(x))
+        t = self.tensor(target)
+        self.results[tag + ".loss"] = np.array(torch_loss(self.case.loss, out, t).item())
+        acc = 0.0
+        if self.case.loss == "ce":
+            acc = (out.argmax(dim=1) == t.long()).to(torch.float64).mean().item()
+        self.results[tag + ".accuracy"] = np.array(acc)
+
+    def op_get_state(self, tag, with_optimizer):
+        sd = self.model.state_dict()
+        self.state_names[tag] = list(sd.keys())
+        for k, v in sd.items():
+            self.put(f"{tag}.{k}", v)
+        if with_optimizer:
+            for name, p in self.named_params:
+                for slot, v in self.opt.state.get(p, {}).items():
+                    if v is not None:
+                        self.put(f"{tag}.optimizer.{name}.{slot}", torch.as_tensor(v))
+
+    def op_reset_stats(self):
+        for m in self.bns():
+            m.reset_running_stats()
+
+
+# ----------------------------------------------------------------------------------------------
+# The normd side: the case file and the driver's answer.
+
+def tensor_record(name, a):
+    a = np.ascontiguousarray(a, dtype="<f4")
+    head = f"T {name} {a.ndim}" + "".join(f" {d}" for d in a.shape) + "\n"
+    return head.encode() + a.tobytes()
+
+
+def case_file(case, state):
+    out = io.BytesIO()
+
+    def line(s):
+        out.write((s + "\n").encode())
+
+    line("input_shape " + " ".join(str(d) for d in case.input_shape))
+    line(f"seed {case.seed}")
+    for s in case.layers:
+        line(driver_layer_line(s))
+    line(f"loss {case.loss}")
+    if case.optimizer:
+        kind, o = case.optimizer
+        line(" ".join([f"optimizer {kind}"] + [f"{k}={v!r}" for k, v in o.items()]))
+    line("build")
+    line(f"set_state {len(state)}")
+    for k, v in state.items():
+        out.write(tensor_record(k, v))
+    for op in case.ops:
+        kind = op[0]
+        if kind == "mode":
+            line("mode " + ("train" if op[1] else "eval") + (" freeze" if op[2] else ""))
+        elif kind in ("forward", "predict", "backward"):
+            line(f"{kind} {op[1]}")
+            out.write(tensor_record("x", op[2]))
+        elif kind in ("train_step", "evaluate"):
+            line(f"{kind} {op[1]}")
+            out.write(tensor_record("x", op[2]))
+            out.write(tensor_record("target", op[3]))
+        elif kind == "get_state":
+            line(f"get_state {op[1]}" + (" optimizer" if op[2] else ""))
+        elif kind == "reset_stats":
+            line("reset_stats")
+    return out.getvalue()
+
+
+def parse_driver_output(data):
+    results, errors, order = {}, {}, []
+    pos = 0
+    while pos < len(data):
+        end = data.index(b"\n", pos)
+        words = data[pos:end].decode().split(" ")
+        pos = end + 1
+        if words[0] == "T":
+            shape = tuple(int(d) for d in words[3:3 + int(words[2])])
+            n = int(np.prod(shape)) if shape else 1
+            a = np.frombuffer(data, dtype="<f4", count=n, offset=pos).reshape(shape)
+            results[words[1]] = a.astype(np.float64)
+            order.append(words[1])
+            pos += 4 * n
+        elif words[0] == "S":
+            results[words[1]] = np.array(float(words[2]))
+        elif words[0] == "E":
+            errors[words[1]] = " ".join(words[2:])
+        else:
+            raise ValueError(f"unexpected driver output line {words!r}")
+    return results, errors, order
+
+
+def run_driver(driver, case, state, workdir, keep):
+    path = os.path.join(workdir, case.name + ".case")
+    out_path = os.path.join(workdir, case.name + ".out")
+    with open(path, "wb") as f:
+        f.write(case_file(case, state))
+    proc = subprocess.run([driver, path, out_path], capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise RuntimeError(f"parity_driver exited with {proc.returncode}: {proc.stderr.strip()}")
+    with open(out_path, "rb") as f:
+        parsed = parse_driver_output(f.read())
+    if not keep:
+        os.remove(path)
+        os.remove(out_path)
+    return parsed
+
+
+# ----------------------------------------------------------------------------------------------
+# Comparison.
+
+def rel_err(a, b):
+    nb = np.linalg.norm(b)
+    d = np.linalg.norm(a - b)
+    return d / nb if nb > 0 else d
+
+
+def category_of(name):
+    """Category of a result name, or None for exact (integer) comparisons."""
+    if name.endswith(".gx"):
+        return "input grads"
+    if ".grad." in name:
+        return "param grads"
+    if name.endswith((".out", ".loss", ".accuracy")):
+        return "outputs"
+    if ".optimizer." in name:
+        return None if name.endswith(".step") else "optimizer state"
+    if name.endswith("num_batches_tracked"):
+        return None
+    if name.endswith((".running_mean", ".running_var")):
+        return "running stats"
+    return "params"
+
+
+class CaseResult:
+    def __init__(self, name):
+        self.name = name
+        self.worst = {}        # category -> (err vs float32, err vs float64, passed, name)
+        self.failures = []
+        self.f64_only = 0      # comparisons that met the tolerance only against float64
+
+    def record(self, cat, name, e32, e64):
+        tol = TOLERANCE[cat]
+        passed = e32 <= tol or e64 <= tol
+        if passed and e32 > tol:
+            self.f64_only += 1
+        if not passed:
+            self.failures.append(f"{cat} {name}: rel err {e32:.3g} vs torch float32, "
+                                 f"{e64:.3g} vs float64 (tolerance {tol:g})")
+        cur = self.worst.get(cat)
+        if cur is None or min(e32, e64) > min(cur[0], cur[1]):
+            self.worst[cat] = (e32, e64, passed, name)
+
+
+def compare(case, t32, t64, actual, errors, order):
+    res = CaseResult(case.name)
+    # Refusals must agree (batch-size-1 rule), and agree with what the case expects of torch.
+    for op in case.ops:
+        if op[0] in ("forward", "train_step", "predict"):
+            tag, expect = op[1], op[-1]
+            torch_err = tag in t32.errors
+            if expect is not None and torch_err != (expect == "error"):
+                res.failures.append(f"{tag}: the case expects PyTorch to "
+                                    f"{'refuse' if expect == 'error' else 'accept'} it, "
+                                    f"but it {'refused' if torch_err else 'accepted'} it "
+                                    f"({t32.errors.get(tag, '')})")
+            if torch_err and tag not in errors:
+                res.failures.append(f"{tag}: PyTorch refuses ({t32.errors[tag]}) but normd "
+                                    f"accepts")
+            if not torch_err and tag in errors:
+                res.failures.append(f"{tag}: normd refuses ({errors[tag]}) but PyTorch accepts")
+    checked = {op[1] for op in case.ops if op[0] in ("forward", "train_step", "predict")}
+    for tag in errors:
+        if tag not in checked:
+            res.failures.append(f"normd refused {tag}: {errors[tag]}")
+    # State names: identical to torch's state_dict keys, in order.
+    for tag, names in t32.state_names.items():
+        got = [n[len(tag) + 1:] for n in order
+               if n.startswith(tag + ".") and ".optimizer." not in n]
+        if got != names:
+            res.failures.append(f"state names at {tag}: normd {got} != torch {names}")
+    # Values.
+    grad_norms = {}
+    for name, ref in t32.results.items():
+        tag = name.split(".")[0]
+        if tag in case.uncompared:
+            continue
+        if name not in actual:
+            res.failures.append(f"{name}: missing from normd's results")
+            continue
+        got = actual[name]
+        if got.shape != ref.shape:
+            res.failures.append(f"{name}: shape {got.shape} != torch {ref.shape}")
+            continue
+        cat = category_of(name)
+        if cat is None:
+            if not np.array_equal(got, ref):
+                res.failures.append(f"{name}: {got.tolist()} != torch {ref.tolist()}")
+            continue
+        ref64 = t64.results[name]
+        param = name.split(".grad.", 1)[1] if cat == "param grads" else None
+        if param in case.noise_only:
+            # The exact gradient is zero (a bias feeding a train-mode BatchNorm): both sides
+            # hold rounding noise. Measure it against the norm of the whole gradient instead.
+            if tag not in grad_norms:
+                grad_norms[tag] = np.sqrt(sum(
+                    np.linalg.norm(v) ** 2 for k, v in t64.results.items()
+                    if k.startswith(tag + ".grad.")))
+            scale = grad_norms[tag]
+            res.record(cat, name, np.linalg.norm(got - ref) / scale,
+                       np.linalg.norm(got - ref64) / scale)
+            continue
+        res.record(cat, name, rel_err(got, ref), rel_err(got, ref64))
+    for check in case.checks:
+        for cat, name, err in check(actual):
+            res.record(cat, name, err, err)
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# The cases.
+
+BN_SHAPES = {  # name -> (dims, per-sample input shape, batch size)
+    "1d-2D": ("1d", (5,), 8),
+    "1d-3D": ("1d", (5, 6), 4),
+    "2d": ("2d", (5, 4, 3), 3),
+}
+
+
+def momentum_name(m):
+    return "None" if m is None else f"{m:g}"
+
+
+def bn_option_case(shape_name, momentum, affine, track):
+    """One BatchNorm layer: 12 training batches, 4 with frozen statistics, 8 more (20 updates
+    in all), then eval, predict, single-sample batches and a reset."""
+    dims, sample, n = BN_SHAPES[shape_name]
+    name = (f"bn{shape_name}-m{momentum_name(momentum)}-affine{int(affine)}"
+            f"-track{int(track)}")
+    case = Case(name, sample, [bn(dims, sample[0], momentum, affine, track)])
+    case.get_state("init")
+    for i in range(12):
+        case.fwd_bwd(f"t{i}", case.x(n), sample)
+    case.get_state("s12")
+    case.mode(True, freeze=True)
+    for i in range(4):
+        case.fwd_bwd(f"fz{i}", case.x(n), sample)
+    case.get_state("frozen")
+    case.mode(True)
+    for i in range(8):
+        case.fwd_bwd(f"u{i}", case.x(n), sample)
+    case.get_state("s20")
+    case.mode(False)
+    for i in range(2):
+        case.fwd_bwd(f"e{i}", case.x(n), sample)
+    case.predict("p0", case.x(n))
+    # One sample: eval normalises with the running statistics, so it is allowed with tracking;
+    # without tracking eval uses batch statistics and PyTorch's rule applies.
+    one_value = int(np.prod(sample[1:])) == 1
+    case.forward("eval_n1", case.x(1),
+                 expect_error="error" if one_value and not track else "ok")
+    case.mode(True)
+    case.forward("train_n1", case.x(1), expect_error="error" if one_value else "ok")
+    case.get_state("end")
+    case.reset_stats()
+    case.get_state("reset")
+    return case
+
+
+def bn_extra_cases():
+    cases = []
+    # Cumulative average continuing from a loaded num_batches_tracked, and a larger eps.
+    case = Case("bn1d-2D-None-nbt7-eps1e-3", (6,), [bn("1d", 6, None, eps=1e-3)])
+    case.initial_nbt = 7
+    for i in range(20):
+        case.fwd_bwd(f"t{i}", case.x(10), (6,))
+    case.get_state("s20")
+    case.mode(False)
+    case.fwd_bwd("e0", case.x(10), (6,))
+    cases.append(case)
+
+    # Frozen from the very first batch, then unfrozen with momentum=None (m = 1/1 first).
+    case = Case("bn2d-None-frozen-first", (3, 5, 5), [bn("2d", 3, None)])
+    case.mode(True, freeze=True)
+    for i in range(5):
+        case.fwd_bwd(f"fz{i}", case.x(2), (3, 5, 5))
+    case.get_state("frozen")
+    case.mode(True)
+    for i in range(20):
+        case.fwd_bwd(f"t{i}", case.x(2), (3, 5, 5))
+    case.get_state("s20")
+    cases.append(case)
+
+    # The batch-size-1 rule, each shape in train, frozen train, eval and through TrainStep.
+    for name, dims, sample, ok_in_train in [
+            ("bs1-bn1d-(1,C)", "1d", (4,), False),
+            ("bs1-bn1d-(1,C,1)", "1d", (4, 1), False),
+            ("bs1-bn1d-(1,C,3)", "1d", (4, 3), True),
+            ("bs1-bn2d-(1,C,1,1)", "2d", (4, 1, 1), False),
+            ("bs1-bn2d-(1,C,2,1)", "2d", (4, 2, 1), True)]:
+        layers = [bn(dims, 4)] if dims == "2d" or len(sample) > 1 else [linear(4, 4),
+                                                                         bn(dims, 4)]
+        case = Case(name, sample, layers, loss="mse", optimizer=("sgd", {"lr": 0.1}))
+        expect = "ok" if ok_in_train else "error"
+        x1 = case.x(1)
+        case.forward("train1", x1, expect_error=expect)
+        if ok_in_train:
+            case.backward("train1b", case.randn(1, *sample))
+        case.train_step("step1", x1, case.randn(1, *sample), expect_error=expect)
+        case.get_state("after_train")
+        case.mode(True, freeze=True)
+        case.forward("frozen1", x1, expect_error=expect)
+        case.mode(False)
+        case.forward("eval1", x1, expect_error="ok")
+        case.backward("eval1b", case.randn(1, *sample))
+        case.predict("pred1", x1, expect_error="ok")
+        case.mode(True)
+        case.forward("train2", case.x(2), expect_error="ok")
+        case.get_state("end")
+        cases.append(case)
+
+    case = Case("bs1-bn1d-notrack-eval", (4,), [bn("1d", 4, track=False)])
+    case.mode(False)
+    case.forward("eval1", case.x(1), expect_error="error")
+    case.predict("pred1", case.x(1), expect_error="error")
+    case.forward("eval3", case.x(3), expect_error="ok")
+    case.backward("eval3b", case.randn(3, 4))
+    cases.append(case)
+
+    # A bias feeding a train-mode BatchNorm has an exact gradient of zero.
+    case = Case("linear-bias-into-bn1d", (7,), [linear(7, 5), bn("1d", 5), simple("relu")])
+    case.noise_only.add("0.bias")
+    for i in range(3):
+        case.fwd_bwd(f"t{i}", case.x(9), (5,))
+    case.mode(False)
+    case.fwd_bwd("e0", case.x(9), (5,))
+    cases.append(case)
+    return cases
+
+
+def layer_norm_cases():
+    cases = []
+    for name, sample, shape, affine in [
+            ("ln-(N,D)", (12,), (12,), True),
+            ("ln-(N,D)-noaffine", (12,), (12,), False),
+            ("ln-(N,C,L)-[C,L]", (3, 5), (3, 5), True),
+            ("ln-(N,C,L)-[L]", (3, 5), (5,), True),
+            ("ln-(N,C,H,W)-[H,W]-eps1e-3", (2, 3, 4), (3, 4), True)]:
+        eps = 1e-3 if "eps" in name else 1e-5
+        case = Case(name, sample, [layer_norm(shape, affine, eps)])
+        case.get_state("init")
+        for i in range(3):
+            case.fwd_bwd(f"t{i}", case.x(6), sample)
+        case.mode(False)
+        case.fwd_bwd("e0", case.x(6), sample)
+        case.forward("e1", case.x(1))
+        cases.append(case)
+    return cases
+
+
+def activation_cases():
+    cases = []
+    layers = [linear(6, 10), simple("gelu"), linear(10, 10), simple("tanh"), linear(10, 10),
+              simple("sigmoid"), linear(10, 10), simple("leakyrelu", slope=0.2),
+              simple("dropout", p=0.3), linear(10, 4), simple("leakyrelu", slope=0.01)]
+    case = Case("activations-eval", (6,), layers)
+    case.mode(False)
+    for i in range(3):
+        case.fwd_bwd(f"e{i}", case.x(8), (4,))
+    cases.append(case)
+
+    train_layers = [s for s in layers if s["kind"] != "dropout"]
+    case = Case("activations-train-adam", (6,), train_layers, loss="mse",
+                optimizer=("adam", {"lr": 0.01}))
+    for i in range(20):
+        x = case.x(8)
+        case.train_step(f"s{i}", x, case.targets(x, 4))
+    case.get_state("s20", optimizer=True)
+    case.mode(False)
+    case.fwd_bwd("e0", case.x(8), (4,))
+    cases.append(case)
+
+    # Dropout in training: torch cannot reproduce normd's mask, so check the semantics
+    # (inverted dropout: each value is 0 or x / (1 - p), about p of them 0; the gradient is
+    # dy times the same mask).
+    p = 0.25
+    case = Case("dropout-train-semantics", (50,), [simple("dropout", p=p)])
+    x = case.x(40)
+    dy = case.randn(40, 50)
+    case.forward("d", x)
+    case.backward("db", dy)
+    case.uncompared.update({"d", "db"})
+
+    def check(actual, x=x, dy=dy):
+        out, gx = actual["d.out"], actual["db.gx"]
+        kept = out != 0
+        mask = np.where(kept, 1.0 / (1.0 - p), 0.0)
+        zero_fraction = 1.0 - kept.mean()
+        return [("outputs", "d.out (kept values)", rel_err(out, x * mask)),
+                ("outputs", f"d.out (zero fraction {zero_fraction:.3f} vs p={p})",
+                 0.0 if abs(zero_fraction - p) < 0.07 else 1.0),
+                ("input grads", "db.gx", rel_err(gx, dy * mask))]
+    case.checks.append(check)
+    cases.append(case)
+    return cases
+
+
+def conv_cases():
+    cases = []
+    layers = [conv(3, 6, 3, pad=1, bias=False), bn("2d", 6), simple("relu"),
+              pool("maxpool2d", 2), conv(6, 8, 3, stride=2, pad=1), simple("relu"),
+              pool("avgpool2d", 2), simple("flatten"), linear(32, 10)]
+    case = Case("conv-bn2d-relu-pools-linear-sgd", (3, 16, 16), layers, loss="ce",
+                optimizer=("sgd", {"lr": 0.05, "momentum": 0.9}))
+    case.get_state("init")
+    case.fwd_bwd("t0", case.x(4), (10,))
+    for i in range(20):
+        x = case.x(4)
+        case.train_step(f"s{i}", x, case.targets(x, 10))
+    case.get_state("s20", optimizer=True)
+    case.mode(False)
+    case.fwd_bwd("e0", case.x(4), (10,))
+    cases.append(case)
+
+    layers = [conv(2, 4, 3, stride=1, pad=1), simple("tanh"), bn("2d", 4, momentum=None),
+              simple("relu"), pool("maxpool2d", 3, stride=2, pad=1),
+              conv(4, 4, 2, pad=1, bias=False), bn("2d", 4, affine=False),
+              pool("avgpool2d", 3, stride=1, pad=1), simple("flatten"), linear(4 * 5 * 5, 3)]
+    case = Case("conv-padded-pools-adam", (2, 8, 8), layers, loss="bce",
+                optimizer=("adam", {"lr": 0.01}))
+    case.fwd_bwd("t0", case.x(3), (3,))
+    for i in range(20):
+        x = case.x(3)
+        case.train_step(f"s{i}", x, case.targets(x, 3))
+    case.get_state("s20", optimizer=True)
+    case.mode(False)
+    case.fwd_bwd("e0", case.x(3), (3,))
+    cases.append(case)
+    return cases
+
+
+OPTIMIZERS = {
+    "sgd": ("sgd", {"lr": 0.05}),
+    "sgd-momentum-dampening": ("sgd", {"lr": 0.05, "momentum": 0.9, "dampening": 0.3}),
+    "sgd-nesterov": ("sgd", {"lr": 0.05, "momentum": 0.9, "nesterov": 1}),
+    "sgd-weight-decay": ("sgd", {"lr": 0.05, "momentum": 0.5, "weight_decay": 0.01}),
+    "adam": ("adam", {"lr": 0.005}),
+    "adam-weight-decay": ("adam", {"lr": 0.005, "beta1": 0.8, "beta2": 0.99,
+                                   "weight_decay": 0.05}),
+    "adamw": ("adam", {"lr": 0.005, "weight_decay": 0.05, "decoupled": 1}),
+}
+
+
+def optimizer_case(opt_name, loss, steps=50):
+    """An MLP with two BatchNorm layers trained for `steps` TrainSteps; state (with optimizer
+    state) compared after 20 and 50 steps; a few steps in frozen and in eval mode."""
+    k = 5
+    layers = [linear(12, 16, bias=False), bn("1d", 16), simple("relu"),
+              linear(16, 16, bias=False), bn("1d", 16, momentum=None), simple("relu"),
+              linear(16, k)]
+    case = Case(f"mlp-{opt_name}-{loss}", (12,), layers, loss=loss,
+                optimizer=OPTIMIZERS[opt_name])
+    for i in range(steps):
+        if i == 40:
+            case.mode(True, freeze=True)
+        if i == 44:
+            case.mode(False)  # training steps in eval mode: BatchNorm uses running statistics
+        if i == 47:
+            case.mode(True)
+        x = case.x(16)
+        case.train_step(f"s{i}", x, case.targets(x, k))
+        if i + 1 == 20:
+            case.get_state("s20", optimizer=True)
+    case.get_state(f"s{steps}", optimizer=True)
+    x = case.x(16)
+    case.evaluate("ev", x, case.targets(x, k))
+    case.mode(False)
+    case.fwd_bwd("e0", case.x(16), (k,))
+    return case
+
+
+def all_cases():
+    cases = []
+    for shape_name in BN_SHAPES:
+        for track in (True, False):
+            for momentum in ((0.1, 0.5, 0.0, None) if track else (0.1,)):
+                for affine in (True, False):
+                    cases.append(bn_option_case(shape_name, momentum, affine, track))
+    cases += bn_extra_cases()
+    cases += layer_norm_cases()
+    cases += activation_cases()
+    cases += conv_cases()
+    losses = ["ce", "mse", "bce"]
+    for i, opt_name in enumerate(OPTIMIZERS):
+        for loss in losses:
+            cases.append(optimizer_case(opt_name, loss))
+    return cases
+
+
+# ----------------------------------------------------------------------------------------------
+
+def fmt(e):
+    return "-" if e is None else f"{e:.1e}"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--driver", required=True, help="path to the parity_driver executable")
+    ap.add_argument("-k", "--filter", default="", help="run only cases whose name contains this")
+    ap.add_argument("--keep", metavar="DIR", help="keep case and output files in DIR")
+    ap.add_argument("-v", "--verbose", action="store_true", help="print every failure detail")
+    args = ap.parse_args()
+
+    torch.set_num_threads(1)
+    if not os.access(args.driver, os.X_OK):
+        print(f"FAIL: driver {args.driver} is not an executable", file=sys.stderr)
+        return 1
+    cases = [c for c in all_cases() if args.filter in c.name]
+    if not cases:
+        print(f"FAIL: no case matches {args.filter!r}", file=sys.stderr)
+        return 1
+    print(f"torch {torch.__version__}, {len(cases)} cases, normd float32 vs torch float32 "
+          f"(float64 as fallback reference)")
+    start = time.time()
+    worst = {c: None for c in CATEGORIES}   # category -> (e32, e64, case, name)
+    failed, f64_only = [], 0
+    workdir_ctx = None
+    if args.keep:
+        os.makedirs(args.keep, exist_ok=True)
+        workdir = args.keep
+    else:
+        workdir_ctx = tempfile.TemporaryDirectory(prefix="normd-parity-")
+        workdir = workdir_ctx.name
+    name_width = max(len(c.name) for c in cases)
+    for case in cases:
+        try:
+            state = initial_state(case)
+            t32 = TorchRun(case, state, torch.float32).run()
+            t64 = TorchRun(case, state, torch.float64).run()
+            actual, errors, order = run_driver(args.driver, case, state, workdir,
+                                               bool(args.keep))
+            res = compare(case, t32, t64, actual, errors, order)
+        except Exception as e:  # a crash of the driver or of a case is a failure of that case
+            res = CaseResult(case.name)
+            res.failures.append(f"{type(e).__name__}: {e}")
+        f64_only += res.f64_only
+        cols = []
+        for cat in CATEGORIES:
+            w = res.worst.get(cat)
+            cols.append(f"{SHORT[cat]}={fmt(w[0]) if w else '-'}")
+            if w and (worst[cat] is None or min(w[0], w[1]) > min(worst[cat][0],
+                                                                 worst[cat][1])):
+                worst[cat] = (w[0], w[1], case.name, w[3])
+        status = "FAIL" if res.failures else "ok  "
+        note = f" ({res.f64_only} vs float64)" if res.f64_only else ""
+        print(f"{status} {case.name:<{name_width}}  " + " ".join(cols) + note, flush=True)
+        shown = res.failures if args.verbose else res.failures[:5]
+        for f in shown:
+            print(f"     - {f}")
+        if len(shown) < len(res.failures):
+            print(f"     - ... {len(res.failures) - len(shown)} more (use -v)")
+        if res.failures:
+            failed.append(case.name)
+    if workdir_ctx:
+        workdir_ctx.cleanup()
+
+    print()
+    print(f"{'category':<16} {'tolerance':>9} {'worst vs f32':>12} {'worst vs f64':>12}  where")
+    for cat in CATEGORIES:
+        w = worst[cat]
+        if w is None:
+            print(f"{cat:<16} {TOLERANCE[cat]:>9.0e} {'-':>12} {'-':>12}")
+            continue
+        print(f"{cat:<16} {TOLERANCE[cat]:>9.0e} {w[0]:>12.2e} {w[1]:>12.2e}  {w[2]}: {w[3]}")
+    print(f"{len(cases) - len(failed)}/{len(cases)} cases passed in {time.time() - start:.1f} s; "
+          f"{f64_only} comparisons met the tolerance only against the float64 reference")
+    if failed:
+        print("FAILED: " + ", ".join(failed))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
