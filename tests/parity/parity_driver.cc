@@ -348,7 +348,10 @@ int Run(const char* case_path, const char* out_path) {
     } else if (cmd == "backward") {
       NamedData dy = in.ReadTensor();
       need_model(cmd);
-      if (!have_forward) Die("backward without a forward");
+      if (!have_forward) {  // e.g. normd refused the forward that PyTorch accepted
+        out.Error(tag, FailedPrecondition("no successful forward to back-propagate"));
+        continue;
+      }
       model->net().ZeroGrad();
       Tensor dx;
       Status s = model->Backward(&rec, View(dy), &dx);
