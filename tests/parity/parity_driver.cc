@@ -24,6 +24,10 @@
 //   predict <tag>                      + x: Model::Predict         -> T <tag>.out
 //   evaluate <tag>                     + x + target -> S <tag>.loss, S <tag>.accuracy
 //   get_state <tag> [optimizer]        -> T <tag>.<state name> for every entry, in order
+//   status <tag>                       Model::batch_norm_status, per BatchNorm layer i:
+//                                        S <tag>.<i>.mean_shift, .var_log_ratio,
+//                                        .running_mean_update_norm, .running_var_update_norm,
+//                                        .num_batches_tracked
 //   reset_stats                        Model::ResetRunningStats
 //
 // Output: the T and S lines above, and "E <tag> <message>" when the core refuses an operation
@@ -398,6 +402,16 @@ int Run(const char* case_path, const char* out_path) {
               " values for shape " + t.shape.ToString());
         }
         out.WriteTensor(tag + "." + t.name, t.shape, t.values.data());
+      }
+    } else if (cmd == "status") {
+      need_model(cmd);
+      for (const BatchNormStatus& st : model->batch_norm_status()) {
+        const std::string prefix = tag + "." + std::to_string(st.layer) + ".";
+        out.Scalar(prefix + "mean_shift", st.last_mean_shift);
+        out.Scalar(prefix + "var_log_ratio", st.last_var_log_ratio);
+        out.Scalar(prefix + "running_mean_update_norm", st.running_mean_update_norm);
+        out.Scalar(prefix + "running_var_update_norm", st.running_var_update_norm);
+        out.Scalar(prefix + "num_batches_tracked", static_cast<double>(st.num_batches_tracked));
       }
     } else if (cmd == "reset_stats") {
       need_model(cmd);

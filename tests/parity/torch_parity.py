@@ -20,6 +20,11 @@ gradients 1e-5, running statistics 1e-5 (after 20 training steps), parameters an
 state 1e-4 (after 50 steps). Counters and state names must match exactly, and an operation
 refused by PyTorch (the batch-size-1 rule) must be refused by normd, and vice versa.
 
+normd's BatchNorm drift figures (Model::batch_norm_status: mean shift, variance log-ratio,
+running-statistics update norms) have no PyTorch counterpart; the script computes them from
+the definitions in core/batch_norm.h on the torch side (statistics in float64) and compares
+them too, tolerance 1e-5.
+
 Usage: /usr/bin/python3 torch_parity.py --driver build/tests/parity/parity_driver [-k SUBSTR]
 Exit status 0 only when every case passes. Missing PyTorch is a failure, not a skip.
 """
@@ -45,11 +50,11 @@ except ImportError as e:  # the suite must fail, never skip, without torch
     sys.exit(1)
 
 CATEGORIES = ["outputs", "input grads", "param grads", "running stats", "params",
-              "optimizer state"]
+              "optimizer state", "drift"]
 TOLERANCE = {"outputs": 1e-5, "input grads": 1e-5, "param grads": 1e-5,
-             "running stats": 1e-5, "params": 1e-4, "optimizer state": 1e-4}
+             "running stats": 1e-5, "params": 1e-4, "optimizer state": 1e-4, "drift": 1e-5}
 SHORT = {"outputs": "out", "input grads": "gx", "param grads": "gp", "running stats": "rs",
-         "params": "par", "optimizer state": "opt"}
+         "params": "par", "optimizer state": "opt", "drift": "dr"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,6 +194,9 @@ class Case:
     def get_state(self, tag, optimizer=False):
         self.ops.append(("get_state", tag, optimizer))
 
+    def status(self, tag):
+        self.ops.append(("status", tag))
+
     def reset_stats(self):
         self.ops.append(("reset_stats",))
 
@@ -259,12 +267,35 @@ class TorchRun:
         self.errors = {}      # tag -> message of the exception torch raised
         self.state_names = {}  # get_state tag -> list of state_dict keys
         self.last = None      # (x, out) of the last forward, for backward
+        # Drift figures as normd records them: per tracked BatchNorm (by layer index) the
+        # last forward's (mean shift, var log-ratio), and the last committed update's norms.
+        self.drift, self.update_norms, self.pending_drift = {}, {}, {}
+        self.recording = False
+        for idx, m in self.model.named_children():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                m.register_forward_pre_hook(self.drift_hook(idx))
 
     def tensor(self, a, grad=False):
         return torch.tensor(a, dtype=self.dtype, requires_grad=grad)
 
     def put(self, name, t):
         self.results[name] = t.detach().to(torch.float64).numpy().copy()
+
+    def drift_hook(self, idx):
+        """Measures the batch against the running statistics before the forward updates them
+        (core/batch_norm.h's BatchNormDrift)."""
+        def hook(m, inputs):
+            if not self.recording:
+                return
+            x = inputs[0].detach().to(torch.float64)
+            dims = [0] + list(range(2, x.dim()))
+            mean, var = x.mean(dim=dims), x.var(dim=dims, unbiased=False)
+            rm, rv = m.running_mean.to(torch.float64), m.running_var.to(torch.float64)
+            shift = ((mean - rm).abs() / (rv + m.eps).sqrt()).mean().item()
+            ratio = ((var + m.eps) / (rv + m.eps)).log().abs().mean().item()
+            self.pending_drift[idx] = (shift, ratio, m, m.running_mean.clone(),
+                                       m.running_var.clone())
+        return hook
 
     def bns(self):
         return [m for m in self.model.modules()
@@ -281,14 +312,24 @@ class TorchRun:
             m.running_mean, m.running_var, m.num_batches_tracked = rm.clone(), rv.clone(), \
                 nbt.clone()
         ok = False
+        self.pending_drift = {}
+        self.recording = True
         try:
             out = self.model(x)
             ok = True
             return out
         finally:
+            self.recording = False
             if not (ok and commit):
                 for m, rm, rv, nbt in saved:
                     m.running_mean, m.running_var, m.num_batches_tracked = rm, rv, nbt
+            if ok:
+                for idx, (shift, ratio, m, rm, rv) in self.pending_drift.items():
+                    self.drift[idx] = (shift, ratio)
+                    if commit and self.model.training:
+                        self.update_norms[idx] = (
+                            (m.running_mean.double() - rm.double()).norm().item(),
+                            (m.running_var.double() - rv.double()).norm().item())
 
     def eval_forward(self, x):
         was_training = self.model.training
@@ -370,6 +411,17 @@ class TorchRun:
                     if v is not None:
                         self.put(f"{tag}.optimizer.{name}.{slot}", torch.as_tensor(v))
 
+    def op_status(self, tag):
+        for idx, (shift, ratio) in self.drift.items():
+            self.results[f"{tag}.{idx}.mean_shift"] = np.array(shift)
+            self.results[f"{tag}.{idx}.var_log_ratio"] = np.array(ratio)
+            if idx in self.update_norms:
+                dm, dv = self.update_norms[idx]
+                self.results[f"{tag}.{idx}.running_mean_update_norm"] = np.array(dm)
+                self.results[f"{tag}.{idx}.running_var_update_norm"] = np.array(dv)
+            nbt = getattr(self.model, idx).num_batches_tracked
+            self.results[f"{tag}.{idx}.num_batches_tracked"] = np.array(float(nbt.item()))
+
     def op_reset_stats(self):
         for m in self.bns():
             m.reset_running_stats()
@@ -415,6 +467,8 @@ def case_file(case, state):
             out.write(tensor_record("target", op[3]))
         elif kind == "get_state":
             line(f"get_state {op[1]}" + (" optimizer" if op[2] else ""))
+        elif kind == "status":
+            line(f"status {op[1]}")
         elif kind == "reset_stats":
             line("reset_stats")
     return out.getvalue()
@@ -472,6 +526,8 @@ def category_of(name):
     """Category of a result name, or None for exact (integer) comparisons."""
     if name.endswith(".gx"):
         return "input grads"
+    if name.endswith((".mean_shift", ".var_log_ratio", "_update_norm")):
+        return "drift"
     if ".grad." in name:
         return "param grads"
     if name.endswith((".out", ".loss", ".accuracy")):
@@ -491,12 +547,15 @@ class CaseResult:
         self.worst = {}        # category -> (err vs float32, err vs float64, passed, name)
         self.failures = []
         self.f64_only = 0      # comparisons that met the tolerance only against float64
+        self.f64_notes = []
 
     def record(self, cat, name, e32, e64):
         tol = TOLERANCE[cat]
         passed = e32 <= tol or e64 <= tol
         if passed and e32 > tol:
             self.f64_only += 1
+            self.f64_notes.append(f"{cat} {name}: rel err {e32:.3g} vs torch float32, "
+                                  f"{e64:.3g} vs float64")
         if not passed:
             self.failures.append(f"{cat} {name}: rel err {e32:.3g} vs torch float32, "
                                  f"{e64:.3g} vs float64 (tolerance {tol:g})")
@@ -594,10 +653,12 @@ def bn_option_case(shape_name, momentum, affine, track):
     case.get_state("init")
     for i in range(12):
         case.fwd_bwd(f"t{i}", case.x(n), sample)
+        case.status(f"st_t{i}")
     case.get_state("s12")
     case.mode(True, freeze=True)
     for i in range(4):
         case.fwd_bwd(f"fz{i}", case.x(n), sample)
+        case.status(f"st_fz{i}")
     case.get_state("frozen")
     case.mode(True)
     for i in range(8):
@@ -606,7 +667,13 @@ def bn_option_case(shape_name, momentum, affine, track):
     case.mode(False)
     for i in range(2):
         case.fwd_bwd(f"e{i}", case.x(n), sample)
+        case.status(f"st_e{i}")
+    # Shifted inputs in eval: the input-drift signal.
+    shifted = case.x(n) * 1.5 + 2.0
+    case.forward("e_shifted", shifted)
+    case.status("st_e_shifted")
     case.predict("p0", case.x(n))
+    case.status("st_p0")  # Predict records nothing
     # One sample: eval normalises with the running statistics, so it is allowed with tracking;
     # without tracking eval uses batch statistics and PyTorch's rule applies.
     one_value = int(np.prod(sample[1:])) == 1
@@ -855,6 +922,8 @@ def optimizer_case(opt_name, loss, steps=50):
             case.mode(True)
         x = case.x(16)
         case.train_step(f"s{i}", x, case.targets(x, k))
+        if i % 5 == 0 or i in (41, 45):
+            case.status(f"st{i}")
         if i + 1 == 20:
             case.get_state("s20", optimizer=True)
     case.get_state(f"s{steps}", optimizer=True)
@@ -946,6 +1015,9 @@ def main():
         shown = res.failures if args.verbose else res.failures[:5]
         for f in shown:
             print(f"     - {f}")
+        if args.verbose:
+            for f in res.f64_notes:
+                print(f"     (float64 reference) {f}")
         if len(shown) < len(res.failures):
             print(f"     - ... {len(res.failures) - len(shown)} more (use -v)")
         if res.failures:
