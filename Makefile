@@ -19,6 +19,10 @@ build: deps $(BUILD_DIR)/CMakeCache.txt
 test: build
 	ctest --test-dir $(BUILD_DIR) --output-on-failure -j$(JOBS)
 
+# Builds the container image with podman and runs it (deploy/test-image.sh; root, ~10 min).
+test-image:
+	deploy/test-image.sh
+
 demo: build
 	@echo "normd demo: not yet (the service arrives with the server issue)"
 

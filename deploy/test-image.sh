@@ -1,0 +1,209 @@
+#!/usr/bin/env bash
+# Builds the normd container image from deploy/Dockerfile with podman, offline from any
+# container registry, and runs it for real: health through the image's HEALTHCHECK, a model
+# created and trained with the image's normctl, /metrics scraped, a graceful stop, and a
+# restart on the same volume that finds the model again. Prints the image size, the build
+# time and the time to healthy.
+#
+# Run by `make test-image` and by ctest (label "image"). Needs root (rootful podman) and the
+# Debian mirror that apt uses; installs podman, runc and mmdebstrap when missing.
+#
+# The podman flags below are this machine's quirks (no Docker engine, cgroup v1, a sandbox in
+# which runc cannot set its default rlimits; host networking and chroot build isolation keep
+# the test free of CNI and nested namespaces). They belong here, not in user-facing
+# instructions, where plain `docker build` / `docker run` work.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+IMAGE=${NORMD_TEST_IMAGE:-localhost/normd:test}
+BASE=docker.io/library/debian:bookworm-slim
+PODMAN_RUN=(podman --runtime runc run --network host
+  --ulimit nofile=1024:1024 --ulimit nproc=1024:1024)
+T0=$(date +%s%3N)
+SUFFIX="$$"
+CTR="normd-image-test-$SUFFIX"
+VOL="normd-image-test-data-$SUFFIX"
+WORK=$(mktemp -d /tmp/normd-image-test.XXXXXX)
+
+log() {
+  local now
+  now=$(date +%s%3N)
+  printf '[test-image %7.1fs] %s\n' "$(((now - T0)))e-3" "$*"
+}
+fail() {
+  log "FAIL: $*"
+  if podman container exists "$CTR" 2>/dev/null; then
+    echo "--- container log ---"
+    podman logs "$CTR" 2>&1 | tail -40 || true
+  fi
+  exit 1
+}
+cleanup() {
+  podman rm -f -v "$CTR" >/dev/null 2>&1 || true
+  podman volume rm -f "$VOL" >/dev/null 2>&1 || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+[ "$(id -u)" -eq 0 ] || fail "needs root (rootful podman); run as root or with sudo"
+
+# --- tools -------------------------------------------------------------------------------------
+missing=()
+for tool in podman runc mmdebstrap; do
+  command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing ${missing[*]}"
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# --- base image: debian:bookworm-slim made from Debian packages --------------------------------
+if ! podman image exists "$BASE"; then
+  # The Debian mirror apt already uses (one-line or deb822 sources).
+  mirror=$(grep -rhoE 'https?://[^ ]+/debian/?( |$)' /etc/apt/sources.list \
+    /etc/apt/sources.list.d/ 2>/dev/null | head -n1 | tr -d ' ' || true)
+  mirror=${mirror%/}
+  [ -n "$mirror" ] || mirror=http://deb.debian.org/debian
+  log "building $BASE with mmdebstrap from $mirror"
+  mmdebstrap --variant=minbase bookworm "$WORK/rootfs.tar" \
+    "deb $mirror bookworm main" \
+    "deb $mirror bookworm-updates main" \
+    "deb $mirror-security bookworm-security main"
+  podman import --change 'CMD ["bash"]' "$WORK/rootfs.tar" "$BASE" >/dev/null
+  rm -f "$WORK/rootfs.tar"
+fi
+log "base image $BASE: $(podman image inspect -f '{{.Size}}' "$BASE") bytes"
+
+# --- build ---------------------------------------------------------------------------------
+old_id=$(podman image inspect -f '{{.Id}}' "$IMAGE" 2>/dev/null || true)
+t_build=$(date +%s%3N)
+# --format docker keeps HEALTHCHECK (the OCI image format has no field for it).
+podman build --isolation chroot --pull=never --format docker \
+  --build-arg BUILD_JOBS="$(nproc)" -f deploy/Dockerfile -t "$IMAGE" . \
+  || fail "podman build"
+build_ms=$(($(date +%s%3N) - t_build))
+new_id=$(podman image inspect -f '{{.Id}}' "$IMAGE")
+if [ -n "$old_id" ] && [ "$old_id" != "$new_id" ]; then
+  podman rmi "$old_id" >/dev/null 2>&1 || true   # the previous test image, now untagged
+fi
+size=$(podman image inspect -f '{{.Size}}' "$IMAGE")
+log "built $IMAGE in $((build_ms / 1000)) s, size $((size / 1024 / 1024)) MiB"
+
+# --- image metadata --------------------------------------------------------------------------
+inspect() { podman image inspect -f "$1" "$IMAGE"; }
+[ "$(inspect '{{.Config.User}}')" = "10001:10001" ] || fail "image user is not 10001:10001"
+inspect '{{json .Config.ExposedPorts}}' | grep -q '"50051/tcp"' || fail "50051 not exposed"
+inspect '{{json .Config.ExposedPorts}}' | grep -q '"9464/tcp"' || fail "9464 not exposed"
+inspect '{{json .Config.Volumes}}' | grep -q '"/var/lib/normd"' || fail "no data volume"
+env_json=$(inspect '{{json .Config.Env}}')
+for kv in NORMD_LISTEN=0.0.0.0:50051 NORMD_METRICS=0.0.0.0:9464 NORMD_DATA_DIR=/var/lib/normd; do
+  grep -q "\"$kv\"" <<<"$env_json" || fail "image env lacks $kv"
+done
+inspect '{{json .Config.Healthcheck}}' | grep -q 'normctl health' || fail "no HEALTHCHECK"
+
+# Only shared libraries in the runtime stage: nothing unresolved, no toolchain.
+# shellcheck disable=SC2016
+"${PODMAN_RUN[@]}" --rm --entrypoint /bin/sh "$IMAGE" -c '
+  set -e
+  ldd /usr/local/bin/normd /usr/local/bin/normctl > /tmp/ldd.txt
+  if grep "not found" /tmp/ldd.txt; then exit 11; fi
+  for t in c++ g++ gcc cmake make; do if command -v $t; then exit 12; fi; done
+  if [ -d /usr/include/grpcpp ]; then exit 13; fi
+  test "$(id -u)" = 10001' || fail "runtime stage check (exit $?)"
+# The image's own configuration passes the server's validation.
+"${PODMAN_RUN[@]}" --rm "$IMAGE" --check-config >/dev/null || fail "normd --check-config in the image"
+
+# --- run ---------------------------------------------------------------------------------
+free_port() {
+  /usr/bin/python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+GRPC_PORT=$(free_port)
+METRICS_PORT=$(free_port)
+SERVER=127.0.0.1:$GRPC_PORT
+
+start_container() {
+  "${PODMAN_RUN[@]}" -d --name "$CTR" -v "$VOL:/var/lib/normd" \
+    -e NORMD_LISTEN="$SERVER" -e NORMD_METRICS="127.0.0.1:$METRICS_PORT" "$IMAGE" >/dev/null
+}
+normctl() { podman exec -i "$CTR" normctl --server "$SERVER" "$@"; }
+
+t_run=$(date +%s%3N)
+start_container || fail "podman run"
+t_started=$(date +%s%3N)
+until podman healthcheck run "$CTR" >/dev/null 2>&1; do
+  [ "$(podman inspect -f '{{.State.Running}}' "$CTR")" = true ] || fail "container exited"
+  [ $(($(date +%s%3N) - t_run)) -lt 60000 ] || fail "not healthy within 60 s"
+  sleep 0.1
+done
+healthy_ms=$(($(date +%s%3N) - t_run))
+log "healthy $healthy_ms ms after podman run ($((t_started - t_run)) ms to start the container)"
+
+# A model created and trained with the image's normctl, from the spec and CSV streamed in.
+cat > "$WORK/spec.json" <<'EOF'
+{
+  "inputShape": ["4"],
+  "layers": [
+    {"name": "fc1", "linear": {"inFeatures": "4", "outFeatures": "16"}},
+    {"name": "bn1", "batchNorm1d": {"numFeatures": "16"}},
+    {"name": "act1", "relu": {}},
+    {"name": "head", "linear": {"inFeatures": "16", "outFeatures": "2"}}
+  ],
+  "loss": "LOSS_CROSS_ENTROPY",
+  "optimizer": {"sgd": {"lr": 0.1, "momentum": 0.9}},
+  "seed": "3"
+}
+EOF
+/usr/bin/python3 - "$WORK/train.csv" <<'EOF'
+import random, sys
+random.seed(5)
+with open(sys.argv[1], "w") as f:
+    f.write("x0,x1,x2,x3,label\n")
+    for _ in range(256):
+        x = [random.gauss(0, 1) for _ in range(4)]
+        f.write(",".join(f"{v:.5f}" for v in x) + f",{int(x[0] + x[1] > 0)}\n")
+EOF
+podman cp "$WORK/spec.json" "$CTR:/tmp/spec.json" || fail "podman cp spec"
+podman cp "$WORK/train.csv" "$CTR:/tmp/train.csv" || fail "podman cp csv"
+normctl create --spec /tmp/spec.json --id image-test || fail "normctl create"
+normctl train image-test --data /tmp/train.csv --label-column label --epochs 2 --batch 32 \
+  --progress lines || fail "normctl train"
+model_step() {  # the model's step as normctl in the container reports it
+  normctl get image-test --json | /usr/bin/python3 -c \
+    'import json, sys; print(int(json.load(sys.stdin).get("step", 0)))'
+}
+step=$(model_step) || fail "normctl get"
+log "model image-test at step $step"
+[ "$step" -eq 16 ] || fail "expected step 16 (2 epochs x 8 batches of 32), got $step"
+
+# Metrics from the image's exporter.
+curl -fsS "http://127.0.0.1:$METRICS_PORT/metrics" > "$WORK/metrics.txt" || fail "scrape /metrics"
+steps=$(awk '/^normd_train_steps_total\{.*model="image-test"/ { print $2 }' "$WORK/metrics.txt")
+log "scraped $(grep -c '^normd_' "$WORK/metrics.txt") normd_* samples; train steps of image-test: ${steps:-none}"
+[ "${steps%.*}" = "$step" ] || fail "normd_train_steps_total{model=\"image-test\"} is '${steps:-missing}', expected $step"
+for m in normd_build_info normd_models normd_samples_total normd_rpc_duration_seconds_bucket \
+         normd_bn_mean_shift_count process_resident_memory_bytes; do
+  grep -q "^$m" "$WORK/metrics.txt" || fail "metric $m missing"
+done
+
+# Graceful stop: SIGTERM to normd (PID 1) drains and exits 0 well before podman's SIGKILL.
+t_stop=$(date +%s%3N)
+podman stop -t 30 "$CTR" >/dev/null || fail "podman stop"
+stop_ms=$(($(date +%s%3N) - t_stop))
+code=$(podman inspect -f '{{.State.ExitCode}}' "$CTR")
+log "stopped in $stop_ms ms, exit code $code"
+[ "$code" = 0 ] || fail "normd exited with $code on SIGTERM"
+podman rm "$CTR" >/dev/null
+
+# Same volume, new container: the model is restored from its checkpoint, as non-root.
+start_container || fail "podman run (restart)"
+until podman healthcheck run "$CTR" >/dev/null 2>&1; do
+  [ "$(podman inspect -f '{{.State.Running}}' "$CTR")" = true ] || fail "restarted container exited"
+  sleep 0.1
+done
+step2=$(model_step) || fail "model image-test not restored from the volume"
+[ "$step2" = "$step" ] || fail "restored model is at step $step2, expected $step"
+log "restarted on the same volume: image-test restored at step $step2"
+podman stop -t 30 "$CTR" >/dev/null
+
+log "PASS: image $IMAGE size $((size / 1024 / 1024)) MiB ($size bytes), build $((build_ms / 1000)) s, healthy in $healthy_ms ms, stop $stop_ms ms"

@@ -1,0 +1,282 @@
+#!/usr/bin/python3
+"""Static checks of the shipped deploy files (no normd binary needed):
+
+- promtool: `check config` on prometheus.yml, `check rules` on alerts.yml, and the rule unit
+  tests `test rules alerts_test.yml`, which must hold a firing and a quiet case per alert;
+- the input-drift alert is the contract's eval-mode mean over a 5-minute window, per model
+  and layer, and says which model and layer;
+- the Grafana dashboard: valid panels, every contract metric charted, datasource and file
+  paths matching the provisioning and compose files;
+- compose.yaml validates (docker-compose) and wires normd, Prometheus and Grafana together;
+- the Kubernetes manifests: StatefulSet with a volume claim on the data directory, gRPC
+  probes and Service ports on the configured ports, the restrictive security context,
+  resources, Prometheus annotations on the metrics port, the image's numeric user.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import unittest
+
+import yaml
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+DEPLOY = os.path.join(REPO, "deploy")
+PROM = os.path.join(DEPLOY, "prometheus")
+
+# The metric names of the server contract (issue "server", section Metrics).
+CONTRACT_METRICS = [
+    "normd_rpc_duration_seconds", "normd_rpcs_total", "normd_samples_total",
+    "normd_train_steps_total", "normd_train_loss", "normd_models", "normd_bn_mean_shift",
+    "normd_bn_var_log_ratio", "normd_bn_running_mean_update_norm",
+    "normd_bn_running_var_update_norm", "normd_bn_batches_tracked", "normd_build_info",
+    "normd_nonfinite_steps_total", "process_resident_memory_bytes",
+    "process_cpu_seconds_total", "process_start_time_seconds",
+]
+
+
+def load_yaml(*parts):
+    with open(os.path.join(DEPLOY, *parts)) as f:
+        return yaml.safe_load(f)
+
+
+def load_yaml_all(*parts):
+    with open(os.path.join(DEPLOY, *parts)) as f:
+        return [d for d in yaml.safe_load_all(f) if d]
+
+
+def port_of(address):
+    return int(address.rsplit(":", 1)[1])
+
+
+def dockerfile_env():
+    """NORMD_* variables set by ENV in deploy/Dockerfile."""
+    with open(os.path.join(DEPLOY, "Dockerfile")) as f:
+        text = f.read().replace("\\\n", " ")
+    env = {}
+    for line in text.splitlines():
+        if line.strip().startswith("ENV "):
+            env.update(re.findall(r"(NORMD_[A-Z0-9_]+)=(\S+)", line))
+    return env
+
+
+def promtool(*args, cwd=PROM):
+    return subprocess.run(["promtool", *args], cwd=cwd, capture_output=True, text=True)
+
+
+class PrometheusFilesTest(unittest.TestCase):
+
+    def test_check_config(self):
+        r = promtool("check", "config", "prometheus.yml")
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+
+    def test_check_rules(self):
+        r = promtool("check", "rules", "alerts.yml")
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+
+    def test_rule_unit_tests(self):
+        r = promtool("test", "rules", "alerts_test.yml")
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+
+    def test_each_alert_has_firing_and_quiet_cases(self):
+        alerts = {rule["alert"] for g in load_yaml("prometheus", "alerts.yml")["groups"]
+                  for rule in g["rules"] if "alert" in rule}
+        self.assertTrue({"NormdDown", "NormdHighRpcErrorRatio", "NormdInputDrift"} <= alerts)
+        cases = load_yaml("prometheus", "alerts_test.yml")["tests"]
+        firing, quiet = set(), set()
+        for case in cases:
+            for t in case.get("alert_rule_test", []):
+                (firing if t.get("exp_alerts") else quiet).add(t["alertname"])
+        self.assertEqual(alerts - firing, set(), "alerts without a firing test case")
+        self.assertEqual(alerts - quiet, set(), "alerts without a not-firing test case")
+
+    def test_input_drift_rule(self):
+        rules = {r["alert"]: r for g in load_yaml("prometheus", "alerts.yml")["groups"]
+                 for r in g["rules"] if "alert" in r}
+        drift = rules["NormdInputDrift"]
+        expr = " ".join(drift["expr"].split())
+        self.assertIn('rate(normd_bn_mean_shift_sum{mode="eval"}[5m])', expr)
+        self.assertIn('rate(normd_bn_mean_shift_count{mode="eval"}[5m])', expr)
+        for by in re.findall(r"by \(([^)]*)\)", expr):
+            self.assertTrue({"model", "layer"} <= {s.strip() for s in by.split(",")}, by)
+        self.assertRegex(drift["for"], r"^\d+m$")
+        summary = drift["annotations"]["summary"]
+        self.assertIn("{{ $labels.model }}", summary)
+        self.assertIn("{{ $labels.layer }}", summary)
+        self.assertIn("reset-stats", drift["annotations"]["description"])
+
+    def test_rule_files_resolve(self):
+        config = load_yaml("prometheus", "prometheus.yml")
+        for f in config["rule_files"]:
+            self.assertTrue(os.path.exists(os.path.join(PROM, f)), f)
+        jobs = [j["job_name"] for j in config["scrape_configs"]]
+        self.assertIn("normd", jobs)
+
+
+class DashboardTest(unittest.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        with open(os.path.join(DEPLOY, "grafana", "dashboards", "normd.json")) as f:
+            cls.dash = json.load(f)
+        cls.panels = [p for p in cls.dash["panels"] if p["type"] != "row"]
+        cls.exprs = [t["expr"] for p in cls.panels for t in p.get("targets", [])]
+
+    def test_panels_are_well_formed(self):
+        ids = [p["id"] for p in self.dash["panels"]]
+        self.assertEqual(len(ids), len(set(ids)), "duplicate panel ids")
+        for p in self.panels:
+            self.assertTrue(p.get("title"), p)
+            self.assertTrue(p.get("targets"), f"panel {p['title']} has no queries")
+            self.assertEqual(p["datasource"]["uid"], "${datasource}", p["title"])
+            g = p["gridPos"]
+            self.assertLessEqual(g["x"] + g["w"], 24, p["title"])
+            refs = [t["refId"] for t in p["targets"]]
+            self.assertEqual(len(refs), len(set(refs)), p["title"])
+
+    def test_every_contract_metric_is_charted(self):
+        text = "\n".join(self.exprs)
+        missing = [m for m in CONTRACT_METRICS if not re.search(r"\b%s(_sum|_count|_bucket)?\b" % m, text)]
+        self.assertEqual(missing, [])
+
+    def test_required_views(self):
+        text = "\n".join(self.exprs)
+        for q in ("0.50", "0.95", "0.99"):
+            self.assertIn(f"histogram_quantile({q}, sum by (method, le)", text)
+        self.assertIn("sum by (model, op) (rate(normd_samples_total", text)
+        self.assertIn('code!="OK"', text)
+        self.assertIn('normd_bn_mean_shift_sum{job=~"$job", instance=~"$instance", model=~"$model", mode="eval"}', text)
+        self.assertIn('normd_bn_mean_shift_sum{job=~"$job", instance=~"$instance", model=~"$model", mode="train"}', text)
+
+    def test_datasource_matches_provisioning(self):
+        ds = load_yaml("grafana", "provisioning", "datasources", "prometheus.yaml")["datasources"]
+        uids = {d["uid"] for d in ds}
+        var = [v for v in self.dash["templating"]["list"] if v["name"] == "datasource"][0]
+        self.assertIn(var["current"]["value"], uids)
+        compose = load_yaml("compose.yaml")
+        self.assertTrue(any(d["url"] == "http://prometheus:9090" for d in ds))
+        self.assertIn("prometheus", compose["services"])
+
+    def test_dashboard_provider_path_is_mounted(self):
+        provider = load_yaml("grafana", "provisioning", "dashboards", "normd.yaml")["providers"][0]
+        mounts = load_yaml("compose.yaml")["services"]["grafana"]["volumes"]
+        self.assertIn("./grafana/dashboards:%s:ro" % provider["options"]["path"], mounts)
+        self.assertIn("./grafana/provisioning:/etc/grafana/provisioning:ro", mounts)
+
+
+class ComposeTest(unittest.TestCase):
+
+    def test_compose_validates(self):
+        tool = shutil.which("docker-compose")
+        self.assertIsNotNone(tool, "docker-compose (Debian package) is needed: make deps")
+        r = subprocess.run([tool, "-f", "compose.yaml", "config", "-q"], cwd=DEPLOY,
+                           capture_output=True, text=True)
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+
+    def test_stack_is_wired(self):
+        compose = load_yaml("compose.yaml")
+        normd = compose["services"]["normd"]
+        self.assertEqual(normd["build"]["dockerfile"], "deploy/Dockerfile")
+        self.assertTrue(os.path.exists(os.path.join(DEPLOY, normd["build"]["context"],
+                                                    normd["build"]["dockerfile"])))
+        env = dict(dockerfile_env(), **normd.get("environment", {}))
+        data_mounts = [v for v in normd["volumes"] if v.endswith(":" + env["NORMD_DATA_DIR"])]
+        self.assertEqual(len(data_mounts), 1, "the data dir must be a volume")
+        self.assertIn(data_mounts[0].split(":")[0], compose["volumes"], "named volume")
+        target = load_yaml("prometheus", "prometheus.yml")["scrape_configs"][0]
+        self.assertEqual(target["static_configs"][0]["targets"],
+                         ["normd:%d" % port_of(env["NORMD_METRICS"])])
+        prom_mounts = compose["services"]["prometheus"]["volumes"]
+        self.assertIn("./prometheus:/etc/prometheus:ro", prom_mounts)
+
+
+class KubernetesTest(unittest.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        kustomization = load_yaml("k8s", "kustomization.yaml")
+        cls.docs = []
+        for f in kustomization["resources"]:
+            cls.docs += load_yaml_all("k8s", f)
+        cls.by_kind = {}
+        for d in cls.docs:
+            cls.by_kind.setdefault(d["kind"], []).append(d)
+        cls.sts = cls.by_kind["StatefulSet"][0]
+        cls.pod = cls.sts["spec"]["template"]["spec"]
+        cls.ctr = cls.pod["containers"][0]
+        config = {c["metadata"]["name"]: c["data"] for c in cls.by_kind["ConfigMap"]}
+        cls.env = {}
+        for src in cls.ctr.get("envFrom", []):
+            cls.env.update(config[src["configMapRef"]["name"]])
+        cls.env.update({e["name"]: e["value"] for e in cls.ctr.get("env", []) if "value" in e})
+
+    def test_objects(self):
+        for d in self.docs:
+            self.assertIn("apiVersion", d)
+            self.assertTrue(d["metadata"]["name"])
+        self.assertEqual({"StatefulSet", "Service", "ConfigMap"}, set(self.by_kind))
+
+    def test_data_dir_on_a_claim(self):
+        claims = {c["metadata"]["name"] for c in self.sts["spec"]["volumeClaimTemplates"]}
+        mounts = {m["mountPath"]: m["name"] for m in self.ctr["volumeMounts"]}
+        self.assertIn(self.env["NORMD_DATA_DIR"], mounts)
+        self.assertIn(mounts[self.env["NORMD_DATA_DIR"]], claims)
+
+    def test_probes_use_grpc_health_on_the_listen_port(self):
+        grpc_port = port_of(self.env["NORMD_LISTEN"])
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            self.assertEqual(self.ctr[probe]["grpc"]["port"], grpc_port, probe)
+        self.assertTrue(self.env["NORMD_LISTEN"].startswith("0.0.0.0:"),
+                        "the kubelet and Service reach the pod IP, not loopback")
+
+    def test_ports_and_services(self):
+        ports = {p["name"]: p["containerPort"] for p in self.ctr["ports"]}
+        self.assertEqual(ports["grpc"], port_of(self.env["NORMD_LISTEN"]))
+        self.assertEqual(ports["metrics"], port_of(self.env["NORMD_METRICS"]))
+        labels = self.sts["spec"]["template"]["metadata"]["labels"]
+        self.assertEqual(self.sts["spec"]["selector"]["matchLabels"].items() - labels.items(),
+                         set())
+        names = {s["metadata"]["name"] for s in self.by_kind["Service"]}
+        self.assertIn(self.sts["spec"]["serviceName"], names)
+        for svc in self.by_kind["Service"]:
+            self.assertEqual(svc["spec"]["selector"].items() - labels.items(), set())
+            for p in svc["spec"]["ports"]:
+                self.assertIn(p["targetPort"], ports, svc["metadata"]["name"])
+        main = [s for s in self.by_kind["Service"] if s["metadata"]["name"] == "normd"][0]
+        self.assertEqual({p["name"] for p in main["spec"]["ports"]}, {"grpc", "metrics"})
+
+    def test_prometheus_annotations(self):
+        ann = self.sts["spec"]["template"]["metadata"]["annotations"]
+        self.assertEqual(ann["prometheus.io/scrape"], "true")
+        self.assertEqual(int(ann["prometheus.io/port"]), port_of(self.env["NORMD_METRICS"]))
+        self.assertEqual(ann["prometheus.io/path"], "/metrics")
+
+    def test_security_context(self):
+        sc = self.ctr["securityContext"]
+        self.assertIs(sc["runAsNonRoot"], True)
+        self.assertIs(sc["readOnlyRootFilesystem"], True)
+        self.assertIs(sc["allowPrivilegeEscalation"], False)
+        self.assertEqual(sc["capabilities"]["drop"], ["ALL"])
+        self.assertNotIn("add", sc["capabilities"])
+        # The pod's uid is the image's numeric USER (runAsNonRoot needs it numeric).
+        with open(os.path.join(DEPLOY, "Dockerfile")) as f:
+            user = re.findall(r"^USER\s+(\d+):(\d+)", f.read(), re.M)
+        self.assertEqual(len(user), 1)
+        self.assertEqual(self.pod["securityContext"]["runAsUser"], int(user[0][0]))
+        self.assertEqual(self.pod["securityContext"]["fsGroup"], int(user[0][1]))
+
+    def test_resources(self):
+        res = self.ctr["resources"]
+        for kind in ("requests", "limits"):
+            self.assertIn("cpu", res[kind])
+            self.assertIn("memory", res[kind])
+        # Compute threads should not exceed the CPU limit (no oversubscription).
+        if "NORMD_COMPUTE_THREADS" in self.env:
+            self.assertLessEqual(int(self.env["NORMD_COMPUTE_THREADS"]),
+                                 int(float(res["limits"]["cpu"])))
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)

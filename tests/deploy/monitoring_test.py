@@ -1,0 +1,459 @@
+#!/usr/bin/python3
+"""Live monitoring test: the shipped dashboard and alert rules against a real normd and a real
+Prometheus, both on loopback.
+
+Starts `normd` and Debian's `prometheus` (config generated from deploy/prometheus/prometheus.yml:
+same job and rules, loopback target, 1 s scrape and evaluation; only the `for:` of
+NormdInputDrift is shortened, its expression is the shipped one), drives training, eval and
+failing traffic, then checks:
+  1. every PromQL expression of deploy/grafana/dashboards/normd.json returns at least one
+     finite sample (dashboard variables resolved through Prometheus as Grafana would);
+  2. NormdInputDrift stays quiet on in-distribution eval traffic and fires on shifted inputs,
+     naming the model and layer (the time to firing is printed);
+  3. `promtool check config` and `promtool check rules` pass on the shipped files.
+
+Usage: monitoring_test.py --normd PATH/TO/normd
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+import urllib.parse
+import urllib.request
+
+import numpy as np
+import yaml
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+PROM_DIR = os.path.join(REPO, "deploy", "prometheus")
+DASHBOARD = os.path.join(REPO, "deploy", "grafana", "dashboards", "normd.json")
+DRIFT_ALERT = "NormdInputDrift"
+DRIFT_FOR = "3s"  # shipped: 10m; shortened so the test stays within its time budget
+NORMD = None  # set from the command line
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def generate_stubs(out_dir):
+    """Generates the Python messages and gRPC stubs from the wire contract into out_dir."""
+    subprocess.run(
+        ["protoc", "-I", os.path.join(REPO, "proto"), "--python_out=" + out_dir,
+         "--grpc_python_out=" + out_dir,
+         "--plugin=protoc-gen-grpc_python=" + shutil.which("grpc_python_plugin"),
+         os.path.join(REPO, "proto", "normd", "v1", "normd.proto")],
+        check=True)
+    sys.path.insert(0, out_dir)
+    from normd.v1 import normd_pb2, normd_pb2_grpc  # pylint: disable=import-outside-toplevel
+    return normd_pb2, normd_pb2_grpc
+
+
+class Prometheus:
+    """A Prometheus HTTP API client."""
+
+    def __init__(self, address):
+        self.base = "http://" + address
+
+    def get(self, path, **params):
+        url = self.base + path
+        if params:
+            url += "?" + urllib.parse.urlencode(params, doseq=True)
+        with urllib.request.urlopen(url, timeout=10) as r:
+            body = json.loads(r.read().decode())
+        if body.get("status") != "success":
+            raise RuntimeError(f"{url}: {body}")
+        return body["data"]
+
+    def query(self, expr):
+        data = self.get("/api/v1/query", query=expr)
+        assert data["resultType"] == "vector", data["resultType"]
+        return data["result"]
+
+    def ready(self):
+        try:
+            with urllib.request.urlopen(self.base + "/-/ready", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def alerts(self, name):
+        return [a for a in self.get("/api/v1/alerts")["alerts"]
+                if a["labels"].get("alertname") == name]
+
+
+def generated_rules(path_out):
+    """Writes the shipped rules with NormdInputDrift's `for:` shortened; returns the rule."""
+    with open(os.path.join(PROM_DIR, "alerts.yml")) as f:
+        shipped = yaml.safe_load(f)
+    rules = copy.deepcopy(shipped)
+    drift = None
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            if rule.get("alert") == DRIFT_ALERT:
+                rule["for"] = DRIFT_FOR
+                drift = rule
+    assert drift is not None, f"{DRIFT_ALERT} missing from alerts.yml"
+    with open(path_out, "w") as f:
+        yaml.safe_dump(rules, f, sort_keys=False)
+    return drift
+
+
+def generated_config(path_out, rules_path, target):
+    """The shipped prometheus.yml with its normd job pointed at `target`, 1 s intervals."""
+    with open(os.path.join(PROM_DIR, "prometheus.yml")) as f:
+        config = yaml.safe_load(f)
+    config["global"]["scrape_interval"] = "1s"
+    config["global"]["evaluation_interval"] = "1s"
+    config["rule_files"] = [rules_path]
+    jobs = [j for j in config["scrape_configs"] if j["job_name"] == "normd"]
+    assert len(jobs) == 1, "prometheus.yml must have exactly one job named normd"
+    jobs[0]["static_configs"] = [{"targets": [target]}]
+    config["scrape_configs"] = jobs
+    with open(path_out, "w") as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+
+
+class Traffic:
+    """Drives normd with the RPC mix a real deployment sees."""
+
+    IN, HIDDEN, OUT = 16, 32, 3
+
+    def __init__(self, pb, stub):
+        self.pb, self.stub = pb, stub
+        self.w_true = np.random.default_rng(7).standard_normal((self.IN, self.OUT)).astype(
+            np.float32)
+        self.local = threading.local()  # numpy generators are not thread-safe
+        self.stop = threading.Event()
+        self.eval_shift = 0.0
+        self.errors = []
+
+    def tensor(self, x):
+        x = np.ascontiguousarray(x, dtype="<f4")
+        return self.pb.Tensor(shape=list(x.shape), raw=x.tobytes())
+
+    def batch(self, n, shift=0.0):
+        if not hasattr(self.local, "rng"):
+            self.local.rng = np.random.default_rng(threading.get_ident() % 1000003)
+        x = self.local.rng.standard_normal((n, self.IN)).astype(np.float32)
+        labels = np.argmax(x @ self.w_true, axis=1)
+        return x + np.float32(shift), [int(v) for v in labels]
+
+    def spec(self):
+        pb = self.pb
+        return pb.ModelSpec(
+            input_shape=[self.IN],
+            layers=[
+                pb.LayerSpec(name="fc1", linear=pb.LinearSpec(in_features=self.IN,
+                                                              out_features=self.HIDDEN)),
+                pb.LayerSpec(name="bn1", batch_norm1d=pb.BatchNormSpec(num_features=self.HIDDEN)),
+                pb.LayerSpec(name="act1", relu=pb.Empty()),
+                pb.LayerSpec(name="fc2", linear=pb.LinearSpec(in_features=self.HIDDEN,
+                                                              out_features=self.HIDDEN)),
+                pb.LayerSpec(name="bn2", batch_norm1d=pb.BatchNormSpec(num_features=self.HIDDEN)),
+                pb.LayerSpec(name="act2", relu=pb.Empty()),
+                pb.LayerSpec(name="head", linear=pb.LinearSpec(in_features=self.HIDDEN,
+                                                               out_features=self.OUT)),
+            ],
+            loss=pb.LOSS_CROSS_ENTROPY,
+            optimizer=pb.OptimizerSpec(sgd=pb.SGDSpec(lr=0.05, momentum=0.9)),
+            seed=1)
+
+    def create(self, model_id):
+        self.stub.CreateModel(self.pb.CreateModelRequest(id=model_id, spec=self.spec()),
+                              timeout=10)
+
+    def train_steps(self, model_id, steps, batch=64):
+        loss = None
+        for _ in range(steps):
+            x, y = self.batch(batch)
+            loss = self.stub.TrainStep(self.pb.TrainStepRequest(
+                model=model_id, input=self.tensor(x), labels=y), timeout=10).loss
+        return loss
+
+    def every_op(self, model_id):
+        """One of each: Forward+Backward+ApplyGradients, TrainStream, Evaluate, an error."""
+        pb = self.pb
+        x, y = self.batch(32)
+        fwd = self.stub.Forward(pb.ForwardRequest(model=model_id, input=self.tensor(x),
+                                                  retain_for_backward=True), timeout=10)
+        grad = np.full((32, self.OUT), 1.0 / 32, dtype=np.float32)
+        self.stub.Backward(pb.BackwardRequest(model=model_id, forward_id=fwd.forward_id,
+                                              grad_output=self.tensor(grad)), timeout=10)
+        self.stub.ApplyGradients(pb.ApplyGradientsRequest(model=model_id), timeout=10)
+        reqs = []
+        for _ in range(3):
+            xb, yb = self.batch(64)
+            reqs.append(pb.TrainStepRequest(model=model_id, input=self.tensor(xb), labels=yb))
+        for _ in self.stub.TrainStream(iter(reqs), timeout=10):
+            pass
+        self.stub.Evaluate(pb.EvaluateRequest(model=model_id, input=self.tensor(x), labels=y),
+                           timeout=10)
+        try:
+            self.stub.GetModel(pb.GetModelRequest(model="no-such-model"), timeout=10)
+            self.errors.append("GetModel of an unknown model succeeded")
+        except Exception as e:  # grpc.RpcError
+            if e.code().name != "NOT_FOUND":  # pylint: disable=no-member
+                self.errors.append(f"unknown model: {e}")
+
+    def background_training(self, model_id):
+        """Keeps a model training (train-mode BatchNorm series, loss, every op) until stop."""
+        try:
+            while not self.stop.is_set():
+                self.train_steps(model_id, 5)
+                self.every_op(model_id)
+                time.sleep(0.05)
+        except Exception as e:  # pylint: disable=broad-except
+            self.errors.append(f"background training: {e!r}")
+
+    def background_eval(self, model_id):
+        """Eval-mode predictions, shifted by self.eval_shift (changed by the test)."""
+        try:
+            while not self.stop.is_set():
+                x, _ = self.batch(64, self.eval_shift)
+                self.stub.Forward(self.pb.ForwardRequest(model=model_id, input=self.tensor(x)),
+                                  timeout=10)
+                time.sleep(0.02)
+        except Exception as e:  # pylint: disable=broad-except
+            self.errors.append(f"background eval: {e!r}")
+
+
+def resolve_variables(prom, dashboard):
+    """Values for the dashboard's template variables, found the way Grafana finds them."""
+    values = {"datasource": "prometheus"}
+    for var in dashboard["templating"]["list"]:
+        if var["type"] != "query":
+            continue
+        query = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
+        query = substitute(query, values)
+        m = re.fullmatch(r"label_values\((.*),\s*(\w+)\)", query.strip())
+        assert m, f"variable {var['name']}: unsupported query {query}"
+        series = prom.get("/api/v1/series", **{"match[]": m.group(1)})
+        found = sorted({s[m.group(2)] for s in series if m.group(2) in s})
+        assert found, f"variable ${var['name']} ({query}) has no values"
+        # The dashboard's default is "All": every value, as Grafana's regex of the values.
+        values[var["name"]] = "(" + "|".join(re.escape(v) for v in found) + ")"
+    return values
+
+
+def substitute(expr, values):
+    expr = expr.replace("$__rate_interval", "20s").replace("$__interval", "5s")
+    expr = expr.replace("$__range", "1m")
+    for name, value in sorted(values.items(), key=lambda kv: -len(kv[0])):
+        expr = expr.replace("${" + name + "}", value).replace("$" + name, value)
+    assert "$" not in expr, f"unresolved variable in {expr}"
+    return expr
+
+
+def dashboard_exprs(dashboard):
+    out = []
+
+    def walk(panels):
+        for p in panels:
+            for t in p.get("targets", []):
+                if t.get("expr"):
+                    out.append((p["title"], t["refId"], t["expr"]))
+            walk(p.get("panels", []))
+
+    walk(dashboard["panels"])
+    return out
+
+
+def finite_samples(result):
+    return [r for r in result if math.isfinite(float(r["value"][1]))]
+
+
+class MonitoringTest(unittest.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        cls.t_start = time.monotonic()
+        cls.tmp = tempfile.mkdtemp(prefix="normd-monitoring-")
+        cls.procs = []
+        cls.pb, pb_grpc = generate_stubs(os.path.join(cls.tmp, "stubs"))
+        import grpc  # pylint: disable=import-outside-toplevel
+
+        grpc_port, metrics_port, prom_port = free_port(), free_port(), free_port()
+        cls.normd_log = open(os.path.join(cls.tmp, "normd.log"), "w")
+        cls.procs.append(subprocess.Popen(
+            [NORMD, "--listen", f"127.0.0.1:{grpc_port}",
+             "--metrics", f"127.0.0.1:{metrics_port}",
+             "--data-dir", os.path.join(cls.tmp, "data")],
+            stdout=cls.normd_log, stderr=subprocess.STDOUT))
+
+        cls.drift_rule = generated_rules(os.path.join(cls.tmp, "alerts.yml"))
+        cls.config = os.path.join(cls.tmp, "prometheus.yml")
+        generated_config(cls.config, os.path.join(cls.tmp, "alerts.yml"),
+                         f"127.0.0.1:{metrics_port}")
+        cls.prom_log = open(os.path.join(cls.tmp, "prometheus.log"), "w")
+        cls.procs.append(subprocess.Popen(
+            ["prometheus", "--config.file=" + cls.config,
+             "--storage.tsdb.path=" + os.path.join(cls.tmp, "tsdb"),
+             f"--web.listen-address=127.0.0.1:{prom_port}"],
+            stdout=cls.prom_log, stderr=subprocess.STDOUT))
+        cls.prom = Prometheus(f"127.0.0.1:{prom_port}")
+
+        cls.channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
+        grpc.channel_ready_future(cls.channel).result(timeout=30)
+        cls.traffic = Traffic(cls.pb, pb_grpc.TrainerStub(cls.channel))
+        cls.threads = []
+        cls.wait_for(lambda: cls.prom.ready(), 30, "Prometheus ready")
+        cls.wait_for(lambda: [r for r in cls.prom.query('up{job="normd"}')
+                              if r["value"][1] == "1"], 30, "normd scraped (up == 1)")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.traffic.stop.set()
+        for t in cls.threads:
+            t.join(timeout=15)
+        cls.channel.close()
+        for p in reversed(cls.procs):
+            p.terminate()
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        cls.normd_log.close()
+        cls.prom_log.close()
+        if os.environ.get("KEEP_TMP"):
+            print("kept", cls.tmp)
+        else:
+            shutil.rmtree(cls.tmp, ignore_errors=True)
+        print(f"monitoring test took {time.monotonic() - cls.t_start:.1f} s")
+
+    @classmethod
+    def wait_for(cls, predicate, timeout_s, what):
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for p in cls.procs:
+                if p.poll() is not None:
+                    raise AssertionError(f"{p.args[0]} exited with {p.returncode} while "
+                                         f"waiting for {what}; logs in {cls.tmp}")
+            result = predicate()
+            if result:
+                return result
+            time.sleep(0.25)
+        raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+    def start(self, target, *args):
+        t = threading.Thread(target=target, args=args, daemon=True)
+        t.start()
+        self.threads.append(t)
+
+    def drift_values(self, model):
+        """The drift rule's own expression, without its threshold, per layer of `model`."""
+        expr = self.drift_rule["expr"].strip()
+        m = re.fullmatch(r"(.*)\)\s*>\s*[0-9.]+", expr, re.S)
+        self.assertIsNotNone(m, "drift expr is not '(...) > threshold'")
+        result = self.prom.query(m.group(1) + ")")
+        return {r["metric"]["layer"]: float(r["value"][1]) for r in result
+                if r["metric"].get("model") == model}
+
+    def test_dashboard_alerts_and_promtool(self):
+        tr = self.traffic
+        # A model that keeps training for the whole test, and one trained then served.
+        tr.create("trainer")
+        tr.create("served")
+        self.start(tr.background_training, "trainer")
+        first = tr.train_steps("served", 1)
+        last = tr.train_steps("served", 80)
+        print(f"served model: loss {first:.3f} -> {last:.3f} after 81 steps")
+        self.assertLess(last, first, "training through normd did not reduce the loss")
+
+        # A step whose values overflow float32 must be refused and counted.
+        big = np.full((8, Traffic.IN), 3e38, dtype=np.float32)
+        try:
+            tr.stub.TrainStep(self.pb.TrainStepRequest(model="trainer", input=tr.tensor(big),
+                                                       labels=[0] * 8), timeout=10)
+        except Exception as e:  # pylint: disable=broad-except
+            print(f"overflowing step refused: {e.code().name}")  # pylint: disable=no-member
+
+        tr.stub.SetMode(self.pb.SetModeRequest(model="served", mode=self.pb.MODE_EVAL),
+                        timeout=10)
+        self.start(tr.background_eval, "served")
+
+        # In-distribution eval traffic: the drift figure stays below the threshold.
+        self.wait_for(lambda: len(self.drift_values("served")) == 2, 30,
+                      "eval-mode drift series for both BatchNorm layers")
+        time.sleep(5)
+        calm = self.drift_values("served")
+        print("eval drift, in distribution:", {k: round(v, 3) for k, v in calm.items()})
+        threshold = float(re.search(r">\s*([0-9.]+)\s*$", self.drift_rule["expr"]).group(1))
+        for layer, value in calm.items():
+            self.assertLess(value, threshold, f"in-distribution traffic reads as drift ({layer})")
+        self.assertEqual(self.prom.alerts(DRIFT_ALERT), [], "drift alert active without drift")
+
+        # Shifted inputs: the alert fires, naming model and layer.
+        tr.eval_shift = 3.0
+        t_shift = time.monotonic()
+        firing = self.wait_for(
+            lambda: [a for a in self.prom.alerts(DRIFT_ALERT)
+                     if a["state"] == "firing" and a["labels"].get("model") == "served"],
+            90, f"{DRIFT_ALERT} firing")
+        fired_s = time.monotonic() - t_shift
+        print(f"{DRIFT_ALERT} firing {fired_s:.1f} s after the input shift "
+              f"(rule for: {DRIFT_FOR}, scrape/eval interval 1 s): "
+              + "; ".join(a["annotations"]["summary"] for a in firing))
+        print("eval drift, shifted:",
+              {k: round(v, 3) for k, v in self.drift_values("served").items()})
+        for a in firing:
+            self.assertIn("served", a["annotations"]["summary"])
+            self.assertIn(a["labels"]["layer"], a["annotations"]["summary"])
+            self.assertIn(a["labels"]["layer"], ("bn1", "bn2"))
+        # The trainer model is not served in eval mode: no drift alert for it.
+        self.assertFalse([a for a in self.prom.alerts(DRIFT_ALERT)
+                          if a["labels"].get("model") == "trainer"])
+
+        # Every dashboard query returns data.
+        with open(DASHBOARD) as f:
+            dashboard = json.load(f)
+        values = resolve_variables(self.prom, dashboard)
+        exprs = dashboard_exprs(dashboard)
+        self.assertGreater(len(exprs), 15)
+        empty = {}
+        deadline = time.monotonic() + 30
+        pending = exprs
+        while pending and time.monotonic() < deadline:
+            empty = {}
+            for title, ref, expr in pending:
+                query = substitute(expr, values)
+                result = self.prom.query(query)
+                if not finite_samples(result):
+                    empty[(title, ref)] = (query, result)
+            pending = [e for e in pending if (e[0], e[1]) in empty]
+            if pending:
+                time.sleep(1)
+        for (title, ref), (query, result) in empty.items():
+            print(f"no finite sample: panel '{title}' {ref}: {query} -> {result}")
+        self.assertEqual(empty, {}, "dashboard queries without data")
+        print(f"dashboard: {len(exprs)} queries, each returned finite samples")
+        self.assertEqual(tr.errors, [])
+
+        # The shipped files pass promtool, and so does the generated test config.
+        for args in (["check", "config", os.path.join(PROM_DIR, "prometheus.yml")],
+                     ["check", "rules", os.path.join(PROM_DIR, "alerts.yml")],
+                     ["check", "config", self.config]):
+            r = subprocess.run(["promtool"] + args, capture_output=True, text=True)
+            self.assertEqual(r.returncode, 0, f"promtool {' '.join(args)}:\n{r.stdout}{r.stderr}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--normd", required=True)
+    args, rest = parser.parse_known_args()
+    NORMD = os.path.abspath(args.normd)
+    unittest.main(argv=[sys.argv[0]] + rest, verbosity=2)
