@@ -24,7 +24,7 @@
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "checkpoints assume a little-endian host");
 static_assert(sizeof(float) == 4, "float32 expected");
 
-namespace normd {
+namespace normd::server {
 namespace {
 
 namespace fs = std::filesystem;
@@ -714,4 +714,4 @@ Status RestoreInto(const LoadedCheckpoint& ckpt, Model* model) {
   return Status::Ok();
 }
 
-}  // namespace normd
+}  // namespace normd::server

@@ -47,7 +47,7 @@
 #include "core/status.h"
 #include "normd/v1/normd.pb.h"
 
-namespace normd {
+namespace normd::server {
 
 constexpr uint32_t kCheckpointFormatVersion = 1;
 constexpr int kDefaultKeepCheckpoints = 3;
@@ -143,6 +143,6 @@ Status RemoveModelFiles(const std::string& data_dir, const std::string& model_id
 // is unchanged.
 Status RestoreInto(const LoadedCheckpoint& ckpt, Model* model);
 
-}  // namespace normd
+}  // namespace normd::server
 
 #endif  // NORMD_SERVER_CHECKPOINT_H_

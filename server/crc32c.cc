@@ -3,7 +3,7 @@
 #include <array>
 #include <cstring>
 
-namespace normd {
+namespace normd::server {
 namespace {
 
 constexpr uint32_t kPoly = 0x82F63B78u;  // 0x1EDC6F41 bit-reversed
@@ -51,4 +51,4 @@ uint32_t Crc32cExtend(uint32_t crc, const void* data, size_t n) {
   return ~c;
 }
 
-}  // namespace normd
+}  // namespace normd::server

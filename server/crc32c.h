@@ -9,7 +9,7 @@
 #include <cstddef>
 #include <cstdint>
 
-namespace normd {
+namespace normd::server {
 
 // Returns the CRC-32C of the bytes that gave `crc` followed by data[0, n): the CRC of a
 // concatenation can be computed piece by piece, starting from 0 (the CRC of no bytes).
@@ -17,6 +17,6 @@ uint32_t Crc32cExtend(uint32_t crc, const void* data, size_t n);
 
 inline uint32_t Crc32c(const void* data, size_t n) { return Crc32cExtend(0, data, n); }
 
-}  // namespace normd
+}  // namespace normd::server
 
 #endif  // NORMD_SERVER_CRC32C_H_

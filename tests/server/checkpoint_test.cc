@@ -18,7 +18,7 @@
 #include "core/model.h"
 #include "core/rng.h"
 
-namespace normd {
+namespace normd::server {
 namespace {
 
 namespace fs = std::filesystem;
@@ -733,4 +733,4 @@ TEST_F(CheckpointTest, NothingUsableIsAnErrorNotAModel) {
 }
 
 }  // namespace
-}  // namespace normd
+}  // namespace normd::server

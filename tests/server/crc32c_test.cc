@@ -6,7 +6,7 @@
 #include <cstring>
 #include <string>
 
-namespace normd {
+namespace normd::server {
 namespace {
 
 TEST(Crc32cTest, MatchesRfc3720CheckValues) {
@@ -37,4 +37,4 @@ TEST(Crc32cTest, ExtendingPieceByPieceEqualsTheWhole) {
 }
 
 }  // namespace
-}  // namespace normd
+}  // namespace normd::server
