@@ -1,0 +1,254 @@
+#include "core/conv2d.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+namespace normd {
+namespace {
+
+// Bounds that keep every size computation below far from int64 overflow; real models are
+// orders of magnitude smaller, and the caller's limits reject big activations anyway.
+constexpr int64_t kMaxConfigValue = int64_t{1} << 30;
+// Largest im2col buffer (elements) for one sample: Cin * k * k * H_out * W_out.
+constexpr int64_t kMaxColumnElements = int64_t{1} << 27;
+
+struct Geometry {
+  int64_t channels, h, w;  // input plane
+  int64_t k, stride, pad;
+  int64_t h_out, w_out;
+};
+
+// Output columns [lo, hi) whose input column ow * stride - pad + kj lies inside [0, w).
+void ValidRange(const Geometry& g, int64_t kj, int64_t* lo, int64_t* hi) {
+  const int64_t first = g.pad - kj;  // ow * stride >= first
+  *lo = first > 0 ? (first + g.stride - 1) / g.stride : 0;
+  const int64_t last = g.w - 1 + g.pad - kj;  // ow * stride <= last
+  *hi = last < 0 ? 0 : std::min(g.w_out, last / g.stride + 1);
+  if (*hi < *lo) *hi = *lo;
+}
+
+// Unfolds one sample x (C, H, W) into col (C*k*k, H_out*W_out), row (c*k + ki)*k + kj holding
+// the input value each output position sees through kernel tap (ki, kj), zero in the padding.
+void Im2Col(const Geometry& g, const float* x, float* col) {
+  const int64_t hw_out = g.h_out * g.w_out;
+  for (int64_t c = 0; c < g.channels; ++c) {
+    const float* plane = x + c * g.h * g.w;
+    for (int64_t ki = 0; ki < g.k; ++ki) {
+      for (int64_t kj = 0; kj < g.k; ++kj) {
+        float* row = col + ((c * g.k + ki) * g.k + kj) * hw_out;
+        int64_t lo, hi;
+        ValidRange(g, kj, &lo, &hi);
+        for (int64_t oh = 0; oh < g.h_out; ++oh) {
+          float* out = row + oh * g.w_out;
+          const int64_t ih = oh * g.stride - g.pad + ki;
+          if (ih < 0 || ih >= g.h) {
+            std::fill(out, out + g.w_out, 0.0f);
+            continue;
+          }
+          std::fill(out, out + lo, 0.0f);
+          std::fill(out + hi, out + g.w_out, 0.0f);
+          const int64_t base = ih * g.w - g.pad + kj;  // input offset of output column 0
+          if (g.stride == 1) {
+            std::copy(plane + base + lo, plane + base + hi, out + lo);
+          } else {
+            for (int64_t ow = lo; ow < hi; ++ow) out[ow] = plane[base + ow * g.stride];
+          }
+        }
+      }
+    }
+  }
+}
+
+// The adjoint of Im2Col: adds every column entry back onto the input position it came from.
+// dx must be initialised (zeroed) by the caller.
+void Col2ImAdd(const Geometry& g, const float* col, float* dx) {
+  const int64_t hw_out = g.h_out * g.w_out;
+  for (int64_t c = 0; c < g.channels; ++c) {
+    float* plane = dx + c * g.h * g.w;
+    for (int64_t ki = 0; ki < g.k; ++ki) {
+      for (int64_t kj = 0; kj < g.k; ++kj) {
+        const float* row = col + ((c * g.k + ki) * g.k + kj) * hw_out;
+        int64_t lo, hi;
+        ValidRange(g, kj, &lo, &hi);
+        for (int64_t oh = 0; oh < g.h_out; ++oh) {
+          const int64_t ih = oh * g.stride - g.pad + ki;
+          if (ih < 0 || ih >= g.h) continue;
+          const float* in = row + oh * g.w_out;
+          const int64_t base = ih * g.w - g.pad + kj;
+          if (g.stride == 1) {
+            float* out = plane + base + lo;
+            for (int64_t ow = lo; ow < hi; ++ow) out[ow - lo] += in[ow];
+          } else {
+            for (int64_t ow = lo; ow < hi; ++ow) plane[base + ow * g.stride] += in[ow];
+          }
+        }
+      }
+    }
+  }
+}
+
+// Per-thread column buffers. Forward is const and may run on several threads at once, and a
+// retained forward should not carry a column buffer it no longer needs, so the scratch lives
+// with the thread; it grows to the largest layer once and is then reused without allocating.
+float* ColumnScratch(int which, size_t n) {
+  thread_local std::vector<float> buffers[2];
+  std::vector<float>& b = buffers[which];
+  if (b.size() < n) b.resize(n);
+  return b.data();
+}
+
+}  // namespace
+
+Status Conv2d::Build(const Shape& sample_in, Shape* sample_out) {
+  const Conv2dConfig& c = config_;
+  if (c.in_channels <= 0 || c.out_channels <= 0) {
+    return InvalidArgument("in_channels and out_channels must be positive, got ", c.in_channels,
+                           " and ", c.out_channels);
+  }
+  if (c.kernel_size <= 0) return InvalidArgument("kernel_size must be positive, got ", c.kernel_size);
+  if (c.stride <= 0) return InvalidArgument("stride must be positive, got ", c.stride);
+  if (c.padding < 0) return InvalidArgument("padding must be non-negative, got ", c.padding);
+  if (c.in_channels > kMaxConfigValue || c.out_channels > kMaxConfigValue ||
+      c.kernel_size > kMaxConfigValue || c.stride > kMaxConfigValue ||
+      c.padding > kMaxConfigValue) {
+    return InvalidArgument("channels, kernel_size, stride and padding must be at most ",
+                           kMaxConfigValue);
+  }
+  if (sample_in.rank() != 3) {
+    return InvalidArgument("expects a 3-D per-sample input (C, H, W), got ",
+                           sample_in.ToString());
+  }
+  if (sample_in[0] != c.in_channels) {
+    return InvalidArgument("in_channels is ", c.in_channels, " but the input has ", sample_in[0],
+                           " channels");
+  }
+  if (sample_in[1] > kMaxConfigValue || sample_in[2] > kMaxConfigValue) {
+    return InvalidArgument("input height and width must be at most ", kMaxConfigValue, ", got ",
+                           sample_in.ToString());
+  }
+  const int64_t ph = sample_in[1] + 2 * c.padding;
+  const int64_t pw = sample_in[2] + 2 * c.padding;
+  if (c.kernel_size > ph || c.kernel_size > pw) {
+    return InvalidArgument("kernel_size ", c.kernel_size, " is larger than the padded input ", ph,
+                           "x", pw);
+  }
+  const int64_t h_out = (ph - c.kernel_size) / c.stride + 1;
+  const int64_t w_out = (pw - c.kernel_size) / c.stride + 1;
+  const int64_t columns =
+      SaturatingMul(SaturatingMul(c.in_channels, c.kernel_size * c.kernel_size),
+                    SaturatingMul(h_out, w_out));
+  if (columns > kMaxColumnElements) {
+    return InvalidArgument("the im2col buffer (in_channels * kernel_size^2 * output positions) ",
+                           "would hold ", columns, " values; at most ", kMaxColumnElements,
+                           " are allowed");
+  }
+  h_ = sample_in[1];
+  w_ = sample_in[2];
+  h_out_ = h_out;
+  w_out_ = w_out;
+  *sample_out = Shape{c.out_channels, h_out, w_out};
+  return Status::Ok();
+}
+
+int64_t Conv2d::NumParameters() const {
+  const Conv2dConfig& c = config_;
+  const int64_t weights = SaturatingMul(SaturatingMul(c.out_channels, c.in_channels),
+                                        SaturatingMul(c.kernel_size, c.kernel_size));
+  if (!c.bias) return weights;
+  return weights > INT64_MAX - c.out_channels ? INT64_MAX : weights + c.out_channels;
+}
+
+void Conv2d::Allocate(Rng& rng) {
+  const Conv2dConfig& c = config_;
+  const int64_t fan_in = c.in_channels * c.kernel_size * c.kernel_size;
+  // kaiming_uniform_(a=sqrt(5)) reduces to this bound, which PyTorch also uses for the bias.
+  const float bound = 1.0f / std::sqrt(static_cast<float>(fan_in));
+  weight_.name = "weight";
+  weight_.value.Resize(Shape{c.out_channels, c.in_channels, c.kernel_size, c.kernel_size});
+  weight_.grad = Tensor(weight_.value.shape());
+  for (int64_t i = 0; i < weight_.value.size(); ++i) {
+    weight_.value.data()[i] = rng.Uniform(-bound, bound);
+  }
+  if (c.bias) {
+    bias_.name = "bias";
+    bias_.value.Resize(Shape{c.out_channels});
+    bias_.grad = Tensor(bias_.value.shape());
+    for (int64_t i = 0; i < c.out_channels; ++i) bias_.value.data()[i] = rng.Uniform(-bound, bound);
+  }
+}
+
+std::vector<Parameter*> Conv2d::parameters() {
+  if (config_.bias) return {&weight_, &bias_};
+  return {&weight_};
+}
+
+void Conv2d::Forward(const ConstTensorView& x, Tensor* y, LayerCache* /*cache*/,
+                     const ForwardContext& /*ctx*/) const {
+  const Conv2dConfig& c = config_;
+  const Geometry g{c.in_channels, h_, w_, c.kernel_size, c.stride, c.padding, h_out_, w_out_};
+  const int64_t n = x.shape[0];
+  const int64_t taps = c.in_channels * c.kernel_size * c.kernel_size;
+  const int64_t hw_out = h_out_ * w_out_;
+  const int64_t in_sample = c.in_channels * h_ * w_;
+  const int64_t out_sample = c.out_channels * hw_out;
+  y->Resize(Shape{n, c.out_channels, h_out_, w_out_});
+
+  ConstMatrixMap weight(weight_.value.data(), c.out_channels, taps);
+  // A 1x1 kernel with stride 1 and no padding reads x itself as its column matrix.
+  const bool direct = c.kernel_size == 1 && c.stride == 1 && c.padding == 0;
+  float* col = direct ? nullptr : ColumnScratch(0, taps * hw_out);
+  for (int64_t s = 0; s < n; ++s) {
+    const float* xs = x.data + s * in_sample;
+    MatrixMap ys(y->data() + s * out_sample, c.out_channels, hw_out);
+    if (direct) {
+      ys.noalias() = weight * ConstMatrixMap(xs, taps, hw_out);
+    } else {
+      Im2Col(g, xs, col);
+      ys.noalias() = weight * ConstMatrixMap(col, taps, hw_out);
+    }
+    if (c.bias) ys.colwise() += ConstVectorMap(bias_.value.data(), c.out_channels);
+  }
+}
+
+void Conv2d::Backward(const ConstTensorView& x, const Tensor& /*y*/, const ConstTensorView& dy,
+                      const LayerCache& /*cache*/, const ForwardContext& /*ctx*/, Tensor* dx) {
+  const Conv2dConfig& c = config_;
+  const Geometry g{c.in_channels, h_, w_, c.kernel_size, c.stride, c.padding, h_out_, w_out_};
+  const int64_t n = x.shape[0];
+  const int64_t taps = c.in_channels * c.kernel_size * c.kernel_size;
+  const int64_t hw_out = h_out_ * w_out_;
+  const int64_t in_sample = c.in_channels * h_ * w_;
+  const int64_t out_sample = c.out_channels * hw_out;
+
+  ConstMatrixMap weight(weight_.value.data(), c.out_channels, taps);
+  MatrixMap weight_grad(weight_.grad.data(), c.out_channels, taps);
+  const bool direct = c.kernel_size == 1 && c.stride == 1 && c.padding == 0;
+  float* col = direct ? nullptr : ColumnScratch(0, taps * hw_out);
+  float* dcol = (direct || dx == nullptr) ? nullptr : ColumnScratch(1, taps * hw_out);
+  if (dx != nullptr) {
+    dx->Resize(x.shape);
+    if (!direct) dx->SetZero();
+  }
+  for (int64_t s = 0; s < n; ++s) {
+    const float* xs = x.data + s * in_sample;
+    ConstMatrixMap dys(dy.data + s * out_sample, c.out_channels, hw_out);
+    if (direct) {
+      weight_grad.noalias() += dys * ConstMatrixMap(xs, taps, hw_out).transpose();
+    } else {
+      Im2Col(g, xs, col);
+      weight_grad.noalias() += dys * ConstMatrixMap(col, taps, hw_out).transpose();
+    }
+    if (c.bias) VectorMap(bias_.grad.data(), c.out_channels) += dys.rowwise().sum();
+    if (dx == nullptr) continue;
+    float* dxs = dx->data() + s * in_sample;
+    if (direct) {
+      MatrixMap(dxs, taps, hw_out).noalias() = weight.transpose() * dys;
+    } else {
+      MatrixMap(dcol, taps, hw_out).noalias() = weight.transpose() * dys;
+      Col2ImAdd(g, dcol, dxs);
+    }
+  }
+}
+
+}  // namespace normd

@@ -1,0 +1,172 @@
+#include "core/pool2d.h"
+
+#include <algorithm>
+#include <cassert>
+#include <cmath>
+#include <limits>
+
+namespace normd {
+namespace {
+
+constexpr int64_t kMaxConfigValue = int64_t{1} << 30;
+
+// The input rows (or columns) [begin, end) a window starting at `start` (possibly negative,
+// inside the padding) covers.
+inline void Clip(int64_t start, int64_t k, int64_t size, int64_t* begin, int64_t* end) {
+  *begin = std::max<int64_t>(start, 0);
+  *end = std::min(start + k, size);
+}
+
+}  // namespace
+
+Status Pool2d::Build(const Shape& sample_in, Shape* sample_out) {
+  Pool2dConfig& c = config_;
+  if (c.kernel_size <= 0) return InvalidArgument("kernel_size must be positive, got ", c.kernel_size);
+  if (c.stride < 0) {
+    return InvalidArgument("stride must be positive (or 0 for kernel_size), got ", c.stride);
+  }
+  if (c.stride == 0) c.stride = c.kernel_size;
+  if (c.padding < 0) return InvalidArgument("padding must be non-negative, got ", c.padding);
+  if (c.kernel_size > kMaxConfigValue || c.stride > kMaxConfigValue) {
+    return InvalidArgument("kernel_size and stride must be at most ", kMaxConfigValue);
+  }
+  if (c.padding > c.kernel_size / 2) {
+    return InvalidArgument("padding ", c.padding, " must be at most half of kernel_size ",
+                           c.kernel_size);
+  }
+  if (sample_in.rank() != 3) {
+    return InvalidArgument("expects a 3-D per-sample input (C, H, W), got ",
+                           sample_in.ToString());
+  }
+  if (sample_in[1] > kMaxConfigValue || sample_in[2] > kMaxConfigValue) {
+    return InvalidArgument("input height and width must be at most ", kMaxConfigValue, ", got ",
+                           sample_in.ToString());
+  }
+  const int64_t ph = sample_in[1] + 2 * c.padding;
+  const int64_t pw = sample_in[2] + 2 * c.padding;
+  if (c.kernel_size > ph || c.kernel_size > pw) {
+    return InvalidArgument("kernel_size ", c.kernel_size, " is larger than the padded input ", ph,
+                           "x", pw);
+  }
+  c_ = sample_in[0];
+  h_ = sample_in[1];
+  w_ = sample_in[2];
+  h_out_ = (ph - c.kernel_size) / c.stride + 1;
+  w_out_ = (pw - c.kernel_size) / c.stride + 1;
+  if (max_ && h_ * w_ > std::numeric_limits<int32_t>::max()) {
+    return InvalidArgument("an input plane of ", h_, "x", w_, " is too large for max pooling");
+  }
+  *sample_out = Shape{c_, h_out_, w_out_};
+  return Status::Ok();
+}
+
+// MaxPool2d caches, per output element, the offset within its input plane of the element that
+// won the window: the first maximum in row-major window order, or a NaN (as PyTorch's CPU
+// kernel). Padding is -inf, so with padding <= kernel_size / 2 every window holds at least one
+// real element and the offset always points into the input.
+void Pool2d::Forward(const ConstTensorView& x, Tensor* y, LayerCache* cache,
+                     const ForwardContext& /*ctx*/) const {
+  const int64_t n = x.shape[0];
+  const int64_t k = config_.kernel_size, s = config_.stride, p = config_.padding;
+  const int64_t planes = n * c_;
+  const int64_t in_plane = h_ * w_, out_plane = h_out_ * w_out_;
+  y->Resize(Shape{n, c_, h_out_, w_out_});
+  float* out = y->data();
+
+  if (max_) {
+    cache->i.resize(planes * out_plane);
+    int32_t* arg = cache->i.data();
+    for (int64_t pl = 0; pl < planes; ++pl) {
+      const float* in = x.data + pl * in_plane;
+      for (int64_t oh = 0; oh < h_out_; ++oh) {
+        int64_t h0, h1;
+        Clip(oh * s - p, k, h_, &h0, &h1);
+        for (int64_t ow = 0; ow < w_out_; ++ow) {
+          int64_t w0, w1;
+          Clip(ow * s - p, k, w_, &w0, &w1);
+          float best = -std::numeric_limits<float>::infinity();
+          int64_t best_at = h0 * w_ + w0;
+          for (int64_t ih = h0; ih < h1; ++ih) {
+            for (int64_t iw = w0; iw < w1; ++iw) {
+              const float v = in[ih * w_ + iw];
+              if (v > best || std::isnan(v)) {
+                best = v;
+                best_at = ih * w_ + iw;
+              }
+            }
+          }
+          const int64_t o = pl * out_plane + oh * w_out_ + ow;
+          out[o] = best;
+          arg[o] = static_cast<int32_t>(best_at);
+        }
+      }
+    }
+    return;
+  }
+
+  // count_include_pad: the divisor is always k * k (ceil_mode is off, so no window reaches
+  // past the padded input).
+  const float inv = 1.0f / static_cast<float>(k * k);
+  for (int64_t pl = 0; pl < planes; ++pl) {
+    const float* in = x.data + pl * in_plane;
+    for (int64_t oh = 0; oh < h_out_; ++oh) {
+      int64_t h0, h1;
+      Clip(oh * s - p, k, h_, &h0, &h1);
+      for (int64_t ow = 0; ow < w_out_; ++ow) {
+        int64_t w0, w1;
+        Clip(ow * s - p, k, w_, &w0, &w1);
+        float sum = 0.0f;
+        for (int64_t ih = h0; ih < h1; ++ih) {
+          const float* row = in + ih * w_;
+          for (int64_t iw = w0; iw < w1; ++iw) sum += row[iw];
+        }
+        out[pl * out_plane + oh * w_out_ + ow] = sum * inv;
+      }
+    }
+  }
+}
+
+void Pool2d::Backward(const ConstTensorView& x, const Tensor& /*y*/, const ConstTensorView& dy,
+                      const LayerCache& cache, const ForwardContext& /*ctx*/, Tensor* dx) {
+  if (dx == nullptr) return;
+  const int64_t n = x.shape[0];
+  const int64_t k = config_.kernel_size, s = config_.stride, p = config_.padding;
+  const int64_t planes = n * c_;
+  const int64_t in_plane = h_ * w_, out_plane = h_out_ * w_out_;
+  dx->Resize(x.shape);
+  dx->SetZero();
+  float* out = dx->data();
+
+  if (max_) {
+    assert(static_cast<int64_t>(cache.i.size()) == planes * out_plane);
+    const int32_t* arg = cache.i.data();
+    for (int64_t pl = 0; pl < planes; ++pl) {
+      float* plane = out + pl * in_plane;
+      const float* g = dy.data + pl * out_plane;
+      const int32_t* a = arg + pl * out_plane;
+      for (int64_t o = 0; o < out_plane; ++o) plane[a[o]] += g[o];
+    }
+    return;
+  }
+
+  const float inv = 1.0f / static_cast<float>(k * k);
+  for (int64_t pl = 0; pl < planes; ++pl) {
+    float* plane = out + pl * in_plane;
+    const float* g = dy.data + pl * out_plane;
+    for (int64_t oh = 0; oh < h_out_; ++oh) {
+      int64_t h0, h1;
+      Clip(oh * s - p, k, h_, &h0, &h1);
+      for (int64_t ow = 0; ow < w_out_; ++ow) {
+        int64_t w0, w1;
+        Clip(ow * s - p, k, w_, &w0, &w1);
+        const float v = g[oh * w_out_ + ow] * inv;
+        for (int64_t ih = h0; ih < h1; ++ih) {
+          float* row = plane + ih * w_;
+          for (int64_t iw = w0; iw < w1; ++iw) row[iw] += v;
+        }
+      }
+    }
+  }
+}
+
+}  // namespace normd

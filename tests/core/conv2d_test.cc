@@ -1,0 +1,263 @@
+#include "core/conv2d.h"
+
+#include <cmath>
+#include <ostream>
+#include <string>
+
+#include "gtest/gtest.h"
+#include "tests/core/gradcheck.h"
+
+namespace normd {
+namespace {
+
+using testing::BuildAndAllocate;
+using testing::CheckLayerGradients;
+using testing::ExpectGradientsMatch;
+using testing::RandomTensor;
+
+Conv2dConfig Config(int64_t cin, int64_t cout, int64_t k, int64_t stride = 1,
+                    int64_t padding = 0, bool bias = true) {
+  Conv2dConfig c;
+  c.in_channels = cin;
+  c.out_channels = cout;
+  c.kernel_size = k;
+  c.stride = stride;
+  c.padding = padding;
+  c.bias = bias;
+  return c;
+}
+
+// Direct definition of the convolution, in double: the reference for the im2col path.
+std::vector<double> NaiveConv(const Conv2dConfig& c, const Tensor& x, const Tensor& w,
+                              const Tensor* b, int64_t h_out, int64_t w_out) {
+  const int64_t n = x.shape()[0], h = x.shape()[2], wd = x.shape()[3], k = c.kernel_size;
+  std::vector<double> y;
+  for (int64_t s = 0; s < n; ++s) {
+    for (int64_t o = 0; o < c.out_channels; ++o) {
+      for (int64_t oh = 0; oh < h_out; ++oh) {
+        for (int64_t ow = 0; ow < w_out; ++ow) {
+          double acc = b != nullptr ? b->data()[o] : 0.0;
+          for (int64_t i = 0; i < c.in_channels; ++i) {
+            for (int64_t ki = 0; ki < k; ++ki) {
+              for (int64_t kj = 0; kj < k; ++kj) {
+                const int64_t ih = oh * c.stride - c.padding + ki;
+                const int64_t iw = ow * c.stride - c.padding + kj;
+                if (ih < 0 || ih >= h || iw < 0 || iw >= wd) continue;
+                acc += double{x.data()[((s * c.in_channels + i) * h + ih) * wd + iw]} *
+                       w.data()[((o * c.in_channels + i) * k + ki) * k + kj];
+              }
+            }
+          }
+          y.push_back(acc);
+        }
+      }
+    }
+  }
+  return y;
+}
+
+TEST(Conv2dTest, KnownThreeByThree) {
+  Conv2d conv(Config(1, 1, 3, 1, 1));
+  Shape out;
+  ASSERT_TRUE(BuildAndAllocate(&conv, Shape{1, 3, 3}, 1, &out).ok());
+  EXPECT_EQ(out, (Shape{1, 3, 3}));
+  std::vector<Parameter*> params = conv.parameters();
+  ASSERT_EQ(params.size(), 2u);
+  params[0]->value.Fill(1.0f);  // a box filter: each output sums its padded 3x3 neighbourhood
+  params[1]->value.Fill(0.5f);
+  Tensor x(Shape{1, 1, 3, 3});
+  for (int i = 0; i < 9; ++i) x.data()[i] = static_cast<float>(i + 1);
+  Tensor y;
+  LayerCache cache;
+  conv.Forward(x.view(), &y, &cache, ForwardContext{});
+  ASSERT_EQ(y.shape(), (Shape{1, 1, 3, 3}));
+  const float expected[9] = {12, 21, 16, 27, 45, 33, 24, 39, 28};
+  for (int i = 0; i < 9; ++i) EXPECT_FLOAT_EQ(y.data()[i], expected[i] + 0.5f) << i;
+}
+
+TEST(Conv2dTest, KnownKernelWithoutPadding) {
+  Conv2d conv(Config(1, 1, 2, 1, 0, /*bias=*/false));
+  ASSERT_TRUE(BuildAndAllocate(&conv, Shape{1, 3, 3}, 1).ok());
+  ASSERT_EQ(conv.parameters().size(), 1u);
+  // [[1, 0], [0, -1]]: top-left minus bottom-right, PyTorch's cross-correlation orientation.
+  float* w = conv.parameters()[0]->value.data();
+  w[0] = 1.0f;
+  w[1] = 0.0f;
+  w[2] = 0.0f;
+  w[3] = -1.0f;
+  Tensor x(Shape{1, 1, 3, 3});
+  for (int i = 0; i < 9; ++i) x.data()[i] = static_cast<float>(i * i);
+  Tensor y;
+  LayerCache cache;
+  conv.Forward(x.view(), &y, &cache, ForwardContext{});
+  ASSERT_EQ(y.shape(), (Shape{1, 1, 2, 2}));
+  EXPECT_FLOAT_EQ(y.data()[0], 0.0f - 16.0f);
+  EXPECT_FLOAT_EQ(y.data()[1], 1.0f - 25.0f);
+  EXPECT_FLOAT_EQ(y.data()[2], 9.0f - 49.0f);
+  EXPECT_FLOAT_EQ(y.data()[3], 16.0f - 64.0f);
+}
+
+struct ConvCase {
+  Conv2dConfig config;
+  Shape sample;  // (C, H, W)
+};
+
+std::string CaseName(const ConvCase& c) {
+  const Conv2dConfig& k = c.config;
+  return "c" + std::to_string(k.in_channels) + "o" + std::to_string(k.out_channels) + "k" +
+         std::to_string(k.kernel_size) + "s" + std::to_string(k.stride) + "p" +
+         std::to_string(k.padding) + (k.bias ? "" : "nobias") + "_" +
+         std::to_string(c.sample[1]) + "x" + std::to_string(c.sample[2]);
+}
+
+void PrintTo(const ConvCase& c, std::ostream* os) { *os << CaseName(c); }
+
+class Conv2dCaseTest : public ::testing::TestWithParam<ConvCase> {};
+
+TEST_P(Conv2dCaseTest, ForwardMatchesDirectConvolution) {
+  const ConvCase& c = GetParam();
+  Conv2d conv(c.config);
+  Shape out;
+  ASSERT_TRUE(BuildAndAllocate(&conv, c.sample, 5, &out).ok());
+  const Tensor x = RandomTensor(c.sample.WithBatch(3), 6);
+  Tensor y(Shape{1}, 99.0f);  // reused storage of another shape
+  LayerCache cache;
+  conv.Forward(x.view(), &y, &cache, ForwardContext{});
+  ASSERT_EQ(y.shape(), out.WithBatch(3));
+  std::vector<Parameter*> params = conv.parameters();
+  const std::vector<double> ref = NaiveConv(c.config, x, params[0]->value,
+                                            c.config.bias ? &params[1]->value : nullptr,
+                                            out[1], out[2]);
+  ASSERT_EQ(static_cast<int64_t>(ref.size()), y.size());
+  for (int64_t i = 0; i < y.size(); ++i) EXPECT_NEAR(y.data()[i], ref[i], 1e-5) << i;
+}
+
+TEST_P(Conv2dCaseTest, GradientsMatchFiniteDifferences) {
+  const ConvCase& c = GetParam();
+  Conv2d conv(c.config);
+  ASSERT_TRUE(BuildAndAllocate(&conv, c.sample, 7).ok());
+  const Tensor x = RandomTensor(c.sample.WithBatch(2), 8);
+  ExpectGradientsMatch(CheckLayerGradients(&conv, x, ForwardContext{}), "Conv2d_" + CaseName(c));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Geometries, Conv2dCaseTest,
+    ::testing::Values(ConvCase{Config(2, 3, 3, 1, 1), Shape{2, 5, 5}},
+                      ConvCase{Config(3, 2, 3, 2, 0), Shape{3, 7, 6}},
+                      ConvCase{Config(2, 4, 1, 1, 0), Shape{2, 4, 3}},  // 1x1: no im2col
+                      ConvCase{Config(2, 2, 1, 2, 1), Shape{2, 4, 5}},
+                      ConvCase{Config(1, 3, 2, 2, 1, false), Shape{1, 5, 4}},
+                      ConvCase{Config(2, 2, 4, 3, 2), Shape{2, 6, 7}},
+                      ConvCase{Config(1, 1, 5, 1, 2), Shape{1, 3, 3}}),  // kernel > input
+    [](const ::testing::TestParamInfo<ConvCase>& info) { return CaseName(info.param); });
+
+TEST(Conv2dTest, SamplesAreIndependent) {
+  Conv2d conv(Config(2, 3, 3, 1, 1));
+  ASSERT_TRUE(BuildAndAllocate(&conv, Shape{2, 4, 4}, 1).ok());
+  const Tensor batch = RandomTensor(Shape{3, 2, 4, 4}, 2);
+  Tensor y_batch, y_one;
+  LayerCache cache;
+  conv.Forward(batch.view(), &y_batch, &cache, ForwardContext{});
+  const int64_t in_sample = 2 * 4 * 4, out_sample = 3 * 4 * 4;
+  for (int64_t s = 0; s < 3; ++s) {
+    conv.Forward(ConstTensorView{batch.data() + s * in_sample, Shape{1, 2, 4, 4}}, &y_one,
+                 &cache, ForwardContext{});
+    for (int64_t i = 0; i < out_sample; ++i) {
+      EXPECT_EQ(y_one.data()[i], y_batch.data()[s * out_sample + i]) << s << " " << i;
+    }
+  }
+}
+
+TEST(Conv2dTest, InitialisationFollowsPyTorch) {
+  Conv2d conv(Config(16, 64, 3));
+  ASSERT_TRUE(BuildAndAllocate(&conv, Shape{16, 8, 8}, 123).ok());
+  EXPECT_EQ(conv.NumParameters(), 64 * 16 * 9 + 64);
+  std::vector<Parameter*> params = conv.parameters();
+  ASSERT_EQ(params.size(), 2u);
+  EXPECT_EQ(params[0]->name, "weight");
+  EXPECT_EQ(params[1]->name, "bias");
+  EXPECT_EQ(params[0]->value.shape(), (Shape{64, 16, 3, 3}));
+  EXPECT_EQ(params[1]->value.shape(), (Shape{64}));
+  EXPECT_EQ(params[0]->grad.shape(), params[0]->value.shape());
+  EXPECT_EQ(params[1]->grad.shape(), params[1]->value.shape());
+  for (Parameter* p : params) {
+    for (int64_t i = 0; i < p->grad.size(); ++i) ASSERT_EQ(p->grad.data()[i], 0.0f);
+  }
+
+  const double bound = 1.0 / std::sqrt(16.0 * 9.0);
+  double sum = 0.0, sum2 = 0.0;
+  const Tensor& w = params[0]->value;
+  for (int64_t i = 0; i < w.size(); ++i) {
+    ASSERT_LE(std::abs(w.data()[i]), bound);
+    sum += w.data()[i];
+    sum2 += double{w.data()[i]} * w.data()[i];
+  }
+  const double mean = sum / w.size();
+  const double std = std::sqrt(sum2 / w.size() - mean * mean);
+  EXPECT_NEAR(mean, 0.0, 0.02 * bound);
+  EXPECT_NEAR(std, bound / std::sqrt(3.0), 0.02 * bound);  // U(-b, b) has std b / sqrt(3)
+  const Tensor& b = params[1]->value;
+  bool bias_varies = false;
+  for (int64_t i = 0; i < b.size(); ++i) {
+    ASSERT_LE(std::abs(b.data()[i]), bound);
+    bias_varies |= b.data()[i] != b.data()[0];
+  }
+  EXPECT_TRUE(bias_varies);
+
+  // Deterministic from the seed.
+  Conv2d same(Config(16, 64, 3)), other(Config(16, 64, 3));
+  ASSERT_TRUE(BuildAndAllocate(&same, Shape{16, 8, 8}, 123).ok());
+  ASSERT_TRUE(BuildAndAllocate(&other, Shape{16, 8, 8}, 124).ok());
+  const Tensor& ws = same.parameters()[0]->value;
+  const Tensor& wo = other.parameters()[0]->value;
+  EXPECT_TRUE(std::equal(w.data(), w.data() + w.size(), ws.data()));
+  EXPECT_FALSE(std::equal(w.data(), w.data() + w.size(), wo.data()));
+}
+
+TEST(Conv2dTest, NoBiasHasOnlyWeight) {
+  Conv2d conv(Config(3, 4, 3, 1, 0, false));
+  ASSERT_TRUE(BuildAndAllocate(&conv, Shape{3, 5, 5}, 1).ok());
+  EXPECT_EQ(conv.NumParameters(), 4 * 3 * 9);
+  ASSERT_EQ(conv.parameters().size(), 1u);
+  EXPECT_EQ(conv.parameters()[0]->name, "weight");
+}
+
+// Build's error message for a config and per-sample input.
+std::string BuildError(const Conv2dConfig& config, const Shape& sample) {
+  Conv2d conv(config);
+  Shape out;
+  const Status s = conv.Build(sample, &out);
+  EXPECT_FALSE(s.ok());
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  return s.message();
+}
+
+TEST(Conv2dTest, BuildRejectsBadShapes) {
+  EXPECT_EQ(BuildError(Config(1, 2, 3), Shape{10}),
+            "expects a 3-D per-sample input (C, H, W), got (10)");
+  EXPECT_EQ(BuildError(Config(1, 2, 3), Shape{1, 2, 3, 4}),
+            "expects a 3-D per-sample input (C, H, W), got (1, 2, 3, 4)");
+  EXPECT_EQ(BuildError(Config(1, 2, 5), Shape{1, 3, 3}),
+            "kernel_size 5 is larger than the padded input 3x3");
+  EXPECT_EQ(BuildError(Config(1, 2, 5, 1, 1), Shape{1, 2, 8}),
+            "kernel_size 5 is larger than the padded input 4x10");
+  EXPECT_EQ(BuildError(Config(3, 2, 3), Shape{1, 8, 8}),
+            "in_channels is 3 but the input has 1 channels");
+}
+
+TEST(Conv2dTest, BuildRejectsBadConfig) {
+  EXPECT_NE(BuildError(Config(1, 2, 0), Shape{1, 4, 4}).find("kernel_size must be positive"),
+            std::string::npos);
+  EXPECT_NE(BuildError(Config(1, 2, 3, 0), Shape{1, 4, 4}).find("stride must be positive"),
+            std::string::npos);
+  EXPECT_NE(BuildError(Config(1, 2, 3, 1, -1), Shape{1, 4, 4}).find("padding"),
+            std::string::npos);
+  EXPECT_NE(BuildError(Config(1, 0, 3), Shape{1, 4, 4}).find("must be positive"),
+            std::string::npos);
+  // A column buffer of billions of values is refused before anything is allocated.
+  EXPECT_NE(BuildError(Config(64, 1, 64, 1, 32), Shape{64, 512, 512}).find("im2col"),
+            std::string::npos);
+}
+
+}  // namespace
+}  // namespace normd

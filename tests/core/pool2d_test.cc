@@ -1,0 +1,230 @@
+#include "core/pool2d.h"
+
+#include <cmath>
+#include <limits>
+#include <ostream>
+#include <string>
+
+#include "gtest/gtest.h"
+#include "tests/core/gradcheck.h"
+
+namespace normd {
+namespace {
+
+using testing::CheckLayerGradients;
+using testing::ExpectGradientsMatch;
+using testing::SpacedTensor;
+
+Pool2dConfig Config(int64_t k, int64_t stride = 0, int64_t padding = 0) {
+  Pool2dConfig c;
+  c.kernel_size = k;
+  c.stride = stride;
+  c.padding = padding;
+  return c;
+}
+
+Tensor FromValues(const Shape& shape, const std::vector<float>& values) {
+  Tensor t(shape);
+  EXPECT_EQ(t.size(), static_cast<int64_t>(values.size()));
+  std::copy(values.begin(), values.end(), t.data());
+  return t;
+}
+
+std::vector<float> Values(const Tensor& t) { return std::vector<float>(t.data(), t.data() + t.size()); }
+
+TEST(MaxPool2dTest, KnownValuesWithDefaultStride) {
+  Pool2d pool(Config(2), /*max=*/true);
+  Shape out;
+  ASSERT_TRUE(pool.Build(Shape{1, 4, 4}, &out).ok());
+  EXPECT_EQ(out, (Shape{1, 2, 2}));  // stride defaults to kernel_size
+  const Tensor x = FromValues(Shape{1, 1, 4, 4}, {1, 5, 2, 0,    //
+                                                  3, 4, 8, 1,    //
+                                                  -1, -2, 0, 6,  //
+                                                  -3, -4, 7, 2});
+  Tensor y;
+  LayerCache cache;
+  pool.Forward(x.view(), &y, &cache, ForwardContext{});
+  ASSERT_EQ(y.shape(), (Shape{1, 1, 2, 2}));
+  EXPECT_EQ(Values(y), (std::vector<float>{5, 8, -1, 7}));
+
+  const Tensor dy = FromValues(Shape{1, 1, 2, 2}, {10, 20, 30, 40});
+  Tensor dx;
+  pool.Backward(x.view(), y, dy.view(), cache, ForwardContext{}, &dx);
+  EXPECT_EQ(Values(dx), (std::vector<float>{0, 10, 0, 0,   //
+                                            0, 0, 20, 0,   //
+                                            30, 0, 0, 0,   //
+                                            0, 0, 40, 0}));
+}
+
+TEST(MaxPool2dTest, TiesGoToTheFirstElementInWindowOrder) {
+  Pool2d pool(Config(2), true);
+  Shape out;
+  ASSERT_TRUE(pool.Build(Shape{1, 2, 4}, &out).ok());
+  // Window 1: all equal -> (0, 0). Window 2: max 3 at (0, 1) and (1, 0) -> (0, 1).
+  const Tensor x = FromValues(Shape{1, 1, 2, 4}, {2, 2, 1, 3,  //
+                                                  2, 2, 3, 3});
+  Tensor y;
+  LayerCache cache;
+  pool.Forward(x.view(), &y, &cache, ForwardContext{});
+  EXPECT_EQ(Values(y), (std::vector<float>{2, 3}));
+  const Tensor dy = FromValues(Shape{1, 1, 1, 2}, {1, 1});
+  Tensor dx;
+  pool.Backward(x.view(), y, dy.view(), cache, ForwardContext{}, &dx);
+  EXPECT_EQ(Values(dx), (std::vector<float>{1, 0, 0, 1,  //
+                                            0, 0, 0, 0}));
+}
+
+TEST(MaxPool2dTest, PaddingIsMinusInfinity) {
+  Pool2d pool(Config(3, 2, 1), true);
+  Shape out;
+  ASSERT_TRUE(pool.Build(Shape{1, 3, 3}, &out).ok());
+  EXPECT_EQ(out, (Shape{1, 2, 2}));
+  const Tensor x = FromValues(Shape{1, 1, 3, 3}, {-1, -2, -3,  //
+                                                  -4, -5, -6,  //
+                                                  -7, -8, -9});
+  Tensor y;
+  LayerCache cache;
+  pool.Forward(x.view(), &y, &cache, ForwardContext{});
+  // Zero padding would give 0 everywhere; -inf padding keeps the real maxima.
+  EXPECT_EQ(Values(y), (std::vector<float>{-1, -2, -4, -5}));
+}
+
+TEST(MaxPool2dTest, OverlappingWindowsAccumulateGradient) {
+  Pool2d pool(Config(2, 1), true);
+  Shape out;
+  ASSERT_TRUE(pool.Build(Shape{1, 3, 3}, &out).ok());
+  EXPECT_EQ(out, (Shape{1, 2, 2}));
+  // The centre wins all four windows.
+  const Tensor x = FromValues(Shape{1, 1, 3, 3}, {0, 0, 0, 0, 9, 0, 0, 0, 0});
+  Tensor y;
+  LayerCache cache;
+  pool.Forward(x.view(), &y, &cache, ForwardContext{});
+  const Tensor dy = FromValues(Shape{1, 1, 2, 2}, {1, 2, 3, 4});
+  Tensor dx(Shape{1, 1, 3, 3}, 5.0f);  // stale contents must be overwritten
+  pool.Backward(x.view(), y, dy.view(), cache, ForwardContext{}, &dx);
+  EXPECT_EQ(Values(dx), (std::vector<float>{0, 0, 0, 0, 10, 0, 0, 0, 0}));
+}
+
+TEST(MaxPool2dTest, NaNPropagates) {
+  Pool2d pool(Config(2), true);
+  Shape out;
+  ASSERT_TRUE(pool.Build(Shape{1, 2, 2}, &out).ok());
+  const Tensor x = FromValues(Shape{1, 1, 2, 2}, {1, std::nanf(""), 3, 2});
+  Tensor y;
+  LayerCache cache;
+  pool.Forward(x.view(), &y, &cache, ForwardContext{});
+  EXPECT_TRUE(std::isnan(y.data()[0]));
+}
+
+TEST(AvgPool2dTest, KnownValuesCountPadding) {
+  Pool2d pool(Config(2, 1, 1), /*max=*/false);
+  Shape out;
+  ASSERT_TRUE(pool.Build(Shape{1, 2, 2}, &out).ok());
+  EXPECT_EQ(out, (Shape{1, 3, 3}));
+  const Tensor x = FromValues(Shape{1, 1, 2, 2}, {1, 2, 3, 4});
+  Tensor y;
+  LayerCache cache;
+  pool.Forward(x.view(), &y, &cache, ForwardContext{});
+  // count_include_pad: every window divides by 4, padded zeros included.
+  const std::vector<float> expected = {0.25f, 0.75f, 0.5f,  //
+                                       1.0f,  2.5f,  1.5f,  //
+                                       0.75f, 1.75f, 1.0f};
+  ASSERT_EQ(y.size(), 9);
+  for (int i = 0; i < 9; ++i) EXPECT_FLOAT_EQ(y.data()[i], expected[i]) << i;
+
+  const Tensor dy(Shape{1, 1, 3, 3}, 1.0f);
+  Tensor dx;
+  pool.Backward(x.view(), y, dy.view(), cache, ForwardContext{}, &dx);
+  // Each input element lies in 4 windows, each passing 1/4 of its gradient.
+  for (int i = 0; i < 4; ++i) EXPECT_FLOAT_EQ(dx.data()[i], 1.0f) << i;
+}
+
+TEST(AvgPool2dTest, StrideDropsTrailingRowsAndColumns) {
+  Pool2d pool(Config(2), false);
+  Shape out;
+  ASSERT_TRUE(pool.Build(Shape{2, 3, 5}, &out).ok());
+  EXPECT_EQ(out, (Shape{2, 1, 2}));  // floor((3 - 2) / 2) + 1, floor((5 - 2) / 2) + 1
+  Tensor x(Shape{1, 2, 3, 5});
+  for (int64_t i = 0; i < x.size(); ++i) x.data()[i] = static_cast<float>(i);
+  Tensor y;
+  LayerCache cache;
+  pool.Forward(x.view(), &y, &cache, ForwardContext{});
+  EXPECT_EQ(Values(y), (std::vector<float>{3, 5, 18, 20}));
+}
+
+struct PoolCase {
+  bool max;
+  Pool2dConfig config;
+  Shape sample;
+};
+
+std::string CaseName(const PoolCase& c) {
+  return std::string(c.max ? "Max" : "Avg") + "k" + std::to_string(c.config.kernel_size) + "s" +
+         std::to_string(c.config.stride) + "p" + std::to_string(c.config.padding) + "_" +
+         std::to_string(c.sample[1]) + "x" + std::to_string(c.sample[2]);
+}
+
+void PrintTo(const PoolCase& c, std::ostream* os) { *os << CaseName(c); }
+
+class Pool2dGradTest : public ::testing::TestWithParam<PoolCase> {};
+
+TEST_P(Pool2dGradTest, MatchesFiniteDifferences) {
+  const PoolCase& c = GetParam();
+  Pool2d pool(c.config, c.max);
+  Shape out;
+  ASSERT_TRUE(pool.Build(c.sample, &out).ok());
+  // Distinct values 0.05 apart: no window has a tie within the finite-difference step.
+  const Tensor x = SpacedTensor(c.sample.WithBatch(2), 4, 0.05f);
+  ExpectGradientsMatch(CheckLayerGradients(&pool, x, ForwardContext{}), CaseName(c));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Geometries, Pool2dGradTest,
+    ::testing::Values(PoolCase{true, Config(2), Shape{2, 4, 4}},
+                      PoolCase{true, Config(3, 2, 1), Shape{2, 5, 6}},
+                      PoolCase{true, Config(3, 1, 1), Shape{1, 4, 5}},
+                      PoolCase{true, Config(2), Shape{3, 5, 3}},
+                      PoolCase{false, Config(2), Shape{2, 4, 4}},
+                      PoolCase{false, Config(3, 2, 1), Shape{2, 5, 6}},
+                      PoolCase{false, Config(3, 1, 1), Shape{1, 4, 5}},
+                      PoolCase{false, Config(4, 3, 2), Shape{2, 6, 7}}),
+    [](const ::testing::TestParamInfo<PoolCase>& info) { return CaseName(info.param); });
+
+std::string BuildError(const Pool2dConfig& config, bool max, const Shape& sample) {
+  Pool2d pool(config, max);
+  Shape out;
+  const Status s = pool.Build(sample, &out);
+  EXPECT_FALSE(s.ok());
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  return s.message();
+}
+
+TEST(Pool2dTest, BuildRejectsBadShapesAndConfigs) {
+  EXPECT_EQ(BuildError(Config(5), true, Shape{1, 3, 3}),
+            "kernel_size 5 is larger than the padded input 3x3");
+  EXPECT_EQ(BuildError(Config(5, 1, 1), false, Shape{2, 2, 7}),
+            "kernel_size 5 is larger than the padded input 4x9");
+  EXPECT_EQ(BuildError(Config(2), true, Shape{16}),
+            "expects a 3-D per-sample input (C, H, W), got (16)");
+  EXPECT_EQ(BuildError(Config(3, 1, 2), false, Shape{1, 8, 8}),
+            "padding 2 must be at most half of kernel_size 3");
+  EXPECT_NE(BuildError(Config(0), true, Shape{1, 8, 8}).find("kernel_size must be positive"),
+            std::string::npos);
+  EXPECT_NE(BuildError(Config(2, -1), true, Shape{1, 8, 8}).find("stride must be positive"),
+            std::string::npos);
+  EXPECT_NE(BuildError(Config(2, 1, -1), true, Shape{1, 8, 8}).find("padding"),
+            std::string::npos);
+}
+
+TEST(Pool2dTest, NamesAndNoParameters) {
+  Pool2d max_pool(Config(2), true), avg_pool(Config(2), false);
+  EXPECT_STREQ(max_pool.kind_name(), "MaxPool2d");
+  EXPECT_STREQ(avg_pool.kind_name(), "AvgPool2d");
+  Shape out;
+  ASSERT_TRUE(max_pool.Build(Shape{1, 4, 4}, &out).ok());
+  EXPECT_EQ(max_pool.NumParameters(), 0);
+  EXPECT_TRUE(max_pool.parameters().empty());
+}
+
+}  // namespace
+}  // namespace normd
