@@ -145,7 +145,9 @@ void BatchNorm::Allocate(Rng& /*rng*/) {
 }
 
 Status BatchNorm::CheckBatch(const Shape& batch_in, const ForwardContext& ctx) const {
-  if (ctx.training && SaturatingMul(batch_in[0], spatial_) == 1) {
+  // PyTorch applies the rule whenever batch statistics normalise (bn_training), which
+  // includes eval mode without running statistics.
+  if (UsesBatchStats(ctx) && SaturatingMul(batch_in[0], spatial_) == 1) {
     return InvalidArgument("Expected more than 1 value per channel when training, got input size ",
                            batch_in.ToString());
   }

@@ -13,7 +13,8 @@
 //    (1 - m) * running + m * batch, running_var taking the unbiased batch variance
 //    (var * n / (n - 1)), and increments num_batches_tracked; m is the momentum, or
 //    1 / num_batches_tracked (after the increment) when cumulative_average (momentum=None).
-//  - Training with N * S == 1 (one value per channel) is an error, PyTorch's rule.
+//  - Normalising with batch statistics when N * S == 1 (one value per channel) is an error,
+//    PyTorch's rule: in training, and in eval when track_running_stats is false.
 //  - affine=false: no weight/bias. track_running_stats=false: no buffers at all.
 //
 // The update of the running statistics is two-phase: Forward leaves it pending in the

@@ -153,6 +153,8 @@ TEST(BatchNormTest, WithoutTrackingThereAreNoBuffersAndEvalUsesBatchStats) {
   for (const StateSlot& s : bn->state()) {
     EXPECT_TRUE(s.name == "weight" || s.name == "bias") << s.name;
   }
+  // Batch statistics in eval too, so PyTorch's one-value rule applies in eval as well.
+  EXPECT_FALSE(bn->CheckBatch(Shape{1, 1}, ForwardContext()).ok());
   Tensor x = Filled(Shape{2, 1}, {0.0f, 4.0f});
   Tensor y;
   LayerCache cache;
