@@ -1,0 +1,69 @@
+// normctl's subcommands. main.cc parses flags into Args and calls one Run* function; each
+// returns the process exit code and throws normd::client::Error (server said no) or InputError
+// (bad local input), which main.cc reports.
+#ifndef NORMD_CLIENT_NORMCTL_COMMANDS_H_
+#define NORMD_CLIENT_NORMCTL_COMMANDS_H_
+
+#include <cstdint>
+#include <ostream>
+#include <string>
+
+#include "client/normd_client.h"
+
+namespace normctl {
+
+constexpr int kExitOk = 0;
+constexpr int kExitError = 1;  // the server refused or failed (its message is on stderr)
+constexpr int kExitUsage = 2;  // bad flags or local input (file, CSV, JSON)
+
+// Every subcommand's flags; each subcommand reads the fields it defines.
+struct Args {
+  std::string id;
+  std::string spec_path;     // create
+  bool json = false;         // get, list, create: print protobuf JSON
+  std::string mode;          // mode: "train" | "eval"
+  bool freeze = false;       // mode --freeze-running-stats
+  bool unfreeze = false;     // mode --no-freeze-running-stats
+  std::string data;          // train, eval, predict, inspect
+  std::string val;           // train --val
+  std::string label_column;  // "" = none (predict, inspect) / default last (train, eval)
+  int epochs = 1;
+  int64_t batch = 32;          // train
+  int64_t infer_batch = 1024;  // eval, predict: samples per request
+  bool shuffle = false;
+  uint64_t seed = 1;
+  std::string progress = "auto";
+  std::string out;          // predict --out
+  bool argmax = false;      // predict --argmax
+  int64_t rows = 256;       // inspect --rows
+  double lr = 0;            // lr VALUE
+  std::string service;      // health --service
+  std::string metrics_url;  // demo
+  std::string out_dir;      // demo: where to write its CSV files
+  int64_t samples = 20000;  // demo: training samples
+  int demo_epochs = 6;      // demo: epochs
+};
+
+int RunCreate(normd::client::Client& client, const Args& args, std::ostream& out);
+int RunList(normd::client::Client& client, const Args& args, std::ostream& out);
+int RunGet(normd::client::Client& client, const Args& args, std::ostream& out);
+int RunDelete(normd::client::Client& client, const Args& args, std::ostream& out);
+int RunMode(normd::client::Client& client, const Args& args, std::ostream& out);
+int RunResetStats(normd::client::Client& client, const Args& args, std::ostream& out);
+int RunTrain(normd::client::Client& client, const Args& args, std::ostream& out);
+int RunEval(normd::client::Client& client, const Args& args, std::ostream& out);
+int RunPredict(normd::client::Client& client, const Args& args, std::ostream& out);
+int RunInspect(normd::client::Client& client, const Args& args, std::ostream& out);
+int RunLr(normd::client::Client& client, const Args& args, std::ostream& out);
+int RunHealth(normd::client::Client& client, const Args& args, std::ostream& out);
+int RunDemo(normd::client::Client& client, const Args& args, std::ostream& out);
+
+// Display helpers shared by commands and the demo.
+std::string ModeName(normd::v1::Mode mode);                // "train" | "eval" | "unspecified"
+std::string LayerKind(const normd::v1::LayerSpec& layer);  // "linear", "batch_norm1d", ...
+std::string LayerLabel(const normd::v1::ModelSpec& spec, int index);  // name or index
+void PrintBatchNormTable(const normd::v1::Model& model, std::ostream& out);
+
+}  // namespace normctl
+
+#endif  // NORMD_CLIENT_NORMCTL_COMMANDS_H_

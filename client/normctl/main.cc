@@ -1,0 +1,188 @@
+// normctl: the command-line client of normd. See `normctl --help` and client/README.md.
+#include <CLI/CLI.hpp>
+#include <cmath>
+#include <fstream>
+#include <functional>
+#include <iostream>
+#include <sstream>
+
+#include "client/normctl/commands.h"
+#include "client/normctl/csv.h"
+
+namespace {
+
+using normctl::Args;
+
+std::string ReadToken(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw normctl::InputError("cannot read token file '" + path + "'");
+  std::stringstream s;
+  s << in.rdbuf();
+  std::string token = s.str();
+  while (!token.empty() && std::isspace(static_cast<unsigned char>(token.back()))) token.pop_back();
+  if (token.empty()) throw normctl::InputError("token file '" + path + "' is empty");
+  return token;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"normctl: train, inspect and serve BatchNorm networks on a normd server"};
+  app.require_subcommand(1);
+
+  normd::client::ClientOptions client_options;
+  double timeout_seconds = 30;
+  std::string token_file;
+  app.add_option("--server", client_options.server, "normd address host:port")
+      ->envname("NORMD_SERVER")
+      ->capture_default_str();
+  app.add_option("--timeout", timeout_seconds, "Deadline of each call, in seconds")
+      ->envname("NORMD_TIMEOUT")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_flag("--tls", client_options.use_tls, "Connect with TLS (system roots unless --tls-ca)");
+  app.add_option("--tls-ca", client_options.tls_ca_file,
+                 "PEM file of the CA to trust (implies --tls)")
+      ->envname("NORMD_TLS_CA");
+  app.add_option("--tls-cert", client_options.tls_cert_file,
+                 "PEM client certificate for mutual TLS (implies --tls)")
+      ->envname("NORMD_TLS_CERT");
+  app.add_option("--tls-key", client_options.tls_key_file, "PEM key of --tls-cert")
+      ->envname("NORMD_TLS_KEY");
+  app.add_option("--tls-server-name", client_options.tls_server_name,
+                 "Name to verify in the server certificate (default: the host in --server)");
+  app.add_option("--token-file", token_file, "File holding the bearer token sent with every call")
+      ->envname("NORMD_TOKEN_FILE");
+
+  Args args;
+  std::function<int(normd::client::Client&, const Args&, std::ostream&)> run;
+  auto command = [&](const char* name, const char* help, auto fn) {
+    CLI::App* sub = app.add_subcommand(name, help);
+    sub->callback([&run, fn] { run = fn; });
+    return sub;
+  };
+  auto add_id = [&](CLI::App* sub) { sub->add_option("ID", args.id, "Model id")->required(); };
+
+  CLI::App* create =
+      command("create", "Create a model from a ModelSpec JSON file", normctl::RunCreate);
+  create->add_option("--spec", args.spec_path, "ModelSpec in protobuf JSON (client/examples/)")
+      ->required();
+  create->add_option("--id", args.id, "Model id (default: chosen by the server)");
+  create->add_flag("--json", args.json, "Print the created Model as JSON");
+
+  CLI::App* list = command("list", "List the models", normctl::RunList);
+  list->add_flag("--json", args.json, "Print JSON");
+
+  CLI::App* get =
+      command("get", "Show a model: mode, step, layers, BatchNorm status", normctl::RunGet);
+  add_id(get);
+  get->add_flag("--json", args.json, "Print the Model as JSON");
+
+  add_id(command("delete", "Delete a model", normctl::RunDelete));
+
+  CLI::App* mode = command("mode", "Switch a model between train and eval mode", normctl::RunMode);
+  add_id(mode);
+  mode->add_option("MODE", args.mode, "train | eval")
+      ->required()
+      ->check(CLI::IsMember({"train", "eval"}));
+  CLI::Option* freeze = mode->add_flag("--freeze-running-stats", args.freeze,
+                                       "Keep BatchNorm running statistics fixed while training");
+  mode->add_flag("--no-freeze-running-stats", args.unfreeze, "Let running statistics update again")
+      ->excludes(freeze);
+
+  add_id(command("reset-stats", "Reset the BatchNorm running statistics", normctl::RunResetStats));
+
+  CLI::App* train = command("train", "Train on a CSV over a TrainStream", normctl::RunTrain);
+  add_id(train);
+  train->add_option("--data", args.data, "Training CSV")->required();
+  train->add_option("--label-column", args.label_column,
+                    "Label (classification) or target (regression) column: 0-based index, "
+                    "negative from the end, or header name (default: last)");
+  train->add_option("--epochs", args.epochs, "Epochs")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  train->add_option("--batch", args.batch, "Batch size")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  train->add_flag("--shuffle", args.shuffle, "Shuffle the samples every epoch");
+  train->add_option("--seed", args.seed, "Shuffle seed")->capture_default_str();
+  train->add_option("--val", args.val, "Validation CSV, evaluated after every epoch");
+  train->add_option("--progress", args.progress, "auto | bar | lines | off")->capture_default_str();
+
+  CLI::App* eval =
+      command("eval", "Loss and accuracy on a labelled CSV (changes nothing)", normctl::RunEval);
+  add_id(eval);
+  eval->add_option("--data", args.data, "Labelled CSV")->required();
+  eval->add_option("--label-column", args.label_column, "Label column (default: last)");
+  eval->add_option("--batch", args.infer_batch, "Samples per request")->check(CLI::PositiveNumber);
+
+  CLI::App* predict =
+      command("predict", "Forward a CSV and write the outputs as CSV", normctl::RunPredict);
+  add_id(predict);
+  predict->add_option("--data", args.data, "Input CSV (features only, unless --label-column)")
+      ->required();
+  predict->add_option("--label-column", args.label_column, "A column to ignore (e.g. the label)");
+  predict->add_option("--out", args.out, "Output file (default: stdout)");
+  predict->add_flag("--argmax", args.argmax, "Write the predicted class instead of the outputs");
+  predict->add_option("--batch", args.infer_batch, "Samples per request")
+      ->check(CLI::PositiveNumber);
+
+  CLI::App* inspect =
+      command("inspect", "Per-layer mean/std of activations in and out, for one batch",
+              normctl::RunInspect);
+  add_id(inspect);
+  inspect->add_option("--data", args.data, "Input CSV")->required();
+  inspect->add_option("--label-column", args.label_column, "A column to ignore (e.g. the label)");
+  inspect->add_option("--rows", args.rows, "Batch size (first rows of the file)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+
+  CLI::App* lr =
+      command("lr", "Change the learning rate, keeping the optimizer state", normctl::RunLr);
+  add_id(lr);
+  lr->add_option("VALUE", args.lr, "New learning rate")->required();
+
+  CLI::App* health =
+      command("health", "Check the server's gRPC health (exit 0 when SERVING)", normctl::RunHealth);
+  health->add_option("--service", args.service, "Service name (default: the whole server)");
+
+  CLI::App* demo = command("demo", "The BatchNorm drift story in about a minute", normctl::RunDemo);
+  demo->add_option("--metrics-url", args.metrics_url,
+                   "The server's /metrics URL (to show its drift series)")
+      ->envname("NORMD_METRICS_URL");
+  demo->add_option("--id", args.id, "Model id (default: demo)");
+  demo->add_option("--out-dir", args.out_dir, "Write the demo's CSV datasets here");
+  demo->add_option("--epochs", args.demo_epochs, "Epochs")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  demo->add_option("--samples", args.samples, "Training samples")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  demo->add_option("--progress", args.progress, "auto | bar | lines | off");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    const int rc = app.exit(e);
+    return rc == 0 ? normctl::kExitOk : normctl::kExitUsage;
+  }
+
+  try {
+    client_options.timeout =
+        std::chrono::milliseconds(static_cast<int64_t>(std::ceil(timeout_seconds * 1000)));
+    if (!client_options.tls_ca_file.empty() || !client_options.tls_cert_file.empty()) {
+      client_options.use_tls = true;
+    }
+    if (!token_file.empty()) client_options.auth_token = ReadToken(token_file);
+    normd::client::Client client(client_options);
+    return run(client, args, std::cout);
+  } catch (const normd::client::Error& e) {
+    std::cout.flush();
+    std::cerr << "normctl: " << e.what() << '\n';
+    return normctl::kExitError;
+  } catch (const normctl::InputError& e) {
+    std::cout.flush();
+    std::cerr << "normctl: " << e.what() << '\n';
+    return normctl::kExitUsage;
+  }
+}

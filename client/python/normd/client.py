@@ -1,0 +1,265 @@
+"""normd.Client: the normd.v1.Trainer RPCs with numpy arrays in and out."""
+
+import collections
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, List, Mapping, Optional, Tuple
+
+import grpc
+import numpy as np
+from google.protobuf import json_format
+
+from normd.health.v1 import health_pb2, health_pb2_grpc
+from normd.v1 import normd_pb2 as pb
+from normd.v1 import normd_pb2_grpc as pb_grpc
+
+
+class NormdError(Exception):
+    """A failed call: .code is the grpc.StatusCode, .message the server's message."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, method: str = ""):
+        name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+        super().__init__(f"{method}: {name}: {message}" if method else f"{name}: {message}")
+        self.code = code
+        self.message = message
+        self.method = method
+
+
+def _as_numpy(x) -> np.ndarray:
+    if hasattr(x, "detach"):  # a torch.Tensor, without importing torch
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def to_tensor(array) -> pb.Tensor:
+    """A row-major float32 wire tensor (raw little-endian bytes) from anything array-like."""
+    a = np.ascontiguousarray(_as_numpy(array), dtype="<f4")
+    return pb.Tensor(shape=list(a.shape), raw=a.tobytes())
+
+
+def from_tensor(t: pb.Tensor) -> np.ndarray:
+    """A writable float32 array from a wire tensor in either encoding."""
+    shape = tuple(t.shape)
+    n = int(np.prod(shape, dtype=np.int64))
+    if t.raw:
+        if len(t.raw) != 4 * n:
+            raise NormdError(grpc.StatusCode.INTERNAL,
+                             f"tensor of shape {shape} carries {len(t.raw)} raw bytes")
+        return np.frombuffer(t.raw, dtype="<f4").astype(np.float32).reshape(shape)
+    if len(t.values) != n:
+        raise NormdError(grpc.StatusCode.INTERNAL,
+                         f"tensor of shape {shape} carries {len(t.values)} values")
+    return np.array(t.values, dtype=np.float32).reshape(shape)
+
+
+@dataclass
+class ForwardResult:
+    output: np.ndarray
+    forward_id: int = 0  # non-zero when retain_for_backward was set
+    layer_stats: List[pb.LayerStats] = field(default_factory=list)
+
+
+_MODES = {"train": pb.MODE_TRAIN, "eval": pb.MODE_EVAL}
+
+
+def _message(value, cls):
+    """A protobuf message from a message, a dict (JSON mapping) or a JSON string."""
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, str):
+        value = json.loads(value)
+    return json_format.ParseDict(value, cls())
+
+
+def _read_pem(value) -> Optional[bytes]:
+    """PEM bytes as given, or read from a path given as str/os.PathLike."""
+    if value is None or isinstance(value, bytes):
+        return value
+    with open(os.fspath(value), "rb") as f:
+        return f.read()
+
+
+class Client:
+    """One channel to a normd server. Safe to share between threads.
+
+    address: host:port. timeout: deadline in seconds of every unary call; stream_timeout: of a
+    whole train_stream. TLS: tls=True (system roots) or root_certificates; certificate_chain and
+    private_key for mutual TLS; each PEM bytes or a file path. token: sent as
+    "authorization: Bearer <token>" on every call.
+    """
+
+    def __init__(self, address: str = "127.0.0.1:50051", timeout: float = 30.0, *,
+                 stream_timeout: float = 24 * 3600.0, tls: bool = False,
+                 root_certificates=None, certificate_chain=None, private_key=None,
+                 server_name: Optional[str] = None, token: Optional[str] = None,
+                 max_receive_bytes: int = 256 << 20):
+        self.address = address
+        self.timeout = timeout
+        self.stream_timeout = stream_timeout
+        options = [("grpc.max_receive_message_length", max_receive_bytes),
+                   ("grpc.max_send_message_length", -1)]
+        if tls or root_certificates is not None or certificate_chain is not None:
+            if (certificate_chain is None) != (private_key is None):
+                raise ValueError("mutual TLS needs both certificate_chain and private_key")
+            creds = grpc.ssl_channel_credentials(_read_pem(root_certificates),
+                                                 _read_pem(private_key),
+                                                 _read_pem(certificate_chain))
+            if server_name:
+                options.append(("grpc.ssl_target_name_override", server_name))
+            self._channel = grpc.secure_channel(address, creds, options)
+        else:
+            self._channel = grpc.insecure_channel(address, options)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self._stub = pb_grpc.TrainerStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def close(self):
+        self._channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _call(self, method: str, request, stub=None):
+        try:
+            return getattr(stub or self._stub, method)(request, timeout=self.timeout,
+                                                       metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise NormdError(e.code(), e.details(), method) from None
+
+    @staticmethod
+    def _supervised(request, labels, target):
+        if (labels is None) == (target is None):
+            raise ValueError("give exactly one of labels (class indices) or target (tensor)")
+        if labels is not None:
+            request.labels.extend(np.asarray(_as_numpy(labels), dtype=np.int64).ravel().tolist())
+        else:
+            request.target.CopyFrom(to_tensor(target))
+        return request
+
+    # -- models -----------------------------------------------------------------------------
+
+    def create_model(self, spec, id: str = "") -> pb.Model:
+        """spec: a pb.ModelSpec, or its protobuf JSON mapping as a dict or string."""
+        return self._call("CreateModel",
+                          pb.CreateModelRequest(id=id, spec=_message(spec, pb.ModelSpec)))
+
+    def get_model(self, model: str) -> pb.Model:
+        return self._call("GetModel", pb.GetModelRequest(model=model))
+
+    def list_models(self) -> List[pb.Model]:
+        return list(self._call("ListModels", pb.ListModelsRequest()).models)
+
+    def delete_model(self, model: str) -> None:
+        self._call("DeleteModel", pb.DeleteModelRequest(model=model))
+
+    def set_mode(self, model: str, mode, freeze_running_stats: Optional[bool] = None) -> pb.Model:
+        """mode: "train", "eval" or a pb.Mode value. freeze_running_stats None keeps it."""
+        request = pb.SetModeRequest(model=model, mode=_MODES.get(mode, mode))
+        if freeze_running_stats is not None:
+            request.freeze_running_stats = freeze_running_stats
+        return self._call("SetMode", request)
+
+    def reset_running_stats(self, model: str) -> pb.Model:
+        return self._call("ResetRunningStats", pb.ResetRunningStatsRequest(model=model))
+
+    def update_optimizer(self, model: str, optimizer) -> pb.Model:
+        """optimizer: a pb.OptimizerSpec or its JSON mapping, e.g. {"sgd": {"lr": 0.1}}."""
+        return self._call("UpdateOptimizer", pb.UpdateOptimizerRequest(
+            model=model, optimizer=_message(optimizer, pb.OptimizerSpec)))
+
+    def set_lr(self, model: str, lr: float) -> pb.Model:
+        """Changes only the learning rate (reads the current optimizer spec first)."""
+        optimizer = pb.OptimizerSpec()
+        optimizer.CopyFrom(self.get_model(model).spec.optimizer)
+        kind = optimizer.WhichOneof("kind")
+        if kind is None:
+            raise ValueError(f"model {model} has no optimizer")
+        getattr(optimizer, kind).lr = lr
+        return self.update_optimizer(model, optimizer)
+
+    def save_model(self, model: str) -> int:
+        """Returns the step held by the durable checkpoint."""
+        return self._call("SaveModel", pb.SaveModelRequest(model=model)).step
+
+    # -- compute ----------------------------------------------------------------------------
+
+    def forward(self, model: str, x, retain_for_backward: bool = False,
+                layer_stats: bool = False) -> ForwardResult:
+        r = self._call("Forward", pb.ForwardRequest(
+            model=model, input=to_tensor(x), retain_for_backward=retain_for_backward,
+            layer_stats=layer_stats))
+        return ForwardResult(from_tensor(r.output), r.forward_id, list(r.layer_stats))
+
+    def predict(self, model: str, x) -> np.ndarray:
+        """Forward's output alone (in the model's current mode)."""
+        return self.forward(model, x).output
+
+    def backward(self, model: str, forward_id: int, grad_output,
+                 return_grad_input: bool = False) -> Optional[np.ndarray]:
+        r = self._call("Backward", pb.BackwardRequest(
+            model=model, forward_id=forward_id, grad_output=to_tensor(grad_output),
+            return_grad_input=return_grad_input))
+        return from_tensor(r.grad_input) if r.HasField("grad_input") else None
+
+    def apply_gradients(self, model: str) -> int:
+        return self._call("ApplyGradients", pb.ApplyGradientsRequest(model=model)).step
+
+    def train_step(self, model: str, x, labels=None, target=None) -> pb.TrainStepResponse:
+        """One optimisation step: labels (class indices) for cross-entropy, target otherwise."""
+        request = pb.TrainStepRequest(model=model, input=to_tensor(x))
+        return self._call("TrainStep", self._supervised(request, labels, target))
+
+    def train_stream(self, model: str,
+                     batches: Iterable[Tuple[object, object]]) -> Iterator[pb.TrainStepResponse]:
+        """Streams (x, y) batches over one TrainStream; yields one response per batch.
+
+        y with an integer dtype is labels, a floating dtype is a target tensor.
+        """
+        def requests():
+            for x, y in batches:
+                y = _as_numpy(y)
+                request = pb.TrainStepRequest(model=model, input=to_tensor(x))
+                if np.issubdtype(y.dtype, np.integer):
+                    yield self._supervised(request, y, None)
+                else:
+                    yield self._supervised(request, None, y)
+
+        responses = self._stub.TrainStream(requests(), timeout=self.stream_timeout,
+                                           metadata=self._metadata)
+        try:
+            yield from responses
+        except grpc.RpcError as e:
+            raise NormdError(e.code(), e.details(), "TrainStream") from None
+
+    def evaluate(self, model: str, x, labels=None, target=None) -> pb.EvaluateResponse:
+        """Loss (and accuracy for cross-entropy) in eval semantics; changes nothing."""
+        request = pb.EvaluateRequest(model=model, input=to_tensor(x))
+        return self._call("Evaluate", self._supervised(request, labels, target))
+
+    # -- state ------------------------------------------------------------------------------
+
+    def get_state(self, model: str, include_optimizer: bool = False):
+        """An OrderedDict of PyTorch state_dict names to float32 arrays."""
+        r = self._call("GetState", pb.GetStateRequest(model=model,
+                                                      include_optimizer=include_optimizer))
+        return collections.OrderedDict((t.name, from_tensor(t.tensor)) for t in r.tensors)
+
+    def set_state(self, model: str, state: Mapping[str, object], strict: bool = True) -> pb.Model:
+        """state: names to arrays (numpy or torch); num_batches_tracked may be an integer."""
+        request = pb.SetStateRequest(model=model, strict=strict)
+        for name, value in state.items():
+            request.state.tensors.add(name=name, tensor=to_tensor(value))
+        return self._call("SetState", request)
+
+    # -- health -----------------------------------------------------------------------------
+
+    def health(self, service: str = "") -> str:
+        """grpc.health.v1 Check: "SERVING", "NOT_SERVING", ..."""
+        r = self._call("Check", health_pb2.HealthCheckRequest(service=service), self._health)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)

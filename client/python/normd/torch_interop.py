@@ -1,0 +1,259 @@
+"""Moving models between normd and PyTorch as nn.Sequential.
+
+Layers map one to one, so normd's state names ("0.weight", "1.running_mean", ...) are the
+Sequential's state_dict keys. Supported modules: Linear, BatchNorm1d, BatchNorm2d (momentum
+None included), LayerNorm, Conv2d (square kernel, dilation 1, groups 1, zero padding),
+MaxPool2d and AvgPool2d (square, ceil_mode False; AvgPool2d with count_include_pad True),
+Flatten (start_dim 1), ReLU, LeakyReLU, Tanh, Sigmoid, GELU (exact), Dropout.
+
+torch is imported by these functions only, so the client works without it.
+"""
+
+import collections
+
+import numpy as np
+
+from normd.v1 import normd_pb2 as pb
+
+_LOSSES = {"cross_entropy": pb.LOSS_CROSS_ENTROPY, "mse": pb.LOSS_MSE,
+           "bce_with_logits": pb.LOSS_BCE_WITH_LOGITS}
+
+
+def _f32(x: float) -> float:
+    """The float32 value in its shortest decimal form: 1e-5 stays 1e-5 after the wire."""
+    return float(str(np.float32(x)))
+
+
+def _square(value, what: str, index: int) -> int:
+    if isinstance(value, (tuple, list)):
+        if len(set(value)) != 1:
+            raise ValueError(f"layer {index}: {what} must be square, got {tuple(value)}")
+        value = value[0]
+    return int(value)
+
+
+def _layer_to_torch(layer: pb.LayerSpec, index: int):
+    import torch.nn as nn
+
+    kind = layer.WhichOneof("kind")
+    if kind == "linear":
+        s = layer.linear
+        return nn.Linear(s.in_features, s.out_features,
+                         bias=s.bias if s.HasField("bias") else True)
+    if kind in ("batch_norm1d", "batch_norm2d"):
+        s = getattr(layer, kind)
+        cls = nn.BatchNorm1d if kind == "batch_norm1d" else nn.BatchNorm2d
+        momentum = None if s.cumulative_average else (
+            _f32(s.momentum) if s.HasField("momentum") else 0.1)
+        return cls(s.num_features, eps=_f32(s.eps) if s.HasField("eps") else 1e-5,
+                   momentum=momentum, affine=s.affine if s.HasField("affine") else True,
+                   track_running_stats=(s.track_running_stats
+                                        if s.HasField("track_running_stats") else True))
+    if kind == "layer_norm":
+        s = layer.layer_norm
+        return nn.LayerNorm(list(s.normalized_shape),
+                            eps=_f32(s.eps) if s.HasField("eps") else 1e-5,
+                            elementwise_affine=(s.elementwise_affine
+                                                if s.HasField("elementwise_affine") else True))
+    if kind == "conv2d":
+        s = layer.conv2d
+        return nn.Conv2d(s.in_channels, s.out_channels, s.kernel_size,
+                         stride=s.stride if s.HasField("stride") else 1, padding=s.padding,
+                         bias=s.bias if s.HasField("bias") else True)
+    if kind in ("max_pool2d", "avg_pool2d"):
+        s = getattr(layer, kind)
+        stride = s.stride if s.HasField("stride") else s.kernel_size
+        cls = nn.MaxPool2d if kind == "max_pool2d" else nn.AvgPool2d
+        return cls(s.kernel_size, stride=stride, padding=s.padding)
+    if kind == "flatten":
+        return nn.Flatten()
+    if kind == "relu":
+        return nn.ReLU()
+    if kind == "leaky_relu":
+        s = layer.leaky_relu
+        return nn.LeakyReLU(_f32(s.negative_slope) if s.HasField("negative_slope") else 0.01)
+    if kind == "tanh":
+        return nn.Tanh()
+    if kind == "sigmoid":
+        return nn.Sigmoid()
+    if kind == "gelu":
+        return nn.GELU()
+    if kind == "dropout":
+        return nn.Dropout(_f32(layer.dropout.p))
+    raise ValueError(f"layer {index}: kind {kind!r} has no PyTorch counterpart here")
+
+
+def to_torch(client, model_id: str):
+    """An nn.Sequential equal to normd model `model_id`, with its weights and BatchNorm buffers,
+    in the same train/eval mode."""
+    import torch
+    import torch.nn as nn
+
+    model = client.get_model(model_id)
+    seq = nn.Sequential(*[_layer_to_torch(l, i) for i, l in enumerate(model.spec.layers)])
+    state = collections.OrderedDict()
+    for name, value in client.get_state(model_id).items():
+        if name.endswith("num_batches_tracked"):
+            state[name] = torch.tensor(int(round(float(value))), dtype=torch.long)
+        else:
+            state[name] = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
+    seq.load_state_dict(state, strict=True)
+    seq.train(model.mode == pb.MODE_TRAIN)
+    return seq
+
+
+def _module_to_spec(module, index: int) -> pb.LayerSpec:
+    import torch.nn as nn
+
+    spec = pb.LayerSpec()
+
+    def fail(why):
+        raise ValueError(f"layer {index} ({type(module).__name__}): {why}")
+
+    if isinstance(module, nn.Linear):
+        spec.linear.in_features = module.in_features
+        spec.linear.out_features = module.out_features
+        spec.linear.bias = module.bias is not None
+    elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        s = spec.batch_norm1d if isinstance(module, nn.BatchNorm1d) else spec.batch_norm2d
+        s.num_features = module.num_features
+        s.eps = module.eps
+        if module.momentum is None:
+            s.cumulative_average = True
+        else:
+            s.momentum = module.momentum
+        s.affine = module.affine
+        s.track_running_stats = module.track_running_stats
+    elif isinstance(module, nn.LayerNorm):
+        spec.layer_norm.normalized_shape.extend(module.normalized_shape)
+        spec.layer_norm.eps = module.eps
+        spec.layer_norm.elementwise_affine = module.elementwise_affine
+    elif isinstance(module, nn.Conv2d):
+        if _square(module.dilation, "dilation", index) != 1 or module.groups != 1:
+            fail("only dilation 1 and groups 1 are supported")
+        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+            fail("only numeric zero padding is supported")
+        s = spec.conv2d
+        s.in_channels = module.in_channels
+        s.out_channels = module.out_channels
+        s.kernel_size = _square(module.kernel_size, "kernel_size", index)
+        s.stride = _square(module.stride, "stride", index)
+        s.padding = _square(module.padding, "padding", index)
+        s.bias = module.bias is not None
+    elif isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
+        if module.ceil_mode:
+            fail("ceil_mode=True is not supported")
+        if isinstance(module, nn.MaxPool2d):
+            if _square(module.dilation, "dilation", index) != 1 or module.return_indices:
+                fail("only dilation 1 without return_indices is supported")
+            s = spec.max_pool2d
+        else:
+            if not module.count_include_pad or module.divisor_override is not None:
+                fail("only count_include_pad=True without divisor_override is supported")
+            s = spec.avg_pool2d
+        s.kernel_size = _square(module.kernel_size, "kernel_size", index)
+        s.stride = _square(module.stride if module.stride is not None else module.kernel_size,
+                           "stride", index)
+        s.padding = _square(module.padding, "padding", index)
+    elif isinstance(module, nn.Flatten):
+        if module.start_dim != 1 or module.end_dim != -1:
+            fail("only Flatten(start_dim=1, end_dim=-1) is supported")
+        spec.flatten.SetInParent()
+    elif isinstance(module, nn.ReLU):
+        spec.relu.SetInParent()
+    elif isinstance(module, nn.LeakyReLU):
+        spec.leaky_relu.negative_slope = module.negative_slope
+    elif isinstance(module, nn.Tanh):
+        spec.tanh.SetInParent()
+    elif isinstance(module, nn.Sigmoid):
+        spec.sigmoid.SetInParent()
+    elif isinstance(module, nn.GELU):
+        if getattr(module, "approximate", "none") != "none":
+            fail("only the exact (erf) GELU is supported")
+        spec.gelu.SetInParent()
+    elif isinstance(module, nn.Dropout):
+        spec.dropout.p = module.p
+    else:
+        fail("unsupported module")
+    return spec
+
+
+def _loss_enum(loss) -> int:
+    if isinstance(loss, int):
+        return loss
+    if isinstance(loss, str):
+        if loss not in _LOSSES:
+            raise ValueError(f"loss must be one of {sorted(_LOSSES)}, got {loss!r}")
+        return _LOSSES[loss]
+    import torch.nn as nn
+
+    for cls, value in ((nn.CrossEntropyLoss, pb.LOSS_CROSS_ENTROPY), (nn.MSELoss, pb.LOSS_MSE),
+                       (nn.BCEWithLogitsLoss, pb.LOSS_BCE_WITH_LOGITS)):
+        if isinstance(loss, cls):
+            return value
+    raise ValueError(f"unsupported loss {loss!r}")
+
+
+def _optimizer_spec(optimizer) -> pb.OptimizerSpec:
+    """From a pb.OptimizerSpec, its JSON mapping (dict) or a torch.optim SGD/Adam/AdamW."""
+    from google.protobuf import json_format
+
+    if optimizer is None:
+        return pb.OptimizerSpec(sgd=pb.SGDSpec(lr=0.01))
+    if isinstance(optimizer, pb.OptimizerSpec):
+        return optimizer
+    if isinstance(optimizer, dict):
+        return json_format.ParseDict(optimizer, pb.OptimizerSpec())
+    import torch.optim as optim
+
+    g = optimizer.param_groups[0]
+    if isinstance(optimizer, optim.SGD):
+        return pb.OptimizerSpec(sgd=pb.SGDSpec(
+            lr=g["lr"], momentum=g["momentum"], dampening=g["dampening"],
+            nesterov=g["nesterov"], weight_decay=g["weight_decay"]))
+    if isinstance(optimizer, (optim.Adam, optim.AdamW)):
+        if g.get("amsgrad"):
+            raise ValueError("amsgrad is not supported")
+        return pb.OptimizerSpec(adam=pb.AdamSpec(
+            lr=g["lr"], beta1=g["betas"][0], beta2=g["betas"][1], eps=g["eps"],
+            weight_decay=g["weight_decay"],
+            decoupled_weight_decay=isinstance(optimizer, optim.AdamW)))
+    raise ValueError(f"unsupported optimizer {type(optimizer).__name__}")
+
+
+def from_torch(client, seq, input_shape, loss="cross_entropy", optimizer=None, id: str = "",
+               seed: int = 0):
+    """Creates a normd model equal to nn.Sequential `seq` (weights and BatchNorm buffers, set
+    with SetState strict) in the same train/eval mode; returns its pb.Model.
+
+    input_shape: one sample's shape, e.g. [64] or [1, 8, 8]. loss: "cross_entropy", "mse",
+    "bce_with_logits", a pb.Loss value or a torch loss module. optimizer: a torch.optim
+    SGD/Adam/AdamW, a pb.OptimizerSpec or its dict form (default SGD lr 0.01). A child whose name
+    is not its index becomes the layer's name (the metrics label).
+    """
+    import torch.nn as nn
+
+    if not isinstance(seq, nn.Sequential):
+        raise TypeError("from_torch takes a torch.nn.Sequential")
+    spec = pb.ModelSpec(input_shape=[int(d) for d in input_shape], loss=_loss_enum(loss),
+                        optimizer=_optimizer_spec(optimizer), seed=seed)
+    prefix_to_index = {}
+    for index, (name, module) in enumerate(seq.named_children()):
+        layer = _module_to_spec(module, index)
+        if name != str(index):
+            layer.name = name
+        spec.layers.append(layer)
+        prefix_to_index[name] = index
+    model = client.create_model(spec, id=id)
+    state = collections.OrderedDict()
+    for key, value in seq.state_dict().items():
+        child, _, rest = key.partition(".")
+        state[f"{prefix_to_index[child]}.{rest}"] = value.detach().cpu().numpy().astype(np.float32)
+    try:
+        client.set_state(model.id, state, strict=True)
+        if not seq.training:
+            client.set_mode(model.id, "eval")
+        return client.get_model(model.id)
+    except Exception:
+        client.delete_model(model.id)  # do not leave a half-made model behind
+        raise
