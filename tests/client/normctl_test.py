@@ -1,0 +1,311 @@
+"""normctl run for real against a real normd: every subcommand, exit codes and error messages."""
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import unittest
+
+import numpy as np
+from sklearn.datasets import load_digits
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import normd  # noqa: E402
+from normd_server import NormdServer, env_path, free_port  # noqa: E402
+
+SERVER = None
+NORMCTL = None
+EXAMPLES = None
+TMP = None
+
+
+def setUpModule():
+    global SERVER, NORMCTL, EXAMPLES, TMP
+    NORMCTL = env_path("NORMCTL_BIN")
+    EXAMPLES = os.path.join(env_path("NORMD_SOURCE_DIR"), "client", "examples")
+    TMP = tempfile.TemporaryDirectory(prefix="normctl-test-")
+    SERVER = NormdServer().__enter__()
+
+
+def tearDownModule():
+    SERVER.__exit__(None, None, None)
+    TMP.cleanup()
+
+
+def path(name):
+    return os.path.join(TMP.name, name)
+
+
+def write_csv(name, x, y=None, header=True):
+    with open(path(name), "w", newline="") as f:
+        w = csv.writer(f)
+        cols = [f"f{i}" for i in range(x.shape[1])] + (["label"] if y is not None else [])
+        if header:
+            w.writerow(cols)
+        for i in range(len(x)):
+            w.writerow([f"{v:.6g}" for v in x[i]] + ([int(y[i])] if y is not None else []))
+    return path(name)
+
+
+def blobs(n, seed):
+    """16 features, 4 classes: the shape client/examples/mlp_bn.json takes."""
+    rng = np.random.default_rng(seed)
+    centers = np.random.default_rng(99).normal(0, 2.5, size=(4, 16))
+    y = rng.integers(0, 4, n)
+    return (centers[y] + rng.normal(size=(n, 16))).astype(np.float32), y
+
+
+def run(*args, check=True, server=True, env=None):
+    cmd = [NORMCTL] + (["--server", SERVER.address] if server else []) + list(args)
+    full_env = dict(os.environ)
+    full_env.pop("NORMD_SERVER", None)
+    full_env.update(env or {})
+    p = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=300)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\nstdout:\n{p.stdout}\n"
+                             f"stderr:\n{p.stderr}")
+    return p
+
+
+def get_json(mid):
+    return json.loads(run("get", mid, "--json").stdout)
+
+
+class NormctlTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.x_train, cls.y_train = blobs(600, 1)
+        cls.x_test, cls.y_test = blobs(200, 2)
+        cls.train_csv = write_csv("train.csv", cls.x_train, cls.y_train)
+        cls.test_csv = write_csv("test.csv", cls.x_test, cls.y_test, header=False)
+        cls.features_csv = write_csv("features.csv", cls.x_test[:50])
+
+    def setUp(self):
+        self.client = SERVER.client
+        for m in self.client.list_models():
+            self.client.delete_model(m.id)
+
+    def create(self, spec_file, mid):
+        p = run("create", "--spec", os.path.join(EXAMPLES, spec_file), "--id", mid)
+        self.assertIn(f"created model {mid}", p.stdout)
+        return p
+
+    def test_mlp_workflow(self):
+        self.create("mlp_bn.json", "mlp")
+        p = run("train", "mlp", "--data", self.train_csv, "--label-column", "16", "--epochs", "3",
+                "--batch", "32", "--shuffle", "--val", self.test_csv, "--progress", "lines")
+        self.assertIn("epoch 3/3", p.stdout)
+        self.assertIn("val accuracy", p.stdout)
+        self.assertIn("samples/s", p.stdout)
+        model = get_json("mlp")
+        self.assertEqual(int(model["step"]), 3 * ((600 + 31) // 32))
+
+        p = run("eval", "mlp", "--data", self.test_csv)
+        accuracy = float(re.search(r"accuracy\s+([\d.]+)%", p.stdout).group(1))
+        self.assertGreaterEqual(accuracy, 85.0, p.stdout)
+        self.assertIn("samples   200", p.stdout)
+        self.assertEqual(int(get_json("mlp")["step"]), 3 * ((600 + 31) // 32))  # unchanged
+
+        run("mode", "mlp", "eval")
+        self.assertEqual(get_json("mlp")["mode"], "MODE_EVAL")
+        out = path("pred.csv")
+        p = run("predict", "mlp", "--data", self.test_csv, "--label-column", "16", "--out", out)
+        with open(out) as f:
+            rows = list(csv.reader(f))
+        self.assertEqual(rows[0], ["output_0", "output_1", "output_2", "output_3"])
+        self.assertEqual(len(rows), 201)
+        self.assertTrue(all(len(r) == 4 for r in rows))
+        served = np.array(rows[1:], dtype=np.float32)
+        np.testing.assert_allclose(served, self.client.predict("mlp", self.x_test), rtol=1e-6,
+                                   atol=1e-6)
+        p = run("predict", "mlp", "--data", self.features_csv, "--argmax")
+        lines = p.stdout.strip().splitlines()
+        self.assertEqual(lines[0], "class")
+        self.assertEqual(len(lines), 51)
+        np.testing.assert_array_equal(np.array(lines[1:], dtype=int), served[:50].argmax(1))
+
+        p = run("lr", "mlp", "0.0005")
+        self.assertIn("0.003 -> 0.0005", p.stdout)
+        self.assertAlmostEqual(get_json("mlp")["spec"]["optimizer"]["adam"]["lr"], 0.0005)
+
+        p = run("get", "mlp")
+        for text in ("mode        eval", "bn1", "bn2", "batch_norm1d", "LOSS_CROSS_ENTROPY"):
+            self.assertIn(text, p.stdout)
+        bn_rows = [l.split() for l in p.stdout.splitlines() if l.strip().startswith("bn")]
+        self.assertIn(["bn1", "57"], [r[:2] for r in bn_rows])
+
+        p = run("reset-stats", "mlp")
+        self.assertIn("2 BatchNorm layer", p.stdout)
+        model = get_json("mlp")
+        self.assertTrue(all(int(bn.get("num_batches_tracked", 0)) == 0
+                            for bn in model["batch_norms"]))
+        np.testing.assert_array_equal(self.client.get_state("mlp")["1.running_mean"], 0)
+
+        run("mode", "mlp", "train", "--freeze-running-stats")
+        self.assertTrue(get_json("mlp")["running_stats_frozen"])
+        run("train", "mlp", "--data", self.train_csv, "--epochs", "1", "--batch", "64")
+        np.testing.assert_array_equal(self.client.get_state("mlp")["1.running_mean"], 0)
+        run("mode", "mlp", "train", "--no-freeze-running-stats")
+        self.assertFalse(get_json("mlp").get("running_stats_frozen", False))
+
+    def test_inspect_shows_batchnorm_normalising(self):
+        self.create("mlp_bn.json", "fresh")
+        # A fresh model in train mode: BatchNorm (gamma 1, beta 0) outputs mean 0, std 1.
+        p = run("inspect", "fresh", "--data", self.train_csv, "--label-column", "label",
+                "--rows", "128")
+        rows = {}
+        for line in p.stdout.splitlines():
+            parts = line.split()
+            if len(parts) == 7 and parts[0].isdigit():
+                rows[parts[1]] = (parts[2], [float(v) for v in parts[3:]])
+        self.assertEqual(len(rows), 8, p.stdout)
+        kind, (in_mean, in_std, out_mean, out_std) = rows["bn1"]
+        self.assertEqual(kind, "BatchNorm1d")
+        self.assertLess(abs(out_mean), 1e-3)
+        self.assertLess(abs(out_std - 1), 1e-2)
+        self.assertGreater(abs(in_std - 1) + abs(in_mean), 0.05)  # what BatchNorm fixes
+
+    def test_cnn_on_digits(self):
+        digits = load_digits()
+        x = (digits.data / 16.0).astype(np.float32)
+        y = digits.target
+        train = write_csv("digits_train.csv", x[:1400], y[:1400])
+        test = write_csv("digits_test.csv", x[1400:], y[1400:], header=False)
+        self.create("cnn_bn.json", "cnn")
+        self.assertEqual(get_json("cnn")["output_shape"], ["10"])
+        run("train", "cnn", "--data", train, "--label-column", "-1", "--epochs", "3",
+            "--batch", "64", "--shuffle")
+        p = run("eval", "cnn", "--data", test)
+        accuracy = float(re.search(r"accuracy\s+([\d.]+)%", p.stdout).group(1))
+        self.assertGreaterEqual(accuracy, 85.0, p.stdout)
+
+    def test_create_list_delete(self):
+        p = run("create", "--spec", os.path.join(EXAMPLES, "mlp_bn.json"))
+        picked = re.search(r"created model (\S+):", p.stdout).group(1)
+        request = path("request.json")
+        with open(os.path.join(EXAMPLES, "cnn_bn.json")) as f:
+            spec = json.load(f)
+        with open(request, "w") as f:
+            json.dump({"id": "from-request", "spec": spec}, f)
+        run("create", "--spec", request)
+        p = run("list")
+        self.assertIn(picked, p.stdout)
+        self.assertIn("from-request", p.stdout)
+        ids = [m["id"] for m in json.loads(run("list", "--json").stdout)["models"]]
+        self.assertEqual(sorted(ids), sorted([picked, "from-request"]))
+        p = run("delete", picked)
+        self.assertIn(f"deleted model {picked}", p.stdout)
+        self.assertNotIn(picked, run("list").stdout)
+        run("delete", "from-request")
+        self.assertIn("no models", run("list").stdout)
+
+    def test_health_and_env(self):
+        p = run("health")
+        self.assertEqual(p.returncode, 0)
+        self.assertIn("SERVING", p.stdout)
+        p = run("list", server=False, env={"NORMD_SERVER": SERVER.address})
+        self.assertEqual(p.returncode, 0)
+
+    def test_errors(self):
+        p = run("get", "nosuch", check=False)
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("NOT_FOUND", p.stderr)
+        self.assertIn("nosuch", p.stderr)
+        self.assertEqual(p.stdout, "")
+
+        for args in (["delete", "nosuch"], ["mode", "nosuch", "eval"], ["reset-stats", "nosuch"],
+                     ["lr", "nosuch", "0.1"], ["eval", "nosuch", "--data", self.test_csv]):
+            p = run(*args, check=False)
+            self.assertEqual(p.returncode, 1, args)
+            self.assertIn("NOT_FOUND", p.stderr, args)
+
+        bad_json = path("bad.json")
+        with open(bad_json, "w") as f:
+            f.write('{"input_shape": [4], "layers": [{"linear": ')
+        p = run("create", "--spec", bad_json, check=False)
+        self.assertEqual(p.returncode, 2)
+        self.assertIn("bad.json", p.stderr)
+
+        p = run("create", "--spec", path("missing.json"), check=False)
+        self.assertEqual(p.returncode, 2)
+        self.assertIn("missing.json", p.stderr)
+
+        with open(os.path.join(EXAMPLES, "mlp_bn.json")) as f:
+            spec = json.load(f)
+        spec["layers"][1]["batch_norm1d"]["num_features"] = 63
+        wrong = path("wrong.json")
+        with open(wrong, "w") as f:
+            json.dump(spec, f)
+        p = run("create", "--spec", wrong, "--id", "wrong", check=False)
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("INVALID_ARGUMENT", p.stderr)
+        self.assertIn("63", p.stderr)
+
+        self.create("mlp_bn.json", "m")
+        p = run("create", "--spec", os.path.join(EXAMPLES, "mlp_bn.json"), "--id", "m",
+                check=False)
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("ALREADY_EXISTS", p.stderr)
+
+        few = write_csv("few.csv", self.x_train[:10, :12], self.y_train[:10])
+        p = run("train", "m", "--data", few, check=False)
+        self.assertEqual(p.returncode, 2)
+        self.assertIn("12 feature columns", p.stderr)
+
+        broken = path("broken.csv")
+        with open(broken, "w") as f:
+            f.write(",".join(["1"] * 17) + "\n" + ",".join(["2"] * 17) + "\n"
+                    + ",".join(["x"] + ["3"] * 16) + "\n")
+        p = run("train", "m", "--data", broken, check=False)
+        self.assertEqual(p.returncode, 2)
+        self.assertIn("broken.csv:3", p.stderr)
+
+        ragged = path("ragged.csv")
+        with open(ragged, "w") as f:
+            f.write(",".join(["1"] * 17) + "\n" + ",".join(["2"] * 16) + "\n")
+        p = run("eval", "m", "--data", ragged, check=False)
+        self.assertEqual(p.returncode, 2)
+        self.assertIn("ragged.csv:2", p.stderr)
+
+        labels_out_of_range = write_csv("labels.csv", self.x_train[:40], self.y_train[:40] + 10)
+        p = run("train", "m", "--data", labels_out_of_range, check=False)
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("INVALID_ARGUMENT", p.stderr)
+
+        p = run("mode", "m", "sideways", check=False)
+        self.assertEqual(p.returncode, 2)
+        p = run("frobnicate", check=False)
+        self.assertEqual(p.returncode, 2)
+
+        closed = f"127.0.0.1:{free_port()}"
+        p = run("--server", closed, "--timeout", "2", "list", server=False, check=False)
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("UNAVAILABLE", p.stderr)
+        p = run("--server", closed, "--timeout", "2", "health", server=False, check=False)
+        self.assertEqual(p.returncode, 1)
+
+    def test_demo(self):
+        out_dir = path("demo")
+        os.makedirs(out_dir)
+        p = run("demo", "--metrics-url", SERVER.metrics_url, "--samples", "3000", "--epochs",
+                "2", "--out-dir", out_dir, "--progress", "lines")
+        print(p.stdout)
+        self.assertIn("DRIFT DETECTED at bn1", p.stdout)
+        table = [l.split() for l in p.stdout.splitlines() if l.strip().startswith("bn1")]
+        metrics_rows = [r for r in table if r[1:4] == ["mean", "shift", "/metrics"]]
+        self.assertEqual(len(metrics_rows), 1, p.stdout)
+        before, after = float(metrics_rows[0][4]), float(metrics_rows[0][5])
+        self.assertGreater(after, 3 * before)
+        for name in ("train.csv", "test.csv", "shifted.csv"):
+            self.assertTrue(os.path.exists(os.path.join(out_dir, name)), name)
+        self.assertEqual(self.client.get_model("demo").mode, normd.pb.MODE_EVAL)
+        # A second run replaces the model it left behind.
+        p = run("demo", "--samples", "1000", "--epochs", "1", "--progress", "off")
+        self.assertIn("replacing it", p.stdout)
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)

@@ -1,0 +1,132 @@
+// Tests of client/normd_client.{h,cc} that need no server: the wire encoding of tensors, the
+// error type and the local failures. The RPC wrappers are exercised against a real normd by
+// normctl_test.py (normctl is built on this library).
+#include "client/normd_client.h"
+
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cstring>
+
+namespace normd::client {
+namespace {
+
+TEST(TensorEncodingTest, MatrixGoesOutAsRawLittleEndianFloat32) {
+  Matrix m(2, 3);
+  m << 1, 2, 3, 4, 5, -6.5f;
+  v1::Tensor wire;
+  wire.add_values(9);  // stale content is cleared
+  EncodeTensor(m, &wire);
+  ASSERT_EQ(wire.shape_size(), 2);
+  EXPECT_EQ(wire.shape(0), 2);
+  EXPECT_EQ(wire.shape(1), 3);
+  EXPECT_EQ(wire.values_size(), 0);
+  ASSERT_EQ(wire.raw().size(), 6 * sizeof(float));
+  float last;
+  std::memcpy(&last, wire.raw().data() + 5 * sizeof(float), sizeof(float));
+  EXPECT_EQ(last, -6.5f);
+
+  const Tensor back = DecodeTensor(wire);
+  EXPECT_EQ(back.shape, (std::vector<int64_t>{2, 3}));
+  EXPECT_EQ(back.matrix(), m);
+}
+
+TEST(TensorEncodingTest, ViewKeepsAnNdShape) {
+  std::vector<float> data(2 * 1 * 4 * 4);
+  for (size_t i = 0; i < data.size(); ++i) data[i] = static_cast<float>(i);
+  v1::Tensor wire;
+  EncodeTensor(TensorView(data.data(), {2, 1, 4, 4}), &wire);
+  const Tensor back = DecodeTensor(wire);
+  EXPECT_EQ(back.shape, (std::vector<int64_t>{2, 1, 4, 4}));
+  EXPECT_EQ(back.values, data);
+  EXPECT_EQ(back.rows(), 2);
+  EXPECT_EQ(back.cols(), 16);
+}
+
+TEST(TensorEncodingTest, DecodesTheValuesEncodingAndScalars) {
+  v1::Tensor wire;
+  wire.add_shape(2);
+  wire.add_shape(2);
+  for (float v : {1.f, 2.f, 3.f, 4.f}) wire.add_values(v);
+  EXPECT_EQ(DecodeTensor(wire).values, (std::vector<float>{1, 2, 3, 4}));
+
+  v1::Tensor scalar;  // 0-d, like num_batches_tracked
+  scalar.add_values(7);
+  const Tensor s = DecodeTensor(scalar);
+  EXPECT_TRUE(s.shape.empty());
+  EXPECT_EQ(s.values, std::vector<float>{7});
+}
+
+TEST(TensorEncodingTest, MismatchedPayloadIsAnError) {
+  v1::Tensor wire;
+  wire.add_shape(3);
+  wire.set_raw(std::string(8, '\0'));
+  try {
+    DecodeTensor(wire);
+    FAIL() << "expected an Error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), grpc::StatusCode::INTERNAL);
+  }
+  wire.clear_raw();
+  wire.add_values(1);
+  EXPECT_THROW(DecodeTensor(wire), Error);
+}
+
+TEST(ErrorTest, CarriesCodeMessageAndMethod) {
+  const Error e(grpc::StatusCode::NOT_FOUND, "model 'x' not found", "GetModel");
+  EXPECT_EQ(e.code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(e.message(), "model 'x' not found");
+  EXPECT_EQ(e.method(), "GetModel");
+  EXPECT_STREQ(e.what(), "GetModel: NOT_FOUND: model 'x' not found");
+  EXPECT_STREQ(StatusCodeName(grpc::StatusCode::RESOURCE_EXHAUSTED), "RESOURCE_EXHAUSTED");
+}
+
+TEST(ClientTest, UnreadableTlsFileIsAnError) {
+  ClientOptions options;
+  options.use_tls = true;
+  options.tls_ca_file = "/nonexistent/ca.pem";
+  try {
+    Client client(options);
+    FAIL() << "expected an Error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_NE(std::string(e.what()).find("/nonexistent/ca.pem"), std::string::npos);
+  }
+  options.tls_ca_file.clear();
+  options.tls_cert_file = "/nonexistent/cert.pem";  // a certificate without its key
+  EXPECT_THROW(Client{options}, Error);
+}
+
+// A loopback port nobody listens on: bound, read, released.
+int ClosedPort() {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
+  socklen_t len = sizeof addr;
+  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  close(fd);
+  return ntohs(addr.sin_port);
+}
+
+TEST(ClientTest, UnreachableServerFailsWithinTheDeadline) {
+  ClientOptions options;
+  options.server = "127.0.0.1:" + std::to_string(ClosedPort());
+  options.timeout = std::chrono::seconds(2);
+  Client client(options);
+  try {
+    client.ListModels();
+    FAIL() << "expected an Error";
+  } catch (const Error& e) {
+    EXPECT_TRUE(e.code() == grpc::StatusCode::UNAVAILABLE ||
+                e.code() == grpc::StatusCode::DEADLINE_EXCEEDED)
+        << e.what();
+    EXPECT_EQ(e.method(), "ListModels");
+  }
+}
+
+}  // namespace
+}  // namespace normd::client

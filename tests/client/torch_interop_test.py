@@ -1,0 +1,179 @@
+"""PyTorch interop: torch -> normd -> torch round trips preserve outputs (eval mode, <= 1e-6)."""
+
+import os
+import sys
+import unittest
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import normd  # noqa: E402
+from normd import pb  # noqa: E402
+from normd_server import NormdServer  # noqa: E402
+
+SERVER = None
+TOL = 1e-6
+
+
+def setUpModule():
+    global SERVER
+    SERVER = NormdServer().__enter__()
+
+
+def tearDownModule():
+    SERVER.__exit__(None, None, None)
+
+
+def warm_up(seq, x, steps=5):
+    """Trains a few steps so weights and BatchNorm buffers are far from their initial values."""
+    seq.train()
+    opt = torch.optim.SGD(seq.parameters(), lr=0.05, momentum=0.9)
+    for i in range(steps):
+        opt.zero_grad()
+        out = seq(x * (1 + 0.1 * i) + 0.3)  # shifted batches: running stats move
+        out.square().mean().backward()
+        opt.step()
+    seq.eval()
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+class InteropTest(unittest.TestCase):
+    def setUp(self):
+        self.c = SERVER.client
+        torch.manual_seed(0)
+        self.created = []
+
+    def tearDown(self):
+        for mid in self.created:
+            try:
+                self.c.delete_model(mid)
+            except normd.NormdError:
+                pass
+
+    def round_trip(self, seq, input_shape, x, mid):
+        """torch -> normd -> torch; returns (torch out, normd out, torch again out)."""
+        with torch.no_grad():
+            expected = seq(x).numpy()
+        model = normd.from_torch(self.c, seq, input_shape, loss="cross_entropy",
+                                 optimizer=torch.optim.SGD(seq.parameters(), lr=0.1), id=mid)
+        self.created.append(model.id)
+        self.assertEqual(model.mode, pb.MODE_EVAL)
+        served = self.c.predict(model.id, x.numpy())
+        back = normd.to_torch(self.c, model.id)
+        self.assertFalse(back.training)
+        with torch.no_grad():
+            again = back(x).numpy()
+        original = seq.state_dict()
+        for name, value in back.state_dict().items():
+            self.assertTrue(torch.equal(value, original[name]), name)
+            self.assertEqual(value.dtype, original[name].dtype, name)
+        return expected, served, again
+
+    def test_mlp_round_trip(self):
+        seq = nn.Sequential(
+            nn.Linear(20, 32), nn.BatchNorm1d(32), nn.ReLU(),
+            nn.Linear(32, 32), nn.BatchNorm1d(32, momentum=None), nn.LeakyReLU(0.2),
+            nn.Linear(32, 16), nn.LayerNorm(16), nn.GELU(), nn.Dropout(0.3),
+            nn.Linear(16, 16, bias=False), nn.BatchNorm1d(16, affine=False), nn.Tanh(),
+            nn.Linear(16, 8), nn.BatchNorm1d(8, track_running_stats=False), nn.Sigmoid(),
+            nn.Linear(8, 5))
+        x = torch.randn(64, 20)
+        warm_up(seq, x)
+        expected, served, again = self.round_trip(seq, [20], x, "interop-mlp")
+        err = rel_err(served, expected)
+        print(f"MLP: normd vs torch relative error {err:.2e}, max abs "
+              f"{np.abs(served - expected).max():.2e}")
+        self.assertLessEqual(err, TOL)
+        np.testing.assert_allclose(served, expected, rtol=0, atol=TOL * np.abs(expected).max())
+        np.testing.assert_array_equal(again, expected)
+
+    def test_cnn_round_trip(self):
+        seq = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, stride=1, padding=1, bias=False), nn.BatchNorm2d(16, momentum=None),
+            nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(64, 10))
+        x = torch.randn(32, 1, 8, 8)
+        warm_up(seq, x)
+        expected, served, again = self.round_trip(seq, [1, 8, 8], x, "interop-cnn")
+        err = rel_err(served, expected)
+        print(f"CNN: normd vs torch relative error {err:.2e}")
+        self.assertLessEqual(err, TOL)
+        np.testing.assert_array_equal(again, expected)
+
+    def test_named_children_and_train_mode(self):
+        from collections import OrderedDict
+        seq = nn.Sequential(OrderedDict([("fc", nn.Linear(4, 6)), ("bn", nn.BatchNorm1d(6)),
+                                         ("act", nn.ReLU()), ("head", nn.Linear(6, 2))]))
+        model = normd.from_torch(self.c, seq, [4], loss=nn.CrossEntropyLoss(),
+                                 optimizer={"adam": {"lr": 0.01}}, id="interop-named")
+        self.created.append(model.id)
+        self.assertEqual(model.mode, pb.MODE_TRAIN)
+        self.assertEqual([l.name for l in model.spec.layers], ["fc", "bn", "act", "head"])
+        self.assertEqual(model.spec.optimizer.WhichOneof("kind"), "adam")
+        # Train mode on both sides: one step each from the same state gives the same buffers.
+        x = torch.randn(16, 4)
+        labels = torch.randint(0, 2, (16,))
+        self.c.train_step(model.id, x.numpy(), labels=labels.numpy())
+        with torch.no_grad():
+            seq(x)  # a training-mode forward updates the running statistics
+        state = self.c.get_state(model.id)
+        self.assertLessEqual(rel_err(state["1.running_mean"], seq.bn.running_mean.numpy()), 1e-5)
+        self.assertLessEqual(rel_err(state["1.running_var"], seq.bn.running_var.numpy()), 1e-5)
+        back = normd.to_torch(self.c, model.id)
+        self.assertTrue(back.training)
+
+    def test_normd_to_torch(self):
+        """A model made and trained in normd runs identically in PyTorch."""
+        spec = {
+            "input_shape": [10],
+            "layers": [{"linear": {"in_features": 10, "out_features": 24}},
+                       {"batch_norm1d": {"num_features": 24, "momentum": 0.2, "eps": 1e-3}},
+                       {"relu": {}},
+                       {"linear": {"in_features": 24, "out_features": 3}}],
+            "loss": "LOSS_CROSS_ENTROPY", "optimizer": {"adam": {"lr": 0.01}}, "seed": 5}
+        mid = self.c.create_model(spec, id="interop-from-normd").id
+        self.created.append(mid)
+        rng = np.random.default_rng(0)
+        for _ in range(10):
+            x = rng.normal(1.0, 2.0, size=(32, 10)).astype(np.float32)
+            self.c.train_step(mid, x, labels=rng.integers(0, 3, 32))
+        self.c.set_mode(mid, "eval")
+        seq = normd.to_torch(self.c, mid)
+        self.assertIsInstance(seq[1], nn.BatchNorm1d)
+        self.assertAlmostEqual(seq[1].momentum, 0.2)
+        self.assertEqual(seq[1].eps, 1e-3)
+        self.assertEqual(int(seq[1].num_batches_tracked), 10)
+        x = rng.normal(1.0, 2.0, size=(50, 10)).astype(np.float32)
+        with torch.no_grad():
+            expected = seq(torch.from_numpy(x)).numpy()
+        err = rel_err(self.c.predict(mid, x), expected)
+        print(f"normd -> torch: relative error {err:.2e}")
+        self.assertLessEqual(err, TOL)
+
+    def test_unsupported_modules(self):
+        for seq in (nn.Sequential(nn.Linear(4, 4), nn.Softmax(dim=1)),
+                    nn.Sequential(nn.Conv2d(1, 2, 3, dilation=2)),
+                    nn.Sequential(nn.Conv2d(1, 2, (3, 2))),
+                    nn.Sequential(nn.GELU(approximate="tanh"))):
+            with self.assertRaises(ValueError):
+                normd.from_torch(self.c, seq, [1, 8, 8], id="interop-unsupported")
+        ids = [m.id for m in self.c.list_models()]
+        self.assertNotIn("interop-unsupported", ids)
+
+    def test_failed_set_state_leaves_no_model(self):
+        seq = nn.Sequential(nn.Linear(4, 3))
+        with torch.no_grad():
+            seq[0].weight[0, 0] = float("nan")
+        with self.assertRaises(normd.NormdError):
+            normd.from_torch(self.c, seq, [4], id="interop-nan")
+        self.assertNotIn("interop-nan", [m.id for m in self.c.list_models()])
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
