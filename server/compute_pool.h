@@ -1,0 +1,45 @@
+// ComputePool: a fixed set of threads that run the service's model work (forward, backward,
+// steps, state copies), so no gRPC thread ever waits on long compute.
+//
+// Tasks run in submission order. The pool never blocks a thread on a model lock: ModelEntry
+// (server/registry.h) queues work per model and hands the pool only tasks that can run at once.
+// Size the pool to the cores the service may use; each task computes single-threaded.
+//
+// Thread safety: Submit may be called from any thread.
+#ifndef NORMD_SERVER_COMPUTE_POOL_H_
+#define NORMD_SERVER_COMPUTE_POOL_H_
+
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace normd::server {
+
+class ComputePool {
+ public:
+  // REQUIRES: threads >= 1.
+  explicit ComputePool(int threads);
+  // Runs every queued task, then joins the threads.
+  ~ComputePool();
+  ComputePool(const ComputePool&) = delete;
+  ComputePool& operator=(const ComputePool&) = delete;
+
+  void Submit(std::function<void()> task);
+  int threads() const { return static_cast<int>(threads_.size()); }
+
+ private:
+  void Run();
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> queue_;  // GUARDED_BY(mu_)
+  bool stopping_ = false;                    // GUARDED_BY(mu_)
+  std::vector<std::thread> threads_;
+};
+
+}  // namespace normd::server
+
+#endif  // NORMD_SERVER_COMPUTE_POOL_H_

@@ -1,0 +1,212 @@
+#include "server/flags.h"
+
+#include <sched.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <cmath>
+#include <iostream>
+#include <sstream>
+#include <thread>
+
+namespace normd::server {
+namespace {
+
+constexpr int64_t kMinMessageBytes = 4096;
+constexpr int64_t kMaxMessageBytes = (int64_t{1} << 31) - 1;  // gRPC counts bytes in an int
+constexpr int kMaxComputeThreads = 1024;
+
+// "HOST:PORT" (HOST may be "[v6]"), or a "unix:" / "unix-abstract:" path, which gRPC accepts.
+Status CheckAddress(const std::string& value, const std::string& flag, bool allow_unix) {
+  if (allow_unix && (value.rfind("unix:", 0) == 0 || value.rfind("unix-abstract:", 0) == 0)) {
+    return Status::Ok();
+  }
+  const size_t colon = value.rfind(':');
+  if (colon == std::string::npos || colon == 0 || colon + 1 == value.size()) {
+    return InvalidArgument(flag, " must be HOST:PORT (e.g. 127.0.0.1:50051), got '", value, "'");
+  }
+  const std::string host = value.substr(0, colon);
+  if (host.front() == '[' ? host.back() != ']' : host.find(':') != std::string::npos) {
+    return InvalidArgument(flag, ": an IPv6 host must be bracketed ([::1]:50051), got '", value,
+                           "'");
+  }
+  const std::string port = value.substr(colon + 1);
+  if (port.size() > 5 || port.find_first_not_of("0123456789") != std::string::npos ||
+      std::stoi(port) > 65535) {
+    return InvalidArgument(flag, ": port must be a number from 0 to 65535, got '", port, "'");
+  }
+  return Status::Ok();
+}
+
+std::chrono::milliseconds Millis(double seconds) {
+  return std::chrono::milliseconds(static_cast<int64_t>(std::llround(seconds * 1000.0)));
+}
+
+}  // namespace
+
+int ParseFlags(int argc, char** argv, Flags* f) {
+  CLI::App app(
+      "normd: a gRPC training service for BatchNorm networks.\n"
+      "Every flag falls back to the environment variable NORMD_<FLAG> (e.g. NORMD_MAX_MODELS "
+      "for --max-models) when not given.",
+      "normd");
+  app.set_version_flag("--version", Version());
+  app.add_option("--listen", f->listen,
+                 "gRPC address HOST:PORT (port 0 picks a free one; see --port-file)")
+      ->envname("NORMD_LISTEN")->capture_default_str();
+  app.add_option("--metrics", f->metrics,
+                 "Prometheus endpoint HOST:PORT serving /metrics (empty: disabled)")
+      ->envname("NORMD_METRICS")->capture_default_str();
+  app.add_option("--data-dir", f->data_dir, "Directory where models persist")
+      ->envname("NORMD_DATA_DIR")->capture_default_str();
+  app.add_option("--max-models", f->max_models, "Most models held at once")
+      ->envname("NORMD_MAX_MODELS")->capture_default_str();
+  app.add_option("--max-message-bytes", f->max_message_bytes,
+                 "Largest gRPC message received or sent, in bytes")
+      ->envname("NORMD_MAX_MESSAGE_BYTES")->capture_default_str();
+  app.add_option("--max-batch-elements", f->max_batch_elements,
+                 "Largest tensor of one request: input, target or gradient elements, and "
+                 "batch size x the model's largest per-sample activation")
+      ->envname("NORMD_MAX_BATCH_ELEMENTS")->capture_default_str();
+  app.add_option("--max-parameters", f->max_parameters, "Most parameters (floats) per model")
+      ->envname("NORMD_MAX_PARAMETERS")->capture_default_str();
+  app.add_option("--max-layers", f->max_layers, "Most layers per model")
+      ->envname("NORMD_MAX_LAYERS")->capture_default_str();
+  app.add_option("--max-retained-forwards", f->max_retained_forwards,
+                 "Most forwards per model kept for Backward (retain_for_backward)")
+      ->envname("NORMD_MAX_RETAINED_FORWARDS")->capture_default_str();
+  app.add_option("--retained-forward-timeout", f->retained_forward_timeout,
+                 "Seconds a retained forward waits for its Backward before it is dropped")
+      ->envname("NORMD_RETAINED_FORWARD_TIMEOUT")->capture_default_str();
+  app.add_option("--max-queued-per-model", f->max_queued_per_model,
+                 "Requests waiting or running per model; more are refused with "
+                 "RESOURCE_EXHAUSTED")
+      ->envname("NORMD_MAX_QUEUED_PER_MODEL")->capture_default_str();
+  app.add_option("--compute-threads", f->compute_threads,
+                 "Threads running model compute (0: one per available core)")
+      ->envname("NORMD_COMPUTE_THREADS")->capture_default_str();
+  app.add_option("--log-level", f->log_level,
+                 "trace, debug, info, warn, error, critical or off")
+      ->envname("NORMD_LOG_LEVEL")->capture_default_str();
+  app.add_option("--drain-timeout", f->drain_timeout,
+                 "Seconds to let in-flight RPCs finish on SIGTERM/SIGINT before cancelling them")
+      ->envname("NORMD_DRAIN_TIMEOUT")->capture_default_str();
+  app.add_option("--port-file", f->port_file,
+                 "Once serving, write 'grpc=PORT' and 'metrics=PORT' lines to this file")
+      ->envname("NORMD_PORT_FILE");
+  app.add_flag("--check-config", f->check_config,
+               "Validate every flag and environment variable, print the configuration and exit "
+               "(0: valid) without serving");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    const int rc = app.exit(e);
+    return rc == 0 ? 0 : 2;
+  }
+  return -1;
+}
+
+Status ValidateFlags(const Flags& f) {
+  NORMD_RETURN_IF_ERROR(CheckAddress(f.listen, "--listen", /*allow_unix=*/true));
+  if (!f.metrics.empty()) {
+    NORMD_RETURN_IF_ERROR(CheckAddress(f.metrics, "--metrics", /*allow_unix=*/false));
+  }
+  if (f.data_dir.empty()) return InvalidArgument("--data-dir must not be empty");
+  struct stat st;
+  if (stat(f.data_dir.c_str(), &st) == 0) {
+    if (!S_ISDIR(st.st_mode)) {
+      return InvalidArgument("--data-dir '", f.data_dir, "' exists and is not a directory");
+    }
+    if (access(f.data_dir.c_str(), R_OK | W_OK | X_OK) != 0) {
+      return InvalidArgument("--data-dir '", f.data_dir, "' is not writable by this user");
+    }
+  }
+  if (f.max_models < 1) return InvalidArgument("--max-models must be >= 1, got ", f.max_models);
+  if (f.max_message_bytes < kMinMessageBytes || f.max_message_bytes > kMaxMessageBytes) {
+    return InvalidArgument("--max-message-bytes must be in [", kMinMessageBytes, ", ",
+                           kMaxMessageBytes, "], got ", f.max_message_bytes);
+  }
+  if (f.max_batch_elements < 1) {
+    return InvalidArgument("--max-batch-elements must be >= 1, got ", f.max_batch_elements);
+  }
+  if (f.max_parameters < 1) {
+    return InvalidArgument("--max-parameters must be >= 1, got ", f.max_parameters);
+  }
+  if (f.max_layers < 1) return InvalidArgument("--max-layers must be >= 1, got ", f.max_layers);
+  if (f.max_retained_forwards < 0) {
+    return InvalidArgument("--max-retained-forwards must be >= 0, got ", f.max_retained_forwards);
+  }
+  if (!(f.retained_forward_timeout > 0) || f.retained_forward_timeout > 86400) {
+    return InvalidArgument("--retained-forward-timeout must be in (0, 86400] seconds, got ",
+                           f.retained_forward_timeout);
+  }
+  if (f.max_queued_per_model < 1) {
+    return InvalidArgument("--max-queued-per-model must be >= 1, got ", f.max_queued_per_model);
+  }
+  if (f.compute_threads < 0 || f.compute_threads > kMaxComputeThreads) {
+    return InvalidArgument("--compute-threads must be in [0, ", kMaxComputeThreads, "], got ",
+                           f.compute_threads);
+  }
+  static const char* const kLevels[] = {"trace", "debug", "info",    "warn",
+                                        "error", "critical", "off"};
+  bool level_ok = false;
+  for (const char* l : kLevels) level_ok = level_ok || f.log_level == l;
+  if (!level_ok) {
+    return InvalidArgument("--log-level must be one of trace, debug, info, warn, error, "
+                           "critical, off; got '", f.log_level, "'");
+  }
+  if (!(f.drain_timeout >= 0) || f.drain_timeout > 3600) {
+    return InvalidArgument("--drain-timeout must be in [0, 3600] seconds, got ", f.drain_timeout);
+  }
+  return Status::Ok();
+}
+
+int AvailableCores() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+    const int n = CPU_COUNT(&set);
+    if (n > 0) return n;
+  }
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+ServerOptions ToServerOptions(const Flags& f) {
+  ServerOptions o;
+  o.listen = f.listen;
+  o.metrics = f.metrics;
+  o.limits.max_models = f.max_models;
+  o.limits.max_parameters = f.max_parameters;
+  o.limits.max_batch_elements = f.max_batch_elements;
+  o.limits.max_layers = f.max_layers;
+  o.limits.max_retained_forwards = f.max_retained_forwards;
+  o.limits.retained_forward_timeout = Millis(f.retained_forward_timeout);
+  o.limits.max_queued_per_model = f.max_queued_per_model;
+  o.compute_threads = f.compute_threads > 0 ? f.compute_threads : AvailableCores();
+  o.max_message_bytes = f.max_message_bytes;
+  o.drain_timeout = Millis(f.drain_timeout);
+  return o;
+}
+
+std::string DescribeFlags(const Flags& f) {
+  std::ostringstream os;
+  os << "listen=" << f.listen << "\n"
+     << "metrics=" << (f.metrics.empty() ? "off" : f.metrics) << "\n"
+     << "data_dir=" << f.data_dir << "\n"
+     << "max_models=" << f.max_models << "\n"
+     << "max_message_bytes=" << f.max_message_bytes << "\n"
+     << "max_batch_elements=" << f.max_batch_elements << "\n"
+     << "max_parameters=" << f.max_parameters << "\n"
+     << "max_layers=" << f.max_layers << "\n"
+     << "max_retained_forwards=" << f.max_retained_forwards << "\n"
+     << "retained_forward_timeout=" << f.retained_forward_timeout << "s\n"
+     << "max_queued_per_model=" << f.max_queued_per_model << "\n"
+     << "compute_threads="
+     << (f.compute_threads > 0 ? f.compute_threads : AvailableCores())
+     << (f.compute_threads > 0 ? "" : " (auto)") << "\n"
+     << "log_level=" << f.log_level << "\n"
+     << "drain_timeout=" << f.drain_timeout << "s\n";
+  return os.str();
+}
+
+}  // namespace normd::server

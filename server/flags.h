@@ -1,0 +1,53 @@
+// normd's command line. Every flag has an environment fallback named NORMD_ and the flag in
+// upper case with '_' for '-' (--max-models <-> NORMD_MAX_MODELS); a flag given on the command
+// line wins. Deploy files and scripts depend on these names: keep them.
+#ifndef NORMD_SERVER_FLAGS_H_
+#define NORMD_SERVER_FLAGS_H_
+
+#include <cstdint>
+#include <string>
+
+#include "core/status.h"
+#include "server/server.h"
+
+namespace normd::server {
+
+struct Flags {
+  std::string listen = "127.0.0.1:50051";
+  std::string metrics = "127.0.0.1:9464";
+  std::string data_dir = "./normd-data";
+  int max_models = 64;
+  int64_t max_message_bytes = int64_t{64} << 20;
+  int64_t max_batch_elements = int64_t{16} << 20;
+  int64_t max_parameters = int64_t{16} << 20;
+  int max_layers = 256;
+  int max_retained_forwards = 16;
+  double retained_forward_timeout = 60;  // seconds
+  int max_queued_per_model = 64;
+  int compute_threads = 0;  // 0: one per available core
+  std::string log_level = "info";
+  double drain_timeout = 10;  // seconds
+  std::string port_file;
+  bool check_config = false;
+};
+
+// Parses argv into `flags`. Returns -1 to go on, or the exit code when the process should stop
+// now (--help, --version: 0; a malformed command line: non-zero, after printing why).
+int ParseFlags(int argc, char** argv, Flags* flags);
+
+// Semantic checks of every flag (address syntax, ranges, log level, data directory).
+// INVALID_ARGUMENT naming the flag.
+Status ValidateFlags(const Flags& flags);
+
+// Cores this process may run on (its CPU affinity), at least 1.
+int AvailableCores();
+
+// The server options the flags describe (compute_threads 0 resolved to AvailableCores()).
+ServerOptions ToServerOptions(const Flags& flags);
+
+// One line per flag, "name=value", for the start-up log and --check-config.
+std::string DescribeFlags(const Flags& flags);
+
+}  // namespace normd::server
+
+#endif  // NORMD_SERVER_FLAGS_H_

@@ -1,0 +1,88 @@
+// normd: the gRPC training service. See `normd --help` and server/server.h.
+#include <signal.h>
+#include <spdlog/sinks/stdout_sinks.h>
+#include <spdlog/spdlog.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <string>
+
+#include "server/flags.h"
+#include "server/server.h"
+
+namespace {
+
+// key=value lines on stderr, UTC timestamps: easy to grep, easy for a log shipper to parse.
+void ConfigureLogging(const std::string& level) {
+  auto logger = spdlog::stderr_logger_mt("normd");
+  spdlog::set_default_logger(logger);
+  spdlog::set_pattern("ts=%Y-%m-%dT%H:%M:%S.%fZ level=%l %v", spdlog::pattern_time_type::utc);
+  spdlog::set_level(spdlog::level::from_str(level));
+  spdlog::flush_on(spdlog::level::info);
+}
+
+// Written to a temporary name and renamed, so a reader never sees half a file.
+bool WritePortFile(const std::string& path, int grpc_port, int metrics_port) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    out << "grpc=" << grpc_port << "\nmetrics=" << metrics_port << "\n";
+    if (!out.good()) return false;
+  }
+  return std::rename(tmp.c_str(), path.c_str()) == 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  using normd::server::Flags;
+  Flags flags;
+  const int rc = normd::server::ParseFlags(argc, argv, &flags);
+  if (rc >= 0) return rc;
+  const normd::Status valid = normd::server::ValidateFlags(flags);
+  if (!valid.ok()) {
+    std::fprintf(stderr, "normd: invalid configuration: %s\n", valid.message().c_str());
+    return 2;
+  }
+  if (flags.check_config) {
+    std::printf("normd %s: configuration OK\n%s", normd::server::Version(),
+                normd::server::DescribeFlags(flags).c_str());
+    return 0;
+  }
+  ConfigureLogging(flags.log_level);
+
+  // SIGTERM and SIGINT are taken synchronously by this thread (sigwait); every thread started
+  // from here on inherits the blocked mask, so no gRPC or compute thread is interrupted.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGTERM);
+  sigaddset(&stop_signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+
+  normd::server::ServerOptions options = normd::server::ToServerOptions(flags);
+  // Persistence (checkpoints in --data-dir), TLS credentials and token interceptors plug in
+  // here through options.persistence, options.credentials and options.interceptors.
+  normd::server::NormdServer server(std::move(options));
+  const normd::Status started = server.Start();
+  if (!started.ok()) {
+    spdlog::critical("event=start_failed error=\"{}\"", started.message());
+    return 1;
+  }
+  if (!flags.port_file.empty() &&
+      !WritePortFile(flags.port_file, server.grpc_port(), server.metrics_port())) {
+    spdlog::critical("event=start_failed error=\"cannot write --port-file {}: {}\"",
+                     flags.port_file, std::strerror(errno));
+    server.Shutdown();
+    return 1;
+  }
+
+  int sig = 0;
+  sigwait(&stop_signals, &sig);
+  spdlog::info("event=shutdown signal={} drain_timeout_s={}", sig == SIGTERM ? "SIGTERM" : "SIGINT",
+               flags.drain_timeout);
+  server.Shutdown();
+  return 0;
+}

@@ -1,0 +1,346 @@
+#include "server/metrics.h"
+
+#include <dirent.h>
+#include <prometheus/collectable.h>
+#include <prometheus/metric_family.h>
+#include <prometheus/text_serializer.h>
+#include <unistd.h>
+
+#include <fstream>
+#include <sstream>
+
+#include "server/status_map.h"
+
+namespace normd::server {
+namespace {
+
+const prometheus::Histogram::BucketBoundaries& RpcBuckets() {
+  static const prometheus::Histogram::BucketBoundaries b = {
+      0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+      0.025,   0.05,   0.1,     0.25,   0.5,   1.0,    2.5,   5.0,  10.0};
+  return b;
+}
+
+// Drift figures are in units of running standard deviations (mean shift) or natural-log
+// ratios (variance): 0.1 is noise, 1 is a shift an operator wants to hear about.
+const prometheus::Histogram::BucketBoundaries& DriftBuckets() {
+  static const prometheus::Histogram::BucketBoundaries b = {0.01, 0.025, 0.05, 0.1, 0.25,
+                                                            0.5,  1.0,   2.5,  5.0, 10.0};
+  return b;
+}
+
+const char* SampleOpName(SampleOp op) {
+  switch (op) {
+    case SampleOp::kForward: return "forward";
+    case SampleOp::kBackward: return "backward";
+    case SampleOp::kTrain: return "train";
+    case SampleOp::kEvaluate: return "evaluate";
+  }
+  return "?";
+}
+
+// process_* metrics from /proc/self, which prometheus-cpp 1.0 does not provide.
+class ProcessCollector : public prometheus::Collectable {
+ public:
+  std::vector<prometheus::MetricFamily> Collect() const override {
+    std::vector<prometheus::MetricFamily> out;
+    const double ticks = static_cast<double>(sysconf(_SC_CLK_TCK));
+    const double page = static_cast<double>(sysconf(_SC_PAGESIZE));
+    std::ifstream stat_file("/proc/self/stat");
+    std::string stat((std::istreambuf_iterator<char>(stat_file)), std::istreambuf_iterator<char>());
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    const size_t close = stat.rfind(')');
+    if (close != std::string::npos && ticks > 0) {
+      std::istringstream rest(stat.substr(close + 2));
+      std::vector<std::string> f;
+      for (std::string tok; rest >> tok;) f.push_back(tok);
+      // f[0] is field 3 (state): utime is field 14, stime 15, starttime 22, vsize 23, rss 24.
+      if (f.size() > 21) {
+        const double cpu = (std::stod(f[11]) + std::stod(f[12])) / ticks;
+        out.push_back(Family("process_cpu_seconds_total",
+                             "Total user and system CPU time spent in seconds.",
+                             prometheus::MetricType::Counter, cpu));
+        const double boot = BootTime();
+        if (boot > 0) {
+          out.push_back(Family("process_start_time_seconds",
+                               "Start time of the process since unix epoch in seconds.",
+                               prometheus::MetricType::Gauge, boot + std::stod(f[19]) / ticks));
+        }
+        out.push_back(Family("process_virtual_memory_bytes", "Virtual memory size in bytes.",
+                             prometheus::MetricType::Gauge, std::stod(f[20])));
+        out.push_back(Family("process_resident_memory_bytes", "Resident memory size in bytes.",
+                             prometheus::MetricType::Gauge, std::stod(f[21]) * page));
+      }
+    }
+    if (DIR* dir = opendir("/proc/self/fd")) {
+      int n = 0;
+      while (const dirent* e = readdir(dir)) {
+        if (e->d_name[0] != '.') ++n;
+      }
+      closedir(dir);
+      out.push_back(Family("process_open_fds", "Number of open file descriptors.",
+                           prometheus::MetricType::Gauge, n - 1));  // minus the one reading
+    }
+    return out;
+  }
+
+ private:
+  static prometheus::MetricFamily Family(const char* name, const char* help,
+                                         prometheus::MetricType type, double value) {
+    prometheus::MetricFamily f;
+    f.name = name;
+    f.help = help;
+    f.type = type;
+    prometheus::ClientMetric m;
+    if (type == prometheus::MetricType::Counter) {
+      m.counter.value = value;
+    } else {
+      m.gauge.value = value;
+    }
+    f.metric.push_back(m);
+    return f;
+  }
+
+  static double BootTime() {
+    std::ifstream in("/proc/stat");
+    for (std::string line; std::getline(in, line);) {
+      if (line.rfind("btime ", 0) == 0) return std::stod(line.substr(6));
+    }
+    return 0;
+  }
+};
+
+}  // namespace
+
+const char* RpcName(Rpc rpc) {
+  switch (rpc) {
+    case Rpc::kCreateModel: return "CreateModel";
+    case Rpc::kGetModel: return "GetModel";
+    case Rpc::kListModels: return "ListModels";
+    case Rpc::kDeleteModel: return "DeleteModel";
+    case Rpc::kSetMode: return "SetMode";
+    case Rpc::kForward: return "Forward";
+    case Rpc::kBackward: return "Backward";
+    case Rpc::kApplyGradients: return "ApplyGradients";
+    case Rpc::kTrainStep: return "TrainStep";
+    case Rpc::kTrainStream: return "TrainStream";
+    case Rpc::kEvaluate: return "Evaluate";
+    case Rpc::kGetState: return "GetState";
+    case Rpc::kSetState: return "SetState";
+    case Rpc::kResetRunningStats: return "ResetRunningStats";
+    case Rpc::kUpdateOptimizer: return "UpdateOptimizer";
+    case Rpc::kSaveModel: return "SaveModel";
+  }
+  return "?";
+}
+
+// --- ModelMetrics ------------------------------------------------------------------------------
+
+ModelMetrics::~ModelMetrics() {
+  Metrics& m = *owner_;
+  for (int i = 0; i < 4; ++i) m.samples_.Remove(samples_[i]);
+  m.train_steps_.Remove(steps_);
+  m.nonfinite_steps_.Remove(nonfinite_);
+  m.train_loss_.Remove(loss_);
+  for (Layer& l : layers_) {
+    for (int k = 0; k < 2; ++k) {
+      if (l.mean_shift[k] != nullptr) m.bn_mean_shift_.Remove(l.mean_shift[k]);
+      if (l.var_log_ratio[k] != nullptr) m.bn_var_log_ratio_.Remove(l.var_log_ratio[k]);
+    }
+    m.bn_mean_update_norm_.Remove(l.mean_update_norm);
+    m.bn_var_update_norm_.Remove(l.var_update_norm);
+    m.bn_batches_tracked_.Remove(l.batches_tracked);
+  }
+}
+
+void ModelMetrics::AddSamples(SampleOp op, int64_t n) {
+  samples_[static_cast<int>(op)]->Increment(static_cast<double>(n));
+}
+
+void ModelMetrics::RecordStep(const double* loss) {
+  steps_->Increment();
+  if (loss != nullptr) loss_->Set(*loss);
+}
+
+void ModelMetrics::RecordNonFiniteStep() { nonfinite_->Increment(); }
+
+void ModelMetrics::RecordDrift(const ForwardRecord& rec, bool training) {
+  const int mode = training ? 0 : 1;
+  for (const ForwardRecord::BatchNormReport& r : rec.batch_norms()) {
+    if (!r.drift.valid || r.layer < 0 || r.layer >= static_cast<int>(layer_slot_.size())) continue;
+    const int slot = layer_slot_[r.layer];
+    if (slot < 0) continue;
+    layers_[slot].mean_shift[mode]->Observe(r.drift.mean_shift);
+    layers_[slot].var_log_ratio[mode]->Observe(r.drift.var_log_ratio);
+  }
+}
+
+void ModelMetrics::SetBatchNormStatus(const std::vector<BatchNormStatus>& status) {
+  for (const BatchNormStatus& s : status) {
+    if (s.layer < 0 || s.layer >= static_cast<int>(layer_slot_.size())) continue;
+    const int slot = layer_slot_[s.layer];
+    if (slot < 0) continue;
+    layers_[slot].mean_update_norm->Set(s.running_mean_update_norm);
+    layers_[slot].var_update_norm->Set(s.running_var_update_norm);
+    layers_[slot].batches_tracked->Set(static_cast<double>(s.num_batches_tracked));
+  }
+}
+
+// --- Metrics -----------------------------------------------------------------------------------
+
+Metrics::Metrics(const std::string& version)
+    : registry_(std::make_shared<prometheus::Registry>()),
+      process_(std::make_shared<ProcessCollector>()),
+      rpc_duration_(prometheus::BuildHistogram()
+                        .Name("normd_rpc_duration_seconds")
+                        .Help("Time from receiving an RPC to its status, by method and code.")
+                        .Register(*registry_)),
+      rpcs_(prometheus::BuildCounter()
+                .Name("normd_rpcs_total")
+                .Help("RPCs completed, by method and status code.")
+                .Register(*registry_)),
+      samples_(prometheus::BuildCounter()
+                   .Name("normd_samples_total")
+                   .Help("Samples processed, by model and op (forward, backward, train, "
+                         "evaluate); throughput is its rate.")
+                   .Register(*registry_)),
+      train_steps_(prometheus::BuildCounter()
+                       .Name("normd_train_steps_total")
+                       .Help("Optimizer steps applied (TrainStep and ApplyGradients).")
+                       .Register(*registry_)),
+      train_loss_(prometheus::BuildGauge()
+                      .Name("normd_train_loss")
+                      .Help("Loss of the model's last TrainStep.")
+                      .Register(*registry_)),
+      nonfinite_steps_(prometheus::BuildCounter()
+                           .Name("normd_nonfinite_steps_total")
+                           .Help("Steps refused because the loss or a gradient was not finite "
+                                 "(the model was left unchanged).")
+                           .Register(*registry_)),
+      models_(prometheus::BuildGauge()
+                  .Name("normd_models")
+                  .Help("Models currently held by the server.")
+                  .Register(*registry_)),
+      bn_mean_shift_(prometheus::BuildHistogram()
+                         .Name("normd_bn_mean_shift")
+                         .Help("Per batch and BatchNorm layer: mean over channels of "
+                               "|batch_mean - running_mean| / sqrt(running_var + eps).")
+                         .Register(*registry_)),
+      bn_var_log_ratio_(prometheus::BuildHistogram()
+                            .Name("normd_bn_var_log_ratio")
+                            .Help("Per batch and BatchNorm layer: mean over channels of "
+                                  "|ln((batch_var + eps) / (running_var + eps))|.")
+                            .Register(*registry_)),
+      bn_mean_update_norm_(prometheus::BuildGauge()
+                               .Name("normd_bn_running_mean_update_norm")
+                               .Help("L2 norm of the last update to a BatchNorm layer's "
+                                     "running_mean.")
+                               .Register(*registry_)),
+      bn_var_update_norm_(prometheus::BuildGauge()
+                              .Name("normd_bn_running_var_update_norm")
+                              .Help("L2 norm of the last update to a BatchNorm layer's "
+                                    "running_var.")
+                              .Register(*registry_)),
+      bn_batches_tracked_(prometheus::BuildGauge()
+                              .Name("normd_bn_batches_tracked")
+                              .Help("A BatchNorm layer's num_batches_tracked.")
+                              .Register(*registry_)),
+      models_gauge_(&models_.Add({})) {
+  prometheus::BuildGauge()
+      .Name("normd_build_info")
+      .Help("Always 1; the label carries the normd version.")
+      .Register(*registry_)
+      .Add({{"version", version}})
+      .Set(1);
+  for (auto& row : rpc_series_) {
+    for (auto& cell : row) cell.store(nullptr, std::memory_order_relaxed);
+  }
+}
+
+Metrics::~Metrics() = default;
+
+Status Metrics::Serve(const std::string& address) {
+  try {
+    exposer_ = std::make_unique<prometheus::Exposer>(address, /*num_threads=*/1);
+  } catch (const std::exception& e) {
+    return Status(StatusCode::kUnavailable,
+                  StrCat("cannot serve metrics on ", address, ": ", e.what()));
+  }
+  exposer_->RegisterCollectable(registry_);
+  exposer_->RegisterCollectable(process_);
+  return Status::Ok();
+}
+
+int Metrics::port() const {
+  if (exposer_ == nullptr) return 0;
+  const std::vector<int> ports = exposer_->GetListeningPorts();
+  return ports.empty() ? 0 : ports.front();
+}
+
+void Metrics::RecordRpc(Rpc rpc, grpc::StatusCode code, double seconds) {
+  int c = static_cast<int>(code);
+  if (c < 0 || c >= kNumCodes) c = static_cast<int>(grpc::StatusCode::UNKNOWN);
+  std::atomic<RpcSeries*>& cell = rpc_series_[static_cast<int>(rpc)][c];
+  RpcSeries* s = cell.load(std::memory_order_acquire);
+  if (s == nullptr) {
+    std::lock_guard<std::mutex> lock(rpc_mu_);
+    s = cell.load(std::memory_order_acquire);
+    if (s == nullptr) {
+      const prometheus::Labels labels = {{"method", RpcName(rpc)},
+                                         {"code", GrpcCodeName(static_cast<grpc::StatusCode>(c))}};
+      auto owned = std::make_unique<RpcSeries>();
+      owned->count = &rpcs_.Add(labels);
+      owned->duration = &rpc_duration_.Add(labels, RpcBuckets());
+      s = owned.get();
+      rpc_series_store_.push_back(std::move(owned));
+      cell.store(s, std::memory_order_release);
+    }
+  }
+  s->count->Increment();
+  s->duration->Observe(seconds);
+}
+
+void Metrics::SetModelCount(int n) { models_gauge_->Set(n); }
+
+std::unique_ptr<ModelMetrics> Metrics::AddModel(const std::string& model_id,
+                                                const Sequential& net) {
+  std::unique_ptr<ModelMetrics> m(new ModelMetrics(this));
+  for (SampleOp op : {SampleOp::kForward, SampleOp::kBackward, SampleOp::kTrain,
+                      SampleOp::kEvaluate}) {
+    m->samples_[static_cast<int>(op)] =
+        &samples_.Add({{"model", model_id}, {"op", SampleOpName(op)}});
+  }
+  m->steps_ = &train_steps_.Add({{"model", model_id}});
+  m->nonfinite_ = &nonfinite_steps_.Add({{"model", model_id}});
+  m->loss_ = &train_loss_.Add({{"model", model_id}});
+  m->layer_slot_.assign(net.num_layers(), -1);
+  for (int i = 0; i < net.num_layers(); ++i) {
+    const BatchNorm* bn = net.layer(i).AsBatchNorm();
+    if (bn == nullptr) continue;
+    const std::string& name = net.layer_name(i);
+    ModelMetrics::Layer l;
+    const char* modes[2] = {"train", "eval"};
+    if (bn->tracks_running_stats()) {  // without running statistics there is no drift
+      for (int k = 0; k < 2; ++k) {
+        const prometheus::Labels labels = {{"model", model_id}, {"layer", name}, {"mode", modes[k]}};
+        l.mean_shift[k] = &bn_mean_shift_.Add(labels, DriftBuckets());
+        l.var_log_ratio[k] = &bn_var_log_ratio_.Add(labels, DriftBuckets());
+      }
+    }
+    const prometheus::Labels labels = {{"model", model_id}, {"layer", name}};
+    l.mean_update_norm = &bn_mean_update_norm_.Add(labels);
+    l.var_update_norm = &bn_var_update_norm_.Add(labels);
+    l.batches_tracked = &bn_batches_tracked_.Add(labels);
+    m->layer_slot_[i] = static_cast<int>(m->layers_.size());
+    m->layers_.push_back(l);
+  }
+  return m;
+}
+
+std::string Metrics::Render() const {
+  std::vector<prometheus::MetricFamily> families = registry_->Collect();
+  for (prometheus::MetricFamily& f : process_->Collect()) families.push_back(std::move(f));
+  return prometheus::TextSerializer().Serialize(families);
+}
+
+}  // namespace normd::server

@@ -1,0 +1,419 @@
+#include "server/registry.h"
+
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <random>
+
+namespace normd::server {
+namespace {
+
+constexpr size_t kMaxIdLength = 64;
+// How many released forward ids an entry remembers for precise error messages.
+constexpr size_t kMaxReleasedNotes = 256;
+// Records kept for reuse by shared forwards (each holds one batch's activations).
+constexpr size_t kMaxFreeRecords = 4;
+
+bool IsIdChar(char c) {
+  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+         c == '.' || c == '_' || c == '-';
+}
+
+uint64_t SplitMix(uint64_t* state) {
+  uint64_t z = (*state += 0x9e3779b97f4a7c15ULL);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
+int64_t MaxSampleElements(const Sequential& net) {
+  int64_t m = net.input_shape().NumElements();
+  for (int i = 0; i < net.num_layers(); ++i) {
+    m = std::max(m, net.layer_output_shape(i).NumElements());
+  }
+  return m;
+}
+
+}  // namespace
+
+Status ValidateModelId(const std::string& id, const std::string& field) {
+  if (id.empty() || id.size() > kMaxIdLength) {
+    return InvalidArgument(field, " must be 1 to ", kMaxIdLength, " characters, got ", id.size());
+  }
+  if (id[0] == '.') return InvalidArgument(field, " must not start with '.', got '", id, "'");
+  for (char c : id) {
+    if (!IsIdChar(c)) {
+      return InvalidArgument(field, " may contain only letters, digits, '.', '_' and '-', got '",
+                             id, "'");
+    }
+  }
+  return Status::Ok();
+}
+
+// --- ModelEntry --------------------------------------------------------------------------------
+
+ModelEntry::ModelEntry(std::string id, v1::ModelSpec spec, std::unique_ptr<Model> model,
+                       std::unique_ptr<ModelMetrics> metrics, const RegistryLimits& limits,
+                       ComputePool* pool)
+    : id_(std::move(id)),
+      limits_(limits),
+      pool_(pool),
+      spec_(std::move(spec)),
+      model_(std::move(model)),
+      metrics_(std::move(metrics)) {
+  max_sample_elements_ = MaxSampleElements(model_->net());
+  training_ = model_->training();
+  summary_ = SummarizeModel(*model_);
+  summary_spec_ = spec_;
+  if (metrics_ != nullptr) metrics_->SetBatchNormStatus(summary_.batch_norms);
+}
+
+Status ModelEntry::Schedule(const std::shared_ptr<ModelEntry>& self, Want want,
+                            std::function<void(Access)> task) {
+  std::lock_guard<std::mutex> lock(sched_mu_);
+  const int in_flight =
+      static_cast<int>(queue_.size()) + running_shared_ + (running_exclusive_ ? 1 : 0);
+  if (in_flight >= limits_.max_queued_per_model) {
+    return ResourceExhausted("model '", id_, "' already has ", in_flight,
+                             " requests queued or running (the limit is ",
+                             limits_.max_queued_per_model, "); retry later");
+  }
+  queue_.push_back(Queued{want, std::move(task)});
+  DispatchLocked(self);
+  return Status::Ok();
+}
+
+void ModelEntry::DispatchLocked(const std::shared_ptr<ModelEntry>& self) {
+  while (!queue_.empty()) {
+    Queued& front = queue_.front();
+    Access access = Access::kShared;
+    if (front.want == Want::kExclusive ||
+        (front.want == Want::kByMode && training_.load(std::memory_order_acquire))) {
+      access = Access::kExclusive;
+    }
+    // Strict FIFO: a waiting exclusive task holds back the shared ones behind it, so a writer
+    // is never starved by a stream of readers.
+    if (running_exclusive_) return;
+    if (access == Access::kExclusive) {
+      if (running_shared_ > 0) return;
+      running_exclusive_ = true;
+    } else {
+      ++running_shared_;
+    }
+    pool_->Submit([self, access, task = std::move(front.task)] {
+      task(access);
+      self->Done(self, access);
+    });
+    queue_.pop_front();
+  }
+}
+
+void ModelEntry::Done(const std::shared_ptr<ModelEntry>& self, Access access) {
+  std::lock_guard<std::mutex> lock(sched_mu_);
+  if (access == Access::kExclusive) {
+    running_exclusive_ = false;
+  } else {
+    --running_shared_;
+  }
+  DispatchLocked(self);
+}
+
+void ModelEntry::Publish() {
+  ModelSummary s = SummarizeModel(*model_);
+  training_.store(s.training, std::memory_order_release);
+  if (metrics_ != nullptr) metrics_->SetBatchNormStatus(s.batch_norms);
+  std::lock_guard<std::mutex> lock(summary_mu_);
+  summary_ = std::move(s);
+}
+
+void ModelEntry::SetOptimizerSpec(const v1::OptimizerSpec& optimizer) {
+  *spec_.mutable_optimizer() = optimizer;
+  std::lock_guard<std::mutex> lock(summary_mu_);
+  *summary_spec_.mutable_optimizer() = optimizer;
+}
+
+void ModelEntry::PublishForward(const ForwardRecord& rec) {
+  const Sequential& net = model_->net();
+  std::lock_guard<std::mutex> lock(summary_mu_);
+  summary_.step = model_->step();
+  for (const ForwardRecord::BatchNormReport& r : rec.batch_norms()) {
+    for (BatchNormStatus& st : summary_.batch_norms) {
+      if (st.layer != r.layer) continue;
+      if (r.drift.valid) {
+        st.last_mean_shift = static_cast<float>(r.drift.mean_shift);
+        st.last_var_log_ratio = static_cast<float>(r.drift.var_log_ratio);
+      }
+      if (r.committed) {
+        st.running_mean_update_norm = static_cast<float>(r.update.running_mean_update_norm);
+        st.running_var_update_norm = static_cast<float>(r.update.running_var_update_norm);
+        st.num_batches_tracked = net.layer(st.layer).AsBatchNorm()->num_batches_tracked();
+      }
+      break;
+    }
+  }
+  if (metrics_ != nullptr) metrics_->SetBatchNormStatus(summary_.batch_norms);
+}
+
+void ModelEntry::ToWire(v1::Model* out) const {
+  std::lock_guard<std::mutex> lock(summary_mu_);
+  ModelToWire(id_, summary_spec_, summary_, out);
+}
+
+void ModelEntry::ExpireLocked() {
+  const auto now = std::chrono::steady_clock::now();
+  for (auto it = retained_.begin(); it != retained_.end();) {
+    if (it->second.expires <= now) {
+      released_[it->first] = StrCat("expired after ", limits_.retained_forward_timeout.count(),
+                                    " ms without a Backward (--retained-forward-timeout)");
+      it = retained_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  while (released_.size() > kMaxReleasedNotes) released_.erase(released_.begin());
+}
+
+Status ModelEntry::ReserveRetained() {
+  std::lock_guard<std::mutex> lock(retained_mu_);
+  ExpireLocked();
+  const int held = static_cast<int>(retained_.size()) + reserved_;
+  if (held >= limits_.max_retained_forwards) {
+    return ResourceExhausted("model '", id_, "' already retains ", held,
+                             " forwards for Backward (the limit is ",
+                             limits_.max_retained_forwards,
+                             "); run Backward on them or let them expire");
+  }
+  ++reserved_;
+  return Status::Ok();
+}
+
+void ModelEntry::CancelReservation() {
+  std::lock_guard<std::mutex> lock(retained_mu_);
+  --reserved_;
+}
+
+uint64_t ModelEntry::CommitRetained(std::unique_ptr<ForwardRecord> rec) {
+  std::lock_guard<std::mutex> lock(retained_mu_);
+  --reserved_;
+  const uint64_t id = next_forward_id_++;
+  retained_[id] =
+      Retained{std::move(rec), std::chrono::steady_clock::now() + limits_.retained_forward_timeout};
+  return id;
+}
+
+Status ModelEntry::TakeRetained(uint64_t id, std::unique_ptr<ForwardRecord>* rec) {
+  std::lock_guard<std::mutex> lock(retained_mu_);
+  ExpireLocked();
+  if (id == 0) {
+    return FailedPrecondition("forward_id 0 names no forward: pass the forward_id of a Forward "
+                              "run with retain_for_backward");
+  }
+  auto it = retained_.find(id);
+  if (it != retained_.end()) {
+    *rec = std::move(it->second.rec);
+    retained_.erase(it);
+    return Status::Ok();
+  }
+  auto rel = released_.find(id);
+  if (rel != released_.end()) {
+    return FailedPrecondition("forward_id ", id, " of model '", id_, "' is no longer retained: ",
+                              rel->second);
+  }
+  if (id >= next_forward_id_) {
+    return FailedPrecondition("forward_id ", id, " is unknown for model '", id_,
+                              "': no Forward with retain_for_backward returned it");
+  }
+  return FailedPrecondition("forward_id ", id, " of model '", id_,
+                            "' is no longer retained (released long ago)");
+}
+
+void ModelEntry::PutBackRetained(uint64_t id, std::unique_ptr<ForwardRecord> rec) {
+  std::lock_guard<std::mutex> lock(retained_mu_);
+  retained_[id] =
+      Retained{std::move(rec), std::chrono::steady_clock::now() + limits_.retained_forward_timeout};
+}
+
+void ModelEntry::NoteReleased(uint64_t id, const std::string& reason) {
+  std::lock_guard<std::mutex> lock(retained_mu_);
+  released_[id] = reason;
+  while (released_.size() > kMaxReleasedNotes) released_.erase(released_.begin());
+}
+
+void ModelEntry::ReleaseAllRetained(const std::string& reason) {
+  std::lock_guard<std::mutex> lock(retained_mu_);
+  for (auto& [id, r] : retained_) released_[id] = reason;
+  retained_.clear();
+  while (released_.size() > kMaxReleasedNotes) released_.erase(released_.begin());
+}
+
+int ModelEntry::retained_count() {
+  std::lock_guard<std::mutex> lock(retained_mu_);
+  ExpireLocked();
+  return static_cast<int>(retained_.size());
+}
+
+std::unique_ptr<ForwardRecord> ModelEntry::AcquireRecord() {
+  {
+    std::lock_guard<std::mutex> lock(records_mu_);
+    if (!free_records_.empty()) {
+      std::unique_ptr<ForwardRecord> rec = std::move(free_records_.back());
+      free_records_.pop_back();
+      return rec;
+    }
+  }
+  return std::make_unique<ForwardRecord>();
+}
+
+void ModelEntry::ReleaseRecord(std::unique_ptr<ForwardRecord> rec) {
+  std::lock_guard<std::mutex> lock(records_mu_);
+  if (free_records_.size() < kMaxFreeRecords) free_records_.push_back(std::move(rec));
+}
+
+// --- Registry ----------------------------------------------------------------------------------
+
+Registry::Registry(const RegistryLimits& limits, Metrics* metrics, ComputePool* pool)
+    : limits_(limits), metrics_(metrics), pool_(pool) {
+  std::random_device rd;
+  id_state_ = (uint64_t{rd()} << 32) ^ rd();
+}
+
+Sequential::Limits Registry::ModelLimits() const {
+  Sequential::Limits l;
+  l.max_parameters = limits_.max_parameters;
+  l.max_layers = limits_.max_layers;
+  l.max_sample_elements = limits_.max_batch_elements;
+  return l;
+}
+
+std::string Registry::PickId() {
+  for (;;) {
+    char buf[32];
+    std::snprintf(buf, sizeof(buf), "m-%012llx",
+                  static_cast<unsigned long long>(SplitMix(&id_state_) & 0xffffffffffffULL));
+    if (models_.count(buf) == 0 && creating_.count(buf) == 0) return buf;
+  }
+}
+
+std::shared_ptr<ModelEntry> Registry::MakeEntry(const std::string& id, const v1::ModelSpec& spec,
+                                                std::unique_ptr<Model> model) {
+  std::unique_ptr<ModelMetrics> mm =
+      metrics_ != nullptr ? metrics_->AddModel(id, model->net()) : nullptr;
+  return std::make_shared<ModelEntry>(id, spec, std::move(model), std::move(mm), limits_, pool_);
+}
+
+Status Registry::Create(const std::string& requested_id, const v1::ModelSpec& spec,
+                        std::shared_ptr<ModelEntry>* out) {
+  if (!requested_id.empty()) NORMD_RETURN_IF_ERROR(ValidateModelId(requested_id, "id"));
+  ModelConfig config;
+  NORMD_RETURN_IF_ERROR(SpecToConfig(spec, &config));
+
+  std::string id = requested_id;
+  {
+    std::unique_lock<std::shared_mutex> lock(mu_);
+    if (!id.empty() && (models_.count(id) != 0 || creating_.count(id) != 0)) {
+      return Status(StatusCode::kAlreadyExists, StrCat("model '", id, "' already exists"));
+    }
+    const size_t held = models_.size() + creating_.size();
+    if (held >= static_cast<size_t>(limits_.max_models)) {
+      return ResourceExhausted("the server holds ", held, " models, the limit (--max-models); "
+                               "delete a model first");
+    }
+    if (id.empty()) id = PickId();
+    creating_.insert(id);
+  }
+  auto unreserve = [&] {
+    std::unique_lock<std::shared_mutex> lock(mu_);
+    creating_.erase(id);
+  };
+
+  std::unique_ptr<Model> model;
+  Status s = Model::Create(config, ModelLimits(), &model);
+  if (!s.ok()) {
+    unreserve();
+    return s.WithPrefix("spec");
+  }
+  std::shared_ptr<ModelEntry> entry = MakeEntry(id, spec, std::move(model));
+  if (persistence_ != nullptr) {
+    std::unique_lock<std::shared_mutex> entry_lock(entry->mu());
+    s = persistence_->OnCreate(*entry);
+    if (!s.ok()) {
+      entry->DropMetrics();
+      unreserve();
+      return s;
+    }
+  }
+  int count;
+  {
+    std::unique_lock<std::shared_mutex> lock(mu_);
+    creating_.erase(id);
+    models_[id] = entry;
+    count = static_cast<int>(models_.size());
+  }
+  if (metrics_ != nullptr) metrics_->SetModelCount(count);
+  *out = entry;
+  return Status::Ok();
+}
+
+Status Registry::Restore(const std::string& id, const v1::ModelSpec& spec,
+                         std::unique_ptr<Model> model) {
+  NORMD_RETURN_IF_ERROR(ValidateModelId(id, "id"));
+  int count;
+  {
+    std::unique_lock<std::shared_mutex> lock(mu_);
+    if (models_.count(id) != 0 || creating_.count(id) != 0) {
+      return Status(StatusCode::kAlreadyExists, StrCat("model '", id, "' already exists"));
+    }
+    if (models_.size() + creating_.size() >= static_cast<size_t>(limits_.max_models)) {
+      return ResourceExhausted("cannot restore model '", id, "': the server already holds ",
+                               models_.size(), " models (--max-models)");
+    }
+    models_[id] = MakeEntry(id, spec, std::move(model));
+    count = static_cast<int>(models_.size());
+  }
+  if (metrics_ != nullptr) metrics_->SetModelCount(count);
+  return Status::Ok();
+}
+
+Status Registry::Find(const std::string& id, std::shared_ptr<ModelEntry>* out) const {
+  {
+    std::shared_lock<std::shared_mutex> lock(mu_);
+    auto it = models_.find(id);
+    if (it != models_.end()) {
+      *out = it->second;
+      return Status::Ok();
+    }
+  }
+  NORMD_RETURN_IF_ERROR(ValidateModelId(id, "model"));
+  return NotFound("model '", id, "' not found");
+}
+
+Status Registry::Remove(ModelEntry& entry) {
+  if (persistence_ != nullptr) NORMD_RETURN_IF_ERROR(persistence_->OnDelete(entry));
+  entry.set_deleted();
+  entry.ReleaseAllRetained("the model was deleted");
+  entry.DropMetrics();
+  int count;
+  {
+    std::unique_lock<std::shared_mutex> lock(mu_);
+    models_.erase(entry.id());
+    count = static_cast<int>(models_.size());
+  }
+  if (metrics_ != nullptr) metrics_->SetModelCount(count);
+  return Status::Ok();
+}
+
+std::vector<std::shared_ptr<ModelEntry>> Registry::List() const {
+  std::shared_lock<std::shared_mutex> lock(mu_);
+  std::vector<std::shared_ptr<ModelEntry>> out;
+  out.reserve(models_.size());
+  for (const auto& [id, e] : models_) out.push_back(e);
+  return out;
+}
+
+int Registry::size() const {
+  std::shared_lock<std::shared_mutex> lock(mu_);
+  return static_cast<int>(models_.size());
+}
+
+}  // namespace normd::server

@@ -1,0 +1,83 @@
+// NormdServer: the whole service assembled — gRPC server (Trainer, grpc.health.v1, reflection),
+// compute pool, model registry and metrics endpoint — with an orderly start and shutdown.
+//
+// Start: restore models (persistence), serve /metrics, bind gRPC, mark health SERVING.
+// Shutdown: health NOT_SERVING, new RPCs refused (UNAVAILABLE), idle TrainStreams ended, in-flight
+// RPCs drained for at most drain_timeout (then cancelled), compute finished, and the
+// persistence layer's OnShutdown (save what changed).
+//
+// Seams for the reliability work: `credentials` (TLS / mutual TLS) and `interceptors` (bearer
+// tokens) are passed to the gRPC builder as given; `persistence` receives the registry's hooks.
+//
+// Thread safety: Start and Shutdown are called once each, from one thread.
+#ifndef NORMD_SERVER_SERVER_H_
+#define NORMD_SERVER_SERVER_H_
+
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/support/server_interceptor.h>
+
+#include <chrono>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/status.h"
+#include "server/compute_pool.h"
+#include "server/metrics.h"
+#include "server/persistence.h"
+#include "server/registry.h"
+#include "server/service.h"
+
+namespace normd::server {
+
+// The normd version (CMake's project version).
+const char* Version();
+
+struct ServerOptions {
+  std::string listen = "127.0.0.1:50051";  // port 0: pick a free port (see grpc_port())
+  std::string metrics = "127.0.0.1:9464";  // empty: no metrics endpoint
+  RegistryLimits limits;
+  int compute_threads = 1;
+  int64_t max_message_bytes = int64_t{64} << 20;
+  int max_concurrent_streams = 256;  // HTTP/2 streams per connection
+  std::chrono::milliseconds drain_timeout{std::chrono::seconds(10)};
+
+  // Null: plaintext.
+  std::shared_ptr<grpc::ServerCredentials> credentials;
+  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>>
+      interceptors;
+  // Not owned; null: models in memory only.
+  Persistence* persistence = nullptr;
+};
+
+class NormdServer {
+ public:
+  explicit NormdServer(ServerOptions options);
+  ~NormdServer();  // calls Shutdown when still serving
+  NormdServer(const NormdServer&) = delete;
+  NormdServer& operator=(const NormdServer&) = delete;
+
+  // UNAVAILABLE when an address cannot be bound; the persistence layer's restore error.
+  Status Start();
+  // Blocks until drained (see above). Idempotent.
+  void Shutdown();
+
+  int grpc_port() const { return grpc_port_; }
+  int metrics_port() const { return metrics_->port(); }
+  Registry& registry() { return *registry_; }
+  Metrics& metrics() { return *metrics_; }
+
+ private:
+  ServerOptions options_;
+  std::unique_ptr<Metrics> metrics_;
+  std::unique_ptr<ComputePool> pool_;
+  std::unique_ptr<Registry> registry_;
+  std::unique_ptr<TrainerService> service_;
+  std::unique_ptr<grpc::Server> server_;
+  int grpc_port_ = 0;
+  bool serving_ = false;
+};
+
+}  // namespace normd::server
+
+#endif  // NORMD_SERVER_SERVER_H_

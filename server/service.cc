@@ -1,0 +1,736 @@
+#include "server/service.h"
+
+#include <spdlog/spdlog.h>
+
+#include <chrono>
+#include <memory>
+#include <utility>
+
+#include "server/convert.h"
+#include "server/status_map.h"
+
+namespace normd::server {
+namespace {
+
+using Access = ModelEntry::Access;
+using Want = ModelEntry::Want;
+using Clock = std::chrono::steady_clock;
+
+Status ShuttingDown() {
+  return Status(StatusCode::kUnavailable, "the server is shutting down");
+}
+
+Status Deleted(const ModelEntry& entry) {
+  return NotFound("model '", entry.id(), "' not found (it was deleted)");
+}
+
+const char* ModeName(bool training) { return training ? "train" : "eval"; }
+
+}  // namespace
+
+// One unary RPC in flight: its reactor, its clock, and the single place that finishes it and
+// records its metrics. Shared by the handler and the task that completes it.
+class TrainerService::Call {
+ public:
+  Call(Metrics* metrics, grpc::CallbackServerContext* ctx, Rpc rpc)
+      : metrics_(metrics), ctx_(ctx), rpc_(rpc), reactor_(ctx->DefaultReactor()),
+        start_(Clock::now()) {}
+
+  grpc::ServerUnaryReactor* reactor() const { return reactor_; }
+  bool cancelled() const { return ctx_->IsCancelled(); }
+
+  void Finish(const Status& status) { FinishGrpc(ToGrpcStatus(status)); }
+  void FinishGrpc(const grpc::Status& status) {
+    const double seconds = std::chrono::duration<double>(Clock::now() - start_).count();
+    metrics_->RecordRpc(rpc_, status.error_code(), seconds);
+    reactor_->Finish(status);
+  }
+
+ private:
+  Metrics* const metrics_;
+  grpc::CallbackServerContext* const ctx_;
+  const Rpc rpc_;
+  grpc::ServerUnaryReactor* const reactor_;
+  const Clock::time_point start_;
+};
+
+// TrainStream: reads one TrainStepRequest, runs it on the model's queue, writes its response,
+// then reads the next, so answers come in order; the first error finishes the stream with its
+// status. The reactor deletes itself in OnDone.
+class TrainStreamReactor : public grpc::ServerBidiReactor<v1::TrainStepRequest,
+                                                          v1::TrainStepResponse> {
+ public:
+  TrainStreamReactor(TrainerService* service, grpc::CallbackServerContext* ctx)
+      : service_(service), ctx_(ctx), start_(Clock::now()) {
+    service_->AddStream(this);
+    if (service_->shutting_down_.load()) {
+      FinishOnce(ShuttingDown());
+      return;
+    }
+    StartRead(&req_);
+  }
+
+  void OnReadDone(bool ok) override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (finished_) return;
+      if (!ok) {
+        // The client half-closed (every message is answered) or the call was cancelled.
+        FinishLocked(ctx_->IsCancelled()
+                         ? grpc::Status(grpc::StatusCode::CANCELLED, "the stream was cancelled")
+                         : grpc::Status::OK);
+        return;
+      }
+      busy_ = true;
+    }
+    Process();
+  }
+
+  void OnWriteDone(bool ok) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    busy_ = false;
+    if (finished_) return;
+    if (!ok) {
+      FinishLocked(grpc::Status(grpc::StatusCode::CANCELLED, "the stream was cancelled"));
+      return;
+    }
+    if (service_->shutting_down_.load()) {
+      FinishLocked(ToGrpcStatus(ShuttingDown()));
+      return;
+    }
+    StartRead(&req_);
+  }
+
+  void OnDone() override {
+    // After RemoveStream no shutdown sweep can reach this reactor, and once mu_ has been taken
+    // no thread that finished it is still inside one of its methods.
+    service_->RemoveStream(this);
+    grpc::StatusCode code;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      code = code_;
+    }
+    const double seconds = std::chrono::duration<double>(Clock::now() - start_).count();
+    service_->metrics_->RecordRpc(Rpc::kTrainStream, code, seconds);
+    delete this;
+  }
+
+  // At shutdown: a stream waiting for its client's next message ends now (UNAVAILABLE); a
+  // stream with a step in progress ends after answering it.
+  void FinishIfIdle() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!busy_ && !finished_) FinishLocked(ToGrpcStatus(ShuttingDown()));
+  }
+
+ private:
+  void Process() {
+    auto input = std::make_shared<DecodedTensor>();
+    auto targets = std::make_shared<DecodedTargets>();
+    std::shared_ptr<ModelEntry> entry;
+    Status s = service_->registry_->Find(req_.model(), &entry);
+    if (s.ok()) s = service_->DecodeTrainStep(*entry, req_, input.get(), targets.get());
+    if (s.ok()) {
+      s = entry->Schedule(entry, Want::kExclusive, [this, entry, input, targets](Access) {
+        Status st;
+        {
+          std::unique_lock<std::shared_mutex> lock(entry->mu());
+          st = entry->deleted()
+                   ? Deleted(*entry)
+                   : service_->DoTrainStep(*entry, req_, *input, *targets, &resp_);
+        }
+        Respond(st);
+      });
+    }
+    if (!s.ok()) Respond(s);
+  }
+
+  void Respond(const Status& s) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (finished_) return;
+    if (!s.ok()) {
+      busy_ = false;
+      FinishLocked(ToGrpcStatus(s));
+      return;
+    }
+    StartWrite(&resp_);
+  }
+
+  void FinishOnce(const Status& s) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!finished_) FinishLocked(ToGrpcStatus(s));
+  }
+  void FinishLocked(const grpc::Status& s) {
+    finished_ = true;
+    code_ = s.error_code();
+    Finish(s);
+  }
+
+  TrainerService* const service_;
+  grpc::CallbackServerContext* const ctx_;
+  const Clock::time_point start_;
+  v1::TrainStepRequest req_;
+  v1::TrainStepResponse resp_;
+
+  std::mutex mu_;
+  bool busy_ = false;      // GUARDED_BY(mu_): a message is being processed or written
+  bool finished_ = false;  // GUARDED_BY(mu_)
+  grpc::StatusCode code_ = grpc::StatusCode::OK;  // GUARDED_BY(mu_) until OnDone
+};
+
+TrainerService::TrainerService(Registry* registry, Metrics* metrics, ComputePool* pool)
+    : registry_(registry), metrics_(metrics), pool_(pool) {}
+
+void TrainerService::BeginShutdown() {
+  shutting_down_.store(true);
+  std::lock_guard<std::mutex> lock(streams_mu_);
+  for (TrainStreamReactor* s : streams_) s->FinishIfIdle();
+}
+
+void TrainerService::AddStream(TrainStreamReactor* s) {
+  std::lock_guard<std::mutex> lock(streams_mu_);
+  streams_.insert(s);
+}
+
+void TrainerService::RemoveStream(TrainStreamReactor* s) {
+  std::lock_guard<std::mutex> lock(streams_mu_);
+  streams_.erase(s);
+}
+
+void TrainerService::RunOnModel(const std::shared_ptr<Call>& call, const std::string& model_id,
+                                Want want,
+                                std::function<Status(ModelEntry&, Access)> body) {
+  std::shared_ptr<ModelEntry> entry;
+  Status s = registry_->Find(model_id, &entry);
+  if (!s.ok()) return call->Finish(s);
+  s = entry->Schedule(entry, want, [call, entry, body = std::move(body)](Access access) {
+    if (call->cancelled()) {
+      // The client gave up (deadline or cancel) while the request waited: skip the work.
+      call->FinishGrpc(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled before it ran"));
+      return;
+    }
+    Status st;
+    if (access == Access::kExclusive) {
+      std::unique_lock<std::shared_mutex> lock(entry->mu());
+      st = entry->deleted() ? Deleted(*entry) : body(*entry, access);
+    } else {
+      std::shared_lock<std::shared_mutex> lock(entry->mu());
+      st = entry->deleted() ? Deleted(*entry) : body(*entry, access);
+    }
+    call->Finish(st);
+  });
+  if (!s.ok()) call->Finish(s);
+}
+
+Status TrainerService::CheckBatch(const ModelEntry& entry, const ConstTensorView& x) const {
+  if (x.shape.rank() == 0) return Status::Ok();  // the core rejects it with a shape message
+  const int64_t n = x.shape[0];
+  const int64_t need = SaturatingMul(n, entry.max_sample_elements());
+  const int64_t limit = registry_->limits().max_batch_elements;
+  if (need > limit) {
+    return ResourceExhausted("a batch of ", n, " samples needs activations of ", need,
+                             " elements in model '", entry.id(), "', more than the limit of ",
+                             limit, " (--max-batch-elements)");
+  }
+  return Status::Ok();
+}
+
+Status TrainerService::DecodeTrainStep(const ModelEntry& entry, const v1::TrainStepRequest& req,
+                                       DecodedTensor* input, DecodedTargets* targets) const {
+  const int64_t limit = registry_->limits().max_batch_elements;
+  if (!req.has_input()) return InvalidArgument("input is required");
+  NORMD_RETURN_IF_ERROR(DecodeTensor(req.input(), "input", limit, input));
+  NORMD_RETURN_IF_ERROR(CheckBatch(entry, input->view()));
+  return DecodeTargets(req.labels(), req.has_target() ? &req.target() : nullptr, limit, targets);
+}
+
+Status TrainerService::DoTrainStep(ModelEntry& entry, const v1::TrainStepRequest& /*req*/,
+                                   const DecodedTensor& input, const DecodedTargets& targets,
+                                   v1::TrainStepResponse* resp) {
+  Model& model = entry.model();
+  TrainResult r;
+  Status s = model.TrainStep(input.view(), targets.targets, &entry.train_record, &r);
+  if (!s.ok()) {
+    if (s.code() == StatusCode::kFailedPrecondition) {
+      // Non-finite loss or gradients: refused, parameters untouched, gradients cleared.
+      entry.pending_backwards = 0;
+      if (ModelMetrics* m = entry.metrics()) m->RecordNonFiniteStep();
+    }
+    return s;
+  }
+  entry.pending_backwards = 0;
+  if (ModelMetrics* m = entry.metrics()) {
+    m->AddSamples(SampleOp::kTrain, r.samples);
+    m->RecordStep(&r.loss);
+    m->RecordDrift(entry.train_record, model.training());
+  }
+  ++entry.mutations;
+  if (Persistence* p = registry_->persistence()) p->OnMutation(entry, Mutation::kStep);
+  entry.PublishForward(entry.train_record);
+  resp->set_loss(r.loss);
+  resp->set_step(r.step);
+  resp->set_samples(r.samples);
+  return Status::Ok();
+}
+
+// --- Model lifecycle ---------------------------------------------------------------------------
+
+grpc::ServerUnaryReactor* TrainerService::CreateModel(grpc::CallbackServerContext* ctx,
+                                                      const v1::CreateModelRequest* req,
+                                                      v1::Model* resp) {
+  auto call = std::make_shared<Call>(metrics_, ctx, Rpc::kCreateModel);
+  grpc::ServerUnaryReactor* reactor = call->reactor();
+  if (shutting_down_.load()) {
+    call->Finish(ShuttingDown());
+    return reactor;
+  }
+  // Building allocates and initialises every parameter: pool work, not a gRPC thread's.
+  pool_->Submit([this, call, req, resp] {
+    if (call->cancelled()) {
+      call->FinishGrpc(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled before it ran"));
+      return;
+    }
+    std::shared_ptr<ModelEntry> entry;
+    Status s = registry_->Create(req->id(), req->spec(), &entry);
+    if (s.ok()) {
+      entry->ToWire(resp);
+      spdlog::info("event=model_created model={} layers={} parameters={} mode=train models={}",
+                   entry->id(), resp->spec().layers_size(), resp->parameter_count(),
+                   registry_->size());
+    }
+    call->Finish(s);
+  });
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* TrainerService::GetModel(grpc::CallbackServerContext* ctx,
+                                                   const v1::GetModelRequest* req,
+                                                   v1::Model* resp) {
+  auto call = std::make_shared<Call>(metrics_, ctx, Rpc::kGetModel);
+  if (shutting_down_.load()) {
+    call->Finish(ShuttingDown());
+    return call->reactor();
+  }
+  std::shared_ptr<ModelEntry> entry;
+  Status s = registry_->Find(req->model(), &entry);
+  if (s.ok()) entry->ToWire(resp);
+  grpc::ServerUnaryReactor* reactor = call->reactor();
+  call->Finish(s);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* TrainerService::ListModels(grpc::CallbackServerContext* ctx,
+                                                     const v1::ListModelsRequest* /*req*/,
+                                                     v1::ListModelsResponse* resp) {
+  auto call = std::make_shared<Call>(metrics_, ctx, Rpc::kListModels);
+  grpc::ServerUnaryReactor* reactor = call->reactor();
+  if (shutting_down_.load()) {
+    call->Finish(ShuttingDown());
+    return reactor;
+  }
+  for (const std::shared_ptr<ModelEntry>& e : registry_->List()) e->ToWire(resp->add_models());
+  call->Finish(Status::Ok());
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* TrainerService::DeleteModel(grpc::CallbackServerContext* ctx,
+                                                      const v1::DeleteModelRequest* req,
+                                                      v1::DeleteModelResponse* /*resp*/) {
+  auto call = std::make_shared<Call>(metrics_, ctx, Rpc::kDeleteModel);
+  grpc::ServerUnaryReactor* reactor = call->reactor();
+  if (shutting_down_.load()) {
+    call->Finish(ShuttingDown());
+    return reactor;
+  }
+  RunOnModel(call, req->model(), Want::kExclusive, [this](ModelEntry& e, Access) {
+    const uint64_t step = e.model().step();
+    NORMD_RETURN_IF_ERROR(registry_->Remove(e));
+    spdlog::info("event=model_deleted model={} step={} models={}", e.id(), step,
+                 registry_->size());
+    return Status::Ok();
+  });
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* TrainerService::SetMode(grpc::CallbackServerContext* ctx,
+                                                  const v1::SetModeRequest* req,
+                                                  v1::Model* resp) {
+  auto call = std::make_shared<Call>(metrics_, ctx, Rpc::kSetMode);
+  grpc::ServerUnaryReactor* reactor = call->reactor();
+  if (shutting_down_.load()) {
+    call->Finish(ShuttingDown());
+    return reactor;
+  }
+  if (req->mode() != v1::MODE_TRAIN && req->mode() != v1::MODE_EVAL) {
+    call->Finish(InvalidArgument("mode must be MODE_TRAIN or MODE_EVAL, got ",
+                                 v1::Mode_Name(req->mode()).empty()
+                                     ? std::to_string(req->mode())
+                                     : v1::Mode_Name(req->mode())));
+    return reactor;
+  }
+  RunOnModel(call, req->model(), Want::kExclusive, [this, req, resp](ModelEntry& e, Access) {
+    Model& model = e.model();
+    const bool training = req->mode() == v1::MODE_TRAIN;
+    // freeze_running_stats is optional: unset keeps the current setting.
+    const bool freeze = req->has_freeze_running_stats() ? req->freeze_running_stats()
+                                                        : model.running_stats_frozen();
+    const bool was_training = model.training();
+    const bool was_frozen = model.running_stats_frozen();
+    model.SetMode(training, freeze);
+    ++e.mutations;
+    if (Persistence* p = registry_->persistence()) p->OnMutation(e, Mutation::kMode);
+    e.Publish();
+    e.ToWire(resp);
+    spdlog::info("event=mode_set model={} mode={} frozen={} previous_mode={} previous_frozen={} "
+                 "step={}",
+                 e.id(), ModeName(training), freeze, ModeName(was_training), was_frozen,
+                 model.step());
+    return Status::Ok();
+  });
+  return reactor;
+}
+
+// --- Compute -----------------------------------------------------------------------------------
+
+grpc::ServerUnaryReactor* TrainerService::Forward(grpc::CallbackServerContext* ctx,
+                                                  const v1::ForwardRequest* req,
+                                                  v1::ForwardResponse* resp) {
+  auto call = std::make_shared<Call>(metrics_, ctx, Rpc::kForward);
+  grpc::ServerUnaryReactor* reactor = call->reactor();
+  if (shutting_down_.load()) {
+    call->Finish(ShuttingDown());
+    return reactor;
+  }
+  auto input = std::make_shared<DecodedTensor>();
+  Status s = req->has_input() ? DecodeTensor(req->input(), "input",
+                                             registry_->limits().max_batch_elements, input.get())
+                              : InvalidArgument("input is required");
+  if (!s.ok()) {
+    call->Finish(s);
+    return reactor;
+  }
+  RunOnModel(call, req->model(), Want::kByMode,
+             [this, req, resp, input](ModelEntry& e, Access access) {
+    Model& model = e.model();
+    const bool training = model.training();
+    if (training && access != Access::kExclusive) {
+      // The queue grants train-mode forwards exclusive access; this would be a scheduler bug.
+      return Status(StatusCode::kInternal, "train-mode forward scheduled without exclusive access");
+    }
+    NORMD_RETURN_IF_ERROR(CheckBatch(e, input->view()));
+    const bool retain = req->retain_for_backward();
+    if (retain) NORMD_RETURN_IF_ERROR(e.ReserveRetained());
+    std::unique_ptr<ForwardRecord> rec = e.AcquireRecord();
+    Status st = model.Forward(input->view(), rec.get());
+    if (!st.ok()) {
+      if (retain) e.CancelReservation();
+      e.ReleaseRecord(std::move(rec));
+      return st;
+    }
+    const Tensor& out = rec->output();
+    EncodeTensor(out.data(), out.shape(), input->raw(), resp->mutable_output());
+    if (req->layer_stats()) {
+      LayerStatsToWire(model.net(), model.net().ActivationStats(*rec), resp->mutable_layer_stats());
+    }
+    if (ModelMetrics* m = e.metrics()) {
+      m->AddSamples(SampleOp::kForward, rec->batch_size());
+      m->RecordDrift(*rec, training);
+    }
+    if (training) {
+      // Running statistics (and dropout's generator) moved.
+      ++e.mutations;
+      if (Persistence* p = registry_->persistence()) p->OnMutation(e, Mutation::kForward);
+    }
+    e.PublishForward(*rec);
+    if (retain) {
+      rec->RetainInput();  // the request's buffer goes away with the request
+      resp->set_forward_id(e.CommitRetained(std::move(rec)));
+    } else {
+      e.ReleaseRecord(std::move(rec));
+    }
+    return Status::Ok();
+  });
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* TrainerService::Backward(grpc::CallbackServerContext* ctx,
+                                                   const v1::BackwardRequest* req,
+                                                   v1::BackwardResponse* resp) {
+  auto call = std::make_shared<Call>(metrics_, ctx, Rpc::kBackward);
+  grpc::ServerUnaryReactor* reactor = call->reactor();
+  if (shutting_down_.load()) {
+    call->Finish(ShuttingDown());
+    return reactor;
+  }
+  auto grad = std::make_shared<DecodedTensor>();
+  Status s = req->has_grad_output()
+                 ? DecodeTensor(req->grad_output(), "grad_output",
+                                registry_->limits().max_batch_elements, grad.get())
+                 : InvalidArgument("grad_output is required");
+  if (!s.ok()) {
+    call->Finish(s);
+    return reactor;
+  }
+  RunOnModel(call, req->model(), Want::kExclusive, [req, resp, grad](ModelEntry& e, Access) {
+    const uint64_t id = req->forward_id();
+    std::unique_ptr<ForwardRecord> rec;
+    NORMD_RETURN_IF_ERROR(e.TakeRetained(id, &rec));
+    Tensor grad_input;
+    Status st = e.model().Backward(rec.get(), grad->view(),
+                                   req->return_grad_input() ? &grad_input : nullptr);
+    if (!st.ok()) {
+      if (st.code() == StatusCode::kFailedPrecondition) {
+        e.NoteReleased(id, st.message());  // stale: it can never be used again
+        e.ReleaseRecord(std::move(rec));
+      } else {
+        e.PutBackRetained(id, std::move(rec));  // a bad grad_output: the client may retry
+      }
+      return st;
+    }
+    e.NoteReleased(id, "released by its Backward (a retained forward takes one Backward)");
+    if (req->return_grad_input()) {
+      EncodeTensor(grad_input.data(), grad_input.shape(), grad->raw(), resp->mutable_grad_input());
+    }
+    if (ModelMetrics* m = e.metrics()) m->AddSamples(SampleOp::kBackward, rec->batch_size());
+    ++e.pending_backwards;
+    e.ReleaseRecord(std::move(rec));
+    return Status::Ok();
+  });
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* TrainerService::ApplyGradients(grpc::CallbackServerContext* ctx,
+                                                         const v1::ApplyGradientsRequest* req,
+                                                         v1::ApplyGradientsResponse* resp) {
+  auto call = std::make_shared<Call>(metrics_, ctx, Rpc::kApplyGradients);
+  grpc::ServerUnaryReactor* reactor = call->reactor();
+  if (shutting_down_.load()) {
+    call->Finish(ShuttingDown());
+    return reactor;
+  }
+  RunOnModel(call, req->model(), Want::kExclusive, [this, resp](ModelEntry& e, Access) {
+    if (e.pending_backwards == 0) {
+      return FailedPrecondition("model '", e.id(), "' has no accumulated gradients: run Backward "
+                                "on a retained forward first");
+    }
+    uint64_t step = 0;
+    Status st = e.model().ApplyGradients(&step);
+    e.pending_backwards = 0;  // applied, or discarded by the refused step
+    if (!st.ok()) {
+      if (st.code() == StatusCode::kFailedPrecondition) {
+        if (ModelMetrics* m = e.metrics()) m->RecordNonFiniteStep();
+      }
+      return st;
+    }
+    if (ModelMetrics* m = e.metrics()) m->RecordStep(nullptr);
+    ++e.mutations;
+    if (Persistence* p = registry_->persistence()) p->OnMutation(e, Mutation::kStep);
+    e.Publish();
+    resp->set_step(step);
+    return Status::Ok();
+  });
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* TrainerService::TrainStep(grpc::CallbackServerContext* ctx,
+                                                    const v1::TrainStepRequest* req,
+                                                    v1::TrainStepResponse* resp) {
+  auto call = std::make_shared<Call>(metrics_, ctx, Rpc::kTrainStep);
+  grpc::ServerUnaryReactor* reactor = call->reactor();
+  if (shutting_down_.load()) {
+    call->Finish(ShuttingDown());
+    return reactor;
+  }
+  std::shared_ptr<ModelEntry> entry;
+  Status s = registry_->Find(req->model(), &entry);
+  auto input = std::make_shared<DecodedTensor>();
+  auto targets = std::make_shared<DecodedTargets>();
+  if (s.ok()) s = DecodeTrainStep(*entry, *req, input.get(), targets.get());
+  if (!s.ok()) {
+    call->Finish(s);
+    return reactor;
+  }
+  RunOnModel(call, req->model(), Want::kExclusive,
+             [this, req, resp, input, targets](ModelEntry& e, Access) {
+               return DoTrainStep(e, *req, *input, *targets, resp);
+             });
+  return reactor;
+}
+
+grpc::ServerBidiReactor<v1::TrainStepRequest, v1::TrainStepResponse>*
+TrainerService::TrainStream(grpc::CallbackServerContext* ctx) {
+  return new TrainStreamReactor(this, ctx);
+}
+
+grpc::ServerUnaryReactor* TrainerService::Evaluate(grpc::CallbackServerContext* ctx,
+                                                   const v1::EvaluateRequest* req,
+                                                   v1::EvaluateResponse* resp) {
+  auto call = std::make_shared<Call>(metrics_, ctx, Rpc::kEvaluate);
+  grpc::ServerUnaryReactor* reactor = call->reactor();
+  if (shutting_down_.load()) {
+    call->Finish(ShuttingDown());
+    return reactor;
+  }
+  const int64_t limit = registry_->limits().max_batch_elements;
+  auto input = std::make_shared<DecodedTensor>();
+  auto targets = std::make_shared<DecodedTargets>();
+  Status s = req->has_input() ? DecodeTensor(req->input(), "input", limit, input.get())
+                              : InvalidArgument("input is required");
+  if (s.ok()) {
+    s = DecodeTargets(req->labels(), req->has_target() ? &req->target() : nullptr, limit,
+                      targets.get());
+  }
+  if (!s.ok()) {
+    call->Finish(s);
+    return reactor;
+  }
+  // Evaluate reads the model in eval semantics whatever its mode: shared access.
+  RunOnModel(call, req->model(), Want::kShared,
+             [this, resp, input, targets](ModelEntry& e, Access) {
+    NORMD_RETURN_IF_ERROR(CheckBatch(e, input->view()));
+    std::unique_ptr<ForwardRecord> rec = e.AcquireRecord();
+    EvalResult r;
+    Status st = e.model().Evaluate(input->view(), targets->targets, rec.get(), &r);
+    if (st.ok()) {
+      if (ModelMetrics* m = e.metrics()) {
+        m->AddSamples(SampleOp::kEvaluate, r.samples);
+        m->RecordDrift(*rec, /*training=*/false);
+      }
+      resp->set_loss(r.loss);
+      resp->set_accuracy(r.accuracy);
+      resp->set_samples(r.samples);
+    }
+    e.ReleaseRecord(std::move(rec));
+    return st;
+  });
+  return reactor;
+}
+
+// --- State -------------------------------------------------------------------------------------
+
+grpc::ServerUnaryReactor* TrainerService::GetState(grpc::CallbackServerContext* ctx,
+                                                   const v1::GetStateRequest* req,
+                                                   v1::ModelState* resp) {
+  auto call = std::make_shared<Call>(metrics_, ctx, Rpc::kGetState);
+  grpc::ServerUnaryReactor* reactor = call->reactor();
+  if (shutting_down_.load()) {
+    call->Finish(ShuttingDown());
+    return reactor;
+  }
+  RunOnModel(call, req->model(), Want::kShared, [req, resp](ModelEntry& e, Access) {
+    StateToWire(e.model().GetState(req->include_optimizer()), resp);
+    return Status::Ok();
+  });
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* TrainerService::SetState(grpc::CallbackServerContext* ctx,
+                                                   const v1::SetStateRequest* req,
+                                                   v1::Model* resp) {
+  auto call = std::make_shared<Call>(metrics_, ctx, Rpc::kSetState);
+  grpc::ServerUnaryReactor* reactor = call->reactor();
+  if (shutting_down_.load()) {
+    call->Finish(ShuttingDown());
+    return reactor;
+  }
+  auto entries = std::make_shared<std::vector<NamedTensor>>();
+  Status s = StateFromWire(req->state(), registry_->limits().max_batch_elements, entries.get());
+  if (!s.ok()) {
+    call->Finish(s);
+    return reactor;
+  }
+  RunOnModel(call, req->model(), Want::kExclusive,
+             [this, req, resp, entries](ModelEntry& e, Access) {
+    NORMD_RETURN_IF_ERROR(e.model().SetState(*entries, req->strict()));
+    e.ReleaseAllRetained("released by SetState (the state it ran against was replaced)");
+    ++e.mutations;
+    if (Persistence* p = registry_->persistence()) p->OnMutation(e, Mutation::kState);
+    e.Publish();
+    e.ToWire(resp);
+    spdlog::info("event=state_set model={} entries={} strict={} step={}", e.id(),
+                 entries->size(), req->strict(), e.model().step());
+    return Status::Ok();
+  });
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* TrainerService::ResetRunningStats(
+    grpc::CallbackServerContext* ctx, const v1::ResetRunningStatsRequest* req, v1::Model* resp) {
+  auto call = std::make_shared<Call>(metrics_, ctx, Rpc::kResetRunningStats);
+  grpc::ServerUnaryReactor* reactor = call->reactor();
+  if (shutting_down_.load()) {
+    call->Finish(ShuttingDown());
+    return reactor;
+  }
+  RunOnModel(call, req->model(), Want::kExclusive, [this, resp](ModelEntry& e, Access) {
+    e.model().ResetRunningStats();
+    e.ReleaseAllRetained("released by ResetRunningStats (the statistics it used were reset)");
+    ++e.mutations;
+    if (Persistence* p = registry_->persistence()) p->OnMutation(e, Mutation::kReset);
+    e.Publish();
+    e.ToWire(resp);
+    spdlog::info("event=running_stats_reset model={} step={}", e.id(), e.model().step());
+    return Status::Ok();
+  });
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* TrainerService::UpdateOptimizer(grpc::CallbackServerContext* ctx,
+                                                          const v1::UpdateOptimizerRequest* req,
+                                                          v1::Model* resp) {
+  auto call = std::make_shared<Call>(metrics_, ctx, Rpc::kUpdateOptimizer);
+  grpc::ServerUnaryReactor* reactor = call->reactor();
+  if (shutting_down_.load()) {
+    call->Finish(ShuttingDown());
+    return reactor;
+  }
+  auto config = std::make_shared<OptimizerConfig>();
+  Status s = req->has_optimizer()
+                 ? OptimizerSpecToConfig(req->optimizer(), "optimizer", config.get())
+                 : InvalidArgument("optimizer must be set (sgd or adam)");
+  if (!s.ok()) {
+    call->Finish(s);
+    return reactor;
+  }
+  RunOnModel(call, req->model(), Want::kExclusive,
+             [this, req, resp, config](ModelEntry& e, Access) {
+    NORMD_RETURN_IF_ERROR(e.model().UpdateOptimizer(*config));
+    e.SetOptimizerSpec(req->optimizer());
+    ++e.mutations;
+    if (Persistence* p = registry_->persistence()) p->OnMutation(e, Mutation::kOptimizer);
+    e.Publish();
+    e.ToWire(resp);
+    spdlog::info("event=optimizer_updated model={} optimizer=\"{}\" step={}", e.id(),
+                 req->optimizer().ShortDebugString(), e.model().step());
+    return Status::Ok();
+  });
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* TrainerService::SaveModel(grpc::CallbackServerContext* ctx,
+                                                    const v1::SaveModelRequest* req,
+                                                    v1::SaveModelResponse* resp) {
+  auto call = std::make_shared<Call>(metrics_, ctx, Rpc::kSaveModel);
+  grpc::ServerUnaryReactor* reactor = call->reactor();
+  if (shutting_down_.load()) {
+    call->Finish(ShuttingDown());
+    return reactor;
+  }
+  std::shared_ptr<ModelEntry> entry;
+  Status s = registry_->Find(req->model(), &entry);
+  if (s.ok() && registry_->persistence() == nullptr) {
+    s = FailedPrecondition("persistence not configured: this server keeps models in memory only");
+  }
+  if (!s.ok()) {
+    call->Finish(s);
+    return reactor;
+  }
+  RunOnModel(call, req->model(), Want::kShared, [this, resp](ModelEntry& e, Access) {
+    uint64_t step = 0;
+    NORMD_RETURN_IF_ERROR(registry_->persistence()->Save(e, &step));
+    resp->set_step(step);
+    return Status::Ok();
+  });
+  return reactor;
+}
+
+}  // namespace normd::server

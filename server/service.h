@@ -1,0 +1,121 @@
+// TrainerService: the normd.v1.Trainer gRPC service on the callback API.
+//
+// gRPC's threads only parse, validate and queue: every request that touches a model runs on the
+// ComputePool through the model's queue (server/registry.h), and the reactor is finished from
+// there. GetModel and ListModels answer inline from the published summaries.
+//
+// Semantics (issue 3): new models start in train mode; a train-mode Forward updates the
+// BatchNorm running statistics exactly as module(x) in PyTorch; eval-mode Forwards of a model run
+// concurrently; Forward with retain_for_backward keeps the forward for one Backward, which
+// accumulates parameter gradients until ApplyGradients; TrainStep does zero-grad, forward, loss,
+// backward and step atomically; TrainStream answers each message in order and ends the stream
+// with the first error; Evaluate changes nothing. A failed request leaves the model as it was.
+//
+// Thread safety: all methods are called by gRPC from any thread.
+#ifndef NORMD_SERVER_SERVICE_H_
+#define NORMD_SERVER_SERVICE_H_
+
+#include <grpcpp/grpcpp.h>
+
+#include <atomic>
+#include <mutex>
+#include <set>
+
+#include "normd/v1/normd.grpc.pb.h"
+#include "server/compute_pool.h"
+#include "server/metrics.h"
+#include "server/registry.h"
+
+namespace normd::server {
+
+class TrainStreamReactor;
+
+class TrainerService final : public v1::Trainer::CallbackService {
+ public:
+  // The pointers must outlive the service.
+  TrainerService(Registry* registry, Metrics* metrics, ComputePool* pool);
+
+  // From now on new RPCs answer UNAVAILABLE and idle TrainStreams are finished (UNAVAILABLE);
+  // requests already accepted run to completion.
+  void BeginShutdown();
+
+  grpc::ServerUnaryReactor* CreateModel(grpc::CallbackServerContext* ctx,
+                                        const v1::CreateModelRequest* req,
+                                        v1::Model* resp) override;
+  grpc::ServerUnaryReactor* GetModel(grpc::CallbackServerContext* ctx,
+                                     const v1::GetModelRequest* req, v1::Model* resp) override;
+  grpc::ServerUnaryReactor* ListModels(grpc::CallbackServerContext* ctx,
+                                       const v1::ListModelsRequest* req,
+                                       v1::ListModelsResponse* resp) override;
+  grpc::ServerUnaryReactor* DeleteModel(grpc::CallbackServerContext* ctx,
+                                        const v1::DeleteModelRequest* req,
+                                        v1::DeleteModelResponse* resp) override;
+  grpc::ServerUnaryReactor* SetMode(grpc::CallbackServerContext* ctx,
+                                    const v1::SetModeRequest* req, v1::Model* resp) override;
+  grpc::ServerUnaryReactor* Forward(grpc::CallbackServerContext* ctx,
+                                    const v1::ForwardRequest* req,
+                                    v1::ForwardResponse* resp) override;
+  grpc::ServerUnaryReactor* Backward(grpc::CallbackServerContext* ctx,
+                                     const v1::BackwardRequest* req,
+                                     v1::BackwardResponse* resp) override;
+  grpc::ServerUnaryReactor* ApplyGradients(grpc::CallbackServerContext* ctx,
+                                           const v1::ApplyGradientsRequest* req,
+                                           v1::ApplyGradientsResponse* resp) override;
+  grpc::ServerUnaryReactor* TrainStep(grpc::CallbackServerContext* ctx,
+                                      const v1::TrainStepRequest* req,
+                                      v1::TrainStepResponse* resp) override;
+  grpc::ServerBidiReactor<v1::TrainStepRequest, v1::TrainStepResponse>* TrainStream(
+      grpc::CallbackServerContext* ctx) override;
+  grpc::ServerUnaryReactor* Evaluate(grpc::CallbackServerContext* ctx,
+                                     const v1::EvaluateRequest* req,
+                                     v1::EvaluateResponse* resp) override;
+  grpc::ServerUnaryReactor* GetState(grpc::CallbackServerContext* ctx,
+                                     const v1::GetStateRequest* req,
+                                     v1::ModelState* resp) override;
+  grpc::ServerUnaryReactor* SetState(grpc::CallbackServerContext* ctx,
+                                     const v1::SetStateRequest* req, v1::Model* resp) override;
+  grpc::ServerUnaryReactor* ResetRunningStats(grpc::CallbackServerContext* ctx,
+                                              const v1::ResetRunningStatsRequest* req,
+                                              v1::Model* resp) override;
+  grpc::ServerUnaryReactor* UpdateOptimizer(grpc::CallbackServerContext* ctx,
+                                            const v1::UpdateOptimizerRequest* req,
+                                            v1::Model* resp) override;
+  grpc::ServerUnaryReactor* SaveModel(grpc::CallbackServerContext* ctx,
+                                      const v1::SaveModelRequest* req,
+                                      v1::SaveModelResponse* resp) override;
+
+ private:
+  friend class TrainStreamReactor;
+  class Call;
+
+  // Runs `body` on the model's queue with the access `want` resolves to, holding the model's
+  // mutex that way, and finishes the call with its status.
+  void RunOnModel(const std::shared_ptr<Call>& call, const std::string& model_id,
+                  ModelEntry::Want want,
+                  std::function<Status(ModelEntry&, ModelEntry::Access)> body);
+
+  // One TrainStep on `entry` (exclusive access held). Shared by TrainStep and TrainStream.
+  Status DoTrainStep(ModelEntry& entry, const v1::TrainStepRequest& req,
+                     const DecodedTensor& input, const DecodedTargets& targets,
+                     v1::TrainStepResponse* resp);
+  // Decodes a TrainStep's input and targets and checks the batch limits. `targets` may point
+  // into `req`.
+  Status DecodeTrainStep(const ModelEntry& entry, const v1::TrainStepRequest& req,
+                         DecodedTensor* input, DecodedTargets* targets) const;
+  Status CheckBatch(const ModelEntry& entry, const ConstTensorView& x) const;
+
+  void AddStream(TrainStreamReactor* s);
+  void RemoveStream(TrainStreamReactor* s);
+
+  Registry* const registry_;
+  Metrics* const metrics_;
+  ComputePool* const pool_;
+  std::atomic<bool> shutting_down_{false};
+
+  std::mutex streams_mu_;
+  std::set<TrainStreamReactor*> streams_;  // GUARDED_BY(streams_mu_)
+};
+
+}  // namespace normd::server
+
+#endif  // NORMD_SERVER_SERVICE_H_
