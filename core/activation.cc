@@ -3,6 +3,9 @@
 #include <algorithm>
 #include <cassert>
 #include <cmath>
+#include <cstdint>
+
+#include <unsupported/Eigen/SpecialFunctions>  // vectorised erf (Eigen 3.4's rational form)
 
 namespace normd {
 namespace {
@@ -42,11 +45,11 @@ void Activation::Forward(const ConstTensorView& x, Tensor* y, LayerCache* /*cach
       // exp is vectorised by Eigen; for x < -88 exp overflows to inf and the result is 0.
       ArrayMap(out, n) = ((-ConstArrayMap(in, n)).exp() + 1.0f).inverse();
       break;
-    case LayerKind::kGELU:
-      for (int64_t i = 0; i < n; ++i) {
-        out[i] = 0.5f * in[i] * (1.0f + std::erf(in[i] * kInvSqrt2));
-      }
+    case LayerKind::kGELU: {
+      ConstArrayMap v(in, n);
+      ArrayMap(out, n) = 0.5f * v * (1.0f + (v * kInvSqrt2).erf());
       break;
+    }
     default:
       assert(false && "Activation constructed with a non-activation kind");
   }
@@ -82,15 +85,13 @@ void Activation::Backward(const ConstTensorView& x, const Tensor& y, const Const
       ArrayMap(out, n) = ConstArrayMap(g, n) * yv * (1.0f - yv);
       break;
     }
-    case LayerKind::kGELU:
+    case LayerKind::kGELU: {
       // d/dx [x * Phi(x)] = Phi(x) + x * phi(x).
-      for (int64_t i = 0; i < n; ++i) {
-        const float v = in[i];
-        const float cdf = 0.5f * (1.0f + std::erf(v * kInvSqrt2));
-        const float pdf = kInvSqrt2Pi * std::exp(-0.5f * v * v);
-        out[i] = g[i] * (cdf + v * pdf);
-      }
+      ConstArrayMap v(in, n);
+      ArrayMap(out, n) = ConstArrayMap(g, n) * (0.5f * (1.0f + (v * kInvSqrt2).erf()) +
+                                                v * kInvSqrt2Pi * (-0.5f * v.square()).exp());
       break;
+    }
     default:
       assert(false && "Activation constructed with a non-activation kind");
   }
@@ -122,7 +123,18 @@ void Dropout::Forward(const ConstTensorView& x, Tensor* y, LayerCache* cache,
   const float scale = p < 1.0f ? 1.0f / (1.0f - p) : 0.0f;
   cache->f.resize(n);
   float* mask = cache->f.data();
-  for (int64_t i = 0; i < n; ++i) mask[i] = rng.Uniform01() < p ? 0.0f : scale;
+  // Each 64-bit draw yields two independent 24-bit uniforms u = k / 2^24; u < p exactly when
+  // k < ceil(p * 2^24).
+  const uint32_t threshold = static_cast<uint32_t>(std::ceil(double{p} * 16777216.0));
+  // Arithmetic rather than a branch: a random keep/drop decision would mispredict half the time.
+  auto keep = [threshold, scale](uint64_t k) { return static_cast<float>(k >= threshold) * scale; };
+  int64_t i = 0;
+  for (; i + 1 < n; i += 2) {
+    const uint64_t r = rng.Next();
+    mask[i] = keep(r >> 40);
+    mask[i + 1] = keep((r >> 16) & 0xFFFFFF);
+  }
+  if (i < n) mask[i] = keep(rng.Next() >> 40);
   ArrayMap(y->data(), n) = ConstArrayMap(x.data, n) * ConstArrayMap(mask, n);
 }
 

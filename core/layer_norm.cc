@@ -80,13 +80,14 @@ void LayerNorm::Forward(const ConstTensorView& x, Tensor* y, LayerCache* cache,
   const int64_t rows = g == 0 ? 0 : x.size() / g;
   cache->f.resize(2 * rows);
   const bool affine = config_.elementwise_affine;
-  const double eps = config_.eps;
+  const float eps = config_.eps;
   for (int64_t r = 0; r < rows; ++r) {
     ConstArrayMap xr(x.data + r * g, g);
-    const double mean = xr.cast<double>().sum() / g;
-    const double var = (xr.cast<double>() - mean).square().sum() / g;
-    const float m = static_cast<float>(mean);
-    const float rstd = static_cast<float>(1.0 / std::sqrt(var + eps));
+    // Two passes (mean, then squared deviations) keep the variance free of cancellation; Eigen's
+    // vectorised sums accumulate in several partial sums, accurate enough for float rows.
+    const float m = xr.sum() / static_cast<float>(g);
+    const float var = (xr - m).square().sum() / static_cast<float>(g);
+    const float rstd = 1.0f / std::sqrt(var + eps);
     cache->f[2 * r] = m;
     cache->f[2 * r + 1] = rstd;
     ArrayMap yr(y->data() + r * g, g);
@@ -99,7 +100,7 @@ void LayerNorm::Forward(const ConstTensorView& x, Tensor* y, LayerCache* cache,
   }
 }
 
-// With xhat = (x - mean) * rstd and g = dy * weight, per row:
+// With xhat = (x - mean) * rstd and g = dy * weight, per row (fused expressions, no temporaries):
 //   dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),
 //   dweight += dy * xhat, dbias += dy (summed over rows).
 void LayerNorm::Backward(const ConstTensorView& x, const Tensor& /*y*/,
@@ -110,27 +111,29 @@ void LayerNorm::Backward(const ConstTensorView& x, const Tensor& /*y*/,
   assert(static_cast<int64_t>(cache.f.size()) == 2 * rows);
   const bool affine = config_.elementwise_affine;
   if (dx != nullptr) dx->Resize(x.shape);
+  const float inv_g = 1.0f / static_cast<float>(g);
   for (int64_t r = 0; r < rows; ++r) {
     const float m = cache.f[2 * r];
     const float rstd = cache.f[2 * r + 1];
     ConstArrayMap xr(x.data + r * g, g);
     ConstArrayMap dyr(dy.data + r * g, g);
+    const auto xhat = (xr - m) * rstd;
     if (affine) {
-      ArrayMap(weight_.grad.data(), g) += dyr * (xr - m) * rstd;
+      ArrayMap(weight_.grad.data(), g) += dyr * xhat;
       ArrayMap(bias_.grad.data(), g) += dyr;
     }
     if (dx == nullptr) continue;
     ArrayMap dxr(dx->data() + r * g, g);
-    // dxr holds g = dy * weight while the two means are taken.
     if (affine) {
-      dxr = dyr * ConstArrayMap(weight_.value.data(), g);
+      ConstArrayMap w(weight_.value.data(), g);
+      const float mean_g = (dyr * w).sum() * inv_g;
+      const float mean_gx = (dyr * w * xhat).sum() * inv_g;
+      dxr = rstd * (dyr * w - mean_g - xhat * mean_gx);
     } else {
-      dxr = dyr;
+      const float mean_g = dyr.sum() * inv_g;
+      const float mean_gx = (dyr * xhat).sum() * inv_g;
+      dxr = rstd * (dyr - mean_g - xhat * mean_gx);
     }
-    const float mean_g = static_cast<float>(dxr.cast<double>().sum() / g);
-    const float mean_gx =
-        static_cast<float>((dxr * (xr - m)).cast<double>().sum() * rstd / g);
-    dxr = rstd * (dxr - mean_g - (xr - m) * (rstd * mean_gx));
   }
 }
 

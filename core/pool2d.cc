@@ -10,11 +10,23 @@ namespace {
 
 constexpr int64_t kMaxConfigValue = int64_t{1} << 30;
 
-// The input rows (or columns) [begin, end) a window starting at `start` (possibly negative,
-// inside the padding) covers.
+// The input rows [begin, end) a window starting at row `start` (possibly negative, inside the
+// padding) covers.
 inline void Clip(int64_t start, int64_t k, int64_t size, int64_t* begin, int64_t* end) {
   *begin = std::max<int64_t>(start, 0);
   *end = std::min(start + k, size);
+}
+
+// The output columns [lo, hi) whose window column kj, ow * stride - pad + kj, lies inside
+// [0, w). Kernels loop over (window row, kj) outside and over output columns inside, so the
+// inner loops are long, branch-free and vectorisable.
+inline void ValidColumns(int64_t kj, int64_t stride, int64_t pad, int64_t w, int64_t w_out,
+                         int64_t* lo, int64_t* hi) {
+  const int64_t first = pad - kj;  // ow * stride >= first
+  *lo = first > 0 ? (first + stride - 1) / stride : 0;
+  const int64_t last = w - 1 + pad - kj;  // ow * stride <= last
+  *hi = last < 0 ? 0 : std::min(w_out, last / stride + 1);
+  if (*hi < *lo) *hi = *lo;
 }
 
 }  // namespace
@@ -75,29 +87,30 @@ void Pool2d::Forward(const ConstTensorView& x, Tensor* y, LayerCache* cache,
 
   if (max_) {
     cache->i.resize(planes * out_plane);
-    int32_t* arg = cache->i.data();
     for (int64_t pl = 0; pl < planes; ++pl) {
       const float* in = x.data + pl * in_plane;
       for (int64_t oh = 0; oh < h_out_; ++oh) {
         int64_t h0, h1;
         Clip(oh * s - p, k, h_, &h0, &h1);
+        float* best = out + pl * out_plane + oh * w_out_;
+        int32_t* arg = cache->i.data() + pl * out_plane + oh * w_out_;
         for (int64_t ow = 0; ow < w_out_; ++ow) {
-          int64_t w0, w1;
-          Clip(ow * s - p, k, w_, &w0, &w1);
-          float best = -std::numeric_limits<float>::infinity();
-          int64_t best_at = h0 * w_ + w0;
-          for (int64_t ih = h0; ih < h1; ++ih) {
-            for (int64_t iw = w0; iw < w1; ++iw) {
-              const float v = in[ih * w_ + iw];
-              if (v > best || std::isnan(v)) {
-                best = v;
-                best_at = ih * w_ + iw;
-              }
+          best[ow] = -std::numeric_limits<float>::infinity();
+          arg[ow] = static_cast<int32_t>(h0 * w_ + std::max<int64_t>(ow * s - p, 0));
+        }
+        // Window elements in row-major order; a later one wins only when strictly greater.
+        for (int64_t ih = h0; ih < h1; ++ih) {
+          for (int64_t kj = 0; kj < k; ++kj) {
+            int64_t lo, hi;
+            ValidColumns(kj, s, p, w_, w_out_, &lo, &hi);
+            const int64_t base = ih * w_ + kj - p;  // plane offset of output column 0's tap
+            for (int64_t ow = lo; ow < hi; ++ow) {
+              const float v = in[base + ow * s];
+              const bool take = v > best[ow] || v != v;
+              best[ow] = take ? v : best[ow];
+              arg[ow] = take ? static_cast<int32_t>(base + ow * s) : arg[ow];
             }
           }
-          const int64_t o = pl * out_plane + oh * w_out_ + ow;
-          out[o] = best;
-          arg[o] = static_cast<int32_t>(best_at);
         }
       }
     }
@@ -112,16 +125,17 @@ void Pool2d::Forward(const ConstTensorView& x, Tensor* y, LayerCache* cache,
     for (int64_t oh = 0; oh < h_out_; ++oh) {
       int64_t h0, h1;
       Clip(oh * s - p, k, h_, &h0, &h1);
-      for (int64_t ow = 0; ow < w_out_; ++ow) {
-        int64_t w0, w1;
-        Clip(ow * s - p, k, w_, &w0, &w1);
-        float sum = 0.0f;
-        for (int64_t ih = h0; ih < h1; ++ih) {
-          const float* row = in + ih * w_;
-          for (int64_t iw = w0; iw < w1; ++iw) sum += row[iw];
+      float* sum = out + pl * out_plane + oh * w_out_;
+      std::fill(sum, sum + w_out_, 0.0f);
+      for (int64_t ih = h0; ih < h1; ++ih) {
+        for (int64_t kj = 0; kj < k; ++kj) {
+          int64_t lo, hi;
+          ValidColumns(kj, s, p, w_, w_out_, &lo, &hi);
+          const int64_t base = ih * w_ + kj - p;
+          for (int64_t ow = lo; ow < hi; ++ow) sum[ow] += in[base + ow * s];
         }
-        out[pl * out_plane + oh * w_out_ + ow] = sum * inv;
       }
+      for (int64_t ow = 0; ow < w_out_; ++ow) sum[ow] *= inv;
     }
   }
 }
@@ -152,17 +166,16 @@ void Pool2d::Backward(const ConstTensorView& x, const Tensor& /*y*/, const Const
   const float inv = 1.0f / static_cast<float>(k * k);
   for (int64_t pl = 0; pl < planes; ++pl) {
     float* plane = out + pl * in_plane;
-    const float* g = dy.data + pl * out_plane;
     for (int64_t oh = 0; oh < h_out_; ++oh) {
       int64_t h0, h1;
       Clip(oh * s - p, k, h_, &h0, &h1);
-      for (int64_t ow = 0; ow < w_out_; ++ow) {
-        int64_t w0, w1;
-        Clip(ow * s - p, k, w_, &w0, &w1);
-        const float v = g[oh * w_out_ + ow] * inv;
-        for (int64_t ih = h0; ih < h1; ++ih) {
-          float* row = plane + ih * w_;
-          for (int64_t iw = w0; iw < w1; ++iw) row[iw] += v;
+      const float* g = dy.data + pl * out_plane + oh * w_out_;
+      for (int64_t ih = h0; ih < h1; ++ih) {
+        for (int64_t kj = 0; kj < k; ++kj) {
+          int64_t lo, hi;
+          ValidColumns(kj, s, p, w_, w_out_, &lo, &hi);
+          const int64_t base = ih * w_ + kj - p;
+          for (int64_t ow = lo; ow < hi; ++ow) plane[base + ow * s] += g[ow] * inv;
         }
       }
     }

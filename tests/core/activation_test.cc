@@ -1,5 +1,6 @@
 #include "core/activation.h"
 
+#include <algorithm>
 #include <cmath>
 #include <ostream>
 #include <string>
@@ -61,6 +62,18 @@ TEST(ActivationTest, ForwardValues) {
     EXPECT_NEAR(y[0], -0.0455002639f, 1e-6f);  // -2 * Phi(-2)
     EXPECT_NEAR(y[3], 0.3457312306f, 1e-6f);   // 0.5 * Phi(0.5)
     EXPECT_EQ(y[2], 0.0f);
+  }
+}
+
+TEST(ActivationTest, GeluMatchesErfDefinitionAcrossRange) {
+  std::vector<float> in;
+  for (float v = -8.0f; v <= 8.0f; v += 0.01f) in.push_back(v);
+  Activation gelu(LayerKind::kGELU, 0.0f);
+  const std::vector<float> y = Apply(&gelu, in);
+  for (size_t i = 0; i < in.size(); ++i) {
+    const double x = in[i];
+    const double ref = 0.5 * x * (1.0 + std::erf(x / std::sqrt(2.0)));
+    ASSERT_NEAR(y[i], ref, 1e-6 * std::max(1.0, std::abs(x))) << "x=" << x;
   }
 }
 
