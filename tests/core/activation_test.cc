@@ -271,9 +271,9 @@ TEST(DropoutTest, GradientsInTrainingAndEval) {
   ForwardContext ctx;
   ctx.training = true;
   ctx.rng = &rng;
-  ExpectGradientsMatch(CheckLayerGradients(&drop, x, ctx), "Dropout train");
+  ExpectGradientsMatch(CheckLayerGradients(&drop, x, ctx), "Dropout_train");
   ctx.training = false;
-  ExpectGradientsMatch(CheckLayerGradients(&drop, x, ctx), "Dropout eval");
+  ExpectGradientsMatch(CheckLayerGradients(&drop, x, ctx), "Dropout_eval");
 }
 
 TEST(FlattenTest, CollapsesPerSampleDimensions) {

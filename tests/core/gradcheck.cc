@@ -100,6 +100,14 @@ TensorCheck CompareWithFiniteDifferences(const std::string& name, float* x, int6
   } else if (diff2 > 0.0) {
     check.rel_error = std::sqrt(diff2);  // numeric gradient vanishes: report the absolute
   }
+  if (!(check.rel_error <= opts.max_rel_error)) {
+    ++check.failures;
+    std::ostringstream os;
+    os << "relative error " << check.rel_error << " over the tensor exceeds "
+       << opts.max_rel_error;
+    if (!check.first_failure.empty()) os << "; " << check.first_failure;
+    check.first_failure = os.str();
+  }
   return check;
 }
 
