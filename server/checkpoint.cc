@@ -353,12 +353,12 @@ Status ValidateModelIdForDisk(const std::string& model_id) {
   if (model_id.empty() || model_id.size() > 128) {
     return InvalidArgument("model id must have 1 to 128 characters, got ", model_id.size());
   }
-  for (size_t i = 0; i < model_id.size(); ++i) {
-    const char c = model_id[i];
+  // A leading '.' would hide the directory among the temp and removal entries (and allow "..").
+  if (model_id[0] == '.') {
+    return InvalidArgument("model id '", model_id, "' must not start with '.'");
+  }
+  for (char c : model_id) {
     const bool alnum = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9');
-    if (i == 0 && !alnum) {
-      return InvalidArgument("model id '", model_id, "' must start with a letter or digit");
-    }
     if (!alnum && c != '.' && c != '_' && c != '-') {
       return InvalidArgument("model id '", model_id,
                              "' may only contain letters, digits, '.', '_' and '-'");

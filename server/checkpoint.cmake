@@ -21,3 +21,15 @@ target_include_directories(normd_checkpoint PUBLIC ${PROJECT_SOURCE_DIR}
 target_link_libraries(normd_checkpoint
   PUBLIC normd_core normd_proto
   PRIVATE spdlog::spdlog)
+
+# normd_persistence: the server's Persistence hooks on top of normd_checkpoint
+# (server/checkpoint_persistence.h). Needs the server library.
+if(TARGET normd_server)
+  add_library(normd_persistence STATIC ${CMAKE_CURRENT_LIST_DIR}/checkpoint_persistence.cc)
+  target_link_libraries(normd_persistence
+    PUBLIC normd_checkpoint normd_server
+    PRIVATE spdlog::spdlog)
+  if(TARGET normd)
+    target_link_libraries(normd PRIVATE normd_persistence)
+  endif()
+endif()

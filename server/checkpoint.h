@@ -52,8 +52,8 @@ namespace normd::server {
 constexpr uint32_t kCheckpointFormatVersion = 1;
 constexpr int kDefaultKeepCheckpoints = 3;
 
-// Model ids become directory names: 1 to 128 characters from [A-Za-z0-9._-], starting with a
-// letter or digit. INVALID_ARGUMENT otherwise.
+// Model ids become directory names: 1 to 128 characters from [A-Za-z0-9._-], not starting
+// with '.' (the registry's rule, with room to spare). INVALID_ARGUMENT otherwise.
 Status ValidateModelIdForDisk(const std::string& model_id);
 
 // A model's checkpoint content, encoded in memory.

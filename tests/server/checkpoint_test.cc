@@ -510,10 +510,10 @@ TEST_F(CheckpointTest, ScanListsModelsWithCheckpointsAndFinishesRemovals) {
 
 TEST_F(CheckpointTest, ModelIdsMustBeSafeDirectoryNames) {
   for (const std::string& id :
-       std::vector<std::string>{"a", "model-1", "A_b.c-9", std::string(128, 'x')}) {
+       std::vector<std::string>{"a", "model-1", "A_b.c-9", "-x", "_", std::string(128, 'x')}) {
     EXPECT_TRUE(ValidateModelIdForDisk(id).ok()) << id;
   }
-  for (const std::string& id : std::vector<std::string>{"", "..", ".hidden", "-x", "a/b",
+  for (const std::string& id : std::vector<std::string>{"", "..", ".hidden", ".", "a/b",
                                                        "../etc", "a b", "\xc3\xbc",
                                                        std::string(129, 'x')}) {
     EXPECT_EQ(ValidateModelIdForDisk(id).code(), StatusCode::kInvalidArgument) << id;
