@@ -39,7 +39,7 @@ fail() {
   exit 1
 }
 cleanup() {
-  podman rm -f -v "$CTR" >/dev/null 2>&1 || true
+  podman rm -f -t 2 -v "$CTR" >/dev/null 2>&1 || true
   podman volume rm -f "$VOL" >/dev/null 2>&1 || true
   rm -rf "$WORK"
 }
@@ -123,8 +123,11 @@ METRICS_PORT=$(free_port)
 SERVER=127.0.0.1:$GRPC_PORT
 
 start_container() {
+  # stderr kept aside: podman complains that it cannot schedule periodic healthchecks without
+  # systemd; the test runs the HEALTHCHECK itself with `podman healthcheck run`.
   "${PODMAN_RUN[@]}" -d --name "$CTR" -v "$VOL:/var/lib/normd" \
-    -e NORMD_LISTEN="$SERVER" -e NORMD_METRICS="127.0.0.1:$METRICS_PORT" "$IMAGE" >/dev/null
+    -e NORMD_LISTEN="$SERVER" -e NORMD_METRICS="127.0.0.1:$METRICS_PORT" "$IMAGE" \
+    >/dev/null 2>>"$WORK/podman-run.err"
 }
 normctl() { podman exec -i "$CTR" normctl --server "$SERVER" "$@"; }
 
@@ -188,12 +191,12 @@ done
 
 # Graceful stop: SIGTERM to normd (PID 1) drains and exits 0 well before podman's SIGKILL.
 t_stop=$(date +%s%3N)
-podman stop -t 30 "$CTR" >/dev/null || fail "podman stop"
+podman stop -t 30 "$CTR" >/dev/null 2>>"$WORK/podman-run.err" || fail "podman stop"
 stop_ms=$(($(date +%s%3N) - t_stop))
 code=$(podman inspect -f '{{.State.ExitCode}}' "$CTR")
 log "stopped in $stop_ms ms, exit code $code"
 [ "$code" = 0 ] || fail "normd exited with $code on SIGTERM"
-podman rm "$CTR" >/dev/null
+podman rm "$CTR" >/dev/null 2>>"$WORK/podman-run.err"
 
 # Same volume, new container: the model is restored from its checkpoint, as non-root.
 start_container || fail "podman run (restart)"
@@ -204,6 +207,6 @@ done
 step2=$(model_step) || fail "model image-test not restored from the volume"
 [ "$step2" = "$step" ] || fail "restored model is at step $step2, expected $step"
 log "restarted on the same volume: image-test restored at step $step2"
-podman stop -t 30 "$CTR" >/dev/null
+podman stop -t 30 "$CTR" >/dev/null 2>>"$WORK/podman-run.err"
 
 log "PASS: image $IMAGE size $((size / 1024 / 1024)) MiB ($size bytes), build $((build_ms / 1000)) s, healthy in $healthy_ms ms, stop $stop_ms ms"

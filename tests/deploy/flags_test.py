@@ -133,9 +133,14 @@ class DeployFlagsTest(unittest.TestCase):
             for name, value in env.items():
                 value = self.localize(name, value)
                 with self.subTest(source=source, env=name):
-                    self.assertIn(name, self.help, f"`normd --help` does not document {name}")
+                    self.assertRegex(self.help, r"\b%s\b" % name,
+                                     f"`normd --help` does not document {name}")
                     rc, out = self.check_config(env={name: value})
                     self.assertEqual(rc, 0, f"{source}: {name}={value} refused: {out}")
+                    # --check-config prints the effective configuration, "key=value" a line.
+                    key = name[len("NORMD_"):].lower()
+                    self.assertRegex(out, r"(?m)^%s=%s(s| \(auto\))?$" % (key, re.escape(value)),
+                                     f"{source}: {name}={value} did not take effect")
                     rc, out = self.check_config([flag_of(name), value])
                     self.assertEqual(rc, 0, f"{source}: {flag_of(name)} {value} refused: {out}")
                     checked += 1

@@ -51,6 +51,7 @@ def free_port():
 
 def generate_stubs(out_dir):
     """Generates the Python messages and gRPC stubs from the wire contract into out_dir."""
+    os.makedirs(out_dir, exist_ok=True)
     subprocess.run(
         ["protoc", "-I", os.path.join(REPO, "proto"), "--python_out=" + out_dir,
          "--grpc_python_out=" + out_dir,
@@ -190,7 +191,12 @@ class Traffic:
         x, y = self.batch(32)
         fwd = self.stub.Forward(pb.ForwardRequest(model=model_id, input=self.tensor(x),
                                                   retain_for_backward=True), timeout=10)
-        grad = np.full((32, self.OUT), 1.0 / 32, dtype=np.float32)
+        # The cross-entropy gradient of the returned logits, as a client-side loss would give.
+        logits = np.frombuffer(fwd.output.raw, dtype="<f4").reshape(32, self.OUT)
+        p = np.exp(logits - logits.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        p[np.arange(32), y] -= 1.0
+        grad = (p / 32).astype(np.float32)
         self.stub.Backward(pb.BackwardRequest(model=model_id, forward_id=fwd.forward_id,
                                               grad_output=self.tensor(grad)), timeout=10)
         self.stub.ApplyGradients(pb.ApplyGradientsRequest(model=model_id), timeout=10)
@@ -244,8 +250,10 @@ def resolve_variables(prom, dashboard):
         series = prom.get("/api/v1/series", **{"match[]": m.group(1)})
         found = sorted({s[m.group(2)] for s in series if m.group(2) in s})
         assert found, f"variable ${var['name']} ({query}) has no values"
-        # The dashboard's default is "All": every value, as Grafana's regex of the values.
-        values[var["name"]] = "(" + "|".join(re.escape(v) for v in found) + ")"
+        # The dashboard's default is "All": every value, as Grafana's regex of the values
+        # (escaped for the regex, then for the PromQL string literal).
+        values[var["name"]] = "(" + "|".join(re.escape(v).replace("\\", "\\\\")
+                                             for v in found) + ")"
     return values
 
 
@@ -282,44 +290,60 @@ class MonitoringTest(unittest.TestCase):
     def setUpClass(cls):
         cls.t_start = time.monotonic()
         cls.tmp = tempfile.mkdtemp(prefix="normd-monitoring-")
-        cls.procs = []
+        cls.procs, cls.threads, cls.logs = [], [], []
+        cls.channel = cls.traffic = None
+        try:
+            cls.start_services()
+        except BaseException:
+            cls.cleanup()
+            raise
+
+    @classmethod
+    def start_services(cls):
         cls.pb, pb_grpc = generate_stubs(os.path.join(cls.tmp, "stubs"))
         import grpc  # pylint: disable=import-outside-toplevel
 
         grpc_port, metrics_port, prom_port = free_port(), free_port(), free_port()
-        cls.normd_log = open(os.path.join(cls.tmp, "normd.log"), "w")
+        normd_log = open(os.path.join(cls.tmp, "normd.log"), "w")
+        cls.logs.append(normd_log)
         cls.procs.append(subprocess.Popen(
             [NORMD, "--listen", f"127.0.0.1:{grpc_port}",
              "--metrics", f"127.0.0.1:{metrics_port}",
              "--data-dir", os.path.join(cls.tmp, "data")],
-            stdout=cls.normd_log, stderr=subprocess.STDOUT))
+            stdout=normd_log, stderr=subprocess.STDOUT))
 
         cls.drift_rule = generated_rules(os.path.join(cls.tmp, "alerts.yml"))
         cls.config = os.path.join(cls.tmp, "prometheus.yml")
         generated_config(cls.config, os.path.join(cls.tmp, "alerts.yml"),
                          f"127.0.0.1:{metrics_port}")
-        cls.prom_log = open(os.path.join(cls.tmp, "prometheus.log"), "w")
+        prom_log = open(os.path.join(cls.tmp, "prometheus.log"), "w")
+        cls.logs.append(prom_log)
         cls.procs.append(subprocess.Popen(
             ["prometheus", "--config.file=" + cls.config,
              "--storage.tsdb.path=" + os.path.join(cls.tmp, "tsdb"),
              f"--web.listen-address=127.0.0.1:{prom_port}"],
-            stdout=cls.prom_log, stderr=subprocess.STDOUT))
+            stdout=prom_log, stderr=subprocess.STDOUT))
         cls.prom = Prometheus(f"127.0.0.1:{prom_port}")
 
         cls.channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
         grpc.channel_ready_future(cls.channel).result(timeout=30)
         cls.traffic = Traffic(cls.pb, pb_grpc.TrainerStub(cls.channel))
-        cls.threads = []
         cls.wait_for(lambda: cls.prom.ready(), 30, "Prometheus ready")
         cls.wait_for(lambda: [r for r in cls.prom.query('up{job="normd"}')
                               if r["value"][1] == "1"], 30, "normd scraped (up == 1)")
 
     @classmethod
     def tearDownClass(cls):
-        cls.traffic.stop.set()
+        cls.cleanup()
+
+    @classmethod
+    def cleanup(cls):
+        if cls.traffic:
+            cls.traffic.stop.set()
         for t in cls.threads:
             t.join(timeout=15)
-        cls.channel.close()
+        if cls.channel:
+            cls.channel.close()
         for p in reversed(cls.procs):
             p.terminate()
             try:
@@ -327,8 +351,8 @@ class MonitoringTest(unittest.TestCase):
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-        cls.normd_log.close()
-        cls.prom_log.close()
+        for log in cls.logs:
+            log.close()
         if os.environ.get("KEEP_TMP"):
             print("kept", cls.tmp)
         else:
@@ -374,13 +398,12 @@ class MonitoringTest(unittest.TestCase):
         print(f"served model: loss {first:.3f} -> {last:.3f} after 81 steps")
         self.assertLess(last, first, "training through normd did not reduce the loss")
 
-        # A step whose values overflow float32 must be refused and counted.
+        # A step whose values overflow float32 is refused, counted, and alerted on.
         big = np.full((8, Traffic.IN), 3e38, dtype=np.float32)
-        try:
-            tr.stub.TrainStep(self.pb.TrainStepRequest(model="trainer", input=tr.tensor(big),
+        with self.assertRaises(Exception) as refused:
+            tr.stub.TrainStep(self.pb.TrainStepRequest(model="served", input=tr.tensor(big),
                                                        labels=[0] * 8), timeout=10)
-        except Exception as e:  # pylint: disable=broad-except
-            print(f"overflowing step refused: {e.code().name}")  # pylint: disable=no-member
+        self.assertEqual(refused.exception.code().name, "FAILED_PRECONDITION")
 
         tr.stub.SetMode(self.pb.SetModeRequest(model="served", mode=self.pb.MODE_EVAL),
                         timeout=10)
@@ -414,6 +437,9 @@ class MonitoringTest(unittest.TestCase):
             self.assertIn("served", a["annotations"]["summary"])
             self.assertIn(a["labels"]["layer"], a["annotations"]["summary"])
             self.assertIn(a["labels"]["layer"], ("bn1", "bn2"))
+        self.wait_for(lambda: [a for a in self.prom.alerts("NormdNonFiniteSteps")
+                               if a["state"] == "firing" and a["labels"]["model"] == "served"],
+                      30, "NormdNonFiniteSteps firing for the refused step")
         # The trainer model is not served in eval mode: no drift alert for it.
         self.assertFalse([a for a in self.prom.alerts(DRIFT_ALERT)
                           if a["labels"].get("model") == "trainer"])
