@@ -33,15 +33,16 @@ struct Args {
   bool shuffle = false;
   uint64_t seed = 1;
   std::string progress = "auto";
-  std::string out;          // predict --out
-  bool argmax = false;      // predict --argmax
-  int64_t rows = 256;       // inspect --rows
-  double lr = 0;            // lr VALUE
-  std::string service;      // health --service
-  std::string metrics_url;  // demo
-  std::string out_dir;      // demo: where to write its CSV files
-  int64_t samples = 20000;  // demo: training samples
-  int demo_epochs = 6;      // demo: epochs
+  std::string out;           // predict --out
+  bool argmax = false;       // predict --argmax
+  int64_t rows = 256;        // inspect --rows
+  double lr = 0;             // lr VALUE
+  std::string service;       // health --service
+  std::string metrics_url;   // demo
+  std::string out_dir;       // demo: where to write its CSV files
+  int64_t samples = 50000;   // demo: training samples
+  int demo_epochs = 6;       // demo: epochs
+  double serve_seconds = 8;  // demo: length of each live serving phase
 };
 
 int RunCreate(normd::client::Client& client, const Args& args, std::ostream& out);

@@ -1,8 +1,10 @@
 // `normctl demo`: BatchNorm drift detection, told in about a minute.
 //
-// Trains an MLP with BatchNorm on Gaussian blobs, switches it to eval mode, serves predictions on
-// data from the training distribution and then on shifted data, and shows the shift in the
-// BatchNorm drift figures, both from the Model message and from the server's /metrics.
+// Trains an MLP with BatchNorm on Gaussian blobs, switches it to eval mode, serves live
+// prediction traffic drawn from the training distribution and then shifted traffic, and shows
+// the shift in the BatchNorm drift figures, both from the Model message and from /metrics.
+#include <unistd.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -11,6 +13,7 @@
 #include <iostream>
 #include <map>
 #include <random>
+#include <thread>
 
 #include "client/normctl/commands.h"
 #include "client/normctl/csv.h"
@@ -23,14 +26,21 @@ namespace {
 
 namespace v1 = normd::v1;
 using normd::client::Client;
+using Clock = std::chrono::steady_clock;
 
 constexpr int kFeatures = 8;
 constexpr int kClasses = 4;
-constexpr int kServeBatch = 64;
-constexpr int kServeBatches = 16;
+constexpr int kHidden1 = 128;
+constexpr int kHidden2 = 64;
+constexpr int kServeBatch = 32;
+// Live traffic: one Forward of kServeBatch samples every kServePeriod.
+constexpr auto kServePeriod = std::chrono::milliseconds(40);
 // The shift applied to served inputs: an upstream change of units and offset.
 constexpr float kShiftScale = 1.5f;
-constexpr float kShiftOffset = 2.0f;
+constexpr float kShiftOffset = 1.5f;
+// A layer is flagged when its eval-mode mean shift exceeds both.
+constexpr double kDriftAbsolute = 0.5;
+constexpr double kDriftRelative = 3.0;
 
 struct Blobs {
   std::vector<float> x;  // n * kFeatures
@@ -40,18 +50,21 @@ struct Blobs {
 class BlobSource {
  public:
   explicit BlobSource(uint64_t seed) : rng_(seed) {
-    std::normal_distribution<float> center(0.0f, 2.0f);
+    std::normal_distribution<float> center(0.0f, 1.6f);
     for (auto& c : centers_) {
       for (float& v : c) v = center(rng_);
     }
   }
-  Blobs Sample(int64_t n) {
+  Blobs Sample(int64_t n, bool shifted = false) {
     Blobs b;
     std::uniform_int_distribution<int> cls(0, kClasses - 1);
     std::normal_distribution<float> noise(0.0f, 1.0f);
     for (int64_t i = 0; i < n; ++i) {
       const int c = cls(rng_);
-      for (int f = 0; f < kFeatures; ++f) b.x.push_back(centers_[c][f] + noise(rng_));
+      for (int f = 0; f < kFeatures; ++f) {
+        const float v = centers_[c][f] + noise(rng_);
+        b.x.push_back(shifted ? kShiftScale * v + kShiftOffset : v);
+      }
       b.y.push_back(static_cast<float>(c));
     }
     return b;
@@ -65,31 +78,25 @@ class BlobSource {
 v1::ModelSpec DemoSpec() {
   v1::ModelSpec spec;
   spec.add_input_shape(kFeatures);
+  auto add = [&](const char* name) {
+    v1::LayerSpec* l = spec.add_layers();
+    l->set_name(name);
+    return l;
+  };
   auto linear = [&](const char* name, int in, int out) {
-    v1::LayerSpec* l = spec.add_layers();
-    l->set_name(name);
-    l->mutable_linear()->set_in_features(in);
-    l->mutable_linear()->set_out_features(out);
+    v1::LinearSpec* s = add(name)->mutable_linear();
+    s->set_in_features(in);
+    s->set_out_features(out);
   };
-  auto batch_norm = [&](const char* name, int features) {
-    v1::LayerSpec* l = spec.add_layers();
-    l->set_name(name);
-    l->mutable_batch_norm1d()->set_num_features(features);
-  };
-  auto relu = [&](const char* name) {
-    v1::LayerSpec* l = spec.add_layers();
-    l->set_name(name);
-    l->mutable_relu();
-  };
-  linear("fc1", kFeatures, 64);
-  batch_norm("bn1", 64);
-  relu("relu1");
-  linear("fc2", 64, 32);
-  batch_norm("bn2", 32);
-  relu("relu2");
-  linear("out", 32, kClasses);
+  linear("fc1", kFeatures, kHidden1);
+  add("bn1")->mutable_batch_norm1d()->set_num_features(kHidden1);
+  add("relu1")->mutable_relu();
+  linear("fc2", kHidden1, kHidden2);
+  add("bn2")->mutable_batch_norm1d()->set_num_features(kHidden2);
+  add("relu2")->mutable_relu();
+  linear("out", kHidden2, kClasses);
   spec.set_loss(v1::LOSS_CROSS_ENTROPY);
-  spec.mutable_optimizer()->mutable_adam()->set_lr(0.005f);
+  spec.mutable_optimizer()->mutable_adam()->set_lr(0.002f);
   spec.set_seed(7);
   return spec;
 }
@@ -111,7 +118,7 @@ void WriteBlobs(const std::string& path, const Blobs& b) {
 
 // Drift figures per BatchNorm layer for one serving phase.
 struct LayerDrift {
-  double last_mean_shift = NAN;  // Model.batch_norms, the phase's last batch
+  double last_mean_shift = NAN;  // Model.batch_norms: the phase's last batch
   double last_var_log_ratio = NAN;
   double avg_mean_shift = NAN;  // /metrics: mean over the phase's batches
   double avg_var_log_ratio = NAN;
@@ -122,9 +129,11 @@ class MetricsReader {
   MetricsReader(std::string url, std::string model)
       : url_(std::move(url)), model_(std::move(model)) {}
 
+  bool enabled() const { return !url_.empty() && !failed_; }
+
   // Scrapes now; returns false (after one warning) when /metrics cannot be read.
   bool Scrape(std::vector<MetricSample>* out) {
-    if (url_.empty() || failed_) return false;
+    if (!enabled()) return false;
     try {
       *out = ParseMetrics(HttpGet(url_, std::chrono::seconds(5)));
       return true;
@@ -135,7 +144,7 @@ class MetricsReader {
     }
   }
 
-  // Mean of histogram `name` over the observations between two scrapes, in eval mode.
+  // Mean of eval-mode histogram `name` over the observations between two scrapes.
   double WindowMean(const std::vector<MetricSample>& before, const std::vector<MetricSample>& after,
                     const std::string& name, const std::string& layer) const {
     const std::map<std::string, std::string> match{
@@ -153,27 +162,78 @@ class MetricsReader {
   bool failed_ = false;
 };
 
-// Serves `data` in eval mode batch by batch (Forward); returns the accuracy and fills `drift`.
-double Serve(Client& client, const std::string& id, const Blobs& data, MetricsReader& metrics,
-             std::map<std::string, LayerDrift>* drift) {
-  std::vector<MetricSample> before, after;
-  const bool scraped = metrics.Scrape(&before);
-  int64_t correct = 0;
-  const int64_t n = static_cast<int64_t>(data.y.size());
-  for (int64_t begin = 0; begin < n; begin += kServeBatch) {
-    const int64_t count = std::min<int64_t>(kServeBatch, n - begin);
-    const normd::client::Tensor y =
-        client
-            .Forward(id, normd::client::TensorView(data.x.data() + begin * kFeatures,
-                                                   {count, kFeatures}))
-            .output;
-    for (int64_t i = 0; i < count; ++i) {
-      const float* row = y.values.data() + i * kClasses;
-      correct +=
-          (std::max_element(row, row + kClasses) - row) == static_cast<int>(data.y[begin + i]);
-    }
+bool StdoutIsTerminal() { return isatty(STDOUT_FILENO); }
+
+std::string Cell(double v) { return std::isnan(v) ? "n/a" : Fixed(v, 3); }
+std::string Ratio(double base, double shifted) {
+  if (std::isnan(base) || std::isnan(shifted) || base <= 0) return "";
+  return Fixed(shifted / base, 1) + "x";
+}
+
+// Serves live eval-mode traffic for `seconds`: a Forward of kServeBatch fresh samples every
+// kServePeriod, with a status line showing requests, accuracy and the drift of every BatchNorm
+// layer so far. Returns the accuracy; fills `drift` per layer.
+double ServeLive(Client& client, const std::string& id, BlobSource& source, bool shifted,
+                 double seconds, const std::vector<std::string>& layers, MetricsReader& metrics,
+                 ProgressStyle style, std::ostream& out, std::map<std::string, LayerDrift>* drift) {
+  if (style == ProgressStyle::kAuto) {
+    style = StdoutIsTerminal() ? ProgressStyle::kBar : ProgressStyle::kLines;
   }
+  std::vector<MetricSample> before, now;
+  const bool scraped = metrics.Scrape(&before);
+  const auto start = Clock::now();
+  auto next = start;
+  auto last_report = start;
+  int64_t requests = 0, correct = 0, served = 0;
+  bool drawn = false;
+
+  auto report = [&](bool final_line) {
+    std::string line = "  " + std::to_string(requests) + " requests  accuracy " +
+                       Fixed(100.0 * correct / std::max<int64_t>(served, 1), 1) + "%  mean shift";
+    if (scraped && metrics.Scrape(&now)) {
+      for (const auto& l : layers) {
+        line += "  " + l + " " + Cell(metrics.WindowMean(before, now, "normd_bn_mean_shift", l));
+      }
+    } else {
+      const v1::Model m = client.GetModel(id);
+      for (const auto& bn : m.batch_norms()) {
+        line += "  " + bn.layer() + " " + Cell(bn.last_mean_shift());
+      }
+    }
+    if (style == ProgressStyle::kBar) {
+      out << '\r' << line << "   " << (final_line ? "\n" : "") << std::flush;
+      drawn = !final_line;
+    } else if (style == ProgressStyle::kLines || final_line) {
+      out << line << '\n' << std::flush;
+    }
+  };
+
+  do {
+    const Blobs batch = source.Sample(kServeBatch, shifted);
+    const normd::client::Tensor y =
+        client.Forward(id, normd::client::TensorView(batch.x.data(), {kServeBatch, kFeatures}))
+            .output;
+    for (int64_t i = 0; i < kServeBatch; ++i) {
+      const float* row = y.values.data() + i * kClasses;
+      correct += (std::max_element(row, row + kClasses) - row) == static_cast<int>(batch.y[i]);
+    }
+    served += kServeBatch;
+    ++requests;
+    const auto t = Clock::now();
+    const auto interval = style == ProgressStyle::kBar ? std::chrono::milliseconds(250)
+                                                       : std::chrono::milliseconds(2000);
+    if (style != ProgressStyle::kOff && t - last_report >= interval) {
+      report(false);
+      last_report = t;
+    }
+    next += kServePeriod;
+    std::this_thread::sleep_until(next);
+  } while (Clock::now() - start < std::chrono::duration<double>(seconds));
+  if (drawn) out << '\r' << std::string(100, ' ') << '\r';
+  report(true);
+
   const v1::Model model = client.GetModel(id);
+  std::vector<MetricSample> after;
   const bool have_after = scraped && metrics.Scrape(&after);
   for (const v1::BatchNormStatus& bn : model.batch_norms()) {
     LayerDrift& d = (*drift)[bn.layer()];
@@ -184,31 +244,38 @@ double Serve(Client& client, const std::string& id, const Blobs& data, MetricsRe
       d.avg_var_log_ratio = metrics.WindowMean(before, after, "normd_bn_var_log_ratio", bn.layer());
     }
   }
-  return static_cast<double>(correct) / std::max<int64_t>(n, 1);
+  return static_cast<double>(correct) / std::max<int64_t>(served, 1);
 }
 
-std::string Cell(double v) { return std::isnan(v) ? "n/a" : Fixed(v, 3); }
-std::string Ratio(double base, double shifted) {
-  if (std::isnan(base) || std::isnan(shifted) || base <= 0) return "";
-  return Fixed(shifted / base, 1) + "x";
-}
+class Story {
+ public:
+  Story(std::ostream& out, bool pause) : out_(out), pause_(pause) {}
+  void Step(int step, const std::string& text) {
+    if (pause_ && step > 1) std::this_thread::sleep_for(std::chrono::milliseconds(1200));
+    out_ << "\n[" << step << "/7] " << text << '\n' << std::flush;
+  }
 
-void Heading(std::ostream& out, int step, const std::string& text) {
-  out << "\n[" << step << "/7] " << text << '\n';
-}
+ private:
+  std::ostream& out_;
+  bool pause_;
+};
 
 }  // namespace
 
 int RunDemo(Client& client, const Args& args, std::ostream& out) {
-  const auto started = std::chrono::steady_clock::now();
+  const auto started = Clock::now();
   const std::string id = args.id.empty() ? "demo" : args.id;
   const std::string server = client.options().server;
+  const ProgressStyle style = ParseProgressStyle(args.progress);
+  // Pauses between steps give a reader on a terminal time to follow; logs get none.
+  Story story(
+      out, style == ProgressStyle::kBar || (style == ProgressStyle::kAuto && StdoutIsTerminal()));
   out << "normd demo: BatchNorm networks trained over gRPC, and input drift seen through "
          "BatchNorm\n"
       << "server " << server << " is "
       << grpc::health::v1::HealthCheckResponse::ServingStatus_Name(client.Health()) << '\n';
 
-  Heading(out, 1, "Create an MLP with BatchNorm");
+  story.Step(1, "Create an MLP with BatchNorm");
   v1::Model model;
   try {
     model = client.CreateModel(DemoSpec(), id);
@@ -218,107 +285,104 @@ int RunDemo(Client& client, const Args& args, std::ostream& out) {
     client.DeleteModel(id);
     model = client.CreateModel(DemoSpec(), id);
   }
-  out << "  " << id << ": [" << kFeatures
-      << "] -> Linear 64 -> BatchNorm1d -> ReLU -> Linear 32 -> "
-      << "BatchNorm1d -> ReLU -> Linear " << kClasses << "  (" << model.parameter_count()
-      << " parameters, cross-entropy, Adam lr 0.005)\n";
+  out << "  " << id << ": [" << kFeatures << "] -> Linear " << kHidden1
+      << " -> BatchNorm1d -> ReLU -> Linear " << kHidden2 << " -> BatchNorm1d -> ReLU -> Linear "
+      << kClasses << "\n  " << model.parameter_count()
+      << " parameters, cross-entropy loss, Adam lr 0.002\n";
+  std::vector<std::string> bn_layers;
+  for (const auto& bn : model.batch_norms()) bn_layers.push_back(bn.layer());
 
-  Heading(out, 2,
-          "Generate data: " + std::to_string(kClasses) + " Gaussian blobs in " +
-              std::to_string(kFeatures) + " dimensions");
+  story.Step(2, "Generate data: " + std::to_string(kClasses) + " overlapping Gaussian blobs in " +
+                    std::to_string(kFeatures) + " dimensions");
   BlobSource source(2024);
   const Blobs train = source.Sample(args.samples);
   const Blobs test = source.Sample(std::max<int64_t>(args.samples / 5, 200));
-  const Blobs serve = source.Sample(kServeBatch * kServeBatches);
-  Blobs shifted = source.Sample(kServeBatch * kServeBatches);
-  for (float& v : shifted.x) v = kShiftScale * v + kShiftOffset;
-  out << "  " << train.y.size() << " training, " << test.y.size() << " test samples; "
-      << serve.y.size() << " to serve as they are, " << shifted.y.size() << " shifted (x * "
-      << kShiftScale << " + " << kShiftOffset << ", as when an upstream "
-      << "feature pipeline changes units)\n";
+  out << "  " << train.y.size() << " training and " << test.y.size() << " test samples\n";
   if (!args.out_dir.empty()) {
     WriteBlobs(args.out_dir + "/train.csv", train);
     WriteBlobs(args.out_dir + "/test.csv", test);
-    WriteBlobs(args.out_dir + "/shifted.csv", shifted);
+    WriteBlobs(args.out_dir + "/shifted.csv", source.Sample(1000, true));
     out << "  written to " << args.out_dir << "/{train,test,shifted}.csv\n";
   }
 
-  Heading(out, 3,
-          "Train: " + std::to_string(args.demo_epochs) +
-              " epochs of batch 64, streamed over TrainStream");
+  story.Step(3, "Train: " + std::to_string(args.demo_epochs) +
+                    " epochs of batch 64, streamed over TrainStream");
   TrainOptions options;
   options.epochs = args.demo_epochs;
   options.batch = 64;
   options.shuffle = true;
-  options.progress = ParseProgressStyle(args.progress);
+  options.progress = style;
   Train(client, id, MakeDataset(model, train.x, train.y), nullptr, options, out);
   const EvalSummary test_result =
       EvaluateDataset(client, id, MakeDataset(model, test.x, test.y), 4096);
   out << "  test accuracy " << Fixed(100 * test_result.accuracy, 2) << "%, loss "
       << Fixed(test_result.loss, 4) << '\n';
 
-  Heading(out, 4, "Switch to eval mode: BatchNorm now normalises with its running statistics");
+  story.Step(4, "Switch to eval mode: BatchNorm now normalises with its running statistics");
   model = client.SetMode(id, v1::MODE_EVAL);
   out << "  " << id << " is in " << ModeName(model.mode()) << " mode at step " << model.step()
-      << '\n';
+      << "; each BatchNorm layer compares every batch it sees with those statistics\n";
 
   MetricsReader metrics(args.metrics_url, id);
   std::map<std::string, LayerDrift> base, drifted;
-  Heading(out, 5,
-          "Serve predictions on data like the training data (" + std::to_string(kServeBatches) +
-              " Forward calls of " + std::to_string(kServeBatch) + ")");
-  const double base_accuracy = Serve(client, id, serve, metrics, &base);
-  out << "  accuracy " << Fixed(100 * base_accuracy, 2) << "%\n";
+  const std::string traffic = std::to_string(kServeBatch) + " samples every " +
+                              std::to_string(kServePeriod.count()) + " ms for " +
+                              Fixed(args.serve_seconds, 0) + " s";
+  story.Step(5, "Serve predictions on live traffic like the training data (" + traffic + ")");
+  const double base_accuracy = ServeLive(client, id, source, false, args.serve_seconds, bn_layers,
+                                         metrics, style, out, &base);
 
-  Heading(out, 6, "Serve predictions on shifted data (same count)");
-  const double shifted_accuracy = Serve(client, id, shifted, metrics, &drifted);
-  out << "  accuracy " << Fixed(100 * shifted_accuracy, 2)
-      << "%  (the labels are known here; in production they are not, but the drift is visible)\n";
+  story.Step(6, "The upstream pipeline changes: inputs now arrive as x * " + Fixed(kShiftScale, 1) +
+                    " + " + Fixed(kShiftOffset, 1) + " (" + traffic + ")");
+  const double shifted_accuracy = ServeLive(client, id, source, true, args.serve_seconds, bn_layers,
+                                            metrics, style, out, &drifted);
 
-  Heading(out, 7, "Drift per BatchNorm layer, in-distribution vs shifted");
-  out << "  mean shift    = mean over channels of |batch mean - running mean| / sqrt(running var + "
-         "eps)\n"
+  story.Step(7, "Drift per BatchNorm layer, in-distribution vs shifted traffic");
+  out << "  mean shift    = mean over channels of |batch mean - running mean| / sqrt(running var "
+         "+ eps)\n"
       << "  var log ratio = mean over channels of |ln((batch var + eps) / (running var + eps))|\n"
-      << "  Model: GetModel's batch_norms (last batch); /metrics: normd_bn_*{mode=\"eval\"} "
-         "_sum/_count over the phase\n\n";
+      << "  Model: GetModel's batch_norms (the last batch); /metrics: normd_bn_*{mode=\"eval\"} "
+         "_sum/_count over each phase\n\n";
   TextTable table({"layer", "figure", "source", "in-distribution", "shifted", "change"});
   std::vector<std::string> flagged;
-  for (const v1::BatchNormStatus& bn : model.batch_norms()) {
-    const LayerDrift& b = base[bn.layer()];
-    const LayerDrift& s = drifted[bn.layer()];
-    table.AddRow({bn.layer(), "mean shift", "Model", Cell(b.last_mean_shift),
-                  Cell(s.last_mean_shift), Ratio(b.last_mean_shift, s.last_mean_shift)});
-    table.AddRow({bn.layer(), "mean shift", "/metrics", Cell(b.avg_mean_shift),
-                  Cell(s.avg_mean_shift), Ratio(b.avg_mean_shift, s.avg_mean_shift)});
-    table.AddRow({bn.layer(), "var log ratio", "Model", Cell(b.last_var_log_ratio),
+  for (const std::string& layer : bn_layers) {
+    const LayerDrift& b = base[layer];
+    const LayerDrift& s = drifted[layer];
+    table.AddRow({layer, "mean shift", "Model", Cell(b.last_mean_shift), Cell(s.last_mean_shift),
+                  Ratio(b.last_mean_shift, s.last_mean_shift)});
+    table.AddRow({layer, "mean shift", "/metrics", Cell(b.avg_mean_shift), Cell(s.avg_mean_shift),
+                  Ratio(b.avg_mean_shift, s.avg_mean_shift)});
+    table.AddRow({layer, "var log ratio", "Model", Cell(b.last_var_log_ratio),
                   Cell(s.last_var_log_ratio), Ratio(b.last_var_log_ratio, s.last_var_log_ratio)});
-    table.AddRow({bn.layer(), "var log ratio", "/metrics", Cell(b.avg_var_log_ratio),
+    table.AddRow({layer, "var log ratio", "/metrics", Cell(b.avg_var_log_ratio),
                   Cell(s.avg_var_log_ratio), Ratio(b.avg_var_log_ratio, s.avg_var_log_ratio)});
     const double before = std::isnan(b.avg_mean_shift) ? b.last_mean_shift : b.avg_mean_shift;
     const double after = std::isnan(s.avg_mean_shift) ? s.last_mean_shift : s.avg_mean_shift;
-    if (after > 0.5 && after > 3 * before) flagged.push_back(bn.layer());
+    if (after > kDriftAbsolute && after > kDriftRelative * before) flagged.push_back(layer);
   }
   table.Print(out, "  ");
   out << '\n';
   if (flagged.empty()) {
-    out << "  no layer crossed the drift threshold (mean shift > 0.5 and > 3x its "
-           "in-distribution level)\n";
+    out << "  no layer crossed the drift threshold (mean shift > " << kDriftAbsolute << " and > "
+        << kDriftRelative << "x its in-distribution level)\n";
   } else {
     out << "  DRIFT DETECTED at";
     for (const auto& l : flagged) out << ' ' << l;
-    out << ": mean shift above 0.5 and more than 3x its in-distribution level.\n"
+    out << ": eval-mode mean shift above " << kDriftAbsolute << " and more than " << kDriftRelative
+        << "x its in-distribution level.\n"
         << "  Accuracy fell from " << Fixed(100 * base_accuracy, 1) << "% to "
         << Fixed(100 * shifted_accuracy, 1)
-        << "%; the drift figures need no labels to see it coming.\n";
+        << "%: only the demo knows the labels; the drift figures need none.\n";
   }
 
-  const double seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  const double seconds = std::chrono::duration<double>(Clock::now() - started).count();
+  const std::string ctl = "normctl --server " + server;
   out << "\nDone in " << Fixed(seconds, 1) << " s. Where to look next:\n";
   if (!args.metrics_url.empty()) {
-    out << "  metrics      curl -s " << args.metrics_url << " | grep normd_bn_\n";
+    out << "  metrics      curl -s " << args.metrics_url << " | grep normd_bn_\n"
+        << "               (Prometheus: rate(normd_bn_mean_shift_sum{mode=\"eval\"}[5m]) / "
+           "rate(normd_bn_mean_shift_count{mode=\"eval\"}[5m]))\n";
   }
-  const std::string ctl = "normctl --server " + server;
   out << "  the model    " << ctl << " get " << id << '\n';
   if (!args.out_dir.empty()) {
     out << "  activations  " << ctl << " inspect " << id << " --data " << args.out_dir
@@ -326,9 +390,9 @@ int RunDemo(Client& client, const Args& args, std::ostream& out) {
         << "  evaluate     " << ctl << " eval " << id << " --data " << args.out_dir
         << "/shifted.csv\n";
   }
-  out << "  adapt        " << ctl << " reset-stats " << id << "  (then re-estimate the statistics "
-      << "on new data in train mode, or retrain)\n"
-      << "  all commands normctl --help\n";
+  out << "  adapt        " << ctl << " reset-stats " << id
+      << "  (then re-estimate statistics on the new data in train mode, or retrain)\n"
+      << "  everything   normctl --help\n";
   return kExitOk;
 }
 

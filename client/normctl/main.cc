@@ -158,6 +158,9 @@ int main(int argc, char** argv) {
   demo->add_option("--samples", args.samples, "Training samples")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
+  demo->add_option("--serve-seconds", args.serve_seconds, "Length of each live serving phase")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   demo->add_option("--progress", args.progress, "auto | bar | lines | off");
 
   try {

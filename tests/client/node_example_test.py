@@ -42,7 +42,8 @@ class NodeExampleTest(unittest.TestCase):
                 self.assertEqual([m.id for m in server.client.list_models()], [])
                 # Errors surface with the gRPC code and the server's message, exit status 1.
                 server.client.create_model(
-                    {"input_shape": [1], "layers": [{"relu": {}}]}, id="node-test")
+                    {"input_shape": [1], "layers": [{"relu": {}}], "loss": "LOSS_MSE",
+                     "optimizer": {"sgd": {"lr": 0.1}}}, id="node-test")
                 p = subprocess.run(
                     [node, "example.js", "--server", server.address, "--id", "node-test",
                      "--proto", os.path.join(source, "proto", "normd", "v1", "normd.proto")],

@@ -119,7 +119,9 @@ class NormctlTest(unittest.TestCase):
         self.assertEqual(len(rows), 201)
         self.assertTrue(all(len(r) == 4 for r in rows))
         served = np.array(rows[1:], dtype=np.float32)
-        np.testing.assert_allclose(served, self.client.predict("mlp", self.x_test), rtol=1e-6,
+        # The same inputs as the CSV holds (6 significant digits), through the Python client.
+        x_csv = np.loadtxt(self.test_csv, delimiter=",", dtype=np.float32)[:, :16]
+        np.testing.assert_allclose(served, self.client.predict("mlp", x_csv), rtol=1e-6,
                                    atol=1e-6)
         p = run("predict", "mlp", "--data", self.features_csv, "--argmax")
         lines = p.stdout.strip().splitlines()

@@ -44,40 +44,51 @@ class NormdServer:
         self.data_dir = os.path.join(self.tmp, "data")
         os.makedirs(self.data_dir)
         self.log_path = os.path.join(self.tmp, "normd.log")
-        last_error = None
-        for _ in range(3):  # a port picked as free can be taken before normd binds it
-            try:
-                self._start()
-                return self
-            except RuntimeError as e:
-                last_error = e
-                self._stop()
-        self._cleanup()
-        raise last_error
+        self.client = None
+        try:
+            self._start()
+        except BaseException:
+            sys.stderr.write(f"--- normd log ---\n{self.log()}\n")
+            self._stop()
+            self._cleanup()
+            raise
+        return self
 
     def _start(self):
-        port, metrics_port = free_port(), free_port()
-        self.address = f"127.0.0.1:{port}"
-        self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [self.binary, "--listen", self.address, "--metrics", f"127.0.0.1:{metrics_port}",
-             "--data-dir", self.data_dir] + self.extra_args,
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        log.close()
-        self.client = normd.Client(self.address, timeout=5.0)
+        # Port 0: normd binds free ports itself and reports them in the port file.
+        port_file = os.path.join(self.tmp, "ports")
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [self.binary, "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0",
+                 "--data-dir", self.data_dir, "--port-file", port_file] + self.extra_args,
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
+        ports = {}
+        while time.monotonic() < deadline and not {"grpc", "metrics"} <= ports.keys():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"normd exited with {self.proc.returncode}")
+            try:
+                with open(port_file) as f:
+                    ports = dict(line.strip().split("=", 1) for line in f if "=" in line)
+            except OSError:
+                pass
+            time.sleep(0.05)
+        if not {"grpc", "metrics"} <= ports.keys():
+            raise RuntimeError("normd wrote no port file within 30 s")
+        self.address = f"127.0.0.1:{ports['grpc']}"
+        self.metrics_url = f"http://127.0.0.1:{ports['metrics']}/metrics"
+        self.client = normd.Client(self.address, timeout=5.0)
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"normd exited with {self.proc.returncode}:\n{self.log()}")
+                raise RuntimeError(f"normd exited with {self.proc.returncode}")
             try:
                 if self.client.health() == "SERVING":
                     self.client.timeout = 60.0
                     return
             except normd.NormdError:
                 pass
-            time.sleep(0.1)
-        raise RuntimeError(f"normd did not become SERVING within 30 s:\n{self.log()}")
+            time.sleep(0.05)
+        raise RuntimeError("normd did not become SERVING within 30 s")
 
     def log(self) -> str:
         try:
@@ -103,7 +114,8 @@ class NormdServer:
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
             sys.stderr.write(f"--- normd log ---\n{self.log()}\n")
-        self.client.close()
+        if self.client is not None:
+            self.client.close()
         self._stop()
         self._cleanup()
         return False

@@ -34,7 +34,7 @@ def _as_numpy(x) -> np.ndarray:
 
 def to_tensor(array) -> pb.Tensor:
     """A row-major float32 wire tensor (raw little-endian bytes) from anything array-like."""
-    a = np.ascontiguousarray(_as_numpy(array), dtype="<f4")
+    a = np.asarray(_as_numpy(array), dtype="<f4", order="C")  # keeps 0-d arrays 0-d
     return pb.Tensor(shape=list(a.shape), raw=a.tobytes())
 
 
