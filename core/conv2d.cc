@@ -4,6 +4,8 @@
 #include <cmath>
 #include <cstring>
 
+#include "core/threads.h"
+
 namespace normd {
 namespace {
 
@@ -185,6 +187,7 @@ std::vector<Parameter*> Conv2d::parameters() {
 
 void Conv2d::Forward(const ConstTensorView& x, Tensor* y, LayerCache* /*cache*/,
                      const ForwardContext& /*ctx*/) const {
+  internal::ApplyComputeThreads();
   const Conv2dConfig& c = config_;
   const Geometry g{c.in_channels, h_, w_, c.kernel_size, c.stride, c.padding, h_out_, w_out_};
   const int64_t n = x.shape[0];
@@ -213,6 +216,7 @@ void Conv2d::Forward(const ConstTensorView& x, Tensor* y, LayerCache* /*cache*/,
 
 void Conv2d::Backward(const ConstTensorView& x, const Tensor& /*y*/, const ConstTensorView& dy,
                       const LayerCache& /*cache*/, const ForwardContext& /*ctx*/, Tensor* dx) {
+  internal::ApplyComputeThreads();
   const Conv2dConfig& c = config_;
   const Geometry g{c.in_channels, h_, w_, c.kernel_size, c.stride, c.padding, h_out_, w_out_};
   const int64_t n = x.shape[0];

@@ -2,6 +2,8 @@
 
 #include <cmath>
 
+#include "core/threads.h"
+
 namespace normd {
 
 Status Linear::Build(const Shape& in, Shape* out) {
@@ -46,6 +48,7 @@ void Linear::Allocate(Rng& rng) {
 
 void Linear::Forward(const ConstTensorView& x, Tensor* y, LayerCache* /*cache*/,
                      const ForwardContext& /*ctx*/) const {
+  internal::ApplyComputeThreads();
   y->Resize(Shape{x.rows(), config_.out_features});
   MatrixMap out = y->matrix();
   out.noalias() = x.matrix() * weight_.value.matrix().transpose();
@@ -54,6 +57,7 @@ void Linear::Forward(const ConstTensorView& x, Tensor* y, LayerCache* /*cache*/,
 
 void Linear::Backward(const ConstTensorView& x, const Tensor& /*y*/, const ConstTensorView& dy,
                       const LayerCache& /*cache*/, const ForwardContext& /*ctx*/, Tensor* dx) {
+  internal::ApplyComputeThreads();
   const ConstMatrixMap g = dy.matrix();
   weight_.grad.matrix().noalias() += g.transpose() * x.matrix();
   if (config_.bias) bias_.grad.flat() += g.colwise().sum().transpose();
