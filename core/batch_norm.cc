@@ -1,41 +1,186 @@
 #include "core/batch_norm.h"
 
+#include <algorithm>
 #include <cassert>
 #include <cmath>
+#include <cstring>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace normd {
 namespace {
 
 // Layout of LayerCache::d written by Forward:
 //   [0] drift valid (0/1), [1] mean_shift, [2] var_log_ratio,
-//   then, when an update is pending, [3, 3+C) batch mean and [3+C, 3+2C) unbiased variance.
+//   [3, 3+C) batch mean and [3+C, 3+2C) batch variance (biased; unbiased once an update is
+//   pending), [3+2C, 3+3C) scratch for the statistics pass.
 constexpr int kDriftValid = 0;
 constexpr int kMeanShift = 1;
 constexpr int kVarLogRatio = 2;
 constexpr int kPending = 3;
 
-// Per-channel sums over x viewed as (n, channels, s), in double: sum and sum of squares.
-// One pass; used for eval-mode drift where the statistics only feed a diagnostic.
-void SumAndSquares(const float* x, int64_t n, int64_t channels, int64_t s, double* sum,
-                   double* sumsq) {
-  for (int64_t c = 0; c < channels; ++c) sum[c] = sumsq[c] = 0.0;
+// ---- Statistics kernels -------------------------------------------------------------------
+//
+// The per-channel reductions accumulate in double, eight channels (or eight positions of a
+// plane) per vector. GCC/Clang vector extensions let the compiler map a D8 onto what the target
+// has (one AVX-512 register, two AVX registers, four SSE2 registers); only the float-to-double
+// load is spelled out for AVX-512, where the generic conversion compiles to four instructions.
+typedef float F8 __attribute__((vector_size(32)));
+typedef double D8 __attribute__((vector_size(64)));
+
+inline D8 LoadF8(const float* p) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<D8>(_mm512_cvtps_pd(_mm256_loadu_ps(p)));
+#else
+  F8 v;
+  std::memcpy(&v, p, sizeof v);
+  return __builtin_convertvector(v, D8);
+#endif
+}
+
+inline D8 LoadD8(const double* p) {
+  D8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void StoreD8(double* p, D8 v) { std::memcpy(p, &v, sizeof v); }
+
+inline D8 SplatD8(double v) { return D8{} + v; }
+
+inline double Sum(D8 v) {
+  double t = 0.0;
+  for (int j = 0; j < 8; ++j) t += v[j];
+  return t;
+}
+
+// Rows of x processed together by the (N, C) kernels: each pass over a block of channels
+// reads kRowGroup rows, so the accumulators stay in registers while the memory accesses form
+// kRowGroup sequential streams (walking one column of blocks down all rows instead strides
+// by a whole row per access, which defeats the prefetchers).
+constexpr int64_t kRowGroup = 8;
+// Channels per register block: four vectors of eight.
+constexpr int64_t kBlock = 32;
+
+// For x viewed as (n, C, s), adds to acc1[c] and acc2[c] the sums over every value v of
+// channel c of u and u * w, where u = A(v) and w = B(v) are what the Op makes of x (and of a
+// second tensor g with x's shape, for the backward pass; read only when Op::kUsesG). Op
+// gives, per channel, a constant (the shift or the mean) and the two terms from a loaded x
+// and g vector.
+template <typename Op>
+void ChannelReduce(const Op& op, const float* x, const float* g, int64_t n, int64_t C,
+                   int64_t s, const double* k, double* acc1, double* acc2) {
+  auto load_g = [g](int64_t o) { return Op::kUsesG ? LoadF8(g + o) : D8{}; };
+  auto scalar_g = [g](int64_t o) { return Op::kUsesG ? g[o] : 0.0f; };
   if (s == 1) {
-    for (int64_t i = 0; i < n; ++i) {
-      const float* row = x + i * channels;
-      for (int64_t c = 0; c < channels; ++c) {
-        const double v = row[c];
-        sum[c] += v;
-        sumsq[c] += v * v;
+    for (int64_t i0 = 0; i0 < n; i0 += kRowGroup) {
+      const int64_t i1 = std::min(n, i0 + kRowGroup);
+      int64_t c0 = 0;
+      for (; c0 + kBlock <= C; c0 += kBlock) {
+        D8 a1[4] = {}, a2[4] = {}, kk[4];
+        for (int v = 0; v < 4; ++v) kk[v] = LoadD8(k + c0 + 8 * v);
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t off = i * C + c0;
+          for (int v = 0; v < 4; ++v) {
+            const int64_t o = off + 8 * v;
+            op.Vector(LoadF8(x + o), load_g(o), kk[v], &a1[v], &a2[v]);
+          }
+        }
+        for (int v = 0; v < 4; ++v) {
+          StoreD8(acc1 + c0 + 8 * v, LoadD8(acc1 + c0 + 8 * v) + a1[v]);
+          StoreD8(acc2 + c0 + 8 * v, LoadD8(acc2 + c0 + 8 * v) + a2[v]);
+        }
+      }
+      for (; c0 + 8 <= C; c0 += 8) {
+        D8 a1 = {}, a2 = {};
+        const D8 kk = LoadD8(k + c0);
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t o = i * C + c0;
+          op.Vector(LoadF8(x + o), load_g(o), kk, &a1, &a2);
+        }
+        StoreD8(acc1 + c0, LoadD8(acc1 + c0) + a1);
+        StoreD8(acc2 + c0, LoadD8(acc2 + c0) + a2);
+      }
+      for (; c0 < C; ++c0) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t o = i * C + c0;
+          op.Scalar(x[o], scalar_g(o), k[c0], &acc1[c0], &acc2[c0]);
+        }
       }
     }
     return;
   }
+  // (n, C, s): each (sample, channel) plane is s contiguous values.
   for (int64_t i = 0; i < n; ++i) {
-    for (int64_t c = 0; c < channels; ++c) {
-      Eigen::Map<const Eigen::VectorXf> plane(x + (i * channels + c) * s, s);
-      sum[c] += plane.cast<double>().sum();
-      sumsq[c] += plane.cast<double>().squaredNorm();
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t off = (i * C + c) * s;
+      const D8 kk = SplatD8(k[c]);
+      D8 a1[2] = {}, a2[2] = {};
+      int64_t j = 0;
+      for (; j + 16 <= s; j += 16) {
+        for (int v = 0; v < 2; ++v) {
+          const int64_t o = off + j + 8 * v;
+          op.Vector(LoadF8(x + o), load_g(o), kk, &a1[v], &a2[v]);
+        }
+      }
+      for (; j + 8 <= s; j += 8) {
+        op.Vector(LoadF8(x + off + j), load_g(off + j), kk, &a1[0], &a2[0]);
+      }
+      double t1 = Sum(a1[0] + a1[1]), t2 = Sum(a2[0] + a2[1]);
+      for (; j < s; ++j) op.Scalar(x[off + j], scalar_g(off + j), k[c], &t1, &t2);
+      acc1[c] += t1;
+      acc2[c] += t2;
     }
+  }
+}
+
+// Forward statistics: u = x - K_c, accumulating u and u^2 (shifted sums; with K_c a value of
+// the channel the two sums cancel little, unlike plain sums of x and x^2).
+struct ShiftedSumsOp {
+  static constexpr bool kUsesG = false;
+  void Vector(D8 x, D8 /*g*/, D8 k, D8* a1, D8* a2) const {
+    const D8 u = x - k;
+    *a1 += u;
+    *a2 += u * u;
+  }
+  void Scalar(float x, float /*g*/, double k, double* a1, double* a2) const {
+    const double u = x - k;
+    *a1 += u;
+    *a2 += u * u;
+  }
+};
+
+// Backward sums: sum(dy) and sum(dy * (x - mean)).
+struct GradSumsOp {
+  static constexpr bool kUsesG = true;
+  void Vector(D8 x, D8 g, D8 mean, D8* a1, D8* a2) const {
+    *a1 += g;
+    *a2 += g * (x - mean);
+  }
+  void Scalar(float x, float g, double mean, double* a1, double* a2) const {
+    *a1 += g;
+    *a2 += double{g} * (x - mean);
+  }
+};
+
+// Per-channel mean and M2 of x viewed as (n, C, s), one pass: with K_c = x[0, c, 0],
+// mean = K + S1 / count and M2 = S2 - S1^2 / count for the shifted sums S1, S2.
+// `scratch` holds C doubles.
+void MeanAndM2(const float* x, int64_t n, int64_t C, int64_t s, double* mean, double* m2,
+               double* scratch) {
+  double* k = scratch;
+  for (int64_t c = 0; c < C; ++c) {
+    k[c] = x[c * s];
+    mean[c] = m2[c] = 0.0;
+  }
+  ChannelReduce(ShiftedSumsOp(), x, nullptr, n, C, s, k, mean, m2);
+  const double count = static_cast<double>(n * s);
+  for (int64_t c = 0; c < C; ++c) {
+    const double s1 = mean[c];
+    mean[c] = k[c] + s1 / count;
+    m2[c] = std::max(0.0, m2[c] - s1 * s1 / count);
   }
 }
 
@@ -47,39 +192,8 @@ void ComputeMoments(const float* x, int64_t n, int64_t channels, int64_t s,
   out->mean.assign(channels, 0.0);
   out->m2.assign(channels, 0.0);
   if (out->count == 0) return;
-  double* mean = out->mean.data();
-  double* m2 = out->m2.data();
-  const double inv_count = 1.0 / static_cast<double>(out->count);
-  if (s == 1) {
-    // (N, C): accumulate whole rows, which vectorises across channels.
-    for (int64_t i = 0; i < n; ++i) {
-      const float* row = x + i * channels;
-      for (int64_t c = 0; c < channels; ++c) mean[c] += row[c];
-    }
-    for (int64_t c = 0; c < channels; ++c) mean[c] *= inv_count;
-    for (int64_t i = 0; i < n; ++i) {
-      const float* row = x + i * channels;
-      for (int64_t c = 0; c < channels; ++c) {
-        const double d = row[c] - mean[c];
-        m2[c] += d * d;
-      }
-    }
-    return;
-  }
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t c = 0; c < channels; ++c) {
-      mean[c] += Eigen::Map<const Eigen::VectorXf>(x + (i * channels + c) * s, s)
-                     .cast<double>()
-                     .sum();
-    }
-  }
-  for (int64_t c = 0; c < channels; ++c) mean[c] *= inv_count;
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t c = 0; c < channels; ++c) {
-      Eigen::Map<const Eigen::VectorXf> plane(x + (i * channels + c) * s, s);
-      m2[c] += (plane.cast<double>().array() - mean[c]).square().sum();
-    }
-  }
+  std::vector<double> scratch(channels);
+  MeanAndM2(x, n, channels, s, out->mean.data(), out->m2.data(), scratch.data());
 }
 
 void CombineMoments(ChannelMoments* a, const ChannelMoments& b) {
@@ -162,91 +276,92 @@ void BatchNorm::Forward(const ConstTensorView& x, Tensor* y, LayerCache* cache,
   const bool batch_stats = UsesBatchStats(ctx);
   const bool track = config_.track_running_stats;
   const double eps = config_.eps;
+  using ArrayD = Eigen::Map<Eigen::ArrayXd>;
+  using ArrayF = Eigen::Map<Eigen::ArrayXf>;
+  using ConstArrayF = Eigen::Map<const Eigen::ArrayXf>;
 
   // f: [0, C) mean used, [C, 2C) 1/sqrt(var + eps) used, [2C, 3C) scale, [3C, 4C) shift.
   cache->f.resize(4 * C);
-  cache->d.resize(kPending + 2 * C);
+  cache->d.resize(kPending + 3 * C);
   cache->has_pending_update = false;
-  float* mean_used = cache->f.data();
-  float* invstd_used = cache->f.data() + C;
   double* d = cache->d.data();
-  // Batch mean and biased variance, kept in d's pending area while we need them.
-  double* batch_mean = d + kPending;
-  double* batch_var = d + kPending + C;
+  ArrayD batch_mean(d + kPending, C);
+  ArrayD batch_var(d + kPending + C, C);
+  ArrayF mean_used(cache->f.data(), C);
+  ArrayF invstd_used(cache->f.data() + C, C);
+  ArrayF scale(cache->f.data() + 2 * C, C);
+  ArrayF shift(cache->f.data() + 3 * C, C);
 
-  if (batch_stats) {
-    ChannelMoments m;
-    ComputeMoments(x.data, N, C, S, &m);
-    for (int64_t c = 0; c < C; ++c) {
-      batch_mean[c] = m.mean[c];
-      batch_var[c] = m.BiasedVar(c);
-    }
-  } else if (track) {
-    SumAndSquares(x.data, N, C, S, batch_mean, batch_var);
-    const double inv = 1.0 / static_cast<double>(N * S);
-    for (int64_t c = 0; c < C; ++c) {
-      batch_mean[c] *= inv;
-      batch_var[c] = std::max(0.0, batch_var[c] * inv - batch_mean[c] * batch_mean[c]);
-    }
+  // One pass over x: batch mean and biased variance (needed for the drift in eval mode too).
+  const bool need_stats = batch_stats || track;
+  if (need_stats) {
+    MeanAndM2(x.data, N, C, S, batch_mean.data(), batch_var.data(), d + kPending + 2 * C);
+    batch_var /= static_cast<double>(N * S);
   }
 
   // Drift against the running estimates, before any update.
   d[kDriftValid] = track ? 1.0 : 0.0;
   d[kMeanShift] = d[kVarLogRatio] = 0.0;
   if (track) {
+    // In double throughout so Eigen vectorises the logarithms (a float-to-double cast inside
+    // the expression would make it scalar); the statistics scratch is free again.
+    ArrayD denom(d + kPending + 2 * C, C);
     const float* rm = running_mean_.data();
     const float* rv = running_var_.data();
-    double shift = 0.0, log_ratio = 0.0;
-    for (int64_t c = 0; c < C; ++c) {
-      const double denom = rv[c] + eps;
-      shift += std::abs(batch_mean[c] - rm[c]) / std::sqrt(denom);
-      log_ratio += std::abs(std::log((batch_var[c] + eps) / denom));
-    }
-    d[kMeanShift] = shift / C;
-    d[kVarLogRatio] = log_ratio / C;
+    for (int64_t c = 0; c < C; ++c) denom[c] = double{rv[c]} + eps;
+    d[kVarLogRatio] = ((batch_var + eps) / denom).log().abs().sum() / C;
+    denom = denom.sqrt();
+    double shift_sum = 0.0;
+    for (int64_t c = 0; c < C; ++c) shift_sum += std::abs(batch_mean[c] - rm[c]) / denom[c];
+    d[kMeanShift] = shift_sum / C;
   }
 
-  for (int64_t c = 0; c < C; ++c) {
-    if (batch_stats) {
-      mean_used[c] = static_cast<float>(batch_mean[c]);
-      invstd_used[c] = static_cast<float>(1.0 / std::sqrt(batch_var[c] + eps));
-    } else {
-      mean_used[c] = running_mean_.data()[c];
-      invstd_used[c] = static_cast<float>(1.0 / std::sqrt(double{running_var_.data()[c]} + eps));
-    }
+  // 1/sqrt(var + eps) in double (Eigen vectorises it when no cast is inside the expression),
+  // in the scratch area, then rounded to float.
+  ArrayD invstd(d + kPending + 2 * C, C);
+  if (batch_stats) {
+    invstd = (batch_var + eps).sqrt().inverse();
+    for (int64_t c = 0; c < C; ++c) mean_used[c] = static_cast<float>(batch_mean[c]);
+  } else {
+    const float* rv = running_var_.data();
+    for (int64_t c = 0; c < C; ++c) invstd[c] = double{rv[c]} + eps;
+    invstd = invstd.sqrt().inverse();
+    mean_used = ConstArrayF(running_mean_.data(), C);
   }
+  for (int64_t c = 0; c < C; ++c) invstd_used[c] = static_cast<float>(invstd[c]);
 
   if (ctx.training && ctx.update_running_stats && track) {
     // Pending update: the batch mean stays, the variance becomes the unbiased estimate.
-    const int64_t n = N * S;
-    for (int64_t c = 0; c < C; ++c) batch_var[c] = batch_var[c] * n / (n - 1);
+    const double n = static_cast<double>(N * S);
+    batch_var = batch_var * n / (n - 1);
     cache->has_pending_update = true;
   }
 
   // y = x * scale + shift per channel: one multiply-add per element.
   y->Resize(x.shape);
-  float* scale = cache->f.data() + 2 * C;
-  float* shift = cache->f.data() + 3 * C;
-  for (int64_t c = 0; c < C; ++c) {
-    const float g = config_.affine ? weight_.value.data()[c] : 1.0f;
-    const float b = config_.affine ? bias_.value.data()[c] : 0.0f;
-    scale[c] = g * invstd_used[c];
-    shift[c] = b - mean_used[c] * scale[c];
+  if (config_.affine) {
+    scale = ConstArrayF(weight_.value.data(), C) * invstd_used;
+    shift = ConstArrayF(bias_.value.data(), C) - mean_used * scale;
+  } else {
+    scale = invstd_used;
+    shift = -mean_used * scale;
   }
+  const float* sc = scale.data();
+  const float* sh = shift.data();
   const float* xp = x.data;
   float* yp = y->data();
   if (S == 1) {
     for (int64_t i = 0; i < N; ++i) {
       const float* xr = xp + i * C;
       float* yr = yp + i * C;
-      for (int64_t c = 0; c < C; ++c) yr[c] = xr[c] * scale[c] + shift[c];
+      for (int64_t c = 0; c < C; ++c) yr[c] = xr[c] * sc[c] + sh[c];
     }
   } else {
     for (int64_t i = 0; i < N; ++i) {
       for (int64_t c = 0; c < C; ++c) {
         const float* xr = xp + (i * C + c) * S;
         float* yr = yp + (i * C + c) * S;
-        const float a = scale[c], b = shift[c];
+        const float a = sc[c], b = sh[c];
         for (int64_t k = 0; k < S; ++k) yr[k] = xr[k] * a + b;
       }
     }
@@ -263,31 +378,15 @@ void BatchNorm::Backward(const ConstTensorView& x, const Tensor& /*y*/, const Co
   const float* xp = x.data;
   const float* dyp = dy.data;
 
-  // Pass 1: per channel, sum(dy) and sum(dy * (x - mean)).
-  thread_local std::vector<double> sums;
-  sums.assign(2 * C, 0.0);
-  double* sum_dy = sums.data();
-  double* sum_dy_xmu = sums.data() + C;
-  if (S == 1) {
-    for (int64_t i = 0; i < N; ++i) {
-      const float* xr = xp + i * C;
-      const float* gr = dyp + i * C;
-      for (int64_t c = 0; c < C; ++c) {
-        sum_dy[c] += gr[c];
-        sum_dy_xmu[c] += static_cast<double>(gr[c]) * (xr[c] - mean[c]);
-      }
-    }
-  } else {
-    for (int64_t i = 0; i < N; ++i) {
-      for (int64_t c = 0; c < C; ++c) {
-        Eigen::Map<const Eigen::VectorXf> xr(xp + (i * C + c) * S, S);
-        Eigen::Map<const Eigen::VectorXf> gr(dyp + (i * C + c) * S, S);
-        sum_dy[c] += gr.cast<double>().sum();
-        sum_dy_xmu[c] +=
-            (gr.cast<double>().array() * (xr.cast<double>().array() - double{mean[c]})).sum();
-      }
-    }
-  }
+  // Pass 1: per channel, sum(dy) and sum(dy * (x - mean)), in double. `work` holds them, the
+  // mean in double, and the three coefficients of pass 2; it keeps its capacity.
+  thread_local std::vector<double> work;
+  work.assign(3 * C, 0.0);
+  double* sum_dy = work.data();
+  double* sum_dy_xmu = work.data() + C;
+  double* mean_d = work.data() + 2 * C;
+  for (int64_t c = 0; c < C; ++c) mean_d[c] = mean[c];
+  ChannelReduce(GradSumsOp(), xp, dyp, N, C, S, mean_d, sum_dy, sum_dy_xmu);
   if (config_.affine) {
     float* gw = weight_.grad.data();
     float* gb = bias_.grad.data();
@@ -305,23 +404,26 @@ void BatchNorm::Backward(const ConstTensorView& x, const Tensor& /*y*/, const Co
   float* dxp = dx->data();
   thread_local std::vector<float> coef;
   coef.resize(3 * C);
-  float* k = coef.data();           // multiplies dy
-  float* a = coef.data() + C;       // multiplies (x - mean)
-  float* b = coef.data() + 2 * C;   // constant term
-  const bool batch_stats = UsesBatchStats(ctx);
+  float* k = coef.data();          // multiplies dy
+  float* a = coef.data() + C;      // multiplies (x - mean)
+  float* b = coef.data() + 2 * C;  // constant term
   const double n = static_cast<double>(N * S);
+  const float* gamma = config_.affine ? weight_.value.data() : nullptr;
+  // Branch-free loops over channels so they vectorise.
   for (int64_t c = 0; c < C; ++c) {
-    const double g = config_.affine ? weight_.value.data()[c] : 1.0;
-    const double is = invstd[c];
-    k[c] = static_cast<float>(g * is);
-    if (batch_stats) {
-      // xhat * sum(dy*xhat) / n = (x - mean) * is^2 * sum_dy_xmu / n
-      a[c] = static_cast<float>(-g * is * is * is * sum_dy_xmu[c] / n);
-      b[c] = static_cast<float>(-g * is * sum_dy[c] / n);
-    } else {
-      a[c] = 0.0f;
-      b[c] = 0.0f;
+    k[c] = static_cast<float>((gamma != nullptr ? double{gamma[c]} : 1.0) * invstd[c]);
+  }
+  if (UsesBatchStats(ctx)) {
+    // xhat * sum(dy*xhat) / n = (x - mean) * is^2 * sum_dy_xmu / n
+    for (int64_t c = 0; c < C; ++c) {
+      const double gi = (gamma != nullptr ? double{gamma[c]} : 1.0) * invstd[c];
+      const double is = invstd[c];
+      a[c] = static_cast<float>(-gi * is * is * sum_dy_xmu[c] / n);
+      b[c] = static_cast<float>(-gi * sum_dy[c] / n);
     }
+  } else {
+    std::fill(a, a + C, 0.0f);
+    std::fill(b, b + C, 0.0f);
   }
   if (S == 1) {
     for (int64_t i = 0; i < N; ++i) {
