@@ -7,6 +7,46 @@ namespace {
 
 bool FiniteNonNegative(float v) { return std::isfinite(v) && v >= 0.0f; }
 
+// One SGD update of n elements. The hyperparameters are copied to locals and each case gets
+// its own loop, so the compiler neither reloads them per element (a float store could alias
+// the config) nor branches inside the loop: every loop vectorises. Per element the operations
+// and their order are those of the reference rule in optimizer.h.
+void SgdUpdate(const SgdConfig& c, bool first, int64_t n, const float* g, float* w, float* buf) {
+  const float lr = c.lr, wd = c.weight_decay, mom = c.momentum, damp = 1.0f - c.dampening;
+  const bool decay = wd != 0.0f;
+  if (mom == 0.0f) {
+    if (decay) {
+      for (int64_t j = 0; j < n; ++j) w[j] = w[j] - lr * (g[j] + wd * w[j]);
+    } else {
+      for (int64_t j = 0; j < n; ++j) w[j] = w[j] - lr * g[j];
+    }
+    return;
+  }
+  if (first) {
+    for (int64_t j = 0; j < n; ++j) {
+      const float d = decay ? g[j] + wd * w[j] : g[j];
+      buf[j] = d;
+      w[j] = w[j] - lr * (c.nesterov ? d + mom * d : d);
+    }
+    return;
+  }
+  if (!decay && !c.nesterov) {
+    for (int64_t j = 0; j < n; ++j) {
+      const float b = buf[j] * mom + damp * g[j];
+      buf[j] = b;
+      w[j] = w[j] - lr * b;
+    }
+    return;
+  }
+  const bool nesterov = c.nesterov;
+  for (int64_t j = 0; j < n; ++j) {
+    const float d = decay ? g[j] + wd * w[j] : g[j];
+    const float b = buf[j] * mom + damp * d;
+    buf[j] = b;
+    w[j] = w[j] - lr * (nesterov ? d + mom * b : b);
+  }
+}
+
 }  // namespace
 
 Status Optimizer::Validate(const OptimizerConfig& config) {
@@ -72,16 +112,7 @@ void Optimizer::Step(const std::vector<Parameter*>& params) {
         st.step = 0;
         buf = st.a.data();
       }
-      const bool first = st.step == 0;
-      for (int64_t j = 0; j < n; ++j) {
-        float d = g[j];
-        if (c.weight_decay != 0.0f) d = d + c.weight_decay * w[j];
-        if (c.momentum != 0.0f) {
-          buf[j] = first ? d : buf[j] * c.momentum + (1.0f - c.dampening) * d;
-          d = c.nesterov ? d + c.momentum * buf[j] : buf[j];
-        }
-        w[j] = w[j] - c.lr * d;
-      }
+      SgdUpdate(c, st.step == 0, n, g, w, buf);
       ++st.step;
       continue;
     }
@@ -95,16 +126,20 @@ void Optimizer::Step(const std::vector<Parameter*>& params) {
     const float decay = c.decoupled_weight_decay ? 1.0f - c.lr * c.weight_decay : 1.0f;
     float* m = st.a.data();
     float* v = st.b.data();
+    // Locals, not config reads, inside the loop: see SgdUpdate.
+    const bool decoupled = c.decoupled_weight_decay;
+    const float wd = c.weight_decay, beta1 = c.beta1, beta2 = c.beta2, eps = c.eps;
+    const float one_m_beta1 = 1.0f - beta1, one_m_beta2 = 1.0f - beta2;
     for (int64_t j = 0; j < n; ++j) {
       float d = g[j];
-      if (c.decoupled_weight_decay) {
+      if (decoupled) {
         w[j] *= decay;
-      } else if (c.weight_decay != 0.0f) {
-        d = d + c.weight_decay * w[j];
+      } else if (wd != 0.0f) {
+        d = d + wd * w[j];
       }
-      m[j] = m[j] * c.beta1 + (1.0f - c.beta1) * d;
-      v[j] = v[j] * c.beta2 + (1.0f - c.beta2) * d * d;
-      const float denom = std::sqrt(v[j]) / bc2_sqrt + c.eps;
+      m[j] = m[j] * beta1 + one_m_beta1 * d;
+      v[j] = v[j] * beta2 + one_m_beta2 * d * d;
+      const float denom = std::sqrt(v[j]) / bc2_sqrt + eps;
       w[j] = w[j] - step_size * (m[j] / denom);
     }
   }

@@ -78,10 +78,19 @@ void Tensor::Fill(float v) { std::fill(data_.begin(), data_.begin() + size_, v);
 bool Tensor::AllFinite() const { return normd::AllFinite(data(), size_); }
 
 bool AllFinite(const float* data, int64_t n) {
-  // Branch-free accumulation vectorises; x - x is NaN exactly for NaN and +-Inf.
-  float acc = 0.0f;
-  for (int64_t i = 0; i < n; ++i) acc += data[i] - data[i];
-  return acc == 0.0f;
+  // x - x is NaN exactly for NaN and +-Inf, and 0 otherwise. Sixteen independent lanes let the
+  // compiler vectorise without reassociating a float sum (a single accumulator would serialise
+  // on the add latency: ~4 cycles per element).
+  constexpr int kLanes = 16;
+  float acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) acc[j] += data[i + j] - data[i + j];
+  }
+  for (; i < n; ++i) acc[0] += data[i] - data[i];
+  float total = 0.0f;
+  for (int j = 0; j < kLanes; ++j) total += acc[j];
+  return total == 0.0f;
 }
 
 }  // namespace normd
