@@ -1,0 +1,365 @@
+// normd_kernels_bench: Google Benchmark micro-benchmarks of normd's core kernels.
+//
+// Before the benchmarks run, main() calibrates two ceilings in this same process:
+//  - memcpy bandwidth for each BatchNorm tensor size (best of several runs; a memcpy of S bytes
+//    moves 2*S bytes: S read, S written), and
+//  - the single-core FMA peak (independent fused multiply-adds on the widest vectors the build
+//    targets).
+// BatchNorm benchmarks then report GB/s and `frac_memcpy` (their bandwidth over memcpy's for
+// the same tensor size); Linear and Conv2d report GFLOP/s and `frac_peak`.
+//
+// Bytes a BatchNorm must move, in units of one tensor (N*C*S floats):
+//   forward (training)        3: read x for the statistics, read x and write y to normalise;
+//   forward + backward        8: the forward's 3, then read x and dy for the two reductions,
+//                               read x and dy and write dx for the input gradient.
+// (One statistics pass is the floor; normd's two-pass statistics read x once more, which the
+// count deliberately does not credit.)
+//
+// Kernels run on one thread; the whole TrainStep runs at the compute-thread budgets 1 and 2.
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
+#include "bench/reference_models.h"
+#include "core/layer.h"
+#include "core/model.h"
+#include "core/rng.h"
+#include "core/tensor.h"
+#include "core/threads.h"
+
+namespace normd {
+namespace bench {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// ---- Calibration -------------------------------------------------------------------------
+
+// memcpy bandwidth (bytes moved per second, read + write) for copies of `bytes` bytes.
+double MeasureMemcpy(size_t bytes) {
+  std::vector<char> src(bytes, 1), dst(bytes, 0);
+  double best = 0.0;
+  for (int rep = 0; rep < 7; ++rep) {
+    int iters = 0;
+    const auto t0 = Clock::now();
+    double dt = 0.0;
+    do {
+      std::memcpy(dst.data(), src.data(), bytes);
+      benchmark::ClobberMemory();
+      ++iters;
+      dt = std::chrono::duration<double>(Clock::now() - t0).count();
+    } while (dt < 0.03);
+    best = std::max(best, 2.0 * static_cast<double>(bytes) * iters / dt);
+  }
+  return best;
+}
+
+#if defined(__AVX512F__)
+using Vec = __m512;
+constexpr int kLanes = 16;
+constexpr const char* kIsa = "AVX-512 FMA";
+inline Vec VSet(float v) { return _mm512_set1_ps(v); }
+inline Vec VFma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline float VFirst(Vec v) { return _mm512_cvtss_f32(v); }
+#elif defined(__AVX2__) && defined(__FMA__)
+using Vec = __m256;
+constexpr int kLanes = 8;
+constexpr const char* kIsa = "AVX2 FMA";
+inline Vec VSet(float v) { return _mm256_set1_ps(v); }
+inline Vec VFma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline float VFirst(Vec v) { return _mm256_cvtss_f32(v); }
+#else
+using Vec = __m128;
+constexpr int kLanes = 4;
+constexpr const char* kIsa = "SSE2 mul+add (no FMA in this build)";
+inline Vec VSet(float v) { return _mm_set1_ps(v); }
+inline Vec VFma(Vec a, Vec b, Vec c) { return _mm_add_ps(_mm_mul_ps(a, b), c); }
+inline float VFirst(Vec v) { return _mm_cvtss_f32(v); }
+#endif
+
+// FLOP/s of one core issuing independent FMAs (2 FLOP per lane). Twelve chains hide the FMA
+// latency on every x86 core with up to two FMA pipes.
+double MeasureFmaPeak() {
+  constexpr int kChains = 12;
+  constexpr long kIters = 4'000'000;
+  double best = 0.0;
+  float sink = 0.0f;
+  for (int rep = 0; rep < 7; ++rep) {
+    Vec acc[kChains];
+    for (int i = 0; i < kChains; ++i) acc[i] = VSet(1.0f + i);
+    const Vec b = VSet(0.999999f), c = VSet(1e-7f);
+    const auto t0 = Clock::now();
+    for (long it = 0; it < kIters; ++it) {
+#pragma GCC unroll 12
+      for (int i = 0; i < kChains; ++i) acc[i] = VFma(acc[i], b, c);
+    }
+    const double dt = std::chrono::duration<double>(Clock::now() - t0).count();
+    for (int i = 0; i < kChains; ++i) sink += VFirst(acc[i]);
+    best = std::max(best, 2.0 * kLanes * kChains * static_cast<double>(kIters) / dt);
+  }
+  benchmark::DoNotOptimize(sink);
+  return best;
+}
+
+double g_fma_peak = 0.0;                   // FLOP/s
+std::map<size_t, double> g_memcpy_bw;      // tensor bytes -> bytes/s
+
+// ---- Helpers -----------------------------------------------------------------------------
+
+void FillUniform(Tensor* t, uint64_t seed) {
+  Rng rng(seed);
+  for (int64_t i = 0; i < t->size(); ++i) t->data()[i] = rng.Uniform(-1.0f, 1.0f) * 2.0f + 0.5f;
+}
+
+// A built and allocated layer for per-sample input `sample`.
+std::unique_ptr<Layer> BuildLayer(const LayerConfig& config, const Shape& sample) {
+  std::unique_ptr<Layer> layer = MakeLayer(config);
+  Shape out;
+  Status s = layer->Build(sample, &out);
+  if (!s.ok()) {
+    std::fprintf(stderr, "kernels_bench: %s\n", s.message().c_str());
+    std::abort();
+  }
+  Rng rng(7);
+  layer->Allocate(rng);
+  return layer;
+}
+
+void ReportBandwidth(benchmark::State& state, double tensor_bytes, double tensors_moved) {
+  const double bytes = tensor_bytes * tensors_moved * static_cast<double>(state.iterations());
+  state.counters["GB/s"] = benchmark::Counter(bytes / 1e9, benchmark::Counter::kIsRate);
+  auto it = g_memcpy_bw.find(static_cast<size_t>(tensor_bytes));
+  if (it != g_memcpy_bw.end()) {
+    state.counters["frac_memcpy"] =
+        benchmark::Counter(bytes / it->second, benchmark::Counter::kIsRate);
+  }
+}
+
+void ReportFlops(benchmark::State& state, double flops_per_iter) {
+  const double flops = flops_per_iter * static_cast<double>(state.iterations());
+  state.counters["GFLOP/s"] = benchmark::Counter(flops / 1e9, benchmark::Counter::kIsRate);
+  if (g_fma_peak > 0.0) {
+    state.counters["frac_peak"] =
+        benchmark::Counter(flops / g_fma_peak, benchmark::Counter::kIsRate);
+  }
+}
+
+// ---- BatchNorm -----------------------------------------------------------------------------
+
+// Shape args: N, C, then H, W for BatchNorm2d (both absent for BatchNorm1d on (N, C)).
+Shape BnSample(const benchmark::State& state, bool two_d) {
+  return two_d ? Shape{state.range(1), state.range(2), state.range(3)} : Shape{state.range(1)};
+}
+
+void BM_BatchNorm(benchmark::State& state, bool two_d, bool backward) {
+  ScopedComputeThreads threads(1);
+  const Shape sample = BnSample(state, two_d);
+  LayerConfig config;
+  config.kind = two_d ? LayerKind::kBatchNorm2d : LayerKind::kBatchNorm1d;
+  config.batch_norm.num_features = state.range(1);
+  std::unique_ptr<Layer> bn = BuildLayer(config, sample);
+  Tensor x(sample.WithBatch(state.range(0))), y, dy(x.shape()), dx;
+  FillUniform(&x, 1);
+  FillUniform(&dy, 2);
+  LayerCache cache;
+  ForwardContext ctx;
+  ctx.training = true;
+  ctx.update_running_stats = true;
+  for (auto _ : state) {
+    bn->Forward(x.view(), &y, &cache, ctx);
+    bn->AsBatchNorm()->Commit(&cache);
+    if (backward) bn->Backward(x.view(), y, dy.view(), cache, ctx, &dx);
+    benchmark::DoNotOptimize(y.data());
+    benchmark::DoNotOptimize(dx.data());
+  }
+  const double tensor_bytes = static_cast<double>(x.size()) * sizeof(float);
+  ReportBandwidth(state, tensor_bytes, backward ? 8.0 : 3.0);
+  state.SetItemsProcessed(state.iterations() * state.range(0));
+}
+
+void BM_Memcpy(benchmark::State& state) {
+  const size_t bytes = static_cast<size_t>(state.range(0));
+  std::vector<char> src(bytes, 1), dst(bytes, 0);
+  for (auto _ : state) {
+    std::memcpy(dst.data(), src.data(), bytes);
+    benchmark::ClobberMemory();
+  }
+  state.counters["GB/s"] = benchmark::Counter(
+      2.0 * bytes * static_cast<double>(state.iterations()) / 1e9, benchmark::Counter::kIsRate);
+}
+
+// ---- Linear and Conv2d ---------------------------------------------------------------------
+
+void BM_Linear(benchmark::State& state, bool backward) {
+  ScopedComputeThreads threads(1);
+  const int64_t n = state.range(0), in = state.range(1), out = state.range(2);
+  std::unique_ptr<Layer> linear = BuildLayer(LinearLayer(in, out), Shape{in});
+  Tensor x(Shape{n, in}), y, dy(Shape{n, out}), dx;
+  FillUniform(&x, 1);
+  FillUniform(&dy, 2);
+  LayerCache cache;
+  ForwardContext ctx;
+  ctx.training = true;
+  for (auto _ : state) {
+    linear->Forward(x.view(), &y, &cache, ctx);
+    if (backward) linear->Backward(x.view(), y, dy.view(), cache, ctx, &dx);
+    benchmark::DoNotOptimize(y.data());
+    benchmark::DoNotOptimize(dx.data());
+  }
+  // Forward: one GEMM; backward: dW += dy^T x and dx = dy W, two more of the same size.
+  const double gemm = 2.0 * n * in * out;
+  ReportFlops(state, backward ? 3.0 * gemm : gemm);
+  state.SetItemsProcessed(state.iterations() * n);
+}
+
+void BM_Conv2d(benchmark::State& state, bool backward) {
+  ScopedComputeThreads threads(1);
+  const int64_t n = state.range(0), cin = state.range(1), h = state.range(2), w = state.range(3);
+  const int64_t cout = state.range(4), k = state.range(5);
+  LayerConfig config;
+  config.kind = LayerKind::kConv2d;
+  config.conv2d.in_channels = cin;
+  config.conv2d.out_channels = cout;
+  config.conv2d.kernel_size = k;
+  std::unique_ptr<Layer> conv = BuildLayer(config, Shape{cin, h, w});
+  Tensor x(Shape{n, cin, h, w}), y;
+  FillUniform(&x, 1);
+  LayerCache cache;
+  ForwardContext ctx;
+  ctx.training = true;
+  conv->Forward(x.view(), &y, &cache, ctx);
+  Tensor dy(y.shape()), dx;
+  FillUniform(&dy, 2);
+  for (auto _ : state) {
+    conv->Forward(x.view(), &y, &cache, ctx);
+    if (backward) conv->Backward(x.view(), y, dy.view(), cache, ctx, &dx);
+    benchmark::DoNotOptimize(y.data());
+    benchmark::DoNotOptimize(dx.data());
+  }
+  const int64_t hout = h - k + 1, wout = w - k + 1;
+  const double gemm = 2.0 * n * cout * cin * k * k * hout * wout;
+  ReportFlops(state, backward ? 3.0 * gemm : gemm);
+  state.SetItemsProcessed(state.iterations() * n);
+}
+
+// ---- The whole training step -----------------------------------------------------------------
+
+void BM_TrainStep(benchmark::State& state) {
+  const int64_t n = state.range(0);
+  ScopedComputeThreads threads(static_cast<int>(state.range(1)));
+  std::unique_ptr<Model> model;
+  Status s = Model::Create(ReferenceMlpConfig(), Sequential::Limits(), &model);
+  if (!s.ok()) {
+    state.SkipWithError(s.message().c_str());
+    return;
+  }
+  Tensor x(Shape{n, kReferenceIn});
+  FillUniform(&x, 3);
+  std::vector<int64_t> labels(n);
+  Rng rng(4);
+  for (int64_t& l : labels) l = static_cast<int64_t>(rng.Next() % kReferenceClasses);
+  Targets targets;
+  targets.labels = labels.data();
+  targets.num_labels = n;
+  ForwardRecord rec;
+  TrainResult result;
+  for (auto _ : state) {
+    s = model->TrainStep(x.view(), targets, &rec, &result);
+    if (!s.ok()) {
+      state.SkipWithError(s.message().c_str());
+      return;
+    }
+  }
+  // GEMM FLOPs per step: forward, weight gradients, and input gradients of all but the first.
+  const double fwd = 2.0 * n *
+                     (kReferenceIn * kReferenceHidden + kReferenceHidden * kReferenceHidden +
+                      kReferenceHidden * kReferenceClasses);
+  const double dx = 2.0 * n * (kReferenceHidden * kReferenceHidden +
+                               kReferenceHidden * kReferenceClasses);
+  state.counters["GFLOP/s"] = benchmark::Counter(
+      (2.0 * fwd + dx) * static_cast<double>(state.iterations()) / 1e9,
+      benchmark::Counter::kIsRate);
+  state.SetItemsProcessed(state.iterations() * n);  // items/s = samples/s
+}
+
+void BM_FmaPeak(benchmark::State& state) {
+  for (auto _ : state) benchmark::DoNotOptimize(g_fma_peak);
+  state.counters["GFLOP/s"] = g_fma_peak / 1e9;
+  state.SetLabel(kIsa);
+}
+
+// ---- Registration --------------------------------------------------------------------------
+
+const std::vector<std::vector<int64_t>> kBn1dShapes = {{256, 4096}, {32, 512}};
+const std::vector<int64_t> kBn2dShape = {64, 64, 32, 32};
+
+void RegisterAll() {
+  benchmark::RegisterBenchmark("FmaPeak", BM_FmaPeak)->Iterations(1);
+  for (const auto& shape : kBn1dShapes) {
+    benchmark::RegisterBenchmark("BatchNorm1d/fwd", BM_BatchNorm, false, false)
+        ->Args(shape)->UseRealTime();
+    benchmark::RegisterBenchmark("BatchNorm1d/fwd_bwd", BM_BatchNorm, false, true)
+        ->Args(shape)->UseRealTime();
+    benchmark::RegisterBenchmark("Memcpy", BM_Memcpy)
+        ->Arg(shape[0] * shape[1] * sizeof(float))->UseRealTime();
+  }
+  benchmark::RegisterBenchmark("BatchNorm2d/fwd", BM_BatchNorm, true, false)
+      ->Args(kBn2dShape)->UseRealTime();
+  benchmark::RegisterBenchmark("BatchNorm2d/fwd_bwd", BM_BatchNorm, true, true)
+      ->Args(kBn2dShape)->UseRealTime();
+  benchmark::RegisterBenchmark("Memcpy", BM_Memcpy)
+      ->Arg(64 * 64 * 32 * 32 * sizeof(float))->UseRealTime();
+  benchmark::RegisterBenchmark("Linear/fwd", BM_Linear, false)
+      ->Args({256, 784, 512})->UseRealTime();
+  benchmark::RegisterBenchmark("Linear/fwd_bwd", BM_Linear, true)
+      ->Args({256, 784, 512})->UseRealTime();
+  benchmark::RegisterBenchmark("Conv2d/fwd", BM_Conv2d, false)
+      ->Args({32, 16, 16, 16, 32, 3})->UseRealTime();
+  benchmark::RegisterBenchmark("Conv2d/fwd_bwd", BM_Conv2d, true)
+      ->Args({32, 16, 16, 16, 32, 3})->UseRealTime();
+  for (int64_t threads : {1, 2}) {
+    for (int64_t batch : {32, 256, 1024}) {
+      benchmark::RegisterBenchmark("TrainStep/mlp", BM_TrainStep)
+          ->Args({batch, threads})->ArgNames({"batch", "threads"})->UseRealTime();
+    }
+  }
+}
+
+void Calibrate() {
+  g_fma_peak = MeasureFmaPeak();
+  std::vector<size_t> sizes;
+  for (const auto& s : kBn1dShapes) sizes.push_back(s[0] * s[1] * sizeof(float));
+  sizes.push_back(kBn2dShape[0] * kBn2dShape[1] * kBn2dShape[2] * kBn2dShape[3] * sizeof(float));
+  for (size_t b : sizes) g_memcpy_bw[b] = MeasureMemcpy(b);
+  std::fprintf(stderr, "calibration: single-core FMA peak %.1f GFLOP/s (%s)\n", g_fma_peak / 1e9,
+               kIsa);
+  for (const auto& [bytes, bw] : g_memcpy_bw) {
+    std::fprintf(stderr, "calibration: memcpy of %zu bytes: %.1f GB/s (read + write)\n", bytes,
+                 bw / 1e9);
+  }
+}
+
+}  // namespace
+}  // namespace bench
+}  // namespace normd
+
+int main(int argc, char** argv) {
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  normd::bench::Calibrate();
+  normd::bench::RegisterAll();
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}
