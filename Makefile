@@ -24,7 +24,7 @@ test-image:
 	deploy/test-image.sh
 
 demo: build
-	@echo "normd demo: not yet (the service arrives with the server issue)"
+	@client/demo.sh $(BUILD_DIR)
 
 clean:
 	rm -rf $(BUILD_DIR)

@@ -18,17 +18,10 @@ work=$build/demo
 rm -rf "$work/data"
 mkdir -p "$work/data"
 
-# Two free loopback ports (the kernel picks them; a small race with other programs remains).
-read -r port metrics_port < <(/usr/bin/python3 -c '
-import socket
-socks = [socket.socket() for _ in range(2)]
-for s in socks:
-    s.bind(("127.0.0.1", 0))
-print(*(s.getsockname()[1] for s in socks))')
-server=127.0.0.1:$port
-metrics_url=http://127.0.0.1:$metrics_port/metrics
-
-"$normd" --listen "$server" --metrics "127.0.0.1:$metrics_port" --data-dir "$work/data" \
+# Port 0: normd binds free loopback ports itself and writes them to the port file.
+ports=$work/ports
+rm -f "$ports"
+"$normd" --listen 127.0.0.1:0 --metrics 127.0.0.1:0 --port-file "$ports" --data-dir "$work/data" \
   >"$work/normd.log" 2>&1 &
 pid=$!
 stop() {
@@ -40,13 +33,23 @@ stop() {
 trap stop EXIT
 trap 'exit 130' INT TERM
 
+fail() {
+  echo "demo: $1; normd's log ($work/normd.log):" >&2
+  cat "$work/normd.log" >&2
+  exit 1
+}
+for _ in $(seq 1 300); do
+  if grep -q '^metrics=' "$ports" 2>/dev/null && grep -q '^grpc=' "$ports"; then break; fi
+  kill -0 "$pid" 2>/dev/null || fail "normd exited during start-up"
+  sleep 0.1
+done
+grep -q '^grpc=' "$ports" 2>/dev/null || fail "normd reported no ports within 30 s"
+server=127.0.0.1:$(sed -n 's/^grpc=//p' "$ports")
+metrics_url=http://127.0.0.1:$(sed -n 's/^metrics=//p' "$ports")/metrics
+
 for _ in $(seq 1 100); do
   if "$normctl" --server "$server" --timeout 1 health >/dev/null 2>&1; then break; fi
-  if ! kill -0 "$pid" 2>/dev/null; then
-    echo "demo: normd exited during start-up; its log ($work/normd.log):" >&2
-    cat "$work/normd.log" >&2
-    exit 1
-  fi
+  kill -0 "$pid" 2>/dev/null || fail "normd exited during start-up"
   sleep 0.1
 done
 
