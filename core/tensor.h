@@ -112,7 +112,10 @@ class Tensor {
  private:
   Shape shape_;
   int64_t size_ = 0;
-  std::vector<float> data_;
+  // Aligned to Eigen's largest packet: Eigen peels unaligned leading elements of a vectorised
+  // expression into scalar code with a different summation order, so results would otherwise
+  // depend, in the last bit, on where the allocator happened to place a buffer.
+  std::vector<float, Eigen::aligned_allocator<float>> data_;
 };
 
 // True when every one of the n values is finite.
