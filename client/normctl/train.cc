@@ -99,10 +99,10 @@ Dataset LoadDataset(const normd::v1::Model& model, const std::string& path,
   if (feature_cols != per_sample) {
     std::vector<int64_t> shape(model.spec().input_shape().begin(),
                                model.spec().input_shape().end());
-    throw InputError("'" + path + "' has " + std::to_string(feature_cols) +
-                     " feature columns but model '" + model.id() + "' takes input_shape " +
-                     ShapeString(shape) + " (" + std::to_string(per_sample) + " values)" +
-                     (column >= 0 ? " (after removing the label column)" : ""));
+    throw InputError("'" + path + "' has " + std::to_string(feature_cols) + " feature columns" +
+                     (column >= 0 ? " (besides the label column)" : "") + " but model '" +
+                     model.id() + "' takes input_shape " + ShapeString(shape) + " (" +
+                     std::to_string(per_sample) + " values)");
   }
   return MakeDataset(model, std::move(features), std::move(labels));
 }

@@ -184,6 +184,33 @@ class NormctlTest(unittest.TestCase):
         accuracy = float(re.search(r"accuracy\s+([\d.]+)%", p.stdout).group(1))
         self.assertGreaterEqual(accuracy, 85.0, p.stdout)
 
+    def test_regression(self):
+        spec = {"input_shape": [3],
+                "layers": [{"linear": {"in_features": 3, "out_features": 16}},
+                           {"batch_norm1d": {"num_features": 16}}, {"tanh": {}},
+                           {"linear": {"in_features": 16, "out_features": 1}}],
+                "loss": "LOSS_MSE", "optimizer": {"sgd": {"lr": 0.05, "momentum": 0.9}}}
+        with open(path("reg.json"), "w") as f:
+            json.dump(spec, f)
+        rng = np.random.default_rng(4)
+        x = rng.normal(size=(400, 3)).astype(np.float32)
+        target = x @ np.array([1.5, -2.0, 0.5], np.float32) + 0.3
+        data = np.column_stack([target, x])  # the target first: --label-column 0
+        csv_path = path("reg.csv")
+        np.savetxt(csv_path, data, delimiter=",", header="y,a,b,c", comments="", fmt="%.6g")
+        run("create", "--spec", path("reg.json"), "--id", "reg")
+        before = float(re.search(r"loss\s+([\d.]+)", run("eval", "reg", "--data", csv_path,
+                                                           "--label-column", "y").stdout).group(1))
+        run("train", "reg", "--data", csv_path, "--label-column", "y", "--epochs", "5",
+            "--batch", "40")
+        p = run("eval", "reg", "--data", csv_path, "--label-column", "0")
+        after = float(re.search(r"loss\s+([\d.]+)", p.stdout).group(1))
+        self.assertNotIn("accuracy", p.stdout)
+        self.assertLess(after, 0.25 * before, p.stdout)
+        lines = run("predict", "reg", "--data", csv_path, "--label-column", "y").stdout.split()
+        self.assertEqual(lines[0], "output_0")
+        self.assertEqual(len(lines), 401)
+
     def test_create_list_delete(self):
         p = run("create", "--spec", os.path.join(EXAMPLES, "mlp_bn.json"))
         picked = re.search(r"created model (\S+):", p.stdout).group(1)
@@ -293,7 +320,7 @@ class NormctlTest(unittest.TestCase):
         out_dir = path("demo")
         os.makedirs(out_dir)
         p = run("demo", "--metrics-url", SERVER.metrics_url, "--samples", "3000", "--epochs",
-                "2", "--out-dir", out_dir, "--progress", "lines")
+                "2", "--serve-seconds", "2", "--out-dir", out_dir, "--progress", "lines")
         print(p.stdout)
         self.assertIn("DRIFT DETECTED at bn1", p.stdout)
         table = [l.split() for l in p.stdout.splitlines() if l.strip().startswith("bn1")]
@@ -305,7 +332,8 @@ class NormctlTest(unittest.TestCase):
             self.assertTrue(os.path.exists(os.path.join(out_dir, name)), name)
         self.assertEqual(self.client.get_model("demo").mode, normd.pb.MODE_EVAL)
         # A second run replaces the model it left behind.
-        p = run("demo", "--samples", "1000", "--epochs", "1", "--progress", "off")
+        p = run("demo", "--samples", "1000", "--epochs", "1", "--serve-seconds", "1",
+                "--progress", "off")
         self.assertIn("replacing it", p.stdout)
 
 
