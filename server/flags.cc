@@ -54,47 +54,47 @@ int ParseFlags(int argc, char** argv, Flags* f) {
   app.set_version_flag("--version", Version());
   app.add_option("--listen", f->listen,
                  "gRPC address HOST:PORT (port 0 picks a free one; see --port-file)")
-      ->envname("NORMD_LISTEN")->capture_default_str();
+      ->envname("NORMD_LISTEN")->capture_default_str()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   app.add_option("--metrics", f->metrics,
                  "Prometheus endpoint HOST:PORT serving /metrics (empty: disabled)")
-      ->envname("NORMD_METRICS")->capture_default_str();
+      ->envname("NORMD_METRICS")->capture_default_str()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   app.add_option("--data-dir", f->data_dir, "Directory where models persist")
-      ->envname("NORMD_DATA_DIR")->capture_default_str();
+      ->envname("NORMD_DATA_DIR")->capture_default_str()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   app.add_option("--max-models", f->max_models, "Most models held at once")
-      ->envname("NORMD_MAX_MODELS")->capture_default_str();
+      ->envname("NORMD_MAX_MODELS")->capture_default_str()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   app.add_option("--max-message-bytes", f->max_message_bytes,
                  "Largest gRPC message received or sent, in bytes")
-      ->envname("NORMD_MAX_MESSAGE_BYTES")->capture_default_str();
+      ->envname("NORMD_MAX_MESSAGE_BYTES")->capture_default_str()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   app.add_option("--max-batch-elements", f->max_batch_elements,
                  "Largest tensor of one request: input, target or gradient elements, and "
                  "batch size x the model's largest per-sample activation")
-      ->envname("NORMD_MAX_BATCH_ELEMENTS")->capture_default_str();
+      ->envname("NORMD_MAX_BATCH_ELEMENTS")->capture_default_str()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   app.add_option("--max-parameters", f->max_parameters, "Most parameters (floats) per model")
-      ->envname("NORMD_MAX_PARAMETERS")->capture_default_str();
+      ->envname("NORMD_MAX_PARAMETERS")->capture_default_str()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   app.add_option("--max-layers", f->max_layers, "Most layers per model")
-      ->envname("NORMD_MAX_LAYERS")->capture_default_str();
+      ->envname("NORMD_MAX_LAYERS")->capture_default_str()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   app.add_option("--max-retained-forwards", f->max_retained_forwards,
                  "Most forwards per model kept for Backward (retain_for_backward)")
-      ->envname("NORMD_MAX_RETAINED_FORWARDS")->capture_default_str();
+      ->envname("NORMD_MAX_RETAINED_FORWARDS")->capture_default_str()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   app.add_option("--retained-forward-timeout", f->retained_forward_timeout,
                  "Seconds a retained forward waits for its Backward before it is dropped")
-      ->envname("NORMD_RETAINED_FORWARD_TIMEOUT")->capture_default_str();
+      ->envname("NORMD_RETAINED_FORWARD_TIMEOUT")->capture_default_str()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   app.add_option("--max-queued-per-model", f->max_queued_per_model,
                  "Requests waiting or running per model; more are refused with "
                  "RESOURCE_EXHAUSTED")
-      ->envname("NORMD_MAX_QUEUED_PER_MODEL")->capture_default_str();
+      ->envname("NORMD_MAX_QUEUED_PER_MODEL")->capture_default_str()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   app.add_option("--compute-threads", f->compute_threads,
                  "Threads running model compute (0: one per available core)")
-      ->envname("NORMD_COMPUTE_THREADS")->capture_default_str();
+      ->envname("NORMD_COMPUTE_THREADS")->capture_default_str()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   app.add_option("--log-level", f->log_level,
                  "trace, debug, info, warn, error, critical or off")
-      ->envname("NORMD_LOG_LEVEL")->capture_default_str();
+      ->envname("NORMD_LOG_LEVEL")->capture_default_str()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   app.add_option("--drain-timeout", f->drain_timeout,
                  "Seconds to let in-flight RPCs finish on SIGTERM/SIGINT before cancelling them")
-      ->envname("NORMD_DRAIN_TIMEOUT")->capture_default_str();
+      ->envname("NORMD_DRAIN_TIMEOUT")->capture_default_str()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   app.add_option("--port-file", f->port_file,
                  "Once serving, write 'grpc=PORT' and 'metrics=PORT' lines to this file")
-      ->envname("NORMD_PORT_FILE");
+      ->envname("NORMD_PORT_FILE")->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   app.add_flag("--check-config", f->check_config,
                "Validate every flag and environment variable, print the configuration and exit "
                "(0: valid) without serving");

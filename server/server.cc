@@ -48,6 +48,8 @@ Status NormdServer::Start() {
   builder.SetMaxReceiveMessageSize(max_bytes);
   builder.SetMaxSendMessageSize(max_bytes);
   builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, options_.max_concurrent_streams);
+  // gRPC sets SO_REUSEPORT by default: a second normd on the same port would silently share it.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   if (!options_.interceptors.empty()) {
     builder.experimental().SetInterceptorCreators(std::move(options_.interceptors));
   }
@@ -76,16 +78,19 @@ void NormdServer::Shutdown() {
   const auto begin = std::chrono::steady_clock::now();
   // Load balancers and probes see NOT_SERVING first; Watch streams are told.
   server_->GetHealthCheckService()->Shutdown();
+  // New Trainer calls answer UNAVAILABLE from here on; idle TrainStreams end now.
   service_->BeginShutdown();
-  // Stops accepting calls at once (new ones fail UNAVAILABLE), waits for the calls in flight,
-  // and cancels those still running at the deadline.
-  server_->Shutdown(std::chrono::system_clock::now() + options_.drain_timeout);
+  // Wait for the Trainer calls in flight, not for long-lived streams that carry no work
+  // (health Watch, reflection): those are cancelled next, with anything past the deadline.
+  const bool idle = service_->WaitIdle(begin + options_.drain_timeout);
+  server_->Shutdown(std::chrono::system_clock::now());
   pool_.reset();  // every queued task has finished its call; join the threads
   const auto drained = std::chrono::steady_clock::now();
   if (options_.persistence != nullptr) options_.persistence->OnShutdown(registry_.get());
   const auto saved = std::chrono::steady_clock::now();
   using Ms = std::chrono::milliseconds;
-  spdlog::info("event=stopped drain_ms={} save_ms={} models={}",
+  spdlog::info("event=stopped drained={} drain_ms={} save_ms={} models={}",
+               idle ? "all" : "deadline",
                std::chrono::duration_cast<Ms>(drained - begin).count(),
                std::chrono::duration_cast<Ms>(saved - drained).count(), registry_->size());
 }

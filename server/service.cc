@@ -32,9 +32,11 @@ const char* ModeName(bool training) { return training ? "train" : "eval"; }
 // records its metrics. Shared by the handler and the task that completes it.
 class TrainerService::Call {
  public:
-  Call(Metrics* metrics, grpc::CallbackServerContext* ctx, Rpc rpc)
-      : metrics_(metrics), ctx_(ctx), rpc_(rpc), reactor_(ctx->DefaultReactor()),
-        start_(Clock::now()) {}
+  Call(TrainerService* service, grpc::CallbackServerContext* ctx, Rpc rpc)
+      : service_(service), ctx_(ctx), rpc_(rpc), reactor_(ctx->DefaultReactor()),
+        start_(Clock::now()) {
+    service_->CallStarted();
+  }
 
   grpc::ServerUnaryReactor* reactor() const { return reactor_; }
   bool cancelled() const { return ctx_->IsCancelled(); }
@@ -42,12 +44,13 @@ class TrainerService::Call {
   void Finish(const Status& status) { FinishGrpc(ToGrpcStatus(status)); }
   void FinishGrpc(const grpc::Status& status) {
     const double seconds = std::chrono::duration<double>(Clock::now() - start_).count();
-    metrics_->RecordRpc(rpc_, status.error_code(), seconds);
+    service_->metrics_->RecordRpc(rpc_, status.error_code(), seconds);
     reactor_->Finish(status);
+    service_->CallFinished();
   }
 
  private:
-  Metrics* const metrics_;
+  TrainerService* const service_;
   grpc::CallbackServerContext* const ctx_;
   const Rpc rpc_;
   grpc::ServerUnaryReactor* const reactor_;
@@ -62,6 +65,7 @@ class TrainStreamReactor : public grpc::ServerBidiReactor<v1::TrainStepRequest,
  public:
   TrainStreamReactor(TrainerService* service, grpc::CallbackServerContext* ctx)
       : service_(service), ctx_(ctx), start_(Clock::now()) {
+    service_->CallStarted();
     service_->AddStream(this);
     if (service_->shutting_down_.load()) {
       FinishOnce(ShuttingDown());
@@ -163,6 +167,7 @@ class TrainStreamReactor : public grpc::ServerBidiReactor<v1::TrainStepRequest,
     finished_ = true;
     code_ = s.error_code();
     Finish(s);
+    service_->CallFinished();
   }
 
   TrainerService* const service_;
@@ -184,6 +189,21 @@ void TrainerService::BeginShutdown() {
   shutting_down_.store(true);
   std::lock_guard<std::mutex> lock(streams_mu_);
   for (TrainStreamReactor* s : streams_) s->FinishIfIdle();
+}
+
+bool TrainerService::WaitIdle(std::chrono::steady_clock::time_point deadline) {
+  std::unique_lock<std::mutex> lock(inflight_mu_);
+  return inflight_cv_.wait_until(lock, deadline, [this] { return inflight_ == 0; });
+}
+
+void TrainerService::CallStarted() {
+  std::lock_guard<std::mutex> lock(inflight_mu_);
+  ++inflight_;
+}
+
+void TrainerService::CallFinished() {
+  std::lock_guard<std::mutex> lock(inflight_mu_);
+  if (--inflight_ == 0) inflight_cv_.notify_all();
 }
 
 void TrainerService::AddStream(TrainStreamReactor* s) {
@@ -277,7 +297,7 @@ Status TrainerService::DoTrainStep(ModelEntry& entry, const v1::TrainStepRequest
 grpc::ServerUnaryReactor* TrainerService::CreateModel(grpc::CallbackServerContext* ctx,
                                                       const v1::CreateModelRequest* req,
                                                       v1::Model* resp) {
-  auto call = std::make_shared<Call>(metrics_, ctx, Rpc::kCreateModel);
+  auto call = std::make_shared<Call>(this, ctx, Rpc::kCreateModel);
   grpc::ServerUnaryReactor* reactor = call->reactor();
   if (shutting_down_.load()) {
     call->Finish(ShuttingDown());
@@ -305,7 +325,7 @@ grpc::ServerUnaryReactor* TrainerService::CreateModel(grpc::CallbackServerContex
 grpc::ServerUnaryReactor* TrainerService::GetModel(grpc::CallbackServerContext* ctx,
                                                    const v1::GetModelRequest* req,
                                                    v1::Model* resp) {
-  auto call = std::make_shared<Call>(metrics_, ctx, Rpc::kGetModel);
+  auto call = std::make_shared<Call>(this, ctx, Rpc::kGetModel);
   if (shutting_down_.load()) {
     call->Finish(ShuttingDown());
     return call->reactor();
@@ -321,7 +341,7 @@ grpc::ServerUnaryReactor* TrainerService::GetModel(grpc::CallbackServerContext* 
 grpc::ServerUnaryReactor* TrainerService::ListModels(grpc::CallbackServerContext* ctx,
                                                      const v1::ListModelsRequest* /*req*/,
                                                      v1::ListModelsResponse* resp) {
-  auto call = std::make_shared<Call>(metrics_, ctx, Rpc::kListModels);
+  auto call = std::make_shared<Call>(this, ctx, Rpc::kListModels);
   grpc::ServerUnaryReactor* reactor = call->reactor();
   if (shutting_down_.load()) {
     call->Finish(ShuttingDown());
@@ -335,7 +355,7 @@ grpc::ServerUnaryReactor* TrainerService::ListModels(grpc::CallbackServerContext
 grpc::ServerUnaryReactor* TrainerService::DeleteModel(grpc::CallbackServerContext* ctx,
                                                       const v1::DeleteModelRequest* req,
                                                       v1::DeleteModelResponse* /*resp*/) {
-  auto call = std::make_shared<Call>(metrics_, ctx, Rpc::kDeleteModel);
+  auto call = std::make_shared<Call>(this, ctx, Rpc::kDeleteModel);
   grpc::ServerUnaryReactor* reactor = call->reactor();
   if (shutting_down_.load()) {
     call->Finish(ShuttingDown());
@@ -354,7 +374,7 @@ grpc::ServerUnaryReactor* TrainerService::DeleteModel(grpc::CallbackServerContex
 grpc::ServerUnaryReactor* TrainerService::SetMode(grpc::CallbackServerContext* ctx,
                                                   const v1::SetModeRequest* req,
                                                   v1::Model* resp) {
-  auto call = std::make_shared<Call>(metrics_, ctx, Rpc::kSetMode);
+  auto call = std::make_shared<Call>(this, ctx, Rpc::kSetMode);
   grpc::ServerUnaryReactor* reactor = call->reactor();
   if (shutting_down_.load()) {
     call->Finish(ShuttingDown());
@@ -394,7 +414,7 @@ grpc::ServerUnaryReactor* TrainerService::SetMode(grpc::CallbackServerContext* c
 grpc::ServerUnaryReactor* TrainerService::Forward(grpc::CallbackServerContext* ctx,
                                                   const v1::ForwardRequest* req,
                                                   v1::ForwardResponse* resp) {
-  auto call = std::make_shared<Call>(metrics_, ctx, Rpc::kForward);
+  auto call = std::make_shared<Call>(this, ctx, Rpc::kForward);
   grpc::ServerUnaryReactor* reactor = call->reactor();
   if (shutting_down_.load()) {
     call->Finish(ShuttingDown());
@@ -455,7 +475,7 @@ grpc::ServerUnaryReactor* TrainerService::Forward(grpc::CallbackServerContext* c
 grpc::ServerUnaryReactor* TrainerService::Backward(grpc::CallbackServerContext* ctx,
                                                    const v1::BackwardRequest* req,
                                                    v1::BackwardResponse* resp) {
-  auto call = std::make_shared<Call>(metrics_, ctx, Rpc::kBackward);
+  auto call = std::make_shared<Call>(this, ctx, Rpc::kBackward);
   grpc::ServerUnaryReactor* reactor = call->reactor();
   if (shutting_down_.load()) {
     call->Finish(ShuttingDown());
@@ -501,7 +521,7 @@ grpc::ServerUnaryReactor* TrainerService::Backward(grpc::CallbackServerContext* 
 grpc::ServerUnaryReactor* TrainerService::ApplyGradients(grpc::CallbackServerContext* ctx,
                                                          const v1::ApplyGradientsRequest* req,
                                                          v1::ApplyGradientsResponse* resp) {
-  auto call = std::make_shared<Call>(metrics_, ctx, Rpc::kApplyGradients);
+  auto call = std::make_shared<Call>(this, ctx, Rpc::kApplyGradients);
   grpc::ServerUnaryReactor* reactor = call->reactor();
   if (shutting_down_.load()) {
     call->Finish(ShuttingDown());
@@ -534,7 +554,7 @@ grpc::ServerUnaryReactor* TrainerService::ApplyGradients(grpc::CallbackServerCon
 grpc::ServerUnaryReactor* TrainerService::TrainStep(grpc::CallbackServerContext* ctx,
                                                     const v1::TrainStepRequest* req,
                                                     v1::TrainStepResponse* resp) {
-  auto call = std::make_shared<Call>(metrics_, ctx, Rpc::kTrainStep);
+  auto call = std::make_shared<Call>(this, ctx, Rpc::kTrainStep);
   grpc::ServerUnaryReactor* reactor = call->reactor();
   if (shutting_down_.load()) {
     call->Finish(ShuttingDown());
@@ -564,7 +584,7 @@ TrainerService::TrainStream(grpc::CallbackServerContext* ctx) {
 grpc::ServerUnaryReactor* TrainerService::Evaluate(grpc::CallbackServerContext* ctx,
                                                    const v1::EvaluateRequest* req,
                                                    v1::EvaluateResponse* resp) {
-  auto call = std::make_shared<Call>(metrics_, ctx, Rpc::kEvaluate);
+  auto call = std::make_shared<Call>(this, ctx, Rpc::kEvaluate);
   grpc::ServerUnaryReactor* reactor = call->reactor();
   if (shutting_down_.load()) {
     call->Finish(ShuttingDown());
@@ -610,7 +630,7 @@ grpc::ServerUnaryReactor* TrainerService::Evaluate(grpc::CallbackServerContext* 
 grpc::ServerUnaryReactor* TrainerService::GetState(grpc::CallbackServerContext* ctx,
                                                    const v1::GetStateRequest* req,
                                                    v1::ModelState* resp) {
-  auto call = std::make_shared<Call>(metrics_, ctx, Rpc::kGetState);
+  auto call = std::make_shared<Call>(this, ctx, Rpc::kGetState);
   grpc::ServerUnaryReactor* reactor = call->reactor();
   if (shutting_down_.load()) {
     call->Finish(ShuttingDown());
@@ -626,7 +646,7 @@ grpc::ServerUnaryReactor* TrainerService::GetState(grpc::CallbackServerContext* 
 grpc::ServerUnaryReactor* TrainerService::SetState(grpc::CallbackServerContext* ctx,
                                                    const v1::SetStateRequest* req,
                                                    v1::Model* resp) {
-  auto call = std::make_shared<Call>(metrics_, ctx, Rpc::kSetState);
+  auto call = std::make_shared<Call>(this, ctx, Rpc::kSetState);
   grpc::ServerUnaryReactor* reactor = call->reactor();
   if (shutting_down_.load()) {
     call->Finish(ShuttingDown());
@@ -655,7 +675,7 @@ grpc::ServerUnaryReactor* TrainerService::SetState(grpc::CallbackServerContext* 
 
 grpc::ServerUnaryReactor* TrainerService::ResetRunningStats(
     grpc::CallbackServerContext* ctx, const v1::ResetRunningStatsRequest* req, v1::Model* resp) {
-  auto call = std::make_shared<Call>(metrics_, ctx, Rpc::kResetRunningStats);
+  auto call = std::make_shared<Call>(this, ctx, Rpc::kResetRunningStats);
   grpc::ServerUnaryReactor* reactor = call->reactor();
   if (shutting_down_.load()) {
     call->Finish(ShuttingDown());
@@ -677,7 +697,7 @@ grpc::ServerUnaryReactor* TrainerService::ResetRunningStats(
 grpc::ServerUnaryReactor* TrainerService::UpdateOptimizer(grpc::CallbackServerContext* ctx,
                                                           const v1::UpdateOptimizerRequest* req,
                                                           v1::Model* resp) {
-  auto call = std::make_shared<Call>(metrics_, ctx, Rpc::kUpdateOptimizer);
+  auto call = std::make_shared<Call>(this, ctx, Rpc::kUpdateOptimizer);
   grpc::ServerUnaryReactor* reactor = call->reactor();
   if (shutting_down_.load()) {
     call->Finish(ShuttingDown());
@@ -709,7 +729,7 @@ grpc::ServerUnaryReactor* TrainerService::UpdateOptimizer(grpc::CallbackServerCo
 grpc::ServerUnaryReactor* TrainerService::SaveModel(grpc::CallbackServerContext* ctx,
                                                     const v1::SaveModelRequest* req,
                                                     v1::SaveModelResponse* resp) {
-  auto call = std::make_shared<Call>(metrics_, ctx, Rpc::kSaveModel);
+  auto call = std::make_shared<Call>(this, ctx, Rpc::kSaveModel);
   grpc::ServerUnaryReactor* reactor = call->reactor();
   if (shutting_down_.load()) {
     call->Finish(ShuttingDown());

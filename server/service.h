@@ -18,6 +18,8 @@
 #include <grpcpp/grpcpp.h>
 
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <mutex>
 #include <set>
 
@@ -38,6 +40,8 @@ class TrainerService final : public v1::Trainer::CallbackService {
   // From now on new RPCs answer UNAVAILABLE and idle TrainStreams are finished (UNAVAILABLE);
   // requests already accepted run to completion.
   void BeginShutdown();
+  // Blocks until no Trainer call is in flight, or until `deadline`. True when idle.
+  bool WaitIdle(std::chrono::steady_clock::time_point deadline);
 
   grpc::ServerUnaryReactor* CreateModel(grpc::CallbackServerContext* ctx,
                                         const v1::CreateModelRequest* req,
@@ -106,6 +110,9 @@ class TrainerService final : public v1::Trainer::CallbackService {
 
   void AddStream(TrainStreamReactor* s);
   void RemoveStream(TrainStreamReactor* s);
+  // Every unary call and stream counts from its start until it is finished.
+  void CallStarted();
+  void CallFinished();
 
   Registry* const registry_;
   Metrics* const metrics_;
@@ -114,6 +121,10 @@ class TrainerService final : public v1::Trainer::CallbackService {
 
   std::mutex streams_mu_;
   std::set<TrainStreamReactor*> streams_;  // GUARDED_BY(streams_mu_)
+
+  std::mutex inflight_mu_;
+  std::condition_variable inflight_cv_;
+  int inflight_ = 0;  // GUARDED_BY(inflight_mu_)
 };
 
 }  // namespace normd::server
