@@ -95,6 +95,22 @@ int ParseFlags(int argc, char** argv, Flags* f) {
   app.add_option("--port-file", f->port_file,
                  "Once serving, write 'grpc=PORT' and 'metrics=PORT' lines to this file")
       ->envname("NORMD_PORT_FILE")->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
+  app.add_flag("--in-memory", f->in_memory,
+               "Keep models in memory only: no checkpoints, nothing restored at start, SaveModel "
+               "answers FAILED_PRECONDITION")
+      ->envname("NORMD_IN_MEMORY");
+  app.add_option("--keep-checkpoints", f->keep_checkpoints,
+                 "Checkpoints kept per model in --data-dir (the newest ones)")
+      ->envname("NORMD_KEEP_CHECKPOINTS")->capture_default_str()
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
+  app.add_option("--autosave-steps", f->autosave_steps,
+                 "Save a model after this many optimizer steps since its last save (0: off)")
+      ->envname("NORMD_AUTOSAVE_STEPS")->capture_default_str()
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
+  app.add_option("--autosave-seconds", f->autosave_seconds,
+                 "Save a model whose oldest unsaved change is this many seconds old (0: off)")
+      ->envname("NORMD_AUTOSAVE_SECONDS")->capture_default_str()
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   app.add_flag("--check-config", f->check_config,
                "Validate every flag and environment variable, print the configuration and exit "
                "(0: valid) without serving");
@@ -156,6 +172,15 @@ Status ValidateFlags(const Flags& f) {
     return InvalidArgument("--log-level must be one of trace, debug, info, warn, error, "
                            "critical, off; got '", f.log_level, "'");
   }
+  if (f.keep_checkpoints < 1 || f.keep_checkpoints > 1000) {
+    return InvalidArgument("--keep-checkpoints must be in [1, 1000], got ", f.keep_checkpoints);
+  }
+  if (f.autosave_steps < 0) {
+    return InvalidArgument("--autosave-steps must be >= 0, got ", f.autosave_steps);
+  }
+  if (!(f.autosave_seconds >= 0) || f.autosave_seconds > 86400) {
+    return InvalidArgument("--autosave-seconds must be in [0, 86400], got ", f.autosave_seconds);
+  }
   if (!(f.drain_timeout >= 0) || f.drain_timeout > 3600) {
     return InvalidArgument("--drain-timeout must be in [0, 3600] seconds, got ", f.drain_timeout);
   }
@@ -205,7 +230,11 @@ std::string DescribeFlags(const Flags& f) {
      << (f.compute_threads > 0 ? f.compute_threads : AvailableCores())
      << (f.compute_threads > 0 ? "" : " (auto)") << "\n"
      << "log_level=" << f.log_level << "\n"
-     << "drain_timeout=" << f.drain_timeout << "s\n";
+     << "drain_timeout=" << f.drain_timeout << "s\n"
+     << "persistence=" << (f.in_memory ? "off (in memory)" : "checkpoints") << "\n"
+     << "keep_checkpoints=" << f.keep_checkpoints << "\n"
+     << "autosave_steps=" << f.autosave_steps << "\n"
+     << "autosave_seconds=" << f.autosave_seconds << "s\n";
   return os.str();
 }
 

@@ -28,6 +28,11 @@ struct Flags {
   std::string log_level = "info";
   double drain_timeout = 10;  // seconds
   std::string port_file;
+  // Persistence (checkpoints in data_dir).
+  bool in_memory = false;
+  int keep_checkpoints = 3;
+  int64_t autosave_steps = 0;    // 0: no step trigger
+  double autosave_seconds = 30;  // 0: no time trigger
   bool check_config = false;
 };
 

@@ -6,9 +6,11 @@
 
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <string>
 
+#include "server/checkpoint_persistence.h"
 #include "server/flags.h"
 #include "server/server.h"
 
@@ -63,8 +65,27 @@ int main(int argc, char** argv) {
   signal(SIGPIPE, SIG_IGN);
 
   normd::server::ServerOptions options = normd::server::ToServerOptions(flags);
-  // Persistence (checkpoints in --data-dir), TLS credentials and token interceptors plug in
-  // here through options.persistence, options.credentials and options.interceptors.
+  // Checkpoints in --data-dir; declared before the server, which uses it until it stops.
+  std::unique_ptr<normd::server::CheckpointPersistence> persistence;
+  if (!flags.in_memory) {
+    std::error_code ec;
+    std::filesystem::create_directories(flags.data_dir, ec);
+    if (ec) {
+      spdlog::critical("event=start_failed error=\"cannot create --data-dir {}: {}\"",
+                       flags.data_dir, ec.message());
+      return 1;
+    }
+    normd::server::CheckpointPersistenceOptions popts;
+    popts.data_dir = flags.data_dir;
+    popts.keep_last = flags.keep_checkpoints;
+    popts.autosave_steps = static_cast<uint64_t>(flags.autosave_steps);
+    popts.autosave_interval =
+        std::chrono::milliseconds(static_cast<int64_t>(flags.autosave_seconds * 1000.0));
+    persistence = std::make_unique<normd::server::CheckpointPersistence>(popts);
+    options.persistence = persistence.get();
+  }
+  // TLS credentials and token interceptors plug in here through options.credentials and
+  // options.interceptors.
   normd::server::NormdServer server(std::move(options));
   const normd::Status started = server.Start();
   if (!started.ok()) {

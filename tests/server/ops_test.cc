@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <set>
 #include <thread>
@@ -340,6 +341,71 @@ TEST(ShutdownTest, DrainsInFlightWorkAndRefusesNewCalls) {
             StatusCode::UNAVAILABLE);
   const std::string log = server->Log();
   EXPECT_NE(log.find("event=model_created model=drain-1"), std::string::npos) << log;
+}
+
+// --- Persistence ---------------------------------------------------------------------------------
+
+TEST(PersistenceTest, RestartRestoresEveryModelAndInMemoryHasNone) {
+  std::string tmpl = (std::filesystem::temp_directory_path() / "normd-data-XXXXXX").string();
+  ASSERT_NE(mkdtemp(tmpl.data()), nullptr);
+  const std::string data = "--data-dir=" + tmpl;
+  std::map<std::string, std::vector<float>> before;
+  v1::Model model_before;
+  {
+    auto server = StartOrDie({data});
+    ASSERT_NE(server, nullptr);
+    auto stub = server->NewStub();
+    ASSERT_TRUE(CreateModel(stub.get(), "keep-1").ok());
+    for (int i = 0; i < 5; ++i) ASSERT_TRUE(TrainStep(stub.get(), "keep-1", 16, i).ok());
+    ASSERT_TRUE(SetMode(stub.get(), "keep-1", v1::MODE_EVAL).ok());
+    v1::GetStateRequest gs;
+    gs.set_model("keep-1");
+    gs.set_include_optimizer(true);
+    v1::ModelState st;
+    ASSERT_TRUE(stub->GetState(Ctx().get(), gs, &st).ok());
+    before = StateMap(st);
+    v1::GetModelRequest gm;
+    gm.set_model("keep-1");
+    ASSERT_TRUE(stub->GetModel(Ctx().get(), gm, &model_before).ok());
+    EXPECT_EQ(server->Stop(SIGTERM, std::chrono::seconds(20)), 0);  // saves what changed
+  }
+  {
+    auto server = StartOrDie({data});
+    ASSERT_NE(server, nullptr);
+    auto stub = server->NewStub();
+    v1::GetModelRequest gm;
+    gm.set_model("keep-1");
+    v1::Model m;
+    ASSERT_TRUE(stub->GetModel(Ctx().get(), gm, &m).ok());
+    EXPECT_EQ(m.step(), 5u);
+    EXPECT_EQ(m.mode(), v1::MODE_EVAL);
+    EXPECT_EQ(m.spec().SerializeAsString(), model_before.spec().SerializeAsString());
+    v1::GetStateRequest gs;
+    gs.set_model("keep-1");
+    gs.set_include_optimizer(true);
+    v1::ModelState st;
+    ASSERT_TRUE(stub->GetState(Ctx().get(), gs, &st).ok());
+    const auto after = StateMap(st);
+    ASSERT_EQ(after.size(), before.size());
+    for (const auto& [name, v] : before) EXPECT_TRUE(BitEqual(v, after.at(name))) << name;
+  }
+  {
+    auto server = StartOrDie({data, "--in-memory"});
+    ASSERT_NE(server, nullptr);
+    auto stub = server->NewStub();
+    v1::ListModelsResponse list;
+    ASSERT_TRUE(stub->ListModels(Ctx().get(), v1::ListModelsRequest(), &list).ok());
+    EXPECT_EQ(list.models_size(), 0);
+    ASSERT_TRUE(CreateModel(stub.get(), "mem-1").ok());
+    v1::SaveModelRequest req;
+    req.set_model("mem-1");
+    v1::SaveModelResponse resp;
+    const grpc::Status s = stub->SaveModel(Ctx().get(), req, &resp);
+    EXPECT_EQ(s.error_code(), StatusCode::FAILED_PRECONDITION);
+    EXPECT_NE(s.error_message().find("persistence not configured"), std::string::npos);
+  }
+  std::error_code ec;
+  std::filesystem::remove_all(tmpl, ec);
 }
 
 // --- Configuration -------------------------------------------------------------------------------

@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <cmath>
+#include <filesystem>
 #include <regex>
 #include <thread>
 
@@ -806,13 +807,21 @@ TEST_F(ServiceTest, UpdateOptimizerKeepsStateAndValidates) {
   EXPECT_FLOAT_EQ(Get("opt-1").spec().optimizer().sgd().lr(), 0.001f);
 }
 
-TEST_F(ServiceTest, SaveModelWithoutPersistence) {
+TEST_F(ServiceTest, SaveModelIsDurable) {
   Create("save-1");
+  v1::TrainStepResponse t;
+  ASSERT_TRUE(TrainStep("save-1", Batch(8, 1), RandomLabels(8, kOut, 1), &t).ok());
   v1::SaveModelRequest req;
   req.set_model("save-1");
   v1::SaveModelResponse resp;
-  EXPECT_STATUS(stub_->SaveModel(Ctx().get(), req, &resp), StatusCode::FAILED_PRECONDITION,
-                "persistence not configured");
+  ASSERT_TRUE(stub_->SaveModel(Ctx().get(), req, &resp).ok());
+  EXPECT_EQ(resp.step(), 1u);
+  // The checkpoint is on disk when the call returns.
+  bool found = false;
+  for (const auto& f : std::filesystem::directory_iterator(server_->dir() + "/data/save-1")) {
+    found = found || f.path().extension() == ".nckpt";
+  }
+  EXPECT_TRUE(found);
   req.set_model("nope");
   EXPECT_STATUS(stub_->SaveModel(Ctx().get(), req, &resp), StatusCode::NOT_FOUND, "nope");
 }
