@@ -1,17 +1,17 @@
 #include "server/compute_pool.h"
 
-#include <Eigen/Core>
 #include <cassert>
+
+#include "core/threads.h"
 
 namespace normd::server {
 
-ComputePool::ComputePool(int threads) {
-  assert(threads >= 1);
-  // Parallelism comes from requests running side by side, one core each: Eigen must not
-  // start threads of its own on top (it would only with OpenMP, but say it explicitly).
-  Eigen::setNbThreads(1);
+ComputePool::ComputePool(int threads, int threads_per_task) {
+  assert(threads >= 1 && threads_per_task >= 1);
   threads_.reserve(threads);
-  for (int i = 0; i < threads; ++i) threads_.emplace_back([this] { Run(); });
+  for (int i = 0; i < threads; ++i) {
+    threads_.emplace_back([this, threads_per_task] { Run(threads_per_task); });
+  }
 }
 
 ComputePool::~ComputePool() {
@@ -31,7 +31,8 @@ void ComputePool::Submit(std::function<void()> task) {
   cv_.notify_one();
 }
 
-void ComputePool::Run() {
+void ComputePool::Run(int threads_per_task) {
+  SetComputeThreads(threads_per_task);
   for (;;) {
     std::function<void()> task;
     {

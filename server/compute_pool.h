@@ -3,7 +3,9 @@
 //
 // Tasks run in submission order. The pool never blocks a thread on a model lock: ModelEntry
 // (server/registry.h) queues work per model and hands the pool only tasks that can run at once.
-// Size the pool to the cores the service may use; each task computes single-threaded.
+// Each pool thread may use `threads_per_task` cores for one task (the core's compute budget,
+// core/threads.h); threads x threads_per_task should not exceed the cores, so the pool never
+// oversubscribes them.
 //
 // Thread safety: Submit may be called from any thread.
 #ifndef NORMD_SERVER_COMPUTE_POOL_H_
@@ -20,8 +22,8 @@ namespace normd::server {
 
 class ComputePool {
  public:
-  // REQUIRES: threads >= 1.
-  explicit ComputePool(int threads);
+  // REQUIRES: threads >= 1, threads_per_task >= 1.
+  ComputePool(int threads, int threads_per_task);
   // Runs every queued task, then joins the threads.
   ~ComputePool();
   ComputePool(const ComputePool&) = delete;
@@ -31,7 +33,7 @@ class ComputePool {
   int threads() const { return static_cast<int>(threads_.size()); }
 
  private:
-  void Run();
+  void Run(int threads_per_task);
 
   std::mutex mu_;
   std::condition_variable cv_;

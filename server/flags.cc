@@ -4,9 +4,13 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+extern char** environ;
+
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <cmath>
 #include <iostream>
+#include <set>
 #include <sstream>
 #include <thread>
 
@@ -84,7 +88,8 @@ int ParseFlags(int argc, char** argv, Flags* f) {
                  "RESOURCE_EXHAUSTED")
       ->envname("NORMD_MAX_QUEUED_PER_MODEL")->capture_default_str()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   app.add_option("--compute-threads", f->compute_threads,
-                 "Threads running model compute (0: one per available core)")
+                 "Requests computed at once (0: one per available core); with fewer than the "
+                 "cores, each request's matrix products share the rest")
       ->envname("NORMD_COMPUTE_THREADS")->capture_default_str()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   app.add_option("--log-level", f->log_level,
                  "trace, debug, info, warn, error, critical or off")
@@ -120,6 +125,17 @@ int ParseFlags(int argc, char** argv, Flags* f) {
     const int rc = app.exit(e);
     return rc == 0 ? 0 : 2;
   }
+  std::set<std::string> known;
+  for (const CLI::Option* opt : app.get_options()) {
+    if (!opt->get_envname().empty()) known.insert(opt->get_envname());
+  }
+  f->unknown_env.clear();
+  for (char** e = environ; *e != nullptr; ++e) {
+    const std::string entry = *e;
+    const std::string name = entry.substr(0, entry.find('='));
+    if (name.rfind("NORMD_", 0) == 0 && known.count(name) == 0) f->unknown_env.push_back(name);
+  }
+  std::sort(f->unknown_env.begin(), f->unknown_env.end());
   return -1;
 }
 
@@ -207,7 +223,10 @@ ServerOptions ToServerOptions(const Flags& f) {
   o.limits.max_retained_forwards = f.max_retained_forwards;
   o.limits.retained_forward_timeout = Millis(f.retained_forward_timeout);
   o.limits.max_queued_per_model = f.max_queued_per_model;
-  o.compute_threads = f.compute_threads > 0 ? f.compute_threads : AvailableCores();
+  const int cores = AvailableCores();
+  o.compute_threads = f.compute_threads > 0 ? f.compute_threads : cores;
+  // Fewer request threads than cores: each request's matrix products may use the rest.
+  o.threads_per_task = std::max(1, cores / o.compute_threads);
   o.max_message_bytes = f.max_message_bytes;
   o.drain_timeout = Millis(f.drain_timeout);
   return o;

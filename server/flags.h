@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "core/status.h"
 #include "server/server.h"
@@ -34,6 +35,10 @@ struct Flags {
   int64_t autosave_steps = 0;    // 0: no step trigger
   double autosave_seconds = 30;  // 0: no time trigger
   bool check_config = false;
+
+  // Set by ParseFlags: NORMD_* environment variables that name no flag (a typo, or another
+  // tool's setting such as normctl's NORMD_SERVER). Reported, not fatal.
+  std::vector<std::string> unknown_env;
 };
 
 // Parses argv into `flags`. Returns -1 to go on, or the exit code when the process should stop

@@ -51,9 +51,16 @@ int main(int argc, char** argv) {
   if (flags.check_config) {
     std::printf("normd %s: configuration OK\n%s", normd::server::Version(),
                 normd::server::DescribeFlags(flags).c_str());
+    for (const std::string& name : flags.unknown_env) {
+      std::printf("note: %s is not a normd setting (another tool's, or a typo)\n", name.c_str());
+    }
     return 0;
   }
   ConfigureLogging(flags.log_level);
+  for (const std::string& name : flags.unknown_env) {
+    spdlog::warn("event=unknown_setting env={} note=\"not a normd setting (another tool's, or a "
+                 "typo)\"", name);
+  }
 
   // SIGTERM and SIGINT are taken synchronously by this thread (sigwait); every thread started
   // from here on inherits the blocked mask, so no gRPC or compute thread is interrupted.

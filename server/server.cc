@@ -25,7 +25,8 @@ NormdServer::NormdServer(ServerOptions options)
 NormdServer::~NormdServer() { Shutdown(); }
 
 Status NormdServer::Start() {
-  pool_ = std::make_unique<ComputePool>(std::max(1, options_.compute_threads));
+  pool_ = std::make_unique<ComputePool>(std::max(1, options_.compute_threads),
+                                        std::max(1, options_.threads_per_task));
   registry_ = std::make_unique<Registry>(options_.limits, metrics_.get(), pool_.get());
   registry_->set_persistence(options_.persistence);
   metrics_->SetModelCount(0);
@@ -65,10 +66,11 @@ Status NormdServer::Start() {
   health->SetServingStatus(kTrainerService, true);
   serving_ = true;
   spdlog::info("event=serving version={} listen={} grpc_port={} metrics={} metrics_port={} "
-               "compute_threads={} max_models={} models={}",
+               "compute_threads={} threads_per_task={} max_models={} models={}",
                Version(), options_.listen, grpc_port_,
                options_.metrics.empty() ? "off" : options_.metrics, metrics_->port(),
-               pool_->threads(), options_.limits.max_models, registry_->size());
+               pool_->threads(), std::max(1, options_.threads_per_task),
+               options_.limits.max_models, registry_->size());
   return Status::Ok();
 }
 

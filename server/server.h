@@ -38,6 +38,8 @@ struct ServerOptions {
   std::string metrics = "127.0.0.1:9464";  // empty: no metrics endpoint
   RegistryLimits limits;
   int compute_threads = 1;
+  // Cores one request's compute may use (matrix products); compute_threads x this <= cores.
+  int threads_per_task = 1;
   int64_t max_message_bytes = int64_t{64} << 20;
   int max_concurrent_streams = 256;  // HTTP/2 streams per connection
   std::chrono::milliseconds drain_timeout{std::chrono::seconds(10)};

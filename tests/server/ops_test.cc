@@ -424,6 +424,9 @@ TEST(ConfigTest, CheckConfigValidatesFlagsAndEnvironment) {
   EXPECT_NE(out.find("listen=0.0.0.0:50051"), std::string::npos) << out;
   EXPECT_NE(out.find("max_models=8"), std::string::npos) << out;
   EXPECT_NE(out.find("log_level=debug"), std::string::npos) << out;
+  // A NORMD_* variable that names no flag is reported (a typo must not pass silently).
+  ASSERT_EQ(RunCommand("NORMD_MAX_MODLES=3 " + bin + " --check-config", &out), 0) << out;
+  EXPECT_NE(out.find("note: NORMD_MAX_MODLES is not a normd setting"), std::string::npos) << out;
   // A flag wins over its environment variable.
   ASSERT_EQ(RunCommand("NORMD_MAX_MODELS=8 " + bin + " --check-config --max-models 3", &out), 0) << out;
   EXPECT_NE(out.find("max_models=3"), std::string::npos) << out;
