@@ -84,7 +84,7 @@ Fingerprint Take(ModelEntry& e) {
 // A server's persistence-relevant parts: pool, registry, persistence.
 struct Instance {
   explicit Instance(const CheckpointPersistenceOptions& options)
-      : pool(1), registry(RegistryLimits(), nullptr, &pool), persistence(options) {
+      : pool(1, 1), registry(RegistryLimits(), nullptr, &pool), persistence(options) {
     registry.set_persistence(&persistence);
     const Status st = persistence.RestoreAll(&registry);
     EXPECT_TRUE(st.ok()) << st.message();
@@ -317,7 +317,7 @@ TEST_F(CheckpointPersistenceTest, UnbuildableCheckpointsAreSkippedNotSetAsideNor
   {
     v1::ModelSpec bad = Spec();
     bad.mutable_layers(0)->mutable_linear()->set_out_features(9);  // BatchNorm expects 8
-    ComputePool pool(1);
+    ComputePool pool(1, 1);
     Registry scratch(RegistryLimits(), nullptr, &pool);
     std::shared_ptr<ModelEntry> e;
     ASSERT_TRUE(scratch.Create("big", Spec(), &e).ok());
