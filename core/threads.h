@@ -1,9 +1,12 @@
 // The compute-thread budget: how many threads one core operation may use.
 //
-// normd's only multi-threaded kernels are Eigen's matrix products (Linear, Conv2d), which
+// normd's only multi-threaded kernels are Eigen's own matrix products (Linear, Conv2d), which
 // Eigen parallelises with OpenMP when the library is built with it (core/CMakeLists.txt links
 // OpenMP unless NORMD_OPENMP is off or the build uses TSan); every other kernel runs on the
-// calling thread. The budget belongs to the calling thread and is 1 until that thread sets
+// calling thread. When the products go to OpenBLAS (NORMD_BLAS and libopenblas-dev, the
+// default where installed), OpenBLAS is kept single-threaded and every product runs on the
+// calling thread whatever the budget: parallelism then comes from running requests side by
+// side. The budget belongs to the calling thread and is 1 until that thread sets
 // another, so nothing in the library starts threads unless a caller opts in. A caller running
 // R operations at once on C cores gives each at most C / R threads so the total never exceeds
 // the cores (a server with one compute thread per core keeps 1; one that runs a single model's
