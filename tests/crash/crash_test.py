@@ -5,15 +5,17 @@ Each loop starts the server on the same data directory, checks every model came 
 and saves until a killer thread sends SIGKILL at a random moment (autosave after every step
 means most kills land while a checkpoint is being written), and starts over.
 
-Training is deterministic: the batch of step k is a function of (model, k) and the dropout
-generator is part of the checkpoint, so each model has exactly one state per step. The client
-records that state (every state_dict entry, optimizer slots included, as raw float32 bits, plus
-step, mode and frozen flag) after every acknowledged step; a restored model must equal the
-recorded state of its step bit for bit, be no older than its last acknowledged SaveModel, and
-keep producing the recorded states when training resumes.
+After each kill the test reads the checkpoint files itself; after the restart every model's
+whole state (every state_dict entry and optimizer slot as raw float32 bits, step, mode, frozen
+flag) must equal the newest complete checkpoint on disk, be no older than its last acknowledged
+SaveModel, and no newer than one step past its last acknowledged TrainStep. Every fifth loop
+the newest checkpoint of one model is damaged first: it must be set aside and the previous one
+restored. Training is deterministic (the batch of step k is a function of (model, k); the
+dropout generator is checkpointed), so steps re-run after a restore must reproduce the first
+run's bits.
 
-Environment: NORMD_CRASH_SERVER (the server binary), NORMD_CRASH_SERVER_ARGS (extra flags),
-NORMD_CRASH_LOOPS (default 50), NORMD_CRASH_SEED.
+Environment: NORMD_CRASH_SERVER (the normd binary), NORMD_CRASH_SERVER_ARGS (extra flags),
+NORMD_CRASH_LOOPS (default 50), NORMD_CRASH_SEED, NORMD_CRASH_STRICT_CONTINUATION (default 1).
 """
 
 import os
