@@ -303,32 +303,52 @@ class MonitoringTest(unittest.TestCase):
         cls.pb, pb_grpc = generate_stubs(os.path.join(cls.tmp, "stubs"))
         import grpc  # pylint: disable=import-outside-toplevel
 
-        grpc_port, metrics_port, prom_port = free_port(), free_port(), free_port()
+        # normd binds free ports itself (port 0) and reports them through --port-file.
+        port_file = os.path.join(cls.tmp, "normd.ports")
         normd_log = open(os.path.join(cls.tmp, "normd.log"), "w")
         cls.logs.append(normd_log)
         cls.procs.append(subprocess.Popen(
-            [NORMD, "--listen", f"127.0.0.1:{grpc_port}",
-             "--metrics", f"127.0.0.1:{metrics_port}",
-             "--data-dir", os.path.join(cls.tmp, "data")],
+            [NORMD, "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0",
+             "--port-file", port_file, "--data-dir", os.path.join(cls.tmp, "data")],
             stdout=normd_log, stderr=subprocess.STDOUT))
+
+        def ports():
+            if not os.path.exists(port_file):
+                return None
+            with open(port_file) as f:
+                found = dict(line.strip().split("=", 1) for line in f if "=" in line)
+            return found if {"grpc", "metrics"} <= found.keys() else None
+
+        found = cls.wait_for(ports, 30, "normd's port file")
+        grpc_port, metrics_port = int(found["grpc"]), int(found["metrics"])
 
         cls.drift_rule = generated_rules(os.path.join(cls.tmp, "alerts.yml"))
         cls.config = os.path.join(cls.tmp, "prometheus.yml")
         generated_config(cls.config, os.path.join(cls.tmp, "alerts.yml"),
                          f"127.0.0.1:{metrics_port}")
-        prom_log = open(os.path.join(cls.tmp, "prometheus.log"), "w")
-        cls.logs.append(prom_log)
-        cls.procs.append(subprocess.Popen(
-            ["prometheus", "--config.file=" + cls.config,
-             "--storage.tsdb.path=" + os.path.join(cls.tmp, "tsdb"),
-             f"--web.listen-address=127.0.0.1:{prom_port}"],
-            stdout=prom_log, stderr=subprocess.STDOUT))
-        cls.prom = Prometheus(f"127.0.0.1:{prom_port}")
+        # Prometheus cannot bind port 0: probe a free port, and retry if another process took
+        # it in between.
+        for attempt in range(3):
+            prom_port = free_port()
+            prom_log = open(os.path.join(cls.tmp, f"prometheus-{attempt}.log"), "w")
+            cls.logs.append(prom_log)
+            prom = subprocess.Popen(
+                ["prometheus", "--config.file=" + cls.config,
+                 "--storage.tsdb.path=" + os.path.join(cls.tmp, f"tsdb-{attempt}"),
+                 f"--web.listen-address=127.0.0.1:{prom_port}"],
+                stdout=prom_log, stderr=subprocess.STDOUT)
+            cls.prom = Prometheus(f"127.0.0.1:{prom_port}")
+            deadline = time.monotonic() + 30
+            while prom.poll() is None and not cls.prom.ready() and time.monotonic() < deadline:
+                time.sleep(0.25)
+            if prom.poll() is None:
+                break
+        cls.procs.append(prom)
 
         cls.channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
         grpc.channel_ready_future(cls.channel).result(timeout=30)
         cls.traffic = Traffic(cls.pb, pb_grpc.TrainerStub(cls.channel))
-        cls.wait_for(lambda: cls.prom.ready(), 30, "Prometheus ready")
+        cls.wait_for(cls.prom.ready, 30, "Prometheus ready")
         cls.wait_for(lambda: [r for r in cls.prom.query('up{job="normd"}')
                               if r["value"][1] == "1"], 30, "normd scraped (up == 1)")
 
