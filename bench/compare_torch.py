@@ -40,6 +40,7 @@ THREADS = (1, 2)
 IN_FEATURES, HIDDEN, CLASSES = 784, 512, 10
 DATASET_ROWS = 8192
 BN_SHAPES = ((256, 4096), (32, 512), (64, 64, 32, 32))
+REPEAT_CAP_S = 1.0
 
 
 def steps_for(batch, quick):
@@ -97,13 +98,19 @@ def torch_worker(args):
         steps = steps_for(batch, args.quick)
         for _ in range(max(3, steps // 3)):
             step()
-        rates = []
+        rates, cpu_rates = [], []
         for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            for _ in range(steps):
+            # A repeat ends after `steps` steps or REPEAT_CAP_S seconds, whichever comes first,
+            # so a pathological setting (threads fighting over busy cores) stays bounded.
+            t0, c0 = time.perf_counter(), time.process_time()
+            done = 0
+            while done < steps and (done < 2 or time.perf_counter() - t0 < REPEAT_CAP_S):
                 loss = step()
-            rates.append(steps * batch / (time.perf_counter() - t0))
-        out["mlp"][str(batch)] = {"samples_per_s": rates, "median": statistics.median(rates),
+                done += 1
+            rates.append(done * batch / (time.perf_counter() - t0))
+            cpu_rates.append(done * batch / max(1e-9, time.process_time() - c0))
+        out["mlp"][str(batch)] = {"samples_per_s": rates, "cpu_samples_per_s": cpu_rates,
+                                  "median": statistics.median(rates),
                                   "final_loss": float(loss)}
 
     for shape in BN_SHAPES:
@@ -132,7 +139,8 @@ def torch_worker(args):
 
 
 def time_call(fn, repeats, min_time=0.05):
-    """Median over repeats of the mean seconds per call, each repeat lasting >= min_time."""
+    """Median over repeats of the mean seconds per call (wall clock and process CPU time),
+    each repeat lasting >= min_time."""
     for _ in range(3):
         fn()
     n = 1
@@ -145,29 +153,38 @@ def time_call(fn, repeats, min_time=0.05):
             n = max(1, int(n * min_time / dt))
             break
         n *= 4
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(n):
             fn()
         times.append((time.perf_counter() - t0) / n)
-    return statistics.median(times)
+        cpu.append((time.process_time() - c0) / n)
+    return {"wall": statistics.median(times), "cpu": statistics.median(cpu)}
 
 
 # ---------------------------------------------------------------------------------------------
 # Driver
 
+def child_env():
+    """The environment of every measured process, normd's and PyTorch's alike: without
+    OPENBLAS_CORETYPE, so OpenBLAS (which both use for matrix products) picks the CPU's best
+    kernels as on a fresh machine."""
+    env = dict(os.environ)
+    env.pop("OPENBLAS_CORETYPE", None)
+    return env
+
+
 def run_json(cmd, env=None, timeout=300):
     res = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=env, timeout=timeout)
+                         env=env if env is not None else child_env(), timeout=timeout)
     if res.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stderr}")
     return json.loads(res.stdout)
 
 
 def run_torch(threads, data, labels, repeats, quick):
-    env = dict(os.environ)
-    env.pop("OPENBLAS_CORETYPE", None)
+    env = child_env()
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = str(threads)
     cmd = [sys.executable, os.path.abspath(__file__), "--torch-worker", "--threads", str(threads),
@@ -184,9 +201,9 @@ def run_core(binary, batch, threads, data, labels, repeats, quick):
                      "--data", data, "--labels", labels])
 
 
-def run_kernels_bn(binary, quick):
-    res = run_json([binary, "--benchmark_filter=BatchNorm|Memcpy", "--benchmark_format=json",
-                    f"--benchmark_min_time={0.05 if quick else 0.3}"])
+def run_kernels(binary, quick):
+    res = run_json([binary, "--benchmark_format=json",
+                    f"--benchmark_min_time={0.02 if quick else 0.1}"])
     out = {}
     for b in res["benchmarks"]:
         out[b["name"]] = b
@@ -210,8 +227,8 @@ class Server:
         os.makedirs(data_dir, exist_ok=True)
         self.proc = subprocess.Popen(
             [binary, "--listen", self.address, "--metrics", f"127.0.0.1:{free_port()}",
-             "--data-dir", data_dir, "--compute-threads", str(threads)],
-            stdout=self.log, stderr=subprocess.STDOUT)
+             "--data-dir", data_dir, "--compute-threads", str(threads), "--log-level", "warn"],
+            stdout=self.log, stderr=subprocess.STDOUT, env=child_env())
 
     def wait_ready(self, load_binary, timeout=20.0):
         deadline = time.time() + timeout
@@ -220,11 +237,21 @@ class Server:
                 raise RuntimeError(f"normd exited early (code {self.proc.returncode}); "
                                    f"see {self.log.name}")
             res = subprocess.run([load_binary, "--address", self.address, "--scenario", "ping"],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 env=child_env())
             if res.returncode == 0:
                 return
             time.sleep(0.2)
         raise RuntimeError("normd did not become ready")
+
+    def cpu_seconds(self):
+        """User + system CPU time the server has used so far."""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            return 0.0
 
     def rss_bytes(self):
         try:
@@ -268,11 +295,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--build-dir", default="build")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="times every configuration runs, interleaved (default 3)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="timed repeats per configuration and round (default 3)")
     ap.add_argument("--quick", action="store_true", help="fewer steps (smoke runs)")
     ap.add_argument("--skip-grpc", action="store_true")
     ap.add_argument("--load", action="store_true", help="also run the normd_load scenarios")
-    ap.add_argument("--load-duration", type=float, default=5.0)
+    ap.add_argument("--load-duration", type=float, default=3.0)
     ap.add_argument("--json", help="write every figure to this file")
     # Worker mode (internal).
     ap.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
@@ -302,7 +332,8 @@ def main():
 
     t_start = time.time()
     workdir = tempfile.mkdtemp(prefix="normd-bench-")
-    results = {"machine": machine_summary(), "mlp": {}, "bn": {}, "load": {}}
+    results = {"machine": machine_summary(), "rounds": args.rounds, "mlp": {}, "bn": {},
+               "kernels": {}, "load": {}}
     server = None
     try:
         rng = np.random.default_rng(2024)
@@ -310,32 +341,58 @@ def main():
         labels = os.path.join(workdir, "y.i64")
         rng.standard_normal((DATASET_ROWS, IN_FEATURES), dtype=np.float32).tofile(data)
         rng.integers(0, CLASSES, DATASET_ROWS, dtype=np.int64).tofile(labels)
-
-        torch_res = {t: run_torch(t, data, labels, args.repeats, args.quick) for t in THREADS}
-        results["torch_info"] = {t: {k: torch_res[t][k] for k in
-                                     ("torch", "openblas_core", "torch_threads")}
-                                 for t in THREADS}
-        for batch in BATCHES:
-            key = str(batch)
-            row = {f"torch_t{t}": torch_res[t]["mlp"][key] for t in THREADS}
-            for t in THREADS:
-                row[f"core_t{t}"] = run_core(core_bin, batch, t, data, labels, args.repeats,
-                                             args.quick)
-            results["mlp"][key] = row
-
         if do_grpc:
             server = Server(normd_bin, max(THREADS), workdir)
             server.wait_ready(load_bin)
+
+        # Rounds: every configuration runs once per round, in the same order, so load from
+        # other processes on the machine spreads over all of them instead of hitting one.
+        mlp = {str(b): {} for b in BATCHES}
+        torch_bn, kernel_runs = [], []
+        for _ in range(args.rounds):
+            for t in THREADS:
+                res = run_torch(t, data, labels, args.repeats, args.quick)
+                results["torch_info"] = {k: res[k] for k in ("torch", "openblas_core")}
+                for batch in BATCHES:
+                    add_rates(mlp[str(batch)], f"torch_t{t}", res["mlp"][str(batch)])
+                torch_bn.append((t, res["bn"]))
             for batch in BATCHES:
-                for rpc in ("stream", "unary"):
-                    results["mlp"][str(batch)][f"grpc_{rpc}"] = run_grpc_train(
-                        load_bin, server.address, rpc, batch, data, labels, args.repeats,
-                        args.quick)
+                for t in THREADS:
+                    add_rates(mlp[str(batch)], f"core_t{t}",
+                              run_core(core_bin, batch, t, data, labels, args.repeats,
+                                       args.quick))
+                if server is not None:
+                    for rpc in ("stream", "unary"):
+                        cpu0 = server.cpu_seconds()
+                        run = run_grpc_train(load_bin, server.address, rpc, batch, data, labels,
+                                             args.repeats, args.quick)
+                        server_cpu = server.cpu_seconds() - cpu0
+                        add_rates(mlp[str(batch)], f"grpc_{rpc}", run)
+                        # CPU per sample of the server and the client together (the server's
+                        # share includes the untimed warm-up steps: a slight overestimate).
+                        steps = steps_for(batch, args.quick)
+                        samples = batch * (steps * args.repeats + max(3, steps // 3))
+                        client_cpu = sum(steps * batch / r for r in
+                                         run["client_cpu_samples_per_s"])
+                        mlp[str(batch)].setdefault(f"grpc_{rpc}_cpu", []).append(
+                            samples / max(1e-9, server_cpu + client_cpu))
+            kernel_runs.append(run_kernels(kernels_bin, args.quick))
+        for batch, row in mlp.items():
+            results["mlp"][batch] = {k: {"samples_per_s": v,
+                                         "median": statistics.median(v)}
+                                     for k, v in row.items()}
+        if server is not None:
             results["server_rss_after_train"] = server.rss_bytes()
             if args.load:
                 results["load"] = run_load(load_bin, server, args.load_duration)
 
-        kernels = run_kernels_bn(kernels_bin, args.quick)
+        # Kernel figures: the median over rounds of each benchmark's time and counters.
+        kernels = {}
+        for name in kernel_runs[0]:
+            runs = [k[name] for k in kernel_runs if name in k]
+            kernels[name] = {f: statistics.median(r[f] for r in runs)
+                             for f in runs[0] if isinstance(runs[0][f], (int, float))}
+        results["kernels"] = kernels
         for shape in BN_SHAPES:
             key = "x".join(str(d) for d in shape)
             kind = "BatchNorm2d" if len(shape) == 4 else "BatchNorm1d"
@@ -343,11 +400,16 @@ def main():
             entry = {}
             for op in ("fwd", "fwd_bwd"):
                 b = kernels.get(f"{kind}/{op}/{suffix}/real_time")
-                torch_s = min(torch_res[t]["bn"][key][op] for t in THREADS)
+                per_t = {t: statistics.median(bn[key][op]["wall"] for tt, bn in torch_bn
+                                              if tt == t) for t in THREADS}
+                per_t_cpu = {t: statistics.median(bn[key][op]["cpu"] for tt, bn in torch_bn
+                                                  if tt == t) for t in THREADS}
                 entry[op] = {"normd_s": b["real_time"] * 1e-9 if b else None,
-                             "torch_s": torch_s,
-                             "torch_t1_s": torch_res[1]["bn"][key][op],
-                             "torch_t2_s": torch_res[2]["bn"][key][op],
+                             "normd_cpu_s": b["cpu_time"] * 1e-9 if b else None,
+                             "torch_s": min(per_t.values()),
+                             "torch_t1_s": per_t[1],
+                             "torch_t2_s": per_t[2],
+                             "torch_t1_cpu_s": per_t_cpu[1],
                              "gbps": b.get("GB/s") if b else None,
                              "frac_memcpy": b.get("frac_memcpy") if b else None}
             results["bn"][key] = entry
@@ -364,16 +426,45 @@ def main():
     return 0
 
 
+def add_rates(row, key, run):
+    row.setdefault(key, []).extend(run["samples_per_s"])
+    if "cpu_samples_per_s" in run:
+        row.setdefault(key + "_cpu", []).extend(run["cpu_samples_per_s"])
+
+
 def run_load(load_bin, server, duration):
     out = {}
     for name, extra in (
             ("forward_c1", ["--scenario", "forward", "--clients", "1"]),
             ("forward_c8", ["--scenario", "forward", "--clients", "8"]),
+            ("train256_c1", ["--scenario", "trainload", "--clients", "1", "--batch", "256"]),
             ("train256_c2", ["--scenario", "trainload", "--clients", "2", "--batch", "256"])):
         out[name] = run_json([load_bin, "--address", server.address, "--duration",
                               str(duration)] + extra)
-    out["server_rss_after_load"] = server.rss_bytes()
+    # Memory: RSS once a model has trained at the largest batch, then after 10,000 more steps
+    # on one stream (batch 32, then a last 1024 run so the largest buffers are in use).
+    warm = run_json([load_bin, "--address", server.address, "--scenario", "train", "--batch",
+                     "1024", "--steps", "5", "--warmup", "2", "--repeats", "1"])
+    del warm
+    rss_warm = server.rss_bytes()
+    steps = 10000
+    run_json([load_bin, "--address", server.address, "--scenario", "train", "--batch", "32",
+              "--steps", str(steps), "--warmup", "0", "--repeats", "1", "--window", "4"])
+    run_json([load_bin, "--address", server.address, "--scenario", "train", "--batch", "1024",
+              "--steps", "5", "--warmup", "0", "--repeats", "1"])
+    out["rss"] = {"warm": rss_warm, "after": server.rss_bytes(), "steps": steps,
+                  "bound": rss_bound_bytes()}
     return out
+
+
+def rss_bound_bytes():
+    """Issue 7's RSS bound for the reference MLP: 2 x (parameters + SGD momentum + the
+    activations of a batch of 1024) + 64 MiB, in bytes (float32)."""
+    params = (IN_FEATURES * HIDDEN + HIDDEN) + (HIDDEN * HIDDEN + HIDDEN) + \
+        (HIDDEN * CLASSES + CLASSES) + 2 * 2 * HIDDEN
+    # Every layer's output per sample: Linear, BatchNorm, ReLU twice, then the logits.
+    activations = 1024 * (6 * HIDDEN + CLASSES)
+    return 2 * 4 * (2 * params + activations) + 64 * 2**20
 
 
 def machine_summary():
@@ -396,53 +487,100 @@ def machine_summary():
 
 def print_tables(r):
     m = r["machine"]
-    print(f"\nnormd vs PyTorch — {m.get('Model name', '?')}, {m.get('CPU(s)', '?')} CPUs, "
-          f"load average at start {' '.join(m.get('loadavg', []))}")
+    print(f"\nnormd vs PyTorch: {m.get('Model name', '?')}, {m.get('CPU(s)', '?')} CPUs, "
+          f"load average {' '.join(m.get('loadavg', []))} at start; {r['rounds']} interleaved "
+          f"rounds")
     ti = r.get("torch_info", {})
     if ti:
-        any_t = next(iter(ti.values()))
-        print(f"PyTorch {any_t['torch']}, OpenBLAS core {any_t['openblas_core']}")
-    print("\nReference MLP training, samples/s (median of repeats; ratio = normd / PyTorch's "
-          "faster thread setting)")
-    hdr = (f"{'batch':>6} {'torch 1t':>10} {'torch 2t':>10} {'core 1t':>10} {'core 2t':>10} "
-           f"{'grpc strm':>10} {'grpc unary':>10} {'core/torch':>10} {'grpc/torch':>10} "
-           f"{'grpc/core':>10}")
-    print(hdr)
+        print(f"PyTorch {ti['torch']}, OpenBLAS core {ti['openblas_core']}")
+
+    k = r.get("kernels", {})
+    peak = k.get("FmaPeak/iterations:1", {}).get("GFLOP/s")
+    print("\nCeilings measured in the kernel benchmark process")
+    if peak:
+        print(f"  single-core FMA peak      {peak:8.1f} GFLOP/s")
+    for name, v in k.items():
+        if name.startswith("Memcpy/"):
+            size = int(name.split("/")[1])
+            print(f"  memcpy {size / 2**20:6.2f} MiB         {v['GB/s']:8.1f} GB/s (read + write)")
+
+    print("\nReference MLP training, samples/s (median of all repeats; ratio = normd / "
+          "PyTorch's faster thread setting)")
+    print(f"{'batch':>6} {'torch 1t':>10} {'torch 2t':>10} {'core 1t':>10} {'core 2t':>10} "
+          f"{'grpc strm':>10} {'grpc unary':>10} {'core/torch':>10} {'grpc/torch':>10} "
+          f"{'grpc/core':>10}")
     for batch, row in r["mlp"].items():
         torch_best = best(row["torch_t1"], row["torch_t2"])["median"]
         core_best = best(row["core_t1"], row["core_t2"])["median"]
-        grpc = [row[k]["median"] for k in ("grpc_stream", "grpc_unary") if k in row]
+        grpc = [row[key]["median"] for key in ("grpc_stream", "grpc_unary") if key in row]
         grpc_best = max(grpc) if grpc else None
-        cells = [fmt_rate(row["torch_t1"]["median"]), fmt_rate(row["torch_t2"]["median"]),
-                 fmt_rate(row["core_t1"]["median"]), fmt_rate(row["core_t2"]["median"])]
-        cells += [fmt_rate(row[k]["median"]) if k in row else f"{'-':>10}"
-                  for k in ("grpc_stream", "grpc_unary")]
+        cells = [fmt_rate(row[key]["median"]) for key in
+                 ("torch_t1", "torch_t2", "core_t1", "core_t2")]
+        cells += [fmt_rate(row[key]["median"]) if key in row else f"{'-':>10}"
+                  for key in ("grpc_stream", "grpc_unary")]
         cells.append(f"{core_best / torch_best:9.2f}x")
         cells.append(f"{grpc_best / torch_best:9.2f}x" if grpc_best else f"{'-':>10}")
         cells.append(f"{grpc_best / core_best:9.2f}x" if grpc_best else f"{'-':>10}")
         print(f"{batch:>6} " + " ".join(cells))
 
+    print("\nThe same per CPU-second (samples / CPU time of the processes doing the work; "
+          "independent of other jobs' share of the cores)")
+    print(f"{'batch':>6} {'torch 1t':>10} {'torch 2t':>10} {'core 1t':>10} {'core 2t':>10} "
+          f"{'grpc strm':>10} {'grpc unary':>10} {'core1/t1':>10} {'grpc/t1':>10}")
+    for batch, row in r["mlp"].items():
+        keys = ("torch_t1_cpu", "torch_t2_cpu", "core_t1_cpu", "core_t2_cpu", "grpc_stream_cpu",
+                "grpc_unary_cpu")
+        cells = [fmt_rate(row[key]["median"]) if key in row else f"{'-':>10}" for key in keys]
+        t1 = row.get("torch_t1_cpu", {}).get("median")
+        c1 = row.get("core_t1_cpu", {}).get("median")
+        g = max((row[key]["median"] for key in ("grpc_stream_cpu", "grpc_unary_cpu")
+                 if key in row), default=None)
+        cells.append(f"{c1 / t1:9.2f}x" if t1 and c1 else f"{'-':>10}")
+        cells.append(f"{g / t1:9.2f}x" if t1 and g else f"{'-':>10}")
+        print(f"{batch:>6} " + " ".join(cells))
+
     print("\nBatchNorm kernels (training mode), time per call; speed-up = PyTorch time / normd "
-          "time (PyTorch's faster thread setting)")
+          "time (PyTorch's faster thread setting); bytes: fwd 3, fwd+bwd 8 tensors")
     print(f"{'shape':>16} {'op':>8} {'torch 1t':>10} {'torch 2t':>10} {'normd':>10} "
-          f"{'speed-up':>9} {'GB/s':>7} {'of memcpy':>9}")
+          f"{'speed-up':>9} {'GB/s':>7} {'of memcpy':>9} | CPU time: {'torch 1t':>10} "
+          f"{'normd':>10} {'speed-up':>9} {'of memcpy':>9}")
+    nan = float("nan")
     for shape, entry in r["bn"].items():
         for op, e in entry.items():
-            n = e["normd_s"]
-            print(f"{shape:>16} {op:>8} {e['torch_t1_s'] * 1e6:8.1f}us {e['torch_t2_s'] * 1e6:8.1f}us "
-                  f"{n * 1e6 if n else float('nan'):8.1f}us "
-                  f"{e['torch_s'] / n if n else float('nan'):8.2f}x "
-                  f"{e['gbps'] or float('nan'):7.1f} {100 * (e['frac_memcpy'] or float('nan')):8.0f}%")
+            n, nc = e["normd_s"], e.get("normd_cpu_s")
+            frac = e["frac_memcpy"] or nan
+            print(f"{shape:>16} {op:>8} {e['torch_t1_s'] * 1e6:8.1f}us "
+                  f"{e['torch_t2_s'] * 1e6:8.1f}us {n * 1e6 if n else nan:8.1f}us "
+                  f"{e['torch_s'] / n if n else nan:8.2f}x {e['gbps'] or nan:7.1f} "
+                  f"{100 * frac:8.0f}% |           {e['torch_t1_cpu_s'] * 1e6:8.1f}us "
+                  f"{nc * 1e6 if nc else nan:8.1f}us "
+                  f"{e['torch_t1_cpu_s'] / nc if nc else nan:8.2f}x "
+                  f"{100 * frac * n / nc if n and nc else nan:8.0f}%")
 
-    if r.get("load"):
-        print("\nRPC load (normd_load against the same server)")
-        for name, v in r["load"].items():
-            if isinstance(v, dict):
+    print("\nOther kernels (normd, one thread)")
+    for name, v in k.items():
+        if name.startswith(("Linear/", "Conv2d/")):
+            cpu_scale = v["real_time"] / v["cpu_time"]  # counters are per wall-clock second
+            print(f"  {name:42} {v['real_time'] / 1e3:9.1f}us {v.get('GFLOP/s', nan):7.1f} GFLOP/s "
+                  f"{100 * v.get('frac_peak', nan):5.1f}% of FMA peak; per CPU time "
+                  f"{v['cpu_time'] / 1e3:9.1f}us {100 * v.get('frac_peak', nan) * cpu_scale:5.1f}%")
+        elif name.startswith("TrainStep/"):
+            print(f"  {name:42} {v['real_time'] / 1e3:9.1f}us "
+                  f"{v.get('items_per_second', nan):9.0f} samples/s")
+
+    load = r.get("load") or {}
+    if load:
+        print("\nRPC load (normd_load against the same server, loopback)")
+        for name, v in load.items():
+            if isinstance(v, dict) and "qps" in v:
                 print(f"  {name:>14}: {v['qps']:9.0f} req/s  p50 {v['p50_us']:8.1f}us  "
-                      f"p99 {v['p99_us']:8.1f}us  errors {v['errors']}")
-        print(f"  server RSS after load: {r['load']['server_rss_after_load'] / 2**20:.1f} MiB")
-    if r.get("server_rss_after_train"):
-        print(f"\nserver RSS after the training runs: {r['server_rss_after_train'] / 2**20:.1f} MiB")
+                      f"p90 {v['p90_us']:8.1f}us  p99 {v['p99_us']:8.1f}us  errors {v['errors']}")
+        rss = load.get("rss", {})
+        if rss:
+            print(f"  server RSS: after warm-up {rss['warm'] / 2**20:.1f} MiB, after "
+                  f"{rss['steps']} more steps {rss['after'] / 2**20:.1f} MiB (bound "
+                  f"{rss['bound'] / 2**20:.1f} MiB: 2 x (parameters + optimizer state + "
+                  f"activations at batch 1024) + 64 MiB)")
     print(f"\ntotal benchmark time {r['duration_s']:.0f} s")
 
 

@@ -6,7 +6,8 @@
 //   train      trains the reference MLP (bench/reference_models.h) from one client, over a
 //              TrainStream (--rpc stream, up to --window batches in flight) or unary TrainStep
 //              calls (--rpc unary); --warmup steps, then --repeats timed runs of --steps steps.
-//              Prints {"samples_per_s": [...], "median": m, ...} like normd_core_trainer.
+//              Prints {"samples_per_s": [...], "median": m, ...} like normd_core_trainer, with
+//              the client's own CPU time per sample as client_cpu_samples_per_s.
 //   forward    --clients threads, each with its own channel, send eval-mode Forward requests of
 //              batch 1 to the small model (32-64-BatchNorm1d-ReLU-10) for --duration seconds.
 //   trainload  --clients threads, each training its own reference MLP with unary TrainStep of
@@ -23,6 +24,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <ctime>
 #include <fstream>
 #include <memory>
 #include <mutex>
@@ -179,6 +181,13 @@ client::ClientOptions ClientOpts(const Options& o) {
   return c;
 }
 
+// CPU time of this process (every thread).
+double ProcessCpuSeconds() {
+  timespec ts;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+}
+
 double Median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
@@ -220,10 +229,9 @@ int Train(const Options& o) {
 
   client::Client c(ClientOpts(o));
   const std::string id = ModelId(o, 0);
-  c.CreateModel(ToSpec(ReferenceMlpConfig()), id);
   size_t next = 0;
   double last_loss = 0.0;
-  std::vector<double> rates;
+  std::vector<double> rates, cpu_rates;
 
   // Runs `steps` steps and returns the elapsed seconds.
   auto run = [&](int steps) {
@@ -246,8 +254,13 @@ int Train(const Options& o) {
   };
 
   try {
+    c.CreateModel(ToSpec(ReferenceMlpConfig()), id);
     if (o.warmup > 0) run(o.warmup);
-    for (int r = 0; r < o.repeats; ++r) rates.push_back(o.steps * o.batch / run(o.steps));
+    for (int r = 0; r < o.repeats; ++r) {
+      const double c0 = ProcessCpuSeconds();
+      rates.push_back(o.steps * o.batch / run(o.steps));
+      cpu_rates.push_back(o.steps * o.batch / std::max(1e-9, ProcessCpuSeconds() - c0));
+    }
     c.DeleteModel(id);
   } catch (const client::Error& e) {
     std::fprintf(stderr, "normd_load: %s\n", e.what());
@@ -256,6 +269,8 @@ int Train(const Options& o) {
   std::printf("{\"scenario\": \"train\", \"rpc\": \"%s\", \"batch\": %lld, \"samples_per_s\": [",
               o.rpc.c_str(), static_cast<long long>(o.batch));
   for (size_t i = 0; i < rates.size(); ++i) std::printf("%s%.1f", i ? ", " : "", rates[i]);
+  std::printf("], \"client_cpu_samples_per_s\": [");
+  for (size_t i = 0; i < cpu_rates.size(); ++i) std::printf("%s%.1f", i ? ", " : "", cpu_rates[i]);
   std::printf("], \"median\": %.1f, \"final_loss\": %.6f}\n", Median(rates), last_loss);
   return 0;
 }
