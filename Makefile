@@ -26,5 +26,10 @@ test-image:
 demo: build
 	@client/demo.sh $(BUILD_DIR)
 
+# Benchmarks (bench/, BENCHMARKS.md): kernels, normd against PyTorch in-process and over gRPC,
+# RPC load and memory; prints the tables (~4 min on 2 cores).
+bench: build
+	/usr/bin/python3 bench/compare_torch.py --build-dir $(BUILD_DIR) --load
+
 clean:
 	rm -rf $(BUILD_DIR)
