@@ -136,9 +136,13 @@ METRICS_PORT=$(free_port)
 SERVER=127.0.0.1:$GRPC_PORT
 
 start_container() {
+  # The Kubernetes securityContext of deploy/k8s/statefulset.yaml, applied here so the image
+  # is proven to run under it: read-only root filesystem with a /tmp tmpfs (the pod's
+  # emptyDir), no capabilities, no privilege escalation.
   # stderr kept aside: podman complains that it cannot schedule periodic healthchecks without
   # systemd; the test runs the HEALTHCHECK itself with `podman healthcheck run`.
   "${PODMAN_RUN[@]}" -d --name "$CTR" -v "$VOL:/var/lib/normd" \
+    --read-only --tmpfs /tmp --cap-drop ALL --security-opt no-new-privileges \
     -e NORMD_LISTEN="$SERVER" -e NORMD_METRICS="127.0.0.1:$METRICS_PORT" "$IMAGE" \
     >/dev/null 2>>"$WORK/podman-run.err"
 }
@@ -155,7 +159,8 @@ done
 healthy_ms=$(($(date +%s%3N) - t_run))
 log "healthy $healthy_ms ms after podman run ($((t_started - t_run)) ms to start the container)"
 
-# A model created and trained with the image's normctl, from the spec and CSV streamed in.
+# A model created and trained with the image's normctl, from a spec and CSV streamed into the
+# container's /tmp.
 cat > "$WORK/spec.json" <<'EOF'
 {
   "inputShape": ["4"],
@@ -179,8 +184,8 @@ with open(sys.argv[1], "w") as f:
         x = [random.gauss(0, 1) for _ in range(4)]
         f.write(",".join(f"{v:.5f}" for v in x) + f",{int(x[0] + x[1] > 0)}\n")
 EOF
-podman cp "$WORK/spec.json" "$CTR:/tmp/spec.json" || fail "podman cp spec"
-podman cp "$WORK/train.csv" "$CTR:/tmp/train.csv" || fail "podman cp csv"
+podman exec -i "$CTR" sh -c 'cat > /tmp/spec.json' < "$WORK/spec.json" || fail "copy spec"
+podman exec -i "$CTR" sh -c 'cat > /tmp/train.csv' < "$WORK/train.csv" || fail "copy csv"
 normctl create --spec /tmp/spec.json --id image-test || fail "normctl create"
 normctl train image-test --data /tmp/train.csv --label-column label --epochs 2 --batch 32 \
   --progress lines || fail "normctl train"
