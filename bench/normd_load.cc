@@ -10,8 +10,8 @@
 //              the client's own CPU time per sample as client_cpu_samples_per_s.
 //   forward    --clients threads, each with its own channel, send eval-mode Forward requests of
 //              batch 1 to the small model (32-64-BatchNorm1d-ReLU-10) for --duration seconds.
-//   trainload  --clients threads, each training its own reference MLP with unary TrainStep of
-//              --batch samples for --duration seconds.
+//   trainload  --clients threads, each training its own reference MLP (one shared model with
+//              --shared-model 1) with unary TrainStep of --batch samples for --duration seconds.
 // forward and trainload print {"qps": q, "p50_us": .., "p90_us": .., "p99_us": .., ...}; a
 // request that fails counts in "errors" (the first message goes to stderr).
 //
@@ -53,6 +53,7 @@ struct Options {
   int repeats = 5;
   int window = 2;
   int clients = 1;
+  bool shared_model = false;
   double duration = 5.0;
   std::string data, labels;
 };
@@ -61,7 +62,8 @@ struct Options {
   std::fprintf(stderr,
                "normd_load: %s\nusage: normd_load --address HOST:PORT --scenario "
                "ping|train|forward|trainload [--rpc stream|unary] [--batch N] [--steps S] "
-               "[--warmup W] [--repeats R] [--window K] [--clients C] [--duration SECONDS] "
+               "[--warmup W] [--repeats R] [--window K] [--clients C] [--shared-model 0|1] "
+               "[--duration SECONDS] "
                "[--data X.f32 --labels Y.i64]\n",
                why.c_str());
   std::exit(2);
@@ -83,6 +85,7 @@ Options Parse(int argc, char** argv) {
     else if (flag == "--window") o.window = std::atoi(v);
     else if (flag == "--clients") o.clients = std::atoi(v);
     else if (flag == "--duration") o.duration = std::atof(v);
+    else if (flag == "--shared-model") o.shared_model = std::string(v) == "1";
     else if (flag == "--data") o.data = v;
     else if (flag == "--labels") o.labels = v;
     else Usage("unknown flag " + flag);
@@ -300,7 +303,7 @@ int Load(const Options& o) {
       }
       admin.SetMode(ids[0], v1::MODE_EVAL);
     } else {
-      for (int i = 0; i < o.clients; ++i) {
+      for (int i = 0; i < (o.shared_model ? 1 : o.clients); ++i) {
         ids.push_back(ModelId(o, i));
         admin.CreateModel(ToSpec(config), ids.back());
       }
@@ -319,7 +322,7 @@ int Load(const Options& o) {
   for (int t = 0; t < o.clients; ++t) {
     threads.emplace_back([&, t] {
       client::Client c(ClientOpts(o));
-      const std::string& id = forward ? ids[0] : ids[t];
+      const std::string& id = ids.size() == 1 ? ids[0] : ids[t];
       std::vector<double>& lat = latencies[t];
       lat.reserve(1 << 16);
       size_t next = static_cast<size_t>(t) * 7;
