@@ -159,6 +159,16 @@ int Main(int argc, char** argv) {
               n / (train.mean_us * 1e-6));
   std::printf("TrainStream batch 256: %.0f samples/s (%d steps in %.2f s)\n",
               steps * n / stream_s, steps, stream_s);
+  // The server's own view (handler start to status, so queueing and compute, no transport).
+  const std::string metrics = HttpGet(server->metrics_port(), "/metrics");
+  for (const char* method : {"Forward", "TrainStep"}) {
+    const std::vector<std::string> labels = {std::string("method=\"") + method + "\"",
+                                             "code=\"OK\""};
+    const double sum = MetricValue(metrics, "normd_rpc_duration_seconds_sum", labels);
+    const double count = MetricValue(metrics, "normd_rpc_duration_seconds_count", labels);
+    std::printf("server-side mean %s time (all calls above): %.1f us\n", method,
+                1e6 * sum / count);
+  }
   server->Stop(SIGTERM, std::chrono::seconds(20));
   return 0;
 }
