@@ -15,7 +15,7 @@ namespace {
 // Layout of LayerCache::d written by Forward:
 //   [0] drift valid (0/1), [1] mean_shift, [2] var_log_ratio,
 //   [3, 3+C) batch mean and [3+C, 3+2C) batch variance (biased; unbiased once an update is
-//   pending), [3+2C, 3+3C) scratch for the statistics pass.
+//   pending), [3+2C, 3+3C) scratch for per-channel double math.
 constexpr int kDriftValid = 0;
 constexpr int kMeanShift = 1;
 constexpr int kVarLogRatio = 2;
@@ -23,12 +23,21 @@ constexpr int kPending = 3;
 
 // ---- Statistics kernels -------------------------------------------------------------------
 //
-// The per-channel reductions accumulate in double, eight channels (or eight positions of a
-// plane) per vector. GCC/Clang vector extensions let the compiler map a D8 onto what the target
-// has (one AVX-512 register, two AVX registers, four SSE2 registers); only the float-to-double
-// load is spelled out for AVX-512, where the generic conversion compiles to four instructions.
+// The per-channel reductions accumulate in double. GCC/Clang vector extensions let the compiler
+// map a vector type onto what the target has (one AVX-512 register, two AVX registers, four
+// SSE2 registers); only the float-to-double load is spelled out for AVX-512, where the generic
+// conversion compiles to four instructions. The (N, C) kernels add each group of kRowGroup
+// rows in float vectors of sixteen channels first (an eight-term float sum, as exact as the
+// float inputs) and then into the double accumulators, which halves the vector work.
 typedef float F8 __attribute__((vector_size(32)));
+typedef float F16 __attribute__((vector_size(64)));
 typedef double D8 __attribute__((vector_size(64)));
+
+inline F16 LoadF16(const float* p) {
+  F16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
 
 inline D8 LoadF8(const float* p) {
 #if defined(__AVX512F__)
@@ -61,7 +70,7 @@ inline double Sum(D8 v) {
 // kRowGroup sequential streams (walking one column of blocks down all rows instead strides
 // by a whole row per access, which defeats the prefetchers).
 constexpr int64_t kRowGroup = 8;
-// Channels per register block: four vectors of eight.
+// Channels per register block: two float vectors of sixteen.
 constexpr int64_t kBlock = 32;
 
 // For x viewed as (n, C, s), adds to acc1[c] and acc2[c] the sums over every value v of
@@ -71,31 +80,35 @@ constexpr int64_t kBlock = 32;
 // and g vector.
 template <typename Op>
 void ChannelReduce(const Op& op, const float* x, const float* g, int64_t n, int64_t C,
-                   int64_t s, const double* k, double* acc1, double* acc2) {
+                   int64_t s, const float* k, double* acc1, double* acc2) {
   auto load_g = [g](int64_t o) { return Op::kUsesG ? LoadF8(g + o) : D8{}; };
+  auto load_g16 = [g](int64_t o) { return Op::kUsesG ? LoadF16(g + o) : F16{}; };
   auto scalar_g = [g](int64_t o) { return Op::kUsesG ? g[o] : 0.0f; };
   if (s == 1) {
     for (int64_t i0 = 0; i0 < n; i0 += kRowGroup) {
       const int64_t i1 = std::min(n, i0 + kRowGroup);
       int64_t c0 = 0;
       for (; c0 + kBlock <= C; c0 += kBlock) {
-        D8 a1[4] = {}, a2[4] = {}, kk[4];
-        for (int v = 0; v < 4; ++v) kk[v] = LoadD8(k + c0 + 8 * v);
+        F16 a1[2] = {}, a2[2] = {}, kk[2];
+        for (int v = 0; v < 2; ++v) kk[v] = LoadF16(k + c0 + 16 * v);
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t off = i * C + c0;
-          for (int v = 0; v < 4; ++v) {
-            const int64_t o = off + 8 * v;
-            op.Vector(LoadF8(x + o), load_g(o), kk[v], &a1[v], &a2[v]);
+          for (int v = 0; v < 2; ++v) {
+            const int64_t o = off + 16 * v;
+            op.Vector(LoadF16(x + o), load_g16(o), kk[v], &a1[v], &a2[v]);
           }
         }
-        for (int v = 0; v < 4; ++v) {
-          StoreD8(acc1 + c0 + 8 * v, LoadD8(acc1 + c0 + 8 * v) + a1[v]);
-          StoreD8(acc2 + c0 + 8 * v, LoadD8(acc2 + c0 + 8 * v) + a2[v]);
+        float p1[kBlock], p2[kBlock];
+        std::memcpy(p1, a1, sizeof p1);
+        std::memcpy(p2, a2, sizeof p2);
+        for (int v = 0; v < kBlock / 8; ++v) {
+          StoreD8(acc1 + c0 + 8 * v, LoadD8(acc1 + c0 + 8 * v) + LoadF8(p1 + 8 * v));
+          StoreD8(acc2 + c0 + 8 * v, LoadD8(acc2 + c0 + 8 * v) + LoadF8(p2 + 8 * v));
         }
       }
       for (; c0 + 8 <= C; c0 += 8) {
         D8 a1 = {}, a2 = {};
-        const D8 kk = LoadD8(k + c0);
+        const D8 kk = LoadF8(k + c0);
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t o = i * C + c0;
           op.Vector(LoadF8(x + o), load_g(o), kk, &a1, &a2);
@@ -140,8 +153,9 @@ void ChannelReduce(const Op& op, const float* x, const float* g, int64_t n, int6
 // the channel the two sums cancel little, unlike plain sums of x and x^2).
 struct ShiftedSumsOp {
   static constexpr bool kUsesG = false;
-  void Vector(D8 x, D8 /*g*/, D8 k, D8* a1, D8* a2) const {
-    const D8 u = x - k;
+  template <typename V>
+  void Vector(V x, V /*g*/, V k, V* a1, V* a2) const {
+    const V u = x - k;
     *a1 += u;
     *a2 += u * u;
   }
@@ -155,7 +169,8 @@ struct ShiftedSumsOp {
 // Backward sums: sum(dy) and sum(dy * (x - mean)).
 struct GradSumsOp {
   static constexpr bool kUsesG = true;
-  void Vector(D8 x, D8 g, D8 mean, D8* a1, D8* a2) const {
+  template <typename V>
+  void Vector(V x, V g, V mean, V* a1, V* a2) const {
     *a1 += g;
     *a2 += g * (x - mean);
   }
@@ -167,19 +182,18 @@ struct GradSumsOp {
 
 // Per-channel mean and M2 of x viewed as (n, C, s), one pass: with K_c = x[0, c, 0],
 // mean = K + S1 / count and M2 = S2 - S1^2 / count for the shifted sums S1, S2.
-// `scratch` holds C doubles.
+// `shift` receives K (C floats).
 void MeanAndM2(const float* x, int64_t n, int64_t C, int64_t s, double* mean, double* m2,
-               double* scratch) {
-  double* k = scratch;
+               float* shift) {
   for (int64_t c = 0; c < C; ++c) {
-    k[c] = x[c * s];
+    shift[c] = x[c * s];
     mean[c] = m2[c] = 0.0;
   }
-  ChannelReduce(ShiftedSumsOp(), x, nullptr, n, C, s, k, mean, m2);
+  ChannelReduce(ShiftedSumsOp(), x, nullptr, n, C, s, shift, mean, m2);
   const double count = static_cast<double>(n * s);
   for (int64_t c = 0; c < C; ++c) {
     const double s1 = mean[c];
-    mean[c] = k[c] + s1 / count;
+    mean[c] = shift[c] + s1 / count;
     m2[c] = std::max(0.0, m2[c] - s1 * s1 / count);
   }
 }
@@ -192,8 +206,8 @@ void ComputeMoments(const float* x, int64_t n, int64_t channels, int64_t s,
   out->mean.assign(channels, 0.0);
   out->m2.assign(channels, 0.0);
   if (out->count == 0) return;
-  std::vector<double> scratch(channels);
-  MeanAndM2(x, n, channels, s, out->mean.data(), out->m2.data(), scratch.data());
+  std::vector<float> shift(channels);
+  MeanAndM2(x, n, channels, s, out->mean.data(), out->m2.data(), shift.data());
 }
 
 void CombineMoments(ChannelMoments* a, const ChannelMoments& b) {
@@ -295,7 +309,8 @@ void BatchNorm::Forward(const ConstTensorView& x, Tensor* y, LayerCache* cache,
   // One pass over x: batch mean and biased variance (needed for the drift in eval mode too).
   const bool need_stats = batch_stats || track;
   if (need_stats) {
-    MeanAndM2(x.data, N, C, S, batch_mean.data(), batch_var.data(), d + kPending + 2 * C);
+    // The scale area of f is free until the end and holds the shifts meanwhile.
+    MeanAndM2(x.data, N, C, S, batch_mean.data(), batch_var.data(), scale.data());
     batch_var /= static_cast<double>(N * S);
   }
 
@@ -304,7 +319,7 @@ void BatchNorm::Forward(const ConstTensorView& x, Tensor* y, LayerCache* cache,
   d[kMeanShift] = d[kVarLogRatio] = 0.0;
   if (track) {
     // In double throughout so Eigen vectorises the logarithms (a float-to-double cast inside
-    // the expression would make it scalar); the statistics scratch is free again.
+    // the expression would make it scalar).
     ArrayD denom(d + kPending + 2 * C, C);
     const float* rm = running_mean_.data();
     const float* rv = running_var_.data();
@@ -378,15 +393,13 @@ void BatchNorm::Backward(const ConstTensorView& x, const Tensor& /*y*/, const Co
   const float* xp = x.data;
   const float* dyp = dy.data;
 
-  // Pass 1: per channel, sum(dy) and sum(dy * (x - mean)), in double. `work` holds them, the
-  // mean in double, and the three coefficients of pass 2; it keeps its capacity.
+  // Pass 1: per channel, sum(dy) and sum(dy * (x - mean)), in double. `work` holds them and
+  // keeps its capacity.
   thread_local std::vector<double> work;
-  work.assign(3 * C, 0.0);
+  work.assign(2 * C, 0.0);
   double* sum_dy = work.data();
   double* sum_dy_xmu = work.data() + C;
-  double* mean_d = work.data() + 2 * C;
-  for (int64_t c = 0; c < C; ++c) mean_d[c] = mean[c];
-  ChannelReduce(GradSumsOp(), xp, dyp, N, C, S, mean_d, sum_dy, sum_dy_xmu);
+  ChannelReduce(GradSumsOp(), xp, dyp, N, C, S, mean, sum_dy, sum_dy_xmu);
   if (config_.affine) {
     float* gw = weight_.grad.data();
     float* gb = bias_.grad.data();
