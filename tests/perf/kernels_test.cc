@@ -1,0 +1,202 @@
+// Correctness of the fast paths added for performance (issue 7), on the shapes that reach
+// them: BatchNorm's register-blocked (N, C) reductions need C >= 32 (and the 8-channel and
+// scalar remainders), the plane kernels need S >= 16 with tails; AllFinite has sixteen lanes
+// and a tail; SGD has one loop per hyperparameter case; the compute budget is per thread.
+// References are computed here in float64 from the definitions.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <thread>
+#include <vector>
+
+#include "core/batch_norm.h"
+#include "core/optimizer.h"
+#include "core/rng.h"
+#include "core/tensor.h"
+#include "core/threads.h"
+
+namespace normd {
+namespace {
+
+std::vector<float> RandomData(int64_t size, float offset, uint64_t seed) {
+  Rng rng(seed);
+  std::vector<float> v(size);
+  for (float& x : v) x = offset + rng.Uniform(-2.0f, 3.0f);
+  return v;
+}
+
+struct Shapes {
+  int64_t n, c, s;
+};
+
+const Shapes kShapes[] = {{2, 1, 1},  {3, 7, 1},  {9, 8, 1},   {8, 31, 1},  {17, 32, 1},
+                          {5, 33, 1}, {7, 65, 1}, {16, 100, 1}, {3, 4, 7},  {2, 3, 16},
+                          {3, 5, 17}, {2, 2, 33}, {4, 3, 64}};
+
+TEST(BatchNormKernelsTest, MomentsMatchFloat64ReferenceOnEveryPath) {
+  for (const Shapes& sh : kShapes) {
+    // A large offset makes cancellation visible if the shifted sums were wrong.
+    const std::vector<float> x = RandomData(sh.n * sh.c * sh.s, 100.0f, sh.n * 131 + sh.c);
+    ChannelMoments m;
+    ComputeMoments(x.data(), sh.n, sh.c, sh.s, &m);
+    ASSERT_EQ(m.count, sh.n * sh.s);
+    for (int64_t c = 0; c < sh.c; ++c) {
+      double mean = 0.0, m2 = 0.0;
+      for (int64_t i = 0; i < sh.n; ++i) {
+        for (int64_t k = 0; k < sh.s; ++k) mean += x[(i * sh.c + c) * sh.s + k];
+      }
+      mean /= static_cast<double>(m.count);
+      for (int64_t i = 0; i < sh.n; ++i) {
+        for (int64_t k = 0; k < sh.s; ++k) {
+          const double d = x[(i * sh.c + c) * sh.s + k] - mean;
+          m2 += d * d;
+        }
+      }
+      EXPECT_NEAR(m.mean[c], mean, 1e-7 * std::abs(mean))
+          << "n=" << sh.n << " C=" << sh.c << " S=" << sh.s << " channel " << c;
+      EXPECT_NEAR(m.m2[c], m2, 2e-6 * m2 + 1e-9)
+          << "n=" << sh.n << " C=" << sh.c << " S=" << sh.s << " channel " << c;
+    }
+  }
+}
+
+TEST(BatchNormKernelsTest, TrainingForwardAndBackwardMatchFloat64Reference) {
+  for (const Shapes& sh : kShapes) {
+    BatchNormConfig config;
+    config.num_features = sh.c;
+    const bool two_d = sh.s > 1;
+    BatchNorm bn(config, two_d);
+    const Shape sample = two_d ? Shape{sh.c, 1, sh.s} : Shape{sh.c};
+    Shape out;
+    ASSERT_TRUE(bn.Build(sample, &out).ok());
+    Rng rng(3);
+    bn.Allocate(rng);
+    Tensor x(sample.WithBatch(sh.n)), dy(x.shape()), y, dx;
+    const std::vector<float> xv = RandomData(x.size(), 5.0f, sh.c + 7);
+    const std::vector<float> gv = RandomData(x.size(), 0.0f, sh.c + 11);
+    std::copy(xv.begin(), xv.end(), x.data());
+    std::copy(gv.begin(), gv.end(), dy.data());
+    LayerCache cache;
+    ForwardContext ctx;
+    ctx.training = true;
+    bn.Forward(x.view(), &y, &cache, ctx);
+    bn.Backward(x.view(), y, dy.view(), cache, ctx, &dx);
+
+    const int64_t count = sh.n * sh.s;
+    for (int64_t c = 0; c < sh.c; ++c) {
+      auto at = [&](int64_t i, int64_t k) { return (i * sh.c + c) * sh.s + k; };
+      double mean = 0.0, var = 0.0, sum_g = 0.0, sum_gx = 0.0;
+      for (int64_t i = 0; i < sh.n; ++i) {
+        for (int64_t k = 0; k < sh.s; ++k) mean += xv[at(i, k)];
+      }
+      mean /= count;
+      for (int64_t i = 0; i < sh.n; ++i) {
+        for (int64_t k = 0; k < sh.s; ++k) var += (xv[at(i, k)] - mean) * (xv[at(i, k)] - mean);
+      }
+      var /= count;
+      const double inv = 1.0 / std::sqrt(var + config.eps);
+      for (int64_t i = 0; i < sh.n; ++i) {
+        for (int64_t k = 0; k < sh.s; ++k) {
+          sum_g += gv[at(i, k)];
+          sum_gx += gv[at(i, k)] * (xv[at(i, k)] - mean) * inv;
+        }
+      }
+      for (int64_t i = 0; i < sh.n; ++i) {
+        for (int64_t k = 0; k < sh.s; ++k) {
+          const double xhat = (xv[at(i, k)] - mean) * inv;
+          ASSERT_NEAR(y.data()[at(i, k)], xhat, 2e-5) << "C=" << sh.c << " S=" << sh.s;
+          const double want = inv * (gv[at(i, k)] - sum_g / count - xhat * sum_gx / count);
+          ASSERT_NEAR(dx.data()[at(i, k)], want, 2e-5 * (1.0 + std::abs(want)))
+              << "C=" << sh.c << " S=" << sh.s;
+        }
+      }
+      EXPECT_NEAR(bn.bias().grad.data()[c], sum_g, 1e-4 * (1.0 + std::abs(sum_g)));
+      EXPECT_NEAR(bn.weight().grad.data()[c], sum_gx, 1e-4 * (1.0 + std::abs(sum_gx)));
+    }
+  }
+}
+
+TEST(AllFiniteTest, FindsANonFiniteValueInEveryLaneAndTheTail) {
+  for (int64_t n : {1, 15, 16, 17, 33, 100}) {
+    std::vector<float> v(n, 1.5f);
+    EXPECT_TRUE(AllFinite(v.data(), n));
+    for (int64_t i = 0; i < n; ++i) {
+      for (float bad : {std::numeric_limits<float>::quiet_NaN(),
+                        std::numeric_limits<float>::infinity(),
+                        -std::numeric_limits<float>::infinity()}) {
+        v[i] = bad;
+        EXPECT_FALSE(AllFinite(v.data(), n)) << "n=" << n << " at " << i;
+        v[i] = 1.5f;
+      }
+    }
+  }
+  std::vector<float> big(16, std::numeric_limits<float>::max());
+  EXPECT_TRUE(AllFinite(big.data(), 16));  // sums of x - x, never of x
+}
+
+// torch.optim.SGD's rule written once per element, as the reference for the per-case loops.
+void ReferenceSgd(const SgdConfig& c, bool first, std::vector<float>* w, const std::vector<float>& g,
+                  std::vector<float>* buf) {
+  for (size_t j = 0; j < w->size(); ++j) {
+    float d = g[j];
+    if (c.weight_decay != 0.0f) d = d + c.weight_decay * (*w)[j];
+    if (c.momentum != 0.0f) {
+      (*buf)[j] = first ? d : (*buf)[j] * c.momentum + (1.0f - c.dampening) * d;
+      d = c.nesterov ? d + c.momentum * (*buf)[j] : (*buf)[j];
+    }
+    (*w)[j] = (*w)[j] - c.lr * d;
+  }
+}
+
+TEST(OptimizerKernelsTest, SgdMatchesTheElementwiseRuleInEveryCase) {
+  struct Case {
+    float momentum, dampening, weight_decay;
+    bool nesterov;
+  };
+  const Case cases[] = {{0, 0, 0, false},   {0, 0, 0.01f, false}, {0.9f, 0, 0, false},
+                        {0.9f, 0.1f, 0, false}, {0.9f, 0, 0.01f, false}, {0.9f, 0, 0, true},
+                        {0.9f, 0, 0.01f, true}};
+  for (const Case& k : cases) {
+    OptimizerConfig config;
+    config.sgd.lr = 0.05f;
+    config.sgd.momentum = k.momentum;
+    config.sgd.dampening = k.dampening;
+    config.sgd.weight_decay = k.weight_decay;
+    config.sgd.nesterov = k.nesterov;
+    Parameter p{"weight", Tensor(Shape{37}), Tensor(Shape{37})};
+    const std::vector<float> w0 = RandomData(37, 0.0f, 1);
+    std::copy(w0.begin(), w0.end(), p.value.data());
+    Optimizer opt(config, {&p});
+    std::vector<float> w = w0, buf(37, 0.0f);
+    for (int step = 0; step < 3; ++step) {
+      const std::vector<float> g = RandomData(37, 0.0f, 10 + step);
+      std::copy(g.begin(), g.end(), p.grad.data());
+      opt.Step({&p});
+      ReferenceSgd(config.sgd, step == 0, &w, g, &buf);
+      for (int j = 0; j < 37; ++j) {
+        ASSERT_NEAR(p.value.data()[j], w[j], 1e-6f * (1.0f + std::abs(w[j])))
+            << "momentum " << k.momentum << " nesterov " << k.nesterov << " step " << step;
+      }
+    }
+  }
+}
+
+TEST(ComputeThreadsTest, BudgetIsPerThreadAndDefaultsToOne) {
+  EXPECT_EQ(ComputeThreads(), 1);
+  {
+    ScopedComputeThreads scoped(2);
+    const int expected = ComputeThreadsAvailable() ? 2 : 1;
+    EXPECT_EQ(ComputeThreads(), expected);
+    int other = 0;
+    std::thread t([&] { other = ComputeThreads(); });
+    t.join();
+    EXPECT_EQ(other, 1);  // another thread keeps its own default
+  }
+  EXPECT_EQ(ComputeThreads(), 1);
+  EXPECT_EQ(SetComputeThreads(0), 1);
+  EXPECT_EQ(ComputeThreads(), 1);  // below 1 means 1
+}
+
+}  // namespace
+}  // namespace normd
