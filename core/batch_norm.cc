@@ -32,6 +32,9 @@ constexpr int kPending = 3;
 typedef float F8 __attribute__((vector_size(32)));
 typedef float F16 __attribute__((vector_size(64)));
 typedef double D8 __attribute__((vector_size(64)));
+// These helpers are internal and inlined: GCC's note that returning a 64-byte vector without
+// AVX-512 would change the ABI (portable builds) concerns no call that crosses a boundary.
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 inline F16 LoadF16(const float* p) {
   F16 v;
