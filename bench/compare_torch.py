@@ -389,7 +389,7 @@ def main():
         # Kernel figures: the median over rounds of each benchmark's time and counters.
         kernels = {}
         for name in kernel_runs[0]:
-            runs = [k[name] for k in kernel_runs if name in k]
+            runs = [derived(k[name]) for k in kernel_runs if name in k]
             kernels[name] = {f: statistics.median(r[f] for r in runs)
                              for f in runs[0] if isinstance(runs[0][f], (int, float))}
         results["kernels"] = kernels
@@ -411,7 +411,8 @@ def main():
                              "torch_t2_s": per_t[2],
                              "torch_t1_cpu_s": per_t_cpu[1],
                              "gbps": b.get("GB/s") if b else None,
-                             "frac_memcpy": b.get("frac_memcpy") if b else None}
+                             "frac_memcpy": b.get("frac_memcpy") if b else None,
+                             "frac_memcpy_cpu": b.get("frac_memcpy_cpu") if b else None}
             results["bn"][key] = entry
     finally:
         if server is not None:
@@ -424,6 +425,17 @@ def main():
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
     return 0
+
+
+def derived(b):
+    """A benchmark's figures plus their CPU-time versions, from one run (so ratios between
+    figures of the same run stay consistent before medians are taken over rounds)."""
+    out = dict(b)
+    scale = b["real_time"] / b["cpu_time"] if b.get("cpu_time") else float("nan")
+    for f in ("frac_peak", "frac_memcpy", "GB/s", "GFLOP/s"):
+        if f in b:
+            out[f + "_cpu"] = b[f] * scale
+    return out
 
 
 def add_rates(row, key, run):
@@ -555,15 +567,15 @@ def print_tables(r):
                   f"{100 * frac:8.0f}% |           {e['torch_t1_cpu_s'] * 1e6:8.1f}us "
                   f"{nc * 1e6 if nc else nan:8.1f}us "
                   f"{e['torch_t1_cpu_s'] / nc if nc else nan:8.2f}x "
-                  f"{100 * frac * n / nc if n and nc else nan:8.0f}%")
+                  f"{100 * (e.get('frac_memcpy_cpu') or nan):8.0f}%")
 
     print("\nOther kernels (normd, one thread)")
     for name, v in k.items():
         if name.startswith(("Linear/", "Conv2d/")):
-            cpu_scale = v["real_time"] / v["cpu_time"]  # counters are per wall-clock second
             print(f"  {name:42} {v['real_time'] / 1e3:9.1f}us {v.get('GFLOP/s', nan):7.1f} GFLOP/s "
                   f"{100 * v.get('frac_peak', nan):5.1f}% of FMA peak; per CPU time "
-                  f"{v['cpu_time'] / 1e3:9.1f}us {100 * v.get('frac_peak', nan) * cpu_scale:5.1f}%")
+                  f"{v['cpu_time'] / 1e3:9.1f}us {v.get('GFLOP/s_cpu', nan):7.1f} GFLOP/s "
+                  f"{100 * v.get('frac_peak_cpu', nan):5.1f}%")
         elif name.startswith("TrainStep/"):
             print(f"  {name:42} {v['real_time'] / 1e3:9.1f}us "
                   f"{v.get('items_per_second', nan):9.0f} samples/s")
@@ -581,7 +593,57 @@ def print_tables(r):
                   f"{rss['steps']} more steps {rss['after'] / 2**20:.1f} MiB (bound "
                   f"{rss['bound'] / 2**20:.1f} MiB: 2 x (parameters + optimizer state + "
                   f"activations at batch 1024) + 64 MiB)")
+    print_targets(r)
     print(f"\ntotal benchmark time {r['duration_s']:.0f} s")
+
+
+def print_targets(r):
+    """Issue 7's targets against this run's figures (wall clock, as the issue states them)."""
+    rows = []
+
+    def check(name, value, goal, ok, fmt="{:.2f}x"):
+        if value is None:
+            rows.append((name, "-", goal, "not measured"))
+        else:
+            rows.append((name, fmt.format(value), goal, "met" if ok(value) else "MISSED"))
+
+    for batch, goal in (("256", 2.0), ("32", 3.0), ("1024", 1.5)):
+        row = r["mlp"].get(batch, {})
+        grpc = [row[k]["median"] for k in ("grpc_stream", "grpc_unary") if k in row]
+        torch_best = max(row[k]["median"] for k in ("torch_t1", "torch_t2"))
+        check(f"TrainStep over gRPC, batch {batch} / PyTorch", max(grpc) / torch_best
+              if grpc else None, f">= {goal}x", lambda v, g=goal: v >= g)
+    row = r["mlp"].get("256", {})
+    grpc = [row[k]["median"] for k in ("grpc_stream", "grpc_unary") if k in row]
+    core = max(row[k]["median"] for k in ("core_t1", "core_t2"))
+    check("gRPC / in-process core, batch 256", max(grpc) / core if grpc else None, ">= 0.90x",
+          lambda v: v >= 0.9)
+    for shape in ("256x4096", "32x512"):
+        e = r["bn"].get(shape, {}).get("fwd_bwd")
+        check(f"BatchNorm1d fwd+bwd {shape}, PyTorch time / normd time",
+              e["torch_s"] / e["normd_s"] if e and e["normd_s"] else None, ">= 4x",
+              lambda v: v >= 4.0)
+    e = r["bn"].get("256x4096", {}).get("fwd_bwd")
+    check("BatchNorm1d fwd+bwd 256x4096, fraction of memcpy bandwidth",
+          e["frac_memcpy"] if e else None, ">= 50%", lambda v: v >= 0.5, "{:.0%}")
+    lin = r["kernels"].get("Linear/fwd/256/784/512/real_time")
+    check("Linear 256x784->512, fraction of FMA peak", lin["frac_peak"] if lin else None,
+          ">= 70%", lambda v: v >= 0.7, "{:.0%}")
+    load = r.get("load") or {}
+    c1, c8 = load.get("forward_c1"), load.get("forward_c8")
+    check("eval Forward p50, 1 client", c1["p50_us"] if c1 else None, "<= 100 us",
+          lambda v: v <= 100, "{:.0f} us")
+    check("eval Forward QPS, 8 clients", c8["qps"] if c8 else None, ">= 15000",
+          lambda v: v >= 15000, "{:.0f}")
+    rss = load.get("rss")
+    check("server RSS after warm-up / bound", rss["warm"] / rss["bound"] if rss else None,
+          "<= 1", lambda v: v <= 1.0, "{:.2f}")
+    check(f"server RSS growth over {rss['steps'] if rss else 0} steps",
+          (rss["after"] - rss["warm"]) / 2**20 if rss else None, "flat (<= 1 MiB)",
+          lambda v: v <= 1.0, "{:.1f} MiB")
+    print("\nIssue 7 targets (this run, wall clock)")
+    for name, value, goal, verdict in rows:
+        print(f"  {name:58} {value:>10} {goal:>16}  {verdict}")
 
 
 if __name__ == "__main__":
