@@ -41,6 +41,13 @@ class TrainerService::Call {
   grpc::ServerUnaryReactor* reactor() const { return reactor_; }
   bool cancelled() const { return ctx_->IsCancelled(); }
 
+  // Finishes the call with UNAVAILABLE when the server is shutting down; true when it did.
+  bool FinishIfShuttingDown() {
+    if (!service_->shutting_down_.load()) return false;
+    Finish(ShuttingDown());
+    return true;
+  }
+
   void Finish(const Status& status) { FinishGrpc(ToGrpcStatus(status)); }
   void FinishGrpc(const grpc::Status& status) {
     const double seconds = std::chrono::duration<double>(Clock::now() - start_).count();
@@ -283,8 +290,7 @@ Status TrainerService::DoTrainStep(ModelEntry& entry, const v1::TrainStepRequest
     m->RecordStep(&r.loss);
     m->RecordDrift(entry.train_record, model.training());
   }
-  ++entry.mutations;
-  if (Persistence* p = registry_->persistence()) p->OnMutation(entry, Mutation::kStep);
+  RecordMutation(entry, Mutation::kStep);
   entry.PublishForward(entry.train_record);
   resp->set_loss(r.loss);
   resp->set_step(r.step);
@@ -299,10 +305,7 @@ grpc::ServerUnaryReactor* TrainerService::CreateModel(grpc::CallbackServerContex
                                                       v1::Model* resp) {
   auto call = std::make_shared<Call>(this, ctx, Rpc::kCreateModel);
   grpc::ServerUnaryReactor* reactor = call->reactor();
-  if (shutting_down_.load()) {
-    call->Finish(ShuttingDown());
-    return reactor;
-  }
+  if (call->FinishIfShuttingDown()) return reactor;
   // Building allocates and initialises every parameter: pool work, not a gRPC thread's.
   pool_->Submit([this, call, req, resp] {
     if (call->cancelled()) {
@@ -326,10 +329,7 @@ grpc::ServerUnaryReactor* TrainerService::GetModel(grpc::CallbackServerContext* 
                                                    const v1::GetModelRequest* req,
                                                    v1::Model* resp) {
   auto call = std::make_shared<Call>(this, ctx, Rpc::kGetModel);
-  if (shutting_down_.load()) {
-    call->Finish(ShuttingDown());
-    return call->reactor();
-  }
+  if (call->FinishIfShuttingDown()) return call->reactor();
   std::shared_ptr<ModelEntry> entry;
   Status s = registry_->Find(req->model(), &entry);
   if (s.ok()) entry->ToWire(resp);
@@ -343,10 +343,7 @@ grpc::ServerUnaryReactor* TrainerService::ListModels(grpc::CallbackServerContext
                                                      v1::ListModelsResponse* resp) {
   auto call = std::make_shared<Call>(this, ctx, Rpc::kListModels);
   grpc::ServerUnaryReactor* reactor = call->reactor();
-  if (shutting_down_.load()) {
-    call->Finish(ShuttingDown());
-    return reactor;
-  }
+  if (call->FinishIfShuttingDown()) return reactor;
   for (const std::shared_ptr<ModelEntry>& e : registry_->List()) e->ToWire(resp->add_models());
   call->Finish(Status::Ok());
   return reactor;
@@ -357,10 +354,7 @@ grpc::ServerUnaryReactor* TrainerService::DeleteModel(grpc::CallbackServerContex
                                                       v1::DeleteModelResponse* /*resp*/) {
   auto call = std::make_shared<Call>(this, ctx, Rpc::kDeleteModel);
   grpc::ServerUnaryReactor* reactor = call->reactor();
-  if (shutting_down_.load()) {
-    call->Finish(ShuttingDown());
-    return reactor;
-  }
+  if (call->FinishIfShuttingDown()) return reactor;
   RunOnModel(call, req->model(), Want::kExclusive, [this](ModelEntry& e, Access) {
     const uint64_t step = e.model().step();
     NORMD_RETURN_IF_ERROR(registry_->Remove(e));
@@ -376,10 +370,7 @@ grpc::ServerUnaryReactor* TrainerService::SetMode(grpc::CallbackServerContext* c
                                                   v1::Model* resp) {
   auto call = std::make_shared<Call>(this, ctx, Rpc::kSetMode);
   grpc::ServerUnaryReactor* reactor = call->reactor();
-  if (shutting_down_.load()) {
-    call->Finish(ShuttingDown());
-    return reactor;
-  }
+  if (call->FinishIfShuttingDown()) return reactor;
   if (req->mode() != v1::MODE_TRAIN && req->mode() != v1::MODE_EVAL) {
     call->Finish(InvalidArgument("mode must be MODE_TRAIN or MODE_EVAL, got ",
                                  v1::Mode_Name(req->mode()).empty()
@@ -396,8 +387,7 @@ grpc::ServerUnaryReactor* TrainerService::SetMode(grpc::CallbackServerContext* c
     const bool was_training = model.training();
     const bool was_frozen = model.running_stats_frozen();
     model.SetMode(training, freeze);
-    ++e.mutations;
-    if (Persistence* p = registry_->persistence()) p->OnMutation(e, Mutation::kMode);
+    RecordMutation(e, Mutation::kMode);
     e.Publish();
     e.ToWire(resp);
     spdlog::info("event=mode_set model={} mode={} frozen={} previous_mode={} previous_frozen={} "
@@ -409,6 +399,11 @@ grpc::ServerUnaryReactor* TrainerService::SetMode(grpc::CallbackServerContext* c
   return reactor;
 }
 
+void TrainerService::RecordMutation(ModelEntry& entry, Mutation what) {
+  ++entry.mutations;
+  if (Persistence* p = registry_->persistence()) p->OnMutation(entry, what);
+}
+
 // --- Compute -----------------------------------------------------------------------------------
 
 grpc::ServerUnaryReactor* TrainerService::Forward(grpc::CallbackServerContext* ctx,
@@ -416,10 +411,7 @@ grpc::ServerUnaryReactor* TrainerService::Forward(grpc::CallbackServerContext* c
                                                   v1::ForwardResponse* resp) {
   auto call = std::make_shared<Call>(this, ctx, Rpc::kForward);
   grpc::ServerUnaryReactor* reactor = call->reactor();
-  if (shutting_down_.load()) {
-    call->Finish(ShuttingDown());
-    return reactor;
-  }
+  if (call->FinishIfShuttingDown()) return reactor;
   auto input = std::make_shared<DecodedTensor>();
   Status s = req->has_input() ? DecodeTensor(req->input(), "input",
                                              registry_->limits().max_batch_elements, input.get())
@@ -457,8 +449,7 @@ grpc::ServerUnaryReactor* TrainerService::Forward(grpc::CallbackServerContext* c
     }
     if (training) {
       // Running statistics (and dropout's generator) moved.
-      ++e.mutations;
-      if (Persistence* p = registry_->persistence()) p->OnMutation(e, Mutation::kForward);
+      RecordMutation(e, Mutation::kForward);
     }
     e.PublishForward(*rec);
     if (retain) {
@@ -477,10 +468,7 @@ grpc::ServerUnaryReactor* TrainerService::Backward(grpc::CallbackServerContext* 
                                                    v1::BackwardResponse* resp) {
   auto call = std::make_shared<Call>(this, ctx, Rpc::kBackward);
   grpc::ServerUnaryReactor* reactor = call->reactor();
-  if (shutting_down_.load()) {
-    call->Finish(ShuttingDown());
-    return reactor;
-  }
+  if (call->FinishIfShuttingDown()) return reactor;
   auto grad = std::make_shared<DecodedTensor>();
   Status s = req->has_grad_output()
                  ? DecodeTensor(req->grad_output(), "grad_output",
@@ -523,10 +511,7 @@ grpc::ServerUnaryReactor* TrainerService::ApplyGradients(grpc::CallbackServerCon
                                                          v1::ApplyGradientsResponse* resp) {
   auto call = std::make_shared<Call>(this, ctx, Rpc::kApplyGradients);
   grpc::ServerUnaryReactor* reactor = call->reactor();
-  if (shutting_down_.load()) {
-    call->Finish(ShuttingDown());
-    return reactor;
-  }
+  if (call->FinishIfShuttingDown()) return reactor;
   RunOnModel(call, req->model(), Want::kExclusive, [this, resp](ModelEntry& e, Access) {
     if (e.pending_backwards == 0) {
       return FailedPrecondition("model '", e.id(), "' has no accumulated gradients: run Backward "
@@ -542,8 +527,7 @@ grpc::ServerUnaryReactor* TrainerService::ApplyGradients(grpc::CallbackServerCon
       return st;
     }
     if (ModelMetrics* m = e.metrics()) m->RecordStep(nullptr);
-    ++e.mutations;
-    if (Persistence* p = registry_->persistence()) p->OnMutation(e, Mutation::kStep);
+    RecordMutation(e, Mutation::kStep);
     e.Publish();
     resp->set_step(step);
     return Status::Ok();
@@ -556,10 +540,7 @@ grpc::ServerUnaryReactor* TrainerService::TrainStep(grpc::CallbackServerContext*
                                                     v1::TrainStepResponse* resp) {
   auto call = std::make_shared<Call>(this, ctx, Rpc::kTrainStep);
   grpc::ServerUnaryReactor* reactor = call->reactor();
-  if (shutting_down_.load()) {
-    call->Finish(ShuttingDown());
-    return reactor;
-  }
+  if (call->FinishIfShuttingDown()) return reactor;
   std::shared_ptr<ModelEntry> entry;
   Status s = registry_->Find(req->model(), &entry);
   auto input = std::make_shared<DecodedTensor>();
@@ -586,10 +567,7 @@ grpc::ServerUnaryReactor* TrainerService::Evaluate(grpc::CallbackServerContext* 
                                                    v1::EvaluateResponse* resp) {
   auto call = std::make_shared<Call>(this, ctx, Rpc::kEvaluate);
   grpc::ServerUnaryReactor* reactor = call->reactor();
-  if (shutting_down_.load()) {
-    call->Finish(ShuttingDown());
-    return reactor;
-  }
+  if (call->FinishIfShuttingDown()) return reactor;
   const int64_t limit = registry_->limits().max_batch_elements;
   auto input = std::make_shared<DecodedTensor>();
   auto targets = std::make_shared<DecodedTargets>();
@@ -632,10 +610,7 @@ grpc::ServerUnaryReactor* TrainerService::GetState(grpc::CallbackServerContext* 
                                                    v1::ModelState* resp) {
   auto call = std::make_shared<Call>(this, ctx, Rpc::kGetState);
   grpc::ServerUnaryReactor* reactor = call->reactor();
-  if (shutting_down_.load()) {
-    call->Finish(ShuttingDown());
-    return reactor;
-  }
+  if (call->FinishIfShuttingDown()) return reactor;
   RunOnModel(call, req->model(), Want::kShared, [req, resp](ModelEntry& e, Access) {
     StateToWire(e.model().GetState(req->include_optimizer()), resp);
     return Status::Ok();
@@ -648,10 +623,7 @@ grpc::ServerUnaryReactor* TrainerService::SetState(grpc::CallbackServerContext* 
                                                    v1::Model* resp) {
   auto call = std::make_shared<Call>(this, ctx, Rpc::kSetState);
   grpc::ServerUnaryReactor* reactor = call->reactor();
-  if (shutting_down_.load()) {
-    call->Finish(ShuttingDown());
-    return reactor;
-  }
+  if (call->FinishIfShuttingDown()) return reactor;
   auto entries = std::make_shared<std::vector<NamedTensor>>();
   Status s = StateFromWire(req->state(), registry_->limits().max_batch_elements, entries.get());
   if (!s.ok()) {
@@ -662,8 +634,7 @@ grpc::ServerUnaryReactor* TrainerService::SetState(grpc::CallbackServerContext* 
              [this, req, resp, entries](ModelEntry& e, Access) {
     NORMD_RETURN_IF_ERROR(e.model().SetState(*entries, req->strict()));
     e.ReleaseAllRetained("released by SetState (the state it ran against was replaced)");
-    ++e.mutations;
-    if (Persistence* p = registry_->persistence()) p->OnMutation(e, Mutation::kState);
+    RecordMutation(e, Mutation::kState);
     e.Publish();
     e.ToWire(resp);
     spdlog::info("event=state_set model={} entries={} strict={} step={}", e.id(),
@@ -677,15 +648,11 @@ grpc::ServerUnaryReactor* TrainerService::ResetRunningStats(
     grpc::CallbackServerContext* ctx, const v1::ResetRunningStatsRequest* req, v1::Model* resp) {
   auto call = std::make_shared<Call>(this, ctx, Rpc::kResetRunningStats);
   grpc::ServerUnaryReactor* reactor = call->reactor();
-  if (shutting_down_.load()) {
-    call->Finish(ShuttingDown());
-    return reactor;
-  }
+  if (call->FinishIfShuttingDown()) return reactor;
   RunOnModel(call, req->model(), Want::kExclusive, [this, resp](ModelEntry& e, Access) {
     e.model().ResetRunningStats();
     e.ReleaseAllRetained("released by ResetRunningStats (the statistics it used were reset)");
-    ++e.mutations;
-    if (Persistence* p = registry_->persistence()) p->OnMutation(e, Mutation::kReset);
+    RecordMutation(e, Mutation::kReset);
     e.Publish();
     e.ToWire(resp);
     spdlog::info("event=running_stats_reset model={} step={}", e.id(), e.model().step());
@@ -699,10 +666,7 @@ grpc::ServerUnaryReactor* TrainerService::UpdateOptimizer(grpc::CallbackServerCo
                                                           v1::Model* resp) {
   auto call = std::make_shared<Call>(this, ctx, Rpc::kUpdateOptimizer);
   grpc::ServerUnaryReactor* reactor = call->reactor();
-  if (shutting_down_.load()) {
-    call->Finish(ShuttingDown());
-    return reactor;
-  }
+  if (call->FinishIfShuttingDown()) return reactor;
   auto config = std::make_shared<OptimizerConfig>();
   Status s = req->has_optimizer()
                  ? OptimizerSpecToConfig(req->optimizer(), "optimizer", config.get())
@@ -715,8 +679,7 @@ grpc::ServerUnaryReactor* TrainerService::UpdateOptimizer(grpc::CallbackServerCo
              [this, req, resp, config](ModelEntry& e, Access) {
     NORMD_RETURN_IF_ERROR(e.model().UpdateOptimizer(*config));
     e.SetOptimizerSpec(req->optimizer());
-    ++e.mutations;
-    if (Persistence* p = registry_->persistence()) p->OnMutation(e, Mutation::kOptimizer);
+    RecordMutation(e, Mutation::kOptimizer);
     e.Publish();
     e.ToWire(resp);
     spdlog::info("event=optimizer_updated model={} optimizer=\"{}\" step={}", e.id(),
@@ -731,10 +694,7 @@ grpc::ServerUnaryReactor* TrainerService::SaveModel(grpc::CallbackServerContext*
                                                     v1::SaveModelResponse* resp) {
   auto call = std::make_shared<Call>(this, ctx, Rpc::kSaveModel);
   grpc::ServerUnaryReactor* reactor = call->reactor();
-  if (shutting_down_.load()) {
-    call->Finish(ShuttingDown());
-    return reactor;
-  }
+  if (call->FinishIfShuttingDown()) return reactor;
   std::shared_ptr<ModelEntry> entry;
   Status s = registry_->Find(req->model(), &entry);
   if (s.ok() && registry_->persistence() == nullptr) {

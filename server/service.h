@@ -26,6 +26,7 @@
 #include "normd/v1/normd.grpc.pb.h"
 #include "server/compute_pool.h"
 #include "server/metrics.h"
+#include "server/persistence.h"
 #include "server/registry.h"
 
 namespace normd::server {
@@ -107,6 +108,8 @@ class TrainerService final : public v1::Trainer::CallbackService {
   Status DecodeTrainStep(const ModelEntry& entry, const v1::TrainStepRequest& req,
                          DecodedTensor* input, DecodedTargets* targets) const;
   Status CheckBatch(const ModelEntry& entry, const ConstTensorView& x) const;
+  // Counts a change to the model (exclusive access held) and tells persistence what it was.
+  void RecordMutation(ModelEntry& entry, Mutation what);
 
   void AddStream(TrainStreamReactor* s);
   void RemoveStream(TrainStreamReactor* s);
