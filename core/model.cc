@@ -43,6 +43,14 @@ void Model::SetMode(bool training, bool freeze_running_stats) {
   frozen_ = freeze_running_stats;
 }
 
+ForwardContext Model::CurrentModeContext() {
+  ForwardContext ctx;
+  ctx.training = training_;
+  ctx.update_running_stats = training_ && !frozen_;
+  ctx.rng = &rng_;
+  return ctx;
+}
+
 Status Model::CheckInput(const ConstTensorView& x, bool training) const {
   ForwardContext ctx;
   ctx.training = training;
@@ -55,10 +63,7 @@ Status Model::CheckInput(const ConstTensorView& x, bool training) const {
 
 Status Model::Forward(const ConstTensorView& x, ForwardRecord* rec) {
   NORMD_RETURN_IF_ERROR(CheckInput(x, training_));
-  ForwardContext ctx;
-  ctx.training = training_;
-  ctx.update_running_stats = training_ && !frozen_;
-  ctx.rng = &rng_;
+  const ForwardContext ctx = CurrentModeContext();
   net_->Forward(x, ctx, rec);
   if (training_) rng_ = net_->CommitRunningStats(rec);
   rec->params_version = params_version_;
@@ -110,10 +115,7 @@ Status Model::TrainStep(const ConstTensorView& x, const Targets& targets, Forwar
   NORMD_RETURN_IF_ERROR(CheckInput(x, training_));
   NORMD_RETURN_IF_ERROR(
       ValidateTargets(config_.loss, net_->output_shape().WithBatch(x.rows()), targets));
-  ForwardContext ctx;
-  ctx.training = training_;
-  ctx.update_running_stats = training_ && !frozen_;
-  ctx.rng = &rng_;
+  const ForwardContext ctx = CurrentModeContext();
   net_->ZeroGrad();
   net_->Forward(x, ctx, rec);
   const double loss = ComputeLoss(config_.loss, rec->output().view(), targets, &loss_grad_);

@@ -126,6 +126,9 @@ class Model {
  private:
   Model() = default;
   void RecordStatus(const ForwardRecord& rec) const;
+  // The forward context of the model's mode: batch statistics and dropout in train mode,
+  // running-statistics updates unless frozen.
+  ForwardContext CurrentModeContext();
   // Every named slot: the net's state, then (with include_optimizer) the optimizer's.
   std::vector<StateSlot> Slots(bool include_optimizer);
 
