@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "server/convert.h"
+#include "server/security.h"
 #include "server/status_map.h"
 
 namespace normd::server {
@@ -41,10 +42,11 @@ class TrainerService::Call {
   grpc::ServerUnaryReactor* reactor() const { return reactor_; }
   bool cancelled() const { return ctx_->IsCancelled(); }
 
-  // Finishes the call with UNAVAILABLE when the server is shutting down; true when it did.
-  bool FinishIfShuttingDown() {
-    if (!service_->shutting_down_.load()) return false;
-    Finish(ShuttingDown());
+  // Finishes the call when it may not run (TrainerService::Admit); true when it did.
+  bool FinishIfRefused() {
+    const grpc::Status refused = service_->Admit(ctx_);
+    if (refused.ok()) return false;
+    FinishGrpc(refused);
     return true;
   }
 
@@ -74,8 +76,9 @@ class TrainStreamReactor : public grpc::ServerBidiReactor<v1::TrainStepRequest,
       : service_(service), ctx_(ctx), start_(Clock::now()) {
     service_->CallStarted();
     service_->AddStream(this);
-    if (service_->shutting_down_.load()) {
-      FinishOnce(ShuttingDown());
+    const grpc::Status refused = service_->Admit(ctx_);
+    if (!refused.ok()) {
+      FinishOnce(refused);
       return;
     }
     StartRead(&req_);
@@ -166,9 +169,9 @@ class TrainStreamReactor : public grpc::ServerBidiReactor<v1::TrainStepRequest,
     StartWrite(&resp_);
   }
 
-  void FinishOnce(const Status& s) {
+  void FinishOnce(const grpc::Status& s) {
     std::lock_guard<std::mutex> lock(mu_);
-    if (!finished_) FinishLocked(ToGrpcStatus(s));
+    if (!finished_) FinishLocked(s);
   }
   void FinishLocked(const grpc::Status& s) {
     finished_ = true;
@@ -189,8 +192,19 @@ class TrainStreamReactor : public grpc::ServerBidiReactor<v1::TrainStepRequest,
   grpc::StatusCode code_ = grpc::StatusCode::OK;  // GUARDED_BY(mu_) until OnDone
 };
 
-TrainerService::TrainerService(Registry* registry, Metrics* metrics, ComputePool* pool)
-    : registry_(registry), metrics_(metrics), pool_(pool) {}
+TrainerService::TrainerService(Registry* registry, Metrics* metrics, ComputePool* pool,
+                               const TokenAuthenticator* auth)
+    : registry_(registry), metrics_(metrics), pool_(pool), auth_(auth) {}
+
+grpc::Status TrainerService::Admit(const grpc::CallbackServerContext* ctx) const {
+  // The token first: a client without one learns nothing, not even that the server drains.
+  if (auth_ != nullptr) {
+    grpc::Status s = auth_->Check(ctx->client_metadata());
+    if (!s.ok()) return s;
+  }
+  if (shutting_down_.load()) return ToGrpcStatus(ShuttingDown());
+  return grpc::Status::OK;
+}
 
 void TrainerService::BeginShutdown() {
   shutting_down_.store(true);
@@ -305,7 +319,7 @@ grpc::ServerUnaryReactor* TrainerService::CreateModel(grpc::CallbackServerContex
                                                       v1::Model* resp) {
   auto call = std::make_shared<Call>(this, ctx, Rpc::kCreateModel);
   grpc::ServerUnaryReactor* reactor = call->reactor();
-  if (call->FinishIfShuttingDown()) return reactor;
+  if (call->FinishIfRefused()) return reactor;
   // Building allocates and initialises every parameter: pool work, not a gRPC thread's.
   pool_->Submit([this, call, req, resp] {
     if (call->cancelled()) {
@@ -329,7 +343,7 @@ grpc::ServerUnaryReactor* TrainerService::GetModel(grpc::CallbackServerContext* 
                                                    const v1::GetModelRequest* req,
                                                    v1::Model* resp) {
   auto call = std::make_shared<Call>(this, ctx, Rpc::kGetModel);
-  if (call->FinishIfShuttingDown()) return call->reactor();
+  if (call->FinishIfRefused()) return call->reactor();
   std::shared_ptr<ModelEntry> entry;
   Status s = registry_->Find(req->model(), &entry);
   if (s.ok()) entry->ToWire(resp);
@@ -343,7 +357,7 @@ grpc::ServerUnaryReactor* TrainerService::ListModels(grpc::CallbackServerContext
                                                      v1::ListModelsResponse* resp) {
   auto call = std::make_shared<Call>(this, ctx, Rpc::kListModels);
   grpc::ServerUnaryReactor* reactor = call->reactor();
-  if (call->FinishIfShuttingDown()) return reactor;
+  if (call->FinishIfRefused()) return reactor;
   for (const std::shared_ptr<ModelEntry>& e : registry_->List()) e->ToWire(resp->add_models());
   call->Finish(Status::Ok());
   return reactor;
@@ -354,7 +368,7 @@ grpc::ServerUnaryReactor* TrainerService::DeleteModel(grpc::CallbackServerContex
                                                       v1::DeleteModelResponse* /*resp*/) {
   auto call = std::make_shared<Call>(this, ctx, Rpc::kDeleteModel);
   grpc::ServerUnaryReactor* reactor = call->reactor();
-  if (call->FinishIfShuttingDown()) return reactor;
+  if (call->FinishIfRefused()) return reactor;
   RunOnModel(call, req->model(), Want::kExclusive, [this](ModelEntry& e, Access) {
     const uint64_t step = e.model().step();
     NORMD_RETURN_IF_ERROR(registry_->Remove(e));
@@ -370,7 +384,7 @@ grpc::ServerUnaryReactor* TrainerService::SetMode(grpc::CallbackServerContext* c
                                                   v1::Model* resp) {
   auto call = std::make_shared<Call>(this, ctx, Rpc::kSetMode);
   grpc::ServerUnaryReactor* reactor = call->reactor();
-  if (call->FinishIfShuttingDown()) return reactor;
+  if (call->FinishIfRefused()) return reactor;
   if (req->mode() != v1::MODE_TRAIN && req->mode() != v1::MODE_EVAL) {
     call->Finish(InvalidArgument("mode must be MODE_TRAIN or MODE_EVAL, got ",
                                  v1::Mode_Name(req->mode()).empty()
@@ -411,7 +425,7 @@ grpc::ServerUnaryReactor* TrainerService::Forward(grpc::CallbackServerContext* c
                                                   v1::ForwardResponse* resp) {
   auto call = std::make_shared<Call>(this, ctx, Rpc::kForward);
   grpc::ServerUnaryReactor* reactor = call->reactor();
-  if (call->FinishIfShuttingDown()) return reactor;
+  if (call->FinishIfRefused()) return reactor;
   auto input = std::make_shared<DecodedTensor>();
   Status s = req->has_input() ? DecodeTensor(req->input(), "input",
                                              registry_->limits().max_batch_elements, input.get())
@@ -468,7 +482,7 @@ grpc::ServerUnaryReactor* TrainerService::Backward(grpc::CallbackServerContext* 
                                                    v1::BackwardResponse* resp) {
   auto call = std::make_shared<Call>(this, ctx, Rpc::kBackward);
   grpc::ServerUnaryReactor* reactor = call->reactor();
-  if (call->FinishIfShuttingDown()) return reactor;
+  if (call->FinishIfRefused()) return reactor;
   auto grad = std::make_shared<DecodedTensor>();
   Status s = req->has_grad_output()
                  ? DecodeTensor(req->grad_output(), "grad_output",
@@ -511,7 +525,7 @@ grpc::ServerUnaryReactor* TrainerService::ApplyGradients(grpc::CallbackServerCon
                                                          v1::ApplyGradientsResponse* resp) {
   auto call = std::make_shared<Call>(this, ctx, Rpc::kApplyGradients);
   grpc::ServerUnaryReactor* reactor = call->reactor();
-  if (call->FinishIfShuttingDown()) return reactor;
+  if (call->FinishIfRefused()) return reactor;
   RunOnModel(call, req->model(), Want::kExclusive, [this, resp](ModelEntry& e, Access) {
     if (e.pending_backwards == 0) {
       return FailedPrecondition("model '", e.id(), "' has no accumulated gradients: run Backward "
@@ -540,7 +554,7 @@ grpc::ServerUnaryReactor* TrainerService::TrainStep(grpc::CallbackServerContext*
                                                     v1::TrainStepResponse* resp) {
   auto call = std::make_shared<Call>(this, ctx, Rpc::kTrainStep);
   grpc::ServerUnaryReactor* reactor = call->reactor();
-  if (call->FinishIfShuttingDown()) return reactor;
+  if (call->FinishIfRefused()) return reactor;
   std::shared_ptr<ModelEntry> entry;
   Status s = registry_->Find(req->model(), &entry);
   auto input = std::make_shared<DecodedTensor>();
@@ -567,7 +581,7 @@ grpc::ServerUnaryReactor* TrainerService::Evaluate(grpc::CallbackServerContext* 
                                                    v1::EvaluateResponse* resp) {
   auto call = std::make_shared<Call>(this, ctx, Rpc::kEvaluate);
   grpc::ServerUnaryReactor* reactor = call->reactor();
-  if (call->FinishIfShuttingDown()) return reactor;
+  if (call->FinishIfRefused()) return reactor;
   const int64_t limit = registry_->limits().max_batch_elements;
   auto input = std::make_shared<DecodedTensor>();
   auto targets = std::make_shared<DecodedTargets>();
@@ -610,7 +624,7 @@ grpc::ServerUnaryReactor* TrainerService::GetState(grpc::CallbackServerContext* 
                                                    v1::ModelState* resp) {
   auto call = std::make_shared<Call>(this, ctx, Rpc::kGetState);
   grpc::ServerUnaryReactor* reactor = call->reactor();
-  if (call->FinishIfShuttingDown()) return reactor;
+  if (call->FinishIfRefused()) return reactor;
   RunOnModel(call, req->model(), Want::kShared, [req, resp](ModelEntry& e, Access) {
     StateToWire(e.model().GetState(req->include_optimizer()), resp);
     return Status::Ok();
@@ -623,7 +637,7 @@ grpc::ServerUnaryReactor* TrainerService::SetState(grpc::CallbackServerContext* 
                                                    v1::Model* resp) {
   auto call = std::make_shared<Call>(this, ctx, Rpc::kSetState);
   grpc::ServerUnaryReactor* reactor = call->reactor();
-  if (call->FinishIfShuttingDown()) return reactor;
+  if (call->FinishIfRefused()) return reactor;
   auto entries = std::make_shared<std::vector<NamedTensor>>();
   Status s = StateFromWire(req->state(), registry_->limits().max_batch_elements, entries.get());
   if (!s.ok()) {
@@ -648,7 +662,7 @@ grpc::ServerUnaryReactor* TrainerService::ResetRunningStats(
     grpc::CallbackServerContext* ctx, const v1::ResetRunningStatsRequest* req, v1::Model* resp) {
   auto call = std::make_shared<Call>(this, ctx, Rpc::kResetRunningStats);
   grpc::ServerUnaryReactor* reactor = call->reactor();
-  if (call->FinishIfShuttingDown()) return reactor;
+  if (call->FinishIfRefused()) return reactor;
   RunOnModel(call, req->model(), Want::kExclusive, [this, resp](ModelEntry& e, Access) {
     e.model().ResetRunningStats();
     e.ReleaseAllRetained("released by ResetRunningStats (the statistics it used were reset)");
@@ -666,7 +680,7 @@ grpc::ServerUnaryReactor* TrainerService::UpdateOptimizer(grpc::CallbackServerCo
                                                           v1::Model* resp) {
   auto call = std::make_shared<Call>(this, ctx, Rpc::kUpdateOptimizer);
   grpc::ServerUnaryReactor* reactor = call->reactor();
-  if (call->FinishIfShuttingDown()) return reactor;
+  if (call->FinishIfRefused()) return reactor;
   auto config = std::make_shared<OptimizerConfig>();
   Status s = req->has_optimizer()
                  ? OptimizerSpecToConfig(req->optimizer(), "optimizer", config.get())
@@ -694,7 +708,7 @@ grpc::ServerUnaryReactor* TrainerService::SaveModel(grpc::CallbackServerContext*
                                                     v1::SaveModelResponse* resp) {
   auto call = std::make_shared<Call>(this, ctx, Rpc::kSaveModel);
   grpc::ServerUnaryReactor* reactor = call->reactor();
-  if (call->FinishIfShuttingDown()) return reactor;
+  if (call->FinishIfRefused()) return reactor;
   std::shared_ptr<ModelEntry> entry;
   Status s = registry_->Find(req->model(), &entry);
   if (s.ok() && registry_->persistence() == nullptr) {

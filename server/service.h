@@ -31,12 +31,15 @@
 
 namespace normd::server {
 
+class TokenAuthenticator;
 class TrainStreamReactor;
 
 class TrainerService final : public v1::Trainer::CallbackService {
  public:
-  // The pointers must outlive the service.
-  TrainerService(Registry* registry, Metrics* metrics, ComputePool* pool);
+  // The pointers must outlive the service. `auth` null: calls need no bearer token; otherwise
+  // every Trainer call without an accepted one ends UNAUTHENTICATED before anything runs.
+  TrainerService(Registry* registry, Metrics* metrics, ComputePool* pool,
+                 const TokenAuthenticator* auth = nullptr);
 
   // From now on new RPCs answer UNAVAILABLE and idle TrainStreams are finished (UNAVAILABLE);
   // requests already accepted run to completion.
@@ -111,6 +114,10 @@ class TrainerService final : public v1::Trainer::CallbackService {
   // Counts a change to the model (exclusive access held) and tells persistence what it was.
   void RecordMutation(ModelEntry& entry, Mutation what);
 
+  // Whether a new call may run: UNAUTHENTICATED without an accepted bearer token (auth on),
+  // then UNAVAILABLE while shutting down, else OK.
+  grpc::Status Admit(const grpc::CallbackServerContext* ctx) const;
+
   void AddStream(TrainStreamReactor* s);
   void RemoveStream(TrainStreamReactor* s);
   // Every unary call and stream counts from its start until it is finished.
@@ -120,6 +127,7 @@ class TrainerService final : public v1::Trainer::CallbackService {
   Registry* const registry_;
   Metrics* const metrics_;
   ComputePool* const pool_;
+  const TokenAuthenticator* const auth_;
   std::atomic<bool> shutting_down_{false};
 
   std::mutex streams_mu_;
