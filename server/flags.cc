@@ -43,6 +43,19 @@ Status CheckAddress(const std::string& value, const std::string& flag, bool allo
   return Status::Ok();
 }
 
+constexpr int kMaxConcurrentStreams = 1 << 20;
+constexpr int kMinMetadataBytes = 1024;
+constexpr int kMaxMetadataBytes = 1 << 20;
+// gRPC takes durations as int milliseconds: a little under 24 days.
+constexpr double kMaxDurationSeconds = 2'000'000;
+
+// A duration flag: from `min` to kMaxDurationSeconds seconds.
+Status CheckSeconds(double value, const char* flag, double min) {
+  if (value >= min && value <= kMaxDurationSeconds) return Status::Ok();  // false for NaN
+  return InvalidArgument(flag, " must be in [", min, ", ", static_cast<int64_t>(kMaxDurationSeconds),
+                         "] seconds, got ", value);
+}
+
 std::chrono::milliseconds Millis(double seconds) {
   return std::chrono::milliseconds(static_cast<int64_t>(std::llround(seconds * 1000.0)));
 }
@@ -115,6 +128,56 @@ int ParseFlags(int argc, char** argv, Flags* f) {
   app.add_option("--autosave-seconds", f->autosave_seconds,
                  "Save a model whose oldest unsaved change is this many seconds old (0: off)")
       ->envname("NORMD_AUTOSAVE_SECONDS")->capture_default_str()
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
+  app.add_option("--tls-cert", f->security.tls_cert,
+                 "PEM certificate chain: serve gRPC over TLS (needs --tls-key; empty: plaintext)")
+      ->envname("NORMD_TLS_CERT")->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
+  app.add_option("--tls-key", f->security.tls_key,
+                 "PEM private key of --tls-cert (unencrypted; keep it readable by normd only)")
+      ->envname("NORMD_TLS_KEY")->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
+  app.add_option("--tls-client-ca", f->security.tls_client_ca,
+                 "PEM CA certificates: mutual TLS, every client must present a certificate they "
+                 "signed (needs --tls-cert)")
+      ->envname("NORMD_TLS_CLIENT_CA")->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
+  app.add_option("--auth-token-file", f->security.auth_token_file,
+                 "File of accepted bearer tokens, one per line: every call but health needs "
+                 "metadata 'authorization: Bearer <token>'; turns reflection off")
+      ->envname("NORMD_AUTH_TOKEN_FILE")->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
+  app.add_option("--max-concurrent-streams", f->max_concurrent_streams,
+                 "HTTP/2 streams (calls) one connection may have open at once; more wait")
+      ->envname("NORMD_MAX_CONCURRENT_STREAMS")->capture_default_str()
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
+  app.add_option("--max-metadata-bytes", f->max_metadata_bytes,
+                 "Largest metadata (HTTP/2 header list) of one call, in bytes")
+      ->envname("NORMD_MAX_METADATA_BYTES")->capture_default_str()
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
+  app.add_option("--keepalive-min-time", f->keepalive_min_time,
+                 "Seconds a client must leave between keepalive pings; a client pinging faster "
+                 "is disconnected (GOAWAY too_many_pings) after 2 strikes")
+      ->envname("NORMD_KEEPALIVE_MIN_TIME")->capture_default_str()
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
+  app.add_option("--keepalive-time", f->keepalive_time,
+                 "Seconds between the server's pings on a quiet connection (0: no pings)")
+      ->envname("NORMD_KEEPALIVE_TIME")->capture_default_str()
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
+  app.add_option("--keepalive-timeout", f->keepalive_timeout,
+                 "Seconds the server waits for a ping's answer before closing the connection")
+      ->envname("NORMD_KEEPALIVE_TIMEOUT")->capture_default_str()
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
+  app.add_option("--max-connection-idle", f->max_connection_idle,
+                 "Seconds a connection may carry no call before the server closes it (0: no "
+                 "limit)")
+      ->envname("NORMD_MAX_CONNECTION_IDLE")->capture_default_str()
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
+  app.add_option("--max-connection-age", f->max_connection_age,
+                 "Seconds after which the server asks a client to reconnect (GOAWAY, +-10% "
+                 "jitter; 0: no limit)")
+      ->envname("NORMD_MAX_CONNECTION_AGE")->capture_default_str()
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
+  app.add_option("--max-connection-age-grace", f->max_connection_age_grace,
+                 "Seconds calls still open on an aged connection get to finish before they are "
+                 "cancelled (0: no limit, e.g. for long TrainStreams)")
+      ->envname("NORMD_MAX_CONNECTION_AGE_GRACE")->capture_default_str()
       ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   app.add_flag("--check-config", f->check_config,
                "Validate every flag and environment variable, print the configuration and exit "
@@ -200,7 +263,22 @@ Status ValidateFlags(const Flags& f) {
   if (!(f.drain_timeout >= 0) || f.drain_timeout > 3600) {
     return InvalidArgument("--drain-timeout must be in [0, 3600] seconds, got ", f.drain_timeout);
   }
-  return Status::Ok();
+  if (f.max_concurrent_streams < 1 || f.max_concurrent_streams > kMaxConcurrentStreams) {
+    return InvalidArgument("--max-concurrent-streams must be in [1, ", kMaxConcurrentStreams,
+                           "], got ", f.max_concurrent_streams);
+  }
+  if (f.max_metadata_bytes < kMinMetadataBytes || f.max_metadata_bytes > kMaxMetadataBytes) {
+    return InvalidArgument("--max-metadata-bytes must be in [", kMinMetadataBytes, ", ",
+                           kMaxMetadataBytes, "], got ", f.max_metadata_bytes);
+  }
+  NORMD_RETURN_IF_ERROR(CheckSeconds(f.keepalive_min_time, "--keepalive-min-time", 0.001));
+  NORMD_RETURN_IF_ERROR(CheckSeconds(f.keepalive_time, "--keepalive-time", 0));
+  NORMD_RETURN_IF_ERROR(CheckSeconds(f.keepalive_timeout, "--keepalive-timeout", 0.001));
+  NORMD_RETURN_IF_ERROR(CheckSeconds(f.max_connection_idle, "--max-connection-idle", 0));
+  NORMD_RETURN_IF_ERROR(CheckSeconds(f.max_connection_age, "--max-connection-age", 0));
+  NORMD_RETURN_IF_ERROR(
+      CheckSeconds(f.max_connection_age_grace, "--max-connection-age-grace", 0));
+  return ValidateSecurityFlags(f.security);
 }
 
 int AvailableCores() {
@@ -229,8 +307,39 @@ ServerOptions ToServerOptions(const Flags& f) {
   o.threads_per_task = std::max(1, cores / o.compute_threads);
   o.max_message_bytes = f.max_message_bytes;
   o.drain_timeout = Millis(f.drain_timeout);
+  o.max_concurrent_streams = f.max_concurrent_streams;
+  o.max_metadata_bytes = f.max_metadata_bytes;
+  o.keepalive_min_time = Millis(f.keepalive_min_time);
+  o.keepalive_time = Millis(f.keepalive_time);
+  o.keepalive_timeout = Millis(f.keepalive_timeout);
+  o.max_connection_idle = Millis(f.max_connection_idle);
+  o.max_connection_age = Millis(f.max_connection_age);
+  o.max_connection_age_grace = Millis(f.max_connection_age_grace);
   return o;
 }
+
+Status LoadSecurity(const Flags& f, ServerOptions* o) {
+  NORMD_RETURN_IF_ERROR(LoadServerCredentials(f.security, &o->credentials));
+  o->authenticator.reset();
+  if (!f.security.auth_token_file.empty()) {
+    std::unique_ptr<TokenAuthenticator> auth;
+    NORMD_RETURN_IF_ERROR(LoadTokenAuthenticator(f.security, &auth));
+    o->authenticator = std::move(auth);
+  }
+  return Status::Ok();
+}
+
+namespace {
+
+// "<seconds>s", or `zero` for 0.
+std::string Limit(double seconds, const char* zero) {
+  if (seconds == 0) return zero;
+  std::ostringstream os;
+  os << seconds << "s";
+  return os.str();
+}
+
+}  // namespace
 
 std::string DescribeFlags(const Flags& f) {
   std::ostringstream os;
@@ -253,7 +362,16 @@ std::string DescribeFlags(const Flags& f) {
      << "persistence=" << (f.in_memory ? "off (in memory)" : "checkpoints") << "\n"
      << "keep_checkpoints=" << f.keep_checkpoints << "\n"
      << "autosave_steps=" << f.autosave_steps << "\n"
-     << "autosave_seconds=" << f.autosave_seconds << "s\n";
+     << "autosave_seconds=" << f.autosave_seconds << "s\n"
+     << DescribeSecurity(f.security)
+     << "max_concurrent_streams=" << f.max_concurrent_streams << "\n"
+     << "max_metadata_bytes=" << f.max_metadata_bytes << "\n"
+     << "keepalive_min_time=" << f.keepalive_min_time << "s\n"
+     << "keepalive_time=" << Limit(f.keepalive_time, "off") << "\n"
+     << "keepalive_timeout=" << f.keepalive_timeout << "s\n"
+     << "max_connection_idle=" << Limit(f.max_connection_idle, "unlimited") << "\n"
+     << "max_connection_age=" << Limit(f.max_connection_age, "unlimited") << "\n"
+     << "max_connection_age_grace=" << Limit(f.max_connection_age_grace, "unlimited") << "\n";
   return os.str();
 }
 

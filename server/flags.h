@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "core/status.h"
+#include "server/security.h"
 #include "server/server.h"
 
 namespace normd::server {
@@ -34,6 +35,17 @@ struct Flags {
   int keep_checkpoints = 3;
   int64_t autosave_steps = 0;    // 0: no step trigger
   double autosave_seconds = 30;  // 0: no time trigger
+  // Security: TLS, mutual TLS, bearer tokens (server/security.h).
+  SecurityFlags security;
+  // HTTP/2 connection limits; durations in seconds, 0 = no limit (keepalive_time 0: no pings).
+  int max_concurrent_streams = 100;
+  int max_metadata_bytes = 8 << 10;
+  double keepalive_min_time = 30;
+  double keepalive_time = 120;
+  double keepalive_timeout = 20;
+  double max_connection_idle = 600;
+  double max_connection_age = 3600;
+  double max_connection_age_grace = 0;
   bool check_config = false;
 
   // Set by ParseFlags: NORMD_* environment variables that name no flag (a typo, or another
@@ -52,8 +64,14 @@ Status ValidateFlags(const Flags& flags);
 // Cores this process may run on (its CPU affinity), at least 1.
 int AvailableCores();
 
-// The server options the flags describe (compute_threads 0 resolved to AvailableCores()).
+// The server options the flags describe (compute_threads 0 resolved to AvailableCores()), without
+// the security objects, which LoadSecurity adds.
 ServerOptions ToServerOptions(const Flags& flags);
+
+// Reads the certificates and token file the flags name into options->credentials and
+// options->authenticator. REQUIRES: ValidateFlags(flags) is OK (the files may still have changed
+// since: INVALID_ARGUMENT naming the flag).
+Status LoadSecurity(const Flags& flags, ServerOptions* options);
 
 // One line per flag, "name=value", for the start-up log and --check-config.
 std::string DescribeFlags(const Flags& flags);

@@ -72,6 +72,23 @@ int main(int argc, char** argv) {
   signal(SIGPIPE, SIG_IGN);
 
   normd::server::ServerOptions options = normd::server::ToServerOptions(flags);
+  const normd::Status secured = normd::server::LoadSecurity(flags, &options);
+  if (!secured.ok()) {
+    spdlog::critical("event=start_failed error=\"{}\"", secured.message());
+    return 2;
+  }
+  const normd::server::SecurityFlags& sec = flags.security;
+  spdlog::info("event=security tls={} mtls={} auth={} tokens={} reflection={}",
+               sec.tls_cert.empty() ? "off" : "on", sec.tls_client_ca.empty() ? "off" : "on",
+               options.authenticator ? "bearer" : "off",
+               options.authenticator ? options.authenticator->size() : 0,
+               options.authenticator ? "off" : "on");
+  if (sec.tls_cert.empty() && flags.listen.rfind("127.", 0) != 0 &&
+      flags.listen.rfind("[::1]", 0) != 0 && flags.listen.rfind("localhost:", 0) != 0 &&
+      flags.listen.rfind("unix", 0) != 0) {
+    spdlog::warn("event=plaintext_exposed listen={} note=\"gRPC is served without TLS on a "
+                 "non-loopback address; see README, Security\"", flags.listen);
+  }
   // Checkpoints in --data-dir; declared before the server, which uses it until it stops.
   std::unique_ptr<normd::server::CheckpointPersistence> persistence;
   if (!flags.in_memory) {
@@ -91,8 +108,6 @@ int main(int argc, char** argv) {
     persistence = std::make_unique<normd::server::CheckpointPersistence>(popts);
     options.persistence = persistence.get();
   }
-  // TLS credentials and token interceptors plug in here through options.credentials and
-  // options.interceptors.
   normd::server::NormdServer server(std::move(options));
   const normd::Status started = server.Start();
   if (!started.ok()) {

@@ -7,6 +7,9 @@
 #include <openssl/x509.h>
 #include <unistd.h>
 
+#include <cassert>
+#include <cctype>
+#include <cerrno>
 #include <cstring>
 #include <fstream>
 #include <sstream>
@@ -106,8 +109,9 @@ bool StartsWithNoCase(std::string_view s, std::string_view prefix) {
 // table, so its UNIMPLEMENTED is left alone.
 class UndecodableRequestInterceptor : public grpc::experimental::Interceptor {
  public:
-  explicit UndecodableRequestInterceptor(const std::string* request_type)
-      : request_type_(request_type) {}
+  UndecodableRequestInterceptor(grpc::experimental::ServerRpcInfo* info,
+                                const std::string* request_type, const TokenAuthenticator* auth)
+      : info_(info), request_type_(request_type), auth_(auth) {}
 
   void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
     using grpc::experimental::InterceptionHookPoints;
@@ -115,28 +119,36 @@ class UndecodableRequestInterceptor : public grpc::experimental::Interceptor {
       const grpc::Status status = methods->GetSendStatus();
       if (status.error_code() == grpc::StatusCode::UNIMPLEMENTED &&
           status.error_message().empty()) {
-        methods->ModifySendStatus(grpc::Status(
-            grpc::StatusCode::INVALID_ARGUMENT,
-            StrCat("request does not parse as ", *request_type_,
-                   " (malformed protobuf bytes, or a message of another type)")));
+        grpc::Status refused = auth_ != nullptr
+                                   ? auth_->Check(info_->server_context()->client_metadata())
+                                   : grpc::Status::OK;
+        methods->ModifySendStatus(
+            !refused.ok() ? refused
+                          : grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                                         StrCat("request does not parse as ", *request_type_,
+                                                " (malformed protobuf bytes, or a message of "
+                                                "another type)")));
       }
     }
     methods->Proceed();
   }
 
  private:
+  grpc::experimental::ServerRpcInfo* const info_;
   const std::string* const request_type_;  // owned by the factory
+  const TokenAuthenticator* const auth_;
 };
 
 class UndecodableRequestInterceptorFactory
     : public grpc::experimental::ServerInterceptorFactoryInterface {
  public:
-  UndecodableRequestInterceptorFactory() {
+  explicit UndecodableRequestInterceptorFactory(const TokenAuthenticator* auth) : auth_(auth) {
     const google::protobuf::ServiceDescriptor* service =
         google::protobuf::DescriptorPool::generated_pool()->FindServiceByName(kTrainerService);
     assert(service != nullptr && "normd.v1.Trainer is linked into normd_server");
     for (int i = 0; i < service->method_count(); ++i) {
       const google::protobuf::MethodDescriptor* m = service->method(i);
+      if (m->client_streaming()) continue;  // see the header
       request_types_.emplace(StrCat("/", kTrainerService, "/", m->name()),
                              m->input_type()->full_name());
     }
@@ -146,10 +158,11 @@ class UndecodableRequestInterceptorFactory
       grpc::experimental::ServerRpcInfo* info) override {
     auto it = request_types_.find(info->method());
     if (it == request_types_.end()) return nullptr;  // health, reflection, unknown methods
-    return new UndecodableRequestInterceptor(&it->second);
+    return new UndecodableRequestInterceptor(info, &it->second, auth_);
   }
 
  private:
+  const TokenAuthenticator* const auth_;
   std::unordered_map<std::string, std::string> request_types_;  // method path -> request type
 };
 
@@ -304,8 +317,8 @@ Status LoadServerCredentials(const SecurityFlags& f,
 }
 
 std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>
-MakeUndecodableRequestInterceptorFactory() {
-  return std::make_unique<UndecodableRequestInterceptorFactory>();
+MakeUndecodableRequestInterceptorFactory(const TokenAuthenticator* auth) {
+  return std::make_unique<UndecodableRequestInterceptorFactory>(auth);
 }
 
 }  // namespace normd::server

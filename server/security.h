@@ -90,9 +90,11 @@ Status LoadServerCredentials(const SecurityFlags& flags,
 
 // A server interceptor for the normd.v1.Trainer service: a call that gRPC's callback layer
 // refused because its request bytes do not parse ends with INVALID_ARGUMENT "request does not
-// parse as normd.v1.<Type>" instead of gRPC's bare UNIMPLEMENTED.
+// parse as normd.v1.<Type> ..." instead of gRPC's bare UNIMPLEMENTED; with `auth` (not owned,
+// may be null) a caller without an accepted token gets UNAUTHENTICATED instead, as for any call.
+// Unary methods only: TrainStream's reads see an undecodable message as the end of the stream.
 std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>
-MakeUndecodableRequestInterceptorFactory();
+MakeUndecodableRequestInterceptorFactory(const TokenAuthenticator* auth);
 
 }  // namespace normd::server
 

@@ -2,9 +2,11 @@
 
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/impl/server_builder_option.h>
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <limits>
 
 #ifndef NORMD_VERSION
 #define NORMD_VERSION "unknown"
@@ -14,6 +16,26 @@ namespace normd::server {
 namespace {
 
 constexpr char kTrainerService[] = "normd.v1.Trainer";
+
+// Takes the reflection plugin (registered process-wide by InitProtoReflectionServerBuilderPlugin)
+// off one builder: with bearer tokens on, reflection would be a service anyone may call.
+class WithoutReflection : public grpc::ServerBuilderOption {
+ public:
+  void UpdateArguments(grpc::ChannelArguments* /*args*/) override {}
+  void UpdatePlugins(std::vector<std::unique_ptr<grpc::ServerBuilderPlugin>>* plugins) override {
+    plugins->erase(std::remove_if(plugins->begin(), plugins->end(),
+                                  [](const std::unique_ptr<grpc::ServerBuilderPlugin>& p) {
+                                    return p->name() == "proto_server_reflection";
+                                  }),
+                   plugins->end());
+  }
+};
+
+// A duration as a gRPC int milliseconds argument; zero (no limit) is INT_MAX, gRPC's infinity.
+int MillisArg(std::chrono::milliseconds ms) {
+  constexpr int64_t kInfinite = std::numeric_limits<int>::max();
+  return static_cast<int>(ms.count() <= 0 ? kInfinite : std::min<int64_t>(ms.count(), kInfinite));
+}
 
 }  // namespace
 
@@ -36,10 +58,12 @@ Status NormdServer::Start() {
   }
   if (!options_.metrics.empty()) NORMD_RETURN_IF_ERROR(metrics_->Serve(options_.metrics));
 
-  service_ = std::make_unique<TrainerService>(registry_.get(), metrics_.get(), pool_.get());
+  const TokenAuthenticator* auth = options_.authenticator.get();
+  service_ = std::make_unique<TrainerService>(registry_.get(), metrics_.get(), pool_.get(), auth);
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
+  if (auth != nullptr) builder.SetOption(std::make_unique<WithoutReflection>());
   std::shared_ptr<grpc::ServerCredentials> creds =
       options_.credentials != nullptr ? options_.credentials : grpc::InsecureServerCredentials();
   builder.AddListeningPort(options_.listen, creds, &grpc_port_);
@@ -49,11 +73,24 @@ Status NormdServer::Start() {
   builder.SetMaxReceiveMessageSize(max_bytes);
   builder.SetMaxSendMessageSize(max_bytes);
   builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, options_.max_concurrent_streams);
+  builder.AddChannelArgument(GRPC_ARG_MAX_METADATA_SIZE, options_.max_metadata_bytes);
+  // Pings are judged by one rule whether calls are in flight or not (gRPC's default for an idle
+  // connection is one ping per two hours); the server's own pings find dead peers.
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
+                             MillisArg(options_.keepalive_min_time));
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PING_STRIKES, ServerOptions::kMaxPingStrikes);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, MillisArg(options_.keepalive_time));
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, MillisArg(options_.keepalive_timeout));
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_IDLE_MS,
+                             MillisArg(options_.max_connection_idle));
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_MS, MillisArg(options_.max_connection_age));
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS,
+                             MillisArg(options_.max_connection_age_grace));
   // gRPC sets SO_REUSEPORT by default: a second normd on the same port would silently share it.
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
-  if (!options_.interceptors.empty()) {
-    builder.experimental().SetInterceptorCreators(std::move(options_.interceptors));
-  }
+  options_.interceptors.push_back(MakeUndecodableRequestInterceptorFactory(auth));
+  builder.experimental().SetInterceptorCreators(std::move(options_.interceptors));
   server_ = builder.BuildAndStart();
   if (server_ == nullptr || grpc_port_ == 0) {
     server_.reset();
@@ -66,11 +103,14 @@ Status NormdServer::Start() {
   health->SetServingStatus(kTrainerService, true);
   serving_ = true;
   spdlog::info("event=serving version={} listen={} grpc_port={} metrics={} metrics_port={} "
-               "compute_threads={} threads_per_task={} max_models={} models={}",
+               "compute_threads={} threads_per_task={} max_models={} models={} tls={} auth={} "
+               "reflection={}",
                Version(), options_.listen, grpc_port_,
                options_.metrics.empty() ? "off" : options_.metrics, metrics_->port(),
                pool_->threads(), std::max(1, options_.threads_per_task),
-               options_.limits.max_models, registry_->size());
+               options_.limits.max_models, registry_->size(),
+               options_.credentials != nullptr ? "on" : "off", auth != nullptr ? "bearer" : "off",
+               auth != nullptr ? "off" : "on");
   return Status::Ok();
 }
 

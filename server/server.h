@@ -6,8 +6,10 @@
 // RPCs drained for at most drain_timeout (then cancelled), compute finished, and the
 // persistence layer's OnShutdown (save what changed).
 //
-// Seams for the reliability work: `credentials` (TLS / mutual TLS) and `interceptors` (bearer
-// tokens) are passed to the gRPC builder as given; `persistence` receives the registry's hooks.
+// Security (server/security.h): `credentials` (TLS / mutual TLS) go to the listening port as
+// given; with an `authenticator` every Trainer call needs a bearer token and reflection is not
+// served; health stays open. The HTTP/2 connection limits below become gRPC channel arguments.
+// `persistence` receives the registry's hooks.
 //
 // Thread safety: Start and Shutdown are called once each, from one thread.
 #ifndef NORMD_SERVER_SERVER_H_
@@ -26,6 +28,7 @@
 #include "server/metrics.h"
 #include "server/persistence.h"
 #include "server/registry.h"
+#include "server/security.h"
 #include "server/service.h"
 
 namespace normd::server {
@@ -41,11 +44,26 @@ struct ServerOptions {
   // Cores one request's compute may use (matrix products); compute_threads x this <= cores.
   int threads_per_task = 1;
   int64_t max_message_bytes = int64_t{64} << 20;
-  int max_concurrent_streams = 256;  // HTTP/2 streams per connection
   std::chrono::milliseconds drain_timeout{std::chrono::seconds(10)};
+
+  // HTTP/2 connection limits (see `normd --help`). A zero duration means no limit, except
+  // keepalive_time, where zero means the server sends no keepalive pings.
+  int max_concurrent_streams = 100;  // streams open at once per connection
+  int max_metadata_bytes = 8 << 10;  // request header list (metadata) per call
+  // A client pinging more often than this (with or without calls in flight) gets a strike;
+  // after kMaxPingStrikes the connection ends with GOAWAY ENHANCE_YOUR_CALM "too_many_pings".
+  std::chrono::milliseconds keepalive_min_time{std::chrono::seconds(30)};
+  std::chrono::milliseconds keepalive_time{std::chrono::minutes(2)};    // server pings
+  std::chrono::milliseconds keepalive_timeout{std::chrono::seconds(20)};  // unanswered: closed
+  std::chrono::milliseconds max_connection_idle{std::chrono::minutes(10)};
+  std::chrono::milliseconds max_connection_age{std::chrono::hours(1)};
+  std::chrono::milliseconds max_connection_age_grace{0};
+  static constexpr int kMaxPingStrikes = 2;
 
   // Null: plaintext.
   std::shared_ptr<grpc::ServerCredentials> credentials;
+  // Null: no bearer token needed.
+  std::shared_ptr<const TokenAuthenticator> authenticator;
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>>
       interceptors;
   // Not owned; null: models in memory only.
