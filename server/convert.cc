@@ -371,7 +371,8 @@ void EncodeTensor(const float* data, const Shape& shape, bool raw, v1::Tensor* o
     std::string* bytes = out->mutable_raw();
     bytes->resize(n * sizeof(float));
     if (kHostLittleEndian) {
-      std::memcpy(bytes->data(), data, n * sizeof(float));
+      // An empty tensor may come with null pointers, which memcpy must not get even for 0 bytes.
+      if (n > 0) std::memcpy(bytes->data(), data, n * sizeof(float));
     } else {
       for (int64_t i = 0; i < n; ++i) {
         uint32_t u;
@@ -382,7 +383,7 @@ void EncodeTensor(const float* data, const Shape& shape, bool raw, v1::Tensor* o
   } else {
     google::protobuf::RepeatedField<float>* values = out->mutable_values();
     values->Resize(static_cast<int>(n), 0.0f);
-    std::memcpy(values->mutable_data(), data, n * sizeof(float));
+    if (n > 0) std::memcpy(values->mutable_data(), data, n * sizeof(float));
   }
 }
 
