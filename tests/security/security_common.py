@@ -92,9 +92,11 @@ class Normd:
         cmd = [env_path("NORMD_BIN"), "--listen", "127.0.0.1:0", "--in-memory",
                "--metrics", "127.0.0.1:0" if self.metrics else "", "--port-file", port_file,
                "--compute-threads", "1"] + self.args
+        # The test's own NORMD_* variables (NORMD_BIN, ...) are not normd settings.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NORMD_")}
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL)
+                                         stdin=subprocess.DEVNULL, env=env)
         deadline = time.monotonic() + 20
         ports = {}
         while "grpc" not in ports:
