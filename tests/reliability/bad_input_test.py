@@ -384,14 +384,12 @@ def run_cases(b: Battery, raw: RawTrainer):
                "TrainStep": b"\x0f\x01\x02\x03",
                "SetState": b"\xff" * 16}
     for method, junk in garbage.items():
-        # KNOWN GAP (reliability issue, open): gRPC 1.51's callback API answers a request it
-        # cannot decode with UNIMPLEMENTED and an empty message before normd's handler runs
-        # (grpcpp/impl/codegen/server_callback_handlers.h). The right answer would be
-        # INVALID_ARGUMENT saying the request did not parse, which needs raw-bytes handlers in
-        # the service. This pins today's behaviour so a change is noticed; that the server
-        # stays healthy and every model unchanged is asserted after the battery as for all cases.
-        b.expect(f"unparsable bytes: {method}", method, junk, C.UNIMPLEMENTED, [],
-                 allow_empty=True)
+        # gRPC 1.51's callback API refuses a request it cannot decode before normd's handler
+        # runs (UNIMPLEMENTED, empty message); normd's interceptor (server/security.h) turns that
+        # into INVALID_ARGUMENT naming the request type. That the server stays healthy and every
+        # model unchanged is asserted after the battery as for all cases.
+        b.expect(f"unparsable bytes: {method}", method, junk, IA,
+                 [f"does not parse as normd.v1.{method}Request"])
     # ---- oversize messages (server started with --max-message-bytes 1 MiB)
     big = MAX_MESSAGE_BYTES // 4 + 1024
     b.expect("oversize: Forward over --max-message-bytes", "Forward",
