@@ -5,7 +5,7 @@ set -euo pipefail
 
 build_pkgs=(build-essential cmake pkg-config libeigen3-dev libgrpc++-dev libprotobuf-dev
   protobuf-compiler protobuf-compiler-grpc prometheus-cpp-dev libgtest-dev libgmock-dev
-  libbenchmark-dev libcli11-dev libspdlog-dev libcurl4-openssl-dev libopenblas-dev)
+  libbenchmark-dev libcli11-dev libspdlog-dev libcurl4-openssl-dev libopenblas-dev libssl-dev)
 test_pkgs=(python3-torch python3-numpy python3-grpcio python3-protobuf python3-sklearn
   libopenblas0-pthread prometheus openssl curl clang libclang-rt-14-dev python3-yaml
   docker-compose)
