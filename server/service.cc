@@ -3,6 +3,7 @@
 #include <spdlog/spdlog.h>
 
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <utility>
 
@@ -29,12 +30,28 @@ const char* ModeName(bool training) { return training ? "train" : "eval"; }
 
 }  // namespace
 
+// A unary call's reactor. The call counts as in flight (TrainerService::WaitIdle) until gRPC is
+// done with it, its status sent, not merely until Finish was called: a shutdown that cancelled
+// every call right after the last Finish could turn an answer on its way into CANCELLED.
+class UnaryReactor final : public grpc::ServerUnaryReactor {
+ public:
+  explicit UnaryReactor(std::function<void()> on_done) : on_done_(std::move(on_done)) {}
+  void OnDone() override {
+    on_done_();
+    delete this;
+  }
+
+ private:
+  const std::function<void()> on_done_;
+};
+
 // One unary RPC in flight: its reactor, its clock, and the single place that finishes it and
 // records its metrics. Shared by the handler and the task that completes it.
 class TrainerService::Call {
  public:
   Call(TrainerService* service, grpc::CallbackServerContext* ctx, Rpc rpc)
-      : service_(service), ctx_(ctx), rpc_(rpc), reactor_(ctx->DefaultReactor()),
+      : service_(service), ctx_(ctx), rpc_(rpc),
+        reactor_(new UnaryReactor([service] { service->CallFinished(); })),
         start_(Clock::now()) {
     service_->CallStarted();
   }
@@ -55,7 +72,6 @@ class TrainerService::Call {
     const double seconds = std::chrono::duration<double>(Clock::now() - start_).count();
     service_->metrics_->RecordRpc(rpc_, status.error_code(), seconds);
     reactor_->Finish(status);
-    service_->CallFinished();
   }
 
  private:
@@ -119,6 +135,7 @@ class TrainStreamReactor : public grpc::ServerBidiReactor<v1::TrainStepRequest,
     // After RemoveStream no shutdown sweep can reach this reactor, and once mu_ has been taken
     // no thread that finished it is still inside one of its methods.
     service_->RemoveStream(this);
+    service_->CallFinished();  // only now: the status has been sent (see UnaryReactor)
     grpc::StatusCode code;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -177,7 +194,6 @@ class TrainStreamReactor : public grpc::ServerBidiReactor<v1::TrainStepRequest,
     finished_ = true;
     code_ = s.error_code();
     Finish(s);
-    service_->CallFinished();
   }
 
   TrainerService* const service_;
