@@ -82,9 +82,20 @@ class TrainerService::Call {
   const Clock::time_point start_;
 };
 
-// TrainStream: reads one TrainStepRequest, runs it on the model's queue, writes its response,
-// then reads the next, so answers come in order; the first error finishes the stream with its
-// status. The reactor deletes itself in OnDone.
+// TrainStream: answers each message in order and ends the stream with the first error.
+//
+// The reactor reads ahead: while message k computes, message k+1 is read and decoded on a gRPC
+// thread, so the transfer and parse of the next batch overlap the current step. Steps still run
+// one at a time, strictly in order: message k+1 is queued on its model only once message k has
+// succeeded (from the end of k's task), so a failed message stops every later one from running
+// exactly as if nothing had been read ahead, whichever models they name. At most kDepth messages
+// are held (read, waiting, running or having their response written); each owns one slot, so
+// the decoded views of a message stay valid until its response has been written.
+//
+// Messages are numbered in arrival order; [written_, read_) are held, of which [ran_, read_)
+// have not finished computing and [written_, ran_) have a response to write. The stream
+// finishes only when no task is running, so no pool thread can touch the reactor after OnDone.
+// The reactor deletes itself in OnDone.
 class TrainStreamReactor : public grpc::ServerBidiReactor<v1::TrainStepRequest,
                                                           v1::TrainStepResponse> {
  public:
@@ -92,43 +103,53 @@ class TrainStreamReactor : public grpc::ServerBidiReactor<v1::TrainStepRequest,
       : service_(service), ctx_(ctx), start_(Clock::now()) {
     service_->CallStarted();
     service_->AddStream(this);
+    std::lock_guard<std::mutex> lock(mu_);
     const grpc::Status refused = service_->Admit(ctx_);
     if (!refused.ok()) {
-      FinishOnce(refused);
+      FinishLocked(refused);
       return;
     }
-    StartRead(&req_);
+    AdvanceLocked();
   }
 
   void OnReadDone(bool ok) override {
+    Slot* slot;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      if (finished_) return;
+      reading_ = false;
       if (!ok) {
-        // The client half-closed (every message is answered) or the call was cancelled.
-        FinishLocked(ctx_->IsCancelled()
-                         ? grpc::Status(grpc::StatusCode::CANCELLED, "the stream was cancelled")
-                         : grpc::Status::OK);
+        // The client half-closed (answer what is held, then finish) or the call was cancelled.
+        read_closed_ = true;
+        AdvanceLocked();
         return;
       }
-      busy_ = true;
+      if (finished_) return;
+      decoding_ = true;
+      slot = &SlotOf(read_);
     }
-    Process();
+    // Decoding needs no lock: the slot belongs to this message until read_ moves past it, and
+    // decoding_ keeps another read out of it and the stream from finishing meanwhile.
+    std::shared_ptr<ModelEntry> entry;
+    Status s = service_->registry_->Find(slot->req.model(), &entry);
+    if (s.ok()) s = service_->DecodeTrainStep(*entry, slot->req, &slot->input, &slot->targets);
+    slot->entry = s.ok() ? std::move(entry) : nullptr;
+    slot->decoded = s;
+    std::lock_guard<std::mutex> lock(mu_);
+    decoding_ = false;
+    ++read_;
+    AdvanceLocked();
   }
 
   void OnWriteDone(bool ok) override {
     std::lock_guard<std::mutex> lock(mu_);
-    busy_ = false;
-    if (finished_) return;
+    writing_ = false;
     if (!ok) {
-      FinishLocked(grpc::Status(grpc::StatusCode::CANCELLED, "the stream was cancelled"));
-      return;
+      write_failed_ = true;  // the client went away: nothing more can be answered
+    } else {
+      SlotOf(written_).Clear();
+      ++written_;
     }
-    if (service_->shutting_down_.load()) {
-      FinishLocked(ToGrpcStatus(ShuttingDown()));
-      return;
-    }
-    StartRead(&req_);
+    AdvanceLocked();
   }
 
   void OnDone() override {
@@ -146,50 +167,105 @@ class TrainStreamReactor : public grpc::ServerBidiReactor<v1::TrainStepRequest,
     delete this;
   }
 
-  // At shutdown: a stream waiting for its client's next message ends now (UNAVAILABLE); a
-  // stream with a step in progress ends after answering it.
+  // At shutdown: no further message is read; a stream with nothing held ends now (UNAVAILABLE),
+  // one with messages held ends after answering them.
   void FinishIfIdle() {
     std::lock_guard<std::mutex> lock(mu_);
-    if (!busy_ && !finished_) FinishLocked(ToGrpcStatus(ShuttingDown()));
+    AdvanceLocked();
   }
 
  private:
-  void Process() {
-    auto input = std::make_shared<DecodedTensor>();
-    auto targets = std::make_shared<DecodedTargets>();
+  static constexpr uint64_t kDepth = 2;
+
+  struct Slot {
+    v1::TrainStepRequest req;
+    v1::TrainStepResponse resp;
+    DecodedTensor input;  // views into req
+    DecodedTargets targets;
     std::shared_ptr<ModelEntry> entry;
-    Status s = service_->registry_->Find(req_.model(), &entry);
-    if (s.ok()) s = service_->DecodeTrainStep(*entry, req_, input.get(), targets.get());
+    Status decoded;  // Find and DecodeTrainStep's verdict
+
+    void Clear() {
+      entry.reset();
+      resp.Clear();
+    }
+  };
+
+  Slot& SlotOf(uint64_t message) { return slots_[message % kDepth]; }
+
+  // Makes every move the state allows: run the next step, write the next response, read the
+  // next message, or finish. Called after every change of the state.
+  void AdvanceLocked() {
+    if (finished_) return;
+    if (!running_ && !failed_ && !write_failed_ && ran_ < read_) StartStepLocked();
+    if (!writing_ && !write_failed_ && written_ < ran_) {
+      writing_ = true;
+      StartWrite(&SlotOf(written_).resp);
+    }
+    if (!failed_ && !write_failed_ && !service_->shutting_down_.load()) StartReadLocked();
+    if (running_ || writing_ || decoding_) return;
+    // Nothing in progress, so every held message has been answered: is the stream over?
+    if (write_failed_) {
+      FinishLocked(grpc::Status(grpc::StatusCode::CANCELLED, "the stream was cancelled"));
+    } else if (failed_) {
+      FinishLocked(failure_);
+    } else if (read_closed_) {
+      FinishLocked(ctx_->IsCancelled()
+                       ? grpc::Status(grpc::StatusCode::CANCELLED, "the stream was cancelled")
+                       : grpc::Status::OK);
+    } else if (service_->shutting_down_.load()) {
+      FinishLocked(ToGrpcStatus(ShuttingDown()));
+    }
+  }
+
+  // Called also while a step runs or a response is written: that is the read-ahead.
+  void StartReadLocked() {
+    if (reading_ || decoding_ || read_closed_ || read_ - written_ >= kDepth) return;
+    reading_ = true;
+    StartRead(&SlotOf(read_).req);
+  }
+
+  // Queues message ran_ on its model. REQUIRES: !running_, ran_ < read_.
+  void StartStepLocked() {
+    Slot& slot = SlotOf(ran_);
+    if (ctx_->IsCancelled()) {
+      // The client is gone: the message was read ahead but is not run, as a unary call that
+      // was cancelled while it waited.
+      return Fail(grpc::Status(grpc::StatusCode::CANCELLED, "the stream was cancelled"));
+    }
+    Status s = slot.decoded;
     if (s.ok()) {
-      s = entry->Schedule(entry, Want::kExclusive, [this, entry, input, targets](Access) {
+      std::shared_ptr<ModelEntry> entry = slot.entry;
+      s = entry->Schedule(entry, Want::kExclusive, [this, &slot, entry](Access) {
         Status st;
         {
           std::unique_lock<std::shared_mutex> lock(entry->mu());
           st = entry->deleted()
                    ? Deleted(*entry)
-                   : service_->DoTrainStep(*entry, req_, *input, *targets, &resp_);
+                   : service_->DoTrainStep(*entry, slot.req, slot.input, slot.targets, &slot.resp);
         }
-        Respond(st);
+        std::lock_guard<std::mutex> lock(mu_);
+        running_ = false;
+        if (st.ok()) {
+          ++ran_;
+        } else {
+          Fail(ToGrpcStatus(st));
+        }
+        AdvanceLocked();
       });
     }
-    if (!s.ok()) Respond(s);
-  }
-
-  void Respond(const Status& s) {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (finished_) return;
-    if (!s.ok()) {
-      busy_ = false;
-      FinishLocked(ToGrpcStatus(s));
-      return;
+    if (s.ok()) {
+      running_ = true;
+    } else {
+      Fail(ToGrpcStatus(s));
     }
-    StartWrite(&resp_);
   }
 
-  void FinishOnce(const grpc::Status& s) {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (!finished_) FinishLocked(s);
+  void Fail(const grpc::Status& s) {
+    failed_ = true;
+    failure_ = s;
   }
+
   void FinishLocked(const grpc::Status& s) {
     finished_ = true;
     code_ = s.error_code();
@@ -199,12 +275,21 @@ class TrainStreamReactor : public grpc::ServerBidiReactor<v1::TrainStepRequest,
   TrainerService* const service_;
   grpc::CallbackServerContext* const ctx_;
   const Clock::time_point start_;
-  v1::TrainStepRequest req_;
-  v1::TrainStepResponse resp_;
 
   std::mutex mu_;
-  bool busy_ = false;      // GUARDED_BY(mu_): a message is being processed or written
-  bool finished_ = false;  // GUARDED_BY(mu_)
+  Slot slots_[kDepth];      // GUARDED_BY(mu_), except a slot's fields while its owner decodes it
+  uint64_t read_ = 0;       // GUARDED_BY(mu_): messages received
+  uint64_t ran_ = 0;        // GUARDED_BY(mu_): messages computed successfully
+  uint64_t written_ = 0;    // GUARDED_BY(mu_): responses written
+  bool reading_ = false;    // GUARDED_BY(mu_): a read is outstanding
+  bool decoding_ = false;   // GUARDED_BY(mu_): message read_ arrived and is being decoded
+  bool running_ = false;    // GUARDED_BY(mu_): message ran_ is queued or computing
+  bool writing_ = false;    // GUARDED_BY(mu_): response written_ is being written
+  bool read_closed_ = false;   // GUARDED_BY(mu_): no more messages (half-close or cancel)
+  bool failed_ = false;        // GUARDED_BY(mu_): message ran_ failed with failure_
+  bool write_failed_ = false;  // GUARDED_BY(mu_)
+  grpc::Status failure_;       // GUARDED_BY(mu_)
+  bool finished_ = false;      // GUARDED_BY(mu_)
   grpc::StatusCode code_ = grpc::StatusCode::OK;  // GUARDED_BY(mu_) until OnDone
 };
 
