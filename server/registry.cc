@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <limits>
 #include <random>
 
 namespace normd::server {
@@ -35,6 +36,21 @@ int64_t MaxSampleElements(const Sequential& net) {
   return m;
 }
 
+int64_t ForwardCostPerSample(const Sequential& net) {
+  int64_t cost = 0;
+  for (int i = 0; i < net.num_layers(); ++i) {
+    const Shape& out = net.layer_output_shape(i);
+    const int64_t elements = out.NumElements();
+    // A layer applies its parameters at most once per position of its output's trailing
+    // (spatial) dimensions: exact for Linear, an upper bound for Conv2d and the norms.
+    const int64_t positions = out.rank() > 1 && out[0] > 0 ? elements / out[0] : 1;
+    const int64_t layer = SaturatingMul(net.layer(i).NumParameters(), positions);
+    const int64_t max = std::numeric_limits<int64_t>::max();
+    cost = layer > max - cost - elements ? max : cost + layer + elements;
+  }
+  return cost;
+}
+
 }  // namespace
 
 Status ValidateModelId(const std::string& id, const std::string& field) {
@@ -63,6 +79,7 @@ ModelEntry::ModelEntry(std::string id, v1::ModelSpec spec, std::unique_ptr<Model
       model_(std::move(model)),
       metrics_(std::move(metrics)) {
   max_sample_elements_ = MaxSampleElements(model_->net());
+  forward_cost_per_sample_ = ForwardCostPerSample(model_->net());
   training_ = model_->training();
   summary_ = SummarizeModel(*model_);
   summary_spec_ = spec_;
@@ -84,14 +101,40 @@ Status ModelEntry::Schedule(const std::shared_ptr<ModelEntry>& self, Want want,
   return Status::Ok();
 }
 
+bool ModelEntry::TryRunInline(const std::shared_ptr<ModelEntry>& self, Want want,
+                              const std::function<void(Access)>& task) {
+  Access access;
+  {
+    std::lock_guard<std::mutex> lock(sched_mu_);
+    const int in_flight = running_shared_ + (running_exclusive_ ? 1 : 0);
+    // Anything queued runs first (FIFO); at the limit, Schedule answers RESOURCE_EXHAUSTED.
+    if (!queue_.empty() || in_flight >= limits_.max_queued_per_model) return false;
+    access = AccessFor(want);
+    if (running_exclusive_ || (access == Access::kExclusive && running_shared_ > 0)) {
+      return false;
+    }
+    if (access == Access::kExclusive) {
+      running_exclusive_ = true;
+    } else {
+      ++running_shared_;
+    }
+  }
+  task(access);
+  Done(self, access);
+  return true;
+}
+
+ModelEntry::Access ModelEntry::AccessFor(Want want) const {
+  return want == Want::kExclusive ||
+                 (want == Want::kByMode && training_.load(std::memory_order_acquire))
+             ? Access::kExclusive
+             : Access::kShared;
+}
+
 void ModelEntry::DispatchLocked(const std::shared_ptr<ModelEntry>& self) {
   while (!queue_.empty()) {
     Queued& front = queue_.front();
-    Access access = Access::kShared;
-    if (front.want == Want::kExclusive ||
-        (front.want == Want::kByMode && training_.load(std::memory_order_acquire))) {
-      access = Access::kExclusive;
-    }
+    const Access access = AccessFor(front.want);
     // Strict FIFO: a waiting exclusive task holds back the shared ones behind it, so a writer
     // is never starved by a stream of readers.
     if (running_exclusive_) return;

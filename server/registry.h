@@ -89,6 +89,9 @@ class ModelEntry {
 
   // Immutable after construction.
   int64_t max_sample_elements() const { return max_sample_elements_; }
+  // An upper bound of the multiply-adds of one sample's forward (parameters times the spatial
+  // positions they are applied at, plus every output element), to tell tiny requests apart.
+  int64_t forward_cost_per_sample() const { return forward_cost_per_sample_; }
 
   // --- Scheduling ----------------------------------------------------------------------------
   // Queues `task` behind this model's earlier work; it runs on the pool once `want` is free
@@ -97,6 +100,11 @@ class ModelEntry {
   // `self` keeps the entry alive until the task has run. REQUIRES: self.get() == this.
   Status Schedule(const std::shared_ptr<ModelEntry>& self, Want want,
                   std::function<void(Access)> task);
+  // Runs `task` at once on the calling thread when Schedule would hand it to the pool right
+  // away: nothing is queued, `want` is free and the queue limit is not reached. False, running
+  // nothing, otherwise. For requests so small that a thread hand-off costs more than the work.
+  bool TryRunInline(const std::shared_ptr<ModelEntry>& self, Want want,
+                    const std::function<void(Access)>& task);
 
   // --- Summary (own mutex; never waits for the model) ---------------------------------------
   // Re-reads the whole summary. REQUIRES: mu() held (shared suffices).
@@ -137,6 +145,8 @@ class ModelEntry {
     std::chrono::steady_clock::time_point expires;
   };
   void DispatchLocked(const std::shared_ptr<ModelEntry>& self);  // REQUIRES: sched_mu_
+  // The access `want` gets now. REQUIRES: sched_mu_
+  Access AccessFor(Want want) const;
   void Done(const std::shared_ptr<ModelEntry>& self, Access access);
   void ExpireLocked();  // REQUIRES: retained_mu_
 
@@ -144,6 +154,7 @@ class ModelEntry {
   const RegistryLimits limits_;
   ComputePool* const pool_;
   int64_t max_sample_elements_ = 0;
+  int64_t forward_cost_per_sample_ = 0;
 
   std::shared_mutex mu_;
   v1::ModelSpec spec_;              // GUARDED_BY(mu_)

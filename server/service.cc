@@ -28,6 +28,19 @@ Status Deleted(const ModelEntry& entry) {
 
 const char* ModeName(bool training) { return training ? "train" : "eval"; }
 
+// Forwards and Evaluates estimated at no more multiply-adds than this (the model's
+// forward_cost_per_sample times the batch) run on the gRPC thread that decoded them, when their
+// model is free, instead of on the ComputePool: the hand-off there and back costs more than the
+// work (tens of microseconds where waking an idle vCPU is slow, against a few for 64 Ki
+// multiply-adds), and work this small cannot hold up gRPC's threads.
+constexpr int64_t kInlineMaxCost = int64_t{1} << 16;
+
+// The batch of a decoded input, for the inline decision: 0 (never inline) for a 0-d tensor,
+// which the core rejects anyway.
+int64_t BatchOf(const DecodedTensor& t) {
+  return t.view().shape.rank() > 0 ? t.view().shape[0] : 0;
+}
+
 }  // namespace
 
 // A unary call's reactor. The call counts as in flight (TrainerService::WaitIdle) until gRPC is
@@ -339,12 +352,12 @@ void TrainerService::RemoveStream(TrainStreamReactor* s) {
 }
 
 void TrainerService::RunOnModel(const std::shared_ptr<Call>& call, const std::string& model_id,
-                                Want want,
+                                Want want, int64_t inline_batch,
                                 std::function<Status(ModelEntry&, Access)> body) {
   std::shared_ptr<ModelEntry> entry;
   Status s = registry_->Find(model_id, &entry);
   if (!s.ok()) return call->Finish(s);
-  s = entry->Schedule(entry, want, [call, entry, body = std::move(body)](Access access) {
+  std::function<void(Access)> task = [call, entry, body = std::move(body)](Access access) {
     if (call->cancelled()) {
       // The client gave up (deadline or cancel) while the request waited: skip the work.
       call->FinishGrpc(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled before it ran"));
@@ -359,7 +372,13 @@ void TrainerService::RunOnModel(const std::shared_ptr<Call>& call, const std::st
       st = entry->deleted() ? Deleted(*entry) : body(*entry, access);
     }
     call->Finish(st);
-  });
+  };
+  if (inline_batch > 0 &&
+      SaturatingMul(inline_batch, entry->forward_cost_per_sample()) <= kInlineMaxCost &&
+      entry->TryRunInline(entry, want, task)) {
+    return;
+  }
+  s = entry->Schedule(entry, want, std::move(task));
   if (!s.ok()) call->Finish(s);
 }
 
@@ -535,7 +554,7 @@ grpc::ServerUnaryReactor* TrainerService::Forward(grpc::CallbackServerContext* c
     call->Finish(s);
     return reactor;
   }
-  RunOnModel(call, req->model(), Want::kByMode,
+  RunOnModel(call, req->model(), Want::kByMode, BatchOf(*input),
              [this, req, resp, input](ModelEntry& e, Access access) {
     Model& model = e.model();
     const bool training = model.training();
@@ -697,7 +716,7 @@ grpc::ServerUnaryReactor* TrainerService::Evaluate(grpc::CallbackServerContext* 
     return reactor;
   }
   // Evaluate reads the model in eval semantics whatever its mode: shared access.
-  RunOnModel(call, req->model(), Want::kShared,
+  RunOnModel(call, req->model(), Want::kShared, BatchOf(*input),
              [this, resp, input, targets](ModelEntry& e, Access) {
     NORMD_RETURN_IF_ERROR(CheckBatch(e, input->view()));
     std::unique_ptr<ForwardRecord> rec = e.AcquireRecord();

@@ -20,8 +20,10 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <functional>
 #include <mutex>
 #include <set>
+#include <utility>
 
 #include "normd/v1/normd.grpc.pb.h"
 #include "server/compute_pool.h"
@@ -100,6 +102,14 @@ class TrainerService final : public v1::Trainer::CallbackService {
   // mutex that way, and finishes the call with its status.
   void RunOnModel(const std::shared_ptr<Call>& call, const std::string& model_id,
                   ModelEntry::Want want,
+                  std::function<Status(ModelEntry&, ModelEntry::Access)> body) {
+    RunOnModel(call, model_id, want, /*inline_batch=*/0, std::move(body));
+  }
+  // The same for a forward of `inline_batch` samples: when that is tiny for the model (see
+  // kInlineMaxCost in service.cc) and the model is free, `body` runs at once on the calling
+  // gRPC thread, in the order and with the access the queue would have given it.
+  void RunOnModel(const std::shared_ptr<Call>& call, const std::string& model_id,
+                  ModelEntry::Want want, int64_t inline_batch,
                   std::function<Status(ModelEntry&, ModelEntry::Access)> body);
 
   // One TrainStep on `entry` (exclusive access held). Shared by TrainStep and TrainStream.
