@@ -29,6 +29,15 @@ inline void ValidColumns(int64_t kj, int64_t stride, int64_t pad, int64_t w, int
   if (*hi < *lo) *hi = *lo;
 }
 
+// The kernel columns [begin, end) for which some output column's tap lies inside [0, w); the
+// others touch only padding. Looping over these alone keeps the work proportional to the input
+// even for a window (and padding) far wider than it: kernel_size may be up to 2^30.
+inline void KernelColumns(int64_t k, int64_t stride, int64_t pad, int64_t w, int64_t w_out,
+                          int64_t* begin, int64_t* end) {
+  *begin = std::max<int64_t>(pad - (w_out - 1) * stride, 0);
+  *end = std::min(k, w + pad);
+}
+
 }  // namespace
 
 Status Pool2d::Build(const Shape& sample_in, Shape* sample_out) {
@@ -80,6 +89,8 @@ void Pool2d::Forward(const ConstTensorView& x, Tensor* y, LayerCache* cache,
                      const ForwardContext& /*ctx*/) const {
   const int64_t n = x.shape[0];
   const int64_t k = config_.kernel_size, s = config_.stride, p = config_.padding;
+  int64_t kj0, kj1;
+  KernelColumns(k, s, p, w_, w_out_, &kj0, &kj1);
   const int64_t planes = n * c_;
   const int64_t in_plane = h_ * w_, out_plane = h_out_ * w_out_;
   y->Resize(Shape{n, c_, h_out_, w_out_});
@@ -100,7 +111,7 @@ void Pool2d::Forward(const ConstTensorView& x, Tensor* y, LayerCache* cache,
         }
         // Window elements in row-major order; a later one wins only when strictly greater.
         for (int64_t ih = h0; ih < h1; ++ih) {
-          for (int64_t kj = 0; kj < k; ++kj) {
+          for (int64_t kj = kj0; kj < kj1; ++kj) {
             int64_t lo, hi;
             ValidColumns(kj, s, p, w_, w_out_, &lo, &hi);
             const int64_t base = ih * w_ + kj - p;  // plane offset of output column 0's tap
@@ -128,7 +139,7 @@ void Pool2d::Forward(const ConstTensorView& x, Tensor* y, LayerCache* cache,
       float* sum = out + pl * out_plane + oh * w_out_;
       std::fill(sum, sum + w_out_, 0.0f);
       for (int64_t ih = h0; ih < h1; ++ih) {
-        for (int64_t kj = 0; kj < k; ++kj) {
+        for (int64_t kj = kj0; kj < kj1; ++kj) {
           int64_t lo, hi;
           ValidColumns(kj, s, p, w_, w_out_, &lo, &hi);
           const int64_t base = ih * w_ + kj - p;
@@ -145,6 +156,8 @@ void Pool2d::Backward(const ConstTensorView& x, const Tensor& /*y*/, const Const
   if (dx == nullptr) return;
   const int64_t n = x.shape[0];
   const int64_t k = config_.kernel_size, s = config_.stride, p = config_.padding;
+  int64_t kj0, kj1;
+  KernelColumns(k, s, p, w_, w_out_, &kj0, &kj1);
   const int64_t planes = n * c_;
   const int64_t in_plane = h_ * w_, out_plane = h_out_ * w_out_;
   dx->Resize(x.shape);
@@ -171,7 +184,7 @@ void Pool2d::Backward(const ConstTensorView& x, const Tensor& /*y*/, const Const
       Clip(oh * s - p, k, h_, &h0, &h1);
       const float* g = dy.data + pl * out_plane + oh * w_out_;
       for (int64_t ih = h0; ih < h1; ++ih) {
-        for (int64_t kj = 0; kj < k; ++kj) {
+        for (int64_t kj = kj0; kj < kj1; ++kj) {
           int64_t lo, hi;
           ValidColumns(kj, s, p, w_, w_out_, &lo, &hi);
           const int64_t base = ih * w_ + kj - p;
