@@ -1,5 +1,6 @@
 // normd: the gRPC training service. See `normd --help` and server/server.h.
 #include <signal.h>
+#include <sys/resource.h>
 #include <spdlog/sinks/stdout_sinks.h>
 #include <spdlog/spdlog.h>
 #include <unistd.h>
@@ -34,6 +35,20 @@ bool WritePortFile(const std::string& path, int grpc_port, int metrics_port) {
     if (!out.good()) return false;
   }
   return std::rename(tmp.c_str(), path.c_str()) == 0;
+}
+
+// Raises the soft limit on open files to the hard limit and returns it. gRPC 1.51 stops
+// accepting connections for good once accept() runs out of file descriptors (CVE-2023-4785), so
+// the more a client must open to get there, the better.
+rlim_t RaiseFileLimit() {
+  rlimit limit;
+  if (getrlimit(RLIMIT_NOFILE, &limit) != 0) return 0;
+  if (limit.rlim_cur < limit.rlim_max) {
+    rlimit raised = limit;
+    raised.rlim_cur = limit.rlim_max;
+    if (setrlimit(RLIMIT_NOFILE, &raised) == 0) return raised.rlim_cur;
+  }
+  return limit.rlim_cur;
 }
 
 }  // namespace
@@ -78,11 +93,11 @@ int main(int argc, char** argv) {
     return 2;
   }
   const normd::server::SecurityFlags& sec = flags.security;
-  spdlog::info("event=security tls={} mtls={} auth={} tokens={} reflection={}",
+  spdlog::info("event=security tls={} mtls={} auth={} tokens={} reflection={} open_files={}",
                sec.tls_cert.empty() ? "off" : "on", sec.tls_client_ca.empty() ? "off" : "on",
                options.authenticator ? "bearer" : "off",
                options.authenticator ? options.authenticator->size() : 0,
-               options.authenticator ? "off" : "on");
+               options.authenticator ? "off" : "on", RaiseFileLimit());
   if (sec.tls_cert.empty() && flags.listen.rfind("127.", 0) != 0 &&
       flags.listen.rfind("[::1]", 0) != 0 && flags.listen.rfind("localhost:", 0) != 0 &&
       flags.listen.rfind("unix", 0) != 0) {

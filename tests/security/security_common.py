@@ -81,15 +81,16 @@ class Normd:
     """A real normd on a free loopback port (--listen 127.0.0.1:0, --port-file), in memory, no
     metrics endpoint unless asked. Context manager; `address` is "127.0.0.1:PORT"."""
 
-    def __init__(self, *args, metrics=False):
+    def __init__(self, *args, metrics=False, wrapper=()):
         self.args = list(args)
         self.metrics = metrics
+        self.wrapper = list(wrapper)  # a command that execs normd, e.g. prlimit
 
     def __enter__(self):
         self.tmp = tempfile.mkdtemp(prefix="normd-security-")
         port_file = os.path.join(self.tmp, "ports")
         self.log_path = os.path.join(self.tmp, "normd.log")
-        cmd = [env_path("NORMD_BIN"), "--listen", "127.0.0.1:0", "--in-memory",
+        cmd = self.wrapper + [env_path("NORMD_BIN"), "--listen", "127.0.0.1:0", "--in-memory",
                "--metrics", "127.0.0.1:0" if self.metrics else "", "--port-file", port_file,
                "--compute-threads", "1"] + self.args
         # The test's own NORMD_* variables (NORMD_BIN, ...) are not normd settings.

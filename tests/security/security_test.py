@@ -302,6 +302,17 @@ class TokenAndMutualTlsTest(unittest.TestCase):
         self.assertIn("event=security tls=on mtls=on auth=bearer tokens=1", self.server.log())
 
 
+class FileLimitTest(unittest.TestCase):
+    def test_normd_raises_its_open_file_limit_to_the_hard_limit(self):
+        # gRPC 1.51 stops accepting for good once accept() runs out of descriptors
+        # (CVE-2023-4785); normd takes all the descriptors it is allowed.
+        with Normd(wrapper=["prlimit", "--nofile=256:4096", "--"]) as server:
+            with open(f"/proc/{server.proc.pid}/limits") as f:
+                line = next(l for l in f if l.startswith("Max open files"))
+            self.assertEqual(line.split()[3:5], ["4096", "4096"], line)
+            self.assertIn("open_files=4096", server.log())
+
+
 class FlagsTest(unittest.TestCase):
     """Invalid security and limit flags stop normd with exit code 2 and a message naming the flag;
     --check-config shows every new setting."""
