@@ -24,7 +24,8 @@ struct Geometry {
 // Output columns [lo, hi) whose input column ow * stride - pad + kj lies inside [0, w).
 void ValidRange(const Geometry& g, int64_t kj, int64_t* lo, int64_t* hi) {
   const int64_t first = g.pad - kj;  // ow * stride >= first
-  *lo = first > 0 ? (first + g.stride - 1) / g.stride : 0;
+  // At most w_out: with padding wider than the output reaches, a tap may see only padding.
+  *lo = first > 0 ? std::min(g.w_out, (first + g.stride - 1) / g.stride) : 0;
   const int64_t last = g.w - 1 + g.pad - kj;  // ow * stride <= last
   *hi = last < 0 ? 0 : std::min(g.w_out, last / g.stride + 1);
   if (*hi < *lo) *hi = *lo;
