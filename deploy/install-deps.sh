@@ -7,8 +7,8 @@ build_pkgs=(build-essential cmake pkg-config libeigen3-dev libgrpc++-dev libprot
   protobuf-compiler protobuf-compiler-grpc prometheus-cpp-dev libgtest-dev libgmock-dev
   libbenchmark-dev libcli11-dev libspdlog-dev libcurl4-openssl-dev libopenblas-dev libssl-dev)
 test_pkgs=(python3-torch python3-numpy python3-grpcio python3-protobuf python3-sklearn
-  libopenblas0-pthread prometheus openssl curl clang libclang-rt-14-dev python3-yaml
-  docker-compose)
+  libopenblas0-pthread prometheus openssl curl clang libclang-rt-14-dev libomp-dev llvm
+  python3-yaml docker-compose)
 
 case "${1:-all}" in
   build) want=("${build_pkgs[@]}") ;;
