@@ -152,8 +152,8 @@ int ParseFlags(int argc, char** argv, Flags* f) {
       ->envname("NORMD_MAX_METADATA_BYTES")->capture_default_str()
       ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   app.add_option("--keepalive-min-time", f->keepalive_min_time,
-                 "Seconds a client must leave between keepalive pings; a client pinging faster "
-                 "is disconnected (GOAWAY too_many_pings) after 2 strikes")
+                 "Seconds a client must leave between keepalive pings; the third ping that "
+                 "comes sooner ends its connection (GOAWAY too_many_pings)")
       ->envname("NORMD_KEEPALIVE_MIN_TIME")->capture_default_str()
       ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   app.add_option("--keepalive-time", f->keepalive_time,

@@ -37,7 +37,8 @@ struct Flags {
   double autosave_seconds = 30;  // 0: no time trigger
   // Security: TLS, mutual TLS, bearer tokens (server/security.h).
   SecurityFlags security;
-  // HTTP/2 connection limits; durations in seconds, 0 = no limit (keepalive_time 0: no pings).
+  // HTTP/2 connection limits (ServerOptions), durations in seconds. 0 means no limit for
+  // keepalive_time (no server pings), max_connection_idle, _age and _age_grace.
   int max_concurrent_streams = 100;
   int max_metadata_bytes = 8 << 10;
   double keepalive_min_time = 30;

@@ -77,8 +77,10 @@ Status NormdServer::Start() {
   // Pings are judged by one rule whether calls are in flight or not (gRPC's default for an idle
   // connection is one ping per two hours); the server's own pings find dead peers.
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
-  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
-                             MillisArg(options_.keepalive_min_time));
+  builder.AddChannelArgument(
+      GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
+      static_cast<int>(std::clamp<int64_t>(options_.keepalive_min_time.count(), 0,
+                                           std::numeric_limits<int>::max())));
   builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PING_STRIKES, ServerOptions::kMaxPingStrikes);
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, MillisArg(options_.keepalive_time));
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, MillisArg(options_.keepalive_timeout));

@@ -46,12 +46,13 @@ struct ServerOptions {
   int64_t max_message_bytes = int64_t{64} << 20;
   std::chrono::milliseconds drain_timeout{std::chrono::seconds(10)};
 
-  // HTTP/2 connection limits (see `normd --help`). A zero duration means no limit, except
-  // keepalive_time, where zero means the server sends no keepalive pings.
+  // HTTP/2 connection limits (see `normd --help`). A zero duration means no limit: no
+  // keepalive pings from the server for keepalive_time, any ping rate for keepalive_min_time.
   int max_concurrent_streams = 100;  // streams open at once per connection
   int max_metadata_bytes = 8 << 10;  // request header list (metadata) per call
-  // A client pinging more often than this (with or without calls in flight) gets a strike;
-  // after kMaxPingStrikes the connection ends with GOAWAY ENHANCE_YOUR_CALM "too_many_pings".
+  // A ping sooner than this after the previous one (with or without calls in flight) is a
+  // strike; the strike after kMaxPingStrikes ends the connection with GOAWAY
+  // ENHANCE_YOUR_CALM "too_many_pings".
   std::chrono::milliseconds keepalive_min_time{std::chrono::seconds(30)};
   std::chrono::milliseconds keepalive_time{std::chrono::minutes(2)};    // server pings
   std::chrono::milliseconds keepalive_timeout{std::chrono::seconds(20)};  // unanswered: closed
