@@ -235,6 +235,13 @@ void TrainStream::FailWithFinalStatus() {
 // ----------------------------------------------------------------------------- Client
 
 Client::Client(ClientOptions options) : options_(std::move(options)) {
+  // gRPC aborts the process on a header value it cannot send: refuse such a token here.
+  for (const char c : options_.auth_token) {
+    if (c < 0x21 || c > 0x7e) {
+      throw Error(grpc::StatusCode::INVALID_ARGUMENT,
+                  "the bearer token must be printable ASCII without spaces or line breaks");
+    }
+  }
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(options_.max_receive_bytes);
   args.SetMaxSendMessageSize(-1);

@@ -13,15 +13,26 @@ namespace {
 
 using normctl::Args;
 
+// The first non-blank line, trimmed: the same file the server reads with --auth-token-file
+// (one token per line, the first being the current one) works here.
 std::string ReadToken(const std::string& path) {
   std::ifstream in(path);
   if (!in) throw normctl::InputError("cannot read token file '" + path + "'");
-  std::stringstream s;
-  s << in.rdbuf();
-  std::string token = s.str();
-  while (!token.empty() && std::isspace(static_cast<unsigned char>(token.back()))) token.pop_back();
-  if (token.empty()) throw normctl::InputError("token file '" + path + "' is empty");
-  return token;
+  std::string line;
+  while (std::getline(in, line)) {
+    const size_t begin = line.find_first_not_of(" \t\r");
+    if (begin == std::string::npos) continue;
+    const size_t end = line.find_last_not_of(" \t\r");
+    std::string token = line.substr(begin, end - begin + 1);
+    for (const char c : token) {
+      if (c < 0x21 || c > 0x7e) {
+        throw normctl::InputError("token file '" + path +
+                                  "': the token must be printable ASCII without spaces");
+      }
+    }
+    return token;
+  }
+  throw normctl::InputError("token file '" + path + "' holds no token");
 }
 
 }  // namespace
@@ -34,25 +45,25 @@ int main(int argc, char** argv) {
   double timeout_seconds = 30;
   std::string token_file;
   app.add_option("--server", client_options.server, "normd address host:port")
-      ->envname("NORMD_SERVER")
+      ->envname("NORMCTL_SERVER")
       ->capture_default_str();
   app.add_option("--timeout", timeout_seconds, "Deadline of each call, in seconds")
-      ->envname("NORMD_TIMEOUT")
+      ->envname("NORMCTL_TIMEOUT")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
   app.add_flag("--tls", client_options.use_tls, "Connect with TLS (system roots unless --tls-ca)");
   app.add_option("--tls-ca", client_options.tls_ca_file,
                  "PEM file of the CA to trust (implies --tls)")
-      ->envname("NORMD_TLS_CA");
+      ->envname("NORMCTL_TLS_CA");
   app.add_option("--tls-cert", client_options.tls_cert_file,
                  "PEM client certificate for mutual TLS (implies --tls)")
-      ->envname("NORMD_TLS_CERT");
+      ->envname("NORMCTL_TLS_CERT");
   app.add_option("--tls-key", client_options.tls_key_file, "PEM key of --tls-cert")
-      ->envname("NORMD_TLS_KEY");
+      ->envname("NORMCTL_TLS_KEY");
   app.add_option("--tls-server-name", client_options.tls_server_name,
                  "Name to verify in the server certificate (default: the host in --server)");
   app.add_option("--token-file", token_file, "File holding the bearer token sent with every call")
-      ->envname("NORMD_TOKEN_FILE");
+      ->envname("NORMCTL_TOKEN_FILE");
 
   Args args;
   std::function<int(normd::client::Client&, const Args&, std::ostream&)> run;
@@ -149,7 +160,7 @@ int main(int argc, char** argv) {
   CLI::App* demo = command("demo", "The BatchNorm drift story in about a minute", normctl::RunDemo);
   demo->add_option("--metrics-url", args.metrics_url,
                    "The server's /metrics URL (to show its drift series)")
-      ->envname("NORMD_METRICS_URL");
+      ->envname("NORMCTL_METRICS_URL");
   demo->add_option("--id", args.id, "Model id (default: demo)");
   demo->add_option("--out-dir", args.out_dir, "Write the demo's CSV datasets here");
   demo->add_option("--epochs", args.demo_epochs, "Epochs")

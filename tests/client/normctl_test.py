@@ -61,7 +61,7 @@ def blobs(n, seed):
 def run(*args, check=True, server=True, env=None):
     cmd = [NORMCTL] + (["--server", SERVER.address] if server else []) + list(args)
     full_env = dict(os.environ)
-    full_env.pop("NORMD_SERVER", None)
+    full_env.pop("NORMCTL_SERVER", None)
     full_env.update(env or {})
     p = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=300)
     if check and p.returncode != 0:
@@ -235,7 +235,7 @@ class NormctlTest(unittest.TestCase):
         p = run("health")
         self.assertEqual(p.returncode, 0)
         self.assertIn("SERVING", p.stdout)
-        p = run("list", server=False, env={"NORMD_SERVER": SERVER.address})
+        p = run("list", server=False, env={"NORMCTL_SERVER": SERVER.address})
         self.assertEqual(p.returncode, 0)
 
     def test_errors(self):

@@ -81,8 +81,8 @@ class TlsOptionsTest(unittest.TestCase):
         return os.path.join(cls.d, name)
 
     def normctl(self, *args, env=None):
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("NORMD_TLS")}
-        full_env.pop("NORMD_TOKEN_FILE", None)
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("NORMCTL_TLS")}
+        full_env.pop("NORMCTL_TOKEN_FILE", None)
         full_env.update(env or {})
         return subprocess.run([env_path("NORMCTL_BIN"), "--server", self.address, "--timeout",
                                "5", *args, "health"], capture_output=True, text=True,
@@ -97,11 +97,26 @@ class TlsOptionsTest(unittest.TestCase):
         self.assertEqual(p.returncode, 0, p.stderr)
         self.assertIn("SERVING", p.stdout)
 
-        p = self.normctl(env={"NORMD_TLS_CA": self.file("ca.pem"),
-                              "NORMD_TLS_CERT": self.file("client.pem"),
-                              "NORMD_TLS_KEY": self.file("client.key"),
-                              "NORMD_TOKEN_FILE": self.token_file})
+        p = self.normctl(env={"NORMCTL_TLS_CA": self.file("ca.pem"),
+                              "NORMCTL_TLS_CERT": self.file("client.pem"),
+                              "NORMCTL_TLS_KEY": self.file("client.key"),
+                              "NORMCTL_TOKEN_FILE": self.token_file})
         self.assertEqual(p.returncode, 0, p.stderr)
+
+        # The server's rotation file format: the first non-blank line is the token sent.
+        rotation = self.file("token-rotation")
+        with open(rotation, "w") as f:
+            f.write(f"\n  {TOKEN}  \r\nold-token\n")
+        p = self.normctl(*self.mtls_flags(), "--token-file", rotation)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertIn("SERVING", p.stdout)
+        # A token gRPC could not send as a header value is refused before any call.
+        spaced = self.file("token-spaced")
+        with open(spaced, "w") as f:
+            f.write("two words\n")
+        p = self.normctl(*self.mtls_flags(), "--token-file", spaced)
+        self.assertEqual(p.returncode, 2, p.stderr)
+        self.assertIn("printable ASCII", p.stderr)
 
         p = self.normctl(*self.mtls_flags())  # no token
         self.assertEqual(p.returncode, 1)
