@@ -109,8 +109,11 @@ class TrainerService::Call {
 // have not finished computing and [written_, ran_) have a response to write. The stream
 // finishes only when no task is running, so no pool thread can touch the reactor after OnDone.
 // The reactor deletes itself in OnDone.
-class TrainStreamReactor : public grpc::ServerBidiReactor<v1::TrainStepRequest,
-                                                          v1::TrainStepResponse> {
+//
+// Messages arrive and leave as bytes (see TrainerServiceBase): one that does not parse fails like
+// one that does not decode, ending the stream with INVALID_ARGUMENT once those before it are
+// answered.
+class TrainStreamReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
   TrainStreamReactor(TrainerService* service, grpc::CallbackServerContext* ctx)
       : service_(service), ctx_(ctx), start_(Clock::now()) {
@@ -127,6 +130,7 @@ class TrainStreamReactor : public grpc::ServerBidiReactor<v1::TrainStepRequest,
 
   void OnReadDone(bool ok) override {
     Slot* slot;
+    uint64_t read_index;  // 1-based, for messages
     {
       std::lock_guard<std::mutex> lock(mu_);
       reading_ = false;
@@ -138,12 +142,19 @@ class TrainStreamReactor : public grpc::ServerBidiReactor<v1::TrainStepRequest,
       }
       if (finished_) return;
       decoding_ = true;
+      read_index = read_ + 1;
       slot = &SlotOf(read_);
     }
     // Decoding needs no lock: the slot belongs to this message until read_ moves past it, and
     // decoding_ keeps another read out of it and the stream from finishing meanwhile.
     std::shared_ptr<ModelEntry> entry;
-    Status s = service_->registry_->Find(slot->req.model(), &entry);
+    Status s;
+    if (!grpc::SerializationTraits<v1::TrainStepRequest>::Deserialize(&slot->in, &slot->req)
+             .ok()) {
+      s = InvalidArgument("TrainStream message ", read_index,
+                          " does not parse as normd.v1.TrainStepRequest");
+    }
+    if (s.ok()) s = service_->registry_->Find(slot->req.model(), &entry);
     if (s.ok()) s = service_->DecodeTrainStep(*entry, slot->req, &slot->input, &slot->targets);
     slot->entry = s.ok() ? std::move(entry) : nullptr;
     slot->decoded = s;
@@ -191,6 +202,8 @@ class TrainStreamReactor : public grpc::ServerBidiReactor<v1::TrainStepRequest,
   static constexpr uint64_t kDepth = 2;
 
   struct Slot {
+    grpc::ByteBuffer in;   // the message as read
+    grpc::ByteBuffer out;  // resp serialized, while it is written
     v1::TrainStepRequest req;
     v1::TrainStepResponse resp;
     DecodedTensor input;  // views into req
@@ -201,6 +214,7 @@ class TrainStreamReactor : public grpc::ServerBidiReactor<v1::TrainStepRequest,
     void Clear() {
       entry.reset();
       resp.Clear();
+      out.Clear();
     }
   };
 
@@ -212,8 +226,12 @@ class TrainStreamReactor : public grpc::ServerBidiReactor<v1::TrainStepRequest,
     if (finished_) return;
     if (!running_ && !failed_ && !write_failed_ && ran_ < read_) StartStepLocked();
     if (!writing_ && !write_failed_ && written_ < ran_) {
+      Slot& slot = SlotOf(written_);
+      bool own_buffer;
+      grpc::SerializationTraits<v1::TrainStepResponse>::Serialize(slot.resp, &slot.out,
+                                                                  &own_buffer);
       writing_ = true;
-      StartWrite(&SlotOf(written_).resp);
+      StartWrite(&slot.out);
     }
     if (!failed_ && !write_failed_ && !service_->shutting_down_.load()) StartReadLocked();
     if (running_ || writing_ || decoding_) return;
@@ -235,7 +253,7 @@ class TrainStreamReactor : public grpc::ServerBidiReactor<v1::TrainStepRequest,
   void StartReadLocked() {
     if (reading_ || decoding_ || read_closed_ || read_ - written_ >= kDepth) return;
     reading_ = true;
-    StartRead(&SlotOf(read_).req);
+    StartRead(&SlotOf(read_).in);
   }
 
   // Queues message ran_ on its model. REQUIRES: !running_, ran_ < read_.
@@ -691,8 +709,8 @@ grpc::ServerUnaryReactor* TrainerService::TrainStep(grpc::CallbackServerContext*
   return reactor;
 }
 
-grpc::ServerBidiReactor<v1::TrainStepRequest, v1::TrainStepResponse>*
-TrainerService::TrainStream(grpc::CallbackServerContext* ctx) {
+grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* TrainerService::TrainStream(
+    grpc::CallbackServerContext* ctx) {
   return new TrainStreamReactor(this, ctx);
 }
 

@@ -36,7 +36,23 @@ namespace normd::server {
 class TokenAuthenticator;
 class TrainStreamReactor;
 
-class TrainerService final : public v1::Trainer::CallbackService {
+// The generated v1::Trainer::CallbackService, except that TrainStream takes raw bytes: the typed
+// stream reader reports a message that does not parse exactly like the client's half-close, so
+// the stream would end OK with the rest of its messages silently dropped. Parsing them here lets
+// such a message end the stream with INVALID_ARGUMENT. A method added to the contract must be
+// added to this list too (a method missing from it answers UNIMPLEMENTED).
+using TrainerServiceBase = v1::Trainer::WithCallbackMethod_CreateModel<
+    v1::Trainer::WithCallbackMethod_GetModel<v1::Trainer::WithCallbackMethod_ListModels<
+    v1::Trainer::WithCallbackMethod_DeleteModel<v1::Trainer::WithCallbackMethod_SetMode<
+    v1::Trainer::WithCallbackMethod_Forward<v1::Trainer::WithCallbackMethod_Backward<
+    v1::Trainer::WithCallbackMethod_ApplyGradients<v1::Trainer::WithCallbackMethod_TrainStep<
+    v1::Trainer::WithRawCallbackMethod_TrainStream<v1::Trainer::WithCallbackMethod_Evaluate<
+    v1::Trainer::WithCallbackMethod_GetState<v1::Trainer::WithCallbackMethod_SetState<
+    v1::Trainer::WithCallbackMethod_ResetRunningStats<
+    v1::Trainer::WithCallbackMethod_UpdateOptimizer<
+    v1::Trainer::WithCallbackMethod_SaveModel<v1::Trainer::Service>>>>>>>>>>>>>>>>;
+
+class TrainerService final : public TrainerServiceBase {
  public:
   // The pointers must outlive the service. `auth` null: calls need no bearer token; otherwise
   // every Trainer call without an accepted one ends UNAUTHENTICATED before anything runs.
@@ -74,7 +90,8 @@ class TrainerService final : public v1::Trainer::CallbackService {
   grpc::ServerUnaryReactor* TrainStep(grpc::CallbackServerContext* ctx,
                                       const v1::TrainStepRequest* req,
                                       v1::TrainStepResponse* resp) override;
-  grpc::ServerBidiReactor<v1::TrainStepRequest, v1::TrainStepResponse>* TrainStream(
+  // Messages are TrainStepRequest and TrainStepResponse, parsed and serialized by the reactor.
+  grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* TrainStream(
       grpc::CallbackServerContext* ctx) override;
   grpc::ServerUnaryReactor* Evaluate(grpc::CallbackServerContext* ctx,
                                      const v1::EvaluateRequest* req,

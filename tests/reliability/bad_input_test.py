@@ -125,7 +125,7 @@ class Battery:
         self.results = []  # (name, expected, got, message, ok, why)
 
     def expect(self, name, method, request, code, keywords, stream=False, allow_empty=False):
-        payload = request if isinstance(request, bytes) else request.SerializeToString()
+        payload = request if isinstance(request, (bytes, list)) else request.SerializeToString()
         try:
             if stream:
                 self.raw.stream(method, payload if isinstance(payload, list) else [payload])
@@ -390,6 +390,28 @@ def run_cases(b: Battery, raw: RawTrainer):
         # model unchanged is asserted after the battery as for all cases.
         b.expect(f"unparsable bytes: {method}", method, junk, IA,
                  [f"does not parse as normd.v1.{method}Request"])
+    # A TrainStream message that does not parse ends the stream with INVALID_ARGUMENT (the
+    # typed reader would take it for the client's half-close and end the stream OK). Those before
+    # it are answered and run, those after it never run: checked on the scratch model.
+    b.expect("unparsable bytes: TrainStream message", "TrainStream",
+             [garbage["TrainStep"]], IA, ["does not parse as normd.v1.TrainStepRequest"],
+             stream=True)
+    step = raw.call("GetModel", pb.GetModelRequest(model="scratch"), pb.Model).step
+    good = train("scratch", good_x, [0, 1, 2, 0]).SerializeToString()
+    answers, got, msg = [], C.OK, ""
+    try:
+        answers = raw.stream("TrainStream", [good, garbage["TrainStep"], good])
+    except grpc.RpcError as e:
+        got, msg = e.code(), e.details() or ""
+    ran = raw.call("GetModel", pb.GetModelRequest(model="scratch"), pb.Model).step - step
+    why = "" if got == IA and "message 2 does not parse" in msg else \
+        f"expected INVALID_ARGUMENT naming message 2, got {got.name} {msg!r}"
+    if not why and ran != 1:
+        why = f"{ran} steps ran (expected 1: the one before the bad message)"
+    b.results.append(("unparsable bytes: TrainStream message between good ones", (IA,), got, msg,
+                      not why, why))
+    print(f"{'ok  ' if not why else 'FAIL'} unparsable bytes: TrainStream message between good "
+          f"ones: {got.name} {msg!r}, {ran} step(s) ran" + (f"  <-- {why}" if why else ""))
     # ---- oversize messages (server started with --max-message-bytes 1 MiB)
     big = MAX_MESSAGE_BYTES // 4 + 1024
     b.expect("oversize: Forward over --max-message-bytes", "Forward",
