@@ -49,9 +49,15 @@ void Linear::Allocate(Rng& rng) {
 void Linear::Forward(const ConstTensorView& x, Tensor* y, LayerCache* /*cache*/,
                      const ForwardContext& /*ctx*/) const {
   internal::ApplyComputeThreads();
-  y->Resize(Shape{x.rows(), config_.out_features});
+  const int64_t n = x.rows();
+  const int64_t work = n * config_.in_features * config_.out_features;
+  y->Resize(Shape{n, config_.out_features});
   MatrixMap out = y->matrix();
-  out.noalias() = x.matrix() * weight_.value.matrix().transpose();
+  // Large products split by rows of the batch across two cores (core/threads.h).
+  SplitInTwo(n, work, [&](int64_t r0, int64_t r1) {
+    out.middleRows(r0, r1 - r0).noalias() =
+        x.matrix().middleRows(r0, r1 - r0) * weight_.value.matrix().transpose();
+  });
   if (config_.bias) out.rowwise() += bias_.value.flat().transpose();
 }
 
@@ -59,11 +65,21 @@ void Linear::Backward(const ConstTensorView& x, const Tensor& /*y*/, const Const
                       const LayerCache& /*cache*/, const ForwardContext& /*ctx*/, Tensor* dx) {
   internal::ApplyComputeThreads();
   const ConstMatrixMap g = dy.matrix();
-  weight_.grad.matrix().noalias() += g.transpose() * x.matrix();
+  const int64_t n = x.rows();
+  const int64_t work = n * config_.in_features * config_.out_features;
+  // Large products split across two cores (core/threads.h): dW by its rows (output features),
+  // dx by rows of the batch.
+  MatrixMap dw = weight_.grad.matrix();
+  SplitInTwo(config_.out_features, work, [&](int64_t r0, int64_t r1) {
+    dw.middleRows(r0, r1 - r0).noalias() += g.middleCols(r0, r1 - r0).transpose() * x.matrix();
+  });
   if (config_.bias) bias_.grad.flat() += g.colwise().sum().transpose();
   if (dx != nullptr) {
     dx->Resize(x.shape);
-    dx->matrix().noalias() = g * weight_.value.matrix();
+    MatrixMap d = dx->matrix();
+    SplitInTwo(n, work, [&](int64_t r0, int64_t r1) {
+      d.middleRows(r0, r1 - r0).noalias() = g.middleRows(r0, r1 - r0) * weight_.value.matrix();
+    });
   }
 }
 

@@ -1,32 +1,45 @@
-// The compute-thread budget: how many threads one core operation may use.
+// The compute-thread budget: how many cores one core operation may use, and the two-way split
+// of large matrix products that spends a budget of 2.
 //
-// normd's only multi-threaded kernels are Eigen's own matrix products (Linear, Conv2d), which
-// Eigen parallelises with OpenMP when the library is built with it (core/CMakeLists.txt links
-// OpenMP unless NORMD_OPENMP is off or the build uses TSan); every other kernel runs on the
-// calling thread. When the products go to OpenBLAS (NORMD_BLAS and libopenblas-dev, the
-// default where installed), OpenBLAS is kept single-threaded and every product runs on the
-// calling thread whatever the budget: parallelism then comes from running requests side by
-// side. The budget belongs to the calling thread and is 1 until that thread sets
-// another, so nothing in the library starts threads unless a caller opts in. A caller running
-// R operations at once on C cores gives each at most C / R threads so the total never exceeds
-// the cores (a server with one compute thread per core keeps 1; one that runs a single model's
-// steps at a time may give that thread every core). Without OpenMP the budget is always 1.
+// The budget belongs to the calling thread and is 1 until that thread sets another, so nothing
+// in the library uses a second core unless a caller opts in.
 //
-// Eigen's parallel products synchronise by spinning: on a machine whose cores are busy with
-// other work a budget above 1 can be much slower than 1. Measure before raising it there.
+// How a budget above 1 is spent depends on the build:
+//  - With OpenBLAS (NORMD_BLAS and libopenblas-dev, the default where installed), OpenBLAS is
+//    kept single-threaded (its threads synchronise by spinning, which on busy cores costs more
+//    than it gains) and the layers split their large products in two (SplitInTwo): one half on
+//    the calling thread, the other on a helper thread that waits on a condition variable. The
+//    helper borrows a core only while one is idle (see ScopedComputeCore), so a caller may give
+//    every compute thread a budget of all its cores: one request running alone then uses two
+//    cores, two requests at once one each, and threads never outnumber cores.
+//  - Without OpenBLAS, Eigen parallelises its own products with OpenMP when the library is built
+//    with it (NORMD_OPENMP). OpenMP's threads do not borrow idle cores, so a caller running R
+//    operations at once on C cores gives each at most C / R threads. Eigen's parallel products
+//    synchronise by spinning too: on busy cores a budget above 1 can be much slower than 1.
 //
-// Thread safety: every function acts on the calling thread only.
+// Results do not depend on the budget or on whether a core was idle: a product split in two
+// computes every output element in the same order as the whole product (see SplitInTwo).
+//
+// Thread safety: the budget functions act on the calling thread only; SplitInTwo and
+// ScopedComputeCore may be used from any thread.
 #ifndef NORMD_CORE_THREADS_H_
 #define NORMD_CORE_THREADS_H_
+
+#include <cstdint>
+#include <functional>
 
 namespace normd {
 
 // Sets the calling thread's budget (values below 1 mean 1). Returns the previous budget.
 int SetComputeThreads(int threads);
-// The calling thread's budget (1 without OpenMP).
+// The calling thread's budget (1 when the build has no way to use more, see
+// ComputeThreadsAvailable).
 int ComputeThreads();
-// Whether the library was built with OpenMP (whether budgets above 1 have any effect).
+// Whether budgets above 1 have any effect (OpenBLAS or OpenMP builds).
 bool ComputeThreadsAvailable();
+// Whether a budget above 1 is spent by borrowing idle cores (OpenBLAS builds, see above), so it
+// may be given to every compute thread at once.
+bool ComputeBorrowsIdleCores();
 
 // Sets the calling thread's budget for a scope and restores the previous one.
 class ScopedComputeThreads {
@@ -40,10 +53,35 @@ class ScopedComputeThreads {
   int previous_;
 };
 
+// Marks one of the process's cores busy for a scope: a thread holds one while it computes a
+// request (the server's ComputePool does), so SplitInTwo's helper never takes a core another
+// compute thread is using. The process has std::thread::hardware_concurrency() cores.
+class ScopedComputeCore {
+ public:
+  ScopedComputeCore();
+  ~ScopedComputeCore();
+  ScopedComputeCore(const ScopedComputeCore&) = delete;
+  ScopedComputeCore& operator=(const ScopedComputeCore&) = delete;
+};
+
+// Runs body(0, n) on the calling thread, or, when `work` (the operation's multiply-adds, spread
+// evenly over the n rows) is large, the calling thread's budget is at least 2, the build splits
+// products (see ComputeBorrowsIdleCores) and a core is idle, body(0, m) on the calling thread
+// and body(m, n) on the helper thread at once, m near n / 2 (where exactly, see threads.cc).
+// Returns when all of [0, n) is done. If the helper has not started its half when the caller has
+// finished its own, the caller runs it too; and while the helper keeps finishing late (its core
+// busy with other processes) products are not split for a while.
+// REQUIRES: body(a, b) and body(b, c) write disjoint memory; body does not call SplitInTwo;
+// body(0, n) computes the same bits as body(0, m) and body(m, n) together (true of row ranges
+// of OpenBLAS products split here).
+void SplitInTwo(int64_t n, int64_t work, const std::function<void(int64_t, int64_t)>& body);
+
 namespace internal {
 // Called by the layers before their matrix products: hands the calling thread's budget to
-// OpenMP, whose own per-thread default would be every core.
+// OpenMP in builds without OpenBLAS (OpenMP's own per-thread default would be every core).
 void ApplyComputeThreads();
+// How many SplitInTwo calls ran split so far (tests check that a split happened).
+int64_t SplitsDone();
 }  // namespace internal
 
 }  // namespace normd

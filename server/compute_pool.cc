@@ -8,9 +8,10 @@ namespace normd::server {
 
 ComputePool::ComputePool(int threads, int threads_per_task) {
   assert(threads >= 1 && threads_per_task >= 1);
+  const int budget = ComputeBorrowsIdleCores() ? threads * threads_per_task : threads_per_task;
   threads_.reserve(threads);
   for (int i = 0; i < threads; ++i) {
-    threads_.emplace_back([this, threads_per_task] { Run(threads_per_task); });
+    threads_.emplace_back([this, budget] { Run(budget); });
   }
 }
 
@@ -31,8 +32,8 @@ void ComputePool::Submit(std::function<void()> task) {
   cv_.notify_one();
 }
 
-void ComputePool::Run(int threads_per_task) {
-  SetComputeThreads(threads_per_task);
+void ComputePool::Run(int budget) {
+  SetComputeThreads(budget);
   for (;;) {
     std::function<void()> task;
     {
@@ -42,6 +43,7 @@ void ComputePool::Run(int threads_per_task) {
       task = std::move(queue_.front());
       queue_.pop_front();
     }
+    ScopedComputeCore core;
     task();
   }
 }

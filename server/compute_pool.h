@@ -5,7 +5,10 @@
 // (server/registry.h) queues work per model and hands the pool only tasks that can run at once.
 // Each pool thread may use `threads_per_task` cores for one task (the core's compute budget,
 // core/threads.h); threads x threads_per_task should not exceed the cores, so the pool never
-// oversubscribes them.
+// oversubscribes them. Where the core spends a budget by borrowing idle cores
+// (ComputeBorrowsIdleCores), every task gets the budget of all threads x threads_per_task
+// cores instead, and a thread holds one core (ScopedComputeCore) while it runs a task: a task
+// running alone then computes on two cores, tasks running together on one each.
 //
 // Thread safety: Submit may be called from any thread.
 #ifndef NORMD_SERVER_COMPUTE_POOL_H_
@@ -33,7 +36,7 @@ class ComputePool {
   int threads() const { return static_cast<int>(threads_.size()); }
 
  private:
-  void Run(int threads_per_task);
+  void Run(int budget);
 
   std::mutex mu_;
   std::condition_variable cv_;

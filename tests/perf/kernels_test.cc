@@ -1,16 +1,22 @@
 // Correctness of the fast paths added for performance (issue 7), on the shapes that reach
 // them: BatchNorm's register-blocked (N, C) reductions need C >= 32 (and the 8-channel and
 // scalar remainders), the plane kernels need S >= 16 with tails; AllFinite has sixteen lanes
-// and a tail; SGD has one loop per hyperparameter case; the compute budget is per thread.
+// and a tail; SGD has one loop per hyperparameter case; the compute budget is per thread, and
+// products split across two cores give the same bits as unsplit ones.
 // References are computed here in float64 from the definitions.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <mutex>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "core/batch_norm.h"
+#include "core/linear.h"
 #include "core/optimizer.h"
 #include "core/rng.h"
 #include "core/tensor.h"
@@ -196,6 +202,87 @@ TEST(ComputeThreadsTest, BudgetIsPerThreadAndDefaultsToOne) {
   EXPECT_EQ(ComputeThreads(), 1);
   EXPECT_EQ(SetComputeThreads(0), 1);
   EXPECT_EQ(ComputeThreads(), 1);  // below 1 means 1
+}
+
+// SplitInTwo covers [0, n) exactly once, split or not; a budget of 1 never splits.
+TEST(ComputeThreadsTest, SplitInTwoCoversTheRangeOnce) {
+  constexpr int64_t kN = 1001;
+  constexpr int64_t kLargeWork = int64_t{1} << 30;
+  auto run = [&](std::vector<std::pair<int64_t, int64_t>>* parts) {
+    std::mutex mu;
+    std::vector<int> hits(kN, 0);
+    SplitInTwo(kN, kLargeWork, [&](int64_t a, int64_t b) {
+      std::lock_guard<std::mutex> lock(mu);
+      parts->emplace_back(a, b);
+      for (int64_t i = a; i < b; ++i) ++hits[i];
+    });
+    return std::all_of(hits.begin(), hits.end(), [](int h) { return h == 1; });
+  };
+  {
+    ScopedComputeThreads budget(1);
+    std::vector<std::pair<int64_t, int64_t>> parts;
+    ASSERT_TRUE(run(&parts));
+    EXPECT_EQ(parts, (std::vector<std::pair<int64_t, int64_t>>{{0, kN}}));
+  }
+  if (!ComputeBorrowsIdleCores()) GTEST_SKIP() << "this build does not split products";
+  ScopedComputeThreads budget(2);
+  // A split needs an idle core and no back-off (another process may hold the second core for a
+  // while): try a bounded number of times until one happens.
+  const int64_t before = internal::SplitsDone();
+  for (int i = 0; i < 2000 && internal::SplitsDone() == before; ++i) {
+    std::vector<std::pair<int64_t, int64_t>> parts;
+    ASSERT_TRUE(run(&parts));
+    ASSERT_TRUE(parts.size() == 1 || parts.size() == 2);
+  }
+  EXPECT_GT(internal::SplitsDone(), before);
+}
+
+// A Linear layer's products give bit-identical results split across two cores or not, so results
+// never depend on whether a core happened to be idle.
+TEST(ComputeThreadsTest, LinearIsBitIdenticalSplitOrNot) {
+  for (const int64_t batch : {int64_t{256}, int64_t{301}}) {
+    LinearConfig config;
+    config.in_features = 784;
+    config.out_features = 512;
+    auto run = [&](int budget, Tensor* y, Tensor* dx, std::vector<float>* grads) {
+      ScopedComputeThreads scoped(budget);
+      Linear layer(config);
+      Shape out;
+      ASSERT_TRUE(layer.Build(Shape{784}, &out).ok());
+      Rng rng(7);
+      layer.Allocate(rng);
+      Tensor x(Shape{batch, 784}), dy(Shape{batch, 512});
+      for (int64_t i = 0; i < x.size(); ++i) x.data()[i] = rng.Uniform(-1.0f, 1.0f);
+      for (int64_t i = 0; i < dy.size(); ++i) dy.data()[i] = rng.Uniform(-1.0f, 1.0f);
+      LayerCache cache;
+      ForwardContext ctx;
+      ctx.training = true;
+      layer.Forward(x.view(), y, &cache, ctx);
+      layer.Backward(x.view(), *y, dy.view(), cache, ctx, dx);
+      layer.Backward(x.view(), *y, dy.view(), cache, ctx, dx);  // dW accumulates
+      grads->clear();
+      for (Parameter* p : layer.parameters()) {
+        grads->insert(grads->end(), p->grad.data(), p->grad.data() + p->grad.size());
+      }
+    };
+    Tensor y1, dx1;
+    std::vector<float> g1;
+    run(1, &y1, &dx1, &g1);
+    const int64_t before = internal::SplitsDone();
+    for (int attempt = 0; attempt < 200; ++attempt) {
+      Tensor y2, dx2;
+      std::vector<float> g2;
+      run(2, &y2, &dx2, &g2);
+      ASSERT_EQ(std::memcmp(y1.data(), y2.data(), y1.size() * sizeof(float)), 0) << batch;
+      ASSERT_EQ(std::memcmp(dx1.data(), dx2.data(), dx1.size() * sizeof(float)), 0) << batch;
+      ASSERT_EQ(g1.size(), g2.size());
+      ASSERT_EQ(std::memcmp(g1.data(), g2.data(), g1.size() * sizeof(float)), 0) << batch;
+      if (!ComputeBorrowsIdleCores() || internal::SplitsDone() > before + 2) break;
+    }
+    if (ComputeBorrowsIdleCores()) {
+      EXPECT_GT(internal::SplitsDone(), before + 2) << batch;
+    }
+  }
 }
 
 }  // namespace
