@@ -3,7 +3,27 @@ BUILD_DIR ?= build
 JOBS ?= 2
 CMAKE_FLAGS ?=
 
-.PHONY: all deps build test demo bench test-image clean
+.PHONY: all deps build test demo bench test-image clean test-asan test-fuzz test-tsan
+# The stages of `make test` run one after the other, even under `make -j`.
+.NOTPARALLEL:
+
+# Heavy stages of `make test` after the regular suite (tests/sanitizers/README.md):
+#   asan  one clang ASan+UBSan build of everything, also instrumented for libFuzzer (NORMD_FUZZ),
+#         and the whole ctest suite under it (but the container image test, which builds its own)
+#   fuzz  each fuzz target for FUZZ_SECONDS in that same build (tests/fuzz/run_fuzzers.sh)
+#   tsan  a clang TSan build of the concurrency tests, run with `ctest -L concurrency`
+# `make test SANITIZERS=0` skips them for a quick local run; `make test-asan` (test-fuzz,
+# test-tsan) runs one alone.
+SANITIZERS ?= 1
+FUZZ_SECONDS ?= 45
+ASAN_BUILD_DIR ?= build-asan
+TSAN_BUILD_DIR ?= build-tsan
+TSAN_TARGETS = normd_server_registry_test perf_registry_inline_test checkpoint_persistence_test \
+	perf_kernels_test sanitizers_concurrency_test
+SANITIZER_CMAKE = CC=clang CXX=clang++ cmake -S . -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+	"-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O1 -g" -DNORMD_BUILD_BENCH=OFF
+STAGE = tests/sanitizers/stage.sh
+export NORMD_STAGE_LOG = $(CURDIR)/$(BUILD_DIR)/stage-times.txt
 
 all: build
 
@@ -16,8 +36,34 @@ $(BUILD_DIR)/CMakeCache.txt:
 build: deps $(BUILD_DIR)/CMakeCache.txt
 	cmake --build $(BUILD_DIR) -j$(JOBS)
 
-test: build
-	ctest --test-dir $(BUILD_DIR) --output-on-failure -j$(JOBS)
+test: deps
+	@$(STAGE) --reset
+	@$(STAGE) "build" $(MAKE) --no-print-directory build
+	@$(STAGE) "tests (build/)" ctest --test-dir $(BUILD_DIR) --output-on-failure -j$(JOBS)
+ifneq ($(SANITIZERS),0)
+	@$(MAKE) --no-print-directory test-asan test-fuzz test-tsan
+endif
+	@$(STAGE) --summary
+
+test-asan:
+	@$(STAGE) "asan+ubsan: build, fuzzers included" sh -c 'mkdir -p $(ASAN_BUILD_DIR) && \
+	  $(SANITIZER_CMAKE) -B $(ASAN_BUILD_DIR) -DNORMD_SANITIZE=address -DNORMD_FUZZ=ON \
+	    >$(ASAN_BUILD_DIR)/configure.log || { cat $(ASAN_BUILD_DIR)/configure.log; exit 1; }; \
+	  cmake --build $(ASAN_BUILD_DIR) -j$(JOBS)'
+	@$(STAGE) "asan+ubsan: whole suite" \
+	  tests/sanitizers/run_ctest.sh $(ASAN_BUILD_DIR) -j$(JOBS) -LE image
+
+test-fuzz:
+	@$(STAGE) "fuzz: 4 targets x $(FUZZ_SECONDS) s" \
+	  tests/fuzz/run_fuzzers.sh $(FUZZ_SECONDS) $(ASAN_BUILD_DIR)
+
+test-tsan:
+	@$(STAGE) "tsan: build, concurrency tests" sh -c 'mkdir -p $(TSAN_BUILD_DIR) && \
+	  $(SANITIZER_CMAKE) -B $(TSAN_BUILD_DIR) -DNORMD_SANITIZE=thread \
+	    >$(TSAN_BUILD_DIR)/configure.log || { cat $(TSAN_BUILD_DIR)/configure.log; exit 1; }; \
+	  cmake --build $(TSAN_BUILD_DIR) -j$(JOBS) --target $(TSAN_TARGETS)'
+	@$(STAGE) "tsan: ctest -L concurrency" \
+	  tests/sanitizers/run_ctest.sh $(TSAN_BUILD_DIR) -j$(JOBS) -L concurrency
 
 # Builds the container image with podman and runs it (deploy/test-image.sh; root, ~10 min).
 test-image:

@@ -38,9 +38,11 @@ run_one() {
   cp -r "tests/fuzz/corpus/${corpus[$t]}/." "$work/"
   local dict=()
   [ -f "tests/fuzz/${corpus[$t]}.dict" ] && dict=(-dict="tests/fuzz/${corpus[$t]}.dict")
+  # -entropic=0: with the whole tree instrumented, the entropic schedule's per-feature
+  # bookkeeping dominated the run (1.5-3x fewer executions and less coverage in 15 s trials).
   "$build/tests/fuzz/$t" -max_total_time="$secs" -print_final_stats=1 -rss_limit_mb=2048 \
-    -malloc_limit_mb=1024 -timeout=10 "${dict[@]}" -artifact_prefix="$artifacts/$t-" \
-    "$work" >"$artifacts/$t.log" 2>&1 || status=$?
+    -malloc_limit_mb=1024 -timeout=10 -entropic=0 "${dict[@]}" \
+    -artifact_prefix="$artifacts/$t-" "$work" >"$artifacts/$t.log" 2>&1 || status=$?
   rm -rf "$work"
   local execs rate added rss
   execs="$(sed -n 's/^stat::number_of_executed_units: *//p' "$artifacts/$t.log" | tail -1)"

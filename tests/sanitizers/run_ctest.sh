@@ -11,8 +11,12 @@ reports="$build/sanitizer-reports"
 rm -rf "$reports"
 mkdir -p "$reports"
 # ASan + LeakSanitizer + UBSan: stop at the first error; check the order of global initialisers;
-# catch use of stack memory after return.
-export ASAN_OPTIONS="detect_leaks=1:halt_on_error=1:check_initialization_order=1:strict_init_order=1:detect_stack_use_after_return=1:log_path=$reports/report"
+# catch use of stack memory after return. A 32 MB quarantine of freed memory (default 256 MB):
+# the stress and bad-input tests bound the server's RSS growth to 200 MB, which the default
+# quarantine alone would use up (measured: growth 400 MB with it, 100 MB with 32 MB).
+export ASAN_OPTIONS="detect_leaks=1:halt_on_error=1:check_initialization_order=1:strict_init_order=1:detect_stack_use_after_return=1:quarantine_size_mb=32:log_path=$reports/report"
+# Leaks inside third-party libraries, never normd's: lsan.supp says which and why.
+export LSAN_OPTIONS="suppressions=$(cd "$(dirname "$0")" && pwd)/lsan.supp:print_suppressions=0"
 export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:log_path=$reports/report"
 export TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1:log_path=$reports/report"
 status=0
