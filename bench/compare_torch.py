@@ -420,6 +420,8 @@ def main():
         shutil.rmtree(workdir, ignore_errors=True)
 
     results["duration_s"] = time.time() - t_start
+    with open("/proc/loadavg") as f:
+        results["machine"]["loadavg_end"] = f.read().split()[:3]
     print_tables(results)
     if args.json:
         with open(args.json, "w") as f:
@@ -594,7 +596,8 @@ def print_tables(r):
                   f"{rss['bound'] / 2**20:.1f} MiB: 2 x (parameters + optimizer state + "
                   f"activations at batch 1024) + 64 MiB)")
     print_targets(r)
-    print(f"\ntotal benchmark time {r['duration_s']:.0f} s")
+    print(f"\ntotal benchmark time {r['duration_s']:.0f} s; load average at the end "
+          f"{' '.join(r['machine'].get('loadavg_end', []))}")
 
 
 def print_targets(r):

@@ -43,14 +43,16 @@ struct OpenBlasSingleThreaded {
 // idle). OpenBLAS computes every output element of a product in the same order whatever the
 // other dimensions are, except in the tiles at the edges of the output and for small products
 // (another kernel): so both halves must be large, and the split point a multiple of the output
-// tiles of its x86-64 kernels. Measured over 640 shapes each, splits at multiples of 48 with
-// halves of >= 2^24 multiply-adds gave identical bits with the Sandybridge, Haswell, Zen,
-// SkylakeX and Cooperlake kernels; splits at other multiples (16, 32, 64, 128) or of smaller
-// products did not with some of them (tests/perf checks the layers' products).
+// tiles of its x86-64 kernels. Measured over 1220 shapes each, splits at multiples of 48 with
+// halves of >= 2^20 multiply-adds gave identical bits with the Sandybridge, Haswell, Zen,
+// SkylakeX and Cooperlake kernels; splits at other multiples (16, 32, 64, 128), of smaller
+// products or along the other output dimension did not with some of them (tests/perf checks
+// the layers' products).
 constexpr int64_t kSplitAlign = 48;
-// Each half then takes at least ~100 us on a current core, against a hand-off of a few
-// microseconds (tens when the helper's core has to be woken).
-constexpr int64_t kMinHalfWork = int64_t{1} << 24;
+// Halves of at least 2^21 multiply-adds (twice the measured floor): each takes >= ~15 us on a
+// current core, against a hand-off of about a microsecond while the helper spins (tens when its
+// core has to be woken).
+constexpr int64_t kMinHalfWork = int64_t{1} << 21;
 // How long the helper waits for the next half before it sleeps: the products of one training
 // step follow each other within this, so the helper is awake for them, and it spins no longer
 // than that after the last one.
@@ -59,9 +61,12 @@ constexpr auto kHelperSpin = std::chrono::microseconds(50);
 constexpr auto kCallerSpin = std::chrono::microseconds(200);
 // A split pays only while the helper's half ends about when the caller's does. When the helper
 // is late (its core is busy with other processes, which the idle-core count cannot see) twice
-// in a row, the next kBackoffProducts products are not split; then splitting is tried again.
+// in a row, the next products are not split: kMinBackoff of them, twice as many after each
+// further failed try up to kMaxBackoff (on a machine that stays busy, the tries then cost
+// little), and back to kMinBackoff once a split pays again.
 constexpr double kLateFraction = 0.5;  // waiting longer than this part of the caller's half
-constexpr int kBackoffProducts = 64;
+constexpr int kMinBackoff = 64;
+constexpr int kMaxBackoff = 8192;
 
 // Cores not held by a ScopedComputeCore or lent to the helper.
 std::atomic<int>& IdleCores() {
@@ -117,15 +122,18 @@ class Helper {
       WaitDone();
     }
     const bool late = Clock::now() - t1 > kLateFraction * (t1 - t0);
-    strikes_ = late ? strikes_ + 1 : 0;
-    if (strikes_ >= 2) {
+    if (!late) {
       strikes_ = 0;
-      backoff_.store(kBackoffProducts, std::memory_order_relaxed);
+      next_backoff_ = kMinBackoff;
+    } else if (++strikes_ >= 2) {
+      strikes_ = 0;
+      backoff_.store(next_backoff_, std::memory_order_relaxed);
+      next_backoff_ = std::min(2 * next_backoff_, kMaxBackoff);
     }
     busy_.store(false, std::memory_order_release);
   }
 
-  // True while splits are backed off (see kBackoffProducts); counts the product down.
+  // True while splits are backed off (see kMinBackoff); counts the product down.
   bool BackingOff() {
     int v = backoff_.load(std::memory_order_relaxed);
     while (v > 0) {
@@ -179,7 +187,8 @@ class Helper {
   }
 
   std::atomic<bool> busy_{false};
-  int strikes_ = 0;  // consecutive late helpers; guarded by busy_
+  int strikes_ = 0;                 // consecutive late helpers; guarded by busy_
+  int next_backoff_ = kMinBackoff;  // guarded by busy_
   std::atomic<int> backoff_{0};
   std::atomic<int> state_{kIdle};
   std::atomic<uint64_t> generation_{0};  // written under mu_, so waits cannot miss it
