@@ -400,11 +400,14 @@ def main():
             entry = {}
             for op in ("fwd", "fwd_bwd"):
                 b = kernels.get(f"{kind}/{op}/{suffix}/real_time")
+                b2 = kernels.get(f"{kind}/{op}_2t/{suffix}/real_time")
                 per_t = {t: statistics.median(bn[key][op]["wall"] for tt, bn in torch_bn
                                               if tt == t) for t in THREADS}
                 per_t_cpu = {t: statistics.median(bn[key][op]["cpu"] for tt, bn in torch_bn
                                                   if tt == t) for t in THREADS}
                 entry[op] = {"normd_s": b["real_time"] * 1e-9 if b else None,
+                             "normd_2t_s": b2["real_time"] * 1e-9 if b2 else None,
+                             "frac_memcpy_2t": b2.get("frac_memcpy") if b2 else None,
                              "normd_cpu_s": b["cpu_time"] * 1e-9 if b else None,
                              "torch_s": min(per_t.values()),
                              "torch_t1_s": per_t[1],
@@ -554,19 +557,24 @@ def print_tables(r):
         print(f"{batch:>6} " + " ".join(cells))
 
     print("\nBatchNorm kernels (training mode), time per call; speed-up = PyTorch time / normd "
-          "time (PyTorch's faster thread setting); bytes: fwd 3, fwd+bwd 8 tensors")
-    print(f"{'shape':>16} {'op':>8} {'torch 1t':>10} {'torch 2t':>10} {'normd':>10} "
-          f"{'speed-up':>9} {'GB/s':>7} {'of memcpy':>9} | CPU time: {'torch 1t':>10} "
-          f"{'normd':>10} {'speed-up':>9} {'of memcpy':>9}")
+          "time, each at its faster thread setting; bytes: fwd 3, fwd+bwd 8 tensors; 'of memcpy' "
+          "against a one-thread memcpy of the same size")
+    print(f"{'shape':>16} {'op':>8} {'torch 1t':>10} {'torch 2t':>10} {'normd 1t':>10} "
+          f"{'normd 2t':>10} {'speed-up':>9} {'GB/s 1t':>7} {'of memcpy':>9} {'2t':>5} | "
+          f"CPU time: {'torch 1t':>10} {'normd 1t':>10} {'speed-up':>9} {'of memcpy':>9}")
     nan = float("nan")
     for shape, entry in r["bn"].items():
         for op, e in entry.items():
             n, nc = e["normd_s"], e.get("normd_cpu_s")
+            n2 = e.get("normd_2t_s")
+            fastest = min(v for v in (n, n2) if v) if (n or n2) else None
             frac = e["frac_memcpy"] or nan
             print(f"{shape:>16} {op:>8} {e['torch_t1_s'] * 1e6:8.1f}us "
                   f"{e['torch_t2_s'] * 1e6:8.1f}us {n * 1e6 if n else nan:8.1f}us "
-                  f"{e['torch_s'] / n if n else nan:8.2f}x {e['gbps'] or nan:7.1f} "
-                  f"{100 * frac:8.0f}% |           {e['torch_t1_cpu_s'] * 1e6:8.1f}us "
+                  f"{n2 * 1e6 if n2 else nan:8.1f}us "
+                  f"{e['torch_s'] / fastest if fastest else nan:8.2f}x {e['gbps'] or nan:7.1f} "
+                  f"{100 * frac:8.0f}% {100 * (e.get('frac_memcpy_2t') or nan):4.0f}% | "
+                  f"          {e['torch_t1_cpu_s'] * 1e6:8.1f}us "
                   f"{nc * 1e6 if nc else nan:8.1f}us "
                   f"{e['torch_t1_cpu_s'] / nc if nc else nan:8.2f}x "
                   f"{100 * (e.get('frac_memcpy_cpu') or nan):8.0f}%")
@@ -623,11 +631,11 @@ def print_targets(r):
           lambda v: v >= 0.9)
     for shape in ("256x4096", "32x512"):
         e = r["bn"].get(shape, {}).get("fwd_bwd")
+        times = [v for v in ((e or {}).get("normd_s"), (e or {}).get("normd_2t_s")) if v]
         check(f"BatchNorm1d fwd+bwd {shape}, PyTorch time / normd time",
-              e["torch_s"] / e["normd_s"] if e and e["normd_s"] else None, ">= 4x",
-              lambda v: v >= 4.0)
+              e["torch_s"] / min(times) if times else None, ">= 4x", lambda v: v >= 4.0)
     e = r["bn"].get("256x4096", {}).get("fwd_bwd")
-    check("BatchNorm1d fwd+bwd 256x4096, fraction of memcpy bandwidth",
+    check("BatchNorm1d fwd+bwd 256x4096, of memcpy bandwidth (1t)",
           e["frac_memcpy"] if e else None, ">= 50%", lambda v: v >= 0.5, "{:.0%}")
     lin = r["kernels"].get("Linear/fwd/256/784/512/real_time")
     check("Linear 256x784->512, fraction of FMA peak", lin["frac_peak"] if lin else None,

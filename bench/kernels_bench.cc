@@ -15,7 +15,8 @@
 // (One statistics pass is the floor; normd's two-pass statistics read x once more, which the
 // count deliberately does not credit.)
 //
-// Kernels run on one thread; the whole TrainStep runs at the compute-thread budgets 1 and 2.
+// Kernels run on one thread; BatchNorm and the whole TrainStep also at a compute-thread budget
+// of 2 (work split across two cores when the second is idle, core/threads.h).
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
@@ -162,8 +163,8 @@ Shape BnSample(const benchmark::State& state, bool two_d) {
   return two_d ? Shape{state.range(1), state.range(2), state.range(3)} : Shape{state.range(1)};
 }
 
-void BM_BatchNorm(benchmark::State& state, bool two_d, bool backward) {
-  ScopedComputeThreads threads(1);
+void BM_BatchNorm(benchmark::State& state, bool two_d, bool backward, int threads) {
+  ScopedComputeThreads budget(threads);
   const Shape sample = BnSample(state, two_d);
   LayerConfig config;
   config.kind = two_d ? LayerKind::kBatchNorm2d : LayerKind::kBatchNorm1d;
@@ -306,18 +307,30 @@ const std::vector<int64_t> kBn2dShape = {64, 64, 32, 32};
 
 void RegisterAll() {
   benchmark::RegisterBenchmark("FmaPeak", BM_FmaPeak)->Iterations(1);
+  // BatchNorm at a budget of 1 ("fwd", "fwd_bwd") and of 2 ("fwd_2t", "fwd_bwd_2t": large
+  // layers split their channels across two cores when the second is idle, core/threads.h).
   for (const auto& shape : kBn1dShapes) {
-    benchmark::RegisterBenchmark("BatchNorm1d/fwd", BM_BatchNorm, false, false)
-        ->Args(shape)->UseRealTime();
-    benchmark::RegisterBenchmark("BatchNorm1d/fwd_bwd", BM_BatchNorm, false, true)
-        ->Args(shape)->UseRealTime();
+    for (int threads : {1, 2}) {
+      const std::string suffix = threads == 1 ? "" : "_2t";
+      benchmark::RegisterBenchmark(("BatchNorm1d/fwd" + suffix).c_str(), BM_BatchNorm, false,
+                                   false, threads)
+          ->Args(shape)->UseRealTime();
+      benchmark::RegisterBenchmark(("BatchNorm1d/fwd_bwd" + suffix).c_str(), BM_BatchNorm,
+                                   false, true, threads)
+          ->Args(shape)->UseRealTime();
+    }
     benchmark::RegisterBenchmark("Memcpy", BM_Memcpy)
         ->Arg(shape[0] * shape[1] * sizeof(float))->UseRealTime();
   }
-  benchmark::RegisterBenchmark("BatchNorm2d/fwd", BM_BatchNorm, true, false)
-      ->Args(kBn2dShape)->UseRealTime();
-  benchmark::RegisterBenchmark("BatchNorm2d/fwd_bwd", BM_BatchNorm, true, true)
-      ->Args(kBn2dShape)->UseRealTime();
+  for (int threads : {1, 2}) {
+    const std::string suffix = threads == 1 ? "" : "_2t";
+    benchmark::RegisterBenchmark(("BatchNorm2d/fwd" + suffix).c_str(), BM_BatchNorm, true, false,
+                                 threads)
+        ->Args(kBn2dShape)->UseRealTime();
+    benchmark::RegisterBenchmark(("BatchNorm2d/fwd_bwd" + suffix).c_str(), BM_BatchNorm, true,
+                                 true, threads)
+        ->Args(kBn2dShape)->UseRealTime();
+  }
   benchmark::RegisterBenchmark("Memcpy", BM_Memcpy)
       ->Arg(64 * 64 * 32 * 32 * sizeof(float))->UseRealTime();
   benchmark::RegisterBenchmark("Linear/fwd", BM_Linear, false)

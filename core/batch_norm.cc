@@ -9,6 +9,8 @@
 #include <immintrin.h>
 #endif
 
+#include "core/threads.h"
+
 namespace normd {
 namespace {
 
@@ -76,14 +78,16 @@ constexpr int64_t kRowGroup = 8;
 // Channels per register block: two float vectors of sixteen.
 constexpr int64_t kBlock = 32;
 
-// For x viewed as (n, C, s), adds to acc1[c] and acc2[c] the sums over every value v of
+// For x viewed as (n, C, s) with samples `ld` floats apart (C * s for a whole tensor, more for
+// a block of its channels), adds to acc1[c] and acc2[c] the sums over every value v of
 // channel c of u and u * w, where u = A(v) and w = B(v) are what the Op makes of x (and of a
-// second tensor g with x's shape, for the backward pass; read only when Op::kUsesG). Op
+// second tensor g with x's layout, for the backward pass; read only when Op::kUsesG). Op
 // gives, per channel, a constant (the shift or the mean) and the two terms from a loaded x
-// and g vector.
+// and g vector. Each channel's sums are added in the same order whatever C and ld are, so a
+// reduction over a block of channels gives those channels' results bit for bit.
 template <typename Op>
 void ChannelReduce(const Op& op, const float* x, const float* g, int64_t n, int64_t C,
-                   int64_t s, const float* k, double* acc1, double* acc2) {
+                   int64_t s, int64_t ld, const float* k, double* acc1, double* acc2) {
   auto load_g = [g](int64_t o) { return Op::kUsesG ? LoadF8(g + o) : D8{}; };
   auto load_g16 = [g](int64_t o) { return Op::kUsesG ? LoadF16(g + o) : F16{}; };
   auto scalar_g = [g](int64_t o) { return Op::kUsesG ? g[o] : 0.0f; };
@@ -95,7 +99,7 @@ void ChannelReduce(const Op& op, const float* x, const float* g, int64_t n, int6
         F16 a1[2] = {}, a2[2] = {}, kk[2];
         for (int v = 0; v < 2; ++v) kk[v] = LoadF16(k + c0 + 16 * v);
         for (int64_t i = i0; i < i1; ++i) {
-          const int64_t off = i * C + c0;
+          const int64_t off = i * ld + c0;
           for (int v = 0; v < 2; ++v) {
             const int64_t o = off + 16 * v;
             op.Vector(LoadF16(x + o), load_g16(o), kk[v], &a1[v], &a2[v]);
@@ -113,7 +117,7 @@ void ChannelReduce(const Op& op, const float* x, const float* g, int64_t n, int6
         D8 a1 = {}, a2 = {};
         const D8 kk = LoadF8(k + c0);
         for (int64_t i = i0; i < i1; ++i) {
-          const int64_t o = i * C + c0;
+          const int64_t o = i * ld + c0;
           op.Vector(LoadF8(x + o), load_g(o), kk, &a1, &a2);
         }
         StoreD8(acc1 + c0, LoadD8(acc1 + c0) + a1);
@@ -121,7 +125,7 @@ void ChannelReduce(const Op& op, const float* x, const float* g, int64_t n, int6
       }
       for (; c0 < C; ++c0) {
         for (int64_t i = i0; i < i1; ++i) {
-          const int64_t o = i * C + c0;
+          const int64_t o = i * ld + c0;
           op.Scalar(x[o], scalar_g(o), k[c0], &acc1[c0], &acc2[c0]);
         }
       }
@@ -131,7 +135,7 @@ void ChannelReduce(const Op& op, const float* x, const float* g, int64_t n, int6
   // (n, C, s): each (sample, channel) plane is s contiguous values.
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t c = 0; c < C; ++c) {
-      const int64_t off = (i * C + c) * s;
+      const int64_t off = i * ld + c * s;
       const D8 kk = SplatD8(k[c]);
       D8 a1[2] = {}, a2[2] = {};
       int64_t j = 0;
@@ -183,16 +187,16 @@ struct GradSumsOp {
   }
 };
 
-// Per-channel mean and M2 of x viewed as (n, C, s), one pass: with K_c = x[0, c, 0],
-// mean = K + S1 / count and M2 = S2 - S1^2 / count for the shifted sums S1, S2.
-// `shift` receives K (C floats).
-void MeanAndM2(const float* x, int64_t n, int64_t C, int64_t s, double* mean, double* m2,
-               float* shift) {
+// Per-channel mean and M2 of x viewed as (n, C, s) with samples ld floats apart, one pass:
+// with K_c = x[0, c, 0], mean = K + S1 / count and M2 = S2 - S1^2 / count for the shifted
+// sums S1, S2. `shift` receives K (C floats).
+void MeanAndM2(const float* x, int64_t n, int64_t C, int64_t s, int64_t ld, double* mean,
+               double* m2, float* shift) {
   for (int64_t c = 0; c < C; ++c) {
     shift[c] = x[c * s];
     mean[c] = m2[c] = 0.0;
   }
-  ChannelReduce(ShiftedSumsOp(), x, nullptr, n, C, s, shift, mean, m2);
+  ChannelReduce(ShiftedSumsOp(), x, nullptr, n, C, s, ld, shift, mean, m2);
   const double count = static_cast<double>(n * s);
   for (int64_t c = 0; c < C; ++c) {
     const double s1 = mean[c];
@@ -200,6 +204,11 @@ void MeanAndM2(const float* x, int64_t n, int64_t C, int64_t s, double* mean, do
     m2[c] = std::max(0.0, m2[c] - s1 * s1 / count);
   }
 }
+
+// How much a pass of BatchNorm over one element costs, in multiply-adds of a matrix product
+// (the unit of SplitInTwo's threshold): a pass streams about one element per 0.2 ns on this
+// class of core, a product does 20-25 multiply-adds in that time; rounded up.
+constexpr int64_t kPassCost = 32;
 
 }  // namespace
 
@@ -210,7 +219,7 @@ void ComputeMoments(const float* x, int64_t n, int64_t channels, int64_t s,
   out->m2.assign(channels, 0.0);
   if (out->count == 0) return;
   std::vector<float> shift(channels);
-  MeanAndM2(x, n, channels, s, out->mean.data(), out->m2.data(), shift.data());
+  MeanAndM2(x, n, channels, s, channels * s, out->mean.data(), out->m2.data(), shift.data());
 }
 
 void CombineMoments(ChannelMoments* a, const ChannelMoments& b) {
@@ -309,15 +318,70 @@ void BatchNorm::Forward(const ConstTensorView& x, Tensor* y, LayerCache* cache,
   ArrayF scale(cache->f.data() + 2 * C, C);
   ArrayF shift(cache->f.data() + 3 * C, C);
 
-  // One pass over x: batch mean and biased variance (needed for the drift in eval mode too).
   const bool need_stats = batch_stats || track;
-  if (need_stats) {
-    // The scale area of f is free until the end and holds the shifts meanwhile.
-    MeanAndM2(x.data, N, C, S, batch_mean.data(), batch_var.data(), scale.data());
-    batch_var /= static_cast<double>(N * S);
-  }
+  const double count = static_cast<double>(N * S);
+  // 1/sqrt(var + eps) in double (Eigen vectorises it when no cast is inside the expression),
+  // in the scratch area, then rounded to float.
+  ArrayD invstd(d + kPending + 2 * C, C);
+  const float* xp = x.data;
+  y->Resize(x.shape);
+  float* yp = y->data();
+  // Channels are independent until the drift: a large layer splits them across two cores
+  // (SplitInTwo). For (N, C) inputs the split is at a multiple of kBlock channels, so every
+  // channel takes the same reduction path as unsplit, and the results are the same bits.
+  SplitInTwo(C, S == 1 ? kBlock : 1, kPassCost * 2 * N * C * S, [&](int64_t c0, int64_t c1) {
+    const int64_t cw = c1 - c0;
+    // One pass over the block of x: batch mean and biased variance (needed for the drift in
+    // eval mode too). The scale area of f is free until the normalisation and holds the
+    // shifts meanwhile.
+    if (need_stats) {
+      MeanAndM2(xp + c0 * S, N, cw, S, C * S, batch_mean.data() + c0, batch_var.data() + c0,
+                scale.data() + c0);
+      batch_var.segment(c0, cw) /= count;
+    }
+    if (batch_stats) {
+      invstd.segment(c0, cw) = (batch_var.segment(c0, cw) + eps).sqrt().inverse();
+      for (int64_t c = c0; c < c0 + cw; ++c) mean_used[c] = static_cast<float>(batch_mean[c]);
+    } else {
+      const float* rv = running_var_.data();
+      for (int64_t c = c0; c < c0 + cw; ++c) invstd[c] = double{rv[c]} + eps;
+      invstd.segment(c0, cw) = invstd.segment(c0, cw).sqrt().inverse();
+      mean_used.segment(c0, cw) = ConstArrayF(running_mean_.data(), C).segment(c0, cw);
+    }
+    for (int64_t c = c0; c < c0 + cw; ++c) invstd_used[c] = static_cast<float>(invstd[c]);
 
-  // Drift against the running estimates, before any update.
+    // y = x * scale + shift per channel: one multiply-add per element.
+    if (config_.affine) {
+      scale.segment(c0, cw) =
+          ConstArrayF(weight_.value.data(), C).segment(c0, cw) * invstd_used.segment(c0, cw);
+      shift.segment(c0, cw) = ConstArrayF(bias_.value.data(), C).segment(c0, cw) -
+                              mean_used.segment(c0, cw) * scale.segment(c0, cw);
+    } else {
+      scale.segment(c0, cw) = invstd_used.segment(c0, cw);
+      shift.segment(c0, cw) = -mean_used.segment(c0, cw) * scale.segment(c0, cw);
+    }
+    const float* sc = scale.data();
+    const float* sh = shift.data();
+    if (S == 1) {
+      for (int64_t i = 0; i < N; ++i) {
+        const float* xr = xp + i * C;
+        float* yr = yp + i * C;
+        for (int64_t c = c0; c < c0 + cw; ++c) yr[c] = xr[c] * sc[c] + sh[c];
+      }
+    } else {
+      for (int64_t i = 0; i < N; ++i) {
+        for (int64_t c = c0; c < c0 + cw; ++c) {
+          const float* xr = xp + (i * C + c) * S;
+          float* yr = yp + (i * C + c) * S;
+          const float a = sc[c], b = sh[c];
+          for (int64_t k = 0; k < S; ++k) yr[k] = xr[k] * a + b;
+        }
+      }
+    }
+  });
+
+  // Drift against the running estimates, before any update. It reuses the scratch area, whose
+  // 1/sqrt values have been rounded into invstd_used.
   d[kDriftValid] = track ? 1.0 : 0.0;
   d[kMeanShift] = d[kVarLogRatio] = 0.0;
   if (track) {
@@ -334,55 +398,10 @@ void BatchNorm::Forward(const ConstTensorView& x, Tensor* y, LayerCache* cache,
     d[kMeanShift] = shift_sum / C;
   }
 
-  // 1/sqrt(var + eps) in double (Eigen vectorises it when no cast is inside the expression),
-  // in the scratch area, then rounded to float.
-  ArrayD invstd(d + kPending + 2 * C, C);
-  if (batch_stats) {
-    invstd = (batch_var + eps).sqrt().inverse();
-    for (int64_t c = 0; c < C; ++c) mean_used[c] = static_cast<float>(batch_mean[c]);
-  } else {
-    const float* rv = running_var_.data();
-    for (int64_t c = 0; c < C; ++c) invstd[c] = double{rv[c]} + eps;
-    invstd = invstd.sqrt().inverse();
-    mean_used = ConstArrayF(running_mean_.data(), C);
-  }
-  for (int64_t c = 0; c < C; ++c) invstd_used[c] = static_cast<float>(invstd[c]);
-
   if (ctx.training && ctx.update_running_stats && track) {
     // Pending update: the batch mean stays, the variance becomes the unbiased estimate.
-    const double n = static_cast<double>(N * S);
-    batch_var = batch_var * n / (n - 1);
+    batch_var = batch_var * count / (count - 1);
     cache->has_pending_update = true;
-  }
-
-  // y = x * scale + shift per channel: one multiply-add per element.
-  y->Resize(x.shape);
-  if (config_.affine) {
-    scale = ConstArrayF(weight_.value.data(), C) * invstd_used;
-    shift = ConstArrayF(bias_.value.data(), C) - mean_used * scale;
-  } else {
-    scale = invstd_used;
-    shift = -mean_used * scale;
-  }
-  const float* sc = scale.data();
-  const float* sh = shift.data();
-  const float* xp = x.data;
-  float* yp = y->data();
-  if (S == 1) {
-    for (int64_t i = 0; i < N; ++i) {
-      const float* xr = xp + i * C;
-      float* yr = yp + i * C;
-      for (int64_t c = 0; c < C; ++c) yr[c] = xr[c] * sc[c] + sh[c];
-    }
-  } else {
-    for (int64_t i = 0; i < N; ++i) {
-      for (int64_t c = 0; c < C; ++c) {
-        const float* xr = xp + (i * C + c) * S;
-        float* yr = yp + (i * C + c) * S;
-        const float a = sc[c], b = sh[c];
-        for (int64_t k = 0; k < S; ++k) yr[k] = xr[k] * a + b;
-      }
-    }
   }
 }
 
@@ -402,22 +421,14 @@ void BatchNorm::Backward(const ConstTensorView& x, const Tensor& /*y*/, const Co
   work.assign(2 * C, 0.0);
   double* sum_dy = work.data();
   double* sum_dy_xmu = work.data() + C;
-  ChannelReduce(GradSumsOp(), xp, dyp, N, C, S, mean, sum_dy, sum_dy_xmu);
-  if (config_.affine) {
-    float* gw = weight_.grad.data();
-    float* gb = bias_.grad.data();
-    for (int64_t c = 0; c < C; ++c) {
-      gw[c] += static_cast<float>(sum_dy_xmu[c] * invstd[c]);
-      gb[c] += static_cast<float>(sum_dy[c]);
-    }
-  }
-  if (dx == nullptr) return;
-
   // Pass 2: dx. With batch statistics the gradient flows through mean and variance:
   //   dx = gamma * invstd * (dy - sum_dy / n - xhat * sum(dy * xhat) / n)
   // With running statistics they are constants: dx = dy * gamma * invstd.
-  dx->Resize(x.shape);
-  float* dxp = dx->data();
+  float* dxp = nullptr;
+  if (dx != nullptr) {
+    dx->Resize(x.shape);
+    dxp = dx->data();
+  }
   thread_local std::vector<float> coef;
   coef.resize(3 * C);
   float* k = coef.data();          // multiplies dy
@@ -425,40 +436,58 @@ void BatchNorm::Backward(const ConstTensorView& x, const Tensor& /*y*/, const Co
   float* b = coef.data() + 2 * C;  // constant term
   const double n = static_cast<double>(N * S);
   const float* gamma = config_.affine ? weight_.value.data() : nullptr;
-  // Branch-free loops over channels so they vectorise.
-  for (int64_t c = 0; c < C; ++c) {
-    k[c] = static_cast<float>((gamma != nullptr ? double{gamma[c]} : 1.0) * invstd[c]);
-  }
-  if (UsesBatchStats(ctx)) {
-    // xhat * sum(dy*xhat) / n = (x - mean) * is^2 * sum_dy_xmu / n
-    for (int64_t c = 0; c < C; ++c) {
-      const double gi = (gamma != nullptr ? double{gamma[c]} : 1.0) * invstd[c];
-      const double is = invstd[c];
-      a[c] = static_cast<float>(-gi * is * is * sum_dy_xmu[c] / n);
-      b[c] = static_cast<float>(-gi * sum_dy[c] / n);
+  const bool batch_stats = UsesBatchStats(ctx);
+  // Channels are independent: a large layer splits them across two cores, as in Forward.
+  SplitInTwo(C, S == 1 ? kBlock : 1, kPassCost * 2 * N * C * S, [&](int64_t c0, int64_t c1) {
+    ChannelReduce(GradSumsOp(), xp + c0 * S, dyp + c0 * S, N, c1 - c0, S, C * S, mean + c0,
+                  sum_dy + c0, sum_dy_xmu + c0);
+    if (config_.affine) {
+      float* gw = weight_.grad.data();
+      float* gb = bias_.grad.data();
+      for (int64_t c = c0; c < c1; ++c) {
+        gw[c] += static_cast<float>(sum_dy_xmu[c] * invstd[c]);
+        gb[c] += static_cast<float>(sum_dy[c]);
+      }
     }
-  } else {
-    std::fill(a, a + C, 0.0f);
-    std::fill(b, b + C, 0.0f);
-  }
-  if (S == 1) {
-    for (int64_t i = 0; i < N; ++i) {
-      const float* xr = xp + i * C;
-      const float* gr = dyp + i * C;
-      float* dr = dxp + i * C;
-      for (int64_t c = 0; c < C; ++c) dr[c] = k[c] * gr[c] + a[c] * (xr[c] - mean[c]) + b[c];
+    if (dx == nullptr) return;
+
+    // Branch-free loops over channels so they vectorise.
+    for (int64_t c = c0; c < c1; ++c) {
+      k[c] = static_cast<float>((gamma != nullptr ? double{gamma[c]} : 1.0) * invstd[c]);
     }
-  } else {
-    for (int64_t i = 0; i < N; ++i) {
-      for (int64_t c = 0; c < C; ++c) {
-        const int64_t off = (i * C + c) * S;
-        const float kc = k[c], ac = a[c], bc = b[c], mc = mean[c];
-        for (int64_t j = 0; j < S; ++j) {
-          dxp[off + j] = kc * dyp[off + j] + ac * (xp[off + j] - mc) + bc;
+    if (batch_stats) {
+      // xhat * sum(dy*xhat) / n = (x - mean) * is^2 * sum_dy_xmu / n
+      for (int64_t c = c0; c < c1; ++c) {
+        const double gi = (gamma != nullptr ? double{gamma[c]} : 1.0) * invstd[c];
+        const double is = invstd[c];
+        a[c] = static_cast<float>(-gi * is * is * sum_dy_xmu[c] / n);
+        b[c] = static_cast<float>(-gi * sum_dy[c] / n);
+      }
+    } else {
+      std::fill(a + c0, a + c1, 0.0f);
+      std::fill(b + c0, b + c1, 0.0f);
+    }
+    if (S == 1) {
+      for (int64_t i = 0; i < N; ++i) {
+        const float* xr = xp + i * C;
+        const float* gr = dyp + i * C;
+        float* dr = dxp + i * C;
+        for (int64_t c = c0; c < c1; ++c) {
+          dr[c] = k[c] * gr[c] + a[c] * (xr[c] - mean[c]) + b[c];
+        }
+      }
+    } else {
+      for (int64_t i = 0; i < N; ++i) {
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t off = (i * C + c) * S;
+          const float kc = k[c], ac = a[c], bc = b[c], mc = mean[c];
+          for (int64_t j = 0; j < S; ++j) {
+            dxp[off + j] = kc * dyp[off + j] + ac * (xp[off + j] - mc) + bc;
+          }
         }
       }
     }
-  }
+  });
 }
 
 std::vector<Parameter*> BatchNorm::parameters() {

@@ -54,7 +54,7 @@ void Linear::Forward(const ConstTensorView& x, Tensor* y, LayerCache* /*cache*/,
   y->Resize(Shape{n, config_.out_features});
   MatrixMap out = y->matrix();
   // Large products split by rows of the batch across two cores (core/threads.h).
-  SplitInTwo(n, work, [&](int64_t r0, int64_t r1) {
+  SplitInTwo(n, kProductSplitAlign, work, [&](int64_t r0, int64_t r1) {
     out.middleRows(r0, r1 - r0).noalias() =
         x.matrix().middleRows(r0, r1 - r0) * weight_.value.matrix().transpose();
   });
@@ -70,14 +70,14 @@ void Linear::Backward(const ConstTensorView& x, const Tensor& /*y*/, const Const
   // Large products split across two cores (core/threads.h): dW by its rows (output features),
   // dx by rows of the batch.
   MatrixMap dw = weight_.grad.matrix();
-  SplitInTwo(config_.out_features, work, [&](int64_t r0, int64_t r1) {
+  SplitInTwo(config_.out_features, kProductSplitAlign, work, [&](int64_t r0, int64_t r1) {
     dw.middleRows(r0, r1 - r0).noalias() += g.middleCols(r0, r1 - r0).transpose() * x.matrix();
   });
   if (config_.bias) bias_.grad.flat() += g.colwise().sum().transpose();
   if (dx != nullptr) {
     dx->Resize(x.shape);
     MatrixMap d = dx->matrix();
-    SplitInTwo(n, work, [&](int64_t r0, int64_t r1) {
+    SplitInTwo(n, kProductSplitAlign, work, [&](int64_t r0, int64_t r1) {
       d.middleRows(r0, r1 - r0).noalias() = g.middleRows(r0, r1 - r0) * weight_.value.matrix();
     });
   }

@@ -40,15 +40,8 @@ struct OpenBlasSingleThreaded {
 #endif
 
 // A split must not change a bit of the result (which would then depend on whether a core was
-// idle). OpenBLAS computes every output element of a product in the same order whatever the
-// other dimensions are, except in the tiles at the edges of the output and for small products
-// (another kernel): so both halves must be large, and the split point a multiple of the output
-// tiles of its x86-64 kernels. Measured over 1220 shapes each, splits at multiples of 48 with
-// halves of >= 2^20 multiply-adds gave identical bits with the Sandybridge, Haswell, Zen,
-// SkylakeX and Cooperlake kernels; splits at other multiples (16, 32, 64, 128), of smaller
-// products or along the other output dimension did not with some of them (tests/perf checks
-// the layers' products).
-constexpr int64_t kSplitAlign = 48;
+// idle): the caller picks where (SplitInTwo's align; kProductSplitAlign for products), and
+// halves are never small (for products, that also keeps OpenBLAS off its small-matrix kernels).
 // Halves of at least 2^21 multiply-adds (twice the measured floor): each takes >= ~15 us on a
 // current core, against a hand-off of about a microsecond while the helper spins (tens when its
 // core has to be woken).
@@ -232,9 +225,10 @@ ScopedComputeCore::ScopedComputeCore() { IdleCores().fetch_sub(1, std::memory_or
 
 ScopedComputeCore::~ScopedComputeCore() { ReturnIdleCore(); }
 
-void SplitInTwo(int64_t n, int64_t work, const std::function<void(int64_t, int64_t)>& body) {
-  // The multiple of kSplitAlign nearest to n / 2.
-  const int64_t mid = (n + kSplitAlign) / (2 * kSplitAlign) * kSplitAlign;
+void SplitInTwo(int64_t n, int64_t align, int64_t work,
+                const std::function<void(int64_t, int64_t)>& body) {
+  align = std::max<int64_t>(1, align);
+  const int64_t mid = (n + align) / (2 * align) * align;  // the multiple nearest to n / 2
   const int64_t per_row = n > 0 ? work / n : 0;
   const bool split = ComputeBorrowsIdleCores() && tl_budget >= 2 && mid > 0 && mid < n &&
                      per_row * std::min(mid, n - mid) >= kMinHalfWork;

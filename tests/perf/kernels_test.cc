@@ -211,7 +211,7 @@ TEST(ComputeThreadsTest, SplitInTwoCoversTheRangeOnce) {
   auto run = [&](std::vector<std::pair<int64_t, int64_t>>* parts) {
     std::mutex mu;
     std::vector<int> hits(kN, 0);
-    SplitInTwo(kN, kLargeWork, [&](int64_t a, int64_t b) {
+    SplitInTwo(kN, kProductSplitAlign, kLargeWork, [&](int64_t a, int64_t b) {
       std::lock_guard<std::mutex> lock(mu);
       parts->emplace_back(a, b);
       for (int64_t i = a; i < b; ++i) ++hits[i];
@@ -281,6 +281,64 @@ TEST(ComputeThreadsTest, LinearIsBitIdenticalSplitOrNot) {
     }
     if (ComputeBorrowsIdleCores()) {
       EXPECT_GT(internal::SplitsDone(), before + 2) << batch;
+    }
+  }
+}
+
+
+// BatchNorm splits its channels across two cores for large layers; every output must be the
+// same bits as unsplit (the split point keeps each channel on the same reduction path).
+TEST(ComputeThreadsTest, BatchNormIsBitIdenticalSplitOrNot) {
+  struct Case {
+    int64_t n, c, s;
+    bool two_d;
+  };
+  for (const Case& k : {Case{256, 4100, 1, false}, Case{16, 70, 1024, true}}) {
+    BatchNormConfig config;
+    config.num_features = k.c;
+    auto run = [&](int budget, Tensor* y, Tensor* dx, std::vector<float>* rest) {
+      ScopedComputeThreads scoped(budget);
+      BatchNorm bn(config, k.two_d);
+      Shape out;
+      ASSERT_TRUE(bn.Build(k.two_d ? Shape{k.c, 32, k.s / 32} : Shape{k.c}, &out).ok());
+      Rng rng(3);
+      bn.Allocate(rng);
+      for (Parameter* p : bn.parameters()) {
+        for (int64_t i = 0; i < p->value.size(); ++i) p->value.data()[i] = rng.Uniform(0.5f, 1.5f);
+      }
+      Tensor x(k.two_d ? Shape{k.n, k.c, 32, k.s / 32} : Shape{k.n, k.c}), dy(x.shape());
+      for (int64_t i = 0; i < x.size(); ++i) x.data()[i] = 2.0f + rng.Uniform(-1.0f, 1.0f);
+      for (int64_t i = 0; i < dy.size(); ++i) dy.data()[i] = rng.Uniform(-1.0f, 1.0f);
+      LayerCache cache;
+      ForwardContext ctx;
+      ctx.training = true;
+      ctx.update_running_stats = true;
+      bn.Forward(x.view(), y, &cache, ctx);
+      bn.Backward(x.view(), *y, dy.view(), cache, ctx, dx);
+      bn.Commit(&cache);
+      rest->assign(cache.f.begin(), cache.f.end());
+      for (Parameter* p : bn.parameters()) {
+        rest->insert(rest->end(), p->grad.data(), p->grad.data() + p->grad.size());
+      }
+      rest->insert(rest->end(), bn.running_mean().data(), bn.running_mean().data() + k.c);
+      rest->insert(rest->end(), bn.running_var().data(), bn.running_var().data() + k.c);
+    };
+    Tensor y1, dx1;
+    std::vector<float> r1;
+    run(1, &y1, &dx1, &r1);
+    const int64_t before = internal::SplitsDone();
+    for (int attempt = 0; attempt < 200; ++attempt) {
+      Tensor y2, dx2;
+      std::vector<float> r2;
+      run(2, &y2, &dx2, &r2);
+      ASSERT_EQ(std::memcmp(y1.data(), y2.data(), y1.size() * sizeof(float)), 0) << k.c;
+      ASSERT_EQ(std::memcmp(dx1.data(), dx2.data(), dx1.size() * sizeof(float)), 0) << k.c;
+      ASSERT_EQ(r1.size(), r2.size());
+      ASSERT_EQ(std::memcmp(r1.data(), r2.data(), r1.size() * sizeof(float)), 0) << k.c;
+      if (!ComputeBorrowsIdleCores() || internal::SplitsDone() > before + 1) break;
+    }
+    if (ComputeBorrowsIdleCores()) {
+      EXPECT_GT(internal::SplitsDone(), before + 1) << k.c;
     }
   }
 }
