@@ -55,6 +55,9 @@ using Access = ModelEntry::Access;
 using Want = ModelEntry::Want;
 
 constexpr int kMaxRetained = 3;
+// TrainerService runs eval Forwards and Evaluates up to this many multiply-adds inline
+// (kInlineMaxCost in server/service.cc).
+constexpr int64_t kInlineMaxCost = int64_t{1} << 16;
 const char* const kIds[2] = {"a", "b"};
 
 server::RegistryLimits Limits() {
@@ -208,12 +211,15 @@ class Harness {
     return pool;
   }
 
-  // RunOnModel of the service: find, queue with `want`, run holding the lock as granted.
-  Status RunOnModel(int slot, Want want, const std::function<Status(ModelEntry&, Access)>& body) {
+  // RunOnModel of the service: find, then run on the calling thread when the service would
+  // (an eval Forward or Evaluate of at most kInlineMaxCost multiply-adds, `inline_batch` > 0,
+  // while the model is free), else queue with `want`; run holding the lock as granted.
+  Status RunOnModel(int slot, Want want, const std::function<Status(ModelEntry&, Access)>& body,
+                    int64_t inline_batch = 0) {
     std::shared_ptr<ModelEntry> entry;
     NORMD_RETURN_IF_ERROR(registry_.Find(kIds[slot], &entry));
     std::promise<Status> done;
-    const Status queued = entry->Schedule(entry, want, [&](Access access) {
+    const std::function<void(Access)> task = [&](Access access) {
       Status st;
       if (access == Access::kExclusive) {
         std::unique_lock<std::shared_mutex> lock(entry->mu());
@@ -223,7 +229,13 @@ class Harness {
         st = entry->deleted() ? NotFound("deleted") : body(*entry, access);
       }
       done.set_value(st);
-    });
+    };
+    if (inline_batch > 0 &&
+        SaturatingMul(inline_batch, entry->forward_cost_per_sample()) <= kInlineMaxCost &&
+        entry->TryRunInline(entry, want, task)) {
+      return done.get_future().get();
+    }
+    const Status queued = entry->Schedule(entry, want, task);
     if (!queued.ok()) return queued;
     return done.get_future().get();
   }
@@ -420,7 +432,7 @@ class Harness {
         e.ReleaseRecord(std::move(rec));
       }
       return Status::Ok();
-    });
+    }, batch.rows);
 
     StatusCode want = StatusCode::kOk;
     if (!sl.exists) {
@@ -659,7 +671,7 @@ class Harness {
         }
         e.ReleaseRecord(std::move(rec));
         return st;
-      });
+      }, batch.rows);
     }
 
     const bool targets_ok = !both && variant != 1 && variant != 2;
