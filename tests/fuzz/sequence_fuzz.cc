@@ -7,9 +7,10 @@
 // train step, evaluate, get/set state, reset running statistics, update the optimizer.
 //
 // Each operation goes the way TrainerService (server/service.cc) takes it, minus gRPC: wire
-// messages decoded by server/convert.h, the model found in a server::Registry, the work queued
-// on the model's ModelEntry and run on a ComputePool holding the model's lock the way the
-// queue grants it, then the same calls on the entry and the core Model as the handler makes.
+// messages decoded by server/convert.h, the model found in a server::Registry, the work run
+// inline (small eval Forwards and Evaluates while the model is free) or queued on the model's
+// ModelEntry and run on a ComputePool, holding the model's lock the way it was granted, then the
+// same calls on the entry and the core Model as the handler makes.
 // The gRPC reactor and metrics glue of the handlers is exercised by the service tests instead.
 //
 // After every operation the harness checks what a client relies on (abort on violation):
