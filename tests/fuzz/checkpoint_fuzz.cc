@@ -97,9 +97,9 @@ void Restore(const server::LoadedCheckpoint& ckpt) {
   const Status s = server::RestoreInto(ckpt, model.get());
   if (!s.ok()) {
     NORMD_FUZZ_CHECK(!s.message().empty(), "RestoreInto failed without a message");
-    NORMD_FUZZ_CHECK(SameState(fresh, model->GetState(true)) && model->step() == 0 &&
-                         model->training(),
-                     "a failed RestoreInto changed the model (%s)", s.message().c_str());
+    NORMD_FUZZ_CHECK(
+        SameState(fresh, model->GetState(true)) && model->step() == 0 && model->training(),
+        "a failed RestoreInto changed the model (%s)", s.message().c_str());
     return;
   }
   const std::vector<NamedTensor> state = model->GetState(true);

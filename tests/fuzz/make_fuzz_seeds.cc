@@ -1,7 +1,8 @@
 // Writes the generated part of the fuzz targets' seed corpora (tests/fuzz/README.md); the
 // hand-written edge cases beside them (corpus/spec/*.txt, regression-*) are committed as they are.
 //   make_fuzz_seeds <corpus dir>      (tests/fuzz/corpus)
-// Output is deterministic, so rerunning it after a format change shows a meaningful diff.
+// Output is deterministic (but for the checkpoints' creation time), so rerunning it after a
+// format change shows a meaningful diff.
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
@@ -157,12 +158,14 @@ void WriteSpecs(const std::string& dir) {
       {"batchnorm-options", BatchNormOptions()},
       {"too-large", TooLarge()},
   };
-  for (const auto& [name, spec] : specs) WriteFile(dir + "/" + name + ".bin", spec.SerializeAsString());
+  for (const auto& [name, spec] : specs)
+    WriteFile(dir + "/" + name + ".bin", spec.SerializeAsString());
 }
 
 // --- Tensors -----------------------------------------------------------------------------------
 
-v1::Tensor WireTensor(const std::vector<int64_t>& shape, const std::vector<float>& values, bool raw) {
+v1::Tensor WireTensor(const std::vector<int64_t>& shape, const std::vector<float>& values,
+                      bool raw) {
   v1::Tensor t;
   for (int64_t d : shape) t.add_shape(d);
   if (raw) {
@@ -194,8 +197,10 @@ void WriteTensors(const std::string& dir) {
       {"count-mismatch", WireTensor({2, 4}, six, false)},
       {"over-limit", WireTensor({1 << 20, 1 << 20}, six, false)},
       {"overflowing-product", WireTensor({int64_t{1} << 40, int64_t{1} << 40, 1 << 20}, {}, false)},
-      {"nan-inf", WireTensor({3}, {std::numeric_limits<float>::quiet_NaN(),
-                               std::numeric_limits<float>::infinity(), -0.0f}, true)},
+      {"nan-inf", WireTensor({3},
+                             {std::numeric_limits<float>::quiet_NaN(),
+                              std::numeric_limits<float>::infinity(), -0.0f},
+                             true)},
   };
   v1::Tensor both = WireTensor({2, 3}, six, false);
   both.set_raw(std::string(24, '\1'));
@@ -243,7 +248,8 @@ class Program {
   // A batch of `rows` rows in value mode `mode` with varied values.
   Program& Batch(int rows, int mode = 0, bool five = false) {
     Put(BatchByte(rows, mode, five));
-    for (int i = 0; i < rows * (five ? 5 : kSequenceFeatures); ++i) Put(static_cast<uint8_t>(i * 37 + 11));
+    for (int i = 0; i < rows * (five ? 5 : kSequenceFeatures); ++i)
+      Put(static_cast<uint8_t>(i * 37 + 11));
     return *this;
   }
   Program& Forward(int slot, int rows, bool retain, int mode = 0, uint8_t extra = 0) {
@@ -269,10 +275,25 @@ void WriteSequences(const std::string& dir) {
 
   for (uint8_t config = 0; config < 8; ++config) {
     Program p(config);
-    p.Op(kCreate).Forward(0, 4, true).Backward(0, 1, 4).Op(kApplyGradients)
-        .Train(0, 5).Evaluate(0, 3).Op(kGetState).Put(1).Op(kSetState).Put(8)
-        .Op(kResetRunningStats).Op(kUpdateOptimizer).Put(1 << 2).Train(0, 2)
-        .Op(kSetMode).Put(0).Forward(0, 1, true).Backward(0, 1).Op(kApplyGradients)
+    p.Op(kCreate)
+        .Forward(0, 4, true)
+        .Backward(0, 1, 4)
+        .Op(kApplyGradients)
+        .Train(0, 5)
+        .Evaluate(0, 3)
+        .Op(kGetState)
+        .Put(1)
+        .Op(kSetState)
+        .Put(8)
+        .Op(kResetRunningStats)
+        .Op(kUpdateOptimizer)
+        .Put(1 << 2)
+        .Train(0, 2)
+        .Op(kSetMode)
+        .Put(0)
+        .Forward(0, 1, true)
+        .Backward(0, 1)
+        .Op(kApplyGradients)
         .Op(kDelete);
     write(("lifecycle-config" + std::to_string(config)).c_str(), p);
   }
@@ -281,31 +302,74 @@ void WriteSequences(const std::string& dir) {
         Program(0).Op(kCreate).Forward(0, 3, true).Train(0, 3).Backward(0, 1).Backward(0, 1));
   write("stale-after-mode-switch",
         Program(0).Op(kCreate).Forward(0, 3, true).Op(kSetMode).Put(0).Backward(0, 1));
-  write("backward-twice-and-unknown-ids",
-        Program(1).Op(kCreate).Forward(0, 2, true).Backward(0, 1).Backward(0, 1).Backward(0, 0)
-            .Backward(0, 3).Backward(0, 200).Op(kApplyGradients).Op(kApplyGradients));
-  write("bad-grad-then-retry",
-        Program(0).Op(kCreate).Forward(0, 2, true).Backward(0, 1, 1).Backward(0, 1, 2)
-            .Backward(0, 1, 4).Op(kApplyGradients));
-  write("retained-limit",
-        Program(0).Op(kCreate).Forward(0, 2, true).Forward(0, 2, true).Forward(0, 2, true)
-            .Forward(0, 2, true).Backward(0, 2).Forward(0, 2, true).Op(kResetRunningStats)
-            .Backward(0, 1));
-  write("frozen-and-eval",
-        Program(2).Op(kCreate).Op(kSetMode).Put(1 | 2 | 4).Forward(0, 3, false)
-            .Train(0, 3).Op(kSetMode).Put(1).Forward(0, 3, false).Op(kSetMode).Put(0)
-            .Forward(0, 1, false, 0, 2 | 4).Evaluate(0, 1).Train(0, 1));
-  write("bad-inputs",
-        Program(0).Op(kCreate).Forward(0, 0, false).Forward(0, 1, false)
-            .Op(kForward).Batch(2, 0, true).Put(0).Forward(0, 2, false, 5)
-            .Forward(0, 2, false, 6).Train(0, 3, 1).Train(0, 3, 2).Train(0, 3, 4)
-            .Evaluate(0, 2, 1));
-  write("bad-inputs-mse",
-        Program(kSequenceMse).Op(kCreate).Train(0, 3, 1).Train(0, 3, 2).Train(0, 3, 4)
-            .Evaluate(0, 2, 1).Train(0, 3));
-  write("huge-values",
-        Program(0).Op(kCreate).Train(0, 4, 0, 7).Forward(0, 3, true, 7).Backward(0, 1)
-            .Op(kApplyGradients).Train(0, 4));
+  write("backward-twice-and-unknown-ids", Program(1)
+                                              .Op(kCreate)
+                                              .Forward(0, 2, true)
+                                              .Backward(0, 1)
+                                              .Backward(0, 1)
+                                              .Backward(0, 0)
+                                              .Backward(0, 3)
+                                              .Backward(0, 200)
+                                              .Op(kApplyGradients)
+                                              .Op(kApplyGradients));
+  write("bad-grad-then-retry", Program(0)
+                                   .Op(kCreate)
+                                   .Forward(0, 2, true)
+                                   .Backward(0, 1, 1)
+                                   .Backward(0, 1, 2)
+                                   .Backward(0, 1, 4)
+                                   .Op(kApplyGradients));
+  write("retained-limit", Program(0)
+                              .Op(kCreate)
+                              .Forward(0, 2, true)
+                              .Forward(0, 2, true)
+                              .Forward(0, 2, true)
+                              .Forward(0, 2, true)
+                              .Backward(0, 2)
+                              .Forward(0, 2, true)
+                              .Op(kResetRunningStats)
+                              .Backward(0, 1));
+  write("frozen-and-eval", Program(2)
+                               .Op(kCreate)
+                               .Op(kSetMode)
+                               .Put(1 | 2 | 4)
+                               .Forward(0, 3, false)
+                               .Train(0, 3)
+                               .Op(kSetMode)
+                               .Put(1)
+                               .Forward(0, 3, false)
+                               .Op(kSetMode)
+                               .Put(0)
+                               .Forward(0, 1, false, 0, 2 | 4)
+                               .Evaluate(0, 1)
+                               .Train(0, 1));
+  write("bad-inputs", Program(0)
+                          .Op(kCreate)
+                          .Forward(0, 0, false)
+                          .Forward(0, 1, false)
+                          .Op(kForward)
+                          .Batch(2, 0, true)
+                          .Put(0)
+                          .Forward(0, 2, false, 5)
+                          .Forward(0, 2, false, 6)
+                          .Train(0, 3, 1)
+                          .Train(0, 3, 2)
+                          .Train(0, 3, 4)
+                          .Evaluate(0, 2, 1));
+  write("bad-inputs-mse", Program(kSequenceMse)
+                              .Op(kCreate)
+                              .Train(0, 3, 1)
+                              .Train(0, 3, 2)
+                              .Train(0, 3, 4)
+                              .Evaluate(0, 2, 1)
+                              .Train(0, 3));
+  write("huge-values", Program(0)
+                           .Op(kCreate)
+                           .Train(0, 4, 0, 7)
+                           .Forward(0, 3, true, 7)
+                           .Backward(0, 1)
+                           .Op(kApplyGradients)
+                           .Train(0, 4));
   {
     Program p(0);
     p.Op(kCreate).Train(0, 4).Op(kGetState).Put(1);
@@ -314,20 +378,41 @@ void WriteSequences(const std::string& dir) {
     }
     write("setstate-changes", p);
   }
-  write("two-models",
-        Program(kSequenceAdam).Op(kCreate, 0).Op(kCreate, 1).Op(kCreate, 0).Train(0, 4)
-            .Op(kGetState, 0).Put(1).Op(kSetState, 1).Put(16 | 8).Forward(1, 2, true)
-            .Op(kDelete, 0).Train(0, 2).Op(kDelete, 0).Op(kCreate, 0).Backward(1, 1));
+  write("two-models", Program(kSequenceAdam)
+                          .Op(kCreate, 0)
+                          .Op(kCreate, 1)
+                          .Op(kCreate, 0)
+                          .Train(0, 4)
+                          .Op(kGetState, 0)
+                          .Put(1)
+                          .Op(kSetState, 1)
+                          .Put(16 | 8)
+                          .Forward(1, 2, true)
+                          .Op(kDelete, 0)
+                          .Train(0, 2)
+                          .Op(kDelete, 0)
+                          .Op(kCreate, 0)
+                          .Backward(1, 1));
   {
     Program p(0);
     p.Op(kCreate);
     for (uint8_t u = 0; u < 64; u += 5) p.Op(kUpdateOptimizer).Put(u).Train(0, 2);
     write("update-optimizer", p);
   }
-  write("unknown-model",
-        Program(0).Forward(1, 2, true).Backward(1, 1).Op(kApplyGradients, 1).Train(1, 2)
-            .Evaluate(1, 2).Op(kGetState, 1).Put(0).Op(kSetMode, 1).Put(1)
-            .Op(kResetRunningStats, 1).Op(kUpdateOptimizer, 1).Put(4).Op(kDelete, 1));
+  write("unknown-model", Program(0)
+                             .Forward(1, 2, true)
+                             .Backward(1, 1)
+                             .Op(kApplyGradients, 1)
+                             .Train(1, 2)
+                             .Evaluate(1, 2)
+                             .Op(kGetState, 1)
+                             .Put(0)
+                             .Op(kSetMode, 1)
+                             .Put(1)
+                             .Op(kResetRunningStats, 1)
+                             .Op(kUpdateOptimizer, 1)
+                             .Put(4)
+                             .Op(kDelete, 1));
 }
 
 // --- Checkpoints -------------------------------------------------------------------------------

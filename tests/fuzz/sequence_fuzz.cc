@@ -249,8 +249,8 @@ class Harness {
   }
 
   void Expect(const Status& s, StatusCode want, SequenceOp op) {
-    NORMD_FUZZ_CHECK(s.code() == want, "op %d on '%s': %s (%s), expected %s", op,
-                     kIds[current_], CodeName(s.code()), s.message().c_str(), CodeName(want));
+    NORMD_FUZZ_CHECK(s.code() == want, "op %d on '%s': %s (%s), expected %s", op, kIds[current_],
+                     CodeName(s.code()), s.message().c_str(), CodeName(want));
     NORMD_FUZZ_CHECK(s.ok() || !s.message().empty(), "op %d: an error without a message", op);
   }
 
@@ -258,44 +258,68 @@ class Harness {
     current_ = slot;
     Slot& sl = slots_[slot];
     Model* model = ModelOf(slot);
-    NORMD_FUZZ_CHECK((model != nullptr) == sl.exists, "slot %d exists=%d in the registry=%d",
-                     slot, sl.exists, model != nullptr);
+    NORMD_FUZZ_CHECK((model != nullptr) == sl.exists, "slot %d exists=%d in the registry=%d", slot,
+                     sl.exists, model != nullptr);
     Snapshot before;
     if (model != nullptr) before = Take(*model);
     Status s;
     switch (op) {
-      case kCreate: s = Create(slot); break;
-      case kDelete: s = Delete(slot); break;
-      case kSetMode: s = SetMode(slot, in, before); break;
-      case kForward: s = Forward(slot, in, before); break;
-      case kBackward: s = Backward(slot, in); break;
-      case kApplyGradients: s = ApplyGradients(slot, before); break;
-      case kTrainStep: s = TrainOrEvaluate(slot, in, before, /*train=*/true); break;
-      case kEvaluate: s = TrainOrEvaluate(slot, in, before, /*train=*/false); break;
-      case kGetState: s = GetState(slot, in); break;
-      case kSetState: s = SetState(slot, in, before); break;
-      case kResetRunningStats: s = ResetRunningStats(slot); break;
-      case kUpdateOptimizer: s = UpdateOptimizer(slot, in); break;
-      case kNumOps: break;
+      case kCreate:
+        s = Create(slot);
+        break;
+      case kDelete:
+        s = Delete(slot);
+        break;
+      case kSetMode:
+        s = SetMode(slot, in, before);
+        break;
+      case kForward:
+        s = Forward(slot, in, before);
+        break;
+      case kBackward:
+        s = Backward(slot, in);
+        break;
+      case kApplyGradients:
+        s = ApplyGradients(slot, before);
+        break;
+      case kTrainStep:
+        s = TrainOrEvaluate(slot, in, before, /*train=*/true);
+        break;
+      case kEvaluate:
+        s = TrainOrEvaluate(slot, in, before, /*train=*/false);
+        break;
+      case kGetState:
+        s = GetState(slot, in);
+        break;
+      case kSetState:
+        s = SetState(slot, in, before);
+        break;
+      case kResetRunningStats:
+        s = ResetRunningStats(slot);
+        break;
+      case kUpdateOptimizer:
+        s = UpdateOptimizer(slot, in);
+        break;
+      case kNumOps:
+        break;
     }
     model = ModelOf(slot);
     if (model == nullptr || before.state.empty()) return;  // created or deleted just now
     const Snapshot after = Take(*model);
     if (!s.ok()) {
-      NORMD_FUZZ_CHECK(SameState(before.state, after.state), "op %d failed (%s) but changed %s",
-                       op, s.message().c_str(),
-                       FirstDifference(before.state, after.state).c_str());
+      NORMD_FUZZ_CHECK(SameState(before.state, after.state), "op %d failed (%s) but changed %s", op,
+                       s.message().c_str(), FirstDifference(before.state, after.state).c_str());
       NORMD_FUZZ_CHECK(before.step == after.step && before.training == after.training &&
                            before.frozen == after.frozen,
                        "op %d failed but changed the step, mode or frozen flag", op);
     }
     const bool stepped = s.ok() && (op == kTrainStep || op == kApplyGradients);
-    NORMD_FUZZ_CHECK(after.step == before.step + (stepped ? 1 : 0), "op %d: step %llu -> %llu",
-                     op, static_cast<unsigned long long>(before.step),
+    NORMD_FUZZ_CHECK(after.step == before.step + (stepped ? 1 : 0), "op %d: step %llu -> %llu", op,
+                     static_cast<unsigned long long>(before.step),
                      static_cast<unsigned long long>(after.step));
     if (!tainted_) {
-      NORMD_FUZZ_CHECK(AllStateFinite(after.state), "op %d left a non-finite state value in %s",
-                       op, FirstDifference(before.state, after.state).c_str());
+      NORMD_FUZZ_CHECK(AllStateFinite(after.state), "op %d left a non-finite state value in %s", op,
+                       FirstDifference(before.state, after.state).c_str());
     }
     CheckSummary(slot, after);
   }
@@ -313,12 +337,11 @@ class Harness {
                      "summary mode or frozen flag");
     for (const NamedTensor& t : now.state) {
       if (t.name != "1.num_batches_tracked") continue;
-      NORMD_FUZZ_CHECK(wire.batch_norms_size() == 1 &&
-                           static_cast<float>(wire.batch_norms(0).num_batches_tracked()) ==
-                               t.values[0],
-                       "summary num_batches_tracked %llu, model %g",
-                       static_cast<unsigned long long>(wire.batch_norms(0).num_batches_tracked()),
-                       t.values[0]);
+      NORMD_FUZZ_CHECK(
+          wire.batch_norms_size() == 1 &&
+              static_cast<float>(wire.batch_norms(0).num_batches_tracked()) == t.values[0],
+          "summary num_batches_tracked %llu, model %g",
+          static_cast<unsigned long long>(wire.batch_norms(0).num_batches_tracked()), t.values[0]);
     }
   }
 
@@ -337,9 +360,8 @@ class Harness {
   }
 
   Status Delete(int slot) {
-    const Status s = RunOnModel(slot, Want::kExclusive, [this](ModelEntry& e, Access) {
-      return registry_.Remove(e);
-    });
+    const Status s = RunOnModel(slot, Want::kExclusive,
+                                [this](ModelEntry& e, Access) { return registry_.Remove(e); });
     Expect(s, slots_[slot].exists ? StatusCode::kOk : StatusCode::kNotFound, kDelete);
     if (s.ok()) {
       slots_[slot].exists = false;
@@ -392,48 +414,52 @@ class Harness {
     v1::ForwardResponse resp;
     bool out_finite = true, predict_equal = true;
     uint64_t params_version = 0, mode_version = 0;
-    s = RunOnModel(slot, Want::kByMode, [&](ModelEntry& e, Access access) -> Status {
-      Model& model = e.model();
-      const bool training = model.training();
-      if (training && access != Access::kExclusive) {
-        return Status(StatusCode::kInternal, "train-mode forward scheduled as shared");
-      }
-      if (retain) NORMD_RETURN_IF_ERROR(e.ReserveRetained());
-      std::unique_ptr<ForwardRecord> rec = e.AcquireRecord();
-      Status st = model.Forward(input.view(), rec.get());
-      if (!st.ok()) {
-        if (retain) e.CancelReservation();
-        e.ReleaseRecord(std::move(rec));
-        return st;
-      }
-      const Tensor& out = rec->output();
-      server::EncodeTensor(out.data(), out.shape(), input.raw(), resp.mutable_output());
-      out_finite = out.AllFinite();
-      if (flags & 4) {
-        server::LayerStatsToWire(model.net(), model.net().ActivationStats(*rec),
-                                 resp.mutable_layer_stats());
-      }
-      if (!training) {
-        ForwardRecord p;
-        predict_equal = model.Predict(input.view(), &p).ok() && p.output().shape() == out.shape() &&
-                        std::memcmp(p.output().data(), out.data(), out.size() * 4) == 0;
-      }
-      if (server::ModelMetrics* m = e.metrics()) {
-        m->AddSamples(server::SampleOp::kForward, rec->batch_size());
-        m->RecordDrift(*rec, training);
-      }
-      if (training) ++e.mutations;
-      e.PublishForward(*rec);
-      params_version = model.params_version();
-      mode_version = model.mode_version();
-      if (retain) {
-        rec->RetainInput();
-        resp.set_forward_id(e.CommitRetained(std::move(rec)));
-      } else {
-        e.ReleaseRecord(std::move(rec));
-      }
-      return Status::Ok();
-    }, batch.rows);
+    s = RunOnModel(
+        slot, Want::kByMode,
+        [&](ModelEntry& e, Access access) -> Status {
+          Model& model = e.model();
+          const bool training = model.training();
+          if (training && access != Access::kExclusive) {
+            return Status(StatusCode::kInternal, "train-mode forward scheduled as shared");
+          }
+          if (retain) NORMD_RETURN_IF_ERROR(e.ReserveRetained());
+          std::unique_ptr<ForwardRecord> rec = e.AcquireRecord();
+          Status st = model.Forward(input.view(), rec.get());
+          if (!st.ok()) {
+            if (retain) e.CancelReservation();
+            e.ReleaseRecord(std::move(rec));
+            return st;
+          }
+          const Tensor& out = rec->output();
+          server::EncodeTensor(out.data(), out.shape(), input.raw(), resp.mutable_output());
+          out_finite = out.AllFinite();
+          if (flags & 4) {
+            server::LayerStatsToWire(model.net(), model.net().ActivationStats(*rec),
+                                     resp.mutable_layer_stats());
+          }
+          if (!training) {
+            ForwardRecord p;
+            predict_equal = model.Predict(input.view(), &p).ok() &&
+                            p.output().shape() == out.shape() &&
+                            std::memcmp(p.output().data(), out.data(), out.size() * 4) == 0;
+          }
+          if (server::ModelMetrics* m = e.metrics()) {
+            m->AddSamples(server::SampleOp::kForward, rec->batch_size());
+            m->RecordDrift(*rec, training);
+          }
+          if (training) ++e.mutations;
+          e.PublishForward(*rec);
+          params_version = model.params_version();
+          mode_version = model.mode_version();
+          if (retain) {
+            rec->RetainInput();
+            resp.set_forward_id(e.CommitRetained(std::move(rec)));
+          } else {
+            e.ReleaseRecord(std::move(rec));
+          }
+          return Status::Ok();
+        },
+        batch.rows);
 
     StatusCode want = StatusCode::kOk;
     if (!sl.exists) {
@@ -457,9 +483,8 @@ class Harness {
     for (size_t i = 0; i < after.state.size(); ++i) {
       const bool may_change = before.training && !before.frozen && IsBuffer(after.state[i].name);
       if (!may_change) {
-        NORMD_FUZZ_CHECK(SameState({before.state[i]}, {after.state[i]}),
-                         "a %s Forward changed %s", before.training ? "train-mode" : "eval-mode",
-                         after.state[i].name.c_str());
+        NORMD_FUZZ_CHECK(SameState({before.state[i]}, {after.state[i]}), "a %s Forward changed %s",
+                         before.training ? "train-mode" : "eval-mode", after.state[i].name.c_str());
       }
     }
     if (retain) {
@@ -496,8 +521,8 @@ class Harness {
     req.set_return_grad_input(return_grad_input);
     server::EncodeTensor(values.data(), shape, false, req.mutable_grad_output());
     server::DecodedTensor grad;
-    Status s = server::DecodeTensor(req.grad_output(), "grad_output", Limits().max_batch_elements,
-                                    &grad);
+    Status s =
+        server::DecodeTensor(req.grad_output(), "grad_output", Limits().max_batch_elements, &grad);
     NORMD_FUZZ_CHECK(s.ok(), "a well-formed grad_output was refused: %s", s.message().c_str());
 
     v1::BackwardResponse resp;
@@ -505,8 +530,8 @@ class Harness {
       std::unique_ptr<ForwardRecord> rec;
       NORMD_RETURN_IF_ERROR(e.TakeRetained(id, &rec));
       Tensor grad_input;
-      Status st = e.model().Backward(rec.get(), grad.view(),
-                                     return_grad_input ? &grad_input : nullptr);
+      Status st =
+          e.model().Backward(rec.get(), grad.view(), return_grad_input ? &grad_input : nullptr);
       if (!st.ok()) {
         if (st.code() == StatusCode::kFailedPrecondition) {
           e.NoteReleased(id, st.message());
@@ -659,20 +684,23 @@ class Harness {
         return Status::Ok();
       });
     } else if (s.ok()) {
-      s = RunOnModel(slot, Want::kShared, [&](ModelEntry& e, Access) -> Status {
-        std::unique_ptr<ForwardRecord> rec = e.AcquireRecord();
-        EvalResult r;
-        Status st = e.model().Evaluate(input.view(), targets.targets, rec.get(), &r);
-        if (st.ok()) {
-          if (server::ModelMetrics* m = e.metrics()) {
-            m->AddSamples(server::SampleOp::kEvaluate, r.samples);
-            m->RecordDrift(*rec, /*training=*/false);
-          }
-          loss = r.loss;
-        }
-        e.ReleaseRecord(std::move(rec));
-        return st;
-      }, batch.rows);
+      s = RunOnModel(
+          slot, Want::kShared,
+          [&](ModelEntry& e, Access) -> Status {
+            std::unique_ptr<ForwardRecord> rec = e.AcquireRecord();
+            EvalResult r;
+            Status st = e.model().Evaluate(input.view(), targets.targets, rec.get(), &r);
+            if (st.ok()) {
+              if (server::ModelMetrics* m = e.metrics()) {
+                m->AddSamples(server::SampleOp::kEvaluate, r.samples);
+                m->RecordDrift(*rec, /*training=*/false);
+              }
+              loss = r.loss;
+            }
+            e.ReleaseRecord(std::move(rec));
+            return st;
+          },
+          batch.rows);
     }
 
     const bool targets_ok = !both && variant != 1 && variant != 2;

@@ -58,12 +58,10 @@ constexpr int kSequenceFeatures = 4;
 constexpr int kSequenceOutputs = 3;
 constexpr int kMaxSequenceOps = 64;
 
-constexpr float kLearningRates[8] = {1e-3f, 1e-2f, 0.1f, 0.5f, 0.0f, -1.0f,
-                                     std::numeric_limits<float>::quiet_NaN(), 1e6f};
+constexpr float kLearningRates[8] = {
+    1e-3f, 1e-2f, 0.1f, 0.5f, 0.0f, -1.0f, std::numeric_limits<float>::quiet_NaN(), 1e6f};
 
-inline uint8_t OpByte(SequenceOp op, int slot) {
-  return static_cast<uint8_t>(op | (slot << 7));
-}
+inline uint8_t OpByte(SequenceOp op, int slot) { return static_cast<uint8_t>(op | (slot << 7)); }
 // A batch byte: rows, value mode (0-7), five features.
 inline uint8_t BatchByte(int rows, int mode, bool five_features = false) {
   return static_cast<uint8_t>(rows | (mode << 3) | (five_features ? 0x40 : 0));

@@ -145,13 +145,12 @@ void CheckStep(const Status& s, Model& model, const std::vector<NamedTensor>& be
                      static_cast<unsigned long long>(step_before));
     return;
   }
-  NORMD_FUZZ_CHECK(s.code() == StatusCode::kFailedPrecondition ||
-                       s.code() == StatusCode::kInvalidArgument,
-                   "%s: unexpected %s: %s", what, CodeName(s.code()), s.message().c_str());
+  NORMD_FUZZ_CHECK(
+      s.code() == StatusCode::kFailedPrecondition || s.code() == StatusCode::kInvalidArgument,
+      "%s: unexpected %s: %s", what, CodeName(s.code()), s.message().c_str());
   NORMD_FUZZ_CHECK(model.step() == step_before, "%s failed but moved the step", what);
-  NORMD_FUZZ_CHECK(SameState(before, model.GetState(true)), "%s failed (%s) but changed %s",
-                   what, s.message().c_str(),
-                   FirstDifference(before, model.GetState(true)).c_str());
+  NORMD_FUZZ_CHECK(SameState(before, model.GetState(true)), "%s failed (%s) but changed %s", what,
+                   s.message().c_str(), FirstDifference(before, model.GetState(true)).c_str());
 }
 
 void Train(Model& model, uint64_t seed) {
@@ -194,9 +193,9 @@ void Train(Model& model, uint64_t seed) {
     // The parameters moved (or the step was refused): the forward is stale either way when
     // they moved, and Backward says so instead of computing against the new parameters.
     if (s.ok()) {
-      NORMD_FUZZ_CHECK(model.Backward(&fwd, dy.view(), nullptr).code() ==
-                           StatusCode::kFailedPrecondition,
-                       "Backward of a forward older than a step was not refused as stale");
+      NORMD_FUZZ_CHECK(
+          model.Backward(&fwd, dy.view(), nullptr).code() == StatusCode::kFailedPrecondition,
+          "Backward of a forward older than a step was not refused as stale");
     }
   }
 
@@ -210,9 +209,9 @@ void Train(Model& model, uint64_t seed) {
   if (f1.ok()) {
     const Tensor& a = e1.output();
     const Tensor& b2 = e2.output();
-    NORMD_FUZZ_CHECK(a.shape() == b2.shape() &&
-                         std::memcmp(a.data(), b2.data(), a.size() * sizeof(float)) == 0,
-                     "eval-mode Forward and Predict differ");
+    NORMD_FUZZ_CHECK(
+        a.shape() == b2.shape() && std::memcmp(a.data(), b2.data(), a.size() * sizeof(float)) == 0,
+        "eval-mode Forward and Predict differ");
   }
   EvalResult er;
   (void)model.Evaluate(x, targets, &e2, &er);
@@ -228,8 +227,7 @@ void Train(Model& model, uint64_t seed) {
     // Only a non-finite value (a parameter that overflowed during training) may be refused.
     bool finite = true;
     for (const NamedTensor& t : before) finite &= AllFinite(t.values.data(), t.values.size());
-    NORMD_FUZZ_CHECK(!finite, "SetState refused the model's own state: %s",
-                     s.message().c_str());
+    NORMD_FUZZ_CHECK(!finite, "SetState refused the model's own state: %s", s.message().c_str());
   }
 }
 
@@ -244,9 +242,9 @@ void Run(const v1::ModelSpec& spec) {
   std::shared_ptr<server::ModelEntry> entry;
   const Status s = registry.Create("fuzz", spec, &entry);
   if (!s.ok()) {
-    NORMD_FUZZ_CHECK(s.code() == StatusCode::kInvalidArgument ||
-                         s.code() == StatusCode::kResourceExhausted,
-                     "CreateModel answered %s: %s", CodeName(s.code()), s.message().c_str());
+    NORMD_FUZZ_CHECK(
+        s.code() == StatusCode::kInvalidArgument || s.code() == StatusCode::kResourceExhausted,
+        "CreateModel answered %s: %s", CodeName(s.code()), s.message().c_str());
     NORMD_FUZZ_CHECK(!s.message().empty(), "a rejected spec without a message");
     NORMD_FUZZ_CHECK(registry.size() == 0, "a rejected spec left a model behind");
     return;

@@ -32,7 +32,7 @@ struct Verdict {
   bool encoding_ok = true;  // one encoding, raw a multiple of 4, shape well formed
   bool too_large = false;   // the shape's product exceeds the limit
   bool ok = true;
-  int64_t count = 0;        // supplied values
+  int64_t count = 0;  // supplied values
 };
 
 Verdict Judge(const v1::Tensor& w, int64_t max_elements) {
@@ -71,8 +71,7 @@ bool CheckTensor(const v1::Tensor& w, const char* field, int64_t max_elements,
   if (!s.ok()) {
     NORMD_FUZZ_CHECK(!s.message().empty(), "%s: rejected without a message", field);
     if (s.code() == StatusCode::kResourceExhausted) {
-      NORMD_FUZZ_CHECK(v.too_large, "%s: RESOURCE_EXHAUSTED for a tensor within the limit",
-                       field);
+      NORMD_FUZZ_CHECK(v.too_large, "%s: RESOURCE_EXHAUSTED for a tensor within the limit", field);
     } else {
       NORMD_FUZZ_CHECK(s.code() == StatusCode::kInvalidArgument, "%s: code %s", field,
                        CodeName(s.code()));
@@ -120,8 +119,8 @@ void FuzzTrainStep(const v1::TrainStepRequest& req) {
   server::DecodedTargets targets;
   const v1::Tensor* target = req.has_target() ? &req.target() : nullptr;
   const Status s = server::DecodeTargets(req.labels(), target, kMaxElements, &targets);
-  bool expect_ok = !(req.labels_size() > 0 && target != nullptr) &&
-                   req.labels_size() <= kMaxElements;
+  bool expect_ok =
+      !(req.labels_size() > 0 && target != nullptr) && req.labels_size() <= kMaxElements;
   if (expect_ok && target != nullptr) {
     server::DecodedTensor t;
     expect_ok = CheckTensor(*target, "target", kMaxElements, &t);
@@ -170,8 +169,7 @@ void FuzzState(const v1::ModelState& wire) {
     server::DecodedTensor t;
     CheckTensor(wire.tensors(i).tensor(), "state tensor", kMaxElements, &t);
     NORMD_FUZZ_CHECK(out[i].name == wire.tensors(i).name(), "state entry %d name", i);
-    CheckSameTensor(ConstTensorView{out[i].values.data(), out[i].shape}, t.view(),
-                    "state entry");
+    CheckSameTensor(ConstTensorView{out[i].values.data(), out[i].shape}, t.view(), "state entry");
   }
   // GetState's side: the state written back decodes to the same entries.
   v1::ModelState again;

@@ -237,7 +237,10 @@ TEST_F(ConcurrencyTest, TrainStepsEvaluationsAndStateCopiesInterleaveSafely) {
   std::vector<std::thread> threads;
   threads.emplace_back([&] {
     for (int i = 0; i < kSteps; ++i) {
-      if (TrainStep(e, MakeBatch(i)).ok()) ++trained; else ++failures;
+      if (TrainStep(e, MakeBatch(i)).ok())
+        ++trained;
+      else
+        ++failures;
     }
   });
   threads.emplace_back([&] {  // train-mode forwards update the running statistics
