@@ -10,7 +10,11 @@ namespace {
 // Dropout draws come from a generator distinct from the one that initialised the weights.
 constexpr uint64_t kDropoutSeedSalt = 0x6e6f726d64726f70ULL;  // "normdrop"
 
-bool IsNonNegativeInteger(float v) { return v >= 0.0f && std::floor(v) == v; }
+// A counter (num_batches_tracked, optimizer steps) the int64 it is stored in can hold: values
+// from 2^63 on would make the conversion undefined.
+bool IsNonNegativeInteger(float v) {
+  return v >= 0.0f && v < 9.2233720368547758e18f && std::floor(v) == v;
+}
 
 }  // namespace
 

@@ -318,6 +318,13 @@ TEST(ModelTest, SetStateRoundTripsAndValidatesBeforeWriting) {
     if (t.name == "1.num_batches_tracked") t.values[0] = 1.5f;
   }
   EXPECT_EQ(b->SetState(fractional, false).code(), StatusCode::kInvalidArgument);
+  for (const float huge : {9.3e18f, 3.7e19f, std::numeric_limits<float>::infinity()}) {
+    auto overflowing = a->GetState(false);  // beyond int64: found by checkpoint_fuzz (UBSan)
+    for (NamedTensor& t : overflowing) {
+      if (t.name == "1.num_batches_tracked") t.values[0] = huge;
+    }
+    EXPECT_EQ(b->SetState(overflowing, false).code(), StatusCode::kInvalidArgument) << huge;
+  }
   ExpectSameState(before, b->GetState(true));
   EXPECT_TRUE(b->SetState(partial, false).ok());  // non-strict accepts a subset
 }
