@@ -459,18 +459,21 @@ def run_load(load_bin, server, duration):
         out[name] = run_json([load_bin, "--address", server.address, "--duration",
                               str(duration)] + extra)
     # Memory: RSS once a model has trained at the largest batch, then after 10,000 more steps
-    # on one stream (batch 32, then a last 1024 run so the largest buffers are in use).
-    warm = run_json([load_bin, "--address", server.address, "--scenario", "train", "--batch",
-                     "1024", "--steps", "5", "--warmup", "2", "--repeats", "1"])
-    del warm
+    # of the same model on one stream (batch 32, then a last 1024 run so the largest buffers
+    # are in use again); the model stays on the server throughout and is deleted at the end.
+    model = ["--model", f"rss-check-{os.getpid()}"]
+    run_json([load_bin, "--address", server.address, "--scenario", "train", "--batch", "1024",
+              "--steps", "5", "--warmup", "2", "--repeats", "1"] + model)
     rss_warm = server.rss_bytes()
     steps = 10000
     run_json([load_bin, "--address", server.address, "--scenario", "train", "--batch", "32",
-              "--steps", str(steps), "--warmup", "0", "--repeats", "1", "--window", "4"])
+              "--steps", str(steps), "--warmup", "0", "--repeats", "1", "--window", "4"] + model)
     run_json([load_bin, "--address", server.address, "--scenario", "train", "--batch", "1024",
-              "--steps", "5", "--warmup", "0", "--repeats", "1"])
+              "--steps", "5", "--warmup", "0", "--repeats", "1"] + model)
     out["rss"] = {"warm": rss_warm, "after": server.rss_bytes(), "steps": steps,
                   "bound": rss_bound_bytes()}
+    subprocess.run([load_bin, "--address", server.address, "--scenario", "delete"] + model,
+                   env=child_env(), check=False)
     return out
 
 

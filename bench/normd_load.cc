@@ -7,7 +7,10 @@
 //              TrainStream (--rpc stream, up to --window batches in flight) or unary TrainStep
 //              calls (--rpc unary); --warmup steps, then --repeats timed runs of --steps steps.
 //              Prints {"samples_per_s": [...], "median": m, ...} like normd_core_trainer, with
-//              the client's own CPU time per sample as client_cpu_samples_per_s.
+//              the client's own CPU time per sample as client_cpu_samples_per_s. With --model ID
+//              it trains that model, creating it if needed, and leaves it on the server (so
+//              several runs can train one model: the memory check of compare_torch.py).
+//   delete     deletes --model ID.
 //   forward    --clients threads, each with its own channel, send eval-mode Forward requests of
 //              batch 1 to the small model (32-64-BatchNorm1d-ReLU-10) for --duration seconds.
 //   trainload  --clients threads, each training its own reference MLP (one shared model with
@@ -56,6 +59,7 @@ struct Options {
   bool shared_model = false;
   double duration = 5.0;
   std::string data, labels;
+  std::string model;  // train: an existing or kept model instead of a fresh one
 };
 
 [[noreturn]] void Usage(const std::string& why) {
@@ -64,7 +68,7 @@ struct Options {
                "ping|train|forward|trainload [--rpc stream|unary] [--batch N] [--steps S] "
                "[--warmup W] [--repeats R] [--window K] [--clients C] [--shared-model 0|1] "
                "[--duration SECONDS] "
-               "[--data X.f32 --labels Y.i64]\n",
+               "[--data X.f32 --labels Y.i64] [--model ID]\n",
                why.c_str());
   std::exit(2);
 }
@@ -88,6 +92,7 @@ Options Parse(int argc, char** argv) {
     else if (flag == "--shared-model") o.shared_model = std::string(v) == "1";
     else if (flag == "--data") o.data = v;
     else if (flag == "--labels") o.labels = v;
+    else if (flag == "--model") o.model = v;
     else Usage("unknown flag " + flag);
   }
   if (o.batch < 1 || o.steps < 1 || o.repeats < 1 || o.warmup < 0 || o.window < 1 ||
@@ -215,6 +220,17 @@ int Ping(const Options& o) {
   }
 }
 
+int Delete(const Options& o) {
+  if (o.model.empty()) Usage("delete needs --model");
+  try {
+    client::Client(ClientOpts(o)).DeleteModel(o.model);
+  } catch (const client::Error& e) {
+    std::fprintf(stderr, "normd_load: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
+
 int Train(const Options& o) {
   Dataset data;
   if (o.data.empty()) {
@@ -231,7 +247,7 @@ int Train(const Options& o) {
   const std::vector<int64_t> shape = {o.batch, kReferenceIn};
 
   client::Client c(ClientOpts(o));
-  const std::string id = ModelId(o, 0);
+  const std::string id = o.model.empty() ? ModelId(o, 0) : o.model;
   size_t next = 0;
   double last_loss = 0.0;
   std::vector<double> rates, cpu_rates;
@@ -257,14 +273,22 @@ int Train(const Options& o) {
   };
 
   try {
-    c.CreateModel(ToSpec(ReferenceMlpConfig()), id);
+    if (o.model.empty()) {
+      c.CreateModel(ToSpec(ReferenceMlpConfig()), id);
+    } else {
+      try {
+        c.GetModel(id);
+      } catch (const client::Error&) {
+        c.CreateModel(ToSpec(ReferenceMlpConfig()), id);
+      }
+    }
     if (o.warmup > 0) run(o.warmup);
     for (int r = 0; r < o.repeats; ++r) {
       const double c0 = ProcessCpuSeconds();
       rates.push_back(o.steps * o.batch / run(o.steps));
       cpu_rates.push_back(o.steps * o.batch / std::max(1e-9, ProcessCpuSeconds() - c0));
     }
-    c.DeleteModel(id);
+    if (o.model.empty()) c.DeleteModel(id);
   } catch (const client::Error& e) {
     std::fprintf(stderr, "normd_load: %s\n", e.what());
     return 1;
@@ -380,6 +404,7 @@ int main(int argc, char** argv) {
   const normd::bench::Options o = normd::bench::Parse(argc, argv);
   if (o.scenario == "ping") return normd::bench::Ping(o);
   if (o.scenario == "train") return normd::bench::Train(o);
+  if (o.scenario == "delete") return normd::bench::Delete(o);
   if (o.scenario == "forward" || o.scenario == "trainload") return normd::bench::Load(o);
   normd::bench::Usage("unknown scenario " + o.scenario);
 }

@@ -1,5 +1,6 @@
 #include "server/registry.h"
 
+#include <malloc.h>
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
@@ -84,6 +85,14 @@ ModelEntry::ModelEntry(std::string id, v1::ModelSpec spec, std::unique_ptr<Model
   summary_ = SummarizeModel(*model_);
   summary_spec_ = spec_;
   if (metrics_ != nullptr) metrics_->SetBatchNormStatus(summary_.batch_norms);
+}
+
+ModelEntry::~ModelEntry() {
+  model_.reset();
+  train_record = ForwardRecord();
+  free_records_.clear();
+  retained_.clear();
+  malloc_trim(0);
 }
 
 Status ModelEntry::Schedule(const std::shared_ptr<ModelEntry>& self, Want want,

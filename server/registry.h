@@ -63,6 +63,9 @@ class ModelEntry {
   ModelEntry(std::string id, v1::ModelSpec spec, std::unique_ptr<Model> model,
              std::unique_ptr<ModelMetrics> metrics, const RegistryLimits& limits,
              ComputePool* pool);
+  // Frees the model and hands the freed heap back to the OS (malloc_trim): a deleted model's
+  // parameters and batch buffers are megabytes that glibc would otherwise keep.
+  ~ModelEntry();
   ModelEntry(const ModelEntry&) = delete;
   ModelEntry& operator=(const ModelEntry&) = delete;
 
