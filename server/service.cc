@@ -36,6 +36,12 @@ const char* ModeName(bool training) { return training ? "train" : "eval"; }
 // multiply-adds), and work this small cannot hold up gRPC's threads.
 constexpr int64_t kInlineMaxCost = int64_t{1} << 16;
 
+// Inline work only while at most this many calls are in flight (this one included). With many
+// concurrent calls, work done on gRPC's threads holds up their polling of the other
+// connections: eval Forward of the small model from 8 clients measured 30.1 k QPS through the
+// pool and 26.3 k inline, against p50 109 -> 84 us inline for one client.
+constexpr int kInlineMaxCallsInFlight = 2;
+
 // The batch of a decoded input, for the inline decision: 0 (never inline) for a 0-d tensor,
 // which the core rejects anyway.
 int64_t BatchOf(const DecodedTensor& t) {
@@ -358,6 +364,11 @@ void TrainerService::CallStarted() {
   ++inflight_;
 }
 
+bool TrainerService::FewCallsInFlight() {
+  std::lock_guard<std::mutex> lock(inflight_mu_);
+  return inflight_ <= kInlineMaxCallsInFlight;
+}
+
 void TrainerService::CallFinished() {
   std::lock_guard<std::mutex> lock(inflight_mu_);
   if (--inflight_ == 0) inflight_cv_.notify_all();
@@ -397,7 +408,7 @@ void TrainerService::RunOnModel(const std::shared_ptr<Call>& call, const std::st
   };
   if (inline_batch > 0 &&
       SaturatingMul(inline_batch, entry->forward_cost_per_sample()) <= kInlineMaxCost &&
-      entry->TryRunInline(entry, want, task)) {
+      FewCallsInFlight() && entry->TryRunInline(entry, want, task)) {
     return;
   }
   s = entry->Schedule(entry, want, std::move(task));

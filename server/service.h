@@ -123,8 +123,9 @@ class TrainerService final : public TrainerServiceBase {
     RunOnModel(call, model_id, want, /*inline_batch=*/0, std::move(body));
   }
   // The same for a forward of `inline_batch` samples: when that is tiny for the model (see
-  // kInlineMaxCost in service.cc) and the model is free, `body` runs at once on the calling
-  // gRPC thread, in the order and with the access the queue would have given it.
+  // kInlineMaxCost in service.cc), few calls are in flight and the model is free, `body` runs
+  // at once on the calling gRPC thread, in the order and with the access the queue would have
+  // given it.
   void RunOnModel(const std::shared_ptr<Call>& call, const std::string& model_id,
                   ModelEntry::Want want, int64_t inline_batch,
                   std::function<Status(ModelEntry&, ModelEntry::Access)> body);
@@ -150,6 +151,8 @@ class TrainerService final : public TrainerServiceBase {
   // Every unary call and stream counts from its start until it is finished.
   void CallStarted();
   void CallFinished();
+  // True while few calls are in flight (see kInlineMaxCallsInFlight in service.cc).
+  bool FewCallsInFlight();
 
   Registry* const registry_;
   Metrics* const metrics_;
