@@ -143,6 +143,7 @@ int main(int argc, char** argv) {
 
   for (int i = 0; i < opt.warmup; ++i) step();
   std::vector<double> rates, cpu_rates;
+  const int64_t splits_before = internal::SplitsDone();
   for (int r = 0; r < opt.repeats; ++r) {
     const auto t0 = std::chrono::steady_clock::now();
     const double c0 = ProcessCpuSeconds();
@@ -162,6 +163,11 @@ int main(int argc, char** argv) {
   for (size_t i = 0; i < rates.size(); ++i) std::printf("%s%.1f", i ? ", " : "", rates[i]);
   std::printf("], \"cpu_samples_per_s\": [");
   for (size_t i = 0; i < cpu_rates.size(); ++i) std::printf("%s%.1f", i ? ", " : "", cpu_rates[i]);
-  std::printf("], \"median\": %.1f, \"final_loss\": %.6f}\n", median, result.loss);
+  // How many operations ran on two cores per timed step (0 at budget 1; below the number of
+  // splittable operations when the second core was busy and SplitInTwo backed off).
+  const double splits_per_step = static_cast<double>(internal::SplitsDone() - splits_before) /
+                                 static_cast<double>(opt.repeats * opt.steps);
+  std::printf("], \"median\": %.1f, \"splits_per_step\": %.2f, \"final_loss\": %.6f}\n", median,
+              splits_per_step, result.loss);
   return 0;
 }

@@ -205,10 +205,16 @@ void MeanAndM2(const float* x, int64_t n, int64_t C, int64_t s, int64_t ld, doub
   }
 }
 
-// How much a pass of BatchNorm over one element costs, in multiply-adds of a matrix product
-// (the unit of SplitInTwo's threshold): a pass streams about one element per 0.2 ns on this
-// class of core, a product does 20-25 multiply-adds in that time; rounded up.
-constexpr int64_t kPassCost = 32;
+// What one element of a BatchNorm layer counts for in SplitInTwo's threshold (which is in
+// multiply-adds of a matrix product): with 4, a layer splits from 2^20 elements (N * C * S) on.
+// Smaller layers stay on one core: their halves take tens of microseconds, the two halves share
+// the L3 bandwidth, and a half that ends late makes SplitInTwo back off for the next 64+
+// operations, the large products of the same step included. Measured on the reference MLP,
+// budget 2, quiet 2-core machine: when (256, 512) layers split (at the former weight of 64),
+// only 1.1-1.3 of the step's 5 large products split and it ran 63-65 k samples/s; since, 4.4-4.9
+// split and it runs 95-98 k. (1024, 512) layers gained nothing from splitting either (96-106 k
+// samples/s either way).
+constexpr int64_t kSplitWorkPerElement = 4;
 
 }  // namespace
 
@@ -329,7 +335,7 @@ void BatchNorm::Forward(const ConstTensorView& x, Tensor* y, LayerCache* cache,
   // Channels are independent until the drift: a large layer splits them across two cores
   // (SplitInTwo). For (N, C) inputs the split is at a multiple of kBlock channels, so every
   // channel takes the same reduction path as unsplit, and the results are the same bits.
-  SplitInTwo(C, S == 1 ? kBlock : 1, kPassCost * 2 * N * C * S, [&](int64_t c0, int64_t c1) {
+  SplitInTwo(C, S == 1 ? kBlock : 1, kSplitWorkPerElement * N * C * S, [&](int64_t c0, int64_t c1) {
     const int64_t cw = c1 - c0;
     // One pass over the block of x: batch mean and biased variance (needed for the drift in
     // eval mode too). The scale area of f is free until the normalisation and holds the
@@ -438,7 +444,7 @@ void BatchNorm::Backward(const ConstTensorView& x, const Tensor& /*y*/, const Co
   const float* gamma = config_.affine ? weight_.value.data() : nullptr;
   const bool batch_stats = UsesBatchStats(ctx);
   // Channels are independent: a large layer splits them across two cores, as in Forward.
-  SplitInTwo(C, S == 1 ? kBlock : 1, kPassCost * 2 * N * C * S, [&](int64_t c0, int64_t c1) {
+  SplitInTwo(C, S == 1 ? kBlock : 1, kSplitWorkPerElement * N * C * S, [&](int64_t c0, int64_t c1) {
     ChannelReduce(GradSumsOp(), xp + c0 * S, dyp + c0 * S, N, c1 - c0, S, C * S, mean + c0,
                   sum_dy + c0, sum_dy_xmu + c0);
     if (config_.affine) {
