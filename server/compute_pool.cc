@@ -32,6 +32,11 @@ void ComputePool::Submit(std::function<void()> task) {
   cv_.notify_one();
 }
 
+bool ComputePool::HasQueued() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return !queue_.empty();
+}
+
 void ComputePool::Run(int budget) {
   SetComputeThreads(budget);
   for (;;) {

@@ -33,6 +33,8 @@ class ComputePool {
   ComputePool& operator=(const ComputePool&) = delete;
 
   void Submit(std::function<void()> task);
+  // Whether submitted tasks are waiting for a thread.
+  bool HasQueued();
   int threads() const { return static_cast<int>(threads_.size()); }
 
  private:

@@ -153,12 +153,46 @@ void ModelEntry::DispatchLocked(const std::shared_ptr<ModelEntry>& self) {
     } else {
       ++running_shared_;
     }
-    pool_->Submit([self, access, task = std::move(front.task)] {
-      task(access);
-      self->Done(self, access);
+    pool_->Submit([self, granted = access, task = std::move(front.task)]() mutable {
+      for (;;) {
+        task(granted);
+        if (!self->DoneAndTakeNext(self, &granted, &task)) return;
+      }
     });
     queue_.pop_front();
   }
+}
+
+bool ModelEntry::DoneAndTakeNext(const std::shared_ptr<ModelEntry>& self, Access* access,
+                                 std::function<void(Access)>* task) {
+  std::lock_guard<std::mutex> lock(sched_mu_);
+  if (*access == Access::kExclusive) {
+    running_exclusive_ = false;
+  } else {
+    --running_shared_;
+  }
+  // The model's next task stays on this thread when it may run now and nothing else waits for
+  // the pool: a hand-off would wake another pool thread, cold caches, and let the next step
+  // start while this thread still holds its core (ScopedComputeCore), so the step's first
+  // products could not split. With other work queued, the pool's FIFO order decides as usual.
+  bool take = false;
+  if (!queue_.empty() && !running_exclusive_ && !pool_->HasQueued()) {
+    Queued& front = queue_.front();
+    const Access next = AccessFor(front.want);
+    if (next == Access::kShared || running_shared_ == 0) {
+      if (next == Access::kExclusive) {
+        running_exclusive_ = true;
+      } else {
+        ++running_shared_;
+      }
+      *access = next;
+      *task = std::move(front.task);
+      queue_.pop_front();
+      take = true;
+    }
+  }
+  DispatchLocked(self);
+  return take;
 }
 
 void ModelEntry::Done(const std::shared_ptr<ModelEntry>& self, Access access) {

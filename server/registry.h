@@ -151,6 +151,10 @@ class ModelEntry {
   // The access `want` gets now. REQUIRES: sched_mu_
   Access AccessFor(Want want) const;
   void Done(const std::shared_ptr<ModelEntry>& self, Access access);
+  // Done, for a task that ran on the pool: true when the model's next task was handed back to
+  // run on the same thread (in *task, with *access).
+  bool DoneAndTakeNext(const std::shared_ptr<ModelEntry>& self, Access* access,
+                       std::function<void(Access)>* task);
   void ExpireLocked();  // REQUIRES: retained_mu_
 
   const std::string id_;

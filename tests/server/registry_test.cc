@@ -6,7 +6,9 @@
 
 #include <condition_variable>
 #include <mutex>
+#include <string>
 #include <thread>
+#include <vector>
 
 #include "tests/server/normd_process.h"
 
@@ -170,6 +172,59 @@ TEST_F(RegistryTest, QueueIsBounded) {
   release.Open();
   all_done.Wait();
   EXPECT_EQ(ran.load(), 2);
+}
+
+// A model's next task runs on the thread that finished its previous one when nothing else waits
+// for the pool (no hand-off, see ModelEntry::DoneAndTakeNext)...
+TEST_F(RegistryTest, NextTaskOfAModelStaysOnItsThread) {
+  std::shared_ptr<ModelEntry> e = NewModel("m", RegistryLimits());
+  for (int round = 0; round < 20; ++round) {
+    Gate release, done;
+    std::thread::id first, second;
+    ASSERT_TRUE(e->Schedule(e, Want::kExclusive, [&](Access) {
+      release.Wait();
+      first = std::this_thread::get_id();
+    }).ok());
+    ASSERT_TRUE(e->Schedule(e, Want::kExclusive, [&](Access) {
+      second = std::this_thread::get_id();
+      done.Open();
+    }).ok());
+    release.Open();
+    done.Wait();
+    ASSERT_EQ(first, second) << "round " << round;
+  }
+}
+
+// ...but not ahead of other work waiting for the pool: with one pool thread, another model's task
+// queued while a model's tasks run comes next, in the pool's FIFO order.
+TEST(RegistrySchedulingTest, OtherModelsWorkIsNotHeldBack) {
+  Metrics metrics("test");
+  ComputePool pool(1, 1);
+  Registry registry(RegistryLimits(), &metrics, &pool);
+  std::shared_ptr<ModelEntry> a, b;
+  ASSERT_TRUE(registry.Create("a", testing::MlpSpec(), &a).ok());
+  ASSERT_TRUE(registry.Create("b", testing::MlpSpec(), &b).ok());
+  std::mutex mu;
+  std::vector<std::string> order;
+  Gate started, release, done;
+  auto record = [&](const std::string& name) {
+    std::lock_guard<std::mutex> lock(mu);
+    order.push_back(name);
+    if (order.size() == 4) done.Open();
+  };
+  ASSERT_TRUE(a->Schedule(a, Want::kExclusive, [&](Access) {
+    started.Open();
+    release.Wait();
+    record("a1");
+  }).ok());
+  started.Wait();  // a1 holds the only thread
+  ASSERT_TRUE(a->Schedule(a, Want::kExclusive, [&](Access) { record("a2"); }).ok());
+  ASSERT_TRUE(a->Schedule(a, Want::kExclusive, [&](Access) { record("a3"); }).ok());
+  ASSERT_TRUE(b->Schedule(b, Want::kExclusive, [&](Access) { record("b1"); }).ok());
+  release.Open();
+  done.Wait();
+  std::lock_guard<std::mutex> lock(mu);
+  EXPECT_EQ(order, (std::vector<std::string>{"a1", "b1", "a2", "a3"}));
 }
 
 TEST_F(RegistryTest, RetainedForwardsBoundedAndExplained) {
