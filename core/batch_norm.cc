@@ -77,6 +77,9 @@ inline double Sum(D8 v) {
 constexpr int64_t kRowGroup = 8;
 // Channels per register block: two float vectors of sixteen.
 constexpr int64_t kBlock = 32;
+// Channels per pass of the elementwise (N, C) loops (normalisation, input gradient): their
+// per-channel coefficients (two or four floats a channel) then stay in L1 for all N rows.
+constexpr int64_t kCoefBlock = 1024;
 
 // For x viewed as (n, C, s) with samples `ld` floats apart (C * s for a whole tensor, more for
 // a block of its channels), adds to acc1[c] and acc2[c] the sums over every value v of
@@ -369,10 +372,13 @@ void BatchNorm::Forward(const ConstTensorView& x, Tensor* y, LayerCache* cache,
     const float* sc = scale.data();
     const float* sh = shift.data();
     if (S == 1) {
-      for (int64_t i = 0; i < N; ++i) {
-        const float* xr = xp + i * C;
-        float* yr = yp + i * C;
-        for (int64_t c = c0; c < c0 + cw; ++c) yr[c] = xr[c] * sc[c] + sh[c];
+      for (int64_t b0 = c0; b0 < c0 + cw; b0 += kCoefBlock) {
+        const int64_t b1 = std::min(c0 + cw, b0 + kCoefBlock);
+        for (int64_t i = 0; i < N; ++i) {
+          const float* xr = xp + i * C;
+          float* yr = yp + i * C;
+          for (int64_t c = b0; c < b1; ++c) yr[c] = xr[c] * sc[c] + sh[c];
+        }
       }
     } else {
       for (int64_t i = 0; i < N; ++i) {
@@ -474,12 +480,15 @@ void BatchNorm::Backward(const ConstTensorView& x, const Tensor& /*y*/, const Co
       std::fill(b + c0, b + c1, 0.0f);
     }
     if (S == 1) {
-      for (int64_t i = 0; i < N; ++i) {
-        const float* xr = xp + i * C;
-        const float* gr = dyp + i * C;
-        float* dr = dxp + i * C;
-        for (int64_t c = c0; c < c1; ++c) {
-          dr[c] = k[c] * gr[c] + a[c] * (xr[c] - mean[c]) + b[c];
+      for (int64_t b0 = c0; b0 < c1; b0 += kCoefBlock) {
+        const int64_t b1 = std::min(c1, b0 + kCoefBlock);
+        for (int64_t i = 0; i < N; ++i) {
+          const float* xr = xp + i * C;
+          const float* gr = dyp + i * C;
+          float* dr = dxp + i * C;
+          for (int64_t c = b0; c < b1; ++c) {
+            dr[c] = k[c] * gr[c] + a[c] * (xr[c] - mean[c]) + b[c];
+          }
         }
       }
     } else {

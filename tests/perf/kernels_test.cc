@@ -38,7 +38,10 @@ struct Shapes {
 
 const Shapes kShapes[] = {{2, 1, 1},  {3, 7, 1},  {9, 8, 1},   {8, 31, 1},  {17, 32, 1},
                           {5, 33, 1}, {7, 65, 1}, {16, 100, 1}, {3, 4, 7},  {2, 3, 16},
-                          {3, 5, 17}, {2, 2, 33}, {4, 3, 64}};
+                          {3, 5, 17}, {2, 2, 33}, {4, 3, 64},
+                          // More channels than one pass of the elementwise loops takes
+                          // (kCoefBlock in core/batch_norm.cc): a whole block and a remainder.
+                          {16, 1100, 1}, {8, 2500, 1}};
 
 TEST(BatchNormKernelsTest, MomentsMatchFloat64ReferenceOnEveryPath) {
   for (const Shapes& sh : kShapes) {
