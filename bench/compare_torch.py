@@ -496,18 +496,24 @@ def run_load(load_bin, server, duration):
             ("train256_c2", ["--scenario", "trainload", "--clients", "2", "--batch", "256"])):
         out[name] = run_json([load_bin, "--address", server.address, "--duration",
                               str(duration)] + extra)
-    # Memory: RSS once a model has trained at the largest batch, then after 10,000 more steps
+    # Memory: RSS once a model has been warmed up with the traffic measured next (a stream at
+    # the largest batch, then one of 1,000 steps at batch 32: the gRPC threads' heaps reach
+    # their working size in the first seconds of such a stream), then after 10,000 more steps
     # of the same model on one stream (batch 32, then a last 1024 run so the largest buffers
     # are in use again); the model stays on the server throughout and is deleted at the end.
     model = ["--model", f"rss-check-{os.getpid()}"]
-    run_json([load_bin, "--address", server.address, "--scenario", "train", "--batch", "1024",
-              "--steps", "5", "--warmup", "2", "--repeats", "1"] + model)
+
+    def train(batch, steps, warmup=0):
+        run_json([load_bin, "--address", server.address, "--scenario", "train", "--batch",
+                  str(batch), "--steps", str(steps), "--warmup", str(warmup), "--repeats", "1",
+                  "--window", "4"] + model)
+
+    train(1024, 5, warmup=2)
+    train(32, 1000)
     rss_warm = server.rss_bytes()
     steps = 10000
-    run_json([load_bin, "--address", server.address, "--scenario", "train", "--batch", "32",
-              "--steps", str(steps), "--warmup", "0", "--repeats", "1", "--window", "4"] + model)
-    run_json([load_bin, "--address", server.address, "--scenario", "train", "--batch", "1024",
-              "--steps", "5", "--warmup", "0", "--repeats", "1"] + model)
+    train(32, steps)
+    train(1024, 5)
     out["rss"] = {"warm": rss_warm, "after": server.rss_bytes(), "steps": steps,
                   "bound": rss_bound_bytes()}
     subprocess.run([load_bin, "--address", server.address, "--scenario", "delete"] + model,
