@@ -404,10 +404,12 @@ void BatchNorm::Forward(const ConstTensorView& x, Tensor* y, LayerCache* cache,
     const float* rv = running_var_.data();
     for (int64_t c = 0; c < C; ++c) denom[c] = double{rv[c]} + eps;
     d[kVarLogRatio] = ((batch_var + eps) / denom).log().abs().sum() / C;
+    // |batch mean - running mean| / running std, in place and branch-free so the loop
+    // vectorises (as a running sum with a scalar division per channel it cost 0.4 of the 4.2 us
+    // of a (32, 512) forward).
     denom = denom.sqrt();
-    double shift_sum = 0.0;
-    for (int64_t c = 0; c < C; ++c) shift_sum += std::abs(batch_mean[c] - rm[c]) / denom[c];
-    d[kMeanShift] = shift_sum / C;
+    for (int64_t c = 0; c < C; ++c) denom[c] = std::abs(batch_mean[c] - double{rm[c]}) / denom[c];
+    d[kMeanShift] = denom.sum() / C;
   }
 
   if (ctx.training && ctx.update_running_stats && track) {

@@ -92,14 +92,17 @@ class Load:
     def join(self):
         self.stop.set()
         # A stream whose channel reconnected after normd exited (the port may be reused by
-        # another process) would wait for its deadline: end every open stream now.
-        with self.lock:
-            streams = list(self.streams)
-        for call in streams:
-            call.cancel()
+        # another process) would wait for its deadline: end every open stream, again and again
+        # until the threads are gone, since a thread that had just passed its stop check may
+        # open one more stream after a sweep.
         deadline = time.monotonic() + 30
-        for t in self.threads:
-            t.join(timeout=max(0.1, deadline - time.monotonic()))
+        while time.monotonic() < deadline and any(t.is_alive() for t in self.threads):
+            with self.lock:
+                streams = list(self.streams)
+            for call in streams:
+                call.cancel()
+            for t in self.threads:
+                t.join(timeout=0.05)
         stuck = [t for t in self.threads if t.is_alive()]
         if stuck:
             frames = sys._current_frames()
@@ -148,7 +151,9 @@ class Load:
                 while not self.stop.is_set():
                     k += 1
                     yield self.requests[model][k % VARIANTS]
-            call = stub.TrainStream(requests(), timeout=60)
+            # Streams opened after the signal are refused or answered within the drain; a short
+            # deadline keeps one that cannot be (normd already gone) from outliving join().
+            call = stub.TrainStream(requests(), timeout=60 if self.signal_time is None else 10)
             with self.lock:
                 self.streams.add(call)
             try:
