@@ -119,14 +119,7 @@ bool ModelEntry::TryRunInline(const std::shared_ptr<ModelEntry>& self, Want want
     // Anything queued runs first (FIFO); at the limit, Schedule answers RESOURCE_EXHAUSTED.
     if (!queue_.empty() || in_flight >= limits_.max_queued_per_model) return false;
     access = AccessFor(want);
-    if (running_exclusive_ || (access == Access::kExclusive && running_shared_ > 0)) {
-      return false;
-    }
-    if (access == Access::kExclusive) {
-      running_exclusive_ = true;
-    } else {
-      ++running_shared_;
-    }
+    if (!StartLocked(access)) return false;
   }
   task(access);
   Done(self, access);
@@ -140,19 +133,31 @@ ModelEntry::Access ModelEntry::AccessFor(Want want) const {
              : Access::kShared;
 }
 
+bool ModelEntry::StartLocked(Access access) {
+  if (running_exclusive_ || (access == Access::kExclusive && running_shared_ > 0)) return false;
+  if (access == Access::kExclusive) {
+    running_exclusive_ = true;
+  } else {
+    ++running_shared_;
+  }
+  return true;
+}
+
+void ModelEntry::ReleaseLocked(Access access) {
+  if (access == Access::kExclusive) {
+    running_exclusive_ = false;
+  } else {
+    --running_shared_;
+  }
+}
+
 void ModelEntry::DispatchLocked(const std::shared_ptr<ModelEntry>& self) {
   while (!queue_.empty()) {
     Queued& front = queue_.front();
     const Access access = AccessFor(front.want);
     // Strict FIFO: a waiting exclusive task holds back the shared ones behind it, so a writer
     // is never starved by a stream of readers.
-    if (running_exclusive_) return;
-    if (access == Access::kExclusive) {
-      if (running_shared_ > 0) return;
-      running_exclusive_ = true;
-    } else {
-      ++running_shared_;
-    }
+    if (!StartLocked(access)) return;
     pool_->Submit([self, granted = access, task = std::move(front.task)]() mutable {
       for (;;) {
         task(granted);
@@ -166,25 +171,16 @@ void ModelEntry::DispatchLocked(const std::shared_ptr<ModelEntry>& self) {
 bool ModelEntry::DoneAndTakeNext(const std::shared_ptr<ModelEntry>& self, Access* access,
                                  std::function<void(Access)>* task) {
   std::lock_guard<std::mutex> lock(sched_mu_);
-  if (*access == Access::kExclusive) {
-    running_exclusive_ = false;
-  } else {
-    --running_shared_;
-  }
+  ReleaseLocked(*access);
   // The model's next task stays on this thread when it may run now and nothing else waits for
   // the pool: a hand-off would wake another pool thread, cold caches, and let the next step
   // start while this thread still holds its core (ScopedComputeCore), so the step's first
   // products could not split. With other work queued, the pool's FIFO order decides as usual.
   bool take = false;
-  if (!queue_.empty() && !running_exclusive_ && !pool_->HasQueued()) {
+  if (!queue_.empty() && !pool_->HasQueued()) {
     Queued& front = queue_.front();
     const Access next = AccessFor(front.want);
-    if (next == Access::kShared || running_shared_ == 0) {
-      if (next == Access::kExclusive) {
-        running_exclusive_ = true;
-      } else {
-        ++running_shared_;
-      }
+    if (StartLocked(next)) {
       *access = next;
       *task = std::move(front.task);
       queue_.pop_front();
@@ -197,11 +193,7 @@ bool ModelEntry::DoneAndTakeNext(const std::shared_ptr<ModelEntry>& self, Access
 
 void ModelEntry::Done(const std::shared_ptr<ModelEntry>& self, Access access) {
   std::lock_guard<std::mutex> lock(sched_mu_);
-  if (access == Access::kExclusive) {
-    running_exclusive_ = false;
-  } else {
-    --running_shared_;
-  }
+  ReleaseLocked(access);
   DispatchLocked(self);
 }
 

@@ -150,6 +150,12 @@ class ModelEntry {
   void DispatchLocked(const std::shared_ptr<ModelEntry>& self);  // REQUIRES: sched_mu_
   // The access `want` gets now. REQUIRES: sched_mu_
   Access AccessFor(Want want) const;
+  // Marks a task with `access` running if it may run now (no exclusive task running, and for
+  // exclusive access no shared one either); false, changing nothing, otherwise.
+  // REQUIRES: sched_mu_
+  bool StartLocked(Access access);
+  // Marks a task with `access` finished. REQUIRES: sched_mu_
+  void ReleaseLocked(Access access);
   void Done(const std::shared_ptr<ModelEntry>& self, Access access);
   // Done, for a task that ran on the pool: true when the model's next task was handed back to
   // run on the same thread (in *task, with *access).
