@@ -219,6 +219,11 @@ def free_port():
         return s.getsockname()[1]
 
 
+def pinned(cpus):
+    """The command prefix that runs a process on the CPU list `cpus` (none when None)."""
+    return ["taskset", "-c", cpus] if cpus else []
+
+
 class Server:
     """The real normd binary on a free loopback port, stopped on exit."""
 
@@ -231,11 +236,10 @@ class Server:
         self.log = open(os.path.join(workdir, f"normd-{name}.log"), "w")
         data_dir = os.path.join(workdir, f"data-{name}")
         os.makedirs(data_dir, exist_ok=True)
-        pin = ["taskset", "-c", cpus] if cpus else []
         self.proc = subprocess.Popen(
-            pin + [binary, "--listen", self.address, "--metrics", f"127.0.0.1:{free_port()}",
-                   "--data-dir", data_dir, "--compute-threads", str(threads),
-                   "--log-level", "warn"],
+            pinned(cpus) + [binary, "--listen", self.address,
+                            "--metrics", f"127.0.0.1:{free_port()}", "--data-dir", data_dir,
+                            "--compute-threads", str(threads), "--log-level", "warn"],
             stdout=self.log, stderr=subprocess.STDOUT, env=child_env())
 
     def wait_ready(self, load_binary, timeout=20.0):
@@ -284,11 +288,10 @@ class Server:
 
 def run_grpc_train(load_binary, address, rpc, batch, data, labels, repeats, quick, cpus=None):
     steps = steps_for(batch, quick)
-    pin = ["taskset", "-c", cpus] if cpus else []
-    return run_json(pin + [load_binary, "--address", address, "--scenario", "train", "--rpc", rpc,
-                           "--batch", str(batch), "--steps", str(steps),
-                           "--warmup", str(max(3, steps // 3)), "--repeats", str(repeats),
-                           "--data", data, "--labels", labels])
+    return run_json(pinned(cpus) + [
+        load_binary, "--address", address, "--scenario", "train", "--rpc", rpc,
+        "--batch", str(batch), "--steps", str(steps), "--warmup", str(max(3, steps // 3)),
+        "--repeats", str(repeats), "--data", data, "--labels", labels])
 
 
 # The budget-1 gRPC runs: the server on core 0, the client on core 1. None when the machine

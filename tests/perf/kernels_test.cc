@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <mutex>
 #include <thread>
@@ -240,6 +241,31 @@ TEST(ComputeThreadsTest, SplitInTwoCoversTheRangeOnce) {
   EXPECT_GT(internal::SplitsDone(), before);
 }
 
+// Runs a layer's forward and backward once at budget 1 and then at budget 2 until more than
+// `min_splits` operations have split across two cores (bounded: another process may hold the
+// second core for a while), checking every time that the outputs, input gradients and `rest`
+// (whatever else the layer produced) are the same bits. `run(budget, y, dx, rest)` does one pass.
+using LayerRun = std::function<void(int, Tensor*, Tensor*, std::vector<float>*)>;
+void ExpectSameBitsSplitOrNot(const LayerRun& run, int64_t min_splits, int64_t label) {
+  Tensor y1, dx1;
+  std::vector<float> r1;
+  run(1, &y1, &dx1, &r1);
+  const int64_t before = internal::SplitsDone();
+  for (int attempt = 0; attempt < 200; ++attempt) {
+    Tensor y2, dx2;
+    std::vector<float> r2;
+    run(2, &y2, &dx2, &r2);
+    ASSERT_EQ(std::memcmp(y1.data(), y2.data(), y1.size() * sizeof(float)), 0) << label;
+    ASSERT_EQ(std::memcmp(dx1.data(), dx2.data(), dx1.size() * sizeof(float)), 0) << label;
+    ASSERT_EQ(r1.size(), r2.size());
+    ASSERT_EQ(std::memcmp(r1.data(), r2.data(), r1.size() * sizeof(float)), 0) << label;
+    if (!ComputeBorrowsIdleCores() || internal::SplitsDone() > before + min_splits) break;
+  }
+  if (ComputeBorrowsIdleCores()) {
+    EXPECT_GT(internal::SplitsDone(), before + min_splits) << label;
+  }
+}
+
 // A Linear layer's products give bit-identical results split across two cores or not, so results
 // never depend on whether a core happened to be idle.
 TEST(ComputeThreadsTest, LinearIsBitIdenticalSplitOrNot) {
@@ -268,23 +294,7 @@ TEST(ComputeThreadsTest, LinearIsBitIdenticalSplitOrNot) {
         grads->insert(grads->end(), p->grad.data(), p->grad.data() + p->grad.size());
       }
     };
-    Tensor y1, dx1;
-    std::vector<float> g1;
-    run(1, &y1, &dx1, &g1);
-    const int64_t before = internal::SplitsDone();
-    for (int attempt = 0; attempt < 200; ++attempt) {
-      Tensor y2, dx2;
-      std::vector<float> g2;
-      run(2, &y2, &dx2, &g2);
-      ASSERT_EQ(std::memcmp(y1.data(), y2.data(), y1.size() * sizeof(float)), 0) << batch;
-      ASSERT_EQ(std::memcmp(dx1.data(), dx2.data(), dx1.size() * sizeof(float)), 0) << batch;
-      ASSERT_EQ(g1.size(), g2.size());
-      ASSERT_EQ(std::memcmp(g1.data(), g2.data(), g1.size() * sizeof(float)), 0) << batch;
-      if (!ComputeBorrowsIdleCores() || internal::SplitsDone() > before + 2) break;
-    }
-    if (ComputeBorrowsIdleCores()) {
-      EXPECT_GT(internal::SplitsDone(), before + 2) << batch;
-    }
+    ASSERT_NO_FATAL_FAILURE(ExpectSameBitsSplitOrNot(run, 2, batch));
   }
 }
 
@@ -326,23 +336,7 @@ TEST(ComputeThreadsTest, BatchNormIsBitIdenticalSplitOrNot) {
       rest->insert(rest->end(), bn.running_mean().data(), bn.running_mean().data() + k.c);
       rest->insert(rest->end(), bn.running_var().data(), bn.running_var().data() + k.c);
     };
-    Tensor y1, dx1;
-    std::vector<float> r1;
-    run(1, &y1, &dx1, &r1);
-    const int64_t before = internal::SplitsDone();
-    for (int attempt = 0; attempt < 200; ++attempt) {
-      Tensor y2, dx2;
-      std::vector<float> r2;
-      run(2, &y2, &dx2, &r2);
-      ASSERT_EQ(std::memcmp(y1.data(), y2.data(), y1.size() * sizeof(float)), 0) << k.c;
-      ASSERT_EQ(std::memcmp(dx1.data(), dx2.data(), dx1.size() * sizeof(float)), 0) << k.c;
-      ASSERT_EQ(r1.size(), r2.size());
-      ASSERT_EQ(std::memcmp(r1.data(), r2.data(), r1.size() * sizeof(float)), 0) << k.c;
-      if (!ComputeBorrowsIdleCores() || internal::SplitsDone() > before + 1) break;
-    }
-    if (ComputeBorrowsIdleCores()) {
-      EXPECT_GT(internal::SplitsDone(), before + 1) << k.c;
-    }
+    ASSERT_NO_FATAL_FAILURE(ExpectSameBitsSplitOrNot(run, 1, k.c));
   }
 }
 
