@@ -3,7 +3,10 @@
 import json
 import os
 import sys
+import threading
+import time
 import unittest
+from concurrent import futures
 
 import grpc
 import numpy as np
@@ -325,6 +328,72 @@ class ClientTest(unittest.TestCase):
                           id=self.mid + "-late")
         late.close()
         self.expect_error(grpc.StatusCode.NOT_FOUND, self.c.get_model, self.mid + "-late")
+
+
+class ServerGoneTest(unittest.TestCase):
+    """A client whose server has just stopped: train_stream must fail promptly.
+
+    With gRPC Python 1.51's retry filter on (the channel default), a stream opened while the
+    channel reconnects got its UNAVAILABLE status but its iterator waited forever for operations
+    the core never completed: 16 of 600 such streams hung before normd.Client turned retries
+    off. A stand-in Trainer answers TrainStream so the client connects first; no normd is needed.
+    """
+
+    CYCLES = 40
+    STREAMS_PER_CYCLE = 6
+
+    @staticmethod
+    def start_stand_in():
+        def train_stream(requests, context):
+            for step, _ in enumerate(requests, 1):
+                yield pb.TrainStepResponse(step=step).SerializeToString()
+        handler = grpc.method_handlers_generic_handler(
+            "normd.v1.Trainer", {"TrainStream": grpc.stream_stream_rpc_method_handler(
+                train_stream)})
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        server.add_generic_rpc_handlers((handler,))
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        return server, f"127.0.0.1:{port}"
+
+    def test_train_stream_after_the_server_stopped_fails_promptly(self):
+        x, labels = batch(4)
+        outcomes = []  # per stream: a status code name, or "HUNG"
+        for _ in range(self.CYCLES):
+            server, address = self.start_stand_in()
+            client = normd.Client(address, timeout=5, stream_timeout=20)
+            first = next(client.train_stream("m", [(x, labels)]))
+            self.assertEqual(first.step, 1)
+            server.stop(0)
+            readers = []
+            for i in range(self.STREAMS_PER_CYCLE):
+                stop = threading.Event()
+
+                def batches(stop=stop):
+                    while not stop.is_set():
+                        yield x, labels
+
+                result = {}
+
+                def read(stop=stop, result=result):
+                    try:
+                        for _ in client.train_stream("m", batches()):
+                            pass
+                        result["code"] = "OK"
+                    except normd.NormdError as e:
+                        result["code"] = e.code.name
+                reader = threading.Thread(target=read, daemon=True)  # left behind if it hangs
+                reader.start()
+                readers.append((reader, stop, result))
+                time.sleep(0.002 * i)
+            for reader, stop, result in readers:
+                reader.join(timeout=5)
+                stop.set()
+                outcomes.append(result.get("code", "HUNG"))
+            client.close()
+        counts = {code: outcomes.count(code) for code in set(outcomes)}
+        self.assertEqual(len(outcomes), self.CYCLES * self.STREAMS_PER_CYCLE)
+        self.assertEqual(set(counts) - {"UNAVAILABLE", "CANCELLED"}, set(), counts)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,10 @@ from normd.health.v1 import health_pb2, health_pb2_grpc
 from normd.v1 import normd_pb2_grpc as pb_grpc
 
 CLASSES = 10
+# As normd.Client does: gRPC Python 1.51's retry filter can leave a stream opened while the
+# channel reconnects (here: after normd exited) waiting forever although its status arrived
+# (tests/client/python_client_test.py, ServerGoneTest).
+CHANNEL_OPTIONS = [("grpc.enable_retries", 0)]
 
 
 def spec(features, hidden, seed):
@@ -76,6 +80,7 @@ class Load:
         self.acked_after_signal = 0
         self.cancelled_before_signal = 0
         self.streams = set()  # open TrainStream calls
+        self.latest_call = {}  # stream thread ident -> its latest TrainStream call
         self.codes = collections.Counter()
         self.samples = []
         self.signal_time = None
@@ -108,6 +113,9 @@ class Load:
             frames = sys._current_frames()
             for t in stuck:
                 print(f"--- {t.name} ---\n" + "".join(traceback.format_stack(frames[t.ident])))
+                call = self.latest_call.get(t.ident)
+                if call is not None and call.done():
+                    print(f"its stream's status arrived: {call.code().name}: {call.details()}")
         assert not stuck, f"{len(stuck)} client threads did not stop within 30 s"
 
     def ack(self, model, step):
@@ -126,7 +134,7 @@ class Load:
                 self.samples.append(f"{method} {after} SIGTERM: {e.code().name}: {e.details()}")
 
     def unary(self, index):
-        channel = grpc.insecure_channel(self.address)
+        channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
         stub = pb_grpc.TrainerStub(channel)
         model = self.models[index % len(self.models)]
         k = 0
@@ -142,7 +150,7 @@ class Load:
         channel.close()
 
     def stream(self, index):
-        channel = grpc.insecure_channel(self.address)
+        channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
         stub = pb_grpc.TrainerStub(channel)
         model = self.models[(index + 1) % len(self.models)]
         while not self.stop.is_set():
@@ -156,6 +164,7 @@ class Load:
             call = stub.TrainStream(requests(), timeout=60 if self.signal_time is None else 10)
             with self.lock:
                 self.streams.add(call)
+                self.latest_call[threading.get_ident()] = call
             try:
                 for r in call:
                     self.ack(model, r.step)

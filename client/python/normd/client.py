@@ -97,8 +97,13 @@ class Client:
         self.address = address
         self.timeout = timeout
         self.stream_timeout = stream_timeout
+        # Retries off: with gRPC Python 1.51's retry filter, a TrainStream opened while the
+        # channel reconnects to a server that just went away can get its status yet never end
+        # its iterator (tests/client/python_client_test.py reproduces it). normd sets no retry
+        # policy, so this only gives up transparent retries of calls that never left the client.
         options = [("grpc.max_receive_message_length", max_receive_bytes),
-                   ("grpc.max_send_message_length", -1)]
+                   ("grpc.max_send_message_length", -1),
+                   ("grpc.enable_retries", 0)]
         if tls or root_certificates is not None or certificate_chain is not None:
             if (certificate_chain is None) != (private_key is None):
                 raise ValueError("mutual TLS needs both certificate_chain and private_key")
