@@ -375,7 +375,7 @@ class ServerGoneTest(unittest.TestCase):
 
                 result = {}
 
-                def read(stop=stop, result=result):
+                def read(result=result):
                     try:
                         for _ in client.train_stream("m", batches()):
                             pass
