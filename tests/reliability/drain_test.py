@@ -8,7 +8,7 @@ in the middle of it. Two runs:
            the stop line), normd exits 0, and after a restart on the same data directory every
            model's step equals the number of TrainSteps its clients saw acknowledged, with the
            acknowledged step numbers exactly 1..N: no acknowledged step lost, none counted twice.
-  deadline --drain-timeout 0.2 with slow steps queued: the drain deadline is hit
+  deadline --drain-timeout 0.1 with slow steps queued: the drain deadline is hit
            ("drained=deadline"), normd still saves and exits 0, and no acknowledged step is lost
            (the saved step is at least every acknowledged step number).
 
@@ -78,6 +78,7 @@ class Load:
         self.lock = threading.Lock()
         self.acked = collections.defaultdict(list)  # model -> acknowledged step numbers
         self.acked_after_signal = 0
+        self.ack_times = []  # monotonic time of every acknowledgement before the signal
         self.cancelled_before_signal = 0
         self.streams = set()  # open TrainStream calls
         self.latest_call = {}  # stream thread ident -> its latest TrainStream call
@@ -123,6 +124,15 @@ class Load:
             self.acked[model].append(step)
             if self.signal_time is not None:
                 self.acked_after_signal += 1
+            else:
+                self.ack_times.append(time.monotonic())
+
+    @property
+    def step_seconds(self):
+        """Mean time between acknowledgements before the signal (0 if fewer than two)."""
+        with self.lock:
+            t = self.ack_times
+            return (t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else 0.0
 
     def error(self, e, method):
         with self.lock:
@@ -255,6 +265,7 @@ def run(name, drain_timeout, features, hidden, batch, models, unary_clients, str
           f"SIGTERM), refused {load.codes.get('UNAVAILABLE', 0)}, cut off "
           f"{load.codes.get('CANCELLED', 0)}; normd logged drained={drained} "
           f"drain_ms={drain_ms} save_ms={save_ms}; SIGTERM to exit {exit_seconds:.2f} s; "
+          f"{load.step_seconds * 1000:.0f} ms between acknowledgements before it; "
           f"health after signal: {sorted(set(health_seen))}")
     for m in names:
         steps = sorted(load.acked[m])
@@ -277,11 +288,16 @@ def main():
         assert sorted(steps) == list(range(1, saved[m] + 1)), \
             f"{m}: acknowledged steps are not exactly 1..{saved[m]}"
 
-    # Deadline: slow steps queued on one model outlast a 0.2 s drain deadline.
-    drained, load, saved = run("deadline", drain_timeout=0.2, features=784, hidden=1024,
-                               batch=1024, models=1, unary_clients=8, stream_clients=0,
-                               load_seconds=2)
-    assert drained == "deadline", "expected the 0.2 s drain deadline to be hit with queued work"
+    # Deadline: slow steps queued on one model outlast a 0.1 s drain deadline. Every client has
+    # one step queued or running, so the queue holds 24 steps of 70 ms or more (this 2-core
+    # machine, hidden 4096): 1.7 s of work, 17 times the deadline. With 8 clients of 25 ms
+    # steps (hidden 1024, a 0.2 s deadline) CI's machine once drained everything in 190 ms.
+    drained, load, saved = run("deadline", drain_timeout=0.1, features=784, hidden=4096,
+                               batch=1024, models=1, unary_clients=24, stream_clients=0,
+                               load_seconds=3)
+    assert drained == "deadline", \
+        f"expected the 0.1 s drain deadline to be hit with queued work (step time " \
+        f"{load.step_seconds * 1000:.0f} ms before SIGTERM, 24 clients)"
     return 0
 
 
