@@ -262,14 +262,28 @@ TEST(LimitsTest, ModelsMessageSizeAndQueue) {
   EXPECT_EQ(stub->Forward(Ctx().get(), big, &resp).error_code(), StatusCode::RESOURCE_EXHAUSTED);
 
   // With one request allowed per model, a burst of concurrent steps sees refusals, quickly;
-  // every step acknowledged is counted, no other error occurs.
+  // every step acknowledged is counted, no other error occurs. The clients are connected
+  // before a round and start together, so a fast machine's short steps still overlap.
+  constexpr int kClients = 8;
+  std::vector<std::unique_ptr<v1::Trainer::Stub>> stubs;
+  for (int c = 0; c < kClients; ++c) {
+    std::shared_ptr<grpc::Channel> channel = server->NewChannel();
+    ASSERT_TRUE(channel->WaitForConnected(std::chrono::system_clock::now() +
+                                          std::chrono::seconds(10)));
+    stubs.push_back(v1::Trainer::NewStub(channel));
+  }
   std::atomic<int> ok{0}, refused{0}, other{0};
-  for (int round = 0; round < 20 && refused.load() == 0; ++round) {
+  int rounds = 0;
+  for (; rounds < 200 && refused.load() == 0; ++rounds) {
+    const int round = rounds;
+    std::atomic<int> ready{0};
     std::vector<std::thread> threads;
-    for (int c = 0; c < 8; ++c) {
+    for (int c = 0; c < kClients; ++c) {
       threads.emplace_back([&, c] {
-        auto s = server->NewStub();
-        const grpc::Status st = TrainStep(s.get(), "lim-1", 256, 10 * round + c);
+        if (++ready < kClients) {
+          while (ready.load() < kClients) std::this_thread::yield();
+        }
+        const grpc::Status st = TrainStep(stubs[c].get(), "lim-1", 256, 10 * round + c);
         if (st.ok()) {
           ++ok;
         } else if (st.error_code() == StatusCode::RESOURCE_EXHAUSTED) {
@@ -283,6 +297,8 @@ TEST(LimitsTest, ModelsMessageSizeAndQueue) {
   }
   EXPECT_GT(refused.load(), 0);
   EXPECT_EQ(other.load(), 0);
+  std::printf("[ queue ] %d rounds of %d clients: %d steps, %d refused\n", rounds, kClients,
+              ok.load(), refused.load());
   v1::GetModelRequest get;
   get.set_model("lim-1");
   v1::Model m;
