@@ -292,12 +292,13 @@ def main():
     # one step queued or running, so the queue holds 24 steps of 70 ms or more (this 2-core
     # machine, hidden 4096): 1.7 s of work, 17 times the deadline. With 8 clients of 25 ms
     # steps (hidden 1024, a 0.2 s deadline) CI's machine once drained everything in 190 ms.
-    drained, load, saved = run("deadline", drain_timeout=0.1, features=784, hidden=4096,
-                               batch=1024, models=1, unary_clients=24, stream_clients=0,
+    deadline, clients = 0.1, 24
+    drained, load, saved = run("deadline", drain_timeout=deadline, features=784, hidden=4096,
+                               batch=1024, models=1, unary_clients=clients, stream_clients=0,
                                load_seconds=3)
     assert drained == "deadline", \
-        f"expected the 0.1 s drain deadline to be hit with queued work (step time " \
-        f"{load.step_seconds * 1000:.0f} ms before SIGTERM, 24 clients)"
+        f"expected the {deadline} s drain deadline to be hit with queued work (step time " \
+        f"{load.step_seconds * 1000:.0f} ms before SIGTERM, {clients} clients)"
     return 0
 
 

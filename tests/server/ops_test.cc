@@ -275,15 +275,13 @@ TEST(LimitsTest, ModelsMessageSizeAndQueue) {
   std::atomic<int> ok{0}, refused{0}, other{0};
   int rounds = 0;
   for (; rounds < 200 && refused.load() == 0; ++rounds) {
-    const int round = rounds;
     std::atomic<int> ready{0};
     std::vector<std::thread> threads;
     for (int c = 0; c < kClients; ++c) {
       threads.emplace_back([&, c] {
-        if (++ready < kClients) {
-          while (ready.load() < kClients) std::this_thread::yield();
-        }
-        const grpc::Status st = TrainStep(stubs[c].get(), "lim-1", 256, 10 * round + c);
+        ++ready;
+        while (ready.load() < kClients) std::this_thread::yield();
+        const grpc::Status st = TrainStep(stubs[c].get(), "lim-1", 256, 10 * rounds + c);
         if (st.ok()) {
           ++ok;
         } else if (st.error_code() == StatusCode::RESOURCE_EXHAUSTED) {
