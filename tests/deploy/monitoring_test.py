@@ -43,6 +43,13 @@ DRIFT_FOR = "3s"  # shipped: 10m; shortened so the test stays within its time bu
 NORMD = None  # set from the command line
 
 
+def check(condition, message="check failed"):
+    """Raises AssertionError(message) unless `condition`: unlike a bare `assert`, `python -O`
+    and PYTHONOPTIMIZE cannot remove it."""
+    if not condition:
+        raise AssertionError(message)
+
+
 def free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -81,7 +88,7 @@ class Prometheus:
 
     def query(self, expr):
         data = self.get("/api/v1/query", query=expr)
-        assert data["resultType"] == "vector", data["resultType"]
+        check(data["resultType"] == "vector", data["resultType"])
         return data["result"]
 
     def ready(self):
@@ -107,7 +114,7 @@ def generated_rules(path_out):
             if rule.get("alert") == DRIFT_ALERT:
                 rule["for"] = DRIFT_FOR
                 drift = rule
-    assert drift is not None, f"{DRIFT_ALERT} missing from alerts.yml"
+    check(drift is not None, f"{DRIFT_ALERT} missing from alerts.yml")
     with open(path_out, "w") as f:
         yaml.safe_dump(rules, f, sort_keys=False)
     return drift
@@ -121,7 +128,7 @@ def generated_config(path_out, rules_path, target):
     config["global"]["evaluation_interval"] = "1s"
     config["rule_files"] = [rules_path]
     jobs = [j for j in config["scrape_configs"] if j["job_name"] == "normd"]
-    assert len(jobs) == 1, "prometheus.yml must have exactly one job named normd"
+    check(len(jobs) == 1, "prometheus.yml must have exactly one job named normd")
     jobs[0]["static_configs"] = [{"targets": [target]}]
     config["scrape_configs"] = jobs
     with open(path_out, "w") as f:
@@ -246,10 +253,10 @@ def resolve_variables(prom, dashboard):
         query = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
         query = substitute(query, values)
         m = re.fullmatch(r"label_values\((.*),\s*(\w+)\)", query.strip())
-        assert m, f"variable {var['name']}: unsupported query {query}"
+        check(m, f"variable {var['name']}: unsupported query {query}")
         series = prom.get("/api/v1/series", **{"match[]": m.group(1)})
         found = sorted({s[m.group(2)] for s in series if m.group(2) in s})
-        assert found, f"variable ${var['name']} ({query}) has no values"
+        check(found, f"variable ${var['name']} ({query}) has no values")
         # The dashboard's default is "All": every value, as Grafana's regex of the values
         # (escaped for the regex, then for the PromQL string literal).
         values[var["name"]] = "(" + "|".join(re.escape(v).replace("\\", "\\\\")
@@ -262,7 +269,7 @@ def substitute(expr, values):
     expr = expr.replace("$__range", "1m")
     for name, value in sorted(values.items(), key=lambda kv: -len(kv[0])):
         expr = expr.replace("${" + name + "}", value).replace("$" + name, value)
-    assert "$" not in expr, f"unresolved variable in {expr}"
+    check("$" not in expr, f"unresolved variable in {expr}")
     return expr
 
 

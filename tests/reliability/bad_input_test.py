@@ -16,7 +16,7 @@ import sys
 
 import grpc
 
-from reliability_common import NormdServer, RawTrainer, pb, rss_kib, snapshot
+from reliability_common import NormdServer, RawTrainer, check, pb, rss_kib, snapshot
 
 MAX_MESSAGE_BYTES = 1 << 20
 MAX_BATCH_ELEMENTS = 100000
@@ -472,7 +472,7 @@ def main():
         raw.close()
 
     names = [r[0] for r in battery.results]
-    assert len(names) == len(set(names)), "case names must be distinct"
+    check(len(names) == len(set(names)), "case names must be distinct")
     failures = [r for r in battery.results if not r[4]]
     tally = collections.Counter(r[2].name for r in battery.results)
     print(f"\n{len(battery.results)} malformed requests; by status code received:")

@@ -33,7 +33,7 @@ import traceback
 
 import grpc
 
-from reliability_common import NormdServer, pb
+from reliability_common import NormdServer, check, pb
 from normd.health.v1 import health_pb2, health_pb2_grpc
 from normd.v1 import normd_pb2_grpc as pb_grpc
 
@@ -117,7 +117,7 @@ class Load:
                 call = self.latest_call.get(t.ident)
                 if call is not None and call.done():
                     print(f"its stream's status arrived: {call.code().name}: {call.details()}")
-        assert not stuck, f"{len(stuck)} client threads did not stop within 30 s"
+        check(not stuck, f"{len(stuck)} client threads did not stop within 30 s")
 
     def ack(self, model, step):
         with self.lock:
@@ -219,13 +219,14 @@ def run(name, drain_timeout, features, hidden, batch, models, unary_clients, str
         time.sleep(load_seconds)
         with load.lock:
             acked_before = sum(len(v) for v in load.acked.values())
-        assert acked_before > 0, f"{name}: no step was acknowledged in {load_seconds} s of load"
+        check(acked_before > 0, f"{name}: no step was acknowledged in {load_seconds} s of load")
 
         health_seen, health_stop = [], threading.Event()
         health_channel = grpc.insecure_channel(server.address)
         health = health_pb2_grpc.HealthStub(health_channel)
-        assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == \
-            health_pb2.HealthCheckResponse.SERVING  # connected before the signal
+        check(health.Check(health_pb2.HealthCheckRequest(), timeout=10).status ==
+              health_pb2.HealthCheckResponse.SERVING,  # connected before the signal
+              f"{name}: health is not SERVING before the signal")
         poller = threading.Thread(target=poll_health,
                                   args=(health_channel, health_stop, health_seen))
         with load.lock:
@@ -240,18 +241,18 @@ def run(name, drain_timeout, features, hidden, batch, models, unary_clients, str
         load.join()
         log = server.log()
 
-    assert rc == 0, f"{name}: normd exited with {rc}\n{log}"
+    check(rc == 0, f"{name}: normd exited with {rc}\n{log}")
     stopped = re.search(r"event=stopped drained=(\w+) drain_ms=(\d+) save_ms=(\d+)", log)
-    assert stopped, f"{name}: no stop line in the log\n{log}"
+    check(stopped, f"{name}: no stop line in the log\n{log}")
     drained, drain_ms, save_ms = stopped.group(1), int(stopped.group(2)), int(stopped.group(3))
     unexpected = {c: n for c, n in load.codes.items() if c not in ("UNAVAILABLE", "CANCELLED")}
-    assert not unexpected, f"{name}: unexpected status codes {unexpected}: {load.samples}"
-    assert load.cancelled_before_signal == 0, f"{name}: calls cancelled before SIGTERM"
+    check(not unexpected, f"{name}: unexpected status codes {unexpected}: {load.samples}")
+    check(load.cancelled_before_signal == 0, f"{name}: calls cancelled before SIGTERM")
     # The first polls may beat sigwait; once health leaves SERVING it never comes back.
     first_down = next((i for i, s in enumerate(health_seen) if s != "SERVING"), None)
-    assert first_down is not None, f"{name}: health stayed SERVING after SIGTERM: {health_seen}"
-    assert "SERVING" not in health_seen[first_down:], \
-        f"{name}: health went back to SERVING while stopping: {health_seen}"
+    check(first_down is not None, f"{name}: health stayed SERVING after SIGTERM: {health_seen}")
+    check("SERVING" not in health_seen[first_down:],
+          f"{name}: health went back to SERVING while stopping: {health_seen}")
 
     # Restart on the same data directory: what was acknowledged must be there.
     with NormdServer(args) as server:
@@ -270,10 +271,10 @@ def run(name, drain_timeout, features, hidden, batch, models, unary_clients, str
     for m in names:
         steps = sorted(load.acked[m])
         print(f"  {m}: saved step {saved[m]}, acknowledged {len(steps)}")
-        assert len(set(steps)) == len(steps), f"{m}: a step number was acknowledged twice"
+        check(len(set(steps)) == len(steps), f"{m}: a step number was acknowledged twice")
         if steps:
-            assert saved[m] >= steps[-1], \
-                f"{m}: acknowledged step {steps[-1]} lost (restored at step {saved[m]})"
+            check(saved[m] >= steps[-1],
+                  f"{m}: acknowledged step {steps[-1]} lost (restored at step {saved[m]})")
     return drained, load, saved
 
 
@@ -281,12 +282,12 @@ def main():
     # Drain: reference-sized layers, every accepted request must finish within 10 s.
     drained, load, saved = run("drain", drain_timeout=10, features=784, hidden=512, batch=128,
                                models=3, unary_clients=6, stream_clients=2, load_seconds=3)
-    assert drained == "all", "in-flight requests were still running at the 10 s drain deadline"
-    assert load.acked_after_signal > 0, "no in-flight request finished after SIGTERM"
+    check(drained == "all", "in-flight requests were still running at the 10 s drain deadline")
+    check(load.acked_after_signal > 0, "no in-flight request finished after SIGTERM")
     for m, steps in load.acked.items():
         # Nothing was cancelled, so every step the model took was acknowledged: exactly 1..N.
-        assert sorted(steps) == list(range(1, saved[m] + 1)), \
-            f"{m}: acknowledged steps are not exactly 1..{saved[m]}"
+        check(sorted(steps) == list(range(1, saved[m] + 1)),
+              f"{m}: acknowledged steps are not exactly 1..{saved[m]}")
 
     # Deadline: slow steps queued on one model outlast a 0.1 s drain deadline. Every client has
     # one step queued or running, so the queue holds 24 steps of 70 ms or more (this 2-core
@@ -296,9 +297,9 @@ def main():
     drained, load, saved = run("deadline", drain_timeout=deadline, features=784, hidden=4096,
                                batch=1024, models=1, unary_clients=clients, stream_clients=0,
                                load_seconds=3)
-    assert drained == "deadline", \
-        f"expected the {deadline} s drain deadline to be hit with queued work (step time " \
-        f"{load.step_seconds * 1000:.0f} ms before SIGTERM, {clients} clients)"
+    check(drained == "deadline",
+          f"expected the {deadline} s drain deadline to be hit with queued work (step time "
+          f"{load.step_seconds * 1000:.0f} ms before SIGTERM, {clients} clients)")
     return 0
 
 

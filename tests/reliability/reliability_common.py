@@ -19,6 +19,13 @@ from normd.v1 import normd_pb2 as pb  # noqa: E402
 SERVICE = "/normd.v1.Trainer/"
 
 
+def check(condition, message="check failed"):
+    """Raises AssertionError(message) unless `condition`: a test's verdict that, unlike a bare
+    `assert`, `python -O` and PYTHONOPTIMIZE cannot remove."""
+    if not condition:
+        raise AssertionError(message)
+
+
 def rss_kib(pid: int) -> int:
     """The process's resident set size in KiB, from /proc/<pid>/status."""
     with open(f"/proc/{pid}/status") as f:
