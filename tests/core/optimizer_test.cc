@@ -70,12 +70,22 @@ TEST(OptimizerTest, AdamWDecaysTheWeightNotTheGradient) {
   opt.Step(ps);  // p = 2 * (1 - 0.05) - 0.1 * 1/(1 + eps)
   EXPECT_NEAR(p.value.data()[0], 2.0 * 0.95 - 0.1, 1e-6);
 
-  c.adam.decoupled_weight_decay = false;  // Adam: g = 1 + 0.5*2 = 2, step still lr*sign
-  Parameter q = Param(2.0f, 1.0f);
+  // Adam (coupled): the decay joins the gradient, g = -0.5 + 0.5*2 = 0.5, so the first step,
+  // lr*sign(g), goes down where it would go up without decay (2.1) or with AdamW's (2.0).
+  c.adam.decoupled_weight_decay = false;
+  Parameter q = Param(2.0f, -0.5f);
   std::vector<Parameter*> qs = {&q};
   Optimizer adam(c, qs);
   adam.Step(qs);
-  EXPECT_NEAR(q.value.data()[0], 2.0 - 0.1, 1e-6);
+  const double q1 = 2.0 - 0.1 * 0.5 / (0.5 + 1e-8);
+  EXPECT_NEAR(q.value.data()[0], q1, 1e-6);
+  // The second step, from the definition: g2 = -0.5 + 0.5*q1 (the decay of the new weight).
+  adam.Step(qs);
+  const double b1 = 0.9, b2 = 0.999, g1 = 0.5, g2 = -0.5 + 0.5 * q1;
+  const double m = b1 * (1 - b1) * g1 + (1 - b1) * g2;
+  const double v = b2 * (1 - b2) * g1 * g1 + (1 - b2) * g2 * g2;
+  const double step = 0.1 / (1 - b1 * b1) * m / (std::sqrt(v) / std::sqrt(1 - b2 * b2) + 1e-8);
+  EXPECT_NEAR(q.value.data()[0], q1 - step, 1e-6);
 }
 
 TEST(OptimizerTest, ValidateFollowsTorchRules) {
