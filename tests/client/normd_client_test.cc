@@ -10,6 +10,8 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <memory>
 #include <thread>
@@ -116,20 +118,62 @@ int ClosedPort() {
   return ntohs(addr.sin_port);
 }
 
+// A call to a server that cannot answer ends with an Error naming the method, no later than the
+// client's timeout allows (plus a generous allowance for a loaded machine, far below gRPC's own
+// 20 s connect timeout): at once on a closed port (UNAVAILABLE), and at the deadline on a port
+// that accepts connections but never speaks HTTP/2 (DEADLINE_EXCEEDED, not before the timeout).
 TEST(ClientTest, UnreachableServerFailsWithinTheDeadline) {
-  ClientOptions options;
-  options.server = "127.0.0.1:" + std::to_string(ClosedPort());
-  options.timeout = std::chrono::seconds(2);
-  Client client(options);
-  try {
-    client.ListModels();
-    FAIL() << "expected an Error";
-  } catch (const Error& e) {
-    EXPECT_TRUE(e.code() == grpc::StatusCode::UNAVAILABLE ||
-                e.code() == grpc::StatusCode::DEADLINE_EXCEEDED)
-        << e.what();
-    EXPECT_EQ(e.method(), "ListModels");
-  }
+  using Clock = std::chrono::steady_clock;
+  constexpr auto kTimeout = std::chrono::seconds(1);
+  constexpr auto kAllowance = std::chrono::seconds(10);
+  auto call = [&](int port, grpc::StatusCode* code, Clock::duration* elapsed) {
+    ClientOptions options;
+    options.server = "127.0.0.1:" + std::to_string(port);
+    options.timeout = kTimeout;
+    Client client(options);
+    const Clock::time_point start = Clock::now();
+    try {
+      client.ListModels();
+      FAIL() << "expected an Error";
+    } catch (const Error& e) {
+      *elapsed = Clock::now() - start;
+      *code = e.code();
+      EXPECT_EQ(e.method(), "ListModels");
+    }
+  };
+  auto ms = [](Clock::duration d) {
+    return std::chrono::duration_cast<std::chrono::milliseconds>(d).count();
+  };
+
+  grpc::StatusCode code = grpc::StatusCode::OK;
+  Clock::duration elapsed{};
+  ASSERT_NO_FATAL_FAILURE(call(ClosedPort(), &code, &elapsed));
+  EXPECT_TRUE(code == grpc::StatusCode::UNAVAILABLE ||
+              code == grpc::StatusCode::DEADLINE_EXCEEDED)
+      << code;
+  EXPECT_LT(ms(elapsed), ms(kTimeout + kAllowance)) << "ms";
+  const Clock::duration closed_elapsed = elapsed;
+
+  // Listening, never accepting: the kernel completes the TCP handshake, nothing more comes.
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  ASSERT_GE(fd, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof addr;
+  ASSERT_EQ(bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  ASSERT_EQ(listen(fd, 16), 0);
+  ASSERT_EQ(getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len), 0);
+  call(ntohs(addr.sin_port), &code, &elapsed);
+  close(fd);
+  EXPECT_EQ(code, grpc::StatusCode::DEADLINE_EXCEEDED);
+  // gRPC fires a deadline at or after it; a millisecond of rounding is allowed for.
+  EXPECT_GE(ms(elapsed), ms(kTimeout) - 1) << "ms";
+  EXPECT_LT(ms(elapsed), ms(kTimeout + kAllowance)) << "ms";
+  std::printf("[ deadline ] closed port failed after %lld ms, silent port after %lld ms "
+              "(timeout %lld ms)\n",
+              static_cast<long long>(ms(closed_elapsed)), static_cast<long long>(ms(elapsed)),
+              static_cast<long long>(std::chrono::milliseconds(kTimeout).count()));
 }
 
 // Answers every TrainStream batch with a step number; no model behind it.
