@@ -312,8 +312,10 @@ TEST(ShutdownTest, DrainsInFlightWorkAndRefusesNewCalls) {
   auto stub = server->NewStub();
   ASSERT_TRUE(CreateModel(stub.get(), "drain-1").ok());
 
-  // A client streaming steps while the server is told to stop: every step it was answered is
-  // counted, the stream ends cleanly (OK or UNAVAILABLE), the process exits 0.
+  // A client streaming steps until the server, told to stop, ends the stream: the stream is in
+  // flight at SIGTERM, so the server must wait for it (the stop line says drained=all, not
+  // deadline) and end it itself once the step it holds is answered (UNAVAILABLE "shutting
+  // down"), not have it cut (CANCELLED, or UNAVAILABLE from the transport). The process exits 0.
   std::atomic<int> answered{0};
   std::atomic<bool> streaming{false};
   grpc::Status stream_status;
@@ -322,7 +324,7 @@ TEST(ShutdownTest, DrainsInFlightWorkAndRefusesNewCalls) {
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
     auto stream = stub->TrainStream(&ctx);
     v1::TrainStepResponse resp;
-    for (int i = 0; i < 2000; ++i) {
+    for (int i = 0;; ++i) {
       v1::TrainStepRequest req;
       req.set_model("drain-1");
       *req.mutable_input() = MakeTensor({64, 32}, RandomValues(64 * 32, i), true);
@@ -342,9 +344,12 @@ TEST(ShutdownTest, DrainsInFlightWorkAndRefusesNewCalls) {
   const auto drain = std::chrono::steady_clock::now() - t0;
   client.join();
   EXPECT_EQ(code, 0) << server->Log();
-  EXPECT_TRUE(stream_status.ok() || stream_status.error_code() == StatusCode::UNAVAILABLE)
+  EXPECT_EQ(stream_status.error_code(), StatusCode::UNAVAILABLE)
       << stream_status.error_code() << ": " << stream_status.error_message();
+  EXPECT_EQ(stream_status.error_message(), "the server is shutting down");
   EXPECT_GT(answered.load(), 0);
+  const std::string stop_log = server->Log();
+  EXPECT_NE(stop_log.find("event=stopped drained=all "), std::string::npos) << stop_log;
   std::printf("[ drain ] %d steps answered; stopped in %.0f ms\n", answered.load(),
               std::chrono::duration<double, std::milli>(drain).count());
 
