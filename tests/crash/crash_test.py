@@ -14,8 +14,15 @@ restored. Training is deterministic (the batch of step k is a function of (model
 dropout generator is checkpointed), so steps re-run after a restore must reproduce the first
 run's bits.
 
+While training, only the errors a kill produces (UNAVAILABLE, CANCELLED) and only once the kill
+was sent end a loop; any other error, or one before the kill, fails the test. So does a run that
+trained too little to prove anything: fewer acknowledged steps than NORMD_CRASH_MIN_STEPS
+(default: one per loop) or fewer re-run steps checked against the first run than
+NORMD_CRASH_MIN_CONTINUATIONS (default: one per ten loops).
+
 Environment: NORMD_CRASH_SERVER (the normd binary), NORMD_CRASH_SERVER_ARGS (extra flags),
-NORMD_CRASH_LOOPS (default 50), NORMD_CRASH_SEED, NORMD_CRASH_STRICT_CONTINUATION (default 1).
+NORMD_CRASH_LOOPS (default 50), NORMD_CRASH_SEED, NORMD_CRASH_STRICT_CONTINUATION (default 1),
+NORMD_CRASH_MIN_STEPS, NORMD_CRASH_MIN_CONTINUATIONS.
 """
 
 import os
@@ -28,6 +35,7 @@ import tempfile
 import threading
 import time
 
+import grpc
 import numpy as np
 
 import normd
@@ -39,6 +47,11 @@ EXTRA_ARGS = os.environ.get("NORMD_CRASH_SERVER_ARGS", "").split()
 # Re-running a step from a restored state must give the first run's bits ("training continues as
 # if never stopped"). NORMD_CRASH_STRICT_CONTINUATION=0 only reports differences (see README.md).
 STRICT_CONTINUATION = os.environ.get("NORMD_CRASH_STRICT_CONTINUATION", "1") == "1"
+# The least training a run must do for its checks to mean something (see the docstring).
+MIN_STEPS = int(os.environ.get("NORMD_CRASH_MIN_STEPS", str(LOOPS)))
+MIN_CONTINUATIONS = int(os.environ.get("NORMD_CRASH_MIN_CONTINUATIONS", str(max(1, LOOPS // 10))))
+# What a call sees when the server is killed under it or before it: nothing else means "gone".
+KILL_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
 SPECS = {
     # BatchNorm + Dropout (the generator must come back) + AdamW, train mode.
@@ -210,8 +223,10 @@ class Server:
         with open(self.port_file) as f:
             port = dict(line.strip().split("=", 1) for line in f if "=" in line)["grpc"]
         self.client = normd.Client(f"127.0.0.1:{port}", timeout=30)
+        self.kill_sent = threading.Event()  # set before the signal goes out
 
     def kill(self):
+        self.kill_sent.set()
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
 
@@ -240,6 +255,7 @@ def main():
     continuation_checked = continuation_diverged = 0
     steps_lost = []
     total_steps = 0
+    kills = 0
     on_disk = {}
     damaged = []                        # (loop of the restart, model, file name)
     try:
@@ -290,6 +306,7 @@ def main():
                 break
 
             # Train until killed.
+            training_failed = False
             killer = threading.Timer(rnd.uniform(0.05, 1.5), server.kill)
             killer.start()
             try:
@@ -312,10 +329,22 @@ def main():
                         if states[name][step] != fp:
                             continuation_diverged += 1
                     states[name][step] = fp
-            except normd.NormdError:
-                pass  # the server is gone
+            except normd.NormdError as e:
+                # The server is gone only if the kill was sent and the error is one it causes.
+                killed = server.kill_sent.is_set()
+                if not killed or e.code not in KILL_CODES:
+                    training_failed = True
+                    failures.append(f"loop {loop}: {e} ({'after' if killed else 'before'} the "
+                                    f"kill; only UNAVAILABLE or CANCELLED after it means the "
+                                    f"server is gone)")
+            killer.cancel()
             killer.join()
+            if not server.kill_sent.is_set():
+                server.kill()  # stopping early: the training loop failed before the kill
             server.close()
+            if training_failed:
+                break
+            kills += 1
             for name in SPECS:
                 files, temps = checkpoints_on_disk(data_dir, name)
                 kills_mid_write += 1 if temps else 0
@@ -351,7 +380,7 @@ def main():
         else:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    print(f"crash loops: {LOOPS} kill -9 + restart; {total_steps} acknowledged steps; "
+    print(f"crash loops: {kills} kill -9 + restart; {total_steps} acknowledged steps; "
           f"{kills_mid_write} kills left a checkpoint half-written (.tmp); {restores} model "
           f"restores, each equal bit for bit to the newest complete checkpoint on disk; steps "
           f"lost per restore (trained but not yet saved at the kill): max "
@@ -363,6 +392,12 @@ def main():
           f"{continuation_diverged} not bit-identical to the first run")
     if continuation_diverged and STRICT_CONTINUATION:
         failures.append(f"{continuation_diverged} re-run steps differ from the first run")
+    if total_steps < MIN_STEPS:
+        failures.append(f"only {total_steps} acknowledged steps, fewer than the {MIN_STEPS} "
+                        f"needed for the checks to mean something")
+    if continuation_checked < MIN_CONTINUATIONS:
+        failures.append(f"only {continuation_checked} re-run steps checked against the first "
+                        f"run, fewer than {MIN_CONTINUATIONS}")
     for f in failures:
         print("FAIL:", f)
     print(f"{1 if not failures else 0} passed, {1 if failures else 0} failed")
