@@ -207,8 +207,11 @@ class Registry {
   // Validates the id and the spec, builds the model (in train mode), calls
   // Persistence::OnCreate and makes it visible. INVALID_ARGUMENT (bad id or spec),
   // ALREADY_EXISTS, RESOURCE_EXHAUSTED (model limit, parameter or size limits).
+  // `prepare`, when given, runs on the built model before anything else sees it (persistence
+  // included), e.g. to load a FoldBatchNorm copy's state; its error aborts the create.
   Status Create(const std::string& requested_id, const v1::ModelSpec& spec,
-                std::shared_ptr<ModelEntry>* out);
+                std::shared_ptr<ModelEntry>* out,
+                const std::function<Status(Model&)>& prepare = nullptr);
 
   // Adds a model rebuilt by the persistence layer at start-up (no OnCreate call).
   Status Restore(const std::string& id, const v1::ModelSpec& spec, std::unique_ptr<Model> model);
