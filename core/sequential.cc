@@ -143,7 +143,7 @@ void Sequential::Backward(ForwardRecord* rec, const ConstTensorView& dy, Tensor*
   if (dx == nullptr) {
     stop = n;
     for (int i = 0; i < n; ++i) {
-      if (layers_[i]->trainable() && !layers_[i]->parameters().empty()) {
+      if (layers_[i]->trainable() && layers_[i]->NumParameters() > 0) {
         stop = i;
         break;
       }

@@ -441,6 +441,8 @@ Status TrainerService::DoTrainStep(ModelEntry& entry, const v1::TrainStepRequest
                                    const DecodedTensor& input, const DecodedTargets& targets,
                                    v1::TrainStepResponse* resp) {
   Model& model = entry.model();
+  // Before TrainStep: its other FAILED_PRECONDITIONs are refused non-finite steps (counted).
+  NORMD_RETURN_IF_ERROR(model.CheckCanTrain("TrainStep"));
   TrainResult r;
   Status s = model.TrainStep(input.view(), targets.targets, &entry.train_record, &r);
   if (!s.ok()) {

@@ -300,8 +300,16 @@ class FoldTest(unittest.TestCase):
                 fn(*args, **kw)
             self.assertEqual(cm.exception.code, fp, cm.exception.message)
             self.assertIn("inference-only", cm.exception.message)
-        # Eval-mode calls still work and nothing moved.
+        # Eval-mode calls still work and nothing moved; the refusals are not counted as
+        # refused non-finite steps.
         self.assertEqual(self.c.get_model("fold-ro-f").step, 0)
+        import urllib.request
+        with urllib.request.urlopen(SERVER.metrics_url, timeout=10) as r:
+            metrics = r.read().decode()
+        line = [l for l in metrics.splitlines()
+                if l.startswith('normd_nonfinite_steps_total{model="fold-ro-f"}')]
+        self.assertEqual(len(line), 1, metrics[-2000:])
+        self.assertEqual(float(line[0].split()[-1]), 0.0)
         self.c.evaluate("fold-ro-f", x, labels=y)
         self.c.set_mode("fold-ro-f", "eval")
 
