@@ -141,8 +141,8 @@ Status RemoveModelFiles(const std::string& data_dir, const std::string& model_id
 
 // Applies a loaded checkpoint to a model freshly built from `ckpt.spec`: the whole state
 // (strict, optimizer entries included: every entry the model has must be present), mode and
-// frozen flag, per-layer options, inference-only flag, step and the dropout generator. Validates before writing: on error the model
-// is unchanged.
+// frozen flag, per-layer options, inference-only flag, step and the dropout generator.
+// Validates before writing: on error the model is unchanged.
 Status RestoreInto(const LoadedCheckpoint& ckpt, Model* model);
 
 }  // namespace normd::server

@@ -8,10 +8,11 @@
 // Concurrency. Each entry has a std::shared_mutex guarding the model and its spec: eval-mode
 // forwards, Evaluate, GetState, SaveModel and FoldBatchNorm take it shared; train-mode
 // forwards, Backward, ApplyGradients, TrainStep, SetMode, SetState, ResetRunningStats,
-// UpdateOptimizer, SetLayerOptions and Delete take it exclusively. Requests do not wait on that mutex in a thread: ModelEntry::Schedule
-// queues them per model (FIFO) and hands a task to the ComputePool only when the access it
-// needs is free, so the mutex is uncontended for requests and pool threads never block on it;
-// requests to different models run in parallel, eval-mode forwards of one model run together.
+// UpdateOptimizer, SetLayerOptions and Delete take it exclusively. Requests do not wait on that
+// mutex in a thread: ModelEntry::Schedule queues them per model (FIFO) and hands a task to the
+// ComputePool only when the access it needs is free, so the mutex is uncontended for requests
+// and pool threads never block on it; requests to different models run in parallel, eval-mode
+// forwards of one model run together.
 // GetModel and ListModels read a summary published after each change and never wait at all.
 #ifndef NORMD_SERVER_REGISTRY_H_
 #define NORMD_SERVER_REGISTRY_H_

@@ -316,8 +316,8 @@ def cases():
     # Frozen layers across a mode switch: eval and back to train keeps them frozen.
     # (Linear 0 without bias: before a batch-statistics BatchNorm its gradient is exactly zero
     # and Adam would scale the rounding noise up to full steps.)
-    c = Case("mlp_frozen_mode_switch", [6], mlp(bias_first=False), ("adam", {"lr": 0.01, "decoupled": 1,
-                                                            "weight_decay": 1e-2}), seed=9)
+    c = Case("mlp_frozen_mode_switch", [6], mlp(bias_first=False),
+             ("adam", {"lr": 0.01, "decoupled": 1, "weight_decay": 1e-2}), seed=9)
     c.options("4", frozen=True)
     c.options("6", trainable=False)
     c.train("s", 5)

@@ -446,7 +446,9 @@ int Run(const char* case_path, const char* out_path) {
         out.Error(tag, s);
         continue;
       }
-      for (const NamedTensor& t : folded.state) out.WriteTensor(tag + "." + t.name, t.shape, t.values.data());
+      for (const NamedTensor& t : folded.state) {
+        out.WriteTensor(tag + "." + t.name, t.shape, t.values.data());
+      }
       out.WriteTensor(tag + ".out", scratch.output().shape(), scratch.output().data());
     } else {
       Die("unknown command '" + cmd + "'");
