@@ -78,6 +78,7 @@ demo: build
 # RPC load and memory; prints the tables (~4 min on 2 cores).
 bench: build
 	/usr/bin/python3 bench/compare_torch.py --build-dir $(BUILD_DIR) --load
+	/usr/bin/python3 bench/fold_bench.py --build-dir $(BUILD_DIR)
 
 clean:
 	rm -rf $(BUILD_DIR)

@@ -331,6 +331,28 @@ uint64_t Client::SaveModel(const std::string& model) {
   return response.step();
 }
 
+v1::Model Client::SetLayerOptions(const std::string& model,
+                                  const std::vector<v1::LayerOptions>& layers) {
+  v1::SetLayerOptionsRequest request;
+  request.set_model(model);
+  for (const v1::LayerOptions& l : layers) *request.add_layers() = l;
+  v1::Model response;
+  Check(stub_->SetLayerOptions(NewContext(options_.timeout).get(), request, &response),
+        "SetLayerOptions");
+  return response;
+}
+
+v1::FoldBatchNormResponse Client::FoldBatchNorm(const std::string& model,
+                                                const std::string& new_model) {
+  v1::FoldBatchNormRequest request;
+  request.set_model(model);
+  request.set_new_model(new_model);
+  v1::FoldBatchNormResponse response;
+  Check(stub_->FoldBatchNorm(NewContext(options_.timeout).get(), request, &response),
+        "FoldBatchNorm");
+  return response;
+}
+
 ForwardResult Client::Forward(const std::string& model, const TensorView& input,
                               bool retain_for_backward, bool layer_stats) {
   v1::ForwardRequest request;

@@ -178,6 +178,12 @@ class Client {
   v1::Model UpdateOptimizer(const std::string& model, const v1::OptimizerSpec& optimizer);
   // Returns the step held by the durable checkpoint.
   uint64_t SaveModel(const std::string& model);
+  // Per-layer frozen/trainable flags (a field left unset keeps its value); all or nothing.
+  v1::Model SetLayerOptions(const std::string& model, const std::vector<v1::LayerOptions>& layers);
+  // The model with its BatchNorms folded into the preceding Linear/Conv2d; a non-empty
+  // new_model also creates it on the server as an inference-only copy.
+  v1::FoldBatchNormResponse FoldBatchNorm(const std::string& model,
+                                          const std::string& new_model = "");
 
   // Forward in the model's current mode (a training-mode forward updates BatchNorm statistics).
   ForwardResult Forward(const std::string& model, const TensorView& input,

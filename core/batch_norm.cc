@@ -412,7 +412,7 @@ void BatchNorm::Forward(const ConstTensorView& x, Tensor* y, LayerCache* cache,
     d[kMeanShift] = denom.sum() / C;
   }
 
-  if (ctx.training && ctx.update_running_stats && track) {
+  if (batch_stats && ctx.training && ctx.update_running_stats && track) {
     // Pending update: the batch mean stays, the variance becomes the unbiased estimate.
     batch_var = batch_var * count / (count - 1);
     cache->has_pending_update = true;
@@ -451,11 +451,15 @@ void BatchNorm::Backward(const ConstTensorView& x, const Tensor& /*y*/, const Co
   const double n = static_cast<double>(N * S);
   const float* gamma = config_.affine ? weight_.value.data() : nullptr;
   const bool batch_stats = UsesBatchStats(ctx);
+  // An untrainable layer's parameter gradients stay zero (Layer::trainable); without dx the
+  // backward then has nothing to compute.
+  const bool param_grads = config_.affine && trainable();
+  if (!param_grads && dx == nullptr) return;
   // Channels are independent: a large layer splits them across two cores, as in Forward.
   SplitInTwo(C, S == 1 ? kBlock : 1, kSplitWorkPerElement * N * C * S, [&](int64_t c0, int64_t c1) {
     ChannelReduce(GradSumsOp(), xp + c0 * S, dyp + c0 * S, N, c1 - c0, S, C * S, mean + c0,
                   sum_dy + c0, sum_dy_xmu + c0);
-    if (config_.affine) {
+    if (param_grads) {
       float* gw = weight_.grad.data();
       float* gb = bias_.grad.data();
       for (int64_t c = c0; c < c1; ++c) {

@@ -16,6 +16,9 @@
 //  - Normalising with batch statistics when N * S == 1 (one value per channel) is an error,
 //    PyTorch's rule: in training, and in eval when track_running_stats is false.
 //  - affine=false: no weight/bias. track_running_stats=false: no buffers at all.
+//  - A frozen layer (Layer::frozen, with tracking) behaves in train mode exactly as in eval
+//    mode: running statistics normalise, nothing is updated, and the backward treats them as
+//    constants (PyTorch: this module in eval mode inside a train-mode model).
 //
 // The update of the running statistics is two-phase: Forward leaves it pending in the
 // LayerCache and Commit applies it, so a training step that fails after the forward pass
@@ -88,6 +91,7 @@ class BatchNorm : public Layer {
   std::vector<Parameter*> parameters() override;
   std::vector<StateSlot> state() override;
   BatchNorm* AsBatchNorm() override { return this; }
+  bool HasRunningStats() const override { return config_.track_running_stats; }
 
   // Applies the running-statistics update left pending in `cache` by a Forward with
   // ctx.update_running_stats and clears it; does nothing when none is pending. Returns the
@@ -111,9 +115,10 @@ class BatchNorm : public Layer {
   const Parameter& bias() const { return bias_; }
 
  private:
-  // True when this forward normalises with batch statistics.
+  // True when this forward normalises with batch statistics. A frozen layer is in eval
+  // semantics whatever the model's mode.
   bool UsesBatchStats(const ForwardContext& ctx) const {
-    return ctx.training || !config_.track_running_stats;
+    return (ctx.training && !frozen()) || !config_.track_running_stats;
   }
 
   BatchNormConfig config_;

@@ -235,16 +235,20 @@ void Conv2d::Backward(const ConstTensorView& x, const Tensor& /*y*/, const Const
     dx->Resize(x.shape);
     if (!direct) dx->SetZero();
   }
+  // An untrainable layer's gradients stay zero (Layer::trainable): they are not computed.
+  const bool param_grads = trainable();
   for (int64_t s = 0; s < n; ++s) {
     const float* xs = x.data + s * in_sample;
     ConstMatrixMap dys(dy.data + s * out_sample, c.out_channels, hw_out);
-    if (direct) {
-      weight_grad.noalias() += dys * ConstMatrixMap(xs, taps, hw_out).transpose();
-    } else {
-      Im2Col(g, xs, col);
-      weight_grad.noalias() += dys * ConstMatrixMap(col, taps, hw_out).transpose();
+    if (param_grads) {
+      if (direct) {
+        weight_grad.noalias() += dys * ConstMatrixMap(xs, taps, hw_out).transpose();
+      } else {
+        Im2Col(g, xs, col);
+        weight_grad.noalias() += dys * ConstMatrixMap(col, taps, hw_out).transpose();
+      }
+      if (c.bias) VectorMap(bias_.grad.data(), c.out_channels) += dys.rowwise().sum();
     }
-    if (c.bias) VectorMap(bias_.grad.data(), c.out_channels) += dys.rowwise().sum();
     if (dx == nullptr) continue;
     float* dxs = dx->data() + s * in_sample;
     if (direct) {

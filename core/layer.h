@@ -105,6 +105,30 @@ class Layer {
   // Non-null for BatchNorm layers.
   virtual BatchNorm* AsBatchNorm() { return nullptr; }
   const BatchNorm* AsBatchNorm() const { return const_cast<Layer*>(this)->AsBatchNorm(); }
+
+  // ---- Per-layer training options (Model::SetLayerOptions; PyTorch's fine-tuning idioms) ----
+  //
+  // Frozen: a layer with running statistics normalises with them in train-mode forwards too,
+  // never updates them, and back-propagates as in eval mode (running statistics are constants):
+  // PyTorch's `module.eval()` inside a model in train mode. Only layers whose
+  // HasRunningStats() is true can be frozen; a layer that overrides it must honour frozen() in
+  // CheckBatch, Forward and Backward (BatchNorm does; InstanceNorm with running statistics is
+  // the next one).
+  virtual bool HasRunningStats() const { return false; }
+  bool frozen() const { return frozen_; }
+  // REQUIRES: !frozen || HasRunningStats(); exclusive access.
+  void set_frozen(bool frozen) { frozen_ = frozen; }
+  //
+  // Trainable: false is PyTorch's `requires_grad_(False)` on the layer's parameters. Sequential
+  // keeps such a layer's parameter gradients at zero (a layer's Backward may skip computing
+  // them) and the optimizer leaves its parameters and their optimizer state alone.
+  bool trainable() const { return trainable_; }
+  // Exclusive access. The caller zeroes the gradients of a layer made untrainable.
+  void set_trainable(bool trainable) { trainable_ = trainable; }
+
+ private:
+  bool frozen_ = false;
+  bool trainable_ = true;
 };
 
 // Creates the layer for `config` (not yet built).

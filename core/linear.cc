@@ -69,11 +69,14 @@ void Linear::Backward(const ConstTensorView& x, const Tensor& /*y*/, const Const
   const int64_t work = n * config_.in_features * config_.out_features;
   // Large products split across two cores (core/threads.h): dW by its rows (output features),
   // dx by rows of the batch.
-  MatrixMap dw = weight_.grad.matrix();
-  SplitInTwo(config_.out_features, kProductSplitAlign, work, [&](int64_t r0, int64_t r1) {
-    dw.middleRows(r0, r1 - r0).noalias() += g.middleCols(r0, r1 - r0).transpose() * x.matrix();
-  });
-  if (config_.bias) bias_.grad.flat() += g.colwise().sum().transpose();
+  // An untrainable layer's gradients stay zero (Layer::trainable): dW is not computed.
+  if (trainable()) {
+    MatrixMap dw = weight_.grad.matrix();
+    SplitInTwo(config_.out_features, kProductSplitAlign, work, [&](int64_t r0, int64_t r1) {
+      dw.middleRows(r0, r1 - r0).noalias() += g.middleCols(r0, r1 - r0).transpose() * x.matrix();
+    });
+    if (config_.bias) bias_.grad.flat() += g.colwise().sum().transpose();
+  }
   if (dx != nullptr) {
     dx->Resize(x.shape);
     MatrixMap d = dx->matrix();

@@ -29,6 +29,7 @@ Status Model::Create(const ModelConfig& config, const Sequential::Limits& limits
   NORMD_RETURN_IF_ERROR(ValidateLossForOutput(config.loss, model->net_->output_shape()));
   model->optimizer_ =
       std::make_unique<Optimizer>(config.optimizer, model->net_->parameters());
+  model->trainable_mask_ = model->net_->parameter_trainable();
   model->rng_.Seed(config.seed ^ kDropoutSeedSalt);
   for (int i = 0; i < model->net_->num_layers(); ++i) {
     if (model->net_->layer(i).AsBatchNorm() == nullptr) continue;
@@ -78,9 +79,10 @@ Status Model::Forward(const ConstTensorView& x, ForwardRecord* rec) {
 
 Status Model::Backward(ForwardRecord* rec, const ConstTensorView& grad_output,
                        Tensor* grad_input) {
+  NORMD_RETURN_IF_ERROR(CheckCanTrain("Backward"));
   if (rec->mode_version != mode_version_) {
-    return FailedPrecondition("the forward is stale: the model switched mode since it ran; "
-                              "run Forward again");
+    return FailedPrecondition("the forward is stale: the model switched mode (or a layer was "
+                              "frozen or unfrozen) since it ran; run Forward again");
   }
   if (rec->params_version != params_version_) {
     return FailedPrecondition("the forward is stale: the parameters changed since it ran "
@@ -99,6 +101,7 @@ Status Model::Backward(ForwardRecord* rec, const ConstTensorView& grad_output,
 }
 
 Status Model::ApplyGradients(uint64_t* step) {
+  NORMD_RETURN_IF_ERROR(CheckCanTrain("ApplyGradients"));
   const int bad = net_->FirstNonFiniteGradLayer();
   if (bad >= 0) {
     net_->ZeroGrad();
@@ -106,7 +109,7 @@ Status Model::ApplyGradients(uint64_t* step) {
                               " (", net_->layer(bad).kind_name(),
                               "); model unchanged, accumulated gradients discarded");
   }
-  optimizer_->Step(net_->parameters());
+  optimizer_->Step(net_->parameters(), trainable_mask_);
   net_->ZeroGrad();
   ++step_;
   ++params_version_;
@@ -116,6 +119,7 @@ Status Model::ApplyGradients(uint64_t* step) {
 
 Status Model::TrainStep(const ConstTensorView& x, const Targets& targets, ForwardRecord* rec,
                         TrainResult* result) {
+  NORMD_RETURN_IF_ERROR(CheckCanTrain("TrainStep"));
   NORMD_RETURN_IF_ERROR(CheckInput(x, training_));
   NORMD_RETURN_IF_ERROR(
       ValidateTargets(config_.loss, net_->output_shape().WithBatch(x.rows()), targets));
@@ -135,7 +139,7 @@ Status Model::TrainStep(const ConstTensorView& x, const Targets& targets, Forwar
                               " (", net_->layer(bad).kind_name(), "); model unchanged");
   }
   // Commit: nothing below can fail.
-  optimizer_->Step(net_->parameters());
+  optimizer_->Step(net_->parameters(), trainable_mask_);
   if (training_) rng_ = net_->CommitRunningStats(rec);
   ++step_;
   ++params_version_;
@@ -272,6 +276,80 @@ void Model::ResetRunningStats() {
     st.last_mean_shift = st.last_var_log_ratio = 0.0f;
     st.running_mean_update_norm = st.running_var_update_norm = 0.0f;
   }
+}
+
+int Model::FindLayer(const std::string& label) const {
+  for (int i = 0; i < net_->num_layers(); ++i) {
+    if (net_->layer_name(i) == label) return i;
+  }
+  if (label.empty() || label.size() > 9) return -1;
+  for (char c : label) {
+    if (c < '0' || c > '9') return -1;
+  }
+  if (label.size() > 1 && label[0] == '0') return -1;  // "03" is not a state_dict prefix
+  const int i = std::stoi(label);
+  return i < net_->num_layers() ? i : -1;
+}
+
+Status Model::CheckCanTrain(const char* what) const {
+  if (!inference_only_) return Status::Ok();
+  return FailedPrecondition(what, " is refused: the model is inference-only (a FoldBatchNorm "
+                            "copy serves eval-mode calls only)");
+}
+
+Status Model::SetLayerOptions(const std::vector<LayerOptionsChange>& changes,
+                              bool* frozen_changed) {
+  *frozen_changed = false;
+  NORMD_RETURN_IF_ERROR(CheckCanTrain("SetLayerOptions"));
+  // Validate every change first.
+  std::vector<int> index(changes.size());
+  for (size_t k = 0; k < changes.size(); ++k) {
+    const LayerOptionsChange& c = changes[k];
+    const int i = FindLayer(c.layer);
+    if (i < 0) {
+      return InvalidArgument("layers[", k, "]: the model has no layer '", c.layer,
+                             "' (a layer is named by its configured name or its index, 0 to ",
+                             net_->num_layers() - 1, ")");
+    }
+    const Layer& layer = net_->layer(i);
+    const bool has_params = layer.NumParameters() > 0;
+    if (!has_params && !layer.HasRunningStats()) {
+      return InvalidArgument("layers[", k, "]: layer '", c.layer, "' (", layer.kind_name(),
+                             ") has neither parameters nor running statistics");
+    }
+    if (c.frozen.value_or(false) && !layer.HasRunningStats()) {
+      return InvalidArgument("layers[", k, "]: layer '", c.layer, "' (", layer.kind_name(),
+                             ") cannot be frozen: only a norm layer with running statistics "
+                             "can (track_running_stats)");
+    }
+    index[k] = i;
+  }
+  for (size_t k = 0; k < changes.size(); ++k) {
+    Layer& layer = net_->layer(index[k]);
+    if (changes[k].frozen.has_value() && *changes[k].frozen != layer.frozen()) {
+      layer.set_frozen(*changes[k].frozen);
+      *frozen_changed = true;
+    }
+    if (changes[k].trainable.has_value()) {
+      layer.set_trainable(*changes[k].trainable);
+      if (!layer.trainable()) {
+        for (Parameter* p : layer.parameters()) p->grad.SetZero();
+      }
+    }
+  }
+  if (*frozen_changed) ++mode_version_;
+  trainable_mask_ = net_->parameter_trainable();
+  return Status::Ok();
+}
+
+std::vector<LayerOptionsStatus> Model::layer_options() const {
+  std::vector<LayerOptionsStatus> out;
+  for (int i = 0; i < net_->num_layers(); ++i) {
+    const Layer& layer = net_->layer(i);
+    if (layer.NumParameters() == 0 && !layer.HasRunningStats()) continue;
+    out.push_back(LayerOptionsStatus{i, net_->layer_name(i), layer.frozen(), layer.trainable()});
+  }
+  return out;
 }
 
 void Model::RecordStatus(const ForwardRecord& rec) const {

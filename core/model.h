@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -43,6 +44,23 @@ struct BatchNormStatus {
   float last_var_log_ratio = 0.0f;
   float running_mean_update_norm = 0.0f;
   float running_var_update_norm = 0.0f;
+};
+
+// A layer's training options (see Layer::frozen and Layer::trainable), as reported for every
+// layer that has parameters or running statistics.
+struct LayerOptionsStatus {
+  int layer = 0;
+  std::string name;  // the layer's label
+  bool frozen = false;
+  bool trainable = true;
+};
+
+// One change of Model::SetLayerOptions: the layer's label (its configured name, or its index
+// "3"); an unset field keeps its value.
+struct LayerOptionsChange {
+  std::string layer;
+  std::optional<bool> frozen;
+  std::optional<bool> trainable;
 };
 
 struct TrainResult {
@@ -116,6 +134,31 @@ class Model {
 
   void ResetRunningStats();
 
+  // Per-layer freezing and trainability, as fine-tuning does in PyTorch (`bn.eval()` in a
+  // train-mode model, `requires_grad_(False)`). Validates every change before applying any:
+  // INVALID_ARGUMENT naming the label for an unknown label, a layer without parameters or
+  // running statistics, or frozen=true on a layer without running statistics;
+  // FAILED_PRECONDITION on an inference-only model. Changes apply in order (a later change of
+  // the same layer wins). Making a layer untrainable discards its accumulated gradients.
+  // Freezing or unfreezing makes earlier forwards stale (as a mode switch does); *frozen_changed
+  // says whether that happened. The model-wide SetMode(freeze_running_stats) is independent:
+  // it keeps train-mode batch statistics and only stops the running updates.
+  Status SetLayerOptions(const std::vector<LayerOptionsChange>& changes, bool* frozen_changed);
+  // Every layer with parameters or running statistics, in layer order. Shared.
+  std::vector<LayerOptionsStatus> layer_options() const;
+  // The index of the layer labelled `label`: a configured name first, else a layer index
+  // ("3"). -1 when none.
+  int FindLayer(const std::string& label) const;
+
+  // An inference-only model (a FoldBatchNorm copy) stays in eval mode: switching to train
+  // mode, TrainStep, Backward, ApplyGradients, retained forwards and layer options are
+  // refused with FAILED_PRECONDITION (CheckCanTrain).
+  bool inference_only() const { return inference_only_; }
+  // REQUIRES: !training().
+  void set_inference_only() { inference_only_ = true; }
+  // FAILED_PRECONDITION naming `what` when the model is inference-only. Shared.
+  Status CheckCanTrain(const char* what) const;
+
   // Last drift figures per BatchNorm layer. Shared.
   std::vector<BatchNormStatus> batch_norm_status() const;
 
@@ -139,6 +182,8 @@ class Model {
   Tensor loss_grad_;  // dL/d(output) scratch for TrainStep
   bool training_ = true;
   bool frozen_ = false;
+  bool inference_only_ = false;
+  std::vector<bool> trainable_mask_;  // Sequential::parameter_trainable(), kept current
   uint64_t step_ = 0;
   uint64_t params_version_ = 0;
   uint64_t mode_version_ = 0;

@@ -97,7 +97,12 @@ Optimizer::Optimizer(const OptimizerConfig& config, const std::vector<Parameter*
 }
 
 void Optimizer::Step(const std::vector<Parameter*>& params) {
+  Step(params, std::vector<bool>(params.size(), true));
+}
+
+void Optimizer::Step(const std::vector<Parameter*>& params, const std::vector<bool>& trainable) {
   for (size_t i = 0; i < params.size(); ++i) {
+    if (!trainable[i]) continue;
     Parameter& p = *params[i];
     ParamState& st = state_[i];
     const int64_t n = p.value.size();

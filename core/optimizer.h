@@ -37,6 +37,10 @@ class Optimizer {
   // One update of every parameter from its grad. REQUIRES: the same parameters, in the same
   // order, as at construction.
   void Step(const std::vector<Parameter*>& params);
+  // The same, skipping parameter i when !trainable[i]: no update, no weight decay, its state
+  // (momentum buffer, Adam moments and step) untouched — torch.optim skipping a parameter
+  // whose grad is None. REQUIRES: trainable.size() == params.size().
+  void Step(const std::vector<Parameter*>& params, const std::vector<bool>& trainable);
 
   // Replaces the hyperparameters, keeping the state. The kind cannot change.
   Status UpdateConfig(const OptimizerConfig& config);

@@ -136,14 +136,31 @@ void Sequential::Forward(const ConstTensorView& x, const ForwardContext& ctx,
 }
 
 void Sequential::Backward(ForwardRecord* rec, const ConstTensorView& dy, Tensor* dx) {
+  const int n = static_cast<int>(layers_.size());
+  // Without dx, the layers below the lowest one with trainable parameters need no gradient
+  // (PyTorch's autograd stops there too): a frozen backbone costs nothing.
+  int stop = 0;
+  if (dx == nullptr) {
+    stop = n;
+    for (int i = 0; i < n; ++i) {
+      if (layers_[i]->trainable() && layers_[i]->NumParameters() > 0) {
+        stop = i;
+        break;
+      }
+    }
+  }
   ConstTensorView grad = dy;
   Tensor* bufs[2] = {&rec->grad_a_, &rec->grad_b_};
   int next = 0;
-  for (int i = static_cast<int>(layers_.size()) - 1; i >= 0; --i) {
+  for (int i = n - 1; i >= stop; --i) {
     const ConstTensorView in = i == 0 ? rec->input_ : rec->outputs_[i - 1].view();
-    Tensor* out = i == 0 ? dx : bufs[next];
+    Tensor* out = i == stop ? (i == 0 ? dx : nullptr) : bufs[next];
     layers_[i]->Backward(in, rec->outputs_[i], grad, rec->caches_[i], rec->ctx_, out);
-    if (i > 0) {
+    if (!layers_[i]->trainable()) {
+      // A layer may have accumulated anyway (Layer::trainable lets it skip, not must).
+      for (Parameter* p : layers_[i]->parameters()) p->grad.SetZero();
+    }
+    if (i > stop) {
       grad = bufs[next]->view();
       next ^= 1;
     }
@@ -176,6 +193,14 @@ std::vector<Parameter*> Sequential::parameters() {
   std::vector<Parameter*> all;
   for (auto& layer : layers_) {
     for (Parameter* p : layer->parameters()) all.push_back(p);
+  }
+  return all;
+}
+
+std::vector<bool> Sequential::parameter_trainable() {
+  std::vector<bool> all;
+  for (auto& layer : layers_) {
+    for (size_t j = 0; j < layer->parameters().size(); ++j) all.push_back(layer->trainable());
   }
   return all;
 }

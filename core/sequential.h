@@ -106,7 +106,9 @@ class Sequential {
   void Forward(const ConstTensorView& x, const ForwardContext& ctx, ForwardRecord* rec) const;
 
   // Back-propagates dy (the gradient of the loss w.r.t. rec's output) through every layer,
-  // accumulating parameter gradients. When dx is non-null it receives dL/d(input).
+  // accumulating parameter gradients, except into untrainable layers' (Layer::trainable),
+  // which stay zero; without dx it stops below the lowest layer with trainable parameters.
+  // When dx is non-null it receives dL/d(input).
   // REQUIRES: dy has the output's shape; the parameters are those rec's forward used.
   void Backward(ForwardRecord* rec, const ConstTensorView& dy, Tensor* dx);
 
@@ -119,6 +121,8 @@ class Sequential {
   int FirstNonFiniteGradLayer();
 
   std::vector<Parameter*> parameters();
+  // Per entry of parameters(): its layer is trainable (Layer::trainable).
+  std::vector<bool> parameter_trainable();
   // "0.weight", "1.bias", ... in the order of parameters().
   std::vector<std::string> parameter_names();
   // Every layer's state with PyTorch nn.Sequential names: "0.weight", "1.running_mean", ...

@@ -286,6 +286,19 @@ Status DecodeHeader(const checkpoint::CheckpointHeader& h, LoadedCheckpoint* out
   out->running_stats_frozen = h.running_stats_frozen();
   for (int i = 0; i < 4; ++i) out->rng_state[i] = h.rng_state(i);
   out->created_unix_micros = h.created_unix_micros();
+  out->layer_options.clear();
+  for (const v1::LayerOptions& o : h.layer_options()) {
+    if (o.layer().empty()) return InvalidArgument("header: a layer option without a layer");
+    LayerOptionsChange c;
+    c.layer = o.layer();
+    if (o.has_frozen()) c.frozen = o.frozen();
+    if (o.has_trainable()) c.trainable = o.trainable();
+    out->layer_options.push_back(std::move(c));
+  }
+  out->inference_only = h.inference_only();
+  if (out->inference_only && out->training) {
+    return InvalidArgument("header: an inference-only model in train mode");
+  }
   return Status::Ok();
 }
 
@@ -375,6 +388,14 @@ Status SnapshotCheckpoint(const std::string& model_id, const v1::ModelSpec& spec
   header.set_step(model.step());
   header.set_mode(model.training() ? v1::MODE_TRAIN : v1::MODE_EVAL);
   header.set_running_stats_frozen(model.running_stats_frozen());
+  for (const LayerOptionsStatus& o : model.layer_options()) {
+    if (!o.frozen && o.trainable) continue;
+    v1::LayerOptions* w = header.add_layer_options();
+    w->set_layer(o.name);
+    w->set_frozen(o.frozen);
+    w->set_trainable(o.trainable);
+  }
+  header.set_inference_only(model.inference_only());
   for (uint64_t w : model.rng().state()) header.add_rng_state(w);
   header.set_created_unix_micros(std::chrono::duration_cast<std::chrono::microseconds>(
                                      std::chrono::system_clock::now().time_since_epoch())
@@ -712,9 +733,21 @@ Status RestoreInto(const LoadedCheckpoint& ckpt, Model* model) {
                              "' of the model built from its spec");
     }
   }
-  NORMD_RETURN_IF_ERROR(model->SetState(ckpt.state, /*strict=*/true)
+  // Layer options first (validated, all or nothing), undone if the state is refused.
+  std::vector<LayerOptionsChange> before;
+  for (const LayerOptionsStatus& o : model->layer_options()) {
+    before.push_back(LayerOptionsChange{o.name, o.frozen, o.trainable});
+  }
+  bool frozen_changed = false;
+  NORMD_RETURN_IF_ERROR(model->SetLayerOptions(ckpt.layer_options, &frozen_changed)
                             .WithPrefix(StrCat("checkpoint ", ckpt.path)));
+  Status s = model->SetState(ckpt.state, /*strict=*/true);
+  if (!s.ok()) {
+    model->SetLayerOptions(before, &frozen_changed);
+    return s.WithPrefix(StrCat("checkpoint ", ckpt.path));
+  }
   model->SetMode(ckpt.training, ckpt.running_stats_frozen);
+  if (ckpt.inference_only) model->set_inference_only();
   model->set_step(ckpt.step);
   model->rng().set_state(ckpt.rng_state);
   return Status::Ok();

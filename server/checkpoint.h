@@ -75,6 +75,8 @@ struct LoadedCheckpoint {
   int64_t created_unix_micros = 0;
   v1::ModelSpec spec;
   std::vector<NamedTensor> state;  // model entries and "optimizer.*" entries
+  std::vector<LayerOptionsChange> layer_options;  // empty in checkpoints before they existed
+  bool inference_only = false;
 };
 
 struct SaveInfo {
@@ -139,8 +141,8 @@ Status RemoveModelFiles(const std::string& data_dir, const std::string& model_id
 
 // Applies a loaded checkpoint to a model freshly built from `ckpt.spec`: the whole state
 // (strict, optimizer entries included: every entry the model has must be present), mode and
-// frozen flag, step and the dropout generator. Validates before writing: on error the model
-// is unchanged.
+// frozen flag, per-layer options, inference-only flag, step and the dropout generator.
+// Validates before writing: on error the model is unchanged.
 Status RestoreInto(const LoadedCheckpoint& ckpt, Model* model);
 
 }  // namespace normd::server

@@ -443,6 +443,8 @@ ModelSummary SummarizeModel(const Model& model) {
   s.parameter_count = model.net().parameter_count();
   s.output_shape = model.net().output_shape().ToVector();
   s.batch_norms = model.batch_norm_status();
+  s.layer_options = model.layer_options();
+  s.inference_only = model.inference_only();
   return s;
 }
 
@@ -464,6 +466,37 @@ void ModelToWire(const std::string& id, const v1::ModelSpec& spec, const ModelSu
     w->set_last_var_log_ratio(bn.last_var_log_ratio);
     w->set_running_mean_update_norm(bn.running_mean_update_norm);
     w->set_running_var_update_norm(bn.running_var_update_norm);
+  }
+  for (const LayerOptionsStatus& o : summary.layer_options) {
+    v1::LayerOptions* w = out->add_layer_options();
+    w->set_layer(o.name);
+    w->set_frozen(o.frozen);
+    w->set_trainable(o.trainable);
+  }
+  out->set_inference_only(summary.inference_only);
+}
+
+void LayerOptionsFromWire(const google::protobuf::RepeatedPtrField<v1::LayerOptions>& wire,
+                          std::vector<LayerOptionsChange>* out) {
+  out->clear();
+  for (const v1::LayerOptions& w : wire) {
+    LayerOptionsChange c;
+    c.layer = w.layer();
+    if (w.has_frozen()) c.frozen = w.frozen();
+    if (w.has_trainable()) c.trainable = w.trainable();
+    out->push_back(std::move(c));
+  }
+}
+
+void FoldedSpecToWire(const v1::ModelSpec& source, const FoldedModel& folded, v1::ModelSpec* out) {
+  *out = source;
+  out->clear_layers();
+  for (size_t j = 0; j < folded.source_layer.size(); ++j) {
+    v1::LayerSpec* layer = out->add_layers();
+    *layer = source.layers(folded.source_layer[j]);
+    if (folded.folded_batch_norm[j] < 0) continue;
+    if (layer->has_linear()) layer->mutable_linear()->set_bias(true);
+    if (layer->has_conv2d()) layer->mutable_conv2d()->set_bias(true);
   }
 }
 

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "core/config.h"
+#include "core/fold.h"
 #include "core/loss.h"
 #include "core/model.h"
 #include "core/sequential.h"
@@ -106,6 +107,8 @@ struct ModelSummary {
   int64_t parameter_count = 0;
   std::vector<int64_t> output_shape;  // per sample
   std::vector<BatchNormStatus> batch_norms;
+  std::vector<LayerOptionsStatus> layer_options;
+  bool inference_only = false;
 };
 
 // Reads a summary from the model. REQUIRES: the caller holds the model's lock (shared is
@@ -114,6 +117,14 @@ ModelSummary SummarizeModel(const Model& model);
 
 void ModelToWire(const std::string& id, const v1::ModelSpec& spec, const ModelSummary& summary,
                  v1::Model* out);
+
+// SetLayerOptions' request -> core changes (an unset field stays unset).
+void LayerOptionsFromWire(const google::protobuf::RepeatedPtrField<v1::LayerOptions>& wire,
+                          std::vector<LayerOptionsChange>* out);
+
+// The spec of a FoldBatchNorm copy: `source`'s spec (the one `folded` was computed from) with
+// the folded BatchNorm layers left out and their Linear/Conv2d given a bias.
+void FoldedSpecToWire(const v1::ModelSpec& source, const FoldedModel& folded, v1::ModelSpec* out);
 
 // Layer statistics of a forward, one entry per layer.
 void LayerStatsToWire(const Sequential& net, const std::vector<LayerActivationStats>& stats,

@@ -130,6 +130,8 @@ const char* RpcName(Rpc rpc) {
     case Rpc::kResetRunningStats: return "ResetRunningStats";
     case Rpc::kUpdateOptimizer: return "UpdateOptimizer";
     case Rpc::kSaveModel: return "SaveModel";
+    case Rpc::kSetLayerOptions: return "SetLayerOptions";
+    case Rpc::kFoldBatchNorm: return "FoldBatchNorm";
   }
   return "?";
 }

@@ -58,8 +58,10 @@ enum class Rpc {
   kResetRunningStats,
   kUpdateOptimizer,
   kSaveModel,
+  kSetLayerOptions,
+  kFoldBatchNorm,
 };
-constexpr int kNumRpcs = static_cast<int>(Rpc::kSaveModel) + 1;
+constexpr int kNumRpcs = static_cast<int>(Rpc::kFoldBatchNorm) + 1;
 const char* RpcName(Rpc rpc);
 
 // The `op` label of normd_samples_total.

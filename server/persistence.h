@@ -34,6 +34,7 @@ enum class Mutation {
   kState,        // SetState
   kReset,        // ResetRunningStats
   kOptimizer,    // UpdateOptimizer
+  kLayerOptions, // SetLayerOptions
 };
 
 class Persistence {

@@ -381,7 +381,8 @@ std::shared_ptr<ModelEntry> Registry::MakeEntry(const std::string& id, const v1:
 }
 
 Status Registry::Create(const std::string& requested_id, const v1::ModelSpec& spec,
-                        std::shared_ptr<ModelEntry>* out) {
+                        std::shared_ptr<ModelEntry>* out,
+                        const std::function<Status(Model&)>& prepare) {
   if (!requested_id.empty()) NORMD_RETURN_IF_ERROR(ValidateModelId(requested_id, "id"));
   ModelConfig config;
   NORMD_RETURN_IF_ERROR(SpecToConfig(spec, &config));
@@ -410,6 +411,13 @@ Status Registry::Create(const std::string& requested_id, const v1::ModelSpec& sp
   if (!s.ok()) {
     unreserve();
     return s.WithPrefix("spec");
+  }
+  if (prepare) {
+    s = prepare(*model);
+    if (!s.ok()) {
+      unreserve();
+      return s;
+    }
   }
   std::shared_ptr<ModelEntry> entry = MakeEntry(id, spec, std::move(model));
   if (persistence_ != nullptr) {

@@ -6,12 +6,13 @@
 // the data directory). An empty requested id makes the server pick one ("m-" and 12 hex digits).
 //
 // Concurrency. Each entry has a std::shared_mutex guarding the model and its spec: eval-mode
-// forwards, Evaluate, GetState and SaveModel take it shared; train-mode forwards, Backward,
-// ApplyGradients, TrainStep, SetMode, SetState, ResetRunningStats, UpdateOptimizer and Delete
-// take it exclusively. Requests do not wait on that mutex in a thread: ModelEntry::Schedule
-// queues them per model (FIFO) and hands a task to the ComputePool only when the access it
-// needs is free, so the mutex is uncontended for requests and pool threads never block on it;
-// requests to different models run in parallel, eval-mode forwards of one model run together.
+// forwards, Evaluate, GetState, SaveModel and FoldBatchNorm take it shared; train-mode
+// forwards, Backward, ApplyGradients, TrainStep, SetMode, SetState, ResetRunningStats,
+// UpdateOptimizer, SetLayerOptions and Delete take it exclusively. Requests do not wait on that
+// mutex in a thread: ModelEntry::Schedule queues them per model (FIFO) and hands a task to the
+// ComputePool only when the access it needs is free, so the mutex is uncontended for requests
+// and pool threads never block on it; requests to different models run in parallel, eval-mode
+// forwards of one model run together.
 // GetModel and ListModels read a summary published after each change and never wait at all.
 #ifndef NORMD_SERVER_REGISTRY_H_
 #define NORMD_SERVER_REGISTRY_H_
@@ -207,8 +208,11 @@ class Registry {
   // Validates the id and the spec, builds the model (in train mode), calls
   // Persistence::OnCreate and makes it visible. INVALID_ARGUMENT (bad id or spec),
   // ALREADY_EXISTS, RESOURCE_EXHAUSTED (model limit, parameter or size limits).
+  // `prepare`, when given, runs on the built model before anything else sees it (persistence
+  // included), e.g. to load a FoldBatchNorm copy's state; its error aborts the create.
   Status Create(const std::string& requested_id, const v1::ModelSpec& spec,
-                std::shared_ptr<ModelEntry>* out);
+                std::shared_ptr<ModelEntry>* out,
+                const std::function<Status(Model&)>& prepare = nullptr);
 
   // Adds a model rebuilt by the persistence layer at start-up (no OnCreate call).
   Status Restore(const std::string& id, const v1::ModelSpec& spec, std::unique_ptr<Model> model);

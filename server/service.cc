@@ -441,6 +441,8 @@ Status TrainerService::DoTrainStep(ModelEntry& entry, const v1::TrainStepRequest
                                    const DecodedTensor& input, const DecodedTargets& targets,
                                    v1::TrainStepResponse* resp) {
   Model& model = entry.model();
+  // Before TrainStep: its other FAILED_PRECONDITIONs are refused non-finite steps (counted).
+  NORMD_RETURN_IF_ERROR(model.CheckCanTrain("TrainStep"));
   TrainResult r;
   Status s = model.TrainStep(input.view(), targets.targets, &entry.train_record, &r);
   if (!s.ok()) {
@@ -548,6 +550,7 @@ grpc::ServerUnaryReactor* TrainerService::SetMode(grpc::CallbackServerContext* c
   RunOnModel(call, req->model(), Want::kExclusive, [this, req, resp](ModelEntry& e, Access) {
     Model& model = e.model();
     const bool training = req->mode() == v1::MODE_TRAIN;
+    if (training) NORMD_RETURN_IF_ERROR(model.CheckCanTrain("SetMode(MODE_TRAIN)"));
     // freeze_running_stats is optional: unset keeps the current setting.
     const bool freeze = req->has_freeze_running_stats() ? req->freeze_running_stats()
                                                         : model.running_stats_frozen();
@@ -597,6 +600,7 @@ grpc::ServerUnaryReactor* TrainerService::Forward(grpc::CallbackServerContext* c
     }
     NORMD_RETURN_IF_ERROR(CheckBatch(e, input->view()));
     const bool retain = req->retain_for_backward();
+    if (retain) NORMD_RETURN_IF_ERROR(model.CheckCanTrain("Forward with retain_for_backward"));
     if (retain) NORMD_RETURN_IF_ERROR(e.ReserveRetained());
     std::unique_ptr<ForwardRecord> rec = e.AcquireRecord();
     Status st = model.Forward(input->view(), rec.get());
@@ -647,6 +651,7 @@ grpc::ServerUnaryReactor* TrainerService::Backward(grpc::CallbackServerContext* 
   }
   RunOnModel(call, req->model(), Want::kExclusive, [req, resp, grad](ModelEntry& e, Access) {
     const uint64_t id = req->forward_id();
+    NORMD_RETURN_IF_ERROR(e.model().CheckCanTrain("Backward"));
     std::unique_ptr<ForwardRecord> rec;
     NORMD_RETURN_IF_ERROR(e.TakeRetained(id, &rec));
     Tensor grad_input;
@@ -680,6 +685,7 @@ grpc::ServerUnaryReactor* TrainerService::ApplyGradients(grpc::CallbackServerCon
   grpc::ServerUnaryReactor* reactor = call->reactor();
   if (call->FinishIfRefused()) return reactor;
   RunOnModel(call, req->model(), Want::kExclusive, [this, resp](ModelEntry& e, Access) {
+    NORMD_RETURN_IF_ERROR(e.model().CheckCanTrain("ApplyGradients"));
     if (e.pending_backwards == 0) {
       return FailedPrecondition("model '", e.id(), "' has no accumulated gradients: run Backward "
                                 "on a retained forward first");
@@ -875,6 +881,79 @@ grpc::ServerUnaryReactor* TrainerService::SaveModel(grpc::CallbackServerContext*
     uint64_t step = 0;
     NORMD_RETURN_IF_ERROR(registry_->persistence()->Save(e, &step));
     resp->set_step(step);
+    return Status::Ok();
+  });
+  return reactor;
+}
+
+// --- Layer options and folding -----------------------------------------------------------------
+
+grpc::ServerUnaryReactor* TrainerService::SetLayerOptions(grpc::CallbackServerContext* ctx,
+                                                          const v1::SetLayerOptionsRequest* req,
+                                                          v1::Model* resp) {
+  auto call = std::make_shared<Call>(this, ctx, Rpc::kSetLayerOptions);
+  grpc::ServerUnaryReactor* reactor = call->reactor();
+  if (call->FinishIfRefused()) return reactor;
+  auto changes = std::make_shared<std::vector<LayerOptionsChange>>();
+  LayerOptionsFromWire(req->layers(), changes.get());
+  RunOnModel(call, req->model(), Want::kExclusive,
+             [this, resp, changes](ModelEntry& e, Access) {
+    bool frozen_changed = false;
+    NORMD_RETURN_IF_ERROR(e.model().SetLayerOptions(*changes, &frozen_changed));
+    if (frozen_changed) {
+      e.ReleaseAllRetained("released by SetLayerOptions (a layer was frozen or unfrozen)");
+    }
+    RecordMutation(e, Mutation::kLayerOptions);
+    e.Publish();
+    e.ToWire(resp);
+    std::string summary;
+    for (const LayerOptionsStatus& o : e.model().layer_options()) {
+      if (!o.frozen && o.trainable) continue;
+      summary += StrCat(summary.empty() ? "" : ",", o.name, o.frozen ? ":frozen" : "",
+                        o.trainable ? "" : ":untrainable");
+    }
+    spdlog::info("event=layer_options_set model={} changes={} non_default=\"{}\" step={}", e.id(),
+                 changes->size(), summary, e.model().step());
+    return Status::Ok();
+  });
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* TrainerService::FoldBatchNorm(grpc::CallbackServerContext* ctx,
+                                                        const v1::FoldBatchNormRequest* req,
+                                                        v1::FoldBatchNormResponse* resp) {
+  auto call = std::make_shared<Call>(this, ctx, Rpc::kFoldBatchNorm);
+  grpc::ServerUnaryReactor* reactor = call->reactor();
+  if (call->FinishIfRefused()) return reactor;
+  if (!req->new_model().empty()) {
+    Status s = ValidateModelId(req->new_model(), "new_model");
+    if (!s.ok()) {
+      call->Finish(s);
+      return reactor;
+    }
+  }
+  // Folding reads the model: shared access. The copy is created from the folded result while
+  // the source is still held, so it is the source's state at one moment.
+  RunOnModel(call, req->model(), Want::kShared, [this, req, resp](ModelEntry& e, Access) {
+    normd::FoldedModel folded;
+    normd::FoldBatchNorm(e.model(), &folded);
+    FoldedSpecToWire(e.spec(), folded, resp->mutable_spec());
+    StateToWire(folded.state, resp->mutable_state());
+    const int removed = static_cast<int>(e.model().config().layers.size() -
+                                         folded.config.layers.size());
+    if (req->new_model().empty()) return Status::Ok();
+    std::shared_ptr<ModelEntry> copy;
+    NORMD_RETURN_IF_ERROR(registry_->Create(
+        req->new_model(), resp->spec(), &copy, [&folded](Model& m) {
+          NORMD_RETURN_IF_ERROR(m.SetState(folded.state, /*strict=*/true));
+          m.SetMode(/*training=*/false, /*freeze_running_stats=*/false);
+          m.set_inference_only();
+          return Status::Ok();
+        }));
+    copy->ToWire(resp->mutable_model());
+    spdlog::info("event=model_folded model={} new_model={} folded_batch_norms={} layers={} "
+                 "models={}",
+                 e.id(), copy->id(), removed, folded.config.layers.size(), registry_->size());
     return Status::Ok();
   });
   return reactor;

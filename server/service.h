@@ -50,7 +50,9 @@ using TrainerServiceBase = v1::Trainer::WithCallbackMethod_CreateModel<
     v1::Trainer::WithCallbackMethod_GetState<v1::Trainer::WithCallbackMethod_SetState<
     v1::Trainer::WithCallbackMethod_ResetRunningStats<
     v1::Trainer::WithCallbackMethod_UpdateOptimizer<
-    v1::Trainer::WithCallbackMethod_SaveModel<v1::Trainer::Service>>>>>>>>>>>>>>>>;
+    v1::Trainer::WithCallbackMethod_SaveModel<
+    v1::Trainer::WithCallbackMethod_SetLayerOptions<
+    v1::Trainer::WithCallbackMethod_FoldBatchNorm<v1::Trainer::Service>>>>>>>>>>>>>>>>>>;
 
 class TrainerService final : public TrainerServiceBase {
  public:
@@ -110,6 +112,16 @@ class TrainerService final : public TrainerServiceBase {
   grpc::ServerUnaryReactor* SaveModel(grpc::CallbackServerContext* ctx,
                                       const v1::SaveModelRequest* req,
                                       v1::SaveModelResponse* resp) override;
+  // Per-layer frozen/trainable flags (core Model::SetLayerOptions): exclusive access; a change
+  // of a frozen flag releases the retained forwards.
+  grpc::ServerUnaryReactor* SetLayerOptions(grpc::CallbackServerContext* ctx,
+                                            const v1::SetLayerOptionsRequest* req,
+                                            v1::Model* resp) override;
+  // The folded spec and state (core FoldBatchNorm) under shared access; with new_model also an
+  // inference-only model in eval mode holding them.
+  grpc::ServerUnaryReactor* FoldBatchNorm(grpc::CallbackServerContext* ctx,
+                                          const v1::FoldBatchNormRequest* req,
+                                          v1::FoldBatchNormResponse* resp) override;
 
  private:
   friend class TrainStreamReactor;

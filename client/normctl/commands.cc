@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <fstream>
+#include <map>
 #include <iostream>
 #include <sstream>
 
@@ -159,16 +160,25 @@ int RunGet(Client& client, const Args& args, std::ostream& out) {
   }
   out << "model       " << m.id() << '\n'
       << "mode        " << ModeName(m.mode())
-      << (m.running_stats_frozen() ? " (running statistics frozen)" : "") << '\n'
+      << (m.running_stats_frozen() ? " (running statistics frozen)" : "")
+      << (m.inference_only() ? " (inference only: a folded copy)" : "") << '\n'
       << "step        " << m.step() << '\n'
       << "parameters  " << m.parameter_count() << '\n'
       << "input       " << ShapeString(m.spec().input_shape()) << '\n'
       << "output      " << ShapeString(m.output_shape()) << '\n'
       << "loss        " << v1::Loss_Name(m.spec().loss()) << '\n'
       << "optimizer   " << OptimizerString(m.spec().optimizer()) << "\n\n";
-  TextTable layers({"#", "name", "kind"});
+  // Layer options: every layer with parameters or running statistics has an entry.
+  std::map<std::string, const v1::LayerOptions*> options;
+  for (const v1::LayerOptions& o : m.layer_options()) options[o.layer()] = &o;
+  TextTable layers({"#", "name", "kind", "frozen", "trainable"});
   for (int i = 0; i < m.spec().layers_size(); ++i) {
-    layers.AddRow({std::to_string(i), LayerLabel(m.spec(), i), LayerKind(m.spec().layers(i))});
+    const std::string label = LayerLabel(m.spec(), i);
+    auto it = options.find(label);
+    const bool listed = it != options.end();
+    layers.AddRow({std::to_string(i), label, LayerKind(m.spec().layers(i)),
+                   listed ? (it->second->frozen() ? "yes" : "no") : "-",
+                   listed ? (it->second->trainable() ? "yes" : "no") : "-"});
   }
   out << "layers\n";
   layers.Print(out, "  ");
@@ -332,6 +342,53 @@ int RunHealth(Client& client, const Args& args, std::ostream& out) {
   if (status != grpc::health::v1::HealthCheckResponse::SERVING) {
     std::cerr << "normctl: " << client.options().server << " is not serving (" << name << ")\n";
     return kExitError;
+  }
+  return kExitOk;
+}
+
+int RunLayer(Client& client, const Args& args, std::ostream& out) {
+  if (!args.layer_freeze && !args.layer_unfreeze && !args.trainable && !args.untrainable) {
+    throw InputError("nothing to change: give --freeze/--unfreeze and/or "
+                     "--trainable/--no-trainable");
+  }
+  std::vector<v1::LayerOptions> changes;
+  for (const std::string& label : args.layers) {
+    v1::LayerOptions o;
+    o.set_layer(label);
+    if (args.layer_freeze || args.layer_unfreeze) o.set_frozen(args.layer_freeze);
+    if (args.trainable || args.untrainable) o.set_trainable(args.trainable);
+    changes.push_back(o);
+  }
+  const v1::Model m = client.SetLayerOptions(args.id, changes);
+  out << "layer options of " << m.id() << '\n';
+  TextTable table({"name", "frozen", "trainable"});
+  for (const v1::LayerOptions& o : m.layer_options()) {
+    table.AddRow({o.layer(), o.frozen() ? "yes" : "no", o.trainable() ? "yes" : "no"});
+  }
+  table.Print(out, "  ");
+  return kExitOk;
+}
+
+int RunFold(Client& client, const Args& args, std::ostream& out) {
+  const v1::Model source = client.GetModel(args.id);
+  const v1::FoldBatchNormResponse r = client.FoldBatchNorm(args.id, args.fold_as);
+  if (args.json) {
+    out << ToJson(r.has_model() ? static_cast<const google::protobuf::Message&>(r.model())
+                                : static_cast<const google::protobuf::Message&>(r.spec()))
+        << '\n';
+    return kExitOk;
+  }
+  out << "folded " << source.spec().layers_size() - r.spec().layers_size()
+      << " BatchNorm layer(s) of " << args.id << ": " << source.spec().layers_size() << " -> "
+      << r.spec().layers_size() << " layers\n";
+  TextTable layers({"#", "name", "kind"});
+  for (int i = 0; i < r.spec().layers_size(); ++i) {
+    layers.AddRow({std::to_string(i), LayerLabel(r.spec(), i), LayerKind(r.spec().layers(i))});
+  }
+  layers.Print(out, "  ");
+  if (r.has_model()) {
+    out << "created inference-only model " << r.model().id() << " (eval mode, "
+        << r.model().parameter_count() << " parameters)\n";
   }
   return kExitOk;
 }

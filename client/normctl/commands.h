@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <ostream>
 #include <string>
+#include <vector>
 
 #include "client/normd_client.h"
 
@@ -43,6 +44,12 @@ struct Args {
   int64_t samples = 50000;   // demo: training samples
   int demo_epochs = 6;       // demo: epochs
   double serve_seconds = 8;  // demo: length of each live serving phase
+  std::vector<std::string> layers;  // layer: labels (name or index)
+  bool layer_freeze = false;        // layer --freeze
+  bool layer_unfreeze = false;      // layer --unfreeze
+  bool trainable = false;           // layer --trainable
+  bool untrainable = false;         // layer --no-trainable
+  std::string fold_as;              // fold --as
 };
 
 int RunCreate(normd::client::Client& client, const Args& args, std::ostream& out);
@@ -58,6 +65,8 @@ int RunInspect(normd::client::Client& client, const Args& args, std::ostream& ou
 int RunLr(normd::client::Client& client, const Args& args, std::ostream& out);
 int RunHealth(normd::client::Client& client, const Args& args, std::ostream& out);
 int RunDemo(normd::client::Client& client, const Args& args, std::ostream& out);
+int RunLayer(normd::client::Client& client, const Args& args, std::ostream& out);
+int RunFold(normd::client::Client& client, const Args& args, std::ostream& out);
 
 // Display helpers shared by commands and the demo.
 std::string ModeName(normd::v1::Mode mode);                // "train" | "eval" | "unspecified"

@@ -157,6 +157,27 @@ int main(int argc, char** argv) {
       command("health", "Check the server's gRPC health (exit 0 when SERVING)", normctl::RunHealth);
   health->add_option("--service", args.service, "Service name (default: the whole server)");
 
+  CLI::App* layer = command("layer", "Freeze or unfreeze layers, make them (un)trainable",
+                            normctl::RunLayer);
+  add_id(layer);
+  layer->add_option("LAYER", args.layers, "Layer names or indices")->required();
+  CLI::Option* lf = layer->add_flag("--freeze", args.layer_freeze,
+                                    "Normalise with the running statistics in train mode too "
+                                    "and stop updating them (bn.eval() in PyTorch)");
+  layer->add_flag("--unfreeze", args.layer_unfreeze, "Back to train-mode behaviour")->excludes(lf);
+  CLI::Option* lt = layer->add_flag("--trainable", args.trainable,
+                                    "The layer's parameters are trained (the default)");
+  layer->add_flag("--no-trainable", args.untrainable,
+                  "No gradient, optimizer update or weight decay for the layer's parameters "
+                  "(requires_grad_(False))")
+      ->excludes(lt);
+
+  CLI::App* fold = command("fold", "Fold BatchNorm into the preceding Linear/Conv2d (inference)",
+                           normctl::RunFold);
+  add_id(fold);
+  fold->add_option("--as", args.fold_as, "Also create the folded model under this id");
+  fold->add_flag("--json", args.json, "Print the created Model (or the folded spec) as JSON");
+
   CLI::App* demo = command("demo", "The BatchNorm drift story in about a minute", normctl::RunDemo);
   demo->add_option("--metrics-url", args.metrics_url,
                    "The server's /metrics URL (to show its drift series)")

@@ -231,6 +231,47 @@ class NormctlTest(unittest.TestCase):
         run("delete", "from-request")
         self.assertIn("no models", run("list").stdout)
 
+    def test_layer_options_and_fold(self):
+        self.create("mlp_bn.json", "lo")
+        p = run("layer", "lo", "bn1", "4", "--freeze")  # by name and by index
+        self.assertIn("layer options of lo", p.stdout)
+        rows = {r.split()[0]: r.split()[1:] for r in p.stdout.splitlines()[2:]}
+        self.assertEqual(rows["bn1"], ["yes", "yes"])
+        self.assertEqual(rows["bn2"], ["yes", "yes"])
+        self.assertEqual(rows["fc2"], ["no", "yes"])
+        run("layer", "lo", "fc1", "--no-trainable")
+        options = {o["layer"]: o for o in get_json("lo")["layer_options"]}
+        self.assertTrue(options["bn1"]["frozen"])
+        self.assertFalse(options["fc1"]["trainable"])
+        rows = [l.split() for l in run("get", "lo").stdout.splitlines()]
+        self.assertIn(["0", "fc1", "linear", "no", "no"], rows)
+        self.assertIn(["1", "bn1", "batch_norm1d", "yes", "yes"], rows)
+        self.assertIn(["2", "relu1", "relu", "-", "-"], rows)
+        # Freezing a Linear is refused, naming it; nothing changes.
+        p = run("layer", "lo", "bn2", "fc2", "--freeze", "--no-trainable", check=False)
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("INVALID_ARGUMENT", p.stderr)
+        self.assertIn("'fc2'", p.stderr)
+        self.assertTrue({o["layer"]: o for o in get_json("lo")["layer_options"]}["bn2"]
+                        .get("trainable", False))
+        self.assertEqual(run("layer", "lo", "bn1", check=False).returncode, 2)  # no flag
+
+        run("train", "lo", "--data", self.train_csv, "--epochs", "1", "--batch", "64")
+        run("mode", "lo", "eval")
+        p = run("fold", "lo", "--as", "lo-folded")
+        self.assertIn("folded 2 BatchNorm layer(s) of lo: 8 -> 6 layers", p.stdout)
+        self.assertIn("created inference-only model lo-folded", p.stdout)
+        p = run("get", "lo-folded")
+        self.assertIn("(inference only", p.stdout)
+        x = self.x_test[:64]
+        np.testing.assert_allclose(self.client.predict("lo-folded", x),
+                                   self.client.predict("lo", x), rtol=0, atol=1e-5)
+        spec = json.loads(run("fold", "lo", "--json").stdout)
+        self.assertEqual(len(spec["layers"]), 6)
+        p = run("mode", "lo-folded", "train", check=False)
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("FAILED_PRECONDITION", p.stderr)
+
     def test_health_and_env(self):
         p = run("health")
         self.assertEqual(p.returncode, 0)

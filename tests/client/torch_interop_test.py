@@ -128,6 +128,58 @@ class InteropTest(unittest.TestCase):
         back = normd.to_torch(self.c, model.id)
         self.assertTrue(back.training)
 
+    def test_frozen_and_untrainable_flags_round_trip(self):
+        from collections import OrderedDict
+        seq = nn.Sequential(OrderedDict([
+            ("fc", nn.Linear(5, 8)), ("bn", nn.BatchNorm1d(8)), ("act", nn.ReLU()),
+            ("fc2", nn.Linear(8, 8)), ("bn2", nn.BatchNorm1d(8)), ("head", nn.Linear(8, 3))]))
+        x = torch.randn(32, 5)
+        warm_up(seq, x)
+        seq.train()
+        seq.bn.eval()                   # frozen: running statistics in train mode
+        seq.fc.requires_grad_(False)    # untrainable
+        model = normd.from_torch(self.c, seq, [5], optimizer={"sgd": {"lr": 0.1}},
+                                 id="interop-flags")
+        self.created.append(model.id)
+        self.assertEqual(model.mode, pb.MODE_TRAIN)
+        options = {o.layer: (o.frozen, o.trainable) for o in model.layer_options}
+        self.assertEqual(options, {"fc": (False, False), "bn": (True, True), "fc2": (False, True),
+                                   "bn2": (False, True), "head": (False, True)})
+        # A train-mode forward: the frozen layer normalises with its running statistics.
+        served = self.c.forward(model.id, x.numpy()).output
+        with torch.no_grad():
+            expected = seq(x).numpy()
+        self.assertLessEqual(rel_err(served, expected), TOL)
+        back = normd.to_torch(self.c, model.id)
+        self.assertTrue(back.training)
+        self.assertFalse(back[1].training)  # to_torch numbers the children
+        self.assertTrue(back[4].training)
+        self.assertFalse(any(p.requires_grad for p in back[0].parameters()))
+        self.assertTrue(all(p.requires_grad for p in back[5].parameters()))
+        # Weights trained only partly: a mixed module cannot be expressed per layer.
+        seq.head.bias.requires_grad_(False)
+        with self.assertRaises(ValueError):
+            normd.from_torch(self.c, seq, [5], id="interop-mixed")
+
+    def test_fold_to_torch_matches_fuse(self):
+        from torch.nn.utils.fusion import fuse_conv_bn_eval
+        seq = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                            nn.Flatten(), nn.Linear(6 * 8 * 8, 4))
+        x = torch.randn(16, 1, 8, 8)
+        warm_up(seq, x)
+        model = normd.from_torch(self.c, seq, [1, 8, 8], id="interop-fold")
+        self.created.append(model.id)
+        result = self.c.fold_batch_norm(model.id)
+        self.assertIsNone(result.model)
+        folded = result.to_torch()
+        self.assertEqual(len(folded), 4)
+        fused = fuse_conv_bn_eval(seq[0], seq[1])
+        self.assertLessEqual(rel_err(folded[0].weight.detach(), fused.weight.detach()), 1e-6)
+        self.assertLessEqual(rel_err(folded[0].bias.detach(), fused.bias.detach()), 1e-6)
+        with torch.no_grad():
+            out, expected = folded(x).numpy(), seq(x).numpy()
+        self.assertLessEqual(np.abs(out - expected).max(), 1e-5)
+
     def test_normd_to_torch(self):
         """A model made and trained in normd runs identically in PyTorch."""
         spec = {

@@ -29,6 +29,11 @@
 //                                        .running_mean_update_norm, .running_var_update_norm,
 //                                        .num_batches_tracked
 //   reset_stats                        Model::ResetRunningStats
+//   layer_options <label> [frozen=0|1] [trainable=0|1]
+//                                      Model::SetLayerOptions (an unset key keeps its value)
+//   fold <tag>                         + x: FoldBatchNorm, a model built from the folded config
+//                                        and state -> T <tag>.<state name> for every entry,
+//                                        T <tag>.out (its eval output on x)
 //
 // Output: the T and S lines above, and "E <tag> <message>" when the core refuses an operation
 // (the case then continues). A malformed case file is a driver error: message on stderr, exit 2.
@@ -45,6 +50,7 @@
 #include <vector>
 
 #include "core/config.h"
+#include "core/fold.h"
 #include "core/model.h"
 #include "core/sequential.h"
 #include "core/tensor.h"
@@ -416,6 +422,34 @@ int Run(const char* case_path, const char* out_path) {
     } else if (cmd == "reset_stats") {
       need_model(cmd);
       model->ResetRunningStats();
+    } else if (cmd == "layer_options") {
+      need_model(cmd);
+      Options o(w, 2);
+      LayerOptionsChange change;
+      change.layer = tag;
+      if (o.Int("frozen", -1) >= 0) change.frozen = o.Bool("frozen", false);
+      if (o.Int("trainable", -1) >= 0) change.trainable = o.Bool("trainable", true);
+      bool frozen_changed = false;
+      Status s = model->SetLayerOptions({change}, &frozen_changed);
+      if (!s.ok()) out.Error("layer_options", s);
+      if (frozen_changed) have_forward = false;
+    } else if (cmd == "fold") {
+      NamedData x = in.ReadTensor();
+      need_model(cmd);
+      FoldedModel folded;
+      FoldBatchNorm(*model, &folded);
+      std::unique_ptr<Model> copy;
+      Status s = Model::Create(folded.config, Sequential::Limits(), &copy);
+      if (s.ok()) s = copy->SetState(folded.state, /*strict=*/true);
+      if (s.ok()) s = copy->Predict(View(x), &scratch);
+      if (!s.ok()) {
+        out.Error(tag, s);
+        continue;
+      }
+      for (const NamedTensor& t : folded.state) {
+        out.WriteTensor(tag + "." + t.name, t.shape, t.values.data());
+      }
+      out.WriteTensor(tag + ".out", scratch.output().shape(), scratch.output().data());
     } else {
       Die("unknown command '" + cmd + "'");
     }

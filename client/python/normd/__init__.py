@@ -27,8 +27,9 @@ except ImportError as e:  # pragma: no cover - a setup problem, reported plainly
         "normd's generated stubs (normd.v1) are missing: build the CMake target normd_python "
         "and add <build>/client/python to PYTHONPATH") from e
 
-from normd.client import Client, ForwardResult, NormdError, from_tensor, to_tensor  # noqa: E402
+from normd.client import (Client, FoldResult, ForwardResult, NormdError, from_tensor,  # noqa: E402
+                          to_tensor)
 from normd.torch_interop import from_torch, to_torch  # noqa: E402
 
-__all__ = ["Client", "ForwardResult", "NormdError", "from_tensor", "to_tensor", "pb",
+__all__ = ["Client", "FoldResult", "ForwardResult", "NormdError", "from_tensor", "to_tensor", "pb",
            "to_torch", "from_torch"]

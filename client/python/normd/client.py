@@ -63,6 +63,20 @@ class ForwardResult:
 _MODES = {"train": pb.MODE_TRAIN, "eval": pb.MODE_EVAL}
 
 
+@dataclass
+class FoldResult:
+    """FoldBatchNorm's answer: the folded spec, its state_dict (names to float32 arrays) and,
+    when new_model was given, the inference-only copy created on the server."""
+    spec: pb.ModelSpec
+    state: "collections.OrderedDict[str, np.ndarray]"
+    model: Optional[pb.Model] = None
+
+    def to_torch(self):
+        """The folded model as a torch.nn.Sequential in eval mode."""
+        from normd.torch_interop import sequential_from_spec
+        return sequential_from_spec(self.spec, self.state).eval()
+
+
 def _message(value, cls):
     """A protobuf message from a message, a dict (JSON mapping) or a JSON string."""
     if isinstance(value, cls):
@@ -187,6 +201,29 @@ class Client:
             raise ValueError(f"model {model} has no optimizer")
         getattr(optimizer, kind).lr = lr
         return self.update_optimizer(model, optimizer)
+
+    def set_layer_options(self, model: str, layers) -> pb.Model:
+        """Per-layer freezing and trainability. layers: {label: {"frozen": bool, "trainable":
+        bool}} (a key left out keeps its value; label is the layer's name or index, "3"), or an
+        iterable of pb.LayerOptions. The whole request is refused if any entry is bad."""
+        request = pb.SetLayerOptionsRequest(model=model)
+        if isinstance(layers, Mapping):
+            for label, options in layers.items():
+                unknown = set(options) - {"frozen", "trainable"}
+                if unknown:
+                    raise ValueError(f"layer {label}: unknown option(s) {sorted(unknown)}")
+                request.layers.add(layer=str(label), **options)
+        else:
+            request.layers.extend(layers)
+        return self._call("SetLayerOptions", request)
+
+    def fold_batch_norm(self, model: str, new_model: Optional[str] = None) -> FoldResult:
+        """The model with every BatchNorm that follows a Linear/Conv2d folded into it; with
+        new_model also created on the server as an inference-only copy under that id."""
+        r = self._call("FoldBatchNorm",
+                       pb.FoldBatchNormRequest(model=model, new_model=new_model or ""))
+        state = collections.OrderedDict((t.name, from_tensor(t.tensor)) for t in r.state.tensors)
+        return FoldResult(r.spec, state, r.model if r.HasField("model") else None)
 
     def save_model(self, model: str) -> int:
         """Returns the step held by the durable checkpoint."""

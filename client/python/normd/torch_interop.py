@@ -15,6 +15,8 @@ import numpy as np
 
 from normd.v1 import normd_pb2 as pb
 
+__all__ = ["to_torch", "from_torch", "sequential_from_spec"]
+
 _LOSSES = {"cross_entropy": pb.LOSS_CROSS_ENTROPY, "mse": pb.LOSS_MSE,
            "bce_with_logits": pb.LOSS_BCE_WITH_LOGITS}
 
@@ -83,22 +85,45 @@ def _layer_to_torch(layer: pb.LayerSpec, index: int):
     raise ValueError(f"layer {index}: kind {kind!r} has no PyTorch counterpart here")
 
 
-def to_torch(client, model_id: str):
-    """An nn.Sequential equal to normd model `model_id`, with its weights and BatchNorm buffers,
-    in the same train/eval mode."""
+def sequential_from_spec(spec: pb.ModelSpec, state):
+    """An nn.Sequential built from a ModelSpec with `state` (names to arrays) loaded strictly,
+    in train mode (e.g. a FoldBatchNorm answer)."""
     import torch
     import torch.nn as nn
 
-    model = client.get_model(model_id)
-    seq = nn.Sequential(*[_layer_to_torch(l, i) for i, l in enumerate(model.spec.layers)])
-    state = collections.OrderedDict()
-    for name, value in client.get_state(model_id).items():
+    seq = nn.Sequential(*[_layer_to_torch(l, i) for i, l in enumerate(spec.layers)])
+    tensors = collections.OrderedDict()
+    for name, value in state.items():
         if name.endswith("num_batches_tracked"):
-            state[name] = torch.tensor(int(round(float(value))), dtype=torch.long)
+            tensors[name] = torch.tensor(int(round(float(value))), dtype=torch.long)
         else:
-            state[name] = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
-    seq.load_state_dict(state, strict=True)
+            tensors[name] = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
+    seq.load_state_dict(tensors, strict=True)
+    return seq
+
+
+def _layer_index(spec: pb.ModelSpec, label: str) -> int:
+    """The index of the layer a server label names: its configured name, else its index."""
+    for i, layer in enumerate(spec.layers):
+        if layer.name == label:
+            return i
+    return int(label)
+
+
+def to_torch(client, model_id: str):
+    """An nn.Sequential equal to normd model `model_id`, with its weights and BatchNorm buffers,
+    in the same train/eval mode, and its per-layer options: a frozen layer is put in eval mode
+    (note that a later seq.train() in PyTorch puts it back in train mode: call .eval() on it
+    again), an untrainable layer's parameters get requires_grad_(False)."""
+    model = client.get_model(model_id)
+    seq = sequential_from_spec(model.spec, client.get_state(model_id))
     seq.train(model.mode == pb.MODE_TRAIN)
+    for o in model.layer_options:
+        module = seq[_layer_index(model.spec, o.layer)]
+        if o.frozen:
+            module.eval()
+        if not o.trainable:
+            module.requires_grad_(False)
     return seq
 
 
@@ -224,7 +249,9 @@ def _optimizer_spec(optimizer) -> pb.OptimizerSpec:
 def from_torch(client, seq, input_shape, loss="cross_entropy", optimizer=None, id: str = "",
                seed: int = 0):
     """Creates a normd model equal to nn.Sequential `seq` (weights and BatchNorm buffers, set
-    with SetState strict) in the same train/eval mode; returns its pb.Model.
+    with SetState strict) in the same train/eval mode; returns its pb.Model. Per-layer options
+    come along: in a train-mode `seq`, a BatchNorm (with running statistics) in eval mode becomes
+    frozen; a layer whose parameters all have requires_grad False becomes untrainable.
 
     input_shape: one sample's shape, e.g. [64] or [1, 8, 8]. loss: "cross_entropy", "mse",
     "bce_with_logits", a pb.Loss value or a torch loss module. optimizer: a torch.optim
@@ -244,6 +271,19 @@ def from_torch(client, seq, input_shape, loss="cross_entropy", optimizer=None, i
             layer.name = name
         spec.layers.append(layer)
         prefix_to_index[name] = index
+    options = {}  # label -> options that differ from the defaults
+    for index, (name, module) in enumerate(seq.named_children()):
+        label = name  # the server label: the configured name, or the index
+        params = list(module.parameters(recurse=False))
+        flags = {p.requires_grad for p in params}
+        if len(flags) > 1:
+            raise ValueError(f"layer {index} ({type(module).__name__}): some parameters require "
+                             "grad and some do not; normd's trainable flag is per layer")
+        if flags == {False}:
+            options.setdefault(label, {})["trainable"] = False
+        is_bn = isinstance(module, nn.modules.batchnorm._BatchNorm)
+        if seq.training and is_bn and module.track_running_stats and not module.training:
+            options.setdefault(label, {})["frozen"] = True
     model = client.create_model(spec, id=id)
     state = collections.OrderedDict()
     for key, value in seq.state_dict().items():
@@ -251,6 +291,8 @@ def from_torch(client, seq, input_shape, loss="cross_entropy", optimizer=None, i
         state[f"{prefix_to_index[child]}.{rest}"] = value.detach().cpu().numpy().astype(np.float32)
     try:
         client.set_state(model.id, state, strict=True)
+        if options:
+            client.set_layer_options(model.id, options)
         if not seq.training:
             client.set_mode(model.id, "eval")
         return client.get_model(model.id)
