@@ -103,7 +103,7 @@ class BatchNorm : public Layer {
 
   // running_mean = 0, running_var = 1, num_batches_tracked = 0 (PyTorch's
   // reset_running_stats). No-op without tracking.
-  void ResetRunningStats();
+  void ResetRunningStats() override;
 
   const BatchNormConfig& config() const { return config_; }
   bool tracks_running_stats() const { return config_.track_running_stats; }

@@ -31,6 +31,21 @@ struct LayerNormConfig {
   bool elementwise_affine = true;
 };
 
+struct GroupNormConfig {
+  int64_t num_groups = 0;
+  int64_t num_channels = 0;
+  float eps = 1e-5f;
+  bool affine = true;
+};
+
+struct InstanceNormConfig {
+  int64_t num_features = 0;
+  float eps = 1e-5f;
+  float momentum = 0.1f;
+  bool affine = false;               // PyTorch's default for InstanceNorm
+  bool track_running_stats = false;  // PyTorch's default for InstanceNorm
+};
+
 struct Conv2dConfig {
   int64_t in_channels = 0;
   int64_t out_channels = 0;
@@ -61,6 +76,9 @@ enum class LayerKind {
   kSigmoid,
   kGELU,
   kDropout,
+  kGroupNorm,
+  kInstanceNorm1d,
+  kInstanceNorm2d,
 };
 
 // PyTorch's class name for a kind ("BatchNorm1d").
@@ -73,6 +91,8 @@ struct LayerConfig {
   LinearConfig linear;
   BatchNormConfig batch_norm;  // kBatchNorm1d, kBatchNorm2d
   LayerNormConfig layer_norm;
+  GroupNormConfig group_norm;
+  InstanceNormConfig instance_norm;  // kInstanceNorm1d, kInstanceNorm2d
   Conv2dConfig conv2d;
   Pool2dConfig pool;  // kMaxPool2d, kAvgPool2d
   float negative_slope = 0.01f;  // kLeakyReLU

@@ -3,6 +3,8 @@
 #include "core/activation.h"
 #include "core/batch_norm.h"
 #include "core/conv2d.h"
+#include "core/group_norm.h"
+#include "core/instance_norm.h"
 #include "core/layer_norm.h"
 #include "core/linear.h"
 #include "core/pool2d.h"
@@ -25,6 +27,9 @@ const char* LayerKindName(LayerKind kind) {
     case LayerKind::kSigmoid: return "Sigmoid";
     case LayerKind::kGELU: return "GELU";
     case LayerKind::kDropout: return "Dropout";
+    case LayerKind::kGroupNorm: return "GroupNorm";
+    case LayerKind::kInstanceNorm1d: return "InstanceNorm1d";
+    case LayerKind::kInstanceNorm2d: return "InstanceNorm2d";
   }
   return "?";
 }
@@ -46,6 +51,9 @@ std::unique_ptr<Layer> MakeLayer(const LayerConfig& c) {
     case LayerKind::kAvgPool2d: return std::make_unique<Pool2d>(c.pool, false);
     case LayerKind::kFlatten: return std::make_unique<Flatten>();
     case LayerKind::kDropout: return std::make_unique<Dropout>(c.dropout_p);
+    case LayerKind::kGroupNorm: return std::make_unique<GroupNorm>(c.group_norm);
+    case LayerKind::kInstanceNorm1d: return std::make_unique<InstanceNorm>(c.instance_norm, false);
+    case LayerKind::kInstanceNorm2d: return std::make_unique<InstanceNorm>(c.instance_norm, true);
     case LayerKind::kReLU:
     case LayerKind::kLeakyReLU:
     case LayerKind::kTanh:

@@ -102,6 +102,13 @@ class Layer {
   // Parameters followed by buffers, in PyTorch's state_dict order.
   virtual std::vector<StateSlot> state();
 
+  // Running statistics of layers other than BatchNorm (InstanceNorm with tracking), which
+  // Sequential handles alike. ApplyPendingUpdate applies the update a training Forward left
+  // in `cache` (LayerCache::has_pending_update) and clears it; ResetRunningStats is PyTorch's
+  // reset_running_stats. Both need exclusive access and do nothing by default.
+  virtual void ApplyPendingUpdate(LayerCache* /*cache*/) {}
+  virtual void ResetRunningStats() {}
+
   // Non-null for BatchNorm layers.
   virtual BatchNorm* AsBatchNorm() { return nullptr; }
   const BatchNorm* AsBatchNorm() const { return const_cast<Layer*>(this)->AsBatchNorm(); }

@@ -173,6 +173,11 @@ Rng Sequential::CommitRunningStats(ForwardRecord* rec) {
     r.committed = cache.has_pending_update;
     r.update = layers_[r.layer]->AsBatchNorm()->Commit(&cache);
   }
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    if (layers_[i]->AsBatchNorm() == nullptr && rec->caches_[i].has_pending_update) {
+      layers_[i]->ApplyPendingUpdate(&rec->caches_[i]);
+    }
+  }
   return rec->rng_after_;
 }
 
@@ -226,7 +231,7 @@ std::vector<StateSlot> Sequential::state() {
 
 void Sequential::ResetRunningStats() {
   for (auto& layer : layers_) {
-    if (BatchNorm* bn = layer->AsBatchNorm()) bn->ResetRunningStats();
+    layer->ResetRunningStats();
   }
 }
 

@@ -85,6 +85,23 @@ Status BatchNormFromWire(const v1::BatchNormSpec& w, const std::string& f, Batch
   return Status::Ok();
 }
 
+Status InstanceNormFromWire(const v1::InstanceNormSpec& w, const std::string& f,
+                            InstanceNormConfig* c) {
+  NORMD_RETURN_IF_ERROR(CheckSize(w.num_features(), 1, f + ".num_features"));
+  c->num_features = w.num_features();
+  if (w.has_eps()) {
+    NORMD_RETURN_IF_ERROR(CheckPositiveFloat(w.eps(), f + ".eps"));
+    c->eps = w.eps();
+  }
+  if (w.has_momentum()) {
+    NORMD_RETURN_IF_ERROR(CheckRange(w.momentum(), 0.0f, 1.0f, true, f + ".momentum"));
+    c->momentum = w.momentum();
+  }
+  if (w.has_affine()) c->affine = w.affine();
+  if (w.has_track_running_stats()) c->track_running_stats = w.track_running_stats();
+  return Status::Ok();
+}
+
 Status PoolFromWire(const v1::Pool2dSpec& w, const std::string& f, Pool2dConfig* c) {
   NORMD_RETURN_IF_ERROR(CheckSize(w.kernel_size(), 1, f + ".kernel_size"));
   c->kernel_size = w.kernel_size();
@@ -187,12 +204,38 @@ Status LayerFromWire(const v1::LayerSpec& w, const std::string& f, LayerConfig* 
       NORMD_RETURN_IF_ERROR(CheckRange(w.dropout().p(), 0.0f, 1.0f, false, f + ".dropout.p"));
       c->dropout_p = w.dropout().p();
       return Status::Ok();
+    case v1::LayerSpec::kGroupNorm: {
+      c->kind = LayerKind::kGroupNorm;
+      const v1::GroupNormSpec& gn = w.group_norm();
+      const std::string g = f + ".group_norm";
+      NORMD_RETURN_IF_ERROR(CheckSize(gn.num_groups(), 1, g + ".num_groups"));
+      NORMD_RETURN_IF_ERROR(CheckSize(gn.num_channels(), 1, g + ".num_channels"));
+      if (gn.num_channels() % gn.num_groups() != 0) {
+        return InvalidArgument(g, ".num_channels (", gn.num_channels(),
+                               ") must be divisible by ", g, ".num_groups (", gn.num_groups(), ")");
+      }
+      c->group_norm.num_groups = gn.num_groups();
+      c->group_norm.num_channels = gn.num_channels();
+      if (gn.has_eps()) {
+        NORMD_RETURN_IF_ERROR(CheckPositiveFloat(gn.eps(), g + ".eps"));
+        c->group_norm.eps = gn.eps();
+      }
+      if (gn.has_affine()) c->group_norm.affine = gn.affine();
+      return Status::Ok();
+    }
+    case v1::LayerSpec::kInstanceNorm1D:
+      c->kind = LayerKind::kInstanceNorm1d;
+      return InstanceNormFromWire(w.instance_norm1d(), f + ".instance_norm1d", &c->instance_norm);
+    case v1::LayerSpec::kInstanceNorm2D:
+      c->kind = LayerKind::kInstanceNorm2d;
+      return InstanceNormFromWire(w.instance_norm2d(), f + ".instance_norm2d", &c->instance_norm);
     case v1::LayerSpec::KIND_NOT_SET:
       break;
   }
   return InvalidArgument(f, " has no layer kind set (linear, batch_norm1d, batch_norm2d, "
-                            "layer_norm, conv2d, max_pool2d, avg_pool2d, flatten, relu, "
-                            "leaky_relu, tanh, sigmoid, gelu or dropout)");
+                            "layer_norm, group_norm, instance_norm1d, instance_norm2d, conv2d, "
+                            "max_pool2d, avg_pool2d, flatten, relu, leaky_relu, tanh, sigmoid, "
+                            "gelu or dropout)");
 }
 
 // Counts of the supplied values; `values` and `raw` are exclusive.
@@ -219,6 +262,18 @@ Status ShapeFromWire(const v1::Tensor& w, std::string_view field, Shape* shape) 
       return InvalidArgument(field, ".shape[", i, "] must be >= 0, got ", w.shape(i));
     }
     shape->push_back(w.shape(i));
+  }
+  // A shape whose element count does not fit in int64 is malformed, whatever the limits (a
+  // zero dimension makes any shape empty, so only shapes without one can overflow).
+  int64_t elements = 1;
+  bool overflow = false;
+  for (int64_t d : *shape) {
+    if (d == 0) return Status::Ok();
+    overflow = overflow || __builtin_mul_overflow(elements, d, &elements);
+  }
+  if (overflow) {
+    return InvalidArgument(field, " has shape ", shape->ToString(),
+                           ", whose element count overflows a 64-bit integer");
   }
   return Status::Ok();
 }

@@ -132,6 +132,19 @@ LayerConfig ParseLayer(const std::vector<std::string>& words) {
     c.layer_norm.normalized_shape = o.Ints("shape");
     c.layer_norm.eps = static_cast<float>(o.Num("eps", 1e-5));
     c.layer_norm.elementwise_affine = o.Bool("affine", true);
+  } else if (kind == "groupnorm") {
+    c.kind = LayerKind::kGroupNorm;
+    c.group_norm.num_groups = o.Int("groups", 0);
+    c.group_norm.num_channels = o.Int("channels", 0);
+    c.group_norm.eps = static_cast<float>(o.Num("eps", 1e-5));
+    c.group_norm.affine = o.Bool("affine", true);
+  } else if (kind == "instancenorm1d" || kind == "instancenorm2d") {
+    c.kind = kind == "instancenorm1d" ? LayerKind::kInstanceNorm1d : LayerKind::kInstanceNorm2d;
+    c.instance_norm.num_features = o.Int("num_features", 0);
+    c.instance_norm.eps = static_cast<float>(o.Num("eps", 1e-5));
+    c.instance_norm.momentum = static_cast<float>(o.Num("momentum", 0.1));
+    c.instance_norm.affine = o.Bool("affine", false);
+    c.instance_norm.track_running_stats = o.Bool("track", false);
   } else if (kind == "conv2d") {
     c.kind = LayerKind::kConv2d;
     c.conv2d.in_channels = o.Int("in", 0);

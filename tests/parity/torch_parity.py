@@ -82,6 +82,15 @@ def layer_norm(shape, affine=True, eps=1e-5):
     return {"kind": "layernorm", "shape": list(shape), "affine": affine, "eps": eps}
 
 
+def group_norm(groups, c, affine=True, eps=1e-5):
+    return {"kind": "groupnorm", "groups": groups, "channels": c, "affine": affine, "eps": eps}
+
+
+def instance_norm(dims, c, momentum=0.1, affine=False, track=False, eps=1e-5):
+    return {"kind": f"instancenorm{dims}", "num_features": c, "momentum": momentum,
+            "affine": affine, "track": track, "eps": eps}
+
+
 def conv(i, o, k, stride=1, pad=0, bias=True):
     return {"kind": "conv2d", "in": i, "out": o, "k": k, "stride": stride, "pad": pad,
             "bias": bias}
@@ -105,6 +114,12 @@ def torch_module(s):
                    track_running_stats=s["track"])
     if k == "layernorm":
         return nn.LayerNorm(s["shape"], eps=s["eps"], elementwise_affine=s["affine"])
+    if k == "groupnorm":
+        return nn.GroupNorm(s["groups"], s["channels"], eps=s["eps"], affine=s["affine"])
+    if k in ("instancenorm1d", "instancenorm2d"):
+        cls = nn.InstanceNorm1d if k == "instancenorm1d" else nn.InstanceNorm2d
+        return cls(s["num_features"], eps=s["eps"], momentum=s["momentum"], affine=s["affine"],
+                   track_running_stats=s["track"])
     if k == "conv2d":
         return nn.Conv2d(s["in"], s["out"], s["k"], stride=s["stride"], padding=s["pad"],
                          bias=s["bias"])
@@ -214,6 +229,12 @@ def build_torch_model(case):
     return nn.Sequential(*[torch_module(s) for s in case.layers])
 
 
+# Layers with affine parameters worth moving away from 1 and 0, and with running statistics.
+NORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d,
+                nn.InstanceNorm2d)
+RUNNING_STATS_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.InstanceNorm1d, nn.InstanceNorm2d)
+
+
 def initial_state(case):
     """The float32 state both sides start from: torch's initialisation from the case seed,
     with BatchNorm/LayerNorm affine parameters and running statistics randomised."""
@@ -222,11 +243,11 @@ def initial_state(case):
     g = torch.Generator().manual_seed(case.seed + 1)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)):
+            if isinstance(m, NORM_MODULES):
                 if getattr(m, "weight", None) is not None:
                     m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
                     m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.3)
-            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.track_running_stats:
+            if isinstance(m, RUNNING_STATS_MODULES) and m.track_running_stats:
                 m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.5)
                 m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) * 1.5 + 0.5)
                 if case.initial_nbt is not None:
@@ -309,7 +330,7 @@ class TorchRun:
 
     def bns(self):
         return [m for m in self.model.modules()
-                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+                if isinstance(m, RUNNING_STATS_MODULES) and m.track_running_stats]
 
     def run_forward(self, x, commit):
         """model(x) on throw-away copies of the BatchNorm buffers; they are kept (the update
@@ -899,6 +920,104 @@ def conv_cases():
     return cases
 
 
+def norm_alternative_cases():
+    """GroupNorm and InstanceNorm1d/2d (the small-batch alternatives to BatchNorm): alone in
+    every option, and trained inside conv and MLP models."""
+    cases = []
+    for name, sample, layer in [
+            ("gn-(N,C,H,W)-g2", (4, 3, 5), group_norm(2, 4)),
+            ("gn-(N,C,H,W)-g1-noaffine", (4, 3, 5), group_norm(1, 4, affine=False)),
+            ("gn-(N,C,H,W)-gC-eps1e-3", (4, 3, 5), group_norm(4, 4, eps=1e-3)),
+            ("gn-(N,C,L)-g3", (6, 7), group_norm(3, 6)),
+            ("gn-(N,C)-g2", (6,), group_norm(2, 6))]:
+        case = Case(name, sample, [layer])
+        for i in range(3):
+            case.fwd_bwd(f"t{i}", case.x(5), sample)
+        case.mode(False)
+        case.fwd_bwd("e0", case.x(5), sample)
+        case.forward("e1", case.x(1))  # one sample: each group still has several values
+        cases.append(case)
+    # PyTorch's rule: N * (C / groups) * S == 1 is an error, in eval too.
+    case = Case("gn-one-value-per-group", (4,), [group_norm(4, 4)])
+    case.forward("train1", case.x(1), expect_error="error")
+    case.mode(False)
+    case.forward("eval1", case.x(1), expect_error="error")
+    cases.append(case)
+
+    for dims, sample in (("1d", (3, 6)), ("2d", (3, 4, 5))):
+        for track in (False, True):
+            for momentum in ((0.1, 0.5) if track else (0.1,)):
+                for affine in (False, True):
+                    name = (f"in{dims}-m{momentum:g}-affine{int(affine)}-track{int(track)}")
+                    case = Case(name, sample, [instance_norm(dims, 3, momentum, affine, track)])
+                    case.get_state("init")
+                    for i in range(20):
+                        case.fwd_bwd(f"t{i}", case.x(4), sample)
+                    case.get_state("s20")
+                    case.mode(True, freeze=True)  # normd's frozen statistics: no update
+                    case.fwd_bwd("fz0", case.x(4), sample)
+                    case.get_state("frozen")
+                    case.mode(False)
+                    case.fwd_bwd("e0", case.x(4), sample)
+                    case.forward("e1", case.x(1))
+                    case.mode(True)
+                    case.reset_stats()
+                    case.get_state("reset")
+                    cases.append(case)
+    # One spatial value: an error wherever instance statistics normalise.
+    for track in (False, True):
+        case = Case(f"in2d-one-spatial-track{int(track)}", (3, 1, 1),
+                    [instance_norm("2d", 3, track=track)])
+        case.forward("train1", case.x(4), expect_error="error")
+        case.mode(False)
+        case.forward("eval1", case.x(4), expect_error="ok" if track else "error")
+        cases.append(case)
+
+    layers = [conv(3, 8, 3, pad=1, bias=False), group_norm(4, 8), simple("relu"),
+              pool("maxpool2d", 2), conv(8, 8, 3, pad=1),
+              instance_norm("2d", 8, affine=True, track=True), simple("relu"),
+              pool("avgpool2d", 2), simple("flatten"), linear(8 * 2 * 2, 5)]
+    case = Case("conv-gn-in2d-sgd-momentum", (3, 8, 8), layers, loss="ce",
+                optimizer=("sgd", {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.01}))
+    case.noise_only.add("4.bias")  # a bias feeding InstanceNorm has an exact gradient of zero
+    case.fwd_bwd("t0", case.x(4), (5,))
+    for i in range(50):
+        x = case.x(4)
+        case.train_step(f"s{i}", x, case.targets(x, 5))
+        if i == 19:
+            case.get_state("s20", optimizer=True)
+    case.get_state("s50", optimizer=True)
+    case.mode(False)
+    case.fwd_bwd("e0", case.x(4), (5,))
+    cases.append(case)
+
+    layers = [linear(10, 12), group_norm(3, 12), simple("gelu"), linear(12, 12),
+              group_norm(2, 12, affine=False), simple("tanh"), linear(12, 4)]
+    case = Case("mlp-groupnorm-adamw-bs2", (10,), layers, loss="ce",
+                optimizer=OPTIMIZERS["adamw"])
+    for i in range(50):
+        x = case.x(2)  # a batch of 2: where GroupNorm replaces BatchNorm
+        case.train_step(f"s{i}", x, case.targets(x, 4))
+    case.get_state("s50", optimizer=True)
+    case.mode(False)
+    case.fwd_bwd("e0", case.x(1), (4,))
+    cases.append(case)
+
+    layers = [instance_norm("1d", 4, affine=True, track=True, momentum=0.2), simple("relu"),
+              simple("flatten"), linear(4 * 6, 3)]
+    case = Case("in1d-mlp-adam", (4, 6), layers, loss="mse", optimizer=OPTIMIZERS["adam"])
+    for i in range(50):
+        x = case.x(3)
+        case.train_step(f"s{i}", x, case.randn(3, 3))
+        if i == 19:
+            case.get_state("s20", optimizer=True)
+    case.get_state("s50", optimizer=True)
+    case.mode(False)
+    case.fwd_bwd("e0", case.x(3), (3,))
+    cases.append(case)
+    return cases
+
+
 def layer_norm_training_case():
     layers = [linear(12, 16), layer_norm((16,)), simple("gelu"), linear(16, 16),
               layer_norm((16,), affine=False), simple("tanh"), linear(16, 5)]
@@ -968,6 +1087,7 @@ def all_cases():
     cases += layer_norm_cases()
     cases += activation_cases()
     cases += conv_cases()
+    cases += norm_alternative_cases()
     cases.append(layer_norm_training_case())
     losses = ["ce", "mse", "bce"]
     for opt_name in OPTIMIZERS:
