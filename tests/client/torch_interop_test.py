@@ -106,6 +106,41 @@ class InteropTest(unittest.TestCase):
         self.assertLessEqual(err, TOL)
         np.testing.assert_array_equal(again, expected)
 
+    def test_group_and_instance_norm_round_trip(self):
+        seq = nn.Sequential(
+            nn.Conv2d(2, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1), nn.InstanceNorm2d(8, affine=True,
+                                                           track_running_stats=True),
+            nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1, bias=False),
+            nn.InstanceNorm2d(4, momentum=0.3), nn.GroupNorm(1, 4, eps=1e-3, affine=False),
+            nn.Flatten(), nn.Linear(4 * 6 * 6, 6))
+        x = torch.randn(16, 2, 6, 6)
+        warm_up(seq, x)
+        self.assertGreater(seq[4].running_var.sub(1).abs().max().item(), 1e-3)
+        expected, served, again = self.round_trip(seq, [2, 6, 6], x, "interop-gn-in")
+        err = rel_err(served, expected)
+        print(f"GroupNorm/InstanceNorm CNN: normd vs torch relative error {err:.2e}")
+        self.assertLessEqual(err, TOL)
+        np.testing.assert_array_equal(again, expected)
+        # InstanceNorm1d on (C, L) samples, trained through normd: its running statistics
+        # follow torch's update for the same batches.
+        seq = nn.Sequential(nn.InstanceNorm1d(3, track_running_stats=True), nn.Flatten(),
+                            nn.Linear(15, 2))
+        model = normd.from_torch(self.c, seq, [3, 5], loss="mse",
+                                 optimizer=torch.optim.SGD(seq.parameters(), lr=0.0001),
+                                 id="interop-in1d")
+        self.created.append(model.id)
+        xb = torch.randn(8, 3, 5) * 2 + 1
+        self.c.train_step(model.id, xb.numpy(), target=np.zeros((8, 2), np.float32))
+        seq.train()
+        seq(xb)
+        state = self.c.get_state(model.id)
+        np.testing.assert_allclose(state["0.running_mean"], seq[0].running_mean.numpy(),
+                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(state["0.running_var"], seq[0].running_var.numpy(),
+                                   rtol=1e-5, atol=1e-6)
+        self.assertEqual(int(state["0.num_batches_tracked"]), 0)  # torch never counts here
+
     def test_named_children_and_train_mode(self):
         from collections import OrderedDict
         seq = nn.Sequential(OrderedDict([("fc", nn.Linear(4, 6)), ("bn", nn.BatchNorm1d(6)),

@@ -2,7 +2,7 @@
 
 Layers map one to one, so normd's state names ("0.weight", "1.running_mean", ...) are the
 Sequential's state_dict keys. Supported modules: Linear, BatchNorm1d, BatchNorm2d (momentum
-None included), LayerNorm, Conv2d (square kernel, dilation 1, groups 1, zero padding),
+None included), LayerNorm, GroupNorm, InstanceNorm1d, InstanceNorm2d, Conv2d (square kernel, dilation 1, groups 1, zero padding),
 MaxPool2d and AvgPool2d (square, ceil_mode False; AvgPool2d with count_include_pad True),
 Flatten (start_dim 1), ReLU, LeakyReLU, Tanh, Sigmoid, GELU (exact), Dropout.
 
@@ -57,6 +57,19 @@ def _layer_to_torch(layer: pb.LayerSpec, index: int):
                             eps=_f32(s.eps) if s.HasField("eps") else 1e-5,
                             elementwise_affine=(s.elementwise_affine
                                                 if s.HasField("elementwise_affine") else True))
+    if kind == "group_norm":
+        s = layer.group_norm
+        return nn.GroupNorm(s.num_groups, s.num_channels,
+                            eps=_f32(s.eps) if s.HasField("eps") else 1e-5,
+                            affine=s.affine if s.HasField("affine") else True)
+    if kind in ("instance_norm1d", "instance_norm2d"):
+        s = getattr(layer, kind)
+        cls = nn.InstanceNorm1d if kind == "instance_norm1d" else nn.InstanceNorm2d
+        return cls(s.num_features, eps=_f32(s.eps) if s.HasField("eps") else 1e-5,
+                   momentum=_f32(s.momentum) if s.HasField("momentum") else 0.1,
+                   affine=s.affine if s.HasField("affine") else False,
+                   track_running_stats=(s.track_running_stats
+                                        if s.HasField("track_running_stats") else False))
     if kind == "conv2d":
         s = layer.conv2d
         return nn.Conv2d(s.in_channels, s.out_channels, s.kernel_size,
@@ -147,6 +160,21 @@ def _module_to_spec(module, index: int) -> pb.LayerSpec:
             s.cumulative_average = True
         else:
             s.momentum = module.momentum
+        s.affine = module.affine
+        s.track_running_stats = module.track_running_stats
+    elif isinstance(module, nn.GroupNorm):
+        spec.group_norm.num_groups = module.num_groups
+        spec.group_norm.num_channels = module.num_channels
+        spec.group_norm.eps = module.eps
+        spec.group_norm.affine = module.affine
+    elif isinstance(module, (nn.InstanceNorm1d, nn.InstanceNorm2d)):
+        if module.momentum is None:
+            fail("momentum=None is not supported for InstanceNorm")
+        s = (spec.instance_norm1d if isinstance(module, nn.InstanceNorm1d)
+             else spec.instance_norm2d)
+        s.num_features = module.num_features
+        s.eps = module.eps
+        s.momentum = module.momentum
         s.affine = module.affine
         s.track_running_stats = module.track_running_stats
     elif isinstance(module, nn.LayerNorm):
@@ -281,8 +309,9 @@ def from_torch(client, seq, input_shape, loss="cross_entropy", optimizer=None, i
                              "grad and some do not; normd's trainable flag is per layer")
         if flags == {False}:
             options.setdefault(label, {})["trainable"] = False
-        is_bn = isinstance(module, nn.modules.batchnorm._BatchNorm)
-        if seq.training and is_bn and module.track_running_stats and not module.training:
+        has_stats = isinstance(module, (nn.modules.batchnorm._BatchNorm,
+                                        nn.modules.instancenorm._InstanceNorm))
+        if seq.training and has_stats and module.track_running_stats and not module.training:
             options.setdefault(label, {})["frozen"] = True
     model = client.create_model(spec, id=id)
     state = collections.OrderedDict()
