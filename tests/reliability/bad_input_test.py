@@ -214,6 +214,20 @@ def run_cases(b: Battery, raw: RawTrainer):
     b.expect("create: layer_norm shape mismatch", "CreateModel",
              create("s1", spec([4], [pb.LayerSpec(layer_norm=pb.LayerNormSpec(
                  normalized_shape=[5])), linear(4, 3)])), IA, ["normalized_shape"])
+    b.expect("create: group_norm channels not divisible by groups", "CreateModel",
+             create("s1", spec([6, 2], [pb.LayerSpec(group_norm=pb.GroupNormSpec(
+                 num_groups=4, num_channels=6)), flatten(), linear(12, 3)])), IA,
+             ["spec.layers[0].group_norm.num_channels (6) must be divisible"])
+    b.expect("create: group_norm channels mismatch", "CreateModel",
+             create("s1", spec([6, 2], [pb.LayerSpec(group_norm=pb.GroupNormSpec(
+                 num_groups=2, num_channels=4)), flatten(), linear(12, 3)])), IA,
+             ["layer 0 (GroupNorm): num_channels is 4 but the previous layer produces 6"])
+    b.expect("create: instance_norm1d on flat samples", "CreateModel",
+             create("s1", spec([4], [pb.LayerSpec(instance_norm1d=pb.InstanceNormSpec(
+                 num_features=4)), linear(4, 3)])), IA, ["(C, L)"])
+    b.expect("create: instance_norm2d momentum 2", "CreateModel",
+             create("s1", spec([2, 3, 3], [pb.LayerSpec(instance_norm2d=pb.InstanceNormSpec(
+                 num_features=2, momentum=2.0)), flatten(), linear(18, 3)])), IA, ["momentum"])
     b.expect("create: 300 layers (over --max-layers)", "CreateModel",
              create("s1", spec([4], [relu()] * 299 + [linear(4, 3)])), RE, ["layers"])
     b.expect("create: LOSS_UNSPECIFIED", "CreateModel",
@@ -258,8 +272,25 @@ def run_cases(b: Battery, raw: RawTrainer):
              ["shape", "negative", "dimension"])
     b.expect("forward: huge dimension 10^12", "Forward",
              fwd("mlp", tensor([10**12, 4], [0.1] * 8)), RE, ["element"])
+    # A shape whose element count overflows int64 is malformed whatever the limits: every
+    # tensor-carrying request answers INVALID_ARGUMENT naming the shape.
+    huge = [2**62, 2**62]
+    over = ["(4611686018427387904, 4611686018427387904)", "overflows"]
     b.expect("forward: dims overflowing int64 product", "Forward",
-             fwd("mlp", tensor([2**40, 2**40, 4], [0.1] * 8)), RE, ["element"])
+             fwd("mlp", tensor([2**40, 2**40, 4], [0.1] * 8)), IA,
+             ["(1099511627776, 1099511627776, 4)"])
+    b.expect("forward: shape (2^62, 2^62)", "Forward", fwd("mlp", tensor(huge, [0.1] * 8)), IA,
+             over)
+    b.expect("train: input shape (2^62, 2^62)", "TrainStep",
+             train("mlp", tensor(huge, [0.1] * 8), [0, 1]), IA, over)
+    b.expect("train: target shape (2^62, 2^62)", "TrainStep",
+             train("reg", ones([4, 3]), target=tensor(huge, [0.1] * 8)), IA, over)
+    b.expect("train stream: input shape (2^62, 2^62)", "TrainStream",
+             train("mlp", tensor(huge, [0.1] * 8), [0, 1]), IA, over, stream=True)
+    b.expect("evaluate: input shape (2^62, 2^62)", "Evaluate",
+             evaluate("mlp", tensor(huge, [0.1] * 8), [0, 1]), IA, over)
+    b.expect("set_state: tensor shape (2^62, 2^62)", "SetState",
+             set_state("mlp", [("0.weight", tensor(huge, [0.1] * 8))], strict=False), IA, over)
     b.expect("forward: batchnorm one value per channel (batch 1, train)", "Forward",
              fwd("mlp", ones([1, 4])), IA, ["channel", "batch", "value"])
     b.expect("forward: cnn given a flat input", "Forward", fwd("cnn", ones([2, 36])), IA,
@@ -278,6 +309,10 @@ def run_cases(b: Battery, raw: RawTrainer):
     b.expect("backward: grad_output wrong shape", "Backward",
              pb.BackwardRequest(model="scratch", forward_id=fid, grad_output=ones([4, 2])), IA,
              ["grad_output", "shape"])
+    b.expect("backward: grad_output shape (2^62, 2^62)", "Backward",
+             pb.BackwardRequest(model="scratch", forward_id=fid,
+                                grad_output=tensor([2**62, 2**62], [0.1] * 8)), IA,
+             ["(4611686018427387904, 4611686018427387904)", "overflows"])
     b.expect("backward: grad_output NaN", "Backward",
              pb.BackwardRequest(model="scratch", forward_id=fid,
                                 grad_output=tensor([4, 3], [NAN] + [0.1] * 11)), IA,

@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 #include "server/registry.h"
 #include "server/status_map.h"
@@ -194,7 +195,22 @@ TEST(DecodeTensorTest, Rejections) {
 
   t.clear_shape();
   t.add_shape(int64_t{1} << 62);
-  t.add_shape(int64_t{1} << 62);  // the product saturates instead of wrapping
+  t.add_shape(int64_t{1} << 62);  // an element count past int64: malformed, whatever the limit
+  s = DecodeTensor(t, "input", std::numeric_limits<int64_t>::max(), &d);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s.message();
+  EXPECT_EQ(s.message(), "input has shape (4611686018427387904, 4611686018427387904), whose "
+                         "element count overflows a 64-bit integer");
+  v1::Tensor empty;  // a zero dimension makes any shape empty: no overflow
+  empty.add_shape(int64_t{1} << 62);
+  empty.add_shape(int64_t{1} << 62);
+  empty.add_shape(0);
+  DecodedTensor e;
+  s = DecodeTensor(empty, "input", 1000, &e);
+  EXPECT_EQ(s.code(), StatusCode::kOk) << s.message();
+
+  t.clear_shape();
+  t.add_shape(int64_t{1} << 31);
+  t.add_shape(int64_t{1} << 31);  // 2^62 elements fit in int64: over the limit, not malformed
   s = DecodeTensor(t, "input", 1000, &d);
   EXPECT_EQ(s.code(), StatusCode::kResourceExhausted) << s.message();
 }
