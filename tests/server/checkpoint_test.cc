@@ -405,6 +405,78 @@ TEST_F(CheckpointTest, ConvRoundTripInEvalModeIsBitExact) {
   ExpectSameModel(*original, *restored);
 }
 
+TEST_F(CheckpointTest, GroupAndInstanceNormRoundTripIsBitExact) {
+  // (2, 6, 6) -> Conv2d(4) -> GroupNorm(2, 4) -> InstanceNorm2d(4, affine, tracked) ->
+  // Flatten -> Linear(144 -> 3), MSE, SGD.
+  v1::ModelSpec spec;
+  spec.add_input_shape(2);
+  spec.add_input_shape(6);
+  spec.add_input_shape(6);
+  v1::Conv2dSpec* conv = spec.add_layers()->mutable_conv2d();
+  conv->set_in_channels(2);
+  conv->set_out_channels(4);
+  conv->set_kernel_size(3);
+  conv->set_padding(1);
+  v1::GroupNormSpec* gn = spec.add_layers()->mutable_group_norm();
+  gn->set_num_groups(2);
+  gn->set_num_channels(4);
+  v1::InstanceNormSpec* in = spec.add_layers()->mutable_instance_norm2d();
+  in->set_num_features(4);
+  in->set_affine(true);
+  in->set_track_running_stats(true);
+  in->set_momentum(0.3f);
+  spec.add_layers()->mutable_flatten();
+  v1::LinearSpec* lin = spec.add_layers()->mutable_linear();
+  lin->set_in_features(144);
+  lin->set_out_features(3);
+  spec.set_loss(v1::LOSS_MSE);
+  spec.mutable_optimizer()->mutable_sgd()->set_lr(0.05f);
+  spec.set_seed(5);
+  // The same model as a core configuration (the checkpoint library does not convert specs).
+  ModelConfig config;
+  config.input_shape = {2, 6, 6};
+  config.layers.resize(5);
+  config.layers[0].kind = LayerKind::kConv2d;
+  config.layers[0].conv2d.in_channels = 2;
+  config.layers[0].conv2d.out_channels = 4;
+  config.layers[0].conv2d.kernel_size = 3;
+  config.layers[0].conv2d.padding = 1;
+  config.layers[1].kind = LayerKind::kGroupNorm;
+  config.layers[1].group_norm.num_groups = 2;
+  config.layers[1].group_norm.num_channels = 4;
+  config.layers[2].kind = LayerKind::kInstanceNorm2d;
+  config.layers[2].instance_norm.num_features = 4;
+  config.layers[2].instance_norm.affine = true;
+  config.layers[2].instance_norm.track_running_stats = true;
+  config.layers[2].instance_norm.momentum = 0.3f;
+  config.layers[3].kind = LayerKind::kFlatten;
+  config.layers[4].kind = LayerKind::kLinear;
+  config.layers[4].linear.in_features = 144;
+  config.layers[4].linear.out_features = 3;
+  config.loss = LossKind::kMse;
+  config.optimizer.sgd.lr = 0.05f;
+  config.seed = 5;
+  std::unique_ptr<Model> original = Build(config);
+  Train(original.get(), 4, 21);
+  ASSERT_TRUE(SaveCheckpoint(data_dir_, "norms", spec, *original, 4, nullptr).ok());
+
+  LoadedCheckpoint loaded;
+  ASSERT_TRUE(LoadLatestCheckpoint(data_dir_, "norms", &loaded).ok());
+  EXPECT_TRUE(HasEntry(loaded.state, "1.weight"));
+  EXPECT_TRUE(HasEntry(loaded.state, "2.running_var"));
+  EXPECT_TRUE(HasEntry(loaded.state, "2.num_batches_tracked"));
+  EXPECT_EQ(loaded.spec.layers(2).instance_norm2d().momentum(), 0.3f);
+  ModelConfig other_seed = config;
+  other_seed.seed = 99;
+  std::unique_ptr<Model> restored = Build(other_seed);
+  const Status st = RestoreInto(loaded, restored.get());
+  ASSERT_TRUE(st.ok()) << st.message();
+  ExpectSameModel(*original, *restored);
+  Train(original.get(), 2, 8);
+  Train(restored.get(), 2, 8);
+  ExpectSameModel(*original, *restored);
+}
+
 TEST_F(CheckpointTest, RestoreRejectsAnotherModelsStateAndChangesNothing) {
   std::unique_ptr<Model> conv = Build(ConvConfig(3));
   ASSERT_TRUE(SaveCheckpoint(data_dir_, "conv", ConvSpec(3), *conv, 3, nullptr).ok());
