@@ -111,7 +111,7 @@ void Dropout::Forward(const ConstTensorView& x, Tensor* y, LayerCache* cache,
                       const ForwardContext& ctx) const {
   y->Resize(x.shape);
   const int64_t n = x.size();
-  if (!ctx.training || p_ == 0.0f) {
+  if (!ctx.training || ctx.adapting || p_ == 0.0f) {
     cache->f.clear();
     std::copy(x.data, x.data + n, y->data());
     return;

@@ -561,6 +561,26 @@ BatchNormDrift BatchNorm::DriftOf(const LayerCache& cache) {
   return drift;
 }
 
+ChannelMoments BatchNorm::BatchMomentsOf(const LayerCache& cache, int64_t rows) const {
+  const int64_t C = config_.num_features;
+  assert(!cache.has_pending_update && static_cast<int64_t>(cache.d.size()) >= kPending + 2 * C);
+  ChannelMoments m;
+  m.count = rows * spatial_;
+  m.mean.assign(cache.d.begin() + kPending, cache.d.begin() + kPending + C);
+  m.m2.resize(C);
+  for (int64_t c = 0; c < C; ++c) m.m2[c] = cache.d[kPending + C + c] * m.count;  // biased var
+  return m;
+}
+
+void BatchNorm::ReplaceRunningStats(const ChannelMoments& pooled, int64_t batches) {
+  assert(config_.track_running_stats && pooled.count > 1);
+  for (int64_t c = 0; c < config_.num_features; ++c) {
+    running_mean_.data()[c] = static_cast<float>(pooled.mean[c]);
+    running_var_.data()[c] = static_cast<float>(pooled.UnbiasedVar(c));
+  }
+  num_batches_tracked_ += batches;
+}
+
 void BatchNorm::ResetRunningStats() {
   if (!config_.track_running_stats) return;
   running_mean_.Fill(0.0f);

@@ -101,6 +101,15 @@ class BatchNorm : public Layer {
   // The drift figures a Forward recorded in `cache`.
   static BatchNormDrift DriftOf(const LayerCache& cache);
 
+  // The batch's per-channel moments a Forward of `rows` samples recorded in `cache`.
+  // REQUIRES: that Forward normalised with batch statistics and left no update pending.
+  ChannelMoments BatchMomentsOf(const LayerCache& cache, int64_t rows) const;
+
+  // AdaBN / precise BN: running_mean = pooled.mean and running_var = the unbiased variance
+  // M2 / (count - 1) of all the values `pooled` describes; num_batches_tracked += batches.
+  // REQUIRES: tracking; pooled.count > 1; pooled has num_features channels.
+  void ReplaceRunningStats(const ChannelMoments& pooled, int64_t batches);
+
   // running_mean = 0, running_var = 1, num_batches_tracked = 0 (PyTorch's
   // reset_running_stats). No-op without tracking.
   void ResetRunningStats() override;

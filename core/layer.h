@@ -55,8 +55,11 @@ struct ForwardContext {
   // BatchNorm records a pending running-statistics update in its cache (training and not
   // frozen); it is applied later by BatchNorm::Commit so a failed step changes nothing.
   bool update_running_stats = false;
-  // Dropout's generator. Non-null when training.
+  // Dropout's generator. Non-null when training (unless adapting).
   Rng* rng = nullptr;
+  // Model::AccumulateStatistics (AdaBN): with training, norm layers normalise with batch
+  // statistics as in training while Dropout is the identity; nothing is updated.
+  bool adapting = false;
 };
 
 class BatchNorm;

@@ -174,6 +174,58 @@ Status Model::Predict(const ConstTensorView& x, ForwardRecord* rec) const {
   return Status::Ok();
 }
 
+Status Model::AccumulateStatistics(const ConstTensorView& x, StatisticsAccumulator* acc) const {
+  NORMD_RETURN_IF_ERROR(CheckCanTrain("AdaptStatistics"));
+  if (acc->batches == 0) {
+    acc->layers.clear();
+    acc->pooled.clear();
+    for (int i = 0; i < net_->num_layers(); ++i) {
+      const BatchNorm* bn = net_->layer(i).AsBatchNorm();
+      if (bn != nullptr && bn->tracks_running_stats() && !bn->frozen()) acc->layers.push_back(i);
+    }
+    if (acc->layers.empty()) {
+      return FailedPrecondition("the model has no BatchNorm layer with running statistics to "
+                                "adapt (frozen layers keep theirs)");
+    }
+    acc->params_version = params_version_;
+    acc->mode_version = mode_version_;
+  } else if (acc->params_version != params_version_ || acc->mode_version != mode_version_) {
+    return Aborted("the model changed (trained, its state set, or its mode or a frozen flag "
+                   "switched) during the adaptation; nothing was changed, start it again");
+  }
+  NORMD_RETURN_IF_ERROR(CheckInput(x, /*training=*/true));
+  ForwardContext ctx;
+  ctx.training = true;
+  ctx.adapting = true;
+  net_->Forward(x, ctx, &acc->scratch);
+  acc->pooled.resize(acc->layers.size());
+  for (size_t k = 0; k < acc->layers.size(); ++k) {
+    const int i = acc->layers[k];
+    const ChannelMoments batch =
+        net_->layer(i).AsBatchNorm()->BatchMomentsOf(acc->scratch.cache(i), x.rows());
+    if (acc->batches == 0) {
+      acc->pooled[k] = batch;
+    } else {
+      CombineMoments(&acc->pooled[k], batch);
+    }
+  }
+  ++acc->batches;
+  acc->samples += x.rows();
+  return Status::Ok();
+}
+
+Status Model::CommitStatistics(const StatisticsAccumulator& acc) {
+  if (acc.batches == 0) return InvalidArgument("no batch was sent: nothing to adapt to");
+  if (acc.params_version != params_version_ || acc.mode_version != mode_version_) {
+    return Aborted("the model changed (trained, its state set, or its mode or a frozen flag "
+                   "switched) during the adaptation; nothing was changed, start it again");
+  }
+  for (size_t k = 0; k < acc.layers.size(); ++k) {
+    net_->layer(acc.layers[k]).AsBatchNorm()->ReplaceRunningStats(acc.pooled[k], acc.batches);
+  }
+  return Status::Ok();
+}
+
 Status Model::UpdateOptimizer(const OptimizerConfig& config) {
   Status s = optimizer_->UpdateConfig(config);
   if (!s.ok()) return s.WithPrefix("optimizer");

@@ -75,6 +75,19 @@ struct EvalResult {
   int64_t samples = 0;
 };
 
+// The pooled per-channel moments of the values that reached each adapted BatchNorm layer over
+// a stream of batches (Model::AccumulateStatistics), and the versions of the model they were
+// measured on. Not model state: a failed or abandoned stream just drops it.
+struct StatisticsAccumulator {
+  std::vector<int> layers;              // BatchNorm layers adapted, in layer order
+  std::vector<ChannelMoments> pooled;   // per entry of layers
+  int64_t batches = 0;
+  int64_t samples = 0;
+  uint64_t params_version = 0;  // of the first batch
+  uint64_t mode_version = 0;
+  ForwardRecord scratch;        // reused between batches
+};
+
 class Model {
  public:
   // Validates config (optimizer, loss against the output shape, every layer) and builds.
@@ -133,6 +146,27 @@ class Model {
   Status SetState(const std::vector<NamedTensor>& entries, bool strict);
 
   void ResetRunningStats();
+
+  // Re-estimating BatchNorm statistics from data (AdaBN, "precise BN"), in two phases so a
+  // stream of batches can fail or be abandoned without changing anything.
+  //
+  // AccumulateStatistics runs x through the model as in training — every BatchNorm layer
+  // normalises with the batch's own statistics, Dropout is the identity — and merges the batch
+  // moments of the values reaching each adapted layer into acc, exactly (Chan et al.'s pooled
+  // mean and M2 in double, so the result is the statistics of all values of all batches, not
+  // an average of per-batch figures). Adapted layers: BatchNorm with track_running_stats that
+  // are not frozen (a frozen layer keeps its statistics and normalises with them). Nothing in
+  // the model changes. FAILED_PRECONDITION on an inference-only model or one without an
+  // adapted layer; the input checks of a training forward otherwise. Shared.
+  Status AccumulateStatistics(const ConstTensorView& x, StatisticsAccumulator* acc) const;
+  //
+  // CommitStatistics replaces every adapted layer's running_mean / running_var with the pooled
+  // mean and unbiased variance and adds acc.batches to its num_batches_tracked (as
+  // torch.optim.swa_utils.update_bn, which runs one forward per batch). Weights, optimizer
+  // state, step, mode and dropout generator are untouched. ABORTED, changing nothing, when the
+  // parameters, the mode or a frozen flag changed since the first batch (the statistics would
+  // mix two models); INVALID_ARGUMENT when acc holds no batch.
+  Status CommitStatistics(const StatisticsAccumulator& acc);
 
   // Per-layer freezing and trainability, as fine-tuning does in PyTorch (`bn.eval()` in a
   // train-mode model, `requires_grad_(False)`). Validates every change before applying any:

@@ -49,6 +49,8 @@ class ForwardRecord {
   int64_t batch_size() const { return input_.rows(); }
   const ForwardContext& context() const { return ctx_; }
   const std::vector<BatchNormReport>& batch_norms() const { return bn_reports_; }
+  // What layer i's Forward left for its Backward.
+  const LayerCache& cache(int layer) const { return caches_[layer]; }
 
   // Copies the input into the record, so the record no longer refers to the caller's buffer
   // (needed when a forward is retained beyond the request that carried its input).

@@ -20,6 +20,7 @@ enum class StatusCode {
   kAlreadyExists,
   kResourceExhausted,
   kUnavailable,
+  kAborted,  // a concurrent change interfered; retrying may succeed
   kInternal,
 };
 
@@ -64,6 +65,10 @@ Status FailedPrecondition(Args&&... args) {
 template <typename... Args>
 Status ResourceExhausted(Args&&... args) {
   return Status(StatusCode::kResourceExhausted, StrCat(std::forward<Args>(args)...));
+}
+template <typename... Args>
+Status Aborted(Args&&... args) {
+  return Status(StatusCode::kAborted, StrCat(std::forward<Args>(args)...));
 }
 template <typename... Args>
 Status NotFound(Args&&... args) {

@@ -132,6 +132,7 @@ const char* RpcName(Rpc rpc) {
     case Rpc::kSaveModel: return "SaveModel";
     case Rpc::kSetLayerOptions: return "SetLayerOptions";
     case Rpc::kFoldBatchNorm: return "FoldBatchNorm";
+    case Rpc::kAdaptStatistics: return "AdaptStatistics";
   }
   return "?";
 }

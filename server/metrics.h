@@ -60,8 +60,9 @@ enum class Rpc {
   kSaveModel,
   kSetLayerOptions,
   kFoldBatchNorm,
+  kAdaptStatistics,
 };
-constexpr int kNumRpcs = static_cast<int>(Rpc::kFoldBatchNorm) + 1;
+constexpr int kNumRpcs = static_cast<int>(Rpc::kAdaptStatistics) + 1;
 const char* RpcName(Rpc rpc);
 
 // The `op` label of normd_samples_total.

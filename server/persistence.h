@@ -35,6 +35,7 @@ enum class Mutation {
   kReset,        // ResetRunningStats
   kOptimizer,    // UpdateOptimizer
   kLayerOptions, // SetLayerOptions
+  kAdapt,        // AdaptStatistics replaced BatchNorm buffers
 };
 
 class Persistence {

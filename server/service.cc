@@ -334,6 +334,129 @@ class TrainStreamReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc
   grpc::StatusCode code_ = grpc::StatusCode::OK;  // GUARDED_BY(mu_) until OnDone
 };
 
+// AdaptStatistics: reads one batch at a time, accumulates it on the model's queue with shared
+// access, and reads the next only when that is done; at the client's half-close it commits
+// with exclusive access and answers the model. The first error ends the call with nothing
+// changed. The reactor deletes itself in OnDone, which gRPC calls only after Finish, and Finish
+// is called only when no task of this call is queued or running.
+class AdaptStatisticsReactor : public grpc::ServerReadReactor<v1::AdaptStatisticsRequest> {
+ public:
+  AdaptStatisticsReactor(TrainerService* service, grpc::CallbackServerContext* ctx,
+                         v1::Model* resp)
+      : service_(service), ctx_(ctx), resp_(resp), start_(Clock::now()) {
+    service_->CallStarted();
+    const grpc::Status refused = service_->Admit(ctx_);
+    if (!refused.ok()) {
+      Done(refused);
+      return;
+    }
+    StartRead(&req_);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {
+      // Half-close (commit) or cancel (nothing changes).
+      if (ctx_->IsCancelled()) return Done(Cancelled());
+      return Commit();
+    }
+    ++messages_;
+    if (service_->shutting_down_.load()) return Done(ToGrpcStatus(ShuttingDown()));
+    Status s;
+    if (entry_ == nullptr) {
+      if (req_.model().empty()) {
+        s = InvalidArgument("the first AdaptStatistics message must name the model");
+      } else {
+        s = service_->registry_->Find(req_.model(), &entry_);
+      }
+    } else if (!req_.model().empty() && req_.model() != entry_->id()) {
+      s = InvalidArgument("AdaptStatistics message ", messages_, " names model '", req_.model(),
+                          "' but the stream adapts '", entry_->id(), "'");
+    }
+    if (s.ok() && !req_.has_input()) {
+      s = InvalidArgument("AdaptStatistics message ", messages_, ": input is required");
+    }
+    if (s.ok()) {
+      s = DecodeTensor(req_.input(), "input", service_->registry_->limits().max_batch_elements,
+                       &input_);
+    }
+    if (s.ok()) s = service_->CheckBatch(*entry_, input_.view());
+    if (!s.ok()) return Done(ToGrpcStatus(s.WithPrefix(StrCat("message ", messages_))));
+    std::shared_ptr<ModelEntry> entry = entry_;
+    s = entry->Schedule(entry, Want::kShared, [this, entry](Access) {
+      Status st;
+      {
+        std::shared_lock<std::shared_mutex> lock(entry->mu());
+        st = entry->deleted() ? Deleted(*entry)
+                              : entry->model().AccumulateStatistics(input_.view(), &acc_);
+      }
+      if (!st.ok()) return Done(ToGrpcStatus(st.WithPrefix(StrCat("message ", messages_))));
+      if (ModelMetrics* m = entry->metrics()) m->AddSamples(SampleOp::kForward, input_.view().rows());
+      StartRead(&req_);
+    });
+    if (!s.ok()) Done(ToGrpcStatus(s));
+  }
+
+  void OnDone() override {
+    service_->CallFinished();
+    const double seconds = std::chrono::duration<double>(Clock::now() - start_).count();
+    service_->metrics_->RecordRpc(Rpc::kAdaptStatistics, code_, seconds);
+    delete this;
+  }
+
+ private:
+  static grpc::Status Cancelled() {
+    return grpc::Status(grpc::StatusCode::CANCELLED, "the stream was cancelled");
+  }
+
+  void Commit() {
+    if (entry_ == nullptr) {
+      return Done(ToGrpcStatus(InvalidArgument(
+          "AdaptStatistics received no batch: an empty stream changes nothing")));
+    }
+    std::shared_ptr<ModelEntry> entry = entry_;
+    const Status s = entry->Schedule(entry, Want::kExclusive, [this, entry](Access) {
+      if (ctx_->IsCancelled()) return Done(Cancelled());
+      Status st;
+      {
+        std::unique_lock<std::shared_mutex> lock(entry->mu());
+        if (entry->deleted()) {
+          st = Deleted(*entry);
+        } else {
+          st = entry->model().CommitStatistics(acc_);
+          if (st.ok()) {
+            entry->ReleaseAllRetained(
+                "released by AdaptStatistics (the statistics it used were replaced)");
+            service_->RecordMutation(*entry, Mutation::kAdapt);
+            entry->Publish();
+            entry->ToWire(resp_);
+            spdlog::info("event=statistics_adapted model={} batches={} samples={} layers={}",
+                         entry->id(), acc_.batches, acc_.samples, acc_.layers.size());
+          }
+        }
+      }
+      Done(ToGrpcStatus(st));
+    });
+    if (!s.ok()) Done(ToGrpcStatus(s));
+  }
+
+  void Done(const grpc::Status& s) {
+    code_ = s.error_code();
+    Finish(s);
+  }
+
+  TrainerService* const service_;
+  grpc::CallbackServerContext* const ctx_;
+  v1::Model* const resp_;
+  const Clock::time_point start_;
+  // Touched by one thread at a time: a gRPC thread between reads, then the task it queued.
+  v1::AdaptStatisticsRequest req_;
+  DecodedTensor input_;  // views into req_
+  std::shared_ptr<ModelEntry> entry_;
+  StatisticsAccumulator acc_;
+  int64_t messages_ = 0;
+  grpc::StatusCode code_ = grpc::StatusCode::OK;
+};
+
 TrainerService::TrainerService(Registry* registry, Metrics* metrics, ComputePool* pool,
                                const TokenAuthenticator* auth)
     : registry_(registry), metrics_(metrics), pool_(pool), auth_(auth) {}
@@ -957,6 +1080,11 @@ grpc::ServerUnaryReactor* TrainerService::FoldBatchNorm(grpc::CallbackServerCont
     return Status::Ok();
   });
   return reactor;
+}
+
+grpc::ServerReadReactor<v1::AdaptStatisticsRequest>* TrainerService::AdaptStatistics(
+    grpc::CallbackServerContext* ctx, v1::Model* resp) {
+  return new AdaptStatisticsReactor(this, ctx, resp);
 }
 
 }  // namespace normd::server

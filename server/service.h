@@ -33,6 +33,7 @@
 
 namespace normd::server {
 
+class AdaptStatisticsReactor;
 class TokenAuthenticator;
 class TrainStreamReactor;
 
@@ -52,7 +53,8 @@ using TrainerServiceBase = v1::Trainer::WithCallbackMethod_CreateModel<
     v1::Trainer::WithCallbackMethod_UpdateOptimizer<
     v1::Trainer::WithCallbackMethod_SaveModel<
     v1::Trainer::WithCallbackMethod_SetLayerOptions<
-    v1::Trainer::WithCallbackMethod_FoldBatchNorm<v1::Trainer::Service>>>>>>>>>>>>>>>>>>;
+    v1::Trainer::WithCallbackMethod_FoldBatchNorm<
+    v1::Trainer::WithCallbackMethod_AdaptStatistics<v1::Trainer::Service>>>>>>>>>>>>>>>>>>>;
 
 class TrainerService final : public TrainerServiceBase {
  public:
@@ -122,8 +124,16 @@ class TrainerService final : public TrainerServiceBase {
   grpc::ServerUnaryReactor* FoldBatchNorm(grpc::CallbackServerContext* ctx,
                                           const v1::FoldBatchNormRequest* req,
                                           v1::FoldBatchNormResponse* resp) override;
+  // AdaBN over a client stream (core Model::AccumulateStatistics / CommitStatistics): each
+  // batch is accumulated under shared access (eval Forwards go on meanwhile), the new running
+  // statistics are committed under exclusive access when the client half-closes, so concurrent
+  // readers see the old or the new statistics, never a mix. Any error, a cancel or a shutdown
+  // before the commit leaves the model untouched.
+  grpc::ServerReadReactor<v1::AdaptStatisticsRequest>* AdaptStatistics(
+      grpc::CallbackServerContext* ctx, v1::Model* resp) override;
 
  private:
+  friend class AdaptStatisticsReactor;
   friend class TrainStreamReactor;
   class Call;
 

@@ -51,6 +51,8 @@ inline const char* CodeName(StatusCode code) {
       return "RESOURCE_EXHAUSTED";
     case StatusCode::kUnavailable:
       return "UNAVAILABLE";
+    case StatusCode::kAborted:
+      return "ABORTED";
     case StatusCode::kInternal:
       return "INTERNAL";
   }

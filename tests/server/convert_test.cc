@@ -259,6 +259,7 @@ TEST(StatusMapTest, EveryCodeMapsOnce) {
   const std::pair<StatusCode, grpc::StatusCode> pairs[] = {
       {StatusCode::kInvalidArgument, grpc::StatusCode::INVALID_ARGUMENT},
       {StatusCode::kFailedPrecondition, grpc::StatusCode::FAILED_PRECONDITION},
+      {StatusCode::kAborted, grpc::StatusCode::ABORTED},
       {StatusCode::kNotFound, grpc::StatusCode::NOT_FOUND},
       {StatusCode::kAlreadyExists, grpc::StatusCode::ALREADY_EXISTS},
       {StatusCode::kResourceExhausted, grpc::StatusCode::RESOURCE_EXHAUSTED},

@@ -279,6 +279,31 @@ class Client:
         except grpc.RpcError as e:
             raise NormdError(e.code(), e.details(), "TrainStream") from None
 
+    def adapt_statistics(self, model: str, data, batch_size: int = 256) -> pb.Model:
+        """Re-estimates the model's BatchNorm running statistics from unlabelled data (AdaBN,
+        "precise BN") over one AdaptStatistics stream; returns the updated model.
+
+        data: an array of samples, sent in batches of batch_size, or an iterable of batches.
+        Every tracked, non-frozen BatchNorm layer's running_mean / running_var become the mean
+        and unbiased variance of all values that reached it; nothing changes if the call fails.
+        """
+        if hasattr(data, "shape"):
+            arr = _as_numpy(data)
+            batches = (arr[i:i + batch_size] for i in range(0, len(arr), batch_size))
+        else:
+            batches = data
+
+        def requests():
+            for i, x in enumerate(batches):
+                yield pb.AdaptStatisticsRequest(model=model if i == 0 else "",
+                                                input=to_tensor(x))
+
+        try:
+            return self._stub.AdaptStatistics(requests(), timeout=self.stream_timeout,
+                                              metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise NormdError(e.code(), e.details(), "AdaptStatistics") from None
+
     def evaluate(self, model: str, x, labels=None, target=None) -> pb.EvaluateResponse:
         """Loss (and accuracy for cross-entropy) in eval semantics; changes nothing."""
         request = pb.EvaluateRequest(model=model, input=to_tensor(x))
