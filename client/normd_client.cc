@@ -413,6 +413,23 @@ v1::TrainStepResponse Client::TrainStepWithTarget(const std::string& model, cons
   return response;
 }
 
+v1::Model Client::AdaptStatistics(const std::string& model,
+                                  const std::vector<TensorView>& batches) {
+  std::unique_ptr<grpc::ClientContext> context = NewContext(options_.stream_timeout);
+  v1::Model response;
+  std::unique_ptr<grpc::ClientWriter<v1::AdaptStatisticsRequest>> writer =
+      stub_->AdaptStatistics(context.get(), &response);
+  for (size_t i = 0; i < batches.size(); ++i) {
+    v1::AdaptStatisticsRequest request;
+    if (i == 0) request.set_model(model);
+    EncodeTensor(batches[i], request.mutable_input());
+    if (!writer->Write(request)) break;  // the server ended the call: Finish says why
+  }
+  writer->WritesDone();
+  Check(writer->Finish(), "AdaptStatistics");
+  return response;
+}
+
 std::unique_ptr<TrainStream> Client::OpenTrainStream(const std::string& model) {
   return std::unique_ptr<TrainStream>(
       new TrainStream(model, NewContext(options_.stream_timeout), stub_.get()));

@@ -199,6 +199,12 @@ class Client {
                                             const TensorView& target);
   std::unique_ptr<TrainStream> OpenTrainStream(const std::string& model);
 
+  // AdaptStatistics over one stream: every batch of `batches` goes out in order; the server
+  // replaces each tracked, non-frozen BatchNorm layer's running statistics with the pooled mean
+  // and unbiased variance of all values that reached it, only once every batch succeeded.
+  // Returns the updated model. Deadline: stream_timeout.
+  v1::Model AdaptStatistics(const std::string& model, const std::vector<TensorView>& batches);
+
   // Loss and accuracy in eval semantics; changes nothing on the server.
   v1::EvaluateResponse Evaluate(const std::string& model, const TensorView& input,
                                 const std::vector<int64_t>& labels);

@@ -290,6 +290,16 @@ int RunPredict(Client& client, const Args& args, std::ostream& out) {
   return kExitOk;
 }
 
+int RunAdapt(Client& client, const Args& args, std::ostream& out) {
+  const v1::Model model = client.GetModel(args.id);
+  const Dataset data = Load(model, args.data, args.label_column);
+  const v1::Model adapted = AdaptDataset(client, model.id(), data, args.infer_batch);
+  out << "adapted the BatchNorm statistics of " << adapted.id() << " to " << data.n
+      << " samples\n";
+  PrintBatchNormTable(adapted, out);
+  return kExitOk;
+}
+
 int RunInspect(Client& client, const Args& args, std::ostream& out) {
   const v1::Model model = client.GetModel(args.id);
   Dataset data = Load(model, args.data, args.label_column);

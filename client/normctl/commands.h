@@ -67,6 +67,7 @@ int RunHealth(normd::client::Client& client, const Args& args, std::ostream& out
 int RunDemo(normd::client::Client& client, const Args& args, std::ostream& out);
 int RunLayer(normd::client::Client& client, const Args& args, std::ostream& out);
 int RunFold(normd::client::Client& client, const Args& args, std::ostream& out);
+int RunAdapt(normd::client::Client& client, const Args& args, std::ostream& out);
 
 // Display helpers shared by commands and the demo.
 std::string ModeName(normd::v1::Mode mode);                // "train" | "eval" | "unspecified"

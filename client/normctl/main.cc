@@ -138,6 +138,16 @@ int main(int argc, char** argv) {
   predict->add_option("--batch", args.infer_batch, "Samples per request")
       ->check(CLI::PositiveNumber);
 
+  CLI::App* adapt = command(
+      "adapt", "Re-estimate the BatchNorm statistics from unlabelled data (AdaptStatistics)",
+      normctl::RunAdapt);
+  add_id(adapt);
+  adapt->add_option("--data", args.data, "Input CSV (features only, unless --label-column)")
+      ->required();
+  adapt->add_option("--label-column", args.label_column, "A column to ignore (e.g. the label)");
+  adapt->add_option("--batch", args.infer_batch, "Samples per streamed batch")
+      ->check(CLI::PositiveNumber);
+
   CLI::App* inspect =
       command("inspect", "Per-layer mean/std of activations in and out, for one batch",
               normctl::RunInspect);

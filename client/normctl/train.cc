@@ -235,4 +235,15 @@ normd::client::Tensor PredictDataset(Client& client, const std::string& model, c
   return all;
 }
 
+normd::v1::Model AdaptDataset(Client& client, const std::string& model, const Dataset& data,
+                              int64_t batch) {
+  if (batch <= 0) throw InputError("--batch must be positive");
+  std::vector<normd::client::TensorView> batches;
+  for (const auto& [begin, count] : Batches(data.n, batch)) {
+    batches.emplace_back(data.inputs.data() + begin * data.sample_size(),
+                         WithBatch(count, data.sample_shape));
+  }
+  return client.AdaptStatistics(model, batches);
+}
+
 }  // namespace normctl

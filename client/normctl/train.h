@@ -78,6 +78,11 @@ EvalSummary EvaluateDataset(normd::client::Client& client, const std::string& mo
 normd::client::Tensor PredictDataset(normd::client::Client& client, const std::string& model,
                                      const Dataset& data, int64_t batch);
 
+// AdaptStatistics over the whole dataset, streamed in batches (a trailing single sample joins
+// the batch before it); returns the adapted model.
+normd::v1::Model AdaptDataset(normd::client::Client& client, const std::string& model,
+                              const Dataset& data, int64_t batch);
+
 }  // namespace normctl
 
 #endif  // NORMD_CLIENT_NORMCTL_TRAIN_H_

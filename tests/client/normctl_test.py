@@ -272,6 +272,31 @@ class NormctlTest(unittest.TestCase):
         self.assertEqual(p.returncode, 1)
         self.assertIn("FAILED_PRECONDITION", p.stderr)
 
+    def test_adapt(self):
+        self.create("mlp_bn.json", "ad")
+        run("train", "ad", "--data", self.train_csv, "--epochs", "1", "--batch", "64")
+        run("mode", "ad", "eval")
+        shifted = write_csv("shifted.csv", self.x_test * 1.7 + 2.0)
+        before = self.client.get_state("ad", include_optimizer=True)
+        p = run("adapt", "ad", "--data", shifted, "--batch", "48")
+        self.assertIn("adapted the BatchNorm statistics of ad to 200 samples", p.stdout)
+        after = self.client.get_state("ad", include_optimizer=True)
+        # The first BatchNorm's inputs are fc1(x); its running mean is now their mean.
+        w, b = before["0.weight"].astype(np.float64), before["0.bias"].astype(np.float64)
+        h = (self.x_test * 1.7 + 2.0).astype(np.float32).astype(np.float64) @ w.T + b
+        np.testing.assert_allclose(after["1.running_mean"], h.mean(axis=0), rtol=1e-4,
+                                   atol=1e-4)
+        np.testing.assert_allclose(after["1.running_var"], h.var(axis=0, ddof=1), rtol=1e-4,
+                                   atol=1e-4)
+        self.assertEqual(int(after["1.num_batches_tracked"]),
+                         int(before["1.num_batches_tracked"]) + 5)  # 48*4 + 8: 5 batches
+        for k in before:
+            if not k.endswith(("running_mean", "running_var", "num_batches_tracked")):
+                self.assertTrue(np.array_equal(before[k], after[k]), k)
+        self.assertEqual(self.client.get_model("ad").mode, normd.pb.MODE_EVAL)
+        p = run("adapt", "ad", "--data", os.path.join(EXAMPLES, "mlp_bn.json"), check=False)
+        self.assertNotEqual(p.returncode, 0)
+
     def test_health_and_env(self):
         p = run("health")
         self.assertEqual(p.returncode, 0)
