@@ -2,7 +2,9 @@
 //
 // Trains an MLP with BatchNorm on Gaussian blobs, switches it to eval mode, serves live
 // prediction traffic drawn from the training distribution and then shifted traffic, and shows
-// the shift in the BatchNorm drift figures, both from the Model message and from /metrics.
+// the shift in the BatchNorm drift figures, both from the Model message and from /metrics;
+// then re-estimates the statistics on unlabelled shifted data (AdaptStatistics) and serves the
+// shifted traffic again.
 #include <unistd.h>
 
 #include <algorithm>
@@ -252,7 +254,7 @@ class Story {
   Story(std::ostream& out, bool pause) : out_(out), pause_(pause) {}
   void Step(int step, const std::string& text) {
     if (pause_ && step > 1) std::this_thread::sleep_for(std::chrono::milliseconds(1200));
-    out_ << "\n[" << step << "/7] " << text << '\n' << std::flush;
+    out_ << "\n[" << step << "/8] " << text << '\n' << std::flush;
   }
 
  private:
@@ -375,6 +377,36 @@ int RunDemo(Client& client, const Args& args, std::ostream& out) {
         << "%: only the demo knows the labels; the drift figures need none.\n";
   }
 
+  story.Step(8, "Close the loop: re-estimate the BatchNorm statistics from unlabelled shifted "
+                "data (AdaptStatistics), then serve shifted traffic again");
+  constexpr int64_t kAdaptSamples = 2000, kAdaptBatch = 200;
+  const Blobs recent = source.Sample(kAdaptSamples, true);  // the labels are not sent
+  std::vector<normd::client::TensorView> batches;
+  for (int64_t begin = 0; begin < kAdaptSamples; begin += kAdaptBatch) {
+    batches.emplace_back(recent.x.data() + begin * kFeatures,
+                         std::vector<int64_t>{kAdaptBatch, kFeatures});
+  }
+  client.AdaptStatistics(id, batches);
+  out << "  streamed " << kAdaptSamples << " unlabelled shifted samples in " << batches.size()
+      << " batches: every BatchNorm's running mean and variance are now those of the new data "
+         "(weights untouched)\n";
+  std::map<std::string, LayerDrift> adapted;
+  const double adapted_accuracy = ServeLive(client, id, source, true, args.serve_seconds,
+                                            bn_layers, metrics, style, out, &adapted);
+  TextTable after({"layer", "mean shift: shifted", "adapted", "var log ratio: shifted",
+                   "adapted"});
+  for (const std::string& layer : bn_layers) {
+    const LayerDrift& s = drifted[layer];
+    const LayerDrift& a = adapted[layer];
+    after.AddRow({layer, Cell(s.last_mean_shift), Cell(a.last_mean_shift),
+                  Cell(s.last_var_log_ratio), Cell(a.last_var_log_ratio)});
+  }
+  out << '\n';
+  after.Print(out, "  ");
+  out << "\n  Accuracy on shifted traffic: " << Fixed(100 * shifted_accuracy, 1) << "% before, "
+      << Fixed(100 * adapted_accuracy, 1) << "% after adapting (in-distribution: "
+      << Fixed(100 * base_accuracy, 1) << "%).\n";
+
   const double seconds = std::chrono::duration<double>(Clock::now() - started).count();
   const std::string ctl = "normctl --server " + server;
   out << "\nDone in " << Fixed(seconds, 1) << " s. Where to look next:\n";
@@ -390,8 +422,8 @@ int RunDemo(Client& client, const Args& args, std::ostream& out) {
         << "  evaluate     " << ctl << " eval " << id << " --data " << args.out_dir
         << "/shifted.csv\n";
   }
-  out << "  adapt        " << ctl << " reset-stats " << id
-      << "  (then re-estimate statistics on the new data in train mode, or retrain)\n"
+  out << "  adapt        " << ctl << " adapt " << id << " --data recent.csv"
+      << "  (unlabelled recent inputs; all or nothing)\n"
       << "  everything   normctl --help\n";
   return kExitOk;
 }

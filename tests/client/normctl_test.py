@@ -394,6 +394,18 @@ class NormctlTest(unittest.TestCase):
         self.assertEqual(len(metrics_rows), 1, p.stdout)
         before, after = float(metrics_rows[0][4]), float(metrics_rows[0][5])
         self.assertGreater(after, 3 * before)
+        # Step 8: AdaptStatistics brings the eval-mode drift back down and (the shift is
+        # affine in the inputs) the accuracy back up.
+        adapt_rows = [r for r in table if len(r) == 5]
+        self.assertEqual(len(adapt_rows), 1, p.stdout)
+        shifted_shift, adapted_shift = float(adapt_rows[0][1]), float(adapt_rows[0][2])
+        self.assertLess(adapted_shift, shifted_shift / 3, p.stdout)
+        m = re.search(r"Accuracy on shifted traffic: ([0-9.]+)% before, ([0-9.]+)% after "
+                      r"adapting \(in-distribution: ([0-9.]+)%\)", p.stdout)
+        self.assertIsNotNone(m, p.stdout)
+        shifted_acc, adapted_acc, base_acc = (float(g) for g in m.groups())
+        self.assertGreater(adapted_acc, shifted_acc, p.stdout)
+        self.assertGreater(adapted_acc, base_acc - 10.0, p.stdout)
         for name in ("train.csv", "test.csv", "shifted.csv"):
             self.assertTrue(os.path.exists(os.path.join(out_dir, name)), name)
         self.assertEqual(self.client.get_model("demo").mode, normd.pb.MODE_EVAL)
