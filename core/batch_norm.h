@@ -101,6 +101,12 @@ class BatchNorm : public Layer {
   // The drift figures a Forward recorded in `cache`.
   static BatchNormDrift DriftOf(const LayerCache& cache);
 
+  // True when a forward with ctx normalises with batch statistics (training and not frozen,
+  // or without running statistics).
+  bool UsesBatchStatistics(const ForwardContext& ctx) const { return UsesBatchStats(ctx); }
+  // The values each channel's statistics take from a batch of `rows` samples (N * S).
+  int64_t ValuesPerChannel(int64_t rows) const { return rows * spatial_; }
+
   // The batch's per-channel moments a Forward of `rows` samples recorded in `cache`.
   // REQUIRES: that Forward normalised with batch statistics and left no update pending.
   ChannelMoments BatchMomentsOf(const LayerCache& cache, int64_t rows) const;

@@ -226,6 +226,19 @@ Status Model::CommitStatistics(const StatisticsAccumulator& acc) {
   return Status::Ok();
 }
 
+std::vector<SmallBatchReport> Model::SmallBatches(const ForwardRecord& rec,
+                                                 int64_t threshold) const {
+  std::vector<SmallBatchReport> out;
+  if (threshold <= 0 || !rec.context().training) return out;
+  for (const ForwardRecord::BatchNormReport& r : rec.batch_norms()) {
+    const BatchNorm* bn = net_->layer(r.layer).AsBatchNorm();
+    if (!bn->UsesBatchStatistics(rec.context())) continue;
+    const int64_t values = bn->ValuesPerChannel(rec.batch_size());
+    if (values < threshold) out.push_back({r.layer, net_->layer_name(r.layer), values});
+  }
+  return out;
+}
+
 Status Model::UpdateOptimizer(const OptimizerConfig& config) {
   Status s = optimizer_->UpdateConfig(config);
   if (!s.ok()) return s.WithPrefix("optimizer");

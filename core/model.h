@@ -63,6 +63,14 @@ struct LayerOptionsChange {
   std::optional<bool> trainable;
 };
 
+// A BatchNorm layer that normalised a training batch with statistics over few values per
+// channel (Model::SmallBatches).
+struct SmallBatchReport {
+  int layer = 0;
+  std::string name;  // the layer's label
+  int64_t values_per_channel = 0;
+};
+
 struct TrainResult {
   double loss = 0.0;
   uint64_t step = 0;
@@ -192,6 +200,11 @@ class Model {
   void set_inference_only() { inference_only_ = true; }
   // FAILED_PRECONDITION naming `what` when the model is inference-only. Shared.
   Status CheckCanTrain(const char* what) const;
+
+  // The BatchNorm layers whose statistics in rec's train-mode forward came from fewer than
+  // `threshold` values per channel (batch statistics are then noisy; GroupNorm or LayerNorm do
+  // not depend on the batch). Empty for eval-mode forwards and when threshold <= 0. Shared.
+  std::vector<SmallBatchReport> SmallBatches(const ForwardRecord& rec, int64_t threshold) const;
 
   // Last drift figures per BatchNorm layer. Shared.
   std::vector<BatchNormStatus> batch_norm_status() const;

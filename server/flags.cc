@@ -96,6 +96,10 @@ int ParseFlags(int argc, char** argv, Flags* f) {
   app.add_option("--retained-forward-timeout", f->retained_forward_timeout,
                  "Seconds a retained forward waits for its Backward before it is dropped")
       ->envname("NORMD_RETAINED_FORWARD_TIMEOUT")->capture_default_str()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
+  app.add_option("--small-batch-threshold", f->small_batch_threshold,
+                 "Warn (response and normd_bn_small_batch_total) when a BatchNorm layer "
+                 "normalises a training batch over fewer values per channel than this; 0: never")
+      ->envname("NORMD_SMALL_BATCH_THRESHOLD")->capture_default_str()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   app.add_option("--max-queued-per-model", f->max_queued_per_model,
                  "Requests waiting or running per model; more are refused with "
                  "RESOURCE_EXHAUSTED")
@@ -229,6 +233,9 @@ Status ValidateFlags(const Flags& f) {
     return InvalidArgument("--max-parameters must be >= 1, got ", f.max_parameters);
   }
   if (f.max_layers < 1) return InvalidArgument("--max-layers must be >= 1, got ", f.max_layers);
+  if (f.small_batch_threshold < 0) {
+    return InvalidArgument("--small-batch-threshold must be >= 0, got ", f.small_batch_threshold);
+  }
   if (f.max_retained_forwards < 0) {
     return InvalidArgument("--max-retained-forwards must be >= 0, got ", f.max_retained_forwards);
   }
@@ -301,6 +308,7 @@ ServerOptions ToServerOptions(const Flags& f) {
   o.limits.max_retained_forwards = f.max_retained_forwards;
   o.limits.retained_forward_timeout = Millis(f.retained_forward_timeout);
   o.limits.max_queued_per_model = f.max_queued_per_model;
+  o.limits.small_batch_threshold = f.small_batch_threshold;
   const int cores = AvailableCores();
   o.compute_threads = f.compute_threads > 0 ? f.compute_threads : cores;
   // Fewer request threads than cores: each request's matrix products may use the rest.
@@ -354,6 +362,7 @@ std::string DescribeFlags(const Flags& f) {
      << "max_retained_forwards=" << f.max_retained_forwards << "\n"
      << "retained_forward_timeout=" << f.retained_forward_timeout << "s\n"
      << "max_queued_per_model=" << f.max_queued_per_model << "\n"
+     << "small_batch_threshold=" << f.small_batch_threshold << "\n"
      << "compute_threads="
      << (f.compute_threads > 0 ? f.compute_threads : AvailableCores())
      << (f.compute_threads > 0 ? "" : " (auto)") << "\n"

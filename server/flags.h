@@ -26,6 +26,7 @@ struct Flags {
   int max_retained_forwards = 16;
   double retained_forward_timeout = 60;  // seconds
   int max_queued_per_model = 64;
+  int64_t small_batch_threshold = 16;  // values per channel; 0: never warn
   int compute_threads = 0;  // 0: one per available core
   std::string log_level = "info";
   double drain_timeout = 10;  // seconds

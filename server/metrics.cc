@@ -153,6 +153,7 @@ ModelMetrics::~ModelMetrics() {
     m.bn_mean_update_norm_.Remove(l.mean_update_norm);
     m.bn_var_update_norm_.Remove(l.var_update_norm);
     m.bn_batches_tracked_.Remove(l.batches_tracked);
+    m.bn_small_batches_.Remove(l.small_batches);
   }
 }
 
@@ -176,6 +177,12 @@ void ModelMetrics::RecordDrift(const ForwardRecord& rec, bool training) {
     layers_[slot].mean_shift[mode]->Observe(r.drift.mean_shift);
     layers_[slot].var_log_ratio[mode]->Observe(r.drift.var_log_ratio);
   }
+}
+
+void ModelMetrics::RecordSmallBatch(int layer) {
+  if (layer < 0 || layer >= static_cast<int>(layer_slot_.size())) return;
+  const int slot = layer_slot_[layer];
+  if (slot >= 0) layers_[slot].small_batches->Increment();
 }
 
 void ModelMetrics::SetBatchNormStatus(const std::vector<BatchNormStatus>& status) {
@@ -248,6 +255,11 @@ Metrics::Metrics(const std::string& version)
                               .Name("normd_bn_batches_tracked")
                               .Help("A BatchNorm layer's num_batches_tracked.")
                               .Register(*registry_)),
+      bn_small_batches_(prometheus::BuildCounter()
+                            .Name("normd_bn_small_batch_total")
+                            .Help("Training batches a BatchNorm layer normalised with statistics "
+                                  "over fewer values per channel than --small-batch-threshold.")
+                            .Register(*registry_)),
       models_gauge_(&models_.Add({})) {
   prometheus::BuildGauge()
       .Name("normd_build_info")
@@ -334,6 +346,7 @@ std::unique_ptr<ModelMetrics> Metrics::AddModel(const std::string& model_id,
     l.mean_update_norm = &bn_mean_update_norm_.Add(labels);
     l.var_update_norm = &bn_var_update_norm_.Add(labels);
     l.batches_tracked = &bn_batches_tracked_.Add(labels);
+    l.small_batches = &bn_small_batches_.Add(labels);
     m->layer_slot_[i] = static_cast<int>(m->layers_.size());
     m->layers_.push_back(l);
   }

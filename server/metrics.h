@@ -84,6 +84,8 @@ class ModelMetrics {
   // Observes the drift figures of every BatchNorm layer a forward measured, under the label
   // mode=train when the forward used batch statistics semantics, eval otherwise.
   void RecordDrift(const ForwardRecord& rec, bool training);
+  // Counts a training batch too small for a BatchNorm layer's statistics (normd_bn_small_batch_total).
+  void RecordSmallBatch(int layer);
   // Sets the update-norm and num_batches_tracked gauges from the model's BatchNorm status.
   void SetBatchNormStatus(const std::vector<BatchNormStatus>& status);
 
@@ -95,6 +97,7 @@ class ModelMetrics {
     prometheus::Gauge* mean_update_norm = nullptr;
     prometheus::Gauge* var_update_norm = nullptr;
     prometheus::Gauge* batches_tracked = nullptr;
+    prometheus::Counter* small_batches = nullptr;
   };
   explicit ModelMetrics(Metrics* owner) : owner_(owner) {}
 
@@ -151,6 +154,7 @@ class Metrics {
   prometheus::Family<prometheus::Gauge>& bn_mean_update_norm_;
   prometheus::Family<prometheus::Gauge>& bn_var_update_norm_;
   prometheus::Family<prometheus::Gauge>& bn_batches_tracked_;
+  prometheus::Family<prometheus::Counter>& bn_small_batches_;
   prometheus::Gauge* models_gauge_;
 
   // Series per (method, code), created on first use.

@@ -50,6 +50,10 @@ struct RegistryLimits {
   int max_retained_forwards = 16;  // per model
   std::chrono::milliseconds retained_forward_timeout{std::chrono::seconds(60)};
   int max_queued_per_model = 64;  // requests waiting or running per model
+  // Not a limit but the same kind of per-server setting: a training batch whose BatchNorm
+  // statistics come from fewer values per channel than this earns a SmallBatchWarning in the
+  // response and a count in normd_bn_small_batch_total. 0: never.
+  int64_t small_batch_threshold = 16;
 };
 
 // INVALID_ARGUMENT unless `id` is a valid model id (see above). `field` names it in messages.

@@ -551,6 +551,24 @@ Status TrainerService::CheckBatch(const ModelEntry& entry, const ConstTensorView
   return Status::Ok();
 }
 
+void TrainerService::WarnSmallBatches(
+    ModelEntry& entry, const ForwardRecord& rec,
+    google::protobuf::RepeatedPtrField<v1::SmallBatchWarning>* out) const {
+  const int64_t threshold = registry_->limits().small_batch_threshold;
+  for (const SmallBatchReport& r : entry.model().SmallBatches(rec, threshold)) {
+    v1::SmallBatchWarning* w = out->Add();
+    w->set_layer(r.name);
+    w->set_values_per_channel(r.values_per_channel);
+    w->set_message(StrCat("layer '", r.name, "' (", entry.model().net().layer(r.layer).kind_name(),
+                          ") normalised this training batch with statistics over ",
+                          r.values_per_channel, " values per channel, fewer than ", threshold,
+                          " (--small-batch-threshold): its batch statistics are noisy and "
+                          "training may be unstable; use larger batches, or GroupNorm or "
+                          "LayerNorm, which do not depend on the batch"));
+    if (ModelMetrics* m = entry.metrics()) m->RecordSmallBatch(r.layer);
+  }
+}
+
 Status TrainerService::DecodeTrainStep(const ModelEntry& entry, const v1::TrainStepRequest& req,
                                        DecodedTensor* input, DecodedTargets* targets) const {
   const int64_t limit = registry_->limits().max_batch_elements;
@@ -587,6 +605,7 @@ Status TrainerService::DoTrainStep(ModelEntry& entry, const v1::TrainStepRequest
   resp->set_loss(r.loss);
   resp->set_step(r.step);
   resp->set_samples(r.samples);
+  WarnSmallBatches(entry, entry.train_record, resp->mutable_warnings());
   return Status::Ok();
 }
 
@@ -744,6 +763,7 @@ grpc::ServerUnaryReactor* TrainerService::Forward(grpc::CallbackServerContext* c
     if (training) {
       // Running statistics (and dropout's generator) moved.
       RecordMutation(e, Mutation::kForward);
+      WarnSmallBatches(e, *rec, resp->mutable_warnings());
     }
     e.PublishForward(*rec);
     if (retain) {

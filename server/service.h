@@ -161,6 +161,10 @@ class TrainerService final : public TrainerServiceBase {
   Status DecodeTrainStep(const ModelEntry& entry, const v1::TrainStepRequest& req,
                          DecodedTensor* input, DecodedTargets* targets) const;
   Status CheckBatch(const ModelEntry& entry, const ConstTensorView& x) const;
+  // Adds a SmallBatchWarning per BatchNorm layer whose statistics in rec's train-mode forward
+  // came from fewer values per channel than the server's small_batch_threshold, and counts it.
+  void WarnSmallBatches(ModelEntry& entry, const ForwardRecord& rec,
+                        google::protobuf::RepeatedPtrField<v1::SmallBatchWarning>* out) const;
   // Counts a change to the model (exclusive access held) and tells persistence what it was.
   void RecordMutation(ModelEntry& entry, Mutation what);
 

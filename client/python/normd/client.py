@@ -58,6 +58,7 @@ class ForwardResult:
     output: np.ndarray
     forward_id: int = 0  # non-zero when retain_for_backward was set
     layer_stats: List[pb.LayerStats] = field(default_factory=list)
+    warnings: List[pb.SmallBatchWarning] = field(default_factory=list)  # train-mode batches
 
 
 _MODES = {"train": pb.MODE_TRAIN, "eval": pb.MODE_EVAL}
@@ -236,7 +237,8 @@ class Client:
         r = self._call("Forward", pb.ForwardRequest(
             model=model, input=to_tensor(x), retain_for_backward=retain_for_backward,
             layer_stats=layer_stats))
-        return ForwardResult(from_tensor(r.output), r.forward_id, list(r.layer_stats))
+        return ForwardResult(from_tensor(r.output), r.forward_id, list(r.layer_stats),
+                             list(r.warnings))
 
     def predict(self, model: str, x) -> np.ndarray:
         """Forward's output alone (in the model's current mode)."""
