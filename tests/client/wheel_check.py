@@ -189,6 +189,19 @@ class InstalledWheelTest(unittest.TestCase):
         self.assertTrue(history.stopped_early)
         self.assertEqual(history.best_epoch, 1)
         self.assertEqual(history.best, history[0]["val_accuracy"])
+        self.assertFalse(history.restored)
+        # restore_best puts the first epoch's parameters and buffers back: Evaluate gives its
+        # figures again, though two more epochs ran.
+        mid = self.new_model()
+        history, _, _ = self.fit_quiet(
+            mid, epochs=10, validation_data=(self.x_val, self.y_val),
+            early_stopping=normd.EarlyStopping("val_accuracy", patience=2, min_delta=1.0,
+                                               restore_best=True), progress=False)
+        self.assertEqual((len(history), history.restored), (3, True))
+        v = self.c.evaluate(mid, self.x_val, labels=self.y_val)
+        self.assertEqual((v.loss, v.accuracy),
+                         (history[0]["val_loss"], history[0]["val_accuracy"]))
+        self.assertNotEqual(v.loss, history[-1]["val_loss"])
         with self.assertRaises(ValueError):  # nothing to monitor without validation data
             self.c.fit(self.new_model(), self.x, self.y,
                        early_stopping=normd.EarlyStopping("val_loss"), progress=False)

@@ -201,8 +201,8 @@ class Client:
         """Removes the model and its checkpoint."""
         self._call("DeleteModel", pb.DeleteModelRequest(model=model), timeout=timeout)
 
-    def set_mode(self, model: str, mode, freeze_running_stats: Optional[bool] = None, *, timeout: Optional[float] = None
-                 ) -> pb.Model:
+    def set_mode(self, model: str, mode, freeze_running_stats: Optional[bool] = None, *,
+                 timeout: Optional[float] = None) -> pb.Model:
         """mode: "train", "eval" or a pb.Mode value. freeze_running_stats None keeps it."""
         request = pb.SetModeRequest(model=model, mode=_MODES.get(mode, mode))
         if freeze_running_stats is not None:
@@ -214,7 +214,8 @@ class Client:
         return self._call("ResetRunningStats", pb.ResetRunningStatsRequest(model=model),
                           timeout=timeout)
 
-    def update_optimizer(self, model: str, optimizer, *, timeout: Optional[float] = None) -> pb.Model:
+    def update_optimizer(self, model: str, optimizer, *,
+                         timeout: Optional[float] = None) -> pb.Model:
         """optimizer: a pb.OptimizerSpec or its JSON mapping, e.g. {"sgd": {"lr": 0.1}}."""
         return self._call("UpdateOptimizer", pb.UpdateOptimizerRequest(
             model=model, optimizer=_message(optimizer, pb.OptimizerSpec)), timeout=timeout)
@@ -258,7 +259,8 @@ class Client:
         return np.concatenate(parts) if len(parts) != 1 else parts[0]
 
     def backward(self, model: str, forward_id: int, grad_output,
-                 return_grad_input: bool = False, *, timeout: Optional[float] = None) -> Optional[np.ndarray]:
+                 return_grad_input: bool = False, *,
+                 timeout: Optional[float] = None) -> Optional[np.ndarray]:
         """Accumulates gradients for a retained forward; the input's gradient if asked."""
         r = self._call("Backward", pb.BackwardRequest(
             model=model, forward_id=forward_id, grad_output=to_tensor(grad_output),
@@ -270,15 +272,15 @@ class Client:
         return self._call("ApplyGradients", pb.ApplyGradientsRequest(model=model),
                           timeout=timeout).step
 
-    def train_step(self, model: str, x, labels=None, target=None, *, timeout: Optional[float] = None
-                   ) -> pb.TrainStepResponse:
+    def train_step(self, model: str, x, labels=None, target=None, *,
+                   timeout: Optional[float] = None) -> pb.TrainStepResponse:
         """One optimisation step: labels (class indices) for cross-entropy, target otherwise."""
         request = pb.TrainStepRequest(model=model, input=to_tensor(x))
         return self._call("TrainStep", self._supervised(request, labels, target),
                           timeout=timeout)
 
-    def train_stream(self, model: str, batches: Iterable[Tuple[Any, Any]], *, timeout: Optional[float] = None
-                     ) -> Iterator[pb.TrainStepResponse]:
+    def train_stream(self, model: str, batches: Iterable[Tuple[Any, Any]], *,
+                     timeout: Optional[float] = None) -> Iterator[pb.TrainStepResponse]:
         """Streams (x, y) batches over one TrainStream; yields one response per batch.
 
         y with an integer dtype is labels, a floating dtype is a target tensor. timeout: of the
@@ -337,22 +339,28 @@ class Client:
         return total
 
     def fit(self, model: str, x, y=None, **options) -> "History":
-        """Trains model for some epochs; see normd.fit (normd/training.py) for the options."""
+        """Trains model for whole epochs over TrainStream; returns the per-epoch History.
+
+        normd.fit(self, model, x, y, **options) with options epochs, batch_size, shuffle, seed,
+        validation_data, validation_batch_size, lr (number, per-epoch list or callable),
+        early_stopping (normd.EarlyStopping), progress, timeout and stream_timeout; see
+        help(normd.fit).
+        """
         from normd.training import fit
         return fit(self, model, x, y, **options)
 
     # -- state ------------------------------------------------------------------------------
 
-    def get_state(self, model: str, include_optimizer: bool = False, *, timeout: Optional[float] = None
-                  ) -> "collections.OrderedDict[str, np.ndarray]":
+    def get_state(self, model: str, include_optimizer: bool = False, *,
+                  timeout: Optional[float] = None) -> "collections.OrderedDict[str, np.ndarray]":
         """An OrderedDict of PyTorch state_dict names to float32 arrays."""
         r = self._call("GetState", pb.GetStateRequest(model=model,
                                                       include_optimizer=include_optimizer),
                        timeout=timeout)
         return collections.OrderedDict((t.name, from_tensor(t.tensor)) for t in r.tensors)
 
-    def set_state(self, model: str, state: Mapping[str, Any], strict: bool = True, *, timeout: Optional[float] = None
-                  ) -> pb.Model:
+    def set_state(self, model: str, state: Mapping[str, Any], strict: bool = True, *,
+                  timeout: Optional[float] = None) -> pb.Model:
         """state: names to arrays (numpy or torch); num_batches_tracked may be an integer."""
         request = pb.SetStateRequest(model=model, strict=strict)
         for name, value in state.items():

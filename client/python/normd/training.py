@@ -24,6 +24,7 @@ Contract:
   NormdError and ends fit; the steps already taken stay taken.
 """
 
+import collections.abc
 import sys
 import time
 from dataclasses import dataclass
@@ -44,12 +45,15 @@ LearningRate = Union[float, Sequence[float], Callable[[int], float]]
 class EarlyStopping:
     """Stop when `monitor` (a history key: "val_loss", "val_accuracy", "loss") has not improved
     by more than min_delta for `patience` epochs in a row. mode "min" or "max"; "auto" takes
-    "max" for accuracies and "min" otherwise."""
+    "max" for accuracies and "min" otherwise. restore_best: when fit ends after a worse epoch,
+    put back the parameters and buffers (get_state/set_state) of the best epoch; the optimizer
+    state and the step count stay those of the last epoch."""
 
     monitor: str = "val_loss"
     patience: int = 3
     min_delta: float = 0.0
     mode: str = "auto"
+    restore_best: bool = False
 
     def __post_init__(self):
         if self.mode not in ("auto", "min", "max"):
@@ -70,12 +74,14 @@ class History(List[Dict[str, Any]]):
     Keys: epoch (1-based), lr, loss (sample-weighted mean training loss of the epoch), samples,
     step (the model's step after the epoch), seconds, samples_per_s and, with validation data,
     val_loss and val_accuracy (cross-entropy labels only). Attributes: stopped_early, and with
-    early stopping best_epoch and best (the monitored figure's best value).
+    early stopping best_epoch, best (the monitored figure's best value) and restored (the best
+    epoch's state was put back).
     """
 
     stopped_early: bool = False
     best_epoch: Optional[int] = None
     best: Optional[float] = None
+    restored: bool = False
 
     def column(self, key: str) -> List[Any]:
         """One key's value of every epoch, e.g. history.column("val_accuracy")."""
@@ -162,7 +168,7 @@ def fit(client: "Client", model: str, x: Any, y: Any = None, *, epochs: int = 1,
     else:
         if isinstance(x, np.ndarray) or hasattr(x, "detach"):
             raise ValueError("y is missing: give x and y arrays, or an iterable of (x, y) batches")
-        if iter(x) is x and epochs > 1:
+        if isinstance(x, collections.abc.Iterator) and epochs > 1:
             raise ValueError("x is a one-pass iterator; give a re-iterable (a DataLoader, a list) "
                              "to train more than one epoch")
         dataset = getattr(x, "dataset", None)
@@ -175,6 +181,7 @@ def fit(client: "Client", model: str, x: Any, y: Any = None, *, epochs: int = 1,
     history = History()
     current_lr = _current_lr(client, model, timeout) if lr is not None else None
     best: Optional[float] = None
+    best_state = None
     waited = 0
     for epoch in range(epochs):
         wanted = _epoch_lr(lr, epoch)
@@ -237,9 +244,14 @@ def fit(client: "Client", model: str, x: Any, y: Any = None, *, epochs: int = 1,
             if improved:
                 best, waited = value, 0
                 history.best, history.best_epoch = value, epoch + 1
+                if early_stopping.restore_best:
+                    best_state = client.get_state(model, timeout=timeout)
             else:
                 waited += 1
                 if waited >= early_stopping.patience:
                     history.stopped_early = True
                     break
+    if best_state is not None and history.best_epoch != len(history):
+        client.set_state(model, best_state, timeout=timeout)
+        history.restored = True
     return history
