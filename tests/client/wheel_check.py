@@ -274,6 +274,16 @@ class InstalledWheelTest(unittest.TestCase):
         # A deadline on a real normd passes through as well.
         mid = self.new_model()
         self.assertEqual(self.c.get_model(mid, timeout=30).id, mid)
+        # Input that cannot be split by rows goes to the server whole and gets its answer.
+        with self.assertRaises(normd.NormdError) as e:
+            self.c.evaluate(mid, self.x_test, labels=self.y_test[:-1], batch_size=100)
+        self.assertEqual(e.exception.code, grpc.StatusCode.INVALID_ARGUMENT)
+        with self.assertRaises(normd.NormdError) as e:
+            self.c.predict(mid, np.float32(1.0))
+        self.assertEqual(e.exception.code, grpc.StatusCode.INVALID_ARGUMENT)
+        for bad in (0, -5, 2.5):
+            with self.assertRaises(ValueError):
+                self.c.predict(mid, self.x_test, batch_size=bad)
         with self.assertRaises(normd.NormdError) as e:
             self.c.predict("no-such-model", self.x_test)
         self.assertEqual(e.exception.code, grpc.StatusCode.NOT_FOUND)

@@ -252,8 +252,8 @@ class Client:
         in eval mode that equals one request. timeout applies to each request.
         """
         x = _as_numpy(x)
-        if x.ndim == 0:
-            raise ValueError("predict needs a batch: x has no batch dimension")
+        if x.ndim == 0:  # no rows to split: the server says what is wrong with it
+            return self.forward(model, x, timeout=timeout).output
         parts = [self.forward(model, x[i:i + n], timeout=timeout).output
                  for i, n in _row_chunks(len(x), batch_size)]
         return np.concatenate(parts) if len(parts) != 1 else parts[0]
@@ -316,12 +316,15 @@ class Client:
             raise ValueError("give exactly one of labels (class indices) or target (tensor)")
         x = _as_numpy(x)
         y = _as_numpy(labels if labels is not None else target)
-        if x.ndim == 0 or y.ndim == 0 or len(y) != len(x):
-            raise ValueError(f"x and {'labels' if labels is not None else 'target'} need the "
-                             f"same number of rows, got shapes {x.shape} and {y.shape}")
+        paired = x.ndim > 0 and y.ndim > 0 and len(y) == len(x)
+        chunks = _row_chunks(len(x), batch_size) if paired else [(0, 0)]
+        if len(chunks) == 1:  # one request; rows that do not pair up get the server's answer
+            request = pb.EvaluateRequest(model=model, input=to_tensor(x))
+            return self._call("Evaluate", self._supervised(request, labels, target),
+                              timeout=timeout)
         total = pb.EvaluateResponse()
         loss = accuracy = 0.0
-        for i, n in _row_chunks(len(x), batch_size):
+        for i, n in chunks:
             request = pb.EvaluateRequest(model=model, input=to_tensor(x[i:i + n]))
             if labels is not None:
                 self._supervised(request, y[i:i + n], None)
@@ -331,8 +334,6 @@ class Client:
             loss += r.loss * r.samples
             accuracy += r.accuracy * r.samples
             total.samples += r.samples
-            if n == len(x):
-                return r
         if total.samples:
             total.loss = loss / total.samples
             total.accuracy = accuracy / total.samples
