@@ -3,7 +3,7 @@ BUILD_DIR ?= build
 JOBS ?= 2
 CMAKE_FLAGS ?=
 
-.PHONY: all deps build test demo bench test-image clean test-asan test-fuzz test-tsan
+.PHONY: all deps build test demo bench test-image clean test-asan test-fuzz test-tsan python
 # The stages of `make test` run one after the other, even under `make -j`.
 .NOTPARALLEL:
 
@@ -37,6 +37,17 @@ $(BUILD_DIR)/CMakeCache.txt:
 
 build: deps $(BUILD_DIR)/CMakeCache.txt
 	cmake --build $(BUILD_DIR) -j$(JOBS)
+	@$(MAKE) --no-print-directory dist/$(WHEEL)
+
+# The Python client as a wheel (client/python/CMakeLists.txt, target normd_wheel), copied to
+# dist/. Install: python3 -m venv --system-site-packages .venv && .venv/bin/pip install dist/$(WHEEL)
+WHEEL = normd-$(shell awk '/^project.normd VERSION/ {print $$3}' CMakeLists.txt)-py3-none-any.whl
+python: deps $(BUILD_DIR)/CMakeCache.txt
+	cmake --build $(BUILD_DIR) -j$(JOBS) --target normd_wheel
+	@$(MAKE) --no-print-directory dist/$(WHEEL)
+
+dist/$(WHEEL): $(BUILD_DIR)/dist/$(WHEEL)
+	@mkdir -p dist && cp $< $@ && echo "dist/$(WHEEL)"
 
 test: deps
 	@$(STAGE) --reset
@@ -81,4 +92,4 @@ bench: build
 	/usr/bin/python3 bench/fold_bench.py --build-dir $(BUILD_DIR)
 
 clean:
-	rm -rf $(BUILD_DIR)
+	rm -rf $(BUILD_DIR) dist

@@ -5,10 +5,13 @@ set -euo pipefail
 
 build_pkgs=(build-essential cmake pkg-config libeigen3-dev libgrpc++-dev libprotobuf-dev
   protobuf-compiler protobuf-compiler-grpc prometheus-cpp-dev libgtest-dev libgmock-dev
-  libbenchmark-dev libcli11-dev libspdlog-dev libcurl4-openssl-dev libopenblas-dev libssl-dev)
+  libbenchmark-dev libcli11-dev libspdlog-dev libcurl4-openssl-dev libopenblas-dev libssl-dev
+  python3-pip python3-setuptools python3-wheel)  # the last three build the Python wheel
+# python3-venv and python3-tqdm: the Python wheel's test installs it into a venv that sees
+# Debian's grpcio, protobuf, numpy, tqdm and torch (tests/client/wheel_test.py).
 test_pkgs=(python3-torch python3-numpy python3-grpcio python3-protobuf python3-sklearn
   libopenblas0-pthread prometheus openssl curl clang libclang-rt-14-dev libomp-dev llvm
-  python3-yaml docker-compose)
+  python3-yaml docker-compose python3-venv python3-tqdm)
 
 case "${1:-all}" in
   build) want=("${build_pkgs[@]}") ;;

@@ -1,10 +1,16 @@
-"""normd.Client: the normd.v1.Trainer RPCs with numpy arrays in and out."""
+"""normd.Client: the normd.v1.Trainer RPCs with numpy arrays in and out.
+
+Every call takes timeout= (seconds; default the Client's timeout, a whole train_stream's default
+its stream_timeout); a call that fails, the deadline included, raises NormdError with the gRPC
+code and the server's message. predict() and evaluate() split large arrays into requests of
+batch_size rows themselves.
+"""
 
 import collections
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import grpc
 import numpy as np
@@ -14,9 +20,13 @@ from normd.health.v1 import health_pb2, health_pb2_grpc
 from normd.v1 import normd_pb2 as pb
 from normd.v1 import normd_pb2_grpc as pb_grpc
 
+if TYPE_CHECKING:  # the training module imports this one
+    from normd.training import History
+
 
 class NormdError(Exception):
-    """A failed call: .code is the grpc.StatusCode, .message the server's message."""
+    """A failed call: .code is the grpc.StatusCode (DEADLINE_EXCEEDED when the call's timeout
+    passed), .message the server's message, .method the RPC's name."""
 
     def __init__(self, code: grpc.StatusCode, message: str, method: str = ""):
         name = code.name if isinstance(code, grpc.StatusCode) else str(code)
@@ -55,6 +65,8 @@ def from_tensor(t: pb.Tensor) -> np.ndarray:
 
 @dataclass
 class ForwardResult:
+    """Forward's answer: the output, the id to pass to backward() and per-layer statistics."""
+
     output: np.ndarray
     forward_id: int = 0  # non-zero when retain_for_backward was set
     layer_stats: List[pb.LayerStats] = field(default_factory=list)
@@ -62,6 +74,19 @@ class ForwardResult:
 
 
 _MODES = {"train": pb.MODE_TRAIN, "eval": pb.MODE_EVAL}
+
+# Rows per request of predict() and evaluate() unless batch_size says otherwise.
+DEFAULT_BATCH_ROWS = 1024
+
+
+def _row_chunks(rows: int, batch_size: Optional[int]) -> List[Tuple[int, int]]:
+    """(start, count) of each request's rows; one chunk when batch_size is None."""
+    if batch_size is None or rows == 0:
+        return [(0, rows)]
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+            or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+    return [(i, min(int(batch_size), rows - i)) for i in range(0, rows, int(batch_size))]
 
 
 @dataclass
@@ -96,12 +121,17 @@ def _read_pem(value) -> Optional[bytes]:
 
 
 class Client:
-    """One channel to a normd server. Safe to share between threads.
+    """One channel to a normd server. Safe to share between threads; a context manager.
 
-    address: host:port. timeout: deadline in seconds of every unary call; stream_timeout: of a
-    whole train_stream. TLS: tls=True (system roots) or root_certificates; certificate_chain and
-    private_key for mutual TLS; each PEM bytes or a file path. token: sent as
-    "authorization: Bearer <token>" on every call.
+    address: host:port. timeout: default deadline in seconds of every unary call;
+    stream_timeout: of a whole train_stream (a method's timeout= overrides them for one call).
+    TLS: tls=True (system roots) or root_certificates; certificate_chain and private_key for
+    mutual TLS; each PEM bytes or a file path. token: sent as "authorization: Bearer <token>"
+    on every call.
+
+    Models: create_model, get_model, list_models, delete_model, set_mode, set_lr, ...
+    Compute: train_step, train_stream, fit (whole epochs), predict, evaluate, forward/backward.
+    State: get_state, set_state, save_model. Errors: NormdError (.code, .message).
     """
 
     def __init__(self, address: str = "127.0.0.1:50051", timeout: float = 30.0, *,
@@ -136,24 +166,27 @@ class Client:
 
     # -- plumbing ---------------------------------------------------------------------------
 
-    def close(self):
+    def close(self) -> None:
+        """Closes the channel; calls after it fail."""
         self._channel.close()
 
-    def __enter__(self):
+    def __enter__(self) -> "Client":
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc) -> None:
         self.close()
 
-    def _call(self, method: str, request, stub=None):
+    def _call(self, method: str, request, stub=None, timeout: Optional[float] = None):
         try:
-            return getattr(stub or self._stub, method)(request, timeout=self.timeout,
-                                                       metadata=self._metadata)
+            return getattr(stub or self._stub, method)(
+                request, timeout=self.timeout if timeout is None else timeout,
+                metadata=self._metadata)
         except grpc.RpcError as e:
             raise NormdError(e.code(), e.details(), method) from None
 
     @staticmethod
     def _supervised(request, labels, target):
+        """Fills labels (int64 class indices) or target (a tensor) into request."""
         if (labels is None) == (target is None):
             raise ValueError("give exactly one of labels (class indices) or target (tensor)")
         if labels is not None:
@@ -164,46 +197,56 @@ class Client:
 
     # -- models -----------------------------------------------------------------------------
 
-    def create_model(self, spec, id: str = "") -> pb.Model:
-        """spec: a pb.ModelSpec, or its protobuf JSON mapping as a dict or string."""
+    def create_model(self, spec, id: str = "", *, timeout: Optional[float] = None) -> pb.Model:
+        """spec: a pb.ModelSpec, or its protobuf JSON mapping as a dict or string. id: empty lets
+        the server choose one (the returned Model's .id)."""
         return self._call("CreateModel",
-                          pb.CreateModelRequest(id=id, spec=_message(spec, pb.ModelSpec)))
+                          pb.CreateModelRequest(id=id, spec=_message(spec, pb.ModelSpec)),
+                          timeout=timeout)
 
-    def get_model(self, model: str) -> pb.Model:
-        return self._call("GetModel", pb.GetModelRequest(model=model))
+    def get_model(self, model: str, *, timeout: Optional[float] = None) -> pb.Model:
+        """The model's spec, mode, step and options."""
+        return self._call("GetModel", pb.GetModelRequest(model=model), timeout=timeout)
 
-    def list_models(self) -> List[pb.Model]:
-        return list(self._call("ListModels", pb.ListModelsRequest()).models)
+    def list_models(self, *, timeout: Optional[float] = None) -> List[pb.Model]:
+        """Every model the server holds."""
+        return list(self._call("ListModels", pb.ListModelsRequest(), timeout=timeout).models)
 
-    def delete_model(self, model: str) -> None:
-        self._call("DeleteModel", pb.DeleteModelRequest(model=model))
+    def delete_model(self, model: str, *, timeout: Optional[float] = None) -> None:
+        """Removes the model and its checkpoint."""
+        self._call("DeleteModel", pb.DeleteModelRequest(model=model), timeout=timeout)
 
-    def set_mode(self, model: str, mode, freeze_running_stats: Optional[bool] = None) -> pb.Model:
+    def set_mode(self, model: str, mode, freeze_running_stats: Optional[bool] = None, *,
+                 timeout: Optional[float] = None) -> pb.Model:
         """mode: "train", "eval" or a pb.Mode value. freeze_running_stats None keeps it."""
         request = pb.SetModeRequest(model=model, mode=_MODES.get(mode, mode))
         if freeze_running_stats is not None:
             request.freeze_running_stats = freeze_running_stats
-        return self._call("SetMode", request)
+        return self._call("SetMode", request, timeout=timeout)
 
-    def reset_running_stats(self, model: str) -> pb.Model:
-        return self._call("ResetRunningStats", pb.ResetRunningStatsRequest(model=model))
+    def reset_running_stats(self, model: str, *, timeout: Optional[float] = None) -> pb.Model:
+        """Running means to 0, variances to 1, num_batches_tracked to 0 (PyTorch's reset)."""
+        return self._call("ResetRunningStats", pb.ResetRunningStatsRequest(model=model),
+                          timeout=timeout)
 
-    def update_optimizer(self, model: str, optimizer) -> pb.Model:
+    def update_optimizer(self, model: str, optimizer, *,
+                         timeout: Optional[float] = None) -> pb.Model:
         """optimizer: a pb.OptimizerSpec or its JSON mapping, e.g. {"sgd": {"lr": 0.1}}."""
         return self._call("UpdateOptimizer", pb.UpdateOptimizerRequest(
-            model=model, optimizer=_message(optimizer, pb.OptimizerSpec)))
+            model=model, optimizer=_message(optimizer, pb.OptimizerSpec)), timeout=timeout)
 
-    def set_lr(self, model: str, lr: float) -> pb.Model:
+    def set_lr(self, model: str, lr: float, *, timeout: Optional[float] = None) -> pb.Model:
         """Changes only the learning rate (reads the current optimizer spec first)."""
         optimizer = pb.OptimizerSpec()
-        optimizer.CopyFrom(self.get_model(model).spec.optimizer)
+        optimizer.CopyFrom(self.get_model(model, timeout=timeout).spec.optimizer)
         kind = optimizer.WhichOneof("kind")
         if kind is None:
             raise ValueError(f"model {model} has no optimizer")
         getattr(optimizer, kind).lr = lr
-        return self.update_optimizer(model, optimizer)
+        return self.update_optimizer(model, optimizer, timeout=timeout)
 
-    def set_layer_options(self, model: str, layers) -> pb.Model:
+    def set_layer_options(self, model: str, layers, *,
+                          timeout: Optional[float] = None) -> pb.Model:
         """Per-layer freezing and trainability. layers: {label: {"frozen": bool, "trainable":
         bool}} (a key left out keeps its value; label is the layer's name or index, "3"), or an
         iterable of pb.LayerOptions. The whole request is refused if any entry is bad."""
@@ -216,54 +259,74 @@ class Client:
                 request.layers.add(layer=str(label), **options)
         else:
             request.layers.extend(layers)
-        return self._call("SetLayerOptions", request)
+        return self._call("SetLayerOptions", request, timeout=timeout)
 
-    def fold_batch_norm(self, model: str, new_model: Optional[str] = None) -> FoldResult:
+    def fold_batch_norm(self, model: str, new_model: Optional[str] = None, *,
+                        timeout: Optional[float] = None) -> FoldResult:
         """The model with every BatchNorm that follows a Linear/Conv2d folded into it; with
         new_model also created on the server as an inference-only copy under that id."""
         r = self._call("FoldBatchNorm",
-                       pb.FoldBatchNormRequest(model=model, new_model=new_model or ""))
+                       pb.FoldBatchNormRequest(model=model, new_model=new_model or ""),
+                       timeout=timeout)
         state = collections.OrderedDict((t.name, from_tensor(t.tensor)) for t in r.state.tensors)
         return FoldResult(r.spec, state, r.model if r.HasField("model") else None)
 
-    def save_model(self, model: str) -> int:
+    def save_model(self, model: str, *, timeout: Optional[float] = None) -> int:
         """Returns the step held by the durable checkpoint."""
-        return self._call("SaveModel", pb.SaveModelRequest(model=model)).step
+        return self._call("SaveModel", pb.SaveModelRequest(model=model), timeout=timeout).step
 
     # -- compute ----------------------------------------------------------------------------
 
     def forward(self, model: str, x, retain_for_backward: bool = False,
-                layer_stats: bool = False) -> ForwardResult:
+                layer_stats: bool = False, *, timeout: Optional[float] = None) -> ForwardResult:
+        """One Forward of the whole batch x in the model's current mode."""
         r = self._call("Forward", pb.ForwardRequest(
             model=model, input=to_tensor(x), retain_for_backward=retain_for_backward,
-            layer_stats=layer_stats))
+            layer_stats=layer_stats), timeout=timeout)
         return ForwardResult(from_tensor(r.output), r.forward_id, list(r.layer_stats),
                              list(r.warnings))
 
-    def predict(self, model: str, x) -> np.ndarray:
-        """Forward's output alone (in the model's current mode)."""
-        return self.forward(model, x).output
+    def predict(self, model: str, x, *, batch_size: Optional[int] = DEFAULT_BATCH_ROWS,
+                timeout: Optional[float] = None) -> np.ndarray:
+        """Forward's output alone, in the model's current mode, for an array of any length.
+
+        x is sent batch_size rows per request (None: all in one) and the outputs concatenated;
+        in eval mode that equals one request. timeout applies to each request.
+        """
+        x = _as_numpy(x)
+        if x.ndim == 0:  # no rows to split: the server says what is wrong with it
+            return self.forward(model, x, timeout=timeout).output
+        parts = [self.forward(model, x[i:i + n], timeout=timeout).output
+                 for i, n in _row_chunks(len(x), batch_size)]
+        return np.concatenate(parts) if len(parts) != 1 else parts[0]
 
     def backward(self, model: str, forward_id: int, grad_output,
-                 return_grad_input: bool = False) -> Optional[np.ndarray]:
+                 return_grad_input: bool = False, *,
+                 timeout: Optional[float] = None) -> Optional[np.ndarray]:
+        """Accumulates gradients for a retained forward; the input's gradient if asked."""
         r = self._call("Backward", pb.BackwardRequest(
             model=model, forward_id=forward_id, grad_output=to_tensor(grad_output),
-            return_grad_input=return_grad_input))
+            return_grad_input=return_grad_input), timeout=timeout)
         return from_tensor(r.grad_input) if r.HasField("grad_input") else None
 
-    def apply_gradients(self, model: str) -> int:
-        return self._call("ApplyGradients", pb.ApplyGradientsRequest(model=model)).step
+    def apply_gradients(self, model: str, *, timeout: Optional[float] = None) -> int:
+        """One optimizer step with the accumulated gradients; returns the new step."""
+        return self._call("ApplyGradients", pb.ApplyGradientsRequest(model=model),
+                          timeout=timeout).step
 
-    def train_step(self, model: str, x, labels=None, target=None) -> pb.TrainStepResponse:
+    def train_step(self, model: str, x, labels=None, target=None, *,
+                   timeout: Optional[float] = None) -> pb.TrainStepResponse:
         """One optimisation step: labels (class indices) for cross-entropy, target otherwise."""
         request = pb.TrainStepRequest(model=model, input=to_tensor(x))
-        return self._call("TrainStep", self._supervised(request, labels, target))
+        return self._call("TrainStep", self._supervised(request, labels, target),
+                          timeout=timeout)
 
-    def train_stream(self, model: str,
-                     batches: Iterable[Tuple[object, object]]) -> Iterator[pb.TrainStepResponse]:
+    def train_stream(self, model: str, batches: Iterable[Tuple[Any, Any]], *,
+                     timeout: Optional[float] = None) -> Iterator[pb.TrainStepResponse]:
         """Streams (x, y) batches over one TrainStream; yields one response per batch.
 
-        y with an integer dtype is labels, a floating dtype is a target tensor.
+        y with an integer dtype is labels, a floating dtype is a target tensor. timeout: of the
+        whole stream (default the Client's stream_timeout).
         """
         def requests():
             for x, y in batches:
@@ -274,20 +337,23 @@ class Client:
                 else:
                     yield self._supervised(request, None, y)
 
-        responses = self._stub.TrainStream(requests(), timeout=self.stream_timeout,
-                                           metadata=self._metadata)
+        responses = self._stub.TrainStream(
+            requests(), timeout=self.stream_timeout if timeout is None else timeout,
+            metadata=self._metadata)
         try:
             yield from responses
         except grpc.RpcError as e:
             raise NormdError(e.code(), e.details(), "TrainStream") from None
 
-    def adapt_statistics(self, model: str, data, batch_size: int = 256) -> pb.Model:
+    def adapt_statistics(self, model: str, data, batch_size: int = 256, *,
+                         timeout: Optional[float] = None) -> pb.Model:
         """Re-estimates the model's BatchNorm running statistics from unlabelled data (AdaBN,
         "precise BN") over one AdaptStatistics stream; returns the updated model.
 
         data: an array of samples, sent in batches of batch_size, or an iterable of batches.
         Every tracked, non-frozen BatchNorm layer's running_mean / running_var become the mean
         and unbiased variance of all values that reached it; nothing changes if the call fails.
+        timeout: of the whole stream (default the Client's stream_timeout).
         """
         if hasattr(data, "shape"):
             arr = _as_numpy(data)
@@ -301,34 +367,82 @@ class Client:
                                                 input=to_tensor(x))
 
         try:
-            return self._stub.AdaptStatistics(requests(), timeout=self.stream_timeout,
+            return self._stub.AdaptStatistics(requests(),
+                                              timeout=self.stream_timeout if timeout is None
+                                              else timeout,
                                               metadata=self._metadata)
         except grpc.RpcError as e:
             raise NormdError(e.code(), e.details(), "AdaptStatistics") from None
 
-    def evaluate(self, model: str, x, labels=None, target=None) -> pb.EvaluateResponse:
-        """Loss (and accuracy for cross-entropy) in eval semantics; changes nothing."""
-        request = pb.EvaluateRequest(model=model, input=to_tensor(x))
-        return self._call("Evaluate", self._supervised(request, labels, target))
+    def evaluate(self, model: str, x, labels=None, target=None, *,
+                 batch_size: Optional[int] = DEFAULT_BATCH_ROWS,
+                 timeout: Optional[float] = None) -> pb.EvaluateResponse:
+        """Loss (and accuracy for cross-entropy) in eval semantics; changes nothing.
+
+        x (and labels or target) are sent batch_size rows per request (None: all in one); the
+        answer holds the sample-weighted means over the requests and their total samples, which
+        equal one request's figures up to float rounding. timeout applies to each request.
+        """
+        if (labels is None) == (target is None):
+            raise ValueError("give exactly one of labels (class indices) or target (tensor)")
+        x = _as_numpy(x)
+        y = _as_numpy(labels if labels is not None else target)
+        paired = x.ndim > 0 and y.ndim > 0 and len(y) == len(x)
+        chunks = _row_chunks(len(x), batch_size) if paired else [(0, 0)]
+        if len(chunks) == 1:  # one request; rows that do not pair up get the server's answer
+            request = pb.EvaluateRequest(model=model, input=to_tensor(x))
+            return self._call("Evaluate", self._supervised(request, labels, target),
+                              timeout=timeout)
+        total = pb.EvaluateResponse()
+        loss = accuracy = 0.0
+        for i, n in chunks:
+            request = pb.EvaluateRequest(model=model, input=to_tensor(x[i:i + n]))
+            if labels is not None:
+                self._supervised(request, y[i:i + n], None)
+            else:
+                self._supervised(request, None, y[i:i + n])
+            r = self._call("Evaluate", request, timeout=timeout)
+            loss += r.loss * r.samples
+            accuracy += r.accuracy * r.samples
+            total.samples += r.samples
+        if total.samples:
+            total.loss = loss / total.samples
+            total.accuracy = accuracy / total.samples
+        return total
+
+    def fit(self, model: str, x, y=None, **options) -> "History":
+        """Trains model for whole epochs over TrainStream; returns the per-epoch History.
+
+        normd.fit(self, model, x, y, **options) with options epochs, batch_size, shuffle, seed,
+        validation_data, validation_batch_size, lr (number, per-epoch list or callable),
+        early_stopping (normd.EarlyStopping), progress, timeout and stream_timeout; see
+        help(normd.fit).
+        """
+        from normd.training import fit
+        return fit(self, model, x, y, **options)
 
     # -- state ------------------------------------------------------------------------------
 
-    def get_state(self, model: str, include_optimizer: bool = False):
+    def get_state(self, model: str, include_optimizer: bool = False, *,
+                  timeout: Optional[float] = None) -> "collections.OrderedDict[str, np.ndarray]":
         """An OrderedDict of PyTorch state_dict names to float32 arrays."""
         r = self._call("GetState", pb.GetStateRequest(model=model,
-                                                      include_optimizer=include_optimizer))
+                                                      include_optimizer=include_optimizer),
+                       timeout=timeout)
         return collections.OrderedDict((t.name, from_tensor(t.tensor)) for t in r.tensors)
 
-    def set_state(self, model: str, state: Mapping[str, object], strict: bool = True) -> pb.Model:
+    def set_state(self, model: str, state: Mapping[str, Any], strict: bool = True, *,
+                  timeout: Optional[float] = None) -> pb.Model:
         """state: names to arrays (numpy or torch); num_batches_tracked may be an integer."""
         request = pb.SetStateRequest(model=model, strict=strict)
         for name, value in state.items():
             request.state.tensors.add(name=name, tensor=to_tensor(value))
-        return self._call("SetState", request)
+        return self._call("SetState", request, timeout=timeout)
 
     # -- health -----------------------------------------------------------------------------
 
-    def health(self, service: str = "") -> str:
+    def health(self, service: str = "", *, timeout: Optional[float] = None) -> str:
         """grpc.health.v1 Check: "SERVING", "NOT_SERVING", ..."""
-        r = self._call("Check", health_pb2.HealthCheckRequest(service=service), self._health)
+        r = self._call("Check", health_pb2.HealthCheckRequest(service=service), self._health,
+                       timeout=timeout)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
