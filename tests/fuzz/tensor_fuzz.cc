@@ -6,8 +6,9 @@
 //   1  normd.v1.TrainStepRequest  DecodeTensor(input) and DecodeTargets(labels, target)
 //   2  normd.v1.ModelState        StateFromWire, as SetState
 // Invariants (abort on violation): the decoder accepts exactly the tensors the rules allow (one
-// encoding at most, raw a whole number of floats, rank <= kMaxRank, dimensions >= 0, as many
-// values as the shape's product, at most the element limit, which is RESOURCE_EXHAUSTED); what it
+// encoding at most, raw a whole number of floats, rank <= kMaxRank, dimensions >= 0, an element
+// count that fits in int64 (INVALID_ARGUMENT otherwise, whatever the limit), as many values as
+// the shape's product, at most the element limit, which is RESOURCE_EXHAUSTED); what it
 // accepts has the wire's shape and bit-identical values, read in place unless raw bytes had to be
 // copied; encoding a decoded tensor and decoding it again gives the same tensor.
 #include <cstddef>
@@ -43,10 +44,15 @@ Verdict Judge(const v1::Tensor& w, int64_t max_elements) {
     v.encoding_ok = false;
   }
   long double product = 1;  // exact enough to compare with a limit far below 2^63
+  int64_t exact = 1;
+  bool overflows = false, empty = false;
   for (int i = 0; i < w.shape_size(); ++i) {
     if (w.shape(i) < 0) v.encoding_ok = false;
     product *= static_cast<long double>(w.shape(i) < 0 ? 0 : w.shape(i));
+    if (w.shape(i) <= 0) empty = true;
+    if (w.shape(i) > 0) overflows = __builtin_mul_overflow(exact, w.shape(i), &exact) || overflows;
   }
+  if (overflows && !empty) v.encoding_ok = false;  // malformed, not merely too large
   v.too_large = product > static_cast<long double>(max_elements);
   v.ok = v.encoding_ok && !v.too_large && static_cast<long double>(v.count) == product;
   return v;
