@@ -11,7 +11,7 @@ build_pkgs=(build-essential cmake pkg-config libeigen3-dev libgrpc++-dev libprot
 # Debian's grpcio, protobuf, numpy, tqdm and torch (tests/client/wheel_test.py).
 test_pkgs=(python3-torch python3-numpy python3-grpcio python3-protobuf python3-sklearn
   libopenblas0-pthread prometheus openssl curl clang libclang-rt-14-dev libomp-dev llvm
-  python3-yaml docker-compose python3-venv python3-tqdm)
+  python3-yaml docker-compose python3-venv python3-tqdm python3-scipy)
 
 case "${1:-all}" in
   build) want=("${build_pkgs[@]}") ;;
