@@ -291,6 +291,10 @@ def run_cases(b: Battery, raw: RawTrainer):
              evaluate("mlp", tensor(huge, [0.1] * 8), [0, 1]), IA, over)
     b.expect("set_state: tensor shape (2^62, 2^62)", "SetState",
              set_state("mlp", [("0.weight", tensor(huge, [0.1] * 8))], strict=False), IA, over)
+    b.expect("adapt_statistics: input shape (2^62, 2^62)", "AdaptStatistics",
+             [pb.AdaptStatisticsRequest(model="mlp", input=ones([4, 4])).SerializeToString(),
+              pb.AdaptStatisticsRequest(input=tensor(huge, [0.1] * 8)).SerializeToString()],
+             IA, over, stream=True)
     b.expect("forward: batchnorm one value per channel (batch 1, train)", "Forward",
              fwd("mlp", ones([1, 4])), IA, ["channel", "batch", "value"])
     b.expect("forward: cnn given a flat input", "Forward", fwd("cnn", ones([2, 36])), IA,
