@@ -162,6 +162,12 @@ class NodePackageTest(unittest.TestCase):
                 self.assertGreaterEqual(r["accuracy"], 0.9)
                 self.assertEqual([m.id for m in server.client.list_models()], [])
 
+                # The packaged example finds the packaged proto.
+                p = self.run_cmd([node, os.path.join("node_modules", "normd", "example.js"),
+                                  "--server", server.address, "--steps", "5"], app, timeout=300)
+                self.assertEqual(p.returncode, 0, p.stderr)
+                self.assertEqual(json.loads(p.stdout.strip().splitlines()[-1])["steps"], 5)
+
                 p = self.run_cmd([node, "health.mjs", server.address], app, timeout=120)
                 self.assertEqual(p.returncode, 0, p.stderr)
                 self.assertEqual(json.loads(p.stdout.strip().splitlines()[-1]),
