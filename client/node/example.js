@@ -1,21 +1,29 @@
 // normd from Node.js: create a BatchNorm MLP, train it for a few steps, switch to eval mode and
-// predict. The service definition is loaded from proto/normd/v1/normd.proto at run time.
+// predict, with @grpc/grpc-js directly (index.js wraps the same calls in a Client class). The
+// service definition is loaded from proto/normd/v1/normd.proto at run time.
 //
 //   npm ci && node example.js [--server 127.0.0.1:50051] [--id node-example] [--steps 40]
 //
 // The last line printed is a JSON summary (losses, accuracy, predictions) for scripts and tests.
 'use strict';
 
+const fs = require('fs');
 const path = require('path');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
+
+// The installed package's copy of the contract (npm pack puts it there), else the repository's.
+function defaultProto() {
+  const packaged = path.join(__dirname, 'proto', 'normd', 'v1', 'normd.proto');
+  return fs.existsSync(packaged) ? packaged : path.join(__dirname, '..', '..', 'proto', 'normd', 'v1', 'normd.proto');
+}
 
 function parseArgs(argv) {
   const args = {
     server: process.env.NORMD_SERVER || '127.0.0.1:50051',
     id: 'node-example',
     steps: 40,
-    proto: path.join(__dirname, '..', '..', 'proto', 'normd', 'v1', 'normd.proto'),
+    proto: defaultProto(),
     timeoutMs: 30000,
   };
   for (let i = 2; i < argv.length; i += 2) {
