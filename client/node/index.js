@@ -256,7 +256,7 @@ class Client {
     return this._call('SetState', { model, state: { tensors }, strict });
   }
 
-  // -- BatchNorm's life in the service (the server answers UNIMPLEMENTED until it has them) ---
+  // -- BatchNorm's life in the service ---------------------------------------------------------
   // Streams unlabelled batches (tensors; iterable or async iterable); resolves to the Model.
   adaptStatistics(model, batches) {
     return new Promise((resolve, reject) => {

@@ -203,6 +203,32 @@ test('against a real normd', async (t) => {
     assert.deepEqual(g.shape, [4, 4]);
     assert.equal(await client.applyGradients('m1'), before + 1);
   });
+
+  await t.test('setLayerOptions, foldBatchNorm, adaptStatistics', async () => {
+    let model = await client.setLayerOptions('m1', [{ layer: 'bn1', frozen: true }, { layer: 'fc1', trainable: false }]);
+    const opts = Object.fromEntries(model.layer_options.map((o) => [o.layer, o]));
+    assert.equal(opts.bn1.frozen, true);
+    assert.equal(opts.fc1.trainable, false);
+    await assert.rejects(client.setLayerOptions('m1', [{ layer: 'out', frozen: true }]), { code: 'INVALID_ARGUMENT' });
+    await client.setLayerOptions('m1', [{ layer: 'bn1', frozen: false }, { layer: 'fc1', trainable: true }]);
+
+    const fold = await client.foldBatchNorm('m1', { newModel: 'm1-folded' });
+    assert.equal(fold.spec.layers.length, SPEC.layers.length - 1);
+    assert.equal(fold.model.inference_only, true);
+    assert.ok(fold.state.has('0.bias'));
+    await client.deleteModel('m1-folded');
+
+    const random = rng(7);
+    const batch = (n) => ({ data: Float32Array.from({ length: n * 4 }, () => 3 + 2 * random()), shape: [n, 4] });
+    const before = await client.getState('m1');
+    model = await client.adaptStatistics('m1', [batch(8), batch(20), batch(5)]);
+    assert.equal(model.id, 'm1');
+    const after = await client.getState('m1');
+    assert.equal(after.get('1.num_batches_tracked').data[0], before.get('1.num_batches_tracked').data[0] + 3);
+    assert.notDeepEqual([...after.get('1.running_mean').data], [...before.get('1.running_mean').data]);
+    assert.deepEqual([...after.get('0.weight').data], [...before.get('0.weight').data]);
+    await assert.rejects(client.adaptStatistics('m1', []), { code: 'INVALID_ARGUMENT' });
+  });
 });
 
 function openssl(dir, ...args) {
