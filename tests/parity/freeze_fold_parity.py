@@ -277,9 +277,9 @@ def mlp(bias_first=True):
             simple("relu"), linear(12, 3)]
 
 
-def cnn():
-    return [conv(2, 4, 3, pad=1, bias=False), bn("2d", 4), simple("relu"), conv(4, 4, 3, pad=1),
-            bn("2d", 4, affine=False), simple("relu"), simple("flatten"), linear(4 * 5 * 5, 3)]
+def cnn(act="relu"):
+    return [conv(2, 4, 3, pad=1, bias=False), bn("2d", 4), simple(act), conv(4, 4, 3, pad=1),
+            bn("2d", 4, affine=False), simple(act), simple("flatten"), linear(4 * 5 * 5, 3)]
 
 
 def cases():
@@ -299,7 +299,7 @@ def cases():
         out.append(c)
     # Conv-BN: frozen BatchNorm2d, untrainable first conv; then unfreeze and make it trainable
     # again (torch: bn.train(), requires_grad_(True): fresh optimizer state from that step).
-    c = Case("cnn_frozen_then_unfrozen", [2, 5, 5], cnn(),
+    c = Case("cnn_frozen_then_unfrozen", [2, 5, 5], cnn("tanh"),
              ("sgd", {"lr": 0.02, "momentum": 0.9, "weight_decay": 1e-3}), seed=5)
     c.options("1", frozen=True)
     c.options("0", trainable=False)
