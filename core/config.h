@@ -53,6 +53,9 @@ struct Conv2dConfig {
   int64_t stride = 1;
   int64_t padding = 0;
   bool bias = true;
+  // Grouped convolution: channels split into `groups` independent convolutions (groups =
+  // in_channels: depthwise). Both channel counts must be divisible by it.
+  int64_t groups = 1;
 };
 
 struct Pool2dConfig {
@@ -79,10 +82,24 @@ enum class LayerKind {
   kGroupNorm,
   kInstanceNorm1d,
   kInstanceNorm2d,
+  kResidual,           // body(x) + shortcut(x): ResidualConfig
+  kAdaptiveAvgPool2d,  // AdaptiveAvgPool2d((1, 1)): (N, C, H, W) -> (N, C, 1, 1)
 };
+
+// How deep residual blocks may nest (a block inside a block's body is depth 2).
+constexpr int kMaxResidualDepth = 16;
 
 // PyTorch's class name for a kind ("BatchNorm1d").
 const char* LayerKindName(LayerKind kind);
+
+struct LayerConfig;
+
+// A residual block: output = body(x) + shortcut(x), each branch a stack of layers applied in
+// order, as nn.Sequential; an empty shortcut is the identity. The body must not be empty.
+struct ResidualConfig {
+  std::vector<LayerConfig> body;
+  std::vector<LayerConfig> shortcut;
+};
 
 // One layer. Only the member matching `kind` is read.
 struct LayerConfig {
@@ -95,6 +112,7 @@ struct LayerConfig {
   InstanceNormConfig instance_norm;  // kInstanceNorm1d, kInstanceNorm2d
   Conv2dConfig conv2d;
   Pool2dConfig pool;  // kMaxPool2d, kAvgPool2d
+  ResidualConfig residual;
   float negative_slope = 0.01f;  // kLeakyReLU
   float dropout_p = 0.5f;        // kDropout
 };

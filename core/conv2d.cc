@@ -112,6 +112,11 @@ Status Conv2d::Build(const Shape& sample_in, Shape* sample_out) {
   if (c.kernel_size <= 0) return InvalidArgument("kernel_size must be positive, got ", c.kernel_size);
   if (c.stride <= 0) return InvalidArgument("stride must be positive, got ", c.stride);
   if (c.padding < 0) return InvalidArgument("padding must be non-negative, got ", c.padding);
+  if (c.groups <= 0) return InvalidArgument("groups must be positive, got ", c.groups);
+  if (c.in_channels % c.groups != 0 || c.out_channels % c.groups != 0) {
+    return InvalidArgument("in_channels (", c.in_channels, ") and out_channels (", c.out_channels,
+                           ") must both be divisible by groups (", c.groups, ")");
+  }
   if (c.in_channels > kMaxConfigValue || c.out_channels > kMaxConfigValue ||
       c.kernel_size > kMaxConfigValue || c.stride > kMaxConfigValue ||
       c.padding > kMaxConfigValue) {
@@ -156,7 +161,7 @@ Status Conv2d::Build(const Shape& sample_in, Shape* sample_out) {
 
 int64_t Conv2d::NumParameters() const {
   const Conv2dConfig& c = config_;
-  const int64_t weights = SaturatingMul(SaturatingMul(c.out_channels, c.in_channels),
+  const int64_t weights = SaturatingMul(SaturatingMul(c.out_channels, c.in_channels / c.groups),
                                         SaturatingMul(c.kernel_size, c.kernel_size));
   if (!c.bias) return weights;
   return weights > INT64_MAX - c.out_channels ? INT64_MAX : weights + c.out_channels;
@@ -164,11 +169,12 @@ int64_t Conv2d::NumParameters() const {
 
 void Conv2d::Allocate(Rng& rng) {
   const Conv2dConfig& c = config_;
-  const int64_t fan_in = c.in_channels * c.kernel_size * c.kernel_size;
+  const int64_t fan_in = c.in_channels / c.groups * c.kernel_size * c.kernel_size;
   // kaiming_uniform_(a=sqrt(5)) reduces to this bound, which PyTorch also uses for the bias.
   const float bound = 1.0f / std::sqrt(static_cast<float>(fan_in));
   weight_.name = "weight";
-  weight_.value.Resize(Shape{c.out_channels, c.in_channels, c.kernel_size, c.kernel_size});
+  weight_.value.Resize(
+      Shape{c.out_channels, c.in_channels / c.groups, c.kernel_size, c.kernel_size});
   weight_.grad = Tensor(weight_.value.shape());
   for (int64_t i = 0; i < weight_.value.size(); ++i) {
     weight_.value.data()[i] = rng.Uniform(-bound, bound);
@@ -193,25 +199,34 @@ void Conv2d::Forward(const ConstTensorView& x, Tensor* y, LayerCache* /*cache*/,
   const Geometry g{c.in_channels, h_, w_, c.kernel_size, c.stride, c.padding, h_out_, w_out_};
   const int64_t n = x.shape[0];
   const int64_t taps = c.in_channels * c.kernel_size * c.kernel_size;
+  const int64_t group_taps = taps / c.groups;           // columns of a group's weight rows
+  const int64_t group_out = c.out_channels / c.groups;  // output channels of a group
   const int64_t hw_out = h_out_ * w_out_;
   const int64_t in_sample = c.in_channels * h_ * w_;
   const int64_t out_sample = c.out_channels * hw_out;
   y->Resize(Shape{n, c.out_channels, h_out_, w_out_});
 
-  ConstMatrixMap weight(weight_.value.data(), c.out_channels, taps);
   // A 1x1 kernel with stride 1 and no padding reads x itself as its column matrix.
   const bool direct = c.kernel_size == 1 && c.stride == 1 && c.padding == 0;
   float* col = direct ? nullptr : ColumnScratch(0, taps * hw_out);
   for (int64_t s = 0; s < n; ++s) {
     const float* xs = x.data + s * in_sample;
-    MatrixMap ys(y->data() + s * out_sample, c.out_channels, hw_out);
-    if (direct) {
-      ys.noalias() = weight * ConstMatrixMap(xs, taps, hw_out);
-    } else {
+    const float* cols = xs;
+    if (!direct) {
       Im2Col(g, xs, col);
-      ys.noalias() = weight * ConstMatrixMap(col, taps, hw_out);
+      cols = col;
     }
-    if (c.bias) ys.colwise() += ConstVectorMap(bias_.value.data(), c.out_channels);
+    // Group k: weight rows [k*group_out, (k+1)*group_out) times column rows
+    // [k*group_taps, (k+1)*group_taps); the column rows of a group are its input channels'.
+    for (int64_t k = 0; k < c.groups; ++k) {
+      MatrixMap(y->data() + s * out_sample + k * group_out * hw_out, group_out, hw_out).noalias() =
+          ConstMatrixMap(weight_.value.data() + k * group_out * group_taps, group_out, group_taps) *
+          ConstMatrixMap(cols + k * group_taps * hw_out, group_taps, hw_out);
+    }
+    if (c.bias) {
+      MatrixMap(y->data() + s * out_sample, c.out_channels, hw_out).colwise() +=
+          ConstVectorMap(bias_.value.data(), c.out_channels);
+    }
   }
 }
 
@@ -222,12 +237,12 @@ void Conv2d::Backward(const ConstTensorView& x, const Tensor& /*y*/, const Const
   const Geometry g{c.in_channels, h_, w_, c.kernel_size, c.stride, c.padding, h_out_, w_out_};
   const int64_t n = x.shape[0];
   const int64_t taps = c.in_channels * c.kernel_size * c.kernel_size;
+  const int64_t group_taps = taps / c.groups;
+  const int64_t group_out = c.out_channels / c.groups;
   const int64_t hw_out = h_out_ * w_out_;
   const int64_t in_sample = c.in_channels * h_ * w_;
   const int64_t out_sample = c.out_channels * hw_out;
 
-  ConstMatrixMap weight(weight_.value.data(), c.out_channels, taps);
-  MatrixMap weight_grad(weight_.grad.data(), c.out_channels, taps);
   const bool direct = c.kernel_size == 1 && c.stride == 1 && c.padding == 0;
   float* col = direct ? nullptr : ColumnScratch(0, taps * hw_out);
   float* dcol = (direct || dx == nullptr) ? nullptr : ColumnScratch(1, taps * hw_out);
@@ -239,24 +254,35 @@ void Conv2d::Backward(const ConstTensorView& x, const Tensor& /*y*/, const Const
   const bool param_grads = trainable();
   for (int64_t s = 0; s < n; ++s) {
     const float* xs = x.data + s * in_sample;
-    ConstMatrixMap dys(dy.data + s * out_sample, c.out_channels, hw_out);
+    const float* dys = dy.data + s * out_sample;
     if (param_grads) {
-      if (direct) {
-        weight_grad.noalias() += dys * ConstMatrixMap(xs, taps, hw_out).transpose();
-      } else {
+      const float* cols = xs;
+      if (!direct) {
         Im2Col(g, xs, col);
-        weight_grad.noalias() += dys * ConstMatrixMap(col, taps, hw_out).transpose();
+        cols = col;
       }
-      if (c.bias) VectorMap(bias_.grad.data(), c.out_channels) += dys.rowwise().sum();
+      for (int64_t k = 0; k < c.groups; ++k) {
+        MatrixMap(weight_.grad.data() + k * group_out * group_taps, group_out, group_taps)
+            .noalias() +=
+            ConstMatrixMap(dys + k * group_out * hw_out, group_out, hw_out) *
+            ConstMatrixMap(cols + k * group_taps * hw_out, group_taps, hw_out).transpose();
+      }
+      if (c.bias) {
+        VectorMap(bias_.grad.data(), c.out_channels) +=
+            ConstMatrixMap(dys, c.out_channels, hw_out).rowwise().sum();
+      }
     }
     if (dx == nullptr) continue;
     float* dxs = dx->data() + s * in_sample;
-    if (direct) {
-      MatrixMap(dxs, taps, hw_out).noalias() = weight.transpose() * dys;
-    } else {
-      MatrixMap(dcol, taps, hw_out).noalias() = weight.transpose() * dys;
-      Col2ImAdd(g, dcol, dxs);
+    // Direct: the columns are x itself, so their gradient is dx's sample.
+    float* dcols = direct ? dxs : dcol;
+    for (int64_t k = 0; k < c.groups; ++k) {
+      MatrixMap(dcols + k * group_taps * hw_out, group_taps, hw_out).noalias() =
+          ConstMatrixMap(weight_.value.data() + k * group_out * group_taps, group_out, group_taps)
+              .transpose() *
+          ConstMatrixMap(dys + k * group_out * hw_out, group_out, hw_out);
     }
+    if (!direct) Col2ImAdd(g, dcol, dxs);
   }
 }
 

@@ -1,8 +1,18 @@
-// 2-D convolution, as PyTorch's nn.Conv2d with square kernels, zero padding, dilation 1 and
-// groups 1. Input (N, C_in, H, W), output (N, C_out, H_out, W_out) with
-// H_out = (H + 2*padding - kernel) / stride + 1. weight is (C_out, C_in, k, k), bias (C_out);
-// both ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = C_in*k*k. Computed per sample as
-// im2col + GEMM; Backward recomputes the columns from x rather than caching them.
+// 2-D convolution, as PyTorch's nn.Conv2d with square kernels, zero padding and dilation 1.
+// Input (N, C_in, H, W), output (N, C_out, H_out, W_out) with
+// H_out = (H + 2*padding - kernel) / stride + 1.
+//
+// Groups (PyTorch's `groups`): the input channels split into G groups of C_in/G and the output
+// channels into G groups of C_out/G; output group g sees input group g only (G = C_in is a
+// depthwise convolution). weight is (C_out, C_in/G, k, k), bias (C_out); both
+// ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = C_in/G*k*k.
+//
+// Computed per sample as im2col + GEMM: the columns of all input channels are unfolded once
+// and each group multiplies its own block of weight rows with its own block of column rows (one
+// GEMM per group). Backward recomputes the columns from x rather than caching them.
+//
+// Gradient contract: Forward caches nothing; Backward accumulates into weight and bias grads
+// (skipped for an untrainable layer) and overwrites dx.
 #ifndef NORMD_CORE_CONV2D_H_
 #define NORMD_CORE_CONV2D_H_
 
@@ -27,7 +37,7 @@ class Conv2d : public Layer {
  private:
   Conv2dConfig config_;
   int64_t h_ = 0, w_ = 0, h_out_ = 0, w_out_ = 0;
-  Parameter weight_;  // (C_out, C_in, k, k)
+  Parameter weight_;  // (C_out, C_in / groups, k, k)
   Parameter bias_;    // (C_out); only with bias
 };
 

@@ -13,6 +13,10 @@
 // BatchNorm that does not directly follow a Linear or Conv2d. The copy's other layers and their
 // state (running statistics of the BatchNorms left in place included) are copied unchanged; it
 // carries no optimizer state.
+//
+// Residual blocks stay blocks; their branches fold the same way (a Conv2d followed by a
+// BatchNorm2d in a body or a projection shortcut merges), and the layers after a folded pair
+// move up, so their paths in the copy change ("4.body.3" may become "4.body.2").
 #ifndef NORMD_CORE_FOLD_H_
 #define NORMD_CORE_FOLD_H_
 
@@ -23,15 +27,24 @@
 
 namespace normd {
 
+// How one stack of the folded model (its top level, or a residual block's branch) maps to the
+// source's.
+struct FoldedStack {
+  // Per layer of the folded stack: the index of the source layer it comes from, and the index
+  // of the source BatchNorm folded into it (-1: none), both in the source's same stack.
+  std::vector<int> source_layer;
+  std::vector<int> folded_batch_norm;
+  // Per layer of the folded stack: a residual block's folded branches (empty for other layers).
+  std::vector<FoldedStack> body;
+  std::vector<FoldedStack> shortcut;
+};
+
 struct FoldedModel {
   // The folded architecture: the source's input shape, loss, optimizer and seed; its layers
   // without the folded BatchNorms; a folded Linear/Conv2d has bias = true.
   ModelConfig config;
-  // Per layer of `config`: the index of the source layer it comes from, and the index of the
-  // source BatchNorm folded into it (-1: none).
-  std::vector<int> source_layer;
-  std::vector<int> folded_batch_norm;
-  // The folded model's state_dict (names of its own layer indices), strict-complete.
+  FoldedStack layers;  // the top level, and through it every branch
+  // The folded model's state_dict (names of its own layer paths), strict-complete.
   std::vector<NamedTensor> state;
 };
 

@@ -8,6 +8,7 @@
 #include "core/layer_norm.h"
 #include "core/linear.h"
 #include "core/pool2d.h"
+#include "core/residual.h"
 
 namespace normd {
 
@@ -30,6 +31,8 @@ const char* LayerKindName(LayerKind kind) {
     case LayerKind::kGroupNorm: return "GroupNorm";
     case LayerKind::kInstanceNorm1d: return "InstanceNorm1d";
     case LayerKind::kInstanceNorm2d: return "InstanceNorm2d";
+    case LayerKind::kResidual: return ResidualBlock::kKindName;
+    case LayerKind::kAdaptiveAvgPool2d: return "AdaptiveAvgPool2d";
   }
   return "?";
 }
@@ -54,6 +57,8 @@ std::unique_ptr<Layer> MakeLayer(const LayerConfig& c) {
     case LayerKind::kGroupNorm: return std::make_unique<GroupNorm>(c.group_norm);
     case LayerKind::kInstanceNorm1d: return std::make_unique<InstanceNorm>(c.instance_norm, false);
     case LayerKind::kInstanceNorm2d: return std::make_unique<InstanceNorm>(c.instance_norm, true);
+    case LayerKind::kResidual: return std::make_unique<ResidualBlock>();
+    case LayerKind::kAdaptiveAvgPool2d: return std::make_unique<AdaptiveAvgPool2d>();
     case LayerKind::kReLU:
     case LayerKind::kLeakyReLU:
     case LayerKind::kTanh:
@@ -61,6 +66,46 @@ std::unique_ptr<Layer> MakeLayer(const LayerConfig& c) {
     case LayerKind::kGELU: return std::make_unique<Activation>(c.kind, c.negative_slope);
   }
   return nullptr;
+}
+
+void ForwardLayers(const LayerList& layers, const ConstTensorView& x, const ForwardContext& ctx,
+                   Tensor* outputs, LayerCache* caches) {
+  for (size_t j = 0; j < layers.size(); ++j) {
+    const ConstTensorView in = j == 0 ? x : outputs[j - 1].view();
+    layers[j]->Forward(in, &outputs[j], &caches[j], ctx);
+  }
+}
+
+void BackwardLayers(LayerList& layers, const ConstTensorView& x, const Tensor* outputs,
+                    const LayerCache* caches, const ConstTensorView& dy,
+                    const ForwardContext& ctx, Tensor* dx, Tensor* buf_a, Tensor* buf_b) {
+  const int n = static_cast<int>(layers.size());
+  int stop = 0;
+  if (dx == nullptr) {
+    stop = n;
+    for (int j = 0; j < n; ++j) {
+      if (layers[j]->HasTrainableParameters()) {
+        stop = j;
+        break;
+      }
+    }
+  }
+  ConstTensorView grad = dy;
+  Tensor* bufs[2] = {buf_a, buf_b};
+  int next = 0;
+  for (int j = n - 1; j >= stop; --j) {
+    const ConstTensorView in = j == 0 ? x : outputs[j - 1].view();
+    Tensor* out = j == stop ? dx : bufs[next];
+    layers[j]->Backward(in, outputs[j], grad, caches[j], ctx, out);
+    if (!layers[j]->trainable()) {
+      // A layer may have accumulated anyway (Layer::trainable lets it skip, not must).
+      for (Parameter* p : layers[j]->parameters()) p->grad.SetZero();
+    }
+    if (j > stop) {
+      grad = bufs[next]->view();
+      next ^= 1;
+    }
+  }
 }
 
 }  // namespace normd

@@ -47,6 +47,11 @@ struct LayerCache {
   std::vector<int32_t> i;
   // BatchNorm only: the pending running-statistics update is valid (see BatchNorm::Commit).
   bool has_pending_update = false;
+  // A layer that holds layers (ResidualBlock): per inner layer, in the block's order (body,
+  // then shortcut), its output and its own cache. The tree of caches mirrors the tree of
+  // layers, so the Sequential can reach a nested layer's cache by its path (LayerNode).
+  std::vector<Tensor> outputs;
+  std::vector<LayerCache> children;
 };
 
 struct ForwardContext {
@@ -63,6 +68,7 @@ struct ForwardContext {
 };
 
 class BatchNorm;
+class ResidualBlock;
 
 class Layer {
  public:
@@ -115,6 +121,15 @@ class Layer {
   // Non-null for BatchNorm layers.
   virtual BatchNorm* AsBatchNorm() { return nullptr; }
   const BatchNorm* AsBatchNorm() const { return const_cast<Layer*>(this)->AsBatchNorm(); }
+  // Non-null for residual blocks, which hold layers of their own.
+  virtual ResidualBlock* AsResidualBlock() { return nullptr; }
+  const ResidualBlock* AsResidualBlock() const {
+    return const_cast<Layer*>(this)->AsResidualBlock();
+  }
+
+  // True when a backward pass through this layer accumulates some parameter gradient: the
+  // layer has parameters and is trainable (a residual block: one of its layers does).
+  virtual bool HasTrainableParameters() const { return trainable() && NumParameters() > 0; }
 
   // ---- Per-layer training options (Model::SetLayerOptions; PyTorch's fine-tuning idioms) ----
   //
@@ -141,8 +156,28 @@ class Layer {
   bool trainable_ = true;
 };
 
-// Creates the layer for `config` (not yet built).
+// Creates the layer for `config` (not yet built). A residual block comes with empty branches:
+// Sequential::Create builds its layers (it names and checks them as part of the model's tree).
 std::unique_ptr<Layer> MakeLayer(const LayerConfig& config);
+
+// An ordered stack of owned layers: a Sequential, or a branch of a residual block.
+using LayerList = std::vector<std::unique_ptr<Layer>>;
+
+// Runs layers[0], layers[1], ... on x: layer j reads the previous layer's output (x for the
+// first) and writes outputs[j] and caches[j]. REQUIRES: layers is not empty; outputs and caches
+// have room for layers.size() entries.
+void ForwardLayers(const LayerList& layers, const ConstTensorView& x, const ForwardContext& ctx,
+                   Tensor* outputs, LayerCache* caches);
+
+// Back-propagates dy (the gradient w.r.t. the last layer's output) through the stack that
+// ForwardLayers(x, ..., outputs, caches) ran, accumulating parameter gradients; an untrainable
+// layer's (Layer::trainable) stay zero. dx (overwritten) receives dL/dx when non-null; without
+// it the pass stops below the lowest layer with trainable parameters (PyTorch's autograd stops
+// there too, so a frozen backbone costs nothing). buf_a and buf_b are scratch for the
+// intermediate gradients; neither may hold dy.
+void BackwardLayers(LayerList& layers, const ConstTensorView& x, const Tensor* outputs,
+                    const LayerCache* caches, const ConstTensorView& dy, const ForwardContext& ctx,
+                    Tensor* dx, Tensor* buf_a, Tensor* buf_b);
 
 }  // namespace normd
 

@@ -31,11 +31,11 @@ Status Model::Create(const ModelConfig& config, const Sequential::Limits& limits
       std::make_unique<Optimizer>(config.optimizer, model->net_->parameters());
   model->trainable_mask_ = model->net_->parameter_trainable();
   model->rng_.Seed(config.seed ^ kDropoutSeedSalt);
-  for (int i = 0; i < model->net_->num_layers(); ++i) {
-    if (model->net_->layer(i).AsBatchNorm() == nullptr) continue;
+  for (int i = 0; i < model->net_->num_nodes(); ++i) {
+    if (model->net_->node(i).layer->AsBatchNorm() == nullptr) continue;
     BatchNormStatus st;
     st.layer = i;
-    st.name = model->net_->layer_name(i);
+    st.name = model->net_->node(i).label;
     model->status_.push_back(st);
   }
   *out = std::move(model);
@@ -105,9 +105,9 @@ Status Model::ApplyGradients(uint64_t* step) {
   const int bad = net_->FirstNonFiniteGradLayer();
   if (bad >= 0) {
     net_->ZeroGrad();
-    return FailedPrecondition("step ", step_ + 1, " produced non-finite gradients in layer ", bad,
-                              " (", net_->layer(bad).kind_name(),
-                              "); model unchanged, accumulated gradients discarded");
+    return FailedPrecondition("step ", step_ + 1, " produced non-finite gradients in ",
+                              net_->node(bad).description,
+                              "; model unchanged, accumulated gradients discarded");
   }
   optimizer_->Step(net_->parameters(), trainable_mask_);
   net_->ZeroGrad();
@@ -135,8 +135,8 @@ Status Model::TrainStep(const ConstTensorView& x, const Targets& targets, Forwar
   const int bad = net_->FirstNonFiniteGradLayer();
   if (bad >= 0) {
     net_->ZeroGrad();
-    return FailedPrecondition("step ", step_ + 1, " produced non-finite gradients in layer ", bad,
-                              " (", net_->layer(bad).kind_name(), "); model unchanged");
+    return FailedPrecondition("step ", step_ + 1, " produced non-finite gradients in ",
+                              net_->node(bad).description, "; model unchanged");
   }
   // Commit: nothing below can fail.
   optimizer_->Step(net_->parameters(), trainable_mask_);
@@ -179,8 +179,8 @@ Status Model::AccumulateStatistics(const ConstTensorView& x, StatisticsAccumulat
   if (acc->batches == 0) {
     acc->layers.clear();
     acc->pooled.clear();
-    for (int i = 0; i < net_->num_layers(); ++i) {
-      const BatchNorm* bn = net_->layer(i).AsBatchNorm();
+    for (int i = 0; i < net_->num_nodes(); ++i) {
+      const BatchNorm* bn = net_->node(i).layer->AsBatchNorm();
       if (bn != nullptr && bn->tracks_running_stats() && !bn->frozen()) acc->layers.push_back(i);
     }
     if (acc->layers.empty()) {
@@ -201,8 +201,8 @@ Status Model::AccumulateStatistics(const ConstTensorView& x, StatisticsAccumulat
   acc->pooled.resize(acc->layers.size());
   for (size_t k = 0; k < acc->layers.size(); ++k) {
     const int i = acc->layers[k];
-    const ChannelMoments batch =
-        net_->layer(i).AsBatchNorm()->BatchMomentsOf(acc->scratch.cache(i), x.rows());
+    const ChannelMoments batch = net_->node(i).layer->AsBatchNorm()->BatchMomentsOf(
+        net_->NodeCache(acc->scratch, i), x.rows());
     if (acc->batches == 0) {
       acc->pooled[k] = batch;
     } else {
@@ -221,7 +221,7 @@ Status Model::CommitStatistics(const StatisticsAccumulator& acc) {
                    "switched) during the adaptation; nothing was changed, start it again");
   }
   for (size_t k = 0; k < acc.layers.size(); ++k) {
-    net_->layer(acc.layers[k]).AsBatchNorm()->ReplaceRunningStats(acc.pooled[k], acc.batches);
+    net_->node(acc.layers[k]).layer->AsBatchNorm()->ReplaceRunningStats(acc.pooled[k], acc.batches);
   }
   return Status::Ok();
 }
@@ -231,10 +231,10 @@ std::vector<SmallBatchReport> Model::SmallBatches(const ForwardRecord& rec,
   std::vector<SmallBatchReport> out;
   if (threshold <= 0 || !rec.context().training) return out;
   for (const ForwardRecord::BatchNormReport& r : rec.batch_norms()) {
-    const BatchNorm* bn = net_->layer(r.layer).AsBatchNorm();
+    const BatchNorm* bn = net_->node(r.layer).layer->AsBatchNorm();
     if (!bn->UsesBatchStatistics(rec.context())) continue;
     const int64_t values = bn->ValuesPerChannel(rec.batch_size());
-    if (values < threshold) out.push_back({r.layer, net_->layer_name(r.layer), values});
+    if (values < threshold) out.push_back({r.layer, net_->node(r.layer).label, values});
   }
   return out;
 }
@@ -343,18 +343,7 @@ void Model::ResetRunningStats() {
   }
 }
 
-int Model::FindLayer(const std::string& label) const {
-  for (int i = 0; i < net_->num_layers(); ++i) {
-    if (net_->layer_name(i) == label) return i;
-  }
-  if (label.empty() || label.size() > 9) return -1;
-  for (char c : label) {
-    if (c < '0' || c > '9') return -1;
-  }
-  if (label.size() > 1 && label[0] == '0') return -1;  // "03" is not a state_dict prefix
-  const int i = std::stoi(label);
-  return i < net_->num_layers() ? i : -1;
-}
+int Model::FindLayer(const std::string& label) const { return net_->FindNode(label); }
 
 Status Model::CheckCanTrain(const char* what) const {
   if (!inference_only_) return Status::Ok();
@@ -366,39 +355,66 @@ Status Model::SetLayerOptions(const std::vector<LayerOptionsChange>& changes,
                               bool* frozen_changed) {
   *frozen_changed = false;
   NORMD_RETURN_IF_ERROR(CheckCanTrain("SetLayerOptions"));
-  // Validate every change first.
-  std::vector<int> index(changes.size());
+  // Validate every change first. A change naming a residual block applies to the layers inside
+  // it that can take it, as PyTorch's block.eval() and block.requires_grad_(False) do.
+  struct Target {
+    Layer* layer;
+    bool frozen;     // the change's frozen applies to it
+    bool trainable;  // the change's trainable applies to it
+  };
+  std::vector<std::vector<Target>> targets(changes.size());
   for (size_t k = 0; k < changes.size(); ++k) {
     const LayerOptionsChange& c = changes[k];
     const int i = FindLayer(c.layer);
     if (i < 0) {
       return InvalidArgument("layers[", k, "]: the model has no layer '", c.layer,
-                             "' (a layer is named by its configured name or its index, 0 to ",
-                             net_->num_layers() - 1, ")");
+                             "' (a layer is named by its configured name or its path: its index ",
+                             "0 to ", net_->num_layers() - 1,
+                             ", or a path into a residual block such as '4.body.1')");
     }
-    const Layer& layer = net_->layer(i);
-    const bool has_params = layer.NumParameters() > 0;
-    if (!has_params && !layer.HasRunningStats()) {
-      return InvalidArgument("layers[", k, "]: layer '", c.layer, "' (", layer.kind_name(),
-                             ") has neither parameters nor running statistics");
+    const LayerNode& node = net_->node(i);
+    const bool block = node.layer->AsResidualBlock() != nullptr;
+    bool any_params = false, any_stats = false;
+    for (int j = i; j < net_->num_nodes(); ++j) {
+      const LayerNode& inner = net_->node(j);
+      if (j > i && inner.depth <= node.depth) break;  // past the block's layers
+      if (inner.layer->AsResidualBlock() != nullptr) continue;
+      const bool params = inner.layer->NumParameters() > 0;
+      const bool stats = inner.layer->HasRunningStats();
+      any_params = any_params || params;
+      any_stats = any_stats || stats;
+      // A layer named itself takes both options; inside a block, each goes to the layers it
+      // means something for.
+      if (!block) {
+        targets[k].push_back({inner.layer, true, true});
+      } else if (params || stats) {
+        targets[k].push_back({inner.layer, stats, params});
+      }
     }
-    if (c.frozen.value_or(false) && !layer.HasRunningStats()) {
-      return InvalidArgument("layers[", k, "]: layer '", c.layer, "' (", layer.kind_name(),
-                             ") cannot be frozen: only a norm layer with running statistics "
-                             "can (track_running_stats)");
+    const char* what = block ? " holds no layer with" : " has";
+    if (!any_params && !any_stats) {
+      return InvalidArgument("layers[", k, "]: layer '", c.layer, "' (", node.layer->kind_name(),
+                             ")", what, " neither parameters nor running statistics");
     }
-    index[k] = i;
+    if (c.frozen.value_or(false) && !any_stats) {
+      return InvalidArgument("layers[", k, "]: layer '", c.layer, "' (", node.layer->kind_name(),
+                             ")", block ? " holds no layer that" : "",
+                             " cannot be frozen: only a norm layer with running statistics can "
+                             "(track_running_stats)");
+    }
   }
   for (size_t k = 0; k < changes.size(); ++k) {
-    Layer& layer = net_->layer(index[k]);
-    if (changes[k].frozen.has_value() && *changes[k].frozen != layer.frozen()) {
-      layer.set_frozen(*changes[k].frozen);
-      *frozen_changed = true;
-    }
-    if (changes[k].trainable.has_value()) {
-      layer.set_trainable(*changes[k].trainable);
-      if (!layer.trainable()) {
-        for (Parameter* p : layer.parameters()) p->grad.SetZero();
+    for (const Target& t : targets[k]) {
+      Layer& layer = *t.layer;
+      if (t.frozen && changes[k].frozen.has_value() && *changes[k].frozen != layer.frozen()) {
+        layer.set_frozen(*changes[k].frozen);
+        *frozen_changed = true;
+      }
+      if (t.trainable && changes[k].trainable.has_value()) {
+        layer.set_trainable(*changes[k].trainable);
+        if (!layer.trainable()) {
+          for (Parameter* p : layer.parameters()) p->grad.SetZero();
+        }
       }
     }
   }
@@ -409,10 +425,11 @@ Status Model::SetLayerOptions(const std::vector<LayerOptionsChange>& changes,
 
 std::vector<LayerOptionsStatus> Model::layer_options() const {
   std::vector<LayerOptionsStatus> out;
-  for (int i = 0; i < net_->num_layers(); ++i) {
-    const Layer& layer = net_->layer(i);
+  for (int i = 0; i < net_->num_nodes(); ++i) {
+    const Layer& layer = *net_->node(i).layer;
+    if (layer.AsResidualBlock() != nullptr) continue;
     if (layer.NumParameters() == 0 && !layer.HasRunningStats()) continue;
-    out.push_back(LayerOptionsStatus{i, net_->layer_name(i), layer.frozen(), layer.trainable()});
+    out.push_back(LayerOptionsStatus{i, net_->node(i).label, layer.frozen(), layer.trainable()});
   }
   return out;
 }
@@ -441,7 +458,7 @@ std::vector<BatchNormStatus> Model::batch_norm_status() const {
     out = status_;
   }
   for (BatchNormStatus& st : out) {
-    st.num_batches_tracked = net_->layer(st.layer).AsBatchNorm()->num_batches_tracked();
+    st.num_batches_tracked = net_->node(st.layer).layer->AsBatchNorm()->num_batches_tracked();
   }
   return out;
 }

@@ -35,10 +35,10 @@ struct NamedTensor {
   std::vector<float> values;
 };
 
-// What the service reports per BatchNorm layer.
+// What the service reports per BatchNorm layer, nested ones included.
 struct BatchNormStatus {
-  int layer = 0;
-  std::string name;  // the layer's label
+  int layer = 0;     // node index (Sequential::nodes())
+  std::string name;  // the layer's label: its configured name, or its path ("4.body.1")
   int64_t num_batches_tracked = 0;
   float last_mean_shift = 0.0f;
   float last_var_log_ratio = 0.0f;
@@ -47,16 +47,17 @@ struct BatchNormStatus {
 };
 
 // A layer's training options (see Layer::frozen and Layer::trainable), as reported for every
-// layer that has parameters or running statistics.
+// layer that has parameters or running statistics (not for residual blocks, whose options are
+// their layers').
 struct LayerOptionsStatus {
-  int layer = 0;
+  int layer = 0;     // node index
   std::string name;  // the layer's label
   bool frozen = false;
   bool trainable = true;
 };
 
-// One change of Model::SetLayerOptions: the layer's label (its configured name, or its index
-// "3"); an unset field keeps its value.
+// One change of Model::SetLayerOptions: the layer's label (its configured name, or its path:
+// "3", "4.body.1"); an unset field keeps its value.
 struct LayerOptionsChange {
   std::string layer;
   std::optional<bool> frozen;
@@ -66,7 +67,7 @@ struct LayerOptionsChange {
 // A BatchNorm layer that normalised a training batch with statistics over few values per
 // channel (Model::SmallBatches).
 struct SmallBatchReport {
-  int layer = 0;
+  int layer = 0;     // node index
   std::string name;  // the layer's label
   int64_t values_per_channel = 0;
 };
@@ -87,7 +88,7 @@ struct EvalResult {
 // a stream of batches (Model::AccumulateStatistics), and the versions of the model they were
 // measured on. Not model state: a failed or abandoned stream just drops it.
 struct StatisticsAccumulator {
-  std::vector<int> layers;              // BatchNorm layers adapted, in layer order
+  std::vector<int> layers;              // BatchNorm layers adapted (node indices), in order
   std::vector<ChannelMoments> pooled;   // per entry of layers
   int64_t batches = 0;
   int64_t samples = 0;
@@ -177,7 +178,10 @@ class Model {
   Status CommitStatistics(const StatisticsAccumulator& acc);
 
   // Per-layer freezing and trainability, as fine-tuning does in PyTorch (`bn.eval()` in a
-  // train-mode model, `requires_grad_(False)`). Validates every change before applying any:
+  // train-mode model, `requires_grad_(False)`). A change naming a residual block applies to
+  // the layers inside it: frozen to those with running statistics, trainable to those with
+  // parameters (as block.eval() and block.requires_grad_(False)). Validates every change
+  // before applying any:
   // INVALID_ARGUMENT naming the label for an unknown label, a layer without parameters or
   // running statistics, or frozen=true on a layer without running statistics;
   // FAILED_PRECONDITION on an inference-only model. Changes apply in order (a later change of
@@ -186,10 +190,11 @@ class Model {
   // says whether that happened. The model-wide SetMode(freeze_running_stats) is independent:
   // it keeps train-mode batch statistics and only stops the running updates.
   Status SetLayerOptions(const std::vector<LayerOptionsChange>& changes, bool* frozen_changed);
-  // Every layer with parameters or running statistics, in layer order. Shared.
+  // Every layer with parameters or running statistics, nested ones included, in node order.
+  // Shared.
   std::vector<LayerOptionsStatus> layer_options() const;
-  // The index of the layer labelled `label`: a configured name first, else a layer index
-  // ("3"). -1 when none.
+  // The node index of the layer labelled `label`: a configured name first, else a path ("3",
+  // "4.body.1"). -1 when none.
   int FindLayer(const std::string& label) const;
 
   // An inference-only model (a FoldBatchNorm copy) stays in eval mode: switching to train

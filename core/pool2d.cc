@@ -195,4 +195,41 @@ void Pool2d::Backward(const ConstTensorView& x, const Tensor& /*y*/, const Const
   }
 }
 
+Status AdaptiveAvgPool2d::Build(const Shape& sample_in, Shape* sample_out) {
+  if (sample_in.rank() != 3) {
+    return InvalidArgument("expects a 3-D per-sample input (C, H, W), got ", sample_in.ToString());
+  }
+  c_ = sample_in[0];
+  plane_ = sample_in[1] * sample_in[2];
+  if (plane_ == 0) return InvalidArgument("the input plane is empty: ", sample_in.ToString());
+  *sample_out = Shape{c_, 1, 1};
+  return Status::Ok();
+}
+
+void AdaptiveAvgPool2d::Forward(const ConstTensorView& x, Tensor* y, LayerCache* /*cache*/,
+                                const ForwardContext& /*ctx*/) const {
+  const int64_t planes = x.shape[0] * c_;
+  y->Resize(Shape{x.shape[0], c_, 1, 1});
+  const double inv = 1.0 / static_cast<double>(plane_);
+  for (int64_t pl = 0; pl < planes; ++pl) {
+    const float* in = x.data + pl * plane_;
+    double sum = 0.0;
+    for (int64_t i = 0; i < plane_; ++i) sum += in[i];
+    y->data()[pl] = static_cast<float>(sum * inv);
+  }
+}
+
+void AdaptiveAvgPool2d::Backward(const ConstTensorView& x, const Tensor& /*y*/,
+                                 const ConstTensorView& dy, const LayerCache& /*cache*/,
+                                 const ForwardContext& /*ctx*/, Tensor* dx) {
+  if (dx == nullptr) return;
+  const int64_t planes = x.shape[0] * c_;
+  dx->Resize(x.shape);
+  const float count = static_cast<float>(plane_);
+  for (int64_t pl = 0; pl < planes; ++pl) {
+    const float g = dy.data[pl] / count;
+    std::fill(dx->data() + pl * plane_, dx->data() + (pl + 1) * plane_, g);
+  }
+}
+
 }  // namespace normd

@@ -27,6 +27,22 @@ class Pool2d : public Layer {
   int64_t c_ = 0, h_ = 0, w_ = 0, h_out_ = 0, w_out_ = 0;
 };
 
+// Global average pooling, as PyTorch's nn.AdaptiveAvgPool2d((1, 1)): (N, C, H, W) ->
+// (N, C, 1, 1), each output the mean of its input plane (summed in double, rounded once).
+// Forward caches nothing; Backward overwrites dx with dy / (H * W) spread over each plane.
+class AdaptiveAvgPool2d : public Layer {
+ public:
+  const char* kind_name() const override { return "AdaptiveAvgPool2d"; }
+  Status Build(const Shape& sample_in, Shape* sample_out) override;
+  void Forward(const ConstTensorView& x, Tensor* y, LayerCache* cache,
+               const ForwardContext& ctx) const override;
+  void Backward(const ConstTensorView& x, const Tensor& y, const ConstTensorView& dy,
+                const LayerCache& cache, const ForwardContext& ctx, Tensor* dx) override;
+
+ private:
+  int64_t c_ = 0, plane_ = 0;  // channels, H * W
+};
+
 }  // namespace normd
 
 #endif  // NORMD_CORE_POOL2D_H_

@@ -17,10 +17,6 @@ MeanStd MeanStdOf(const float* data, int64_t n) {
   return r;
 }
 
-std::string LayerPrefix(int i, const Layer& layer) {
-  return StrCat("layer ", i, " (", layer.kind_name(), ")");
-}
-
 }  // namespace
 
 void ForwardRecord::RetainInput() {
@@ -29,6 +25,104 @@ void ForwardRecord::RetainInput() {
   std::copy(input_.data, input_.data + input_.size(), input_copy_.data());
   input_.data = input_copy_.data();
 }
+
+// Builds the layer tree depth first, numbering nodes in PyTorch's module order and checking
+// every layer's shape, the names and the limits as it goes.
+struct Sequential::Builder {
+  Builder(const Limits& l, Sequential* n) : limits(l), net(n) {}
+
+  const Limits& limits;
+  Sequential* net;
+  int64_t params = 0;
+  int layers = 0;
+  std::set<std::string> labels;
+
+  // Builds `configs` as one stack reading per-sample shape `in`: the top-level layers
+  // (parent < 0), or a branch of the residual block at node `parent`. *out: the stack's
+  // output shape.
+  Status BuildStack(const std::vector<LayerConfig>& configs, const Shape& in, int parent,
+                    ResidualBlock::Branch branch, Shape* out) {
+    Shape shape = in;
+    int previous = -1;
+    for (size_t j = 0; j < configs.size(); ++j) {
+      const LayerConfig& config = configs[j];
+      std::unique_ptr<Layer> layer = MakeLayer(config);
+      const int index = static_cast<int>(net->nodes_.size());
+      LayerNode node;
+      node.layer = layer.get();
+      node.parent = parent;
+      node.previous = previous;
+      node.input_shape = shape;
+      const char* branch_name = branch == ResidualBlock::Branch::kBody ? "body" : "shortcut";
+      if (parent < 0) {
+        node.path = std::to_string(j);
+        node.description = StrCat("layer ", j, " (", layer->kind_name(), ")");
+        node.slot = static_cast<int>(j);
+      } else {
+        const LayerNode& p = net->nodes_[parent];
+        node.path = StrCat(p.path, ".", branch_name, ".", j);
+        node.description =
+            StrCat(p.description, " ", branch_name, " layer ", j, " (", layer->kind_name(), ")");
+        node.slot = p.layer->AsResidualBlock()->CacheSlot(branch, static_cast<int>(j));
+        node.depth = p.depth + 1;
+      }
+      node.label = config.name.empty() ? node.path : config.name;
+      const std::string description = node.description;
+      if (++layers > limits.max_layers) {
+        return ResourceExhausted(description, ": the model would have more than ",
+                                 limits.max_layers,
+                                 " layers (the limit; residual blocks and the "
+                                 "layers inside them count)");
+      }
+      if (!labels.insert(node.label).second) {
+        return InvalidArgument(description, ": name '", node.label, "' is used by another layer");
+      }
+      net->nodes_.push_back(std::move(node));
+
+      Shape next;
+      if (ResidualBlock* block = layer->AsResidualBlock()) {
+        if (net->nodes_[index].depth + 1 > kMaxResidualDepth) {
+          return InvalidArgument(description, ": residual blocks nest more than ",
+                                 kMaxResidualDepth, " deep");
+        }
+        Shape ignored;
+        NORMD_RETURN_IF_ERROR(
+            BuildStack(config.residual.body, shape, index, ResidualBlock::Branch::kBody, &ignored));
+        NORMD_RETURN_IF_ERROR(BuildStack(config.residual.shortcut, shape, index,
+                                         ResidualBlock::Branch::kShortcut, &ignored));
+        Status s = block->Build(shape, &next);
+        if (!s.ok()) return s.WithPrefix(description);
+      } else {
+        Status s = layer->Build(shape, &next);
+        if (!s.ok()) return s.WithPrefix(description);
+        // A block's parameters are its layers', counted as those are built.
+        const int64_t p = layer->NumParameters();
+        params = (p > limits.max_parameters - params) ? limits.max_parameters + 1 : params + p;
+        if (params > limits.max_parameters) {
+          return ResourceExhausted(description, ": the model would have more than ",
+                                   limits.max_parameters, " parameters (the limit)");
+        }
+      }
+      if (next.NumElements() > limits.max_sample_elements) {
+        return ResourceExhausted(description, ": output ", next.ToString(), " has more than ",
+                                 limits.max_sample_elements, " elements per sample");
+      }
+      net->nodes_[index].output_shape = next;
+      if (layer->AsBatchNorm() != nullptr) net->batch_norm_nodes_.push_back(index);
+      if (parent < 0) {
+        net->layers_.push_back(std::move(layer));
+        net->shapes_.push_back(next);
+        net->top_nodes_.push_back(index);
+      } else {
+        net->nodes_[parent].layer->AsResidualBlock()->Append(branch, std::move(layer), next);
+      }
+      shape = next;
+      previous = index;
+    }
+    *out = shape;
+    return Status::Ok();
+  }
+};
 
 Status Sequential::Create(const std::vector<int64_t>& input_shape,
                           const std::vector<LayerConfig>& layers, uint64_t seed,
@@ -55,44 +149,49 @@ Status Sequential::Create(const std::vector<int64_t>& input_shape,
                              limits.max_layers);
   }
 
-  Shape shape = net->input_shape_;
-  net->shapes_.push_back(shape);
-  std::set<std::string> seen_names;
-  int64_t params = 0;
-  for (size_t i = 0; i < layers.size(); ++i) {
-    const int index = static_cast<int>(i);
-    std::unique_ptr<Layer> layer = MakeLayer(layers[i]);
-    Shape next;
-    Status s = layer->Build(shape, &next);
-    if (!s.ok()) return s.WithPrefix(LayerPrefix(index, *layer));
-    if (next.NumElements() > limits.max_sample_elements) {
-      return ResourceExhausted(LayerPrefix(index, *layer), ": output ", next.ToString(),
-                               " has more than ", limits.max_sample_elements,
-                               " elements per sample");
-    }
-    const int64_t p = layer->NumParameters();
-    params = (p > limits.max_parameters - params) ? limits.max_parameters + 1 : params + p;
-    if (params > limits.max_parameters) {
-      return ResourceExhausted(LayerPrefix(index, *layer), ": the model would have more than ",
-                               limits.max_parameters, " parameters (the limit)");
-    }
-    std::string name = layers[i].name.empty() ? std::to_string(i) : layers[i].name;
-    if (!seen_names.insert(name).second) {
-      return InvalidArgument(LayerPrefix(index, *layer), ": name '", name,
-                             "' is used by another layer");
-    }
-    net->names_.push_back(std::move(name));
-    net->layers_.push_back(std::move(layer));
-    net->shapes_.push_back(next);
-    shape = next;
-  }
-  net->output_shape_ = shape;
-  net->parameter_count_ = params;
+  net->shapes_.push_back(net->input_shape_);
+  Builder builder(limits, net.get());
+  NORMD_RETURN_IF_ERROR(builder.BuildStack(layers, net->input_shape_, /*parent=*/-1,
+                                           ResidualBlock::Branch::kBody, &net->output_shape_));
+  net->parameter_count_ = builder.params;
 
   Rng rng(seed);
   for (auto& layer : net->layers_) layer->Allocate(rng);
   *out = std::move(net);
   return Status::Ok();
+}
+
+int Sequential::FindNode(const std::string& label) const {
+  for (size_t i = 0; i < nodes_.size(); ++i) {
+    if (nodes_[i].label == label) return static_cast<int>(i);
+  }
+  for (size_t i = 0; i < nodes_.size(); ++i) {
+    if (nodes_[i].path == label) return static_cast<int>(i);
+  }
+  return -1;
+}
+
+LayerCache& Sequential::NodeCache(ForwardRecord* rec, int node) const {
+  const LayerNode& n = nodes_[node];
+  if (n.parent < 0) return rec->caches_[n.slot];
+  return NodeCache(rec, n.parent).children[n.slot];
+}
+
+const LayerCache& Sequential::NodeCache(const ForwardRecord& rec, int node) const {
+  return NodeCache(const_cast<ForwardRecord*>(&rec), node);
+}
+
+const Tensor& Sequential::NodeOutput(const ForwardRecord& rec, int node) const {
+  const LayerNode& n = nodes_[node];
+  if (n.parent < 0) return rec.outputs_[n.slot];
+  return NodeCache(rec, n.parent).outputs[n.slot];
+}
+
+ConstTensorView Sequential::NodeInput(const ForwardRecord& rec, int node) const {
+  const LayerNode& n = nodes_[node];
+  if (n.previous >= 0) return NodeOutput(rec, n.previous).view();
+  if (n.parent >= 0) return NodeInput(rec, n.parent);
+  return rec.input_;
 }
 
 Status Sequential::CheckInput(const Shape& batch, const ForwardContext& ctx) const {
@@ -101,11 +200,9 @@ Status Sequential::CheckInput(const Shape& batch, const ForwardContext& ctx) con
                            input_shape_.ToString().substr(1));
   }
   if (batch[0] < 1) return InvalidArgument("input has an empty batch (N = 0)");
-  Shape shape = batch;
-  for (size_t i = 0; i < layers_.size(); ++i) {
-    Status s = layers_[i]->CheckBatch(shape, ctx);
-    if (!s.ok()) return s.WithPrefix(LayerPrefix(static_cast<int>(i), *layers_[i]));
-    shape = shapes_[i + 1].WithBatch(batch[0]);
+  for (const LayerNode& node : nodes_) {
+    Status s = node.layer->CheckBatch(node.input_shape.WithBatch(batch[0]), ctx);
+    if (!s.ok()) return s.WithPrefix(node.description);
   }
   return Status::Ok();
 }
@@ -121,62 +218,33 @@ void Sequential::Forward(const ConstTensorView& x, const ForwardContext& ctx,
   Rng local = ctx.rng != nullptr ? *ctx.rng : Rng();
   ForwardContext lctx = ctx;
   lctx.rng = &local;
-  for (size_t i = 0; i < n; ++i) {
-    const ConstTensorView in = i == 0 ? x : rec->outputs_[i - 1].view();
-    layers_[i]->Forward(in, &rec->outputs_[i], &rec->caches_[i], lctx);
-    if (layers_[i]->AsBatchNorm() != nullptr) {
-      ForwardRecord::BatchNormReport r;
-      r.layer = static_cast<int>(i);
-      r.drift = BatchNorm::DriftOf(rec->caches_[i]);
-      rec->bn_reports_.push_back(r);
-    }
+  ForwardLayers(layers_, x, lctx, rec->outputs_.data(), rec->caches_.data());
+  for (int node : batch_norm_nodes_) {
+    ForwardRecord::BatchNormReport r;
+    r.layer = node;
+    r.drift = BatchNorm::DriftOf(NodeCache(*rec, node));
+    rec->bn_reports_.push_back(r);
   }
   rec->rng_after_ = local;
   rec->ctx_.rng = nullptr;  // the caller's generator must not be reached through the record
 }
 
 void Sequential::Backward(ForwardRecord* rec, const ConstTensorView& dy, Tensor* dx) {
-  const int n = static_cast<int>(layers_.size());
-  // Without dx, the layers below the lowest one with trainable parameters need no gradient
-  // (PyTorch's autograd stops there too): a frozen backbone costs nothing.
-  int stop = 0;
-  if (dx == nullptr) {
-    stop = n;
-    for (int i = 0; i < n; ++i) {
-      if (layers_[i]->trainable() && layers_[i]->NumParameters() > 0) {
-        stop = i;
-        break;
-      }
-    }
-  }
-  ConstTensorView grad = dy;
-  Tensor* bufs[2] = {&rec->grad_a_, &rec->grad_b_};
-  int next = 0;
-  for (int i = n - 1; i >= stop; --i) {
-    const ConstTensorView in = i == 0 ? rec->input_ : rec->outputs_[i - 1].view();
-    Tensor* out = i == stop ? (i == 0 ? dx : nullptr) : bufs[next];
-    layers_[i]->Backward(in, rec->outputs_[i], grad, rec->caches_[i], rec->ctx_, out);
-    if (!layers_[i]->trainable()) {
-      // A layer may have accumulated anyway (Layer::trainable lets it skip, not must).
-      for (Parameter* p : layers_[i]->parameters()) p->grad.SetZero();
-    }
-    if (i > stop) {
-      grad = bufs[next]->view();
-      next ^= 1;
-    }
-  }
+  BackwardLayers(layers_, rec->input_, rec->outputs_.data(), rec->caches_.data(), dy, rec->ctx_, dx,
+                 &rec->grad_a_, &rec->grad_b_);
 }
 
 Rng Sequential::CommitRunningStats(ForwardRecord* rec) {
   for (ForwardRecord::BatchNormReport& r : rec->bn_reports_) {
-    LayerCache& cache = rec->caches_[r.layer];
+    LayerCache& cache = NodeCache(rec, r.layer);
     r.committed = cache.has_pending_update;
-    r.update = layers_[r.layer]->AsBatchNorm()->Commit(&cache);
+    r.update = nodes_[r.layer].layer->AsBatchNorm()->Commit(&cache);
   }
-  for (size_t i = 0; i < layers_.size(); ++i) {
-    if (layers_[i]->AsBatchNorm() == nullptr && rec->caches_[i].has_pending_update) {
-      layers_[i]->ApplyPendingUpdate(&rec->caches_[i]);
-    }
+  for (size_t i = 0; i < nodes_.size(); ++i) {
+    Layer* layer = nodes_[i].layer;
+    if (layer->AsBatchNorm() != nullptr || layer->AsResidualBlock() != nullptr) continue;
+    LayerCache& cache = NodeCache(rec, static_cast<int>(i));
+    if (cache.has_pending_update) layer->ApplyPendingUpdate(&cache);
   }
   return rec->rng_after_;
 }
@@ -186,43 +254,53 @@ void Sequential::ZeroGrad() {
 }
 
 int Sequential::FirstNonFiniteGradLayer() {
-  for (size_t i = 0; i < layers_.size(); ++i) {
-    for (Parameter* p : layers_[i]->parameters()) {
+  for (size_t i = 0; i < nodes_.size(); ++i) {
+    if (nodes_[i].layer->AsResidualBlock() != nullptr) continue;
+    for (Parameter* p : nodes_[i].layer->parameters()) {
       if (!p->grad.AllFinite()) return static_cast<int>(i);
     }
   }
   return -1;
 }
 
+// The walks below visit the leaves of the tree (every node but the blocks, whose parameters
+// and state are their layers'), in node order: PyTorch's order.
+
 std::vector<Parameter*> Sequential::parameters() {
   std::vector<Parameter*> all;
-  for (auto& layer : layers_) {
-    for (Parameter* p : layer->parameters()) all.push_back(p);
+  for (const LayerNode& node : nodes_) {
+    if (node.layer->AsResidualBlock() != nullptr) continue;
+    for (Parameter* p : node.layer->parameters()) all.push_back(p);
   }
   return all;
 }
 
 std::vector<bool> Sequential::parameter_trainable() {
   std::vector<bool> all;
-  for (auto& layer : layers_) {
-    for (size_t j = 0; j < layer->parameters().size(); ++j) all.push_back(layer->trainable());
+  for (const LayerNode& node : nodes_) {
+    if (node.layer->AsResidualBlock() != nullptr) continue;
+    for (size_t j = 0; j < node.layer->parameters().size(); ++j) {
+      all.push_back(node.layer->trainable());
+    }
   }
   return all;
 }
 
 std::vector<std::string> Sequential::parameter_names() {
   std::vector<std::string> names;
-  for (size_t i = 0; i < layers_.size(); ++i) {
-    for (Parameter* p : layers_[i]->parameters()) names.push_back(StrCat(i, ".", p->name));
+  for (const LayerNode& node : nodes_) {
+    if (node.layer->AsResidualBlock() != nullptr) continue;
+    for (Parameter* p : node.layer->parameters()) names.push_back(StrCat(node.path, ".", p->name));
   }
   return names;
 }
 
 std::vector<StateSlot> Sequential::state() {
   std::vector<StateSlot> all;
-  for (size_t i = 0; i < layers_.size(); ++i) {
-    for (StateSlot& s : layers_[i]->state()) {
-      s.name = StrCat(i, ".", s.name);
+  for (const LayerNode& node : nodes_) {
+    if (node.layer->AsResidualBlock() != nullptr) continue;
+    for (StateSlot& s : node.layer->state()) {
+      s.name = StrCat(node.path, ".", s.name);
       all.push_back(std::move(s));
     }
   }
@@ -230,18 +308,17 @@ std::vector<StateSlot> Sequential::state() {
 }
 
 void Sequential::ResetRunningStats() {
-  for (auto& layer : layers_) {
-    layer->ResetRunningStats();
-  }
+  for (const LayerNode& node : nodes_) node.layer->ResetRunningStats();
 }
 
 std::vector<LayerActivationStats> Sequential::ActivationStats(const ForwardRecord& rec) const {
-  std::vector<LayerActivationStats> stats(layers_.size());
-  for (size_t i = 0; i < layers_.size(); ++i) {
-    const ConstTensorView in = i == 0 ? rec.input_ : rec.outputs_[i - 1].view();
+  std::vector<LayerActivationStats> stats(nodes_.size());
+  for (size_t i = 0; i < nodes_.size(); ++i) {
+    const ConstTensorView in = NodeInput(rec, static_cast<int>(i));
+    const Tensor& out = NodeOutput(rec, static_cast<int>(i));
     stats[i].layer = static_cast<int>(i);
     stats[i].input = MeanStdOf(in.data, in.size());
-    stats[i].output = MeanStdOf(rec.outputs_[i].data(), rec.outputs_[i].size());
+    stats[i].output = MeanStdOf(out.data(), out.size());
   }
   return stats;
 }

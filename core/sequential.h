@@ -1,9 +1,18 @@
 // Sequential: an ordered stack of layers that owns them, as PyTorch's nn.Sequential, and the
 // ForwardRecord that carries one forward pass to its backward pass.
 //
+// The layers form a tree: a residual block (core/residual.h) holds two stacks of its own, which
+// may hold blocks again. The Sequential walks that tree once, at construction, into a list of
+// LayerNodes in PyTorch's module order (a block, then its body's layers, then its shortcut's),
+// each with its path, the state_dict prefix ("4", "4.body.1"), and its label (its configured
+// name, or its path). Everything that names or visits layers uses this one list: state_dict
+// names, BatchNorm drift reports and running-statistics commits, per-layer options, layer
+// statistics. A model without blocks has one node per layer, node i being layer i.
+//
 // Shapes are inferred at construction from the per-sample input shape; an architecture error
-// is reported then, naming the layer ("layer 3 (BatchNorm1d): num_features is 64 but the
-// previous layer produces 50 features").
+// is reported then, naming the layer by its place in the tree ("layer 3 (BatchNorm1d):
+// num_features is 64 but the previous layer produces 50 features", "layer 4 (residual) body
+// layer 1 (BatchNorm2d): ...").
 //
 // Thread safety: Forward is const and may run concurrently (eval-mode serving). Backward,
 // CommitRunningStats, ZeroGrad and state changes need exclusive access.
@@ -18,6 +27,7 @@
 
 #include "core/batch_norm.h"
 #include "core/layer.h"
+#include "core/residual.h"
 
 namespace normd {
 
@@ -28,9 +38,26 @@ struct MeanStd {
 };
 
 struct LayerActivationStats {
-  int layer = 0;
+  int layer = 0;  // node index (Sequential::nodes())
   MeanStd input;
   MeanStd output;
+};
+
+// One layer of the model's tree (see the file comment).
+struct LayerNode {
+  Layer* layer = nullptr;  // owned by the Sequential or by the block holding it
+  std::string path;        // state_dict prefix: "4", "4.body.1", "4.shortcut.0"
+  std::string label;       // the configured name, or the path
+  // How messages name it: "layer 4 (residual) body layer 1 (BatchNorm2d)".
+  std::string description;
+  int parent = -1;    // node index of the residual block holding it; -1 at the top level
+  int previous = -1;  // node index of the layer before it in the same stack; -1 when first
+  // Index among the top-level layers (parent < 0), or in the parent block's cache tree
+  // (ResidualBlock::CacheSlot).
+  int slot = 0;
+  int depth = 0;       // 0 at the top level, 1 inside a top-level block, ...
+  Shape input_shape;   // per sample
+  Shape output_shape;  // per sample
 };
 
 // One forward pass: every layer's output and cache, and what the BatchNorm layers measured.
@@ -38,7 +65,7 @@ struct LayerActivationStats {
 class ForwardRecord {
  public:
   struct BatchNormReport {
-    int layer = 0;  // index in the Sequential
+    int layer = 0;  // node index (Sequential::nodes())
     BatchNormDrift drift;
     BatchNormUpdate update;  // filled by CommitRunningStats
     bool committed = false;
@@ -48,8 +75,10 @@ class ForwardRecord {
   ConstTensorView input() const { return input_; }
   int64_t batch_size() const { return input_.rows(); }
   const ForwardContext& context() const { return ctx_; }
+  // One report per BatchNorm node, in node order.
   const std::vector<BatchNormReport>& batch_norms() const { return bn_reports_; }
-  // What layer i's Forward left for its Backward.
+  // What top-level layer i's Forward left for its Backward (Sequential::NodeCache reaches
+  // nested layers').
   const LayerCache& cache(int layer) const { return caches_[layer]; }
 
   // Copies the input into the record, so the record no longer refers to the caller's buffer
@@ -80,6 +109,7 @@ class Sequential {
     // Largest per-sample activation (elements) any layer may produce.
     int64_t max_sample_elements = int64_t{1} << 28;
   };
+  // max_layers counts every layer of the tree: residual blocks and the layers inside them.
 
   // Builds the layers for `input_shape`, checks every shape and the limits, then allocates and
   // initialises parameters from `seed` (PyTorch's default distributions).
@@ -89,17 +119,34 @@ class Sequential {
 
   const Shape& input_shape() const { return input_shape_; }    // per sample
   const Shape& output_shape() const { return output_shape_; }  // per sample
+  // The top-level layers.
   int num_layers() const { return static_cast<int>(layers_.size()); }
   Layer& layer(int i) { return *layers_[i]; }
   const Layer& layer(int i) const { return *layers_[i]; }
-  // The layer's label: its configured name, or its index.
-  const std::string& layer_name(int i) const { return names_[i]; }
+  // The top-level layer's label: its configured name, or its index.
+  const std::string& layer_name(int i) const { return nodes_[top_nodes_[i]].label; }
   int64_t parameter_count() const { return parameter_count_; }
-  // Per-sample output shape of layer i.
+  // Per-sample output shape of top-level layer i.
   const Shape& layer_output_shape(int i) const { return shapes_[i + 1]; }
 
+  // Every layer of the tree, in PyTorch's module order (see the file comment).
+  const std::vector<LayerNode>& nodes() const { return nodes_; }
+  const LayerNode& node(int i) const { return nodes_[i]; }
+  int num_nodes() const { return static_cast<int>(nodes_.size()); }
+  // The node index of top-level layer i.
+  int top_node(int i) const { return top_nodes_[i]; }
+  // The node labelled `label` (a configured name first), else the node whose path it is
+  // ("3", "4.body.1"); -1 when none.
+  int FindNode(const std::string& label) const;
+  // What node i's Forward in rec left for its Backward, and its input and output there.
+  // REQUIRES: rec holds a forward of this Sequential.
+  const LayerCache& NodeCache(const ForwardRecord& rec, int node) const;
+  LayerCache& NodeCache(ForwardRecord* rec, int node) const;
+  ConstTensorView NodeInput(const ForwardRecord& rec, int node) const;
+  const Tensor& NodeOutput(const ForwardRecord& rec, int node) const;
+
   // Checks a batch against the model: rank and per-sample shape, at least one sample, and
-  // each layer's training rules (BatchNorm's one value per channel).
+  // each layer's training rules (BatchNorm's one value per channel), nested layers' included.
   Status CheckInput(const Shape& batch_shape, const ForwardContext& ctx) const;
 
   // Runs every layer on x, recording outputs and caches in rec (which refers to x's storage
@@ -109,40 +156,46 @@ class Sequential {
 
   // Back-propagates dy (the gradient of the loss w.r.t. rec's output) through every layer,
   // accumulating parameter gradients, except into untrainable layers' (Layer::trainable),
-  // which stay zero; without dx it stops below the lowest layer with trainable parameters.
-  // When dx is non-null it receives dL/d(input).
+  // which stay zero; without dx it stops below the lowest layer with trainable parameters
+  // (BackwardLayers). When dx is non-null it receives dL/d(input).
   // REQUIRES: dy has the output's shape; the parameters are those rec's forward used.
   void Backward(ForwardRecord* rec, const ConstTensorView& dy, Tensor* dx);
 
-  // Applies rec's pending BatchNorm running-statistics updates, filling the update norms in
-  // rec's reports. Returns the generator state after the forward's dropout draws.
+  // Applies rec's pending running-statistics updates (BatchNorm's, filling the update norms
+  // in rec's reports, and other norm layers'), nested layers' included. Returns the generator
+  // state after the forward's dropout draws.
   Rng CommitRunningStats(ForwardRecord* rec);
 
   void ZeroGrad();
-  // Index of the first layer whose parameter gradients hold a non-finite value, or -1.
+  // Node index of the first layer whose parameter gradients hold a non-finite value, or -1.
   int FirstNonFiniteGradLayer();
 
+  // Every parameter of the tree, in node order (PyTorch's named_parameters order).
   std::vector<Parameter*> parameters();
   // Per entry of parameters(): its layer is trainable (Layer::trainable).
   std::vector<bool> parameter_trainable();
-  // "0.weight", "1.bias", ... in the order of parameters().
+  // "0.weight", "4.body.0.weight", ... in the order of parameters().
   std::vector<std::string> parameter_names();
-  // Every layer's state with PyTorch nn.Sequential names: "0.weight", "1.running_mean", ...
+  // Every layer's state with PyTorch names: "0.weight", "1.running_mean",
+  // "4.body.1.running_var", ... in state_dict order.
   std::vector<StateSlot> state();
 
   void ResetRunningStats();
 
-  // Per layer, mean and std of the input entering and the output leaving it.
+  // Per node, mean and std of the input entering and the output leaving it.
   std::vector<LayerActivationStats> ActivationStats(const ForwardRecord& rec) const;
 
  private:
+  struct Builder;
   Sequential() = default;
 
   Shape input_shape_;
   Shape output_shape_;
   std::vector<Shape> shapes_;  // shapes_[i]: per-sample input of layer i; back(): output
-  std::vector<std::unique_ptr<Layer>> layers_;
-  std::vector<std::string> names_;
+  LayerList layers_;
+  std::vector<LayerNode> nodes_;
+  std::vector<int> top_nodes_;         // node index of each top-level layer
+  std::vector<int> batch_norm_nodes_;  // node indices of the BatchNorm layers
   int64_t parameter_count_ = 0;
 };
 

@@ -543,26 +543,38 @@ void LayerOptionsFromWire(const google::protobuf::RepeatedPtrField<v1::LayerOpti
   }
 }
 
-void FoldedSpecToWire(const v1::ModelSpec& source, const FoldedModel& folded, v1::ModelSpec* out) {
-  *out = source;
-  out->clear_layers();
+namespace {
+
+// Copies the source stack's layers that survive folding.
+void FoldedStackToWire(const google::protobuf::RepeatedPtrField<v1::LayerSpec>& source,
+                       const FoldedStack& folded,
+                       google::protobuf::RepeatedPtrField<v1::LayerSpec>* out) {
   for (size_t j = 0; j < folded.source_layer.size(); ++j) {
-    v1::LayerSpec* layer = out->add_layers();
-    *layer = source.layers(folded.source_layer[j]);
+    v1::LayerSpec* layer = out->Add();
+    *layer = source.Get(folded.source_layer[j]);
     if (folded.folded_batch_norm[j] < 0) continue;
     if (layer->has_linear()) layer->mutable_linear()->set_bias(true);
     if (layer->has_conv2d()) layer->mutable_conv2d()->set_bias(true);
   }
 }
 
+}  // namespace
+
+void FoldedSpecToWire(const v1::ModelSpec& source, const FoldedModel& folded, v1::ModelSpec* out) {
+  *out = source;
+  out->clear_layers();
+  FoldedStackToWire(source.layers(), folded.layers, out->mutable_layers());
+}
+
 void LayerStatsToWire(const Sequential& net, const std::vector<LayerActivationStats>& stats,
                       google::protobuf::RepeatedPtrField<v1::LayerStats>* out) {
   out->Clear();
   for (const LayerActivationStats& s : stats) {
+    const LayerNode& node = net.node(s.layer);
     v1::LayerStats* w = out->Add();
     w->set_index(s.layer);
-    w->set_name(net.layer_name(s.layer));
-    w->set_kind(net.layer(s.layer).kind_name());
+    w->set_name(node.label);
+    w->set_kind(node.layer->kind_name());
     w->set_input_mean(static_cast<float>(s.input.mean));
     w->set_input_std(static_cast<float>(s.input.std));
     w->set_output_mean(static_cast<float>(s.output.mean));

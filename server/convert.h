@@ -123,10 +123,12 @@ void LayerOptionsFromWire(const google::protobuf::RepeatedPtrField<v1::LayerOpti
                           std::vector<LayerOptionsChange>* out);
 
 // The spec of a FoldBatchNorm copy: `source`'s spec (the one `folded` was computed from) with
-// the folded BatchNorm layers left out and their Linear/Conv2d given a bias.
+// the folded BatchNorm layers left out and their Linear/Conv2d given a bias, in residual
+// blocks' branches too.
 void FoldedSpecToWire(const v1::ModelSpec& source, const FoldedModel& folded, v1::ModelSpec* out);
 
-// Layer statistics of a forward, one entry per layer.
+// Layer statistics of a forward, one entry per node of the layer tree (Sequential::nodes():
+// index is the node index, name its label; a residual block, then its layers).
 void LayerStatsToWire(const Sequential& net, const std::vector<LayerActivationStats>& stats,
                       google::protobuf::RepeatedPtrField<v1::LayerStats>* out);
 

@@ -328,11 +328,11 @@ std::unique_ptr<ModelMetrics> Metrics::AddModel(const std::string& model_id,
   m->steps_ = &train_steps_.Add({{"model", model_id}});
   m->nonfinite_ = &nonfinite_steps_.Add({{"model", model_id}});
   m->loss_ = &train_loss_.Add({{"model", model_id}});
-  m->layer_slot_.assign(net.num_layers(), -1);
-  for (int i = 0; i < net.num_layers(); ++i) {
-    const BatchNorm* bn = net.layer(i).AsBatchNorm();
+  m->layer_slot_.assign(net.num_nodes(), -1);
+  for (int i = 0; i < net.num_nodes(); ++i) {
+    const BatchNorm* bn = net.node(i).layer->AsBatchNorm();
     if (bn == nullptr) continue;
-    const std::string& name = net.layer_name(i);
+    const std::string& name = net.node(i).label;
     ModelMetrics::Layer l;
     const char* modes[2] = {"train", "eval"};
     if (bn->tracks_running_stats()) {  // without running statistics there is no drift

@@ -106,7 +106,7 @@ class ModelMetrics {
   prometheus::Counter* steps_ = nullptr;
   prometheus::Counter* nonfinite_ = nullptr;
   prometheus::Gauge* loss_ = nullptr;
-  std::vector<int> layer_slot_;  // Sequential layer index -> index in layers_, or -1
+  std::vector<int> layer_slot_;  // Sequential node index -> index in layers_, or -1
   std::vector<Layer> layers_;
 };
 

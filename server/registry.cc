@@ -29,23 +29,25 @@ uint64_t SplitMix(uint64_t* state) {
   return z ^ (z >> 31);
 }
 
+// Over every layer of the tree: a residual block's layers keep their outputs too.
 int64_t MaxSampleElements(const Sequential& net) {
   int64_t m = net.input_shape().NumElements();
-  for (int i = 0; i < net.num_layers(); ++i) {
-    m = std::max(m, net.layer_output_shape(i).NumElements());
-  }
+  for (const LayerNode& node : net.nodes()) m = std::max(m, node.output_shape.NumElements());
   return m;
 }
 
 int64_t ForwardCostPerSample(const Sequential& net) {
   int64_t cost = 0;
-  for (int i = 0; i < net.num_layers(); ++i) {
-    const Shape& out = net.layer_output_shape(i);
+  for (const LayerNode& node : net.nodes()) {
+    const Shape& out = node.output_shape;
     const int64_t elements = out.NumElements();
     // A layer applies its parameters at most once per position of its output's trailing
-    // (spatial) dimensions: exact for Linear, an upper bound for Conv2d and the norms.
+    // (spatial) dimensions: exact for Linear, an upper bound for Conv2d and the norms. A
+    // residual block's own work is its addition; its parameters are its layers'.
     const int64_t positions = out.rank() > 1 && out[0] > 0 ? elements / out[0] : 1;
-    const int64_t layer = SaturatingMul(net.layer(i).NumParameters(), positions);
+    const int64_t params =
+        node.layer->AsResidualBlock() != nullptr ? 0 : node.layer->NumParameters();
+    const int64_t layer = SaturatingMul(params, positions);
     const int64_t max = std::numeric_limits<int64_t>::max();
     cost = layer > max - cost - elements ? max : cost + layer + elements;
   }
@@ -225,7 +227,7 @@ void ModelEntry::PublishForward(const ForwardRecord& rec) {
       if (r.committed) {
         st.running_mean_update_norm = static_cast<float>(r.update.running_mean_update_norm);
         st.running_var_update_norm = static_cast<float>(r.update.running_var_update_norm);
-        st.num_batches_tracked = net.layer(st.layer).AsBatchNorm()->num_batches_tracked();
+        st.num_batches_tracked = net.node(st.layer).layer->AsBatchNorm()->num_batches_tracked();
       }
       break;
     }

@@ -559,7 +559,8 @@ void TrainerService::WarnSmallBatches(
     v1::SmallBatchWarning* w = out->Add();
     w->set_layer(r.name);
     w->set_values_per_channel(r.values_per_channel);
-    w->set_message(StrCat("layer '", r.name, "' (", entry.model().net().layer(r.layer).kind_name(),
+    const char* kind = entry.model().net().node(r.layer).layer->kind_name();
+    w->set_message(StrCat("layer '", r.name, "' (", kind,
                           ") normalised this training batch with statistics over ",
                           r.values_per_channel, " values per channel, fewer than ", threshold,
                           " (--small-batch-threshold): its batch statistics are noisy and "

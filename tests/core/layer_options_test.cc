@@ -170,8 +170,8 @@ TEST(FoldTest, FoldedCopyMatchesEvalOutput) {
   FoldBatchNorm(*m, &f);
   ASSERT_EQ(f.config.layers.size(), 3u);
   EXPECT_TRUE(f.config.layers[0].linear.bias);
-  EXPECT_EQ(f.source_layer, (std::vector<int>{0, 2, 3}));
-  EXPECT_EQ(f.folded_batch_norm, (std::vector<int>{1, -1, 4}));
+  EXPECT_EQ(f.layers.source_layer, (std::vector<int>{0, 2, 3}));
+  EXPECT_EQ(f.layers.folded_batch_norm, (std::vector<int>{1, -1, 4}));
   auto copy = Build(f.config);
   ASSERT_TRUE(copy->SetState(f.state, true).ok());
   std::vector<float> x = Input(16, 6, 1.0f);
