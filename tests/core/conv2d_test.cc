@@ -16,7 +16,7 @@ using testing::ExpectGradientsMatch;
 using testing::RandomTensor;
 
 Conv2dConfig Config(int64_t cin, int64_t cout, int64_t k, int64_t stride = 1,
-                    int64_t padding = 0, bool bias = true) {
+                    int64_t padding = 0, bool bias = true, int64_t groups = 1) {
   Conv2dConfig c;
   c.in_channels = cin;
   c.out_channels = cout;
@@ -24,27 +24,32 @@ Conv2dConfig Config(int64_t cin, int64_t cout, int64_t k, int64_t stride = 1,
   c.stride = stride;
   c.padding = padding;
   c.bias = bias;
+  c.groups = groups;
   return c;
 }
 
-// Direct definition of the convolution, in double: the reference for the im2col path.
+// Direct definition of the convolution, in double: the reference for the im2col path. Output
+// channel o of group o / (C_out / G) reads the group's C_in / G input channels through
+// weight[o, i, :, :] (PyTorch's layout).
 std::vector<double> NaiveConv(const Conv2dConfig& c, const Tensor& x, const Tensor& w,
                               const Tensor* b, int64_t h_out, int64_t w_out) {
   const int64_t n = x.shape()[0], h = x.shape()[2], wd = x.shape()[3], k = c.kernel_size;
+  const int64_t cin_g = c.in_channels / c.groups, cout_g = c.out_channels / c.groups;
   std::vector<double> y;
   for (int64_t s = 0; s < n; ++s) {
     for (int64_t o = 0; o < c.out_channels; ++o) {
+      const int64_t first_in = o / cout_g * cin_g;
       for (int64_t oh = 0; oh < h_out; ++oh) {
         for (int64_t ow = 0; ow < w_out; ++ow) {
           double acc = b != nullptr ? b->data()[o] : 0.0;
-          for (int64_t i = 0; i < c.in_channels; ++i) {
+          for (int64_t i = 0; i < cin_g; ++i) {
             for (int64_t ki = 0; ki < k; ++ki) {
               for (int64_t kj = 0; kj < k; ++kj) {
                 const int64_t ih = oh * c.stride - c.padding + ki;
                 const int64_t iw = ow * c.stride - c.padding + kj;
                 if (ih < 0 || ih >= h || iw < 0 || iw >= wd) continue;
-                acc += double{x.data()[((s * c.in_channels + i) * h + ih) * wd + iw]} *
-                       w.data()[((o * c.in_channels + i) * k + ki) * k + kj];
+                acc += double{x.data()[((s * c.in_channels + first_in + i) * h + ih) * wd + iw]} *
+                       w.data()[((o * cin_g + i) * k + ki) * k + kj];
               }
             }
           }
@@ -106,7 +111,8 @@ std::string CaseName(const ConvCase& c) {
   const Conv2dConfig& k = c.config;
   return "c" + std::to_string(k.in_channels) + "o" + std::to_string(k.out_channels) + "k" +
          std::to_string(k.kernel_size) + "s" + std::to_string(k.stride) + "p" +
-         std::to_string(k.padding) + (k.bias ? "" : "nobias") + "_" +
+         std::to_string(k.padding) + (k.bias ? "" : "nobias") +
+         (k.groups > 1 ? "g" + std::to_string(k.groups) : "") + "_" +
          std::to_string(c.sample[1]) + "x" + std::to_string(c.sample[2]);
 }
 
@@ -148,7 +154,14 @@ INSTANTIATE_TEST_SUITE_P(
                       ConvCase{Config(2, 2, 1, 2, 1), Shape{2, 4, 5}},
                       ConvCase{Config(1, 3, 2, 2, 1, false), Shape{1, 5, 4}},
                       ConvCase{Config(2, 2, 4, 3, 2), Shape{2, 6, 7}},
-                      ConvCase{Config(1, 1, 5, 1, 2), Shape{1, 3, 3}}),  // kernel > input
+                      ConvCase{Config(1, 1, 5, 1, 2), Shape{1, 3, 3}},  // kernel > input
+                      // Grouped: two groups; depthwise (groups = channels) with stride 2, as
+                      // MobileNet's; depthwise with a channel multiplier of 2; a grouped 1x1
+                      // (the direct path, no im2col).
+                      ConvCase{Config(4, 6, 3, 1, 1, true, 2), Shape{4, 5, 4}},
+                      ConvCase{Config(3, 3, 3, 2, 1, false, 3), Shape{3, 7, 7}},
+                      ConvCase{Config(2, 4, 3, 1, 0, true, 2), Shape{2, 5, 6}},
+                      ConvCase{Config(4, 8, 1, 1, 0, false, 4), Shape{4, 3, 3}}),
     [](const ::testing::TestParamInfo<ConvCase>& info) { return CaseName(info.param); });
 
 TEST(Conv2dTest, SamplesAreIndependent) {
@@ -214,6 +227,41 @@ TEST(Conv2dTest, InitialisationFollowsPyTorch) {
   EXPECT_FALSE(std::equal(w.data(), w.data() + w.size(), wo.data()));
 }
 
+TEST(Conv2dTest, GroupedWeightIsOutByInPerGroup) {
+  Conv2d conv(Config(8, 12, 3, 1, 1, true, 4));
+  ASSERT_TRUE(BuildAndAllocate(&conv, Shape{8, 6, 6}, 3).ok());
+  EXPECT_EQ(conv.NumParameters(), 12 * 2 * 9 + 12);
+  std::vector<Parameter*> params = conv.parameters();
+  EXPECT_EQ(params[0]->value.shape(), (Shape{12, 2, 3, 3}));
+  // PyTorch's bound uses the group's fan-in, (C_in / G) * k * k.
+  const double bound = 1.0 / std::sqrt(2.0 * 9.0);
+  double largest = 0.0;
+  for (int64_t i = 0; i < params[0]->value.size(); ++i) {
+    largest = std::max(largest, double{std::abs(params[0]->value.data()[i])});
+  }
+  EXPECT_LE(largest, bound);
+  EXPECT_GT(largest, 0.9 * bound);
+}
+
+TEST(Conv2dTest, GroupsSeeOnlyTheirOwnChannels) {
+  // Depthwise: output channel c depends on input channel c alone.
+  Conv2d conv(Config(3, 3, 3, 1, 1, false, 3));
+  ASSERT_TRUE(BuildAndAllocate(&conv, Shape{3, 4, 4}, 4).ok());
+  Tensor x = RandomTensor(Shape{1, 3, 4, 4}, 5);
+  Tensor y0, y1;
+  LayerCache cache;
+  conv.Forward(x.view(), &y0, &cache, ForwardContext{});
+  for (int64_t i = 16; i < 32; ++i) x.data()[i] += 1.0f;  // change channel 1 only
+  conv.Forward(x.view(), &y1, &cache, ForwardContext{});
+  for (int64_t i = 0; i < 48; ++i) {
+    if (i >= 16 && i < 32) {
+      EXPECT_NE(y0.data()[i], y1.data()[i]) << i;
+    } else {
+      EXPECT_EQ(y0.data()[i], y1.data()[i]) << i;
+    }
+  }
+}
+
 TEST(Conv2dTest, NoBiasHasOnlyWeight) {
   Conv2d conv(Config(3, 4, 3, 1, 0, false));
   ASSERT_TRUE(BuildAndAllocate(&conv, Shape{3, 5, 5}, 1).ok());
@@ -254,6 +302,12 @@ TEST(Conv2dTest, BuildRejectsBadConfig) {
             std::string::npos);
   EXPECT_NE(BuildError(Config(1, 0, 3), Shape{1, 4, 4}).find("must be positive"),
             std::string::npos);
+  EXPECT_EQ(BuildError(Config(6, 4, 3, 1, 0, true, 4), Shape{6, 4, 4}),
+            "in_channels (6) and out_channels (4) must both be divisible by groups (4)");
+  EXPECT_EQ(BuildError(Config(4, 6, 3, 1, 0, true, 4), Shape{4, 4, 4}),
+            "in_channels (4) and out_channels (6) must both be divisible by groups (4)");
+  EXPECT_EQ(BuildError(Config(4, 4, 3, 1, 0, true, 0), Shape{4, 4, 4}),
+            "groups must be positive, got 0");
   // A column buffer of billions of values is refused before anything is allocated.
   EXPECT_NE(BuildError(Config(64, 1, 64, 1, 32), Shape{64, 512, 512}).find("im2col"),
             std::string::npos);

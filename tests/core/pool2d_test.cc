@@ -226,5 +226,50 @@ TEST(Pool2dTest, NamesAndNoParameters) {
   EXPECT_TRUE(max_pool.parameters().empty());
 }
 
+TEST(AdaptiveAvgPool2dTest, MeansOfEachPlane) {
+  AdaptiveAvgPool2d pool;
+  Shape out;
+  ASSERT_TRUE(pool.Build(Shape{2, 2, 3}, &out).ok());
+  EXPECT_EQ(out, (Shape{2, 1, 1}));
+  EXPECT_STREQ(pool.kind_name(), "AdaptiveAvgPool2d");
+  EXPECT_EQ(pool.NumParameters(), 0);
+  const Tensor x = FromValues(Shape{2, 2, 2, 3}, {1, 2, 3, 4, 5, 6,         //
+                                                  0, 0, 0, 0, 0, 12,        //
+                                                  -1, -1, -1, -1, -1, -1,   //
+                                                  0.5f, 0, 0, 0, 0, 0.25f});
+  Tensor y;
+  LayerCache cache;
+  pool.Forward(x.view(), &y, &cache, ForwardContext{});
+  ASSERT_EQ(y.shape(), (Shape{2, 2, 1, 1}));
+  EXPECT_EQ(Values(y), (std::vector<float>{3.5f, 2.0f, -1.0f, 0.125f}));
+
+  const Tensor dy = FromValues(Shape{2, 2, 1, 1}, {6, -12, 0, 3});
+  Tensor dx;
+  pool.Backward(x.view(), y, dy.view(), cache, ForwardContext{}, &dx);
+  ASSERT_EQ(dx.shape(), x.shape());
+  for (int64_t i = 0; i < 6; ++i) {
+    EXPECT_EQ(dx.data()[i], 1.0f);
+    EXPECT_EQ(dx.data()[6 + i], -2.0f);
+    EXPECT_EQ(dx.data()[12 + i], 0.0f);
+    EXPECT_EQ(dx.data()[18 + i], 0.5f);
+  }
+}
+
+TEST(AdaptiveAvgPool2dTest, GradientsMatchFiniteDifferences) {
+  AdaptiveAvgPool2d pool;
+  ASSERT_TRUE(testing::BuildAndAllocate(&pool, Shape{3, 4, 5}, 1).ok());
+  ExpectGradientsMatch(CheckLayerGradients(&pool, SpacedTensor(Shape{2, 3, 4, 5}, 2),
+                                           ForwardContext{}),
+                       "AdaptiveAvgPool2d");
+}
+
+TEST(AdaptiveAvgPool2dTest, NeedsAPlanarInput) {
+  AdaptiveAvgPool2d pool;
+  Shape out;
+  const Status s = pool.Build(Shape{16}, &out);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(s.message(), "expects a 3-D per-sample input (C, H, W), got (16)");
+}
+
 }  // namespace
 }  // namespace normd
