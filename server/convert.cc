@@ -116,7 +116,31 @@ Status PoolFromWire(const v1::Pool2dSpec& w, const std::string& f, Pool2dConfig*
   return Status::Ok();
 }
 
-Status LayerFromWire(const v1::LayerSpec& w, const std::string& f, LayerConfig* c) {
+Status LayerFromWire(const v1::LayerSpec& w, const std::string& f, int depth, LayerConfig* c);
+
+// A residual block's branches; depth: how many blocks hold this one (0 at the top level).
+Status ResidualFromWire(const v1::ResidualSpec& w, const std::string& f, int depth,
+                        ResidualConfig* c) {
+  if (depth >= kMaxResidualDepth) {
+    return InvalidArgument(f, ": residual blocks nest more than ", kMaxResidualDepth, " deep");
+  }
+  if (w.body_size() == 0) {
+    return InvalidArgument(f, ".body is empty: a residual block needs at least one layer in it");
+  }
+  c->body.resize(w.body_size());
+  for (int i = 0; i < w.body_size(); ++i) {
+    NORMD_RETURN_IF_ERROR(
+        LayerFromWire(w.body(i), StrCat(f, ".body[", i, "]"), depth + 1, &c->body[i]));
+  }
+  c->shortcut.resize(w.shortcut_size());
+  for (int i = 0; i < w.shortcut_size(); ++i) {
+    NORMD_RETURN_IF_ERROR(LayerFromWire(w.shortcut(i), StrCat(f, ".shortcut[", i, "]"),
+                                        depth + 1, &c->shortcut[i]));
+  }
+  return Status::Ok();
+}
+
+Status LayerFromWire(const v1::LayerSpec& w, const std::string& f, int depth, LayerConfig* c) {
   NORMD_RETURN_IF_ERROR(CheckLayerName(w.name(), f + ".name"));
   c->name = w.name();
   switch (w.kind_case()) {
@@ -176,6 +200,16 @@ Status LayerFromWire(const v1::LayerSpec& w, const std::string& f, LayerConfig* 
       NORMD_RETURN_IF_ERROR(CheckSize(cv.padding(), 0, g + ".padding"));
       c->conv2d.padding = cv.padding();
       if (cv.has_bias()) c->conv2d.bias = cv.bias();
+      if (cv.has_groups()) {
+        NORMD_RETURN_IF_ERROR(CheckSize(cv.groups(), 1, g + ".groups"));
+        if (cv.in_channels() % cv.groups() != 0 || cv.out_channels() % cv.groups() != 0) {
+          return InvalidArgument(g, ".in_channels (", cv.in_channels(), ") and ", g,
+                                 ".out_channels (", cv.out_channels(),
+                                 ") must both be divisible by ", g, ".groups (", cv.groups(),
+                                 ")");
+        }
+        c->conv2d.groups = cv.groups();
+      }
       return Status::Ok();
     }
     case v1::LayerSpec::kMaxPool2D:
@@ -229,13 +263,19 @@ Status LayerFromWire(const v1::LayerSpec& w, const std::string& f, LayerConfig* 
     case v1::LayerSpec::kInstanceNorm2D:
       c->kind = LayerKind::kInstanceNorm2d;
       return InstanceNormFromWire(w.instance_norm2d(), f + ".instance_norm2d", &c->instance_norm);
+    case v1::LayerSpec::kResidual:
+      c->kind = LayerKind::kResidual;
+      return ResidualFromWire(w.residual(), f + ".residual", depth, &c->residual);
+    case v1::LayerSpec::kAdaptiveAvgPool2D:
+      c->kind = LayerKind::kAdaptiveAvgPool2d;
+      return Status::Ok();
     case v1::LayerSpec::KIND_NOT_SET:
       break;
   }
   return InvalidArgument(f, " has no layer kind set (linear, batch_norm1d, batch_norm2d, "
                             "layer_norm, group_norm, instance_norm1d, instance_norm2d, conv2d, "
-                            "max_pool2d, avg_pool2d, flatten, relu, leaky_relu, tanh, sigmoid, "
-                            "gelu or dropout)");
+                            "max_pool2d, avg_pool2d, adaptive_avg_pool2d, flatten, relu, "
+                            "leaky_relu, tanh, sigmoid, gelu, dropout or residual)");
 }
 
 // Counts of the supplied values; `values` and `raw` are exclusive.
@@ -354,7 +394,7 @@ Status SpecToConfig(const v1::ModelSpec& spec, ModelConfig* config) {
   config->layers.resize(spec.layers_size());
   for (int i = 0; i < spec.layers_size(); ++i) {
     NORMD_RETURN_IF_ERROR(
-        LayerFromWire(spec.layers(i), StrCat("spec.layers[", i, "]"), &config->layers[i]));
+        LayerFromWire(spec.layers(i), StrCat("spec.layers[", i, "]"), 0, &config->layers[i]));
   }
   switch (spec.loss()) {
     case v1::LOSS_CROSS_ENTROPY: config->loss = LossKind::kCrossEntropy; break;
@@ -545,13 +585,22 @@ void LayerOptionsFromWire(const google::protobuf::RepeatedPtrField<v1::LayerOpti
 
 namespace {
 
-// Copies the source stack's layers that survive folding.
+// Copies the layers of a source stack that survive folding, recursing into residual blocks.
 void FoldedStackToWire(const google::protobuf::RepeatedPtrField<v1::LayerSpec>& source,
                        const FoldedStack& folded,
                        google::protobuf::RepeatedPtrField<v1::LayerSpec>* out) {
   for (size_t j = 0; j < folded.source_layer.size(); ++j) {
     v1::LayerSpec* layer = out->Add();
     *layer = source.Get(folded.source_layer[j]);
+    if (layer->has_residual()) {
+      v1::ResidualSpec* block = layer->mutable_residual();
+      block->clear_body();
+      block->clear_shortcut();
+      const v1::ResidualSpec& src = source.Get(folded.source_layer[j]).residual();
+      FoldedStackToWire(src.body(), folded.body[j], block->mutable_body());
+      FoldedStackToWire(src.shortcut(), folded.shortcut[j], block->mutable_shortcut());
+      continue;
+    }
     if (folded.folded_batch_norm[j] < 0) continue;
     if (layer->has_linear()) layer->mutable_linear()->set_bias(true);
     if (layer->has_conv2d()) layer->mutable_conv2d()->set_bias(true);

@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <limits>
 
 #include "server/registry.h"
@@ -128,6 +129,132 @@ TEST(SpecToConfigTest, MessagesNameTheField) {
     EXPECT_NE(s.message().find(c.message), std::string::npos)
         << "want: " << c.message << "\ngot:  " << s.message();
   }
+}
+
+// ValidSpec with its ReLU (layer 2) replaced by a residual block
+//   body: Conv2d(4, 4, 3, pad 1, groups 4, no bias), BatchNorm2d(4), ReLU, Conv2d(4, 4, 1)
+//   shortcut: BatchNorm2d(4) named "skip_bn"
+// and global average pooling before the flatten (layer 3), so the head takes 4 features.
+v1::ModelSpec ResidualSpec() {
+  v1::ModelSpec spec = ValidSpec();
+  v1::ResidualSpec* block = spec.mutable_layers(2)->mutable_residual();
+  auto* dw = block->add_body()->mutable_conv2d();
+  dw->set_in_channels(4);
+  dw->set_out_channels(4);
+  dw->set_kernel_size(3);
+  dw->set_padding(1);
+  dw->set_groups(4);
+  dw->set_bias(false);
+  block->add_body()->mutable_batch_norm2d()->set_num_features(4);
+  block->add_body()->mutable_relu();
+  auto* pw = block->add_body()->mutable_conv2d();
+  pw->set_in_channels(4);
+  pw->set_out_channels(4);
+  pw->set_kernel_size(1);
+  v1::LayerSpec* skip = block->add_shortcut();
+  skip->set_name("skip_bn");
+  skip->mutable_batch_norm2d()->set_num_features(4);
+  spec.mutable_layers(3)->mutable_adaptive_avg_pool2d();
+  spec.mutable_layers(5)->mutable_linear()->set_in_features(4);
+  return spec;
+}
+
+TEST(SpecToConfigTest, ResidualBlocksGroupsAndGlobalPooling) {
+  ModelConfig c;
+  Status s = SpecToConfig(ResidualSpec(), &c);
+  ASSERT_TRUE(s.ok()) << s.message();
+  ASSERT_EQ(c.layers.size(), 6u);
+  EXPECT_EQ(c.layers[0].conv2d.groups, 1);  // default
+  ASSERT_EQ(c.layers[2].kind, LayerKind::kResidual);
+  const ResidualConfig& block = c.layers[2].residual;
+  ASSERT_EQ(block.body.size(), 4u);
+  EXPECT_EQ(block.body[0].kind, LayerKind::kConv2d);
+  EXPECT_EQ(block.body[0].conv2d.groups, 4);
+  EXPECT_FALSE(block.body[0].conv2d.bias);
+  EXPECT_EQ(block.body[1].kind, LayerKind::kBatchNorm2d);
+  EXPECT_EQ(block.body[2].kind, LayerKind::kReLU);
+  ASSERT_EQ(block.shortcut.size(), 1u);
+  EXPECT_EQ(block.shortcut[0].name, "skip_bn");
+  EXPECT_EQ(c.layers[3].kind, LayerKind::kAdaptiveAvgPool2d);
+  std::unique_ptr<Model> model;
+  s = Model::Create(c, Sequential::Limits(), &model);
+  ASSERT_TRUE(s.ok()) << s.message();
+  EXPECT_EQ(model->net().output_shape(), (Shape{10}));
+  EXPECT_EQ(model->net().parameter_count(), 40 + 8 + 36 + 8 + 20 + 8 + 40);
+}
+
+TEST(SpecToConfigTest, NestedMessagesNameTheFieldPath) {
+  struct Case {
+    std::function<void(v1::ModelSpec*)> mutate;
+    std::string message;
+  };
+  auto body = [](v1::ModelSpec* s, int i) {
+    return s->mutable_layers(2)->mutable_residual()->mutable_body(i);
+  };
+  const std::vector<Case> cases = {
+      {[&](v1::ModelSpec* s) { body(s, 1)->mutable_batch_norm2d()->set_eps(0); },
+       "spec.layers[2].residual.body[1].batch_norm2d.eps must be > 0, got 0"},
+      {[&](v1::ModelSpec* s) { body(s, 0)->mutable_conv2d()->set_groups(0); },
+       "spec.layers[2].residual.body[0].conv2d.groups must be >= 1, got 0"},
+      {[&](v1::ModelSpec* s) { body(s, 0)->mutable_conv2d()->set_groups(3); },
+       "spec.layers[2].residual.body[0].conv2d.in_channels (4) and "
+       "spec.layers[2].residual.body[0].conv2d.out_channels (4) must both be divisible by "
+       "spec.layers[2].residual.body[0].conv2d.groups (3)"},
+      {[&](v1::ModelSpec* s) { body(s, 3)->Clear(); },
+       "spec.layers[2].residual.body[3] has no layer kind set"},
+      {[](v1::ModelSpec* s) {
+         s->mutable_layers(2)->mutable_residual()->mutable_shortcut(0)->set_name("a b");
+       },
+       "spec.layers[2].residual.shortcut[0].name may contain only"},
+      {[](v1::ModelSpec* s) { s->mutable_layers(2)->mutable_residual()->clear_body(); },
+       "spec.layers[2].residual.body is empty: a residual block needs at least one layer"},
+      {[](v1::ModelSpec* s) {
+         v1::LayerSpec inner = s->layers(2);
+         for (int d = 0; d < kMaxResidualDepth; ++d) {
+           v1::LayerSpec outer;
+           *outer.mutable_residual()->add_body() = inner;
+           inner = outer;
+         }
+         *s->mutable_layers(2) = inner;
+       },
+       "residual blocks nest more than 16 deep"},
+  };
+  for (const Case& c : cases) {
+    v1::ModelSpec spec = ResidualSpec();
+    c.mutate(&spec);
+    ModelConfig config;
+    const Status s = SpecToConfig(spec, &config);
+    EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << c.message;
+    EXPECT_NE(s.message().find(c.message), std::string::npos)
+        << "want: " << c.message << "\ngot:  " << s.message();
+  }
+}
+
+TEST(FoldedSpecToWireTest, FoldsInsideBranchesAndKeepsTheWireFields) {
+  ModelConfig c;
+  ASSERT_TRUE(SpecToConfig(ResidualSpec(), &c).ok());
+  std::unique_ptr<Model> model;
+  ASSERT_TRUE(Model::Create(c, Sequential::Limits(), &model).ok());
+  FoldedModel folded;
+  FoldBatchNorm(*model, &folded);
+  v1::ModelSpec out;
+  FoldedSpecToWire(ResidualSpec(), folded, &out);
+  ASSERT_EQ(out.layers_size(), 5);  // the stem's BatchNorm folded into its Conv2d
+  EXPECT_TRUE(out.layers(0).conv2d().bias());
+  const v1::ResidualSpec& block = out.layers(1).residual();
+  ASSERT_EQ(block.body_size(), 3);  // the depthwise Conv2d took its BatchNorm
+  EXPECT_TRUE(block.body(0).conv2d().bias());
+  EXPECT_EQ(block.body(0).conv2d().groups(), 4);
+  EXPECT_TRUE(block.body(1).has_relu());
+  EXPECT_FALSE(block.body(2).conv2d().has_bias());  // untouched: still unset on the wire
+  ASSERT_EQ(block.shortcut_size(), 1);  // a BatchNorm after no Conv2d stays
+  EXPECT_EQ(block.shortcut(0).name(), "skip_bn");
+  // The folded spec builds into the folded config's model.
+  ModelConfig again;
+  ASSERT_TRUE(SpecToConfig(out, &again).ok());
+  std::unique_ptr<Model> copy;
+  ASSERT_TRUE(Model::Create(again, Sequential::Limits(), &copy).ok());
+  EXPECT_TRUE(copy->SetState(folded.state, /*strict=*/true).ok());
 }
 
 TEST(DecodeTensorTest, ValuesAreUsedInPlace) {
