@@ -391,10 +391,10 @@ Status Model::SetLayerOptions(const std::vector<LayerOptionsChange>& changes,
         targets[k].push_back({inner.layer, stats, params});
       }
     }
-    const char* what = block ? " holds no layer with" : " has";
     if (!any_params && !any_stats) {
       return InvalidArgument("layers[", k, "]: layer '", c.layer, "' (", node.layer->kind_name(),
-                             ")", what, " neither parameters nor running statistics");
+                             block ? ") holds no layer with parameters or running statistics"
+                                   : ") has neither parameters nor running statistics");
     }
     if (c.frozen.value_or(false) && !any_stats) {
       return InvalidArgument("layers[", k, "]: layer '", c.layer, "' (", node.layer->kind_name(),
