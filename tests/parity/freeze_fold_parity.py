@@ -20,8 +20,8 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 # The layer specs, driver lines and exchange format of the main parity suite.
-from torch_parity import (bn, conv, driver_layer_line, linear, parse_driver_output,  # noqa: E402
-                          simple, tensor_record, torch_module)
+from torch_parity import (ResidualBlock, bn, conv, driver_layer_line, linear,  # noqa: E402
+                          parse_driver_output, residual, simple, tensor_record, torch_module)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -143,6 +143,29 @@ def make_optimizer(spec, params):
     return cls(params, lr=o["lr"], weight_decay=o.get("weight_decay", 0.0))
 
 
+def fuse_sequential(seq):
+    """torch.nn.utils.fusion on every tracked BatchNorm that directly follows a Linear or
+    Conv2d, inside residual blocks' branches too. REQUIRES: eval mode."""
+    fused, layers, i = [], list(seq), 0
+    while i < len(layers):
+        m, nxt = layers[i], layers[i + 1] if i + 1 < len(layers) else None
+        tracked = isinstance(nxt, nn.modules.batchnorm._BatchNorm) and nxt.track_running_stats
+        if isinstance(m, nn.Linear) and isinstance(nxt, nn.BatchNorm1d) and tracked:
+            fused.append(fuse_linear_bn_eval(m, nxt))
+            i += 2
+        elif isinstance(m, nn.Conv2d) and isinstance(nxt, nn.BatchNorm2d) and tracked:
+            fused.append(fuse_conv_bn_eval(m, nxt))
+            i += 2
+        elif isinstance(m, ResidualBlock):
+            fused.append(ResidualBlock(list(fuse_sequential(m.body)),
+                                       list(fuse_sequential(m.shortcut))))
+            i += 1
+        else:
+            fused.append(m)
+            i += 1
+    return nn.Sequential(*fused)
+
+
 def run_torch(case):
     """The case in PyTorch (float64). Results named as the driver names them."""
     model = nn.Sequential(*[torch_module(s) for s in case.layers]).double()
@@ -156,16 +179,16 @@ def run_torch(case):
     for op in case.ops:
         kind = op[0]
         if kind == "layer_options":
-            m = model[int(op[1])]
+            m = model.get_submodule(op[1])  # a label is the module's path: "1", "3.body.1"
             if op[2] is not None:
-                (frozen.add if op[2] else frozen.discard)(int(op[1]))
+                (frozen.add if op[2] else frozen.discard)(op[1])
                 m.train(model.training and not op[2])
             if op[3] is not None:
                 m.requires_grad_(op[3])
         elif kind == "mode":
             model.train(op[1])
-            for i in frozen:  # model.train() resets children: frozen layers stay in eval
-                model[i].eval()
+            for label in frozen:  # model.train() resets children: frozen layers stay in eval
+                model.get_submodule(label).eval()
         elif kind == "forward":
             x = torch.from_numpy(op[2]).double().requires_grad_()
             out = model(x)
@@ -193,24 +216,9 @@ def run_torch(case):
                 for slot, v in opt.state.get(p, {}).items():
                     res[f"{op[1]}.optimizer.{n}.{slot}"] = torch.as_tensor(v).clone()
         elif kind == "fold":
-            fused, model_eval = [], model.training
+            model_eval = model.training
             model.eval()
-            i = 0
-            layers = list(model)
-            while i < len(layers):
-                m, nxt = layers[i], layers[i + 1] if i + 1 < len(layers) else None
-                tracked = isinstance(nxt, nn.modules.batchnorm._BatchNorm) and \
-                    nxt.track_running_stats
-                if isinstance(m, nn.Linear) and isinstance(nxt, nn.BatchNorm1d) and tracked:
-                    fused.append(fuse_linear_bn_eval(m, nxt))
-                    i += 2
-                elif isinstance(m, nn.Conv2d) and isinstance(nxt, nn.BatchNorm2d) and tracked:
-                    fused.append(fuse_conv_bn_eval(m, nxt))
-                    i += 2
-                else:
-                    fused.append(m)
-                    i += 1
-            folded = nn.Sequential(*fused).eval()
+            folded = fuse_sequential(model).eval()
             x = torch.from_numpy(op[2]).double()
             with torch.no_grad():
                 res[op[1] + ".out"] = model(x)  # the unfolded eval model: what folding keeps
@@ -218,8 +226,8 @@ def run_torch(case):
             for k, v in folded.state_dict().items():
                 res[f"{op[1]}.{k}"] = v.clone()
             model.train(model_eval)
-            for i in frozen:
-                model[i].eval()
+            for label in frozen:
+                model.get_submodule(label).eval()
     return {k: v.detach().to(torch.float64).numpy() for k, v in res.items()}
 
 
@@ -282,6 +290,19 @@ def cnn(act="relu"):
             bn("2d", 4, affine=False), simple(act), simple("flatten"), linear(4 * 5 * 5, 3)]
 
 
+def resnet():
+    """A stem, a stride-2 BasicBlock with a projection shortcut, a depthwise-separable block,
+    global average pooling (tanh: see cnn_frozen_then_unfrozen)."""
+    return [conv(2, 4, 3, pad=1, bias=False), bn("2d", 4), simple("tanh"),
+            residual([conv(4, 6, 3, stride=2, pad=1, bias=False), bn("2d", 6), simple("tanh"),
+                      conv(6, 6, 3, pad=1, bias=False), bn("2d", 6)],
+                     [conv(4, 6, 1, stride=2, bias=False), bn("2d", 6)]),
+            simple("tanh"),
+            residual([conv(6, 6, 3, pad=1, bias=False, groups=6), bn("2d", 6), simple("tanh"),
+                      conv(6, 6, 1, bias=False), bn("2d", 6, affine=False)]),
+            simple("adaptiveavgpool2d"), simple("flatten"), linear(6, 3)]
+
+
 def cases():
     out = []
     for opt in (("sgd", {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3}),
@@ -326,9 +347,25 @@ def cases():
     c.train("t", 5)
     c.get_state("end")
     out.append(c)
+    # Options on layers inside residual blocks: a frozen BatchNorm in a body, an untrainable
+    # shortcut projection, a whole block frozen (its BatchNorms: torch's block.eval()).
+    c = Case("resnet_nested_options", [2, 6, 6], resnet(),
+             ("sgd", {"lr": 0.02, "momentum": 0.9, "weight_decay": 1e-3}), seed=13)
+    c.options("3.body.1", frozen=True)
+    c.options("3.shortcut.0", trainable=False)
+    c.options("5", frozen=True)
+    c.fwd_bwd("fb", 8)
+    c.train("s", 20, n=8)
+    c.get_state("after20")
+    c.options("5", frozen=False)
+    c.mode(True)
+    c.train("t", 10, n=8)
+    c.get_state("after30")
+    out.append(c)
     # Folding after training moved the running statistics.
     for name, layers, shape in (("fold_mlp", mlp(bias_first=False), [6]),
-                                ("fold_cnn", cnn(), [2, 5, 5])):
+                                ("fold_cnn", cnn(), [2, 5, 5]),
+                                ("fold_resnet", resnet(), [2, 6, 6])):
         c = Case(name, shape, layers, ("sgd", {"lr": 0.05, "momentum": 0.9}), seed=11)
         c.train("s", 10, n=8)
         c.fold("fold")
@@ -360,21 +397,23 @@ def main():
             else:
                 # Frozen statistics are never touched, untrainable parameters never move and keep
                 # empty optimizer state, bit for bit.
+                # A label may name a residual block: its layers' entries are checked.
+                def under(label, suffixes):
+                    return [k for k in case.state
+                            if k.startswith(label + ".") and k.endswith(suffixes)]
                 for tag in [op[1] for op in case.ops if op[0] == "get_state"][:1]:
-                    for layer in sorted({int(op[1]) for op in case.ops
+                    for layer in sorted({op[1] for op in case.ops
                                          if op[0] == "layer_options" and op[2]}):
-                        for s in ("running_mean", "running_var"):
-                            chk.true(case.name, f"{tag}: layer {layer} {s} moved while frozen",
-                                     np.array_equal(normd_res[f"{tag}.{layer}.{s}"],
-                                                    case.state[f"{layer}.{s}"].astype(np.float64)))
-                        chk.true(case.name, f"{tag}: layer {layer} num_batches_tracked moved",
-                                 float(normd_res[f"{tag}.{layer}.num_batches_tracked"]) == 0.0)
-                    for layer in sorted({int(op[1]) for op in case.ops
+                        for key in under(layer, ("running_mean", "running_var")):
+                            chk.true(case.name, f"{tag}: {key} moved while frozen",
+                                     np.array_equal(normd_res[f"{tag}.{key}"],
+                                                    case.state[key].astype(np.float64)))
+                        for key in under(layer, "num_batches_tracked"):
+                            chk.true(case.name, f"{tag}: {key} moved while frozen",
+                                     float(normd_res[f"{tag}.{key}"]) == 0.0)
+                    for layer in sorted({op[1] for op in case.ops
                                          if op[0] == "layer_options" and op[3] is False}):
-                        for n in ("weight", "bias"):
-                            key = f"{layer}.{n}"
-                            if key not in case.state:
-                                continue
+                        for key in under(layer, (".weight", ".bias")):
                             chk.true(case.name, f"{tag}: untrainable {key} moved",
                                      np.array_equal(normd_res[f"{tag}.{key}"],
                                                     case.state[key].astype(np.float64)))

@@ -11,6 +11,10 @@
 //   input_shape <d...>                 per-sample input shape
 //   seed <n>
 //   layer <kind> [key=value ...]       see ParseLayer for kinds and keys
+//   layer residual                     opens a residual block: the layer lines that follow go
+//                                        into its body, until
+//   layer shortcut                       (then into its shortcut) and
+//   layer end                            (closes the block); blocks nest
 //   loss ce|mse|bce
 //   optimizer sgd|adam [key=value ...]
 //   build                              Model::Create from the lines above
@@ -24,7 +28,8 @@
 //   predict <tag>                      + x: Model::Predict         -> T <tag>.out
 //   evaluate <tag>                     + x + target -> S <tag>.loss, S <tag>.accuracy
 //   get_state <tag> [optimizer]        -> T <tag>.<state name> for every entry, in order
-//   status <tag>                       Model::batch_norm_status, per BatchNorm layer i:
+//   status <tag>                       Model::batch_norm_status, per BatchNorm layer labelled i
+//                                        (its path: "1", "4.body.1"):
 //                                        S <tag>.<i>.mean_shift, .var_log_ratio,
 //                                        .running_mean_update_norm, .running_var_update_norm,
 //                                        .num_batches_tracked
@@ -153,6 +158,9 @@ LayerConfig ParseLayer(const std::vector<std::string>& words) {
     c.conv2d.stride = o.Int("stride", 1);
     c.conv2d.padding = o.Int("pad", 0);
     c.conv2d.bias = o.Bool("bias", true);
+    c.conv2d.groups = o.Int("groups", 1);
+  } else if (kind == "adaptiveavgpool2d") {
+    c.kind = LayerKind::kAdaptiveAvgPool2d;
   } else if (kind == "maxpool2d" || kind == "avgpool2d") {
     c.kind = kind == "maxpool2d" ? LayerKind::kMaxPool2d : LayerKind::kAvgPool2d;
     c.pool.kernel_size = o.Int("k", 0);
@@ -303,6 +311,18 @@ int Run(const char* case_path, const char* out_path) {
   Reader in(case_path);
   Writer out(out_path);
   ModelConfig config;
+  // Where `layer` lines go: the model's list, or the branch of the innermost open residual
+  // block (the open blocks, outermost first, and which branch of each is being filled).
+  struct OpenBlock {
+    LayerConfig* block;
+    bool shortcut;
+  };
+  std::vector<OpenBlock> open_blocks;
+  auto current_layers = [&]() -> std::vector<LayerConfig>* {
+    if (open_blocks.empty()) return &config.layers;
+    const OpenBlock& b = open_blocks.back();
+    return b.shortcut ? &b.block->residual.shortcut : &b.block->residual.body;
+  };
   std::unique_ptr<Model> model;
   // The last forward, kept for backward together with the input it refers to.
   NamedData last_x;
@@ -327,13 +347,25 @@ int Run(const char* case_path, const char* out_path) {
       }
     } else if (cmd == "seed") {
       config.seed = std::strtoull(tag.c_str(), nullptr, 10);
+    } else if (cmd == "layer" && tag == "residual") {
+      LayerConfig block;
+      block.kind = LayerKind::kResidual;
+      current_layers()->push_back(block);
+      open_blocks.push_back({&current_layers()->back(), false});
+    } else if (cmd == "layer" && tag == "shortcut") {
+      if (open_blocks.empty()) Die("'layer shortcut' outside a residual block");
+      open_blocks.back().shortcut = true;
+    } else if (cmd == "layer" && tag == "end") {
+      if (open_blocks.empty()) Die("'layer end' outside a residual block");
+      open_blocks.pop_back();
     } else if (cmd == "layer") {
-      config.layers.push_back(ParseLayer(w));
+      current_layers()->push_back(ParseLayer(w));
     } else if (cmd == "loss") {
       config.loss = ParseLoss(tag);
     } else if (cmd == "optimizer") {
       config.optimizer = ParseOptimizer(w);
     } else if (cmd == "build") {
+      if (!open_blocks.empty()) Die("build inside an open residual block");
       Status s = Model::Create(config, Sequential::Limits(), &model);
       if (!s.ok()) {
         out.Error("build", s);
@@ -425,7 +457,7 @@ int Run(const char* case_path, const char* out_path) {
     } else if (cmd == "status") {
       need_model(cmd);
       for (const BatchNormStatus& st : model->batch_norm_status()) {
-        const std::string prefix = tag + "." + std::to_string(st.layer) + ".";
+        const std::string prefix = tag + "." + st.name + ".";
         out.Scalar(prefix + "mean_shift", st.last_mean_shift);
         out.Scalar(prefix + "var_log_ratio", st.last_var_log_ratio);
         out.Scalar(prefix + "running_mean_update_norm", st.running_mean_update_norm);
