@@ -84,9 +84,27 @@ std::string LayerKind(const v1::LayerSpec& layer) {
   return layer.GetDescriptor()->FindFieldByNumber(layer.kind_case())->name();
 }
 
-std::string LayerLabel(const v1::ModelSpec& spec, int index) {
-  const std::string& name = spec.layers(index).name();
-  return name.empty() ? std::to_string(index) : name;
+namespace {
+
+void AppendSpecLayers(const google::protobuf::RepeatedPtrField<v1::LayerSpec>& layers,
+                      const std::string& prefix, std::vector<SpecLayer>* out) {
+  for (int i = 0; i < layers.size(); ++i) {
+    const v1::LayerSpec& layer = layers.Get(i);
+    const std::string path = prefix + std::to_string(i);
+    out->push_back({path, layer.name().empty() ? path : layer.name(), &layer});
+    if (layer.has_residual()) {
+      AppendSpecLayers(layer.residual().body(), path + ".body.", out);
+      AppendSpecLayers(layer.residual().shortcut(), path + ".shortcut.", out);
+    }
+  }
+}
+
+}  // namespace
+
+std::vector<SpecLayer> SpecLayers(const v1::ModelSpec& spec) {
+  std::vector<SpecLayer> out;
+  AppendSpecLayers(spec.layers(), "", &out);
+  return out;
 }
 
 void PrintBatchNormTable(const v1::Model& model, std::ostream& out) {
@@ -123,9 +141,14 @@ int RunCreate(Client& client, const Args& args, std::ostream& out) {
   if (args.json) {
     out << ToJson(model) << '\n';
   } else {
-    out << "created model " << model.id() << ": " << model.spec().layers_size() << " layers, "
-        << model.parameter_count() << " parameters, input " << ShapeString(spec.input_shape())
-        << " -> output " << ShapeString(model.output_shape()) << '\n';
+    const size_t all = SpecLayers(model.spec()).size();
+    out << "created model " << model.id() << ": " << model.spec().layers_size() << " layers"
+        << (all != static_cast<size_t>(model.spec().layers_size())
+                ? " (" + std::to_string(all) + " with the residual blocks' layers)"
+                : "")
+        << ", " << model.parameter_count() << " parameters, input "
+        << ShapeString(spec.input_shape()) << " -> output " << ShapeString(model.output_shape())
+        << '\n';
   }
   return kExitOk;
 }
@@ -168,15 +191,15 @@ int RunGet(Client& client, const Args& args, std::ostream& out) {
       << "output      " << ShapeString(m.output_shape()) << '\n'
       << "loss        " << v1::Loss_Name(m.spec().loss()) << '\n'
       << "optimizer   " << OptimizerString(m.spec().optimizer()) << "\n\n";
-  // Layer options: every layer with parameters or running statistics has an entry.
+  // Layer options: every layer with parameters or running statistics has an entry (a
+  // residual block's are its layers').
   std::map<std::string, const v1::LayerOptions*> options;
   for (const v1::LayerOptions& o : m.layer_options()) options[o.layer()] = &o;
   TextTable layers({"#", "name", "kind", "frozen", "trainable"});
-  for (int i = 0; i < m.spec().layers_size(); ++i) {
-    const std::string label = LayerLabel(m.spec(), i);
-    auto it = options.find(label);
+  for (const SpecLayer& l : SpecLayers(m.spec())) {
+    auto it = options.find(l.label);
     const bool listed = it != options.end();
-    layers.AddRow({std::to_string(i), label, LayerKind(m.spec().layers(i)),
+    layers.AddRow({l.path, l.label, LayerKind(*l.layer),
                    listed ? (it->second->frozen() ? "yes" : "no") : "-",
                    listed ? (it->second->trainable() ? "yes" : "no") : "-"});
   }
@@ -388,13 +411,13 @@ int RunFold(Client& client, const Args& args, std::ostream& out) {
         << '\n';
     return kExitOk;
   }
-  out << "folded " << source.spec().layers_size() - r.spec().layers_size()
-      << " BatchNorm layer(s) of " << args.id << ": " << source.spec().layers_size() << " -> "
-      << r.spec().layers_size() << " layers\n";
+  // Counted over the whole tree: BatchNorm layers inside residual blocks fold too.
+  const std::vector<SpecLayer> before = SpecLayers(source.spec());
+  const std::vector<SpecLayer> after = SpecLayers(r.spec());
+  out << "folded " << before.size() - after.size() << " BatchNorm layer(s) of " << args.id
+      << ": " << before.size() << " -> " << after.size() << " layers\n";
   TextTable layers({"#", "name", "kind"});
-  for (int i = 0; i < r.spec().layers_size(); ++i) {
-    layers.AddRow({std::to_string(i), LayerLabel(r.spec(), i), LayerKind(r.spec().layers(i))});
-  }
+  for (const SpecLayer& l : after) layers.AddRow({l.path, l.label, LayerKind(*l.layer)});
   layers.Print(out, "  ");
   if (r.has_model()) {
     out << "created inference-only model " << r.model().id() << " (eval mode, "

@@ -44,7 +44,7 @@ struct Args {
   int64_t samples = 50000;   // demo: training samples
   int demo_epochs = 6;       // demo: epochs
   double serve_seconds = 8;  // demo: length of each live serving phase
-  std::vector<std::string> layers;  // layer: labels (name or index)
+  std::vector<std::string> layers;  // layer: labels (name or path)
   bool layer_freeze = false;        // layer --freeze
   bool layer_unfreeze = false;      // layer --unfreeze
   bool trainable = false;           // layer --trainable
@@ -72,8 +72,16 @@ int RunAdapt(normd::client::Client& client, const Args& args, std::ostream& out)
 // Display helpers shared by commands and the demo.
 std::string ModeName(normd::v1::Mode mode);                // "train" | "eval" | "unspecified"
 std::string LayerKind(const normd::v1::LayerSpec& layer);  // "linear", "batch_norm1d", ...
-std::string LayerLabel(const normd::v1::ModelSpec& spec, int index);  // name or index
 void PrintBatchNormTable(const normd::v1::Model& model, std::ostream& out);
+
+// One layer of a spec's tree (residual blocks hold layers): its path ("3", "4.body.1", the
+// server's state_dict prefix) and label (its name, or its path), in the server's order.
+struct SpecLayer {
+  std::string path;
+  std::string label;
+  const normd::v1::LayerSpec* layer;
+};
+std::vector<SpecLayer> SpecLayers(const normd::v1::ModelSpec& spec);
 
 }  // namespace normctl
 

@@ -170,7 +170,10 @@ int main(int argc, char** argv) {
   CLI::App* layer = command("layer", "Freeze or unfreeze layers, make them (un)trainable",
                             normctl::RunLayer);
   add_id(layer);
-  layer->add_option("LAYER", args.layers, "Layer names or indices")->required();
+  layer->add_option("LAYER", args.layers,
+                    "Layer names or paths: an index (3), a layer in a residual block (4.body.1), "
+                    "a whole block (4)")
+      ->required();
   CLI::Option* lf = layer->add_flag("--freeze", args.layer_freeze,
                                     "Normalise with the running statistics in train mode too "
                                     "and stop updating them (bn.eval() in PyTorch)");

@@ -184,6 +184,44 @@ class NormctlTest(unittest.TestCase):
         accuracy = float(re.search(r"accuracy\s+([\d.]+)%", p.stdout).group(1))
         self.assertGreaterEqual(accuracy, 85.0, p.stdout)
 
+    def test_resnet_example(self):
+        """client/examples/resnet_bn.json: residual blocks (identity, stride-2 projection,
+        depthwise-separable), global average pooling; nested layers in get, layer and fold."""
+        digits = load_digits()
+        x = (digits.data / 16.0).astype(np.float32)
+        y = digits.target
+        train = write_csv("resnet_train.csv", x[:1400], y[:1400])
+        test = write_csv("resnet_test.csv", x[1400:], y[1400:], header=False)
+        p = self.create("resnet_bn.json", "resnet")
+        self.assertIn("12 layers (29 with the residual blocks' layers)", p.stdout)
+        self.assertEqual(get_json("resnet")["output_shape"], ["10"])
+        rows = [l.split() for l in run("get", "resnet").stdout.splitlines()]
+        self.assertIn(["5", "block2", "residual", "-", "-"], rows)
+        self.assertIn(["5.shortcut.1", "5.shortcut.1", "batch_norm2d", "no", "yes"], rows)
+        self.assertIn(["7.body.0", "7.body.0", "conv2d", "no", "yes"], rows)
+        self.assertIn("5.shortcut.1", run("get", "resnet").stdout.split("BatchNorm")[-1])
+        run("train", "resnet", "--data", train, "--label-column", "-1", "--epochs", "3",
+            "--batch", "64", "--shuffle")
+        p = run("eval", "resnet", "--data", test)
+        accuracy = float(re.search(r"accuracy\s+([\d.]+)%", p.stdout).group(1))
+        self.assertGreaterEqual(accuracy, 85.0, p.stdout)
+        # A whole block and a nested layer by path.
+        p = run("layer", "resnet", "block1", "5.shortcut.1", "--freeze")
+        rows = {r.split()[0]: r.split()[1:] for r in p.stdout.splitlines()[1:]}
+        self.assertEqual(rows["3.body.1"], ["yes", "yes"])
+        self.assertEqual(rows["3.body.4"], ["yes", "yes"])
+        self.assertEqual(rows["3.body.0"], ["no", "yes"])
+        self.assertEqual(rows["5.shortcut.1"], ["yes", "yes"])
+        self.assertEqual(rows["5.body.1"], ["no", "yes"])
+        p = run("inspect", "resnet", "--data", test, "--label-column", "-1", "--rows", "32")
+        self.assertIn("5.shortcut.1", p.stdout)
+        run("mode", "resnet", "eval")
+        p = run("fold", "resnet", "--as", "resnet-folded")
+        self.assertIn("folded 8 BatchNorm layer(s) of resnet: 29 -> 21 layers", p.stdout)
+        np.testing.assert_allclose(self.client.predict("resnet-folded", x[1400:1464].reshape(
+            -1, 1, 8, 8)), self.client.predict("resnet", x[1400:1464].reshape(-1, 1, 8, 8)),
+            rtol=0, atol=1e-4)
+
     def test_regression(self):
         spec = {"input_shape": [3],
                 "layers": [{"linear": {"in_features": 3, "out_features": 16}},

@@ -243,11 +243,106 @@ class InteropTest(unittest.TestCase):
         print(f"normd -> torch: relative error {err:.2e}")
         self.assertLessEqual(err, TOL)
 
+    def test_resnet_round_trip(self):
+        """Residual blocks (a BasicBlock with a stride-2 projection, a Bottleneck, a
+        depthwise-separable block, a nested block), grouped convolution and global average
+        pooling: torch -> normd -> torch with identical state_dict keys and values."""
+        RB = normd.ResidualBlock
+        seq = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+            RB([nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16),
+                nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)],
+               [nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16)]),
+            nn.ReLU(),
+            RB([nn.Conv2d(16, 4, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4, momentum=None),
+                nn.ReLU(), nn.Conv2d(4, 16, 1, bias=False), nn.BatchNorm2d(16)]),
+            nn.ReLU(),
+            RB([nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False), nn.BatchNorm2d(16),
+                nn.ReLU(), RB([nn.Conv2d(16, 16, 1, bias=False), nn.BatchNorm2d(16)])]),
+            nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(), nn.Linear(16, 10))
+        x = torch.randn(32, 3, 8, 8)
+        warm_up(seq, x)
+        expected, served, again = self.round_trip(seq, [3, 8, 8], x, "interop-resnet")
+        err = rel_err(served, expected)
+        print(f"ResNet: normd vs torch relative error {err:.2e}")
+        self.assertLessEqual(err, TOL)
+        np.testing.assert_array_equal(again, expected)
+        keys = list(self.c.get_state("interop-resnet").keys())
+        self.assertEqual(keys, list(seq.state_dict().keys()))
+        self.assertIn("7.body.3.body.1.running_mean", keys)
+        model = self.c.get_model("interop-resnet")
+        block = model.spec.layers[3].residual
+        self.assertEqual(len(block.body), 5)
+        self.assertEqual(len(block.shortcut), 2)
+        self.assertEqual(model.spec.layers[7].residual.body[0].conv2d.groups, 16)
+        self.assertTrue(model.spec.layers[8].HasField("adaptive_avg_pool2d"))
+        self.assertEqual([b.layer for b in model.batch_norms][:4],
+                         ["1", "3.body.1", "3.body.4", "3.shortcut.1"])
+
+    def test_resnet_named_layers_options_and_training(self):
+        """Named blocks and layers keep their torch names as labels; frozen and untrainable
+        nested layers round-trip; one train step on each side gives the same buffers."""
+        from collections import OrderedDict
+        RB = normd.ResidualBlock
+        block = RB([nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                    nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)])
+        block.body = nn.Sequential(OrderedDict(
+            [("conv1", block.body[0]), ("bn1", block.body[1]), ("relu", block.body[2]),
+             ("conv2", block.body[3]), ("bn2", block.body[4])]))
+        seq = nn.Sequential(OrderedDict([
+            ("stem", nn.Conv2d(2, 4, 3, padding=1, bias=False)), ("bn", nn.BatchNorm2d(4)),
+            ("layer1", block), ("act", nn.ReLU()), ("pool", nn.AdaptiveAvgPool2d(1)),
+            ("flat", nn.Flatten()), ("head", nn.Linear(4, 3))]))
+        x = torch.randn(16, 2, 6, 6)
+        warm_up(seq, x)
+        seq.train()
+        seq.layer1.body.bn2.eval()                  # frozen, inside the block
+        seq.layer1.body.conv1.requires_grad_(False)  # untrainable, inside the block
+        model = normd.from_torch(self.c, seq, [2, 6, 6], optimizer={"sgd": {"lr": 0.05}},
+                                 id="interop-resnet-named")
+        self.created.append(model.id)
+        body = model.spec.layers[2].residual.body
+        self.assertEqual([l.name for l in body],
+                         ["layer1.body.conv1", "layer1.body.bn1", "layer1.body.relu",
+                          "layer1.body.conv2", "layer1.body.bn2"])
+        options = {o.layer: (o.frozen, o.trainable) for o in model.layer_options}
+        self.assertEqual(options["layer1.body.bn2"], (True, True))
+        self.assertEqual(options["layer1.body.conv1"], (False, False))
+        self.assertEqual(options["layer1.body.bn1"], (False, True))
+        # normd's state names are its paths whatever the torch names.
+        state = self.c.get_state(model.id)
+        self.assertIn("2.body.4.running_var", state)
+        np.testing.assert_array_equal(state["2.body.4.running_var"],
+                                      seq.layer1.body.bn2.running_var.numpy())
+        # A train-mode step: batch statistics, the frozen layer's running ones.
+        labels = torch.randint(0, 3, (16,))
+        self.c.train_step(model.id, x.numpy(), labels=labels.numpy())
+        with torch.no_grad():
+            seq(x)
+        state = self.c.get_state(model.id)
+        for name, torch_bn in (("2.body.1", seq.layer1.body.bn1), ("1", seq.bn)):
+            self.assertLessEqual(rel_err(state[f"{name}.running_mean"],
+                                         torch_bn.running_mean.numpy()), 1e-5, name)
+            self.assertLessEqual(rel_err(state[f"{name}.running_var"],
+                                         torch_bn.running_var.numpy()), 1e-5, name)
+        np.testing.assert_array_equal(state["2.body.4.running_mean"],
+                                      seq.layer1.body.bn2.running_mean.numpy())
+        back = normd.to_torch(self.c, model.id)
+        self.assertTrue(back.training)
+        self.assertFalse(back[2].body[4].training)
+        self.assertTrue(back[2].body[1].training)
+        self.assertFalse(any(p.requires_grad for p in back[2].body[0].parameters()))
+        self.assertTrue(all(p.requires_grad for p in back[2].body[3].parameters()))
+        self.assertIsInstance(back[2], normd.ResidualBlock)
+
     def test_unsupported_modules(self):
         for seq in (nn.Sequential(nn.Linear(4, 4), nn.Softmax(dim=1)),
                     nn.Sequential(nn.Conv2d(1, 2, 3, dilation=2)),
                     nn.Sequential(nn.Conv2d(1, 2, (3, 2))),
-                    nn.Sequential(nn.GELU(approximate="tanh"))):
+                    nn.Sequential(nn.GELU(approximate="tanh")),
+                    nn.Sequential(nn.AdaptiveAvgPool2d((2, 2))),
+                    nn.Sequential(normd.ResidualBlock([nn.ReLU(), nn.Softmax(dim=1)]))):
             with self.assertRaises(ValueError):
                 normd.from_torch(self.c, seq, [1, 8, 8], id="interop-unsupported")
         ids = [m.id for m in self.c.list_models()]

@@ -8,7 +8,8 @@
 
 Tensors go in and out as numpy float32 arrays (raw bytes on the wire). Failed calls raise
 normd.NormdError with .code (a grpc.StatusCode) and .message (the server's text).
-PyTorch interop: normd.to_torch and normd.from_torch (import torch only when used).
+PyTorch interop: normd.to_torch and normd.from_torch (import torch only when used);
+normd.ResidualBlock is the torch module of a residual block (body(x) + shortcut(x)).
 
 Training loops: Client.fit (normd.fit) trains on numpy arrays or any iterable of batches (a
 torch DataLoader included) for some epochs, with validation, per-epoch learning rates, early
@@ -40,7 +41,16 @@ from normd.training import EarlyStopping, History, fit  # noqa: E402
 from normd.torch_interop import from_torch, to_torch  # noqa: E402
 
 __all__ = ["Client", "FoldResult", "ForwardResult", "NormdError", "from_tensor", "to_tensor", "pb",
-           "to_torch", "from_torch", "fit", "EarlyStopping", "History", "__version__"]
+           "to_torch", "from_torch", "ResidualBlock", "fit", "EarlyStopping", "History",
+           "__version__"]
+
+
+def __getattr__(name):
+    # normd.ResidualBlock is a torch module: torch is imported when it is first asked for.
+    if name == "ResidualBlock":
+        from normd import torch_interop
+        return torch_interop.ResidualBlock
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 try:
     from normd._version import __version__  # written by CMake from project(VERSION)

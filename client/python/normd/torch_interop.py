@@ -2,11 +2,15 @@
 
 Layers map one to one, so normd's state names ("0.weight", "1.running_mean", ...) are the
 Sequential's state_dict keys. Supported modules: Linear, BatchNorm1d, BatchNorm2d (momentum
-None included), LayerNorm, GroupNorm, InstanceNorm1d, InstanceNorm2d, Conv2d (square kernel, dilation 1, groups 1, zero padding),
-MaxPool2d and AvgPool2d (square, ceil_mode False; AvgPool2d with count_include_pad True),
-Flatten (start_dim 1), ReLU, LeakyReLU, Tanh, Sigmoid, GELU (exact), Dropout.
+None included), LayerNorm, GroupNorm, InstanceNorm1d, InstanceNorm2d, Conv2d (square kernel,
+dilation 1, any groups, zero padding), MaxPool2d and AvgPool2d (square, ceil_mode False;
+AvgPool2d with count_include_pad True), AdaptiveAvgPool2d((1, 1)), Flatten (start_dim 1), ReLU,
+LeakyReLU, Tanh, Sigmoid, GELU (exact), Dropout, and residual blocks: normd.ResidualBlock,
+body(x) + shortcut(x), whose attributes `body` and `shortcut` are nn.Sequentials of any of these
+(blocks included), so a nested layer's state names are "4.body.1.running_mean".
 
-torch is imported by these functions only, so the client works without it.
+torch is imported by these functions only, so the client works without it (ResidualBlock is
+created on first use).
 """
 
 import collections
@@ -15,7 +19,7 @@ import numpy as np
 
 from normd.v1 import normd_pb2 as pb
 
-__all__ = ["to_torch", "from_torch", "sequential_from_spec"]
+__all__ = ["to_torch", "from_torch", "sequential_from_spec", "ResidualBlock"]
 
 _LOSSES = {"cross_entropy": pb.LOSS_CROSS_ENTROPY, "mse": pb.LOSS_MSE,
            "bce_with_logits": pb.LOSS_BCE_WITH_LOGITS}
@@ -34,10 +38,54 @@ def _square(value, what: str, index: int) -> int:
     return int(value)
 
 
-def _layer_to_torch(layer: pb.LayerSpec, index: int):
+_residual_block_class = None
+
+
+def _residual_block():
+    """The ResidualBlock class, defined once torch is imported."""
+    global _residual_block_class
+    if _residual_block_class is None:
+        import torch.nn as nn
+
+        class ResidualBlock(nn.Module):
+            """A residual block as normd computes it: body(x) + shortcut(x), both nn.Sequential
+            (an empty shortcut is the identity). The body runs first. ResNet's BasicBlock is
+            ResidualBlock([conv, bn, relu, conv, bn], [conv1x1 (stride), bn]) followed by a
+            ReLU in the enclosing Sequential.
+
+            ResidualBlock(body, shortcut=()) takes lists (or iterables) of modules."""
+
+            def __init__(self, body, shortcut=()):
+                super().__init__()
+                self.body = nn.Sequential(*body)
+                self.shortcut = nn.Sequential(*shortcut)
+
+            def forward(self, x):
+                return self.body(x) + self.shortcut(x)
+
+        ResidualBlock.__module__ = __name__
+        _residual_block_class = ResidualBlock
+    return _residual_block_class
+
+
+def __getattr__(name):
+    # normd.torch_interop.ResidualBlock without importing torch with the package.
+    if name == "ResidualBlock":
+        return _residual_block()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _layer_to_torch(layer: pb.LayerSpec, index):
     import torch.nn as nn
 
     kind = layer.WhichOneof("kind")
+    if kind == "residual":
+        block = layer.residual
+        return _residual_block()(
+            [_layer_to_torch(l, f"{index}.body.{i}") for i, l in enumerate(block.body)],
+            [_layer_to_torch(l, f"{index}.shortcut.{i}") for i, l in enumerate(block.shortcut)])
+    if kind == "adaptive_avg_pool2d":
+        return nn.AdaptiveAvgPool2d((1, 1))
     if kind == "linear":
         s = layer.linear
         return nn.Linear(s.in_features, s.out_features,
@@ -74,7 +122,8 @@ def _layer_to_torch(layer: pb.LayerSpec, index: int):
         s = layer.conv2d
         return nn.Conv2d(s.in_channels, s.out_channels, s.kernel_size,
                          stride=s.stride if s.HasField("stride") else 1, padding=s.padding,
-                         bias=s.bias if s.HasField("bias") else True)
+                         bias=s.bias if s.HasField("bias") else True,
+                         groups=s.groups if s.HasField("groups") else 1)
     if kind in ("max_pool2d", "avg_pool2d"):
         s = getattr(layer, kind)
         stride = s.stride if s.HasField("stride") else s.kernel_size
@@ -115,12 +164,23 @@ def sequential_from_spec(spec: pb.ModelSpec, state):
     return seq
 
 
-def _layer_index(spec: pb.ModelSpec, label: str) -> int:
-    """The index of the layer a server label names: its configured name, else its index."""
-    for i, layer in enumerate(spec.layers):
+def _spec_paths(layers, prefix=""):
+    """(path, LayerSpec) for every layer of a spec's tree, in the server's order."""
+    for i, layer in enumerate(layers):
+        path = f"{prefix}{i}"
+        yield path, layer
+        if layer.WhichOneof("kind") == "residual":
+            yield from _spec_paths(layer.residual.body, f"{path}.body.")
+            yield from _spec_paths(layer.residual.shortcut, f"{path}.shortcut.")
+
+
+def _layer_path(spec: pb.ModelSpec, label: str) -> str:
+    """The module path of the layer a server label names: its configured name, else its path
+    ("3", "4.body.1")."""
+    for path, layer in _spec_paths(spec.layers):
         if layer.name == label:
-            return i
-    return int(label)
+            return path
+    return label
 
 
 def to_torch(client, model_id: str):
@@ -132,7 +192,7 @@ def to_torch(client, model_id: str):
     seq = sequential_from_spec(model.spec, client.get_state(model_id))
     seq.train(model.mode == pb.MODE_TRAIN)
     for o in model.layer_options:
-        module = seq[_layer_index(model.spec, o.layer)]
+        module = seq.get_submodule(_layer_path(model.spec, o.layer))
         if o.frozen:
             module.eval()
         if not o.trainable:
@@ -140,7 +200,9 @@ def to_torch(client, model_id: str):
     return seq
 
 
-def _module_to_spec(module, index: int) -> pb.LayerSpec:
+def _module_to_spec(module, index, convert_child) -> pb.LayerSpec:
+    """The LayerSpec of one module; index names it in errors ("3", "layer1.body.0").
+    convert_child(child, branch, i) converts a residual block's layers."""
     import torch.nn as nn
 
     spec = pb.LayerSpec()
@@ -148,7 +210,20 @@ def _module_to_spec(module, index: int) -> pb.LayerSpec:
     def fail(why):
         raise ValueError(f"layer {index} ({type(module).__name__}): {why}")
 
-    if isinstance(module, nn.Linear):
+    if isinstance(module, _residual_block()):
+        if len(module.body) == 0:
+            fail("the body is empty")
+        spec.residual.SetInParent()
+        for branch in ("body", "shortcut"):
+            for i, (name, child) in enumerate(getattr(module, branch).named_children()):
+                getattr(spec.residual, branch).append(convert_child(child, branch, i, name))
+    elif isinstance(module, nn.AdaptiveAvgPool2d):
+        size = module.output_size
+        size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        if size != (1, 1):
+            fail("only output_size (1, 1) (global average pooling) is supported")
+        spec.adaptive_avg_pool2d.SetInParent()
+    elif isinstance(module, nn.Linear):
         spec.linear.in_features = module.in_features
         spec.linear.out_features = module.out_features
         spec.linear.bias = module.bias is not None
@@ -182,8 +257,8 @@ def _module_to_spec(module, index: int) -> pb.LayerSpec:
         spec.layer_norm.eps = module.eps
         spec.layer_norm.elementwise_affine = module.elementwise_affine
     elif isinstance(module, nn.Conv2d):
-        if _square(module.dilation, "dilation", index) != 1 or module.groups != 1:
-            fail("only dilation 1 and groups 1 are supported")
+        if _square(module.dilation, "dilation", index) != 1:
+            fail("only dilation 1 is supported")
         if module.padding_mode != "zeros" or isinstance(module.padding, str):
             fail("only numeric zero padding is supported")
         s = spec.conv2d
@@ -193,6 +268,8 @@ def _module_to_spec(module, index: int) -> pb.LayerSpec:
         s.stride = _square(module.stride, "stride", index)
         s.padding = _square(module.padding, "padding", index)
         s.bias = module.bias is not None
+        if module.groups != 1:
+            s.groups = module.groups
     elif isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
         if module.ceil_mode:
             fail("ceil_mode=True is not supported")
@@ -284,7 +361,9 @@ def from_torch(client, seq, input_shape, loss="cross_entropy", optimizer=None, i
     input_shape: one sample's shape, e.g. [64] or [1, 8, 8]. loss: "cross_entropy", "mse",
     "bce_with_logits", a pb.Loss value or a torch loss module. optimizer: a torch.optim
     SGD/Adam/AdamW, a pb.OptimizerSpec or its dict form (default SGD lr 0.01). A child whose name
-    is not its index becomes the layer's name (the metrics label).
+    is not its index becomes the layer's name (the metrics label); inside a normd.ResidualBlock,
+    a layer whose torch path ("layer1.body.conv1") differs from normd's ("3.body.0") is named
+    by its torch path.
     """
     import torch.nn as nn
 
@@ -292,21 +371,32 @@ def from_torch(client, seq, input_shape, loss="cross_entropy", optimizer=None, i
         raise TypeError("from_torch takes a torch.nn.Sequential")
     spec = pb.ModelSpec(input_shape=[int(d) for d in input_shape], loss=_loss_enum(loss),
                         optimizer=_optimizer_spec(optimizer), seed=seed)
-    prefix_to_index = {}
+    # normd numbers a residual block's layers by position ("4.body.1"); torch may name them
+    # ("layer1.body.conv1"). torch module path -> normd path, and the leaves to check options on.
+    to_normd = {}
+    leaves = []  # (torch path, normd path, label, module)
+
+    def convert(module, torch_path, normd_path):
+        layer = _module_to_spec(
+            module, torch_path,
+            lambda child, branch, i, name: convert(child, f"{torch_path}.{branch}.{name}",
+                                                   f"{normd_path}.{branch}.{i}"))
+        if torch_path != normd_path:
+            layer.name = torch_path  # unique in the torch module tree, so a valid label
+        to_normd[torch_path] = normd_path
+        if not isinstance(module, _residual_block()):
+            leaves.append((torch_path, layer.name or normd_path, module))
+        return layer
+
     for index, (name, module) in enumerate(seq.named_children()):
-        layer = _module_to_spec(module, index)
-        if name != str(index):
-            layer.name = name
-        spec.layers.append(layer)
-        prefix_to_index[name] = index
+        spec.layers.append(convert(module, name, str(index)))
     options = {}  # label -> options that differ from the defaults
-    for index, (name, module) in enumerate(seq.named_children()):
-        label = name  # the server label: the configured name, or the index
+    for torch_path, label, module in leaves:
         params = list(module.parameters(recurse=False))
         flags = {p.requires_grad for p in params}
         if len(flags) > 1:
-            raise ValueError(f"layer {index} ({type(module).__name__}): some parameters require "
-                             "grad and some do not; normd's trainable flag is per layer")
+            raise ValueError(f"layer {torch_path} ({type(module).__name__}): some parameters "
+                             "require grad and some do not; normd's trainable flag is per layer")
         if flags == {False}:
             options.setdefault(label, {})["trainable"] = False
         has_stats = isinstance(module, (nn.modules.batchnorm._BatchNorm,
@@ -316,8 +406,9 @@ def from_torch(client, seq, input_shape, loss="cross_entropy", optimizer=None, i
     model = client.create_model(spec, id=id)
     state = collections.OrderedDict()
     for key, value in seq.state_dict().items():
-        child, _, rest = key.partition(".")
-        state[f"{prefix_to_index[child]}.{rest}"] = value.detach().cpu().numpy().astype(np.float32)
+        module_path, _, tensor = key.rpartition(".")
+        state[f"{to_normd[module_path]}.{tensor}"] = (
+            value.detach().cpu().numpy().astype(np.float32))
     try:
         client.set_state(model.id, state, strict=True)
         if options:
