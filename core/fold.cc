@@ -98,6 +98,15 @@ void FoldStack(const std::vector<LayerConfig>& src, const std::string& src_prefi
 
 }  // namespace
 
+int NumFoldedBatchNorms(const FoldedStack& stack) {
+  int n = 0;
+  for (size_t j = 0; j < stack.source_layer.size(); ++j) {
+    n += stack.folded_batch_norm[j] >= 0;
+    n += NumFoldedBatchNorms(stack.body[j]) + NumFoldedBatchNorms(stack.shortcut[j]);
+  }
+  return n;
+}
+
 void FoldBatchNorm(const Model& model, FoldedModel* out) {
   const ModelConfig& src = model.config();
   const std::vector<NamedTensor> entries = model.GetState(/*include_optimizer=*/false);

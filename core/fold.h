@@ -48,6 +48,9 @@ struct FoldedModel {
   std::vector<NamedTensor> state;
 };
 
+// The number of BatchNorm layers folded into `stack`'s layers and its branches'.
+int NumFoldedBatchNorms(const FoldedStack& stack);
+
 // Folds `model` (its parameters and running statistics as they are now; its mode does not
 // matter). Shared access to the model suffices.
 void FoldBatchNorm(const Model& model, FoldedModel* out);

@@ -105,11 +105,10 @@ class Sequential {
  public:
   struct Limits {
     int64_t max_parameters = std::numeric_limits<int64_t>::max();
-    int max_layers = 256;
+    int max_layers = 256;  // every layer of the tree: residual blocks and their layers count
     // Largest per-sample activation (elements) any layer may produce.
     int64_t max_sample_elements = int64_t{1} << 28;
   };
-  // max_layers counts every layer of the tree: residual blocks and the layers inside them.
 
   // Builds the layers for `input_shape`, checks every shape and the limits, then allocates and
   // initialises parameters from `seed` (PyTorch's default distributions).

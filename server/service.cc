@@ -1083,8 +1083,7 @@ grpc::ServerUnaryReactor* TrainerService::FoldBatchNorm(grpc::CallbackServerCont
     normd::FoldBatchNorm(e.model(), &folded);
     FoldedSpecToWire(e.spec(), folded, resp->mutable_spec());
     StateToWire(folded.state, resp->mutable_state());
-    const int removed = static_cast<int>(e.model().config().layers.size() -
-                                         folded.config.layers.size());
+    const int removed = normd::NumFoldedBatchNorms(folded.layers);
     if (req->new_model().empty()) return Status::Ok();
     std::shared_ptr<ModelEntry> copy;
     NORMD_RETURN_IF_ERROR(registry_->Create(

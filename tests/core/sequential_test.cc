@@ -429,6 +429,7 @@ TEST(SequentialTreeTest, FoldMergesBatchNormsInsideBranches) {
   EXPECT_EQ(f.layers.body[3].source_layer, (std::vector<int>{0, 2, 3}));
   EXPECT_EQ(f.layers.body[3].folded_batch_norm, (std::vector<int>{1, -1, 4}));
   EXPECT_EQ(f.layers.shortcut[3].folded_batch_norm, (std::vector<int>{1}));
+  EXPECT_EQ(NumFoldedBatchNorms(f.layers), 6);
   auto copy = Build(f.config);
   ASSERT_TRUE(copy->SetState(f.state, true).ok());
   std::vector<std::string> names;
