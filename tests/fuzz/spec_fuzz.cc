@@ -66,22 +66,36 @@ bool ParseSpec(const uint8_t* data, size_t size, v1::ModelSpec* spec) {
   return spec->ParseFromArray(data, static_cast<int>(size));
 }
 
+// The layer configs in node order (Sequential::nodes(): a residual block, then its body's
+// layers, then its shortcut's).
+void FlattenConfigs(const std::vector<LayerConfig>& layers, std::vector<const LayerConfig*>* out) {
+  for (const LayerConfig& c : layers) {
+    out->push_back(&c);
+    if (c.kind == LayerKind::kResidual) {
+      FlattenConfigs(c.residual.body, out);
+      FlattenConfigs(c.residual.shortcut, out);
+    }
+  }
+}
+
 // The work of one forward pass of a batch, as a correct implementation does it: multiply-adds
 // of linear and convolution layers, window taps that touch the input for pooling, a few passes
-// over the activations for the rest.
+// over the activations for the rest; every layer of the tree, residual blocks' included.
 double Work(const Model& model) {
   const Sequential& net = model.net();
+  std::vector<const LayerConfig*> configs;
+  FlattenConfigs(model.config().layers, &configs);
   double work = 0;
-  for (int i = 0; i < net.num_layers(); ++i) {
-    const LayerConfig& c = model.config().layers[i];
-    const Shape& in = i == 0 ? net.input_shape() : net.layer_output_shape(i - 1);
-    const double out = static_cast<double>(net.layer_output_shape(i).NumElements());
+  for (int i = 0; i < net.num_nodes(); ++i) {
+    const LayerConfig& c = *configs[i];
+    const Shape& in = net.node(i).input_shape;
+    const double out = static_cast<double>(net.node(i).output_shape.NumElements());
     switch (c.kind) {
       case LayerKind::kLinear:
         work += out * static_cast<double>(c.linear.in_features);
         break;
       case LayerKind::kConv2d:
-        work += out * static_cast<double>(c.conv2d.in_channels) *
+        work += out * static_cast<double>(c.conv2d.in_channels / c.conv2d.groups) *
                 static_cast<double>(c.conv2d.kernel_size * c.conv2d.kernel_size);
         break;
       case LayerKind::kMaxPool2d:
@@ -254,12 +268,12 @@ void Run(const v1::ModelSpec& spec) {
   const Sequential& net = model.net();
   const server::RegistryLimits limits = Limits();
   NORMD_FUZZ_CHECK(net.parameter_count() <= limits.max_parameters, "parameter limit");
-  NORMD_FUZZ_CHECK(net.num_layers() == spec.layers_size() && net.num_layers() <= limits.max_layers,
+  NORMD_FUZZ_CHECK(net.num_layers() == spec.layers_size() && net.num_nodes() <= limits.max_layers,
                    "layer count");
-  for (int i = 0; i < net.num_layers(); ++i) {
-    NORMD_FUZZ_CHECK(net.layer_output_shape(i).NumElements() <= limits.max_batch_elements,
-                     "layer %d produces %lld elements per sample", i,
-                     static_cast<long long>(net.layer_output_shape(i).NumElements()));
+  for (const LayerNode& node : net.nodes()) {
+    NORMD_FUZZ_CHECK(node.output_shape.NumElements() <= limits.max_batch_elements,
+                     "layer %s produces %lld elements per sample", node.path.c_str(),
+                     static_cast<long long>(node.output_shape.NumElements()));
   }
   v1::Model wire;
   entry->ToWire(&wire);

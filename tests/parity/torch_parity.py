@@ -1009,11 +1009,14 @@ def residual_cases():
          stem(6, 8) + [bottleneck(8, 4), simple("relu"), bottleneck(8, 2, momentum=None),
                        simple("relu")] + head(8, 4),
          OPTIMIZERS["adamw"], 4),
-        ("resnet-depthwise-separable-sgd-nesterov", (3, 7, 7),
+        # (With Nesterov momentum 0.9 at lr 0.05 this network's 50-step trajectory amplifies
+        # float32 rounding until torch's own float32 and float64 runs part by 2e-5 in the
+        # outputs and 7e-5 in the momentum buffers: the test would measure chaos, not normd.)
+        ("resnet-depthwise-separable-sgd-weight-decay", (3, 7, 7),
          stem(3, 6) + [separable(6), simple("relu"),
                        conv(6, 12, 3, stride=2, pad=1, bias=False, groups=3), bn("2d", 12),
                        simple("relu"), separable(12)] + head(12, 3),
-         OPTIMIZERS["sgd-nesterov"], 4),
+         OPTIMIZERS["sgd-weight-decay"], 4),
         # Global average pooling straight after a block, no stem: the block reads the input.
         ("resnet-gap-nested-adam", (4, 5, 5),
          [residual([conv(4, 4, 3, pad=1, bias=False), bn("2d", 4), simple("relu"),
@@ -1021,6 +1024,11 @@ def residual_cases():
                    [bn("2d", 4, affine=False)])] + head(4, 3),
          OPTIMIZERS["adam"], 6),
     ]
+    # Gradients are compared at the starting state, in train and in eval mode (the running
+    # statistics randomised): after 50 steps an eval-mode BatchNorm weight gradient, a sum of
+    # dy * xhat over the batch, turns the trajectories' 1e-6 differences into ~1e-5 (torch's own
+    # float32 and float64 runs part by 1.2e-5 there), so the trajectory is judged by its
+    # parameters, optimizer state, running statistics and outputs instead.
     cases = []
     for name, sample, layers, opt, n in specs:
         k = layers[-1]["out"]
@@ -1028,6 +1036,10 @@ def residual_cases():
         case.get_state("init")
         case.fwd_bwd("t0", case.x(n), (k,))
         case.status("st_t0")
+        case.mode(False)
+        case.fwd_bwd("e0", case.x(n), (k,))
+        case.status("st_e0")
+        case.mode(True)
         for i in range(50):
             x = case.x(n)
             case.train_step(f"s{i}", x, case.targets(x, k))
@@ -1037,8 +1049,8 @@ def residual_cases():
         case.get_state("s50", optimizer=True)
         case.status("st50")
         case.mode(False)
-        case.fwd_bwd("e0", case.x(n), (k,))
-        case.status("st_e0")
+        case.forward("e50", case.x(n))
+        case.status("st_e50")
         x = case.x(n)
         case.evaluate("ev", x, case.targets(x, k))
         case.mode(True)
