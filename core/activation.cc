@@ -128,13 +128,28 @@ void Dropout::Forward(const ConstTensorView& x, Tensor* y, LayerCache* cache,
   const uint32_t threshold = static_cast<uint32_t>(std::ceil(double{p} * 16777216.0));
   // Arithmetic rather than a branch: a random keep/drop decision would mispredict half the time.
   auto keep = [threshold, scale](uint64_t k) { return static_cast<float>(k >= threshold) * scale; };
-  int64_t i = 0;
-  for (; i + 1 < n; i += 2) {
-    const uint64_t r = rng.Next();
-    mask[i] = keep(r >> 40);
-    mask[i + 1] = keep((r >> 16) & 0xFFFFFF);
+  if (!ctx.shard.active()) {
+    int64_t i = 0;
+    for (; i + 1 < n; i += 2) {
+      const uint64_t r = rng.Next();
+      mask[i] = keep(r >> 40);
+      mask[i + 1] = keep((r >> 16) & 0xFFFFFF);
+    }
+    if (i < n) mask[i] = keep(rng.Next() >> 40);
+  } else {
+    // Data-parallel: draw the whole batch's mask, as one process would, and keep this shard's
+    // rows of it, so the result does not depend on how many ranks there are. Element e of the
+    // whole batch takes the upper (even e) or lower (odd e) 24 bits of draw e / 2.
+    const int64_t per_row = x.shape.DropFirst().NumElements();
+    const int64_t begin = ctx.shard.row_offset * per_row;
+    const int64_t total = ctx.shard.global_rows * per_row;
+    for (int64_t e = 0; e < total; e += 2) {
+      const uint64_t r = rng.Next();
+      if (e + 1 < begin || e >= begin + n) continue;
+      if (e >= begin) mask[e - begin] = keep(r >> 40);
+      if (e + 1 >= begin && e + 1 < begin + n) mask[e + 1 - begin] = keep((r >> 16) & 0xFFFFFF);
+    }
   }
-  if (i < n) mask[i] = keep(rng.Next() >> 40);
   ArrayMap(y->data(), n) = ConstArrayMap(x.data, n) * ConstArrayMap(mask, n);
 }
 

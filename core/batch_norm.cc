@@ -219,6 +219,44 @@ void MeanAndM2(const float* x, int64_t n, int64_t C, int64_t s, int64_t ld, doub
 // samples/s either way).
 constexpr int64_t kSplitWorkPerElement = 4;
 
+// SyncBatchNorm's statistics: every rank's per-channel (count, mean, M2) gathered and merged in
+// rank order (Chan et al.'s pairwise update, as CombineMoments), so every rank holds the same
+// bits: the moments of the whole batch. mean and m2 hold this rank's on entry and the whole
+// batch's on return; returns the whole batch's count of values per channel.
+int64_t CombineAcrossRanks(const DataParallelShard& shard, int64_t local_count, double* mean,
+                           double* m2, int64_t channels) {
+  const int world = shard.collective->size();
+  const int64_t stride = 1 + 2 * channels;
+  thread_local std::vector<double> mine, all;
+  mine.resize(stride);
+  all.resize(stride * world);
+  mine[0] = static_cast<double>(local_count);
+  std::copy(mean, mean + channels, mine.begin() + 1);
+  std::copy(m2, m2 + channels, mine.begin() + 1 + channels);
+  shard.collective->AllGather(mine.data(), stride, all.data());
+  int64_t n = 0;
+  for (int r = 0; r < world; ++r) {
+    const double* theirs = all.data() + r * stride;
+    const int64_t nb = static_cast<int64_t>(theirs[0]);
+    if (nb == 0) continue;
+    if (n == 0) {
+      std::copy(theirs + 1, theirs + 1 + channels, mean);
+      std::copy(theirs + 1 + channels, theirs + 1 + 2 * channels, m2);
+      n = nb;
+      continue;
+    }
+    const double na_d = static_cast<double>(n), nb_d = static_cast<double>(nb);
+    const double total = na_d + nb_d;
+    for (int64_t c = 0; c < channels; ++c) {
+      const double delta = theirs[1 + c] - mean[c];
+      mean[c] += delta * nb_d / total;
+      m2[c] += theirs[1 + channels + c] + delta * delta * na_d * nb_d / total;
+    }
+    n += nb;
+  }
+  return n;
+}
+
 }  // namespace
 
 void ComputeMoments(const float* x, int64_t n, int64_t channels, int64_t s,
@@ -296,9 +334,11 @@ void BatchNorm::Allocate(Rng& /*rng*/) {
 Status BatchNorm::CheckBatch(const Shape& batch_in, const ForwardContext& ctx) const {
   // PyTorch applies the rule whenever batch statistics normalise (bn_training), which
   // includes eval mode without running statistics.
-  if (UsesBatchStats(ctx) && SaturatingMul(batch_in[0], spatial_) == 1) {
+  // Data-parallel: the rule is about the whole batch the statistics come from.
+  const int64_t rows = ctx.shard.active() ? ctx.shard.global_rows : batch_in[0];
+  if (UsesBatchStats(ctx) && SaturatingMul(rows, spatial_) == 1) {
     return InvalidArgument("Expected more than 1 value per channel when training, got input size ",
-                           batch_in.ToString());
+                           batch_in.DropFirst().WithBatch(rows).ToString());
   }
   return Status::Ok();
 }
@@ -328,38 +368,44 @@ void BatchNorm::Forward(const ConstTensorView& x, Tensor* y, LayerCache* cache,
   ArrayF shift(cache->f.data() + 3 * C, C);
 
   const bool need_stats = batch_stats || track;
-  const double count = static_cast<double>(N * S);
+  // Data-parallel with batch statistics (SyncBatchNorm): the statistics are the whole batch's,
+  // combined from every rank's shard before anything is normalised.
+  const bool sync = ctx.shard.active() && batch_stats;
+  double count = static_cast<double>(N * S);
   // 1/sqrt(var + eps) in double (Eigen vectorises it when no cast is inside the expression),
   // in the scratch area, then rounded to float.
   ArrayD invstd(d + kPending + 2 * C, C);
   const float* xp = x.data;
   y->Resize(x.shape);
   float* yp = y->data();
-  // Channels are independent until the drift: a large layer splits them across two cores
-  // (SplitInTwo). For (N, C) inputs the split is at a multiple of kBlock channels, so every
-  // channel takes the same reduction path as unsplit, and the results are the same bits.
-  SplitInTwo(C, S == 1 ? kBlock : 1, kSplitWorkPerElement * N * C * S, [&](int64_t c0, int64_t c1) {
-    const int64_t cw = c1 - c0;
-    // One pass over the block of x: batch mean and biased variance (needed for the drift in
-    // eval mode too). The scale area of f is free until the normalisation and holds the
-    // shifts meanwhile.
-    if (need_stats) {
-      MeanAndM2(xp + c0 * S, N, cw, S, C * S, batch_mean.data() + c0, batch_var.data() + c0,
-                scale.data() + c0);
-      batch_var.segment(c0, cw) /= count;
+
+  // One pass over channels [c0, c1) of x: batch mean and biased variance (needed for the drift
+  // in eval mode too). The scale area of f is free until the normalisation and holds the
+  // shifts meanwhile. An empty shard contributes nothing (count 0).
+  auto statistics = [&](int64_t c0, int64_t c1) {
+    if (N == 0) {
+      batch_mean.segment(c0, c1 - c0) = 0.0;
+      batch_var.segment(c0, c1 - c0) = 0.0;
+      return;
     }
+    MeanAndM2(xp + c0 * S, N, c1 - c0, S, C * S, batch_mean.data() + c0, batch_var.data() + c0,
+              scale.data() + c0);
+    if (!sync) batch_var.segment(c0, c1 - c0) /= count;  // sync: M2 until combined
+  };
+  // y = x * scale + shift per channel [c0, c1): one multiply-add per element.
+  auto normalise = [&](int64_t c0, int64_t c1) {
+    const int64_t cw = c1 - c0;
     if (batch_stats) {
       invstd.segment(c0, cw) = (batch_var.segment(c0, cw) + eps).sqrt().inverse();
-      for (int64_t c = c0; c < c0 + cw; ++c) mean_used[c] = static_cast<float>(batch_mean[c]);
+      for (int64_t c = c0; c < c1; ++c) mean_used[c] = static_cast<float>(batch_mean[c]);
     } else {
       const float* rv = running_var_.data();
-      for (int64_t c = c0; c < c0 + cw; ++c) invstd[c] = double{rv[c]} + eps;
+      for (int64_t c = c0; c < c1; ++c) invstd[c] = double{rv[c]} + eps;
       invstd.segment(c0, cw) = invstd.segment(c0, cw).sqrt().inverse();
       mean_used.segment(c0, cw) = ConstArrayF(running_mean_.data(), C).segment(c0, cw);
     }
-    for (int64_t c = c0; c < c0 + cw; ++c) invstd_used[c] = static_cast<float>(invstd[c]);
+    for (int64_t c = c0; c < c1; ++c) invstd_used[c] = static_cast<float>(invstd[c]);
 
-    // y = x * scale + shift per channel: one multiply-add per element.
     if (config_.affine) {
       scale.segment(c0, cw) =
           ConstArrayF(weight_.value.data(), C).segment(c0, cw) * invstd_used.segment(c0, cw);
@@ -372,8 +418,8 @@ void BatchNorm::Forward(const ConstTensorView& x, Tensor* y, LayerCache* cache,
     const float* sc = scale.data();
     const float* sh = shift.data();
     if (S == 1) {
-      for (int64_t b0 = c0; b0 < c0 + cw; b0 += kCoefBlock) {
-        const int64_t b1 = std::min(c0 + cw, b0 + kCoefBlock);
+      for (int64_t b0 = c0; b0 < c1; b0 += kCoefBlock) {
+        const int64_t b1 = std::min(c1, b0 + kCoefBlock);
         for (int64_t i = 0; i < N; ++i) {
           const float* xr = xp + i * C;
           float* yr = yp + i * C;
@@ -382,7 +428,7 @@ void BatchNorm::Forward(const ConstTensorView& x, Tensor* y, LayerCache* cache,
       }
     } else {
       for (int64_t i = 0; i < N; ++i) {
-        for (int64_t c = c0; c < c0 + cw; ++c) {
+        for (int64_t c = c0; c < c1; ++c) {
           const float* xr = xp + (i * C + c) * S;
           float* yr = yp + (i * C + c) * S;
           const float a = sc[c], b = sh[c];
@@ -390,7 +436,25 @@ void BatchNorm::Forward(const ConstTensorView& x, Tensor* y, LayerCache* cache,
         }
       }
     }
-  });
+  };
+
+  // Channels are independent until the drift: a large layer splits them across two cores
+  // (SplitInTwo). For (N, C) inputs the split is at a multiple of kBlock channels, so every
+  // channel takes the same reduction path as unsplit, and the results are the same bits.
+  const int64_t align = S == 1 ? kBlock : 1;
+  const int64_t work = kSplitWorkPerElement * N * C * S;
+  if (!sync) {
+    SplitInTwo(C, align, work, [&](int64_t c0, int64_t c1) {
+      if (need_stats) statistics(c0, c1);
+      normalise(c0, c1);
+    });
+  } else {
+    SplitInTwo(C, align, work, statistics);
+    count = static_cast<double>(CombineAcrossRanks(ctx.shard, N * S, batch_mean.data(),
+                                                   batch_var.data(), C));
+    batch_var /= count;
+    SplitInTwo(C, align, work, normalise);
+  }
 
   // Drift against the running estimates, before any update. It reuses the scratch area, whose
   // 1/sqrt values have been rounded into invstd_used.
@@ -448,15 +512,18 @@ void BatchNorm::Backward(const ConstTensorView& x, const Tensor& /*y*/, const Co
   float* k = coef.data();          // multiplies dy
   float* a = coef.data() + C;      // multiplies (x - mean)
   float* b = coef.data() + 2 * C;  // constant term
-  const double n = static_cast<double>(N * S);
   const float* gamma = config_.affine ? weight_.value.data() : nullptr;
   const bool batch_stats = UsesBatchStats(ctx);
   // An untrainable layer's parameter gradients stay zero (Layer::trainable); without dx the
   // backward then has nothing to compute.
   const bool param_grads = config_.affine && trainable();
   if (!param_grads && dx == nullptr) return;
-  // Channels are independent: a large layer splits them across two cores, as in Forward.
-  SplitInTwo(C, S == 1 ? kBlock : 1, kSplitWorkPerElement * N * C * S, [&](int64_t c0, int64_t c1) {
+  // SyncBatchNorm: the input gradient needs the whole batch's sums. The parameter gradients
+  // take this shard's, as every parameter gradient does (the model sums them over the ranks).
+  const bool sync = ctx.shard.active() && batch_stats && dx != nullptr;
+  const double n = static_cast<double>((sync ? ctx.shard.global_rows : N) * S);
+
+  auto sums = [&](int64_t c0, int64_t c1) {
     ChannelReduce(GradSumsOp(), xp + c0 * S, dyp + c0 * S, N, c1 - c0, S, C * S, mean + c0,
                   sum_dy + c0, sum_dy_xmu + c0);
     if (param_grads) {
@@ -467,8 +534,8 @@ void BatchNorm::Backward(const ConstTensorView& x, const Tensor& /*y*/, const Co
         gb[c] += static_cast<float>(sum_dy[c]);
       }
     }
-    if (dx == nullptr) return;
-
+  };
+  auto input_gradient = [&](int64_t c0, int64_t c1) {
     // Branch-free loops over channels so they vectorise.
     for (int64_t c = c0; c < c1; ++c) {
       k[c] = static_cast<float>((gamma != nullptr ? double{gamma[c]} : 1.0) * invstd[c]);
@@ -508,7 +575,21 @@ void BatchNorm::Backward(const ConstTensorView& x, const Tensor& /*y*/, const Co
         }
       }
     }
-  });
+  };
+
+  // Channels are independent: a large layer splits them across two cores, as in Forward.
+  const int64_t align = S == 1 ? kBlock : 1;
+  const int64_t work_size = kSplitWorkPerElement * N * C * S;
+  if (!sync) {
+    SplitInTwo(C, align, work_size, [&](int64_t c0, int64_t c1) {
+      sums(c0, c1);
+      if (dx != nullptr) input_gradient(c0, c1);
+    });
+  } else {
+    SplitInTwo(C, align, work_size, sums);
+    ctx.shard.collective->AllReduceSum(work.data(), 2 * C);
+    SplitInTwo(C, align, work_size, input_gradient);
+  }
 }
 
 std::vector<Parameter*> BatchNorm::parameters() {

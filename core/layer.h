@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "core/collective.h"
 #include "core/config.h"
 #include "core/rng.h"
 #include "core/status.h"
@@ -65,6 +66,10 @@ struct ForwardContext {
   // Model::AccumulateStatistics (AdaBN): with training, norm layers normalise with batch
   // statistics as in training while Dropout is the identity; nothing is updated.
   bool adapting = false;
+  // Data-parallel training (core/collective.h): the forward's input is rows [row_offset,
+  // row_offset + N) of a batch of global_rows split over the ranks (N may be 0). BatchNorm then
+  // normalises with the whole batch's statistics and Dropout draws the whole batch's mask.
+  DataParallelShard shard;
 };
 
 class BatchNorm;

@@ -59,15 +59,18 @@ Status ValidateTargets(LossKind kind, const Shape& batch_out, const Targets& t) 
   return Status::Ok();
 }
 
-double ComputeLoss(LossKind kind, const ConstTensorView& out, const Targets& t, Tensor* grad) {
+double ComputeLoss(LossKind kind, const ConstTensorView& out, const Targets& t, Tensor* grad,
+                   int64_t mean_rows) {
   const int64_t n = out.rows();
   const int64_t size = out.size();
+  const int64_t rows = mean_rows > 0 ? mean_rows : n;
+  const int64_t mean_size = rows * out.shape.DropFirst().NumElements();
   if (grad != nullptr) grad->Resize(out.shape);
   double total = 0.0;
   switch (kind) {
     case LossKind::kCrossEntropy: {
       const int64_t k = out.cols();
-      const double inv_n = 1.0 / static_cast<double>(n);
+      const double inv_n = 1.0 / static_cast<double>(rows);
       for (int64_t i = 0; i < n; ++i) {
         const float* row = out.data + i * k;
         const float mx = *std::max_element(row, row + k);
@@ -86,7 +89,7 @@ double ComputeLoss(LossKind kind, const ConstTensorView& out, const Targets& t, 
       return total * inv_n;
     }
     case LossKind::kMse: {
-      const double inv = 1.0 / static_cast<double>(size);
+      const double inv = 1.0 / static_cast<double>(mean_size);
       for (int64_t i = 0; i < size; ++i) {
         const double d = double{out.data[i]} - t.target.data[i];
         total += d * d;
@@ -95,7 +98,7 @@ double ComputeLoss(LossKind kind, const ConstTensorView& out, const Targets& t, 
       return total * inv;
     }
     case LossKind::kBceWithLogits: {
-      const double inv = 1.0 / static_cast<double>(size);
+      const double inv = 1.0 / static_cast<double>(mean_size);
       for (int64_t i = 0; i < size; ++i) {
         const double x = out.data[i];
         const double y = t.target.data[i];
@@ -111,16 +114,21 @@ double ComputeLoss(LossKind kind, const ConstTensorView& out, const Targets& t, 
   return total;
 }
 
-double Accuracy(const ConstTensorView& out, const Targets& t) {
+int64_t CorrectPredictions(const ConstTensorView& out, const Targets& t) {
   const int64_t n = out.rows();
   const int64_t k = out.cols();
-  if (n == 0) return 0.0;
   int64_t correct = 0;
   for (int64_t i = 0; i < n; ++i) {
     const float* row = out.data + i * k;
     if (std::max_element(row, row + k) - row == t.labels[i]) ++correct;
   }
-  return static_cast<double>(correct) / static_cast<double>(n);
+  return correct;
+}
+
+double Accuracy(const ConstTensorView& out, const Targets& t) {
+  const int64_t n = out.rows();
+  if (n == 0) return 0.0;
+  return static_cast<double>(CorrectPredictions(out, t)) / static_cast<double>(n);
 }
 
 }  // namespace normd

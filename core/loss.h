@@ -34,11 +34,18 @@ Status ValidateTargets(LossKind kind, const Shape& batch_out, const Targets& tar
 
 // Returns the mean loss of `output`; when grad is non-null, writes dL/d(output) (resized to
 // output's shape). REQUIRES: ValidateTargets succeeded.
+// mean_rows > 0: the mean is over a batch of that many rows of which `output` is a part (a
+// data-parallel shard, core/collective.h): the result is this part's sum divided by the whole
+// batch's count, and the gradient is seeded accordingly, so the parts' results add up to the
+// whole batch's loss and gradient. mean_rows = 0: over output's own rows (which may then not be
+// 0).
 double ComputeLoss(LossKind kind, const ConstTensorView& output, const Targets& targets,
-                   Tensor* grad);
+                   Tensor* grad, int64_t mean_rows = 0);
 
 // Fraction of rows whose arg-max equals the label. REQUIRES: cross-entropy targets, validated.
 double Accuracy(const ConstTensorView& output, const Targets& targets);
+// How many rows' arg-max equals the label (0 for an empty output).
+int64_t CorrectPredictions(const ConstTensorView& output, const Targets& targets);
 
 }  // namespace normd
 

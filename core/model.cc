@@ -56,9 +56,11 @@ ForwardContext Model::CurrentModeContext() {
   return ctx;
 }
 
-Status Model::CheckInput(const ConstTensorView& x, bool training) const {
+Status Model::CheckInput(const ConstTensorView& x, bool training,
+                         const DataParallelShard& shard) const {
   ForwardContext ctx;
   ctx.training = training;
+  ctx.shard = shard;
   NORMD_RETURN_IF_ERROR(net_->CheckInput(x.shape, ctx));
   if (!AllFinite(x.data, x.size())) {
     return InvalidArgument("input contains non-finite values (NaN or Inf)");
@@ -66,9 +68,11 @@ Status Model::CheckInput(const ConstTensorView& x, bool training) const {
   return Status::Ok();
 }
 
-Status Model::Forward(const ConstTensorView& x, ForwardRecord* rec) {
-  NORMD_RETURN_IF_ERROR(CheckInput(x, training_));
-  const ForwardContext ctx = CurrentModeContext();
+Status Model::Forward(const ConstTensorView& x, ForwardRecord* rec,
+                      const DataParallelShard& shard) {
+  NORMD_RETURN_IF_ERROR(CheckInput(x, training_, shard));
+  ForwardContext ctx = CurrentModeContext();
+  ctx.shard = shard;
   net_->Forward(x, ctx, rec);
   if (training_) rng_ = net_->CommitRunningStats(rec);
   rec->params_version = params_version_;
@@ -100,8 +104,9 @@ Status Model::Backward(ForwardRecord* rec, const ConstTensorView& grad_output,
   return Status::Ok();
 }
 
-Status Model::ApplyGradients(uint64_t* step) {
+Status Model::ApplyGradients(uint64_t* step, Collective* collective) {
   NORMD_RETURN_IF_ERROR(CheckCanTrain("ApplyGradients"));
+  if (collective != nullptr) AllReduceGradients(collective);
   const int bad = net_->FirstNonFiniteGradLayer();
   if (bad >= 0) {
     net_->ZeroGrad();
@@ -118,20 +123,29 @@ Status Model::ApplyGradients(uint64_t* step) {
 }
 
 Status Model::TrainStep(const ConstTensorView& x, const Targets& targets, ForwardRecord* rec,
-                        TrainResult* result) {
+                        TrainResult* result, const DataParallelShard& shard) {
   NORMD_RETURN_IF_ERROR(CheckCanTrain("TrainStep"));
-  NORMD_RETURN_IF_ERROR(CheckInput(x, training_));
-  NORMD_RETURN_IF_ERROR(
-      ValidateTargets(config_.loss, net_->output_shape().WithBatch(x.rows()), targets));
-  const ForwardContext ctx = CurrentModeContext();
+  NORMD_RETURN_IF_ERROR(CheckInput(x, training_, shard));
+  if (!shard.active() || x.rows() > 0) {
+    NORMD_RETURN_IF_ERROR(
+        ValidateTargets(config_.loss, net_->output_shape().WithBatch(x.rows()), targets));
+  }
+  ForwardContext ctx = CurrentModeContext();
+  ctx.shard = shard;
   net_->ZeroGrad();
   net_->Forward(x, ctx, rec);
-  const double loss = ComputeLoss(config_.loss, rec->output().view(), targets, &loss_grad_);
+  // Data-parallel: this shard's share of the whole batch's mean loss and of its gradient, then
+  // the whole batch's loss and parameter gradients, summed over the ranks (the same bits on
+  // every rank, so every rank takes the same decision below).
+  double loss = ComputeLoss(config_.loss, rec->output().view(), targets, &loss_grad_,
+                            shard.global_rows);
+  if (shard.active()) shard.collective->AllReduceSum(&loss, 1);
   if (!std::isfinite(loss)) {
     return FailedPrecondition("step ", step_ + 1, " produced a non-finite loss (", loss,
                               "); model unchanged");
   }
   net_->Backward(rec, loss_grad_.view(), nullptr);
+  if (shard.active()) AllReduceGradients(shard.collective);
   const int bad = net_->FirstNonFiniteGradLayer();
   if (bad >= 0) {
     net_->ZeroGrad();
@@ -148,22 +162,34 @@ Status Model::TrainStep(const ConstTensorView& x, const Targets& targets, Forwar
   RecordStatus(*rec);
   result->loss = loss;
   result->step = step_;
-  result->samples = x.rows();
+  result->samples = shard.active() ? shard.global_rows : x.rows();
   return Status::Ok();
 }
 
+void Model::AllReduceGradients(Collective* collective) {
+  for (Parameter* p : net_->parameters()) collective->AllReduceSum(p->grad.data(), p->grad.size());
+}
+
 Status Model::Evaluate(const ConstTensorView& x, const Targets& targets, ForwardRecord* rec,
-                       EvalResult* result) const {
-  NORMD_RETURN_IF_ERROR(CheckInput(x, false));
-  NORMD_RETURN_IF_ERROR(
-      ValidateTargets(config_.loss, net_->output_shape().WithBatch(x.rows()), targets));
+                       EvalResult* result, const DataParallelShard& shard) const {
+  NORMD_RETURN_IF_ERROR(CheckInput(x, false, shard));
+  if (!shard.active() || x.rows() > 0) {
+    NORMD_RETURN_IF_ERROR(
+        ValidateTargets(config_.loss, net_->output_shape().WithBatch(x.rows()), targets));
+  }
   ForwardContext ctx;  // eval semantics
+  ctx.shard = shard;
   net_->Forward(x, ctx, rec);
-  result->loss = ComputeLoss(config_.loss, rec->output().view(), targets, nullptr);
-  result->accuracy = config_.loss == LossKind::kCrossEntropy
-                         ? Accuracy(rec->output().view(), targets)
-                         : 0.0;
-  result->samples = x.rows();
+  const bool classes = config_.loss == LossKind::kCrossEntropy;
+  // [loss share, correct predictions]: summed over the ranks when data-parallel.
+  double figures[2] = {
+      ComputeLoss(config_.loss, rec->output().view(), targets, nullptr, shard.global_rows),
+      classes ? static_cast<double>(CorrectPredictions(rec->output().view(), targets)) : 0.0};
+  if (shard.active()) shard.collective->AllReduceSum(figures, 2);
+  const int64_t rows = shard.active() ? shard.global_rows : x.rows();
+  result->loss = figures[0];
+  result->accuracy = classes && rows > 0 ? figures[1] / static_cast<double>(rows) : 0.0;
+  result->samples = rows;
   return Status::Ok();
 }
 

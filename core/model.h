@@ -117,30 +117,51 @@ class Model {
   void SetMode(bool training, bool freeze_running_stats);
 
   // Checks an input batch (shape, finiteness, BatchNorm's training rule) for a forward in the
-  // given mode. Shared.
-  Status CheckInput(const ConstTensorView& x, bool training) const;
+  // given mode; with a data-parallel shard, x is a shard (it may have no rows) and the rule is
+  // about the whole batch. Shared.
+  Status CheckInput(const ConstTensorView& x, bool training,
+                    const DataParallelShard& shard = {}) const;
 
   // A forward pass in the model's current mode, as module(x) in PyTorch: in train mode it
   // updates the BatchNorm running statistics (unless frozen) and advances dropout's generator.
   // REQUIRES: exclusive access when training(); shared access suffices in eval mode.
-  Status Forward(const ConstTensorView& x, ForwardRecord* rec);
+  Status Forward(const ConstTensorView& x, ForwardRecord* rec,
+                 const DataParallelShard& shard = {});
 
   // Accumulates parameter gradients from a retained forward. FAILED_PRECONDITION when the
   // record is stale: the parameters changed or the mode switched since its forward ran.
   Status Backward(ForwardRecord* rec, const ConstTensorView& grad_output, Tensor* grad_input);
 
   // Runs the optimizer on the accumulated gradients, clears them and increments step.
-  // FAILED_PRECONDITION, changing nothing, when a gradient is non-finite.
-  Status ApplyGradients(uint64_t* step);
+  // FAILED_PRECONDITION, changing nothing, when a gradient is non-finite. With a collective
+  // (data-parallel), the gradients are first summed over the ranks, so every replica steps
+  // with the whole batch's (or refuses, all of them alike).
+  Status ApplyGradients(uint64_t* step, Collective* collective = nullptr);
 
   // Zero grads, forward in the current mode, loss, backward, optimizer step: atomically.
   // `scratch` is a record reused between calls to avoid allocation.
   Status TrainStep(const ConstTensorView& x, const Targets& targets, ForwardRecord* scratch,
-                   TrainResult* result);
+                   TrainResult* result, const DataParallelShard& shard = {});
 
   // Loss and accuracy in eval semantics, changing nothing, whatever the mode. Shared.
   Status Evaluate(const ConstTensorView& x, const Targets& targets, ForwardRecord* scratch,
-                  EvalResult* result) const;
+                  EvalResult* result, const DataParallelShard& shard = {}) const;
+
+  // ---- Data-parallel training (core/collective.h) ----
+  //
+  // A job of N ranks holds one replica of the model per rank. For every batch, each rank calls
+  // the same method (Forward, Backward, ApplyGradients, TrainStep, Evaluate) on its replica
+  // with its own shard: rows [shard.row_offset, shard.row_offset + x.rows()) of a batch of
+  // shard.global_rows rows (ShardRows: contiguous, sizes within one, possibly empty), targets
+  // of the same rows, and for Backward the same rows of the output gradient. BatchNorm layers
+  // that normalise with batch statistics use the whole batch's (SyncBatchNorm), Dropout draws
+  // the whole batch's mask, the loss is the whole batch's mean and the gradients the whole
+  // batch's: the replicas stay bit-identical to each other, and equal one model given the whole
+  // batch up to the order of floating-point sums. TrainStep's result and Evaluate's figures are
+  // the whole batch's on every rank.
+  // REQUIRES: the whole batch passed CheckInput and ValidateTargets before it was split (a
+  // check that failed on one shard only would leave the ranks apart mid-step; the shard's own
+  // checks then cannot fail); every rank uses the same global_rows and collective.
 
   // Output of an eval-semantics forward without touching anything (not even the status).
   // Shared.
@@ -221,6 +242,8 @@ class Model {
  private:
   Model() = default;
   void RecordStatus(const ForwardRecord& rec) const;
+  // Sums every parameter gradient over the ranks.
+  void AllReduceGradients(Collective* collective);
   // The forward context of the model's mode: batch statistics and dropout in train mode,
   // running-statistics updates unless frozen.
   ForwardContext CurrentModeContext();

@@ -199,7 +199,10 @@ Status Sequential::CheckInput(const Shape& batch, const ForwardContext& ctx) con
     return InvalidArgument("input has shape ", batch.ToString(), " but the model expects (N, ",
                            input_shape_.ToString().substr(1));
   }
-  if (batch[0] < 1) return InvalidArgument("input has an empty batch (N = 0)");
+  // A data-parallel shard may be empty (more ranks than rows); the whole batch may not.
+  if (ctx.shard.active() ? ctx.shard.global_rows < 1 : batch[0] < 1) {
+    return InvalidArgument("input has an empty batch (N = 0)");
+  }
   for (const LayerNode& node : nodes_) {
     Status s = node.layer->CheckBatch(node.input_shape.WithBatch(batch[0]), ctx);
     if (!s.ok()) return s.WithPrefix(node.description);
