@@ -6,6 +6,7 @@ set -euo pipefail
 build_pkgs=(build-essential cmake pkg-config libeigen3-dev libgrpc++-dev libprotobuf-dev
   protobuf-compiler protobuf-compiler-grpc prometheus-cpp-dev libgtest-dev libgmock-dev
   libbenchmark-dev libcli11-dev libspdlog-dev libcurl4-openssl-dev libopenblas-dev libssl-dev
+  libopenmpi-dev openmpi-bin  # data-parallel jobs (mpi/, tests/mpi)
   python3-pip python3-setuptools python3-wheel)  # the last three build the Python wheel
 # python3-venv and python3-tqdm: the Python wheel's test installs it into a venv that sees
 # Debian's grpcio, protobuf, numpy, tqdm and torch (tests/client/wheel_test.py).
