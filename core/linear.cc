@@ -52,6 +52,7 @@ void Linear::Forward(const ConstTensorView& x, Tensor* y, LayerCache* /*cache*/,
   const int64_t n = x.rows();
   const int64_t work = n * config_.in_features * config_.out_features;
   y->Resize(Shape{n, config_.out_features});
+  if (n == 0) return;  // an empty data-parallel shard (core/collective.h)
   MatrixMap out = y->matrix();
   // Large products split by rows of the batch across two cores (core/threads.h).
   SplitInTwo(n, kProductSplitAlign, work, [&](int64_t r0, int64_t r1) {
@@ -64,8 +65,12 @@ void Linear::Forward(const ConstTensorView& x, Tensor* y, LayerCache* /*cache*/,
 void Linear::Backward(const ConstTensorView& x, const Tensor& /*y*/, const ConstTensorView& dy,
                       const LayerCache& /*cache*/, const ForwardContext& /*ctx*/, Tensor* dx) {
   internal::ApplyComputeThreads();
-  const ConstMatrixMap g = dy.matrix();
   const int64_t n = x.rows();
+  if (n == 0) {  // an empty data-parallel shard adds no gradient
+    if (dx != nullptr) dx->Resize(x.shape);
+    return;
+  }
+  const ConstMatrixMap g = dy.matrix();
   const int64_t work = n * config_.in_features * config_.out_features;
   // Large products split across two cores (core/threads.h): dW by its rows (output features),
   // dx by rows of the batch.

@@ -75,7 +75,9 @@ struct ConstTensorView {
 
   int64_t size() const { return shape.NumElements(); }
   int64_t rows() const { return shape.rank() == 0 ? 1 : shape[0]; }
-  int64_t cols() const { return rows() == 0 ? 0 : size() / rows(); }
+  // Values per row; for a batch of no rows still the per-row count (a data-parallel shard
+  // may be empty and its matrix products must keep their inner dimension).
+  int64_t cols() const { return rows() == 0 ? shape.DropFirst().NumElements() : size() / rows(); }
   ConstMatrixMap matrix() const { return ConstMatrixMap(data, rows(), cols()); }
 };
 
@@ -98,7 +100,7 @@ class Tensor {
   const float* data() const { return data_.data(); }
 
   int64_t rows() const { return shape_.rank() == 0 ? 1 : shape_[0]; }
-  int64_t cols() const { return rows() == 0 ? 0 : size_ / rows(); }
+  int64_t cols() const { return rows() == 0 ? shape_.DropFirst().NumElements() : size_ / rows(); }
   MatrixMap matrix() { return MatrixMap(data(), rows(), cols()); }
   ConstMatrixMap matrix() const { return ConstMatrixMap(data(), rows(), cols()); }
   VectorMap flat() { return VectorMap(data(), size_); }
