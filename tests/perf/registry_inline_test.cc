@@ -44,7 +44,7 @@ class InlineTest : public ::testing::Test {
                                        const v1::ModelSpec& spec = testing::MlpSpec()) {
     registry_ = std::make_unique<Registry>(limits, &metrics_, &pool_);
     std::shared_ptr<ModelEntry> e;
-    const Status s = registry_->Create("m", spec, &e);
+    const Status s = registry_->Create(Principal(), "m", spec, &e);
     EXPECT_TRUE(s.ok()) << s.message();
     return e;
   }

@@ -81,8 +81,9 @@ class Normd:
     """A real normd on a free loopback port (--listen 127.0.0.1:0, --port-file), in memory, no
     metrics endpoint unless asked. Context manager; `address` is "127.0.0.1:PORT"."""
 
-    def __init__(self, *args, metrics=False, wrapper=()):
+    def __init__(self, *args, metrics=False, wrapper=(), data_dir=None):
         self.args = list(args)
+        self.data_dir = data_dir  # None: --in-memory
         self.metrics = metrics
         self.wrapper = list(wrapper)  # a command that execs normd, e.g. prlimit
 
@@ -90,7 +91,8 @@ class Normd:
         self.tmp = tempfile.mkdtemp(prefix="normd-security-")
         port_file = os.path.join(self.tmp, "ports")
         self.log_path = os.path.join(self.tmp, "normd.log")
-        cmd = self.wrapper + [env_path("NORMD_BIN"), "--listen", "127.0.0.1:0", "--in-memory",
+        storage = ["--in-memory"] if self.data_dir is None else ["--data-dir", self.data_dir]
+        cmd = self.wrapper + [env_path("NORMD_BIN"), "--listen", "127.0.0.1:0", *storage,
                "--metrics", "127.0.0.1:0" if self.metrics else "", "--port-file", port_file,
                "--compute-threads", "1"] + self.args
         # The test's own NORMD_* variables (NORMD_BIN, ...) are not normd settings.
