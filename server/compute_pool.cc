@@ -7,8 +7,10 @@
 
 namespace normd::server {
 
-ComputePool::ComputePool(int threads, int threads_per_task) {
-  assert(threads >= 1 && threads_per_task >= 1);
+ComputePool::ComputePool(int threads, int threads_per_task,
+                         std::chrono::milliseconds active_window)
+    : active_window_(active_window) {
+  assert(threads >= 1 && threads_per_task >= 1 && active_window.count() > 0);
   const int budget = ComputeBorrowsIdleCores() ? threads * threads_per_task : threads_per_task;
   threads_.reserve(threads);
   for (int i = 0; i < threads; ++i) {
@@ -47,7 +49,7 @@ bool ComputePool::HasQueued() {
 bool ComputePool::OthersActiveLocked(const std::string& self, Clock::time_point now) const {
   for (const auto& [name, t] : tenants_) {
     if (name == self) continue;
-    if (!t.tasks.empty() || t.running > 0 || now - t.last_submit < kActiveWindow) return true;
+    if (!t.tasks.empty() || t.running > 0 || now - t.last_submit < active_window_) return true;
   }
   return false;
 }
@@ -83,7 +85,7 @@ void ComputePool::Run(int budget) {
         if (queued_ > 0 && TakeLocked(Clock::now(), &task, &tenant)) break;
         // Nothing may run now. A tenant's activity window ending can free a held-back task,
         // so wake up by then even if no task finishes or arrives.
-        cv_.wait_for(lock, queued_ > 0 ? kActiveWindow / 10 : kActiveWindow);
+        cv_.wait_for(lock, queued_ > 0 ? active_window_ / 10 : active_window_);
       }
     }
     {
@@ -99,7 +101,7 @@ void ComputePool::Run(int budget) {
       const Clock::time_point now = Clock::now();
       for (auto t = tenants_.begin(); t != tenants_.end();) {
         if (t->second.tasks.empty() && t->second.running == 0 &&
-            now - t->second.last_submit >= kActiveWindow) {
+            now - t->second.last_submit >= active_window_) {
           t = tenants_.erase(t);
         } else {
           ++t;

@@ -38,12 +38,13 @@ namespace normd::server {
 
 class ComputePool {
  public:
-  // How long a tenant counts as active after its last submission: a client sending requests
-  // one after another is active between them, so its next request finds a thread free.
+  // How long a tenant counts as active after its last submission, by default: a client sending
+  // requests one after another is active between them, so its next request finds a thread free.
   static constexpr std::chrono::milliseconds kActiveWindow{1000};
 
-  // REQUIRES: threads >= 1, threads_per_task >= 1.
-  ComputePool(int threads, int threads_per_task);
+  // REQUIRES: threads >= 1, threads_per_task >= 1, active_window > 0.
+  ComputePool(int threads, int threads_per_task,
+              std::chrono::milliseconds active_window = kActiveWindow);
   // Runs every queued task, then joins the threads.
   ~ComputePool();
   ComputePool(const ComputePool&) = delete;
@@ -70,6 +71,7 @@ class ComputePool {
   // Whether a tenant other than `self` is active at `now`. REQUIRES: mu_
   bool OthersActiveLocked(const std::string& self, Clock::time_point now) const;
 
+  const std::chrono::milliseconds active_window_;
   std::mutex mu_;
   std::condition_variable cv_;
   std::map<std::string, Tenant> tenants_;  // GUARDED_BY(mu_); idle ones are dropped
