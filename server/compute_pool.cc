@@ -9,12 +9,13 @@ namespace normd::server {
 
 ComputePool::ComputePool(int threads, int threads_per_task,
                          std::chrono::milliseconds active_window)
-    : active_window_(active_window) {
+    : active_window_(active_window),
+      shared_budget_(threads_per_task),
+      alone_budget_(ComputeBorrowsIdleCores() ? threads * threads_per_task : threads_per_task) {
   assert(threads >= 1 && threads_per_task >= 1 && active_window.count() > 0);
-  const int budget = ComputeBorrowsIdleCores() ? threads * threads_per_task : threads_per_task;
   threads_.reserve(threads);
   for (int i = 0; i < threads; ++i) {
-    threads_.emplace_back([this, budget] { Run(budget); });
+    threads_.emplace_back([this] { Run(); });
   }
 }
 
@@ -55,11 +56,12 @@ bool ComputePool::OthersActiveLocked(const std::string& self, Clock::time_point 
 }
 
 bool ComputePool::TakeLocked(Clock::time_point now, std::function<void()>* task,
-                             std::string* tenant) {
+                             std::string* tenant, bool* shared) {
   const int all = threads();
   for (auto it = turns_.begin(); it != turns_.end(); ++it) {
     Tenant& t = tenants_[*it];
-    const int cap = all > 1 && OthersActiveLocked(*it, now) ? all - 1 : all;
+    *shared = all > 1 && OthersActiveLocked(*it, now);
+    const int cap = *shared ? all - 1 : all;
     if (t.running >= cap) continue;
     *tenant = *it;
     *task = std::move(t.tasks.front());
@@ -73,22 +75,26 @@ bool ComputePool::TakeLocked(Clock::time_point now, std::function<void()>* task,
   return false;
 }
 
-void ComputePool::Run(int budget) {
-  SetComputeThreads(budget);
+void ComputePool::Run() {
   for (;;) {
     std::function<void()> task;
     std::string tenant;
+    bool shared = false;
     {
       std::unique_lock<std::mutex> lock(mu_);
       for (;;) {
         if (queued_ == 0 && stopping_) return;  // nothing left to run
-        if (queued_ > 0 && TakeLocked(Clock::now(), &task, &tenant)) break;
+        if (queued_ > 0 && TakeLocked(Clock::now(), &task, &tenant, &shared)) break;
         // Nothing may run now. A tenant's activity window ending can free a held-back task,
         // so wake up by then even if no task finishes or arrives.
         cv_.wait_for(lock, queued_ > 0 ? active_window_ / 10 : active_window_);
       }
     }
     {
+      // A task taken while other tenants are active does not borrow their core: a half product
+      // lent to the idle core would hold it for milliseconds after another tenant's request
+      // arrived for it.
+      ScopedComputeThreads budget(shared ? shared_budget_ : alone_budget_);
       ScopedComputeCore core;
       task();
     }

@@ -17,8 +17,11 @@
 // oversubscribes them. Where the core spends a budget by borrowing idle cores
 // (ComputeBorrowsIdleCores), every task gets the budget of all threads x threads_per_task
 // cores instead, and a thread holds one core (ScopedComputeCore) while it runs a task: a task
-// running alone then computes on two cores, tasks running together on one each. So a tenant
-// held to threads - 1 threads still computes on the idle core while nobody else needs it.
+// running alone then computes on two cores, tasks running together on one each. A task taken
+// while other tenants are active gets `threads_per_task` and borrows nothing: the core kept for
+// the others must be free the moment their request arrives, not after a borrowed half product
+// (milliseconds at the reference MLP's batch 1024) has finished on it. So while several tenants
+// are active each computes on the threads it holds; a lone tenant on every core.
 //
 // Thread safety: Submit may be called from any thread.
 #ifndef NORMD_SERVER_COMPUTE_POOL_H_
@@ -64,14 +67,17 @@ class ComputePool {
     Clock::time_point last_submit;
   };
 
-  void Run(int budget);
+  void Run();
   // Takes the next task that may run now, round-robin over the tenants with queued tasks; false
-  // when none may. REQUIRES: mu_
-  bool TakeLocked(Clock::time_point now, std::function<void()>* task, std::string* tenant);
+  // when none may. *shared: whether another tenant was active. REQUIRES: mu_
+  bool TakeLocked(Clock::time_point now, std::function<void()>* task, std::string* tenant,
+                  bool* shared);
   // Whether a tenant other than `self` is active at `now`. REQUIRES: mu_
   bool OthersActiveLocked(const std::string& self, Clock::time_point now) const;
 
   const std::chrono::milliseconds active_window_;
+  const int shared_budget_;  // a task's compute budget while other tenants are active
+  const int alone_budget_;   // and while none is
   std::mutex mu_;
   std::condition_variable cv_;
   std::map<std::string, Tenant> tenants_;  // GUARDED_BY(mu_); idle ones are dropped

@@ -1,40 +1,28 @@
-// Tests of server/compute_pool: round-robin between tenants and the thread kept free for other
-// tenants while more than one is active. Tasks block on latches the test opens, so nothing
-// depends on the machine's speed (waits are bounded by generous deadlines only).
+// Tests of server/compute_pool: round-robin between tenants, the thread kept free for other
+// tenants while more than one is active, and the compute budget a task gets. Tasks block on
+// gates the test opens, so nothing depends on the machine's speed (waits are bounded by
+// generous deadlines only).
 #include "server/compute_pool.h"
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <condition_variable>
 #include <mutex>
 #include <string>
 #include <vector>
 
+#include "core/threads.h"
+#include "tests/server/gate.h"
+
 namespace normd::server {
 namespace {
 
+using ::normd::testing::Gate;
+
 using std::chrono::milliseconds;
 using std::chrono::seconds;
-
-// A gate tasks wait at until the test opens it.
-class Latch {
- public:
-  void Open() {
-    std::lock_guard<std::mutex> lock(mu_);
-    open_ = true;
-    cv_.notify_all();
-  }
-  void Wait() {
-    std::unique_lock<std::mutex> lock(mu_);
-    cv_.wait(lock, [this] { return open_; });
-  }
-
- private:
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool open_ = false;
-};
 
 // What ran, in order.
 class Log {
@@ -59,7 +47,7 @@ class Log {
 
 TEST(ComputePoolTest, QueuedTenantsAreServedRoundRobinNotFirstComeFirstServed) {
   Log log;
-  Latch gate;
+  Gate gate;
   {
     ComputePool pool(1, 1, seconds(60));
     // The only thread is held while the queue fills, so the order is the pool's choice.
@@ -79,7 +67,7 @@ TEST(ComputePoolTest, QueuedTenantsAreServedRoundRobinNotFirstComeFirstServed) {
 
 TEST(ComputePoolTest, ATenantLeavesAThreadForAnotherActiveTenant) {
   Log log;
-  Latch a_gate;
+  Gate a_gate;
   ComputePool pool(2, 1, seconds(60));
   // Tenant b was active (a request a moment ago): from now on a may hold one thread of two.
   pool.Submit("b", [&] { log.Add("b0"); });
@@ -103,7 +91,7 @@ TEST(ComputePoolTest, ATenantLeavesAThreadForAnotherActiveTenant) {
 
 TEST(ComputePoolTest, ASingleTenantUsesEveryThread) {
   Log log;
-  Latch gate;
+  Gate gate;
   ComputePool pool(2, 1, seconds(60));
   for (int i = 1; i <= 2; ++i) {
     pool.Submit("only", [&, i] {
@@ -114,6 +102,24 @@ TEST(ComputePoolTest, ASingleTenantUsesEveryThread) {
   // Both run at once: nobody else is active, so nothing is held back.
   EXPECT_EQ(log.WaitFor(2).size(), 2u);
   gate.Open();
+}
+
+TEST(ComputePoolTest, ATaskBorrowsIdleCoresOnlyWhileNoOtherTenantIsActive) {
+  ComputePool pool(2, 1, seconds(60));
+  // Where the build borrows idle cores, a lone tenant's task may compute on both; a task taken
+  // while another tenant is active keeps to its own core, so the other's is free at once.
+  const int alone = ComputeBorrowsIdleCores() ? 2 : 1;
+  Log log;
+  pool.Submit("a", [&] { log.Add("a " + std::to_string(ComputeThreads())); });
+  ASSERT_EQ(log.WaitFor(1).size(), 1u);
+  pool.Submit("b", [&] { log.Add("b " + std::to_string(ComputeThreads())); });
+  pool.Submit("a", [&] { log.Add("a " + std::to_string(ComputeThreads())); });
+  const std::vector<std::string> seen = log.WaitFor(3);
+  ASSERT_EQ(seen.size(), 3u);
+  EXPECT_EQ(seen[0], "a " + std::to_string(alone));
+  // b and a are both active now (a submitted within the window): one core each, in any order.
+  EXPECT_EQ(std::count(seen.begin() + 1, seen.end(), "b 1"), 1);
+  EXPECT_EQ(std::count(seen.begin() + 1, seen.end(), "a 1"), 1);
 }
 
 }  // namespace

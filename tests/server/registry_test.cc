@@ -10,10 +10,13 @@
 #include <thread>
 #include <vector>
 
+#include "tests/server/gate.h"
 #include "tests/server/normd_process.h"
 
 namespace normd::server {
 namespace {
+
+using ::normd::testing::Gate;
 
 using Access = ModelEntry::Access;
 using Want = ModelEntry::Want;
@@ -34,25 +37,6 @@ class Rendezvous {
   std::condition_variable cv_;
   int n_;
   int arrived_ = 0;
-};
-
-// A one-shot gate tasks can wait on.
-class Gate {
- public:
-  void Open() {
-    std::lock_guard<std::mutex> lock(mu_);
-    open_ = true;
-    cv_.notify_all();
-  }
-  void Wait() {
-    std::unique_lock<std::mutex> lock(mu_);
-    cv_.wait_for(lock, std::chrono::seconds(10), [this] { return open_; });
-  }
-
- private:
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool open_ = false;
 };
 
 class RegistryTest : public ::testing::Test {
