@@ -36,8 +36,10 @@ def _openssl(*args, cwd):
 
 class Pki:
     """Two unrelated CAs in a temporary directory: `ca` signed a server certificate for
-    127.0.0.1 and localhost (subjectAltName) and a client certificate; `other_ca` signed another
-    client certificate. EC P-256 keys, valid for one day. Attributes are file paths."""
+    127.0.0.1 and localhost (subjectAltName) and the client certificates `client` (CN=client),
+    `team_a_client` (CN=team_a_client), `team_b_client` (CN=team_b_client, subjectAltName
+    DNS:team-b.example) and `stranger` (CN=stranger); `other_ca` signed `other_client`. EC P-256
+    keys, valid for one day. Attributes are file paths (`name` and `name_key`)."""
 
     def __init__(self):
         self.dir = tempfile.mkdtemp(prefix="normd-pki-")
@@ -51,15 +53,22 @@ class Pki:
                     "extendedKeyUsage=serverAuth\n")
         with open(os.path.join(d, "client.ext"), "w") as f:
             f.write("extendedKeyUsage=clientAuth\n")
+        with open(os.path.join(d, "client_san.ext"), "w") as f:
+            f.write("extendedKeyUsage=clientAuth\nsubjectAltName=DNS:team-b.example\n")
+        names = []
         for name, ca, ext in (("server", "ca", "server.ext"), ("client", "ca", "client.ext"),
-                              ("other_client", "other_ca", "client.ext")):
+                              ("other_client", "other_ca", "client.ext"),
+                              ("team_a_client", "ca", "client.ext"),
+                              ("team_b_client", "ca", "client_san.ext"),
+                              ("stranger", "ca", "client.ext")):
+            names.append(name)
             _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
                      "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}",
                      cwd=d)
             _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey",
                      f"{ca}.key", "-CAcreateserial", "-out", f"{name}.pem", "-days", "1",
                      "-extfile", ext, cwd=d)
-        for name in ("ca", "other_ca", "server", "client", "other_client"):
+        for name in ["ca", "other_ca"] + names:
             setattr(self, name, os.path.join(d, f"{name}.pem"))
             setattr(self, name + "_key", os.path.join(d, f"{name}.key"))
 

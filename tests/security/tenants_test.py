@@ -1,6 +1,7 @@
 """Tenants against a real normd: namespaces from the token file, a tenant that tries every RPC
 on another tenant's model and changes nothing, admins, quotas, per-tenant metrics, restart with
-both tenants' models, the old token-file format, and normctl's tenant column.
+both tenants' models, the old token-file format, normctl's tenant column, and tenants named by
+mutual-TLS client certificates (--tls-client-tenants, by CN and by SAN, alone and beside tokens).
 
 Run through ctest (security.tenants); see security_common.py for the environment.
 """
@@ -16,7 +17,7 @@ import grpc
 
 from normd.v1 import normd_pb2 as pb
 from normd.v1 import normd_pb2_grpc as pb_grpc
-from security_common import MLP, Normd, code_of, env_path, train_step_request
+from security_common import MLP, Normd, Pki, code_of, env_path, train_step_request
 
 TOKENS = ("admin-tok\n"             # the old format: tenant default, admin
           "a-tok team-a\n"
@@ -338,6 +339,103 @@ class OldTokenFileTest(unittest.TestCase):
             self.assertIn("line 2", p.stdout + p.stderr)
         finally:
             shutil.rmtree(d, ignore_errors=True)
+
+
+CLIENT_TENANTS = ("# mutual-TLS identities (tenants_test.py)\n"
+                  "CN=team_a_client team-a\n"
+                  "SAN=team-b.example team-b\n"
+                  "CN=client team-ops admin\n")
+
+
+class MutualTlsTenantsTest(unittest.TestCase):
+    """Client certificates name the tenant: `team_a_client` by its CN, `team_b_client` by its
+    SAN (its CN is unmapped), `client` is an admin, `stranger` (signed by the same CA) maps to
+    nothing."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.pki = Pki()
+        cls.mapping = cls.pki.write("client-tenants", CLIENT_TENANTS)
+        cls.tls = ["--tls-cert", cls.pki.server, "--tls-key", cls.pki.server_key,
+                   "--tls-client-ca", cls.pki.ca, "--tls-client-tenants", cls.mapping]
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.pki.cleanup()
+
+    def stub(self, server, who):
+        creds = grpc.ssl_channel_credentials(self.pki.read(self.pki.ca),
+                                             self.pki.read(getattr(self.pki, who + "_key")),
+                                             self.pki.read(getattr(self.pki, who)))
+        channel = grpc.secure_channel(server.address, creds)
+        self.addCleanup(channel.close)
+        return pb_grpc.TrainerStub(channel)
+
+    def test_certificates_name_tenants_without_tokens(self):
+        with Normd(*self.tls) as server:
+            a, b = self.stub(server, "team_a_client"), self.stub(server, "team_b_client")
+            admin, stranger = self.stub(server, "client"), self.stub(server, "stranger")
+            ma = a.CreateModel(pb.CreateModelRequest(id="mlp", spec=big_mlp(8)), timeout=20)
+            mb = b.CreateModel(pb.CreateModelRequest(id="mlp", spec=big_mlp(16)), timeout=20)
+            self.assertEqual((ma.tenant, mb.tenant), ("team-a", "team-b"))
+            a.TrainStep(pb.TrainStepRequest(model="mlp", input=tensor(4, 4), labels=[0, 1, 2, 0]),
+                        timeout=10)
+            self.assertEqual(a.GetModel(pb.GetModelRequest(model="mlp"), timeout=10).step, 1)
+            self.assertEqual(b.GetModel(pb.GetModelRequest(model="mlp"), timeout=10).step, 0)
+            self.assertEqual({m.tenant for m in b.ListModels(pb.ListModelsRequest(),
+                                                              timeout=10).models}, {"team-b"})
+            # b cannot see a's model by name, and cannot create in a's namespace.
+            err = code_of(lambda: b.GetModel(pb.GetModelRequest(model="team-a/mlp"), timeout=10))
+            self.assertEqual(err[0], grpc.StatusCode.NOT_FOUND)
+            self.assertEqual(err[1], "model 'team-a/mlp' not found")
+            self.assertEqual(code_of(lambda: b.DeleteModel(pb.DeleteModelRequest(model="team-a/mlp"),
+                                                           timeout=10))[0],
+                             grpc.StatusCode.NOT_FOUND)
+            self.assertEqual(code_of(lambda: b.CreateModel(
+                pb.CreateModelRequest(id="team-a/x", spec=MLP), timeout=10))[0],
+                grpc.StatusCode.PERMISSION_DENIED)
+            self.assertEqual(a.GetModel(pb.GetModelRequest(model="mlp"), timeout=10).step, 1)
+            # The admin certificate sees both and reaches either.
+            listed = {(m.tenant, m.id) for m in admin.ListModels(pb.ListModelsRequest(),
+                                                                  timeout=10).models}
+            self.assertLessEqual({("team-a", "mlp"), ("team-b", "mlp")}, listed)
+            self.assertEqual(admin.GetModel(pb.GetModelRequest(model="team-a/mlp"),
+                                            timeout=10).step, 1)
+            # A certificate the CA signed but the mapping does not name gets nothing.
+            code, message = code_of(lambda: stranger.ListModels(pb.ListModelsRequest(), timeout=10))
+            self.assertEqual(code, grpc.StatusCode.PERMISSION_DENIED)
+            self.assertIn("CN=stranger", message)
+            self.assertIn("maps to no tenant", message)
+            self.assertIn("mtls=on auth=off tokens=0 reflection=on client_tenants=on", server.log())
+
+    def test_a_token_beside_a_certificate_must_name_the_same_tenant(self):
+        tokens = self.pki.write("tls-tokens", "a-tok team-a\nb-tok team-b\n")
+        with Normd(*self.tls, "--auth-token-file", tokens) as server:
+            a = self.stub(server, "team_a_client")
+            stranger = self.stub(server, "stranger")
+            # The certificate alone names team-a; with a's token too it is the same tenant.
+            m = a.CreateModel(pb.CreateModelRequest(id="both", spec=MLP), timeout=20)
+            self.assertEqual(m.tenant, "team-a")
+            self.assertEqual(a.GetModel(pb.GetModelRequest(model="both"), metadata=md("a-tok"),
+                                        timeout=10).tenant, "team-a")
+            # b's token on a's certificate: refused, and nothing is created.
+            code, message = code_of(lambda: a.CreateModel(
+                pb.CreateModelRequest(id="mixed", spec=MLP), metadata=md("b-tok"), timeout=10))
+            self.assertEqual(code, grpc.StatusCode.PERMISSION_DENIED)
+            self.assertIn("team-b", message)
+            self.assertIn("team-a", message)
+            self.assertEqual([x.id for x in a.ListModels(pb.ListModelsRequest(),
+                                                          timeout=10).models], ["both"])
+            # An unknown token on a mapped certificate is not a valid identity either.
+            self.assertEqual(code_of(lambda: a.ListModels(pb.ListModelsRequest(),
+                                                          metadata=md("nope"), timeout=10))[0],
+                             grpc.StatusCode.UNAUTHENTICATED)
+            # An unmapped certificate needs a token, which then names the tenant.
+            self.assertEqual(code_of(lambda: stranger.ListModels(pb.ListModelsRequest(),
+                                                                 timeout=10))[0],
+                             grpc.StatusCode.UNAUTHENTICATED)
+            self.assertEqual([x.id for x in stranger.ListModels(
+                pb.ListModelsRequest(), metadata=md("b-tok"), timeout=10).models], [])
 
 
 if __name__ == "__main__":
