@@ -419,20 +419,15 @@ std::shared_ptr<ModelEntry> Registry::MakeEntry(std::shared_ptr<TenantUsage> ten
 Status Registry::Create(const Principal& who, const std::string& requested_name,
                         const v1::ModelSpec& spec, std::shared_ptr<ModelEntry>* out,
                         const std::function<Status(Model&)>& prepare) {
-  ModelName name{who.tenant, requested_name};
-  if (requested_name.find('/') != std::string::npos) {
-    name.tenant = requested_name.substr(0, requested_name.find('/'));
-    name.id = requested_name.substr(requested_name.find('/') + 1);
-    if (name.tenant != who.tenant && !who.admin) {
-      return PermissionDenied("tenant '", who.tenant, "' may create models only in its own "
-                              "namespace (a plain id, or '", who.tenant, "/<id>')");
-    }
-    NORMD_RETURN_IF_ERROR(ValidateTenantName(name.tenant, "the tenant part of the id"));
-    // "TENANT/" alone: the server picks the id in that tenant's namespace.
-    if (!name.id.empty()) NORMD_RETURN_IF_ERROR(ValidateModelId(name.id, "id"));
-  } else if (!requested_name.empty()) {
-    NORMD_RETURN_IF_ERROR(ValidateModelId(name.id, "id"));
+  // "TENANT/ID" creates in TENANT's namespace (admins, or the caller's own tenant); "TENANT/"
+  // alone lets the server pick the id there; a plain id is the caller's tenant's.
+  ModelName name;
+  if (Status s = ResolveModelName(who, requested_name, &name); !s.ok()) {
+    if (s.code() != StatusCode::kNotFound) return s;
+    return PermissionDenied("tenant '", who.tenant, "' may create models only in its own "
+                            "namespace (a plain id, or '", who.tenant, "/<id>')");
   }
+  if (!name.id.empty()) NORMD_RETURN_IF_ERROR(ValidateModelId(name.id, "id"));
   ModelConfig config;
   NORMD_RETURN_IF_ERROR(SpecToConfig(spec, &config));
 

@@ -210,29 +210,22 @@ std::string DescribeSecurity(const SecurityFlags& f) {
      << (f.tls_client_ca.empty() ? std::string("off")
                                  : "on (client certificates required, CA " + f.tls_client_ca + ")")
      << "\n";
-  std::vector<TokenGrant> grants;
+  // The files as the server would load them; "?" where they do not load (ValidateSecurity
+  // says why).
+  std::unique_ptr<Authenticator> auth;
+  const bool loaded = LoadAuthenticator(f, &auth).ok();
   if (f.auth_token_file.empty()) {
     os << "auth=off\n";
   } else {
-    std::string text;
-    const bool ok = ReadFile(f.auth_token_file, "--auth-token-file", &text).ok() &&
-                    ParseTokenFile(text, &grants).ok();
     os << "auth=bearer token_file=" << f.auth_token_file << " tokens="
-       << (ok ? std::to_string(grants.size()) : "?") << "\n";
+       << (loaded ? std::to_string(auth->token_count()) : "?") << "\n";
   }
-  std::vector<CertificateGrant> certs;
-  if (!f.tls_client_tenants.empty()) {
-    std::string text;
-    if (ReadFile(f.tls_client_tenants, "--tls-client-tenants", &text).ok()) {
-      (void)ParseClientTenantsFile(text, &certs);
-    }
-  }
-  // Tenant names are not secrets: list them, so an operator sees what the files define.
-  std::set<std::string> tenants;
-  for (const TokenGrant& g : grants) tenants.insert(g.principal.tenant);
-  for (const CertificateGrant& g : certs) tenants.insert(g.principal.tenant);
+  const std::set<std::string> tenants = loaded && auth != nullptr ? auth->tenants()
+                                                                  : std::set<std::string>();
   os << "tenants=";
-  if (tenants.empty()) {
+  if (!loaded) {
+    os << "?";
+  } else if (tenants.empty()) {
     os << kDefaultTenant << " (every call)";
   } else {
     std::string sep;
@@ -245,7 +238,8 @@ std::string DescribeSecurity(const SecurityFlags& f) {
   os << "client_tenants="
      << (f.tls_client_tenants.empty()
              ? std::string("off")
-             : f.tls_client_tenants + " mappings=" + std::to_string(certs.size()))
+             : f.tls_client_tenants + " mappings=" +
+                   (loaded ? std::to_string(auth->certificate_count()) : "?"))
      << "\n";
   os << "reflection=" << (f.auth_token_file.empty() ? "on" : "off (auth is on)") << "\n";
   return os.str();
@@ -434,6 +428,15 @@ Status ParseClientTenantsFile(std::string_view text, std::vector<CertificateGran
 Authenticator::Authenticator(std::unique_ptr<TokenAuthenticator> tokens,
                              std::vector<CertificateGrant> certificates)
     : tokens_(std::move(tokens)), certificates_(std::move(certificates)) {}
+
+std::set<std::string> Authenticator::tenants() const {
+  std::set<std::string> out;
+  if (tokens_ != nullptr) {
+    for (const Principal& p : tokens_->principals()) out.insert(p.tenant);
+  }
+  for (const CertificateGrant& g : certificates_) out.insert(g.principal.tenant);
+  return out;
+}
 
 bool Authenticator::FromCertificate(const grpc::ServerContextBase& ctx, Principal* who,
                                     std::string* seen) const {

@@ -17,6 +17,7 @@
 #include <cstddef>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -90,6 +91,8 @@ class TokenAuthenticator {
   bool Accepts(std::string_view token) const { return Match(token) >= 0; }
 
   size_t size() const { return tokens_.size(); }
+  // Whom the tokens identify, in file order.
+  const std::vector<Principal>& principals() const { return principals_; }
 
  private:
   struct Padded {
@@ -135,6 +138,9 @@ class Authenticator {
   bool tokens_on() const { return tokens_ != nullptr; }
   size_t token_count() const { return tokens_ != nullptr ? tokens_->size() : 0; }
   bool certificates_on() const { return !certificates_.empty(); }
+  size_t certificate_count() const { return certificates_.size(); }
+  // Every tenant a token or a certificate mapping names, sorted (tenant names are not secrets).
+  std::set<std::string> tenants() const;
 
  private:
   // The principal of the call's mapped certificate, with a description of the certificate for

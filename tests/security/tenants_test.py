@@ -408,6 +408,16 @@ class MutualTlsTenantsTest(unittest.TestCase):
             self.assertIn("maps to no tenant", message)
             self.assertIn("mtls=on auth=off tokens=0 reflection=on client_tenants=on", server.log())
 
+    def test_check_config_lists_the_tenants_both_files_name(self):
+        tokens = self.pki.write("config-tokens", "a-tok team-a\nz-tok team-z admin\n")
+        p = subprocess.run([env_path("NORMD_BIN"), "--check-config", "--in-memory", *self.tls,
+                            "--auth-token-file", tokens], capture_output=True, text=True,
+                           timeout=30)
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        self.assertIn("tokens=2\n", p.stdout)
+        self.assertIn("tenants=team-a,team-b,team-ops,team-z\n", p.stdout)
+        self.assertIn(f"client_tenants={self.mapping} mappings=3\n", p.stdout)
+
     def test_a_token_beside_a_certificate_must_name_the_same_tenant(self):
         tokens = self.pki.write("tls-tokens", "a-tok team-a\nb-tok team-b\n")
         with Normd(*self.tls, "--auth-token-file", tokens) as server:
