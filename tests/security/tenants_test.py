@@ -246,6 +246,34 @@ class TenantsTest(unittest.TestCase):
         self.assertEqual(metric(text, "normd_train_steps_total", 'model="metered"',
                                 'tenant="team-b"'), 1)
 
+    def test_python_client_works_in_a_tenant(self):
+        import normd
+        import numpy as np
+        address = self.t.server.address
+        x, labels = np.linspace(-1, 1, 16, dtype=np.float32).reshape(4, 4), [0, 1, 2, 0]
+        # An admin working in tenant team-c (named by no token): plain names are team-c's.
+        with normd.Client(address, token="ops-tok", tenant="team-c", timeout=20) as ops:
+            m = ops.create_model(big_mlp(8), "py")
+            self.assertEqual((m.tenant, m.id), ("team-c", "py"))
+            ops.train_step("py", x, labels)
+            self.assertEqual(ops.get_model("py").step, 1)
+            picked = ops.create_model(big_mlp(8))  # "team-c/": the server picks the id there
+            self.assertEqual(picked.tenant, "team-c")
+            self.assertEqual(sorted(m.id for m in ops.list_models()), sorted(["py", picked.id]))
+            ops.delete_model(picked.id)
+            self.assertEqual([m.id for m in ops.list_models()], ["py"])
+            # A qualified name is sent as written.
+            self.assertEqual(ops.get_model("team-c/py").step, 1)
+        with normd.Client(address, token="ops-tok", timeout=20) as ops:
+            self.assertEqual(ops.get_model("team-c/py").tenant, "team-c")
+            self.assertIn("team-c", {m.tenant for m in ops.list_models()})
+        # A member cannot reach into team-c through the option either.
+        with normd.Client(address, token="b-tok", tenant="team-c", timeout=20) as b:
+            with self.assertRaises(normd.NormdError) as e:
+                b.get_model("py")
+            self.assertEqual(e.exception.code, grpc.StatusCode.NOT_FOUND)
+            self.assertEqual(b.list_models(), [])
+
     def test_normctl_shows_and_reaches_tenants(self):
         self.create("a-tok", "ctl")
         tok_a = os.path.join(self.t.dir, "a.tok")
