@@ -232,12 +232,24 @@ TEST_F(ResidualServiceTest, StatusStatsOptionsAndMetricsCarryNestedLabels) {
   EXPECT_EQ(bns, (std::vector<std::string>{"1", "3.body.1", "b3_bn2", "4.body.1", "4.body.4",
                                            "4.shortcut.1"}));
 
+  // Every per-model series carries the tenant label (no auth: tenant "default") beside the
+  // nested layer's path.
   const std::string text = HttpGet(server_->metrics_port(), "/metrics");
   EXPECT_EQ(MetricValue(text, "normd_bn_batches_tracked",
-                        {"model=\"labels\"", "layer=\"4.shortcut.1\""}),
+                        {"tenant=\"default\"", "model=\"labels\"", "layer=\"4.shortcut.1\""}),
             2.0);
   EXPECT_EQ(MetricValue(text, "normd_bn_small_batch_total",
-                        {"model=\"labels\"", "layer=\"4.body.4\""}),
+                        {"tenant=\"default\"", "model=\"labels\"", "layer=\"4.body.4\""}),
+            1.0);
+  // The drift histograms of a nested BatchNorm: the second step's batch against the running
+  // statistics the first one left.
+  EXPECT_GE(MetricValue(text, "normd_bn_mean_shift_count",
+                        {"tenant=\"default\"", "model=\"labels\"", "layer=\"4.shortcut.1\"",
+                         "mode=\"train\""}),
+            1.0);
+  EXPECT_GE(MetricValue(text, "normd_bn_var_log_ratio_count",
+                        {"tenant=\"default\"", "model=\"labels\"", "layer=\"b3_bn2\"",
+                         "mode=\"train\""}),
             1.0);
 
   v1::ForwardRequest fwd;
