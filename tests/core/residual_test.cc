@@ -12,6 +12,7 @@
 
 #include "core/sequential.h"
 #include "tests/core/gradcheck.h"
+#include "tests/core/layer_configs.h"
 
 namespace normd {
 namespace {
@@ -19,43 +20,11 @@ namespace {
 using testing::CheckLayerGradients;
 using testing::ExpectGradientsMatch;
 using testing::RandomTensor;
-
-LayerConfig Conv(int64_t cin, int64_t cout, int64_t k, int64_t stride = 1, int64_t pad = 0,
-                 int64_t groups = 1) {
-  LayerConfig l;
-  l.kind = LayerKind::kConv2d;
-  l.conv2d.in_channels = cin;
-  l.conv2d.out_channels = cout;
-  l.conv2d.kernel_size = k;
-  l.conv2d.stride = stride;
-  l.conv2d.padding = pad;
-  l.conv2d.bias = false;
-  l.conv2d.groups = groups;
-  return l;
-}
-LayerConfig Bn2d(int64_t c) {
-  LayerConfig l;
-  l.kind = LayerKind::kBatchNorm2d;
-  l.batch_norm.num_features = c;
-  return l;
-}
-LayerConfig Simple(LayerKind kind) {
-  LayerConfig l;
-  l.kind = kind;
-  return l;
-}
-LayerConfig Dropout(float p) {
-  LayerConfig l = Simple(LayerKind::kDropout);
-  l.dropout_p = p;
-  return l;
-}
-LayerConfig Residual(std::vector<LayerConfig> body, std::vector<LayerConfig> shortcut = {}) {
-  LayerConfig l;
-  l.kind = LayerKind::kResidual;
-  l.residual.body = std::move(body);
-  l.residual.shortcut = std::move(shortcut);
-  return l;
-}
+using testing::Bn2d;
+using testing::Conv;
+using testing::Dropout;
+using testing::Residual;
+using testing::Simple;
 
 // A Sequential holding the block alone: Sequential::Create builds a block's branches.
 std::unique_ptr<Sequential> BuildBlock(const Shape& sample, const LayerConfig& block,

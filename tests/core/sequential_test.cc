@@ -15,47 +15,16 @@
 
 #include "core/fold.h"
 #include "core/model.h"
+#include "tests/core/layer_configs.h"
 
 namespace normd {
 namespace {
 
-LayerConfig Conv(int64_t cin, int64_t cout, int64_t k, int64_t stride = 1, int64_t pad = 0) {
-  LayerConfig l;
-  l.kind = LayerKind::kConv2d;
-  l.conv2d.in_channels = cin;
-  l.conv2d.out_channels = cout;
-  l.conv2d.kernel_size = k;
-  l.conv2d.stride = stride;
-  l.conv2d.padding = pad;
-  l.conv2d.bias = false;
-  return l;
-}
-LayerConfig Bn2d(int64_t c, const std::string& name = "") {
-  LayerConfig l;
-  l.kind = LayerKind::kBatchNorm2d;
-  l.batch_norm.num_features = c;
-  l.name = name;
-  return l;
-}
-LayerConfig Simple(LayerKind kind) {
-  LayerConfig l;
-  l.kind = kind;
-  return l;
-}
-LayerConfig Linear(int64_t in, int64_t out) {
-  LayerConfig l;
-  l.kind = LayerKind::kLinear;
-  l.linear.in_features = in;
-  l.linear.out_features = out;
-  return l;
-}
-LayerConfig Residual(std::vector<LayerConfig> body, std::vector<LayerConfig> shortcut = {}) {
-  LayerConfig l;
-  l.kind = LayerKind::kResidual;
-  l.residual.body = std::move(body);
-  l.residual.shortcut = std::move(shortcut);
-  return l;
-}
+using testing::Bn2d;
+using testing::Conv;
+using testing::Linear;
+using testing::Residual;
+using testing::Simple;
 
 // A small ResNet: stem, an identity BasicBlock, a stride-2 block with a projection shortcut,
 // global average pooling, a linear head.

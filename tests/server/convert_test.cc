@@ -65,12 +65,28 @@ TEST(SpecToConfigTest, FillsDefaultsAndExplicitValues) {
   ASSERT_TRUE(Model::Create(c, Sequential::Limits(), &model).ok());
 }
 
+// A mutation of a valid spec and the INVALID_ARGUMENT message SpecToConfig must give for it
+// (a substring of the message).
+struct SpecErrorCase {
+  std::function<void(v1::ModelSpec*)> mutate;
+  std::string message;
+};
+
+// Applies each case's mutation to a copy of `valid` and checks SpecToConfig's answer.
+void ExpectSpecErrors(const v1::ModelSpec& valid, const std::vector<SpecErrorCase>& cases) {
+  for (const SpecErrorCase& c : cases) {
+    v1::ModelSpec spec = valid;
+    c.mutate(&spec);
+    ModelConfig config;
+    const Status s = SpecToConfig(spec, &config);
+    EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << c.message;
+    EXPECT_NE(s.message().find(c.message), std::string::npos)
+        << "want: " << c.message << "\ngot:  " << s.message();
+  }
+}
+
 TEST(SpecToConfigTest, MessagesNameTheField) {
-  struct Case {
-    std::function<void(v1::ModelSpec*)> mutate;
-    std::string message;
-  };
-  const std::vector<Case> cases = {
+  const std::vector<SpecErrorCase> cases = {
       {[](v1::ModelSpec* s) { s->mutable_layers(1)->mutable_batch_norm2d()->set_eps(0); },
        "spec.layers[1].batch_norm2d.eps must be > 0, got 0"},
       {[](v1::ModelSpec* s) { s->mutable_layers(1)->mutable_batch_norm2d()->set_eps(NAN); },
@@ -120,15 +136,7 @@ TEST(SpecToConfigTest, MessagesNameTheField) {
       {[](v1::ModelSpec* s) { s->mutable_optimizer()->Clear(); },
        "spec.optimizer must set sgd or adam"},
   };
-  for (const Case& c : cases) {
-    v1::ModelSpec spec = ValidSpec();
-    c.mutate(&spec);
-    ModelConfig config;
-    const Status s = SpecToConfig(spec, &config);
-    EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << c.message;
-    EXPECT_NE(s.message().find(c.message), std::string::npos)
-        << "want: " << c.message << "\ngot:  " << s.message();
-  }
+  ExpectSpecErrors(ValidSpec(), cases);
 }
 
 // ValidSpec with its ReLU (layer 2) replaced by a residual block
@@ -184,14 +192,10 @@ TEST(SpecToConfigTest, ResidualBlocksGroupsAndGlobalPooling) {
 }
 
 TEST(SpecToConfigTest, NestedMessagesNameTheFieldPath) {
-  struct Case {
-    std::function<void(v1::ModelSpec*)> mutate;
-    std::string message;
-  };
   auto body = [](v1::ModelSpec* s, int i) {
     return s->mutable_layers(2)->mutable_residual()->mutable_body(i);
   };
-  const std::vector<Case> cases = {
+  const std::vector<SpecErrorCase> cases = {
       {[&](v1::ModelSpec* s) { body(s, 1)->mutable_batch_norm2d()->set_eps(0); },
        "spec.layers[2].residual.body[1].batch_norm2d.eps must be > 0, got 0"},
       {[&](v1::ModelSpec* s) { body(s, 0)->mutable_conv2d()->set_groups(0); },
@@ -219,15 +223,7 @@ TEST(SpecToConfigTest, NestedMessagesNameTheFieldPath) {
        },
        "residual blocks nest more than 16 deep"},
   };
-  for (const Case& c : cases) {
-    v1::ModelSpec spec = ResidualSpec();
-    c.mutate(&spec);
-    ModelConfig config;
-    const Status s = SpecToConfig(spec, &config);
-    EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << c.message;
-    EXPECT_NE(s.message().find(c.message), std::string::npos)
-        << "want: " << c.message << "\ngot:  " << s.message();
-  }
+  ExpectSpecErrors(ResidualSpec(), cases);
 }
 
 TEST(FoldedSpecToWireTest, FoldsInsideBranchesAndKeepsTheWireFields) {

@@ -80,6 +80,18 @@ v1::ModelSpec ResNetSpec() {
   return spec;
 }
 
+// The model's state (with the optimizer's when `optimizer`); a failed call fails the test and
+// gives an empty state.
+v1::ModelState GetState(v1::Trainer::Stub* stub, const std::string& id, bool optimizer) {
+  v1::GetStateRequest req;
+  req.set_model(id);
+  req.set_include_optimizer(optimizer);
+  v1::ModelState st;
+  grpc::Status s = stub->GetState(Ctx().get(), req, &st);
+  EXPECT_TRUE(s.ok()) << s.error_message();
+  return st;
+}
+
 class ResidualServiceTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
@@ -105,13 +117,7 @@ class ResidualServiceTest : public ::testing::Test {
   }
 
   v1::ModelState GetState(const std::string& id, bool optimizer = false) {
-    v1::GetStateRequest req;
-    req.set_model(id);
-    req.set_include_optimizer(optimizer);
-    v1::ModelState st;
-    grpc::Status s = stub_->GetState(Ctx().get(), req, &st);
-    EXPECT_TRUE(s.ok()) << s.error_message();
-    return st;
+    return testing::GetState(stub_.get(), id, optimizer);
   }
 
   v1::Model Get(const std::string& id) {
@@ -232,12 +238,24 @@ TEST_F(ResidualServiceTest, StatusStatsOptionsAndMetricsCarryNestedLabels) {
   EXPECT_EQ(bns, (std::vector<std::string>{"1", "3.body.1", "b3_bn2", "4.body.1", "4.body.4",
                                            "4.shortcut.1"}));
 
+  // Every per-model series carries the tenant label (no auth: tenant "default") beside the
+  // nested layer's path.
   const std::string text = HttpGet(server_->metrics_port(), "/metrics");
   EXPECT_EQ(MetricValue(text, "normd_bn_batches_tracked",
-                        {"model=\"labels\"", "layer=\"4.shortcut.1\""}),
+                        {"tenant=\"default\"", "model=\"labels\"", "layer=\"4.shortcut.1\""}),
             2.0);
   EXPECT_EQ(MetricValue(text, "normd_bn_small_batch_total",
-                        {"model=\"labels\"", "layer=\"4.body.4\""}),
+                        {"tenant=\"default\"", "model=\"labels\"", "layer=\"4.body.4\""}),
+            1.0);
+  // The drift histograms of a nested BatchNorm: the second step's batch against the running
+  // statistics the first one left.
+  EXPECT_GE(MetricValue(text, "normd_bn_mean_shift_count",
+                        {"tenant=\"default\"", "model=\"labels\"", "layer=\"4.shortcut.1\"",
+                         "mode=\"train\""}),
+            1.0);
+  EXPECT_GE(MetricValue(text, "normd_bn_var_log_ratio_count",
+                        {"tenant=\"default\"", "model=\"labels\"", "layer=\"b3_bn2\"",
+                         "mode=\"train\""}),
             1.0);
 
   v1::ForwardRequest fwd;
@@ -348,12 +366,7 @@ TEST(ResidualCheckpointTest, RestartRestoresNestedStateAndOptions) {
       v1::TrainStepResponse r;
       ASSERT_TRUE(stub->TrainStep(Ctx().get(), req, &r).ok());
     }
-    v1::GetStateRequest gs;
-    gs.set_model("res");
-    gs.set_include_optimizer(true);
-    v1::ModelState st;
-    ASSERT_TRUE(stub->GetState(Ctx().get(), gs, &st).ok());
-    before = StateMap(st);
+    before = StateMap(GetState(stub.get(), "res", /*optimizer=*/true));
     EXPECT_EQ(server->Stop(SIGTERM, std::chrono::seconds(20)), 0);  // saves the model
   }
   {
@@ -369,12 +382,7 @@ TEST(ResidualCheckpointTest, RestartRestoresNestedStateAndOptions) {
     for (const v1::LayerOptions& lo : m.layer_options()) by_label[lo.layer()] = lo;
     EXPECT_TRUE(by_label.at("4.shortcut.1").frozen());
     EXPECT_FALSE(by_label.at("3.body.0").trainable());
-    v1::GetStateRequest gs;
-    gs.set_model("res");
-    gs.set_include_optimizer(true);
-    v1::ModelState st;
-    ASSERT_TRUE(stub->GetState(Ctx().get(), gs, &st).ok());
-    const auto after = StateMap(st);
+    const auto after = StateMap(GetState(stub.get(), "res", /*optimizer=*/true));
     ASSERT_EQ(after.size(), before.size());
     for (const auto& [name, v] : before) EXPECT_TRUE(BitEqual(v, after.at(name))) << name;
   }
