@@ -13,36 +13,14 @@
 
 #include "core/model.h"
 #include "core/rng.h"
+#include "tests/core/layer_configs.h"
 
 namespace normd::testing {
 
-inline LayerConfig Layer(LayerKind kind) {
-  LayerConfig l;
-  l.kind = kind;
-  return l;
-}
-inline LayerConfig LinearLayer(int64_t in, int64_t out) {
-  LayerConfig l = Layer(LayerKind::kLinear);
-  l.linear.in_features = in;
-  l.linear.out_features = out;
-  return l;
-}
-inline LayerConfig Bn(LayerKind kind, int64_t c) {
-  LayerConfig l = Layer(kind);
+// BatchNorm1d with PyTorch's defaults.
+inline LayerConfig Bn1d(int64_t c) {
+  LayerConfig l = Simple(LayerKind::kBatchNorm1d);
   l.batch_norm.num_features = c;
-  return l;
-}
-inline LayerConfig DropoutLayer(float p) {
-  LayerConfig l = Layer(LayerKind::kDropout);
-  l.dropout_p = p;
-  return l;
-}
-inline LayerConfig Conv(int64_t in, int64_t out) {
-  LayerConfig l = Layer(LayerKind::kConv2d);
-  l.conv2d.in_channels = in;
-  l.conv2d.out_channels = out;
-  l.conv2d.kernel_size = 3;
-  l.conv2d.padding = 1;
   return l;
 }
 
@@ -50,8 +28,7 @@ inline LayerConfig Conv(int64_t in, int64_t out) {
 inline ModelConfig Mlp() {
   ModelConfig c;
   c.input_shape = {6};
-  c.layers = {LinearLayer(6, 16), Bn(LayerKind::kBatchNorm1d, 16), Layer(LayerKind::kReLU),
-              DropoutLayer(0.3f), LinearLayer(16, 3)};
+  c.layers = {Linear(6, 16), Bn1d(16), Simple(LayerKind::kReLU), Dropout(0.3f), Linear(16, 3)};
   c.optimizer.sgd.lr = 0.1f;
   c.optimizer.sgd.momentum = 0.9f;
   c.seed = 7;
@@ -64,12 +41,10 @@ inline ModelConfig Mlp() {
 inline ModelConfig Cnn() {
   ModelConfig c;
   c.input_shape = {2, 5, 5};
-  LayerConfig bn = Bn(LayerKind::kBatchNorm2d, 4);
+  LayerConfig bn = Bn2d(4);
   bn.batch_norm.cumulative_average = true;
-  LayerConfig conv = Conv(2, 4);
-  conv.conv2d.bias = false;
-  c.layers = {conv, bn, Layer(LayerKind::kReLU), Layer(LayerKind::kFlatten),
-              LinearLayer(4 * 5 * 5, 3)};
+  c.layers = {Conv(2, 4, 3, 1, 1), bn, Simple(LayerKind::kReLU), Simple(LayerKind::kFlatten),
+              Linear(4 * 5 * 5, 3)};
   c.optimizer.kind = OptimizerKind::kAdam;
   c.optimizer.adam.lr = 0.01f;
   c.seed = 11;
@@ -81,20 +56,11 @@ inline ModelConfig Cnn() {
 inline ModelConfig ResidualCnn() {
   ModelConfig c;
   c.input_shape = {2, 4, 4};
-  auto conv = [](int64_t in, int64_t out) {
-    LayerConfig l = Conv(in, out);
-    l.conv2d.bias = false;
-    return l;
-  };
-  LayerConfig block = Layer(LayerKind::kResidual);
-  block.residual.body = {conv(2, 4), Bn(LayerKind::kBatchNorm2d, 4), Layer(LayerKind::kReLU),
-                         conv(4, 4), Bn(LayerKind::kBatchNorm2d, 4)};
-  LayerConfig projection = conv(2, 4);
-  projection.conv2d.kernel_size = 1;
-  projection.conv2d.padding = 0;
-  block.residual.shortcut = {projection, Bn(LayerKind::kBatchNorm2d, 4)};
-  c.layers = {block, Layer(LayerKind::kReLU), Layer(LayerKind::kAdaptiveAvgPool2d),
-              Layer(LayerKind::kFlatten), LinearLayer(4, 3)};
+  c.layers = {Residual({Conv(2, 4, 3, 1, 1), Bn2d(4), Simple(LayerKind::kReLU),
+                        Conv(4, 4, 3, 1, 1), Bn2d(4)},
+                       {Conv(2, 4, 1), Bn2d(4)}),
+              Simple(LayerKind::kReLU), Simple(LayerKind::kAdaptiveAvgPool2d),
+              Simple(LayerKind::kFlatten), Linear(4, 3)};
   c.optimizer.sgd.lr = 0.05f;
   c.optimizer.sgd.momentum = 0.9f;
   c.optimizer.sgd.nesterov = true;
@@ -106,12 +72,12 @@ inline ModelConfig ResidualCnn() {
 inline ModelConfig NoAffineNoTracking() {
   ModelConfig c;
   c.input_shape = {5};
-  LayerConfig plain = Bn(LayerKind::kBatchNorm1d, 8);
+  LayerConfig plain = Bn1d(8);
   plain.batch_norm.affine = false;
-  LayerConfig untracked = Bn(LayerKind::kBatchNorm1d, 8);
+  LayerConfig untracked = Bn1d(8);
   untracked.batch_norm.track_running_stats = false;
-  c.layers = {LinearLayer(5, 8), plain, Layer(LayerKind::kTanh), LinearLayer(8, 8), untracked,
-              LinearLayer(8, 2)};
+  c.layers = {Linear(5, 8), plain, Simple(LayerKind::kTanh), Linear(8, 8), untracked,
+              Linear(8, 2)};
   c.loss = LossKind::kMse;
   c.optimizer.sgd.lr = 0.05f;
   c.seed = 3;
