@@ -145,6 +145,8 @@ ModelMetrics::~ModelMetrics() {
   m.train_steps_.Remove(steps_);
   m.nonfinite_steps_.Remove(nonfinite_);
   m.train_loss_.Remove(loss_);
+  m.grad_norm_.Remove(grad_norm_);
+  m.learning_rate_.Remove(learning_rate_);
   for (Layer& l : layers_) {
     for (int k = 0; k < 2; ++k) {
       if (l.mean_shift[k] != nullptr) m.bn_mean_shift_.Remove(l.mean_shift[k]);
@@ -161,10 +163,13 @@ void ModelMetrics::AddSamples(SampleOp op, int64_t n) {
   samples_[static_cast<int>(op)]->Increment(static_cast<double>(n));
 }
 
-void ModelMetrics::RecordStep(const double* loss) {
+void ModelMetrics::RecordStep(const double* loss, double grad_norm) {
   steps_->Increment();
   if (loss != nullptr) loss_->Set(*loss);
+  grad_norm_->Set(grad_norm);
 }
+
+void ModelMetrics::SetLearningRate(double lr) { learning_rate_->Set(lr); }
 
 void ModelMetrics::RecordNonFiniteStep() { nonfinite_->Increment(); }
 
@@ -222,6 +227,16 @@ Metrics::Metrics(const std::string& version)
                       .Name("normd_train_loss")
                       .Help("Loss of the model's last TrainStep.")
                       .Register(*registry_)),
+      grad_norm_(prometheus::BuildGauge()
+                     .Name("normd_grad_norm")
+                     .Help("Total 2-norm of the gradients of the model's last optimizer step, "
+                           "before clipping (clip_grad_norm_'s return value).")
+                     .Register(*registry_)),
+      learning_rate_(prometheus::BuildGauge()
+                         .Name("normd_learning_rate")
+                         .Help("Learning rate of the model's next optimizer step (the "
+                               "optimizer's lr, scheduled).")
+                         .Register(*registry_)),
       nonfinite_steps_(prometheus::BuildCounter()
                            .Name("normd_nonfinite_steps_total")
                            .Help("Steps refused because the loss or a gradient was not finite "
@@ -328,6 +343,8 @@ std::unique_ptr<ModelMetrics> Metrics::AddModel(const std::string& model_id,
   m->steps_ = &train_steps_.Add({{"model", model_id}});
   m->nonfinite_ = &nonfinite_steps_.Add({{"model", model_id}});
   m->loss_ = &train_loss_.Add({{"model", model_id}});
+  m->grad_norm_ = &grad_norm_.Add({{"model", model_id}});
+  m->learning_rate_ = &learning_rate_.Add({{"model", model_id}});
   m->layer_slot_.assign(net.num_layers(), -1);
   for (int i = 0; i < net.num_layers(); ++i) {
     const BatchNorm* bn = net.layer(i).AsBatchNorm();

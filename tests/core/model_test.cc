@@ -182,9 +182,11 @@ TEST(ModelTest, ForwardBackwardApplyEqualsTrainStep) {
                                     LabelTargets(labels), &grad);
     EXPECT_EQ(loss, r.loss);
     ASSERT_TRUE(b->Backward(&frec, grad.view(), nullptr).ok());
-    uint64_t s = 0;
+    StepResult s;
     ASSERT_TRUE(b->ApplyGradients(&s).ok());
-    EXPECT_EQ(s, r.step);
+    EXPECT_EQ(s.step, r.step);
+    EXPECT_EQ(s.grad_norm, r.grad_norm);
+    EXPECT_EQ(s.learning_rate, r.learning_rate);
   }
   ExpectSameState(a->GetState(true), b->GetState(true));
 }
@@ -196,7 +198,7 @@ TEST(ModelTest, StaleForwardIsRefused) {
   ASSERT_TRUE(m->Forward(x.view(), &rec).ok());
   Tensor dy(Shape{8, 3}, 0.1f);
   ASSERT_TRUE(m->Backward(&rec, dy.view(), nullptr).ok());
-  uint64_t step;
+  StepResult step;
   ASSERT_TRUE(m->ApplyGradients(&step).ok());
   Status s = m->Backward(&rec, dy.view(), nullptr);
   EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition);
