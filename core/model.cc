@@ -1,10 +1,10 @@
 #include "core/model.h"
 
 #include <cmath>
-
-#include "core/clip_grad.h"
 #include <map>
 #include <utility>
+
+#include "core/clip_grad.h"
 
 namespace normd {
 namespace {
