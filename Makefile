@@ -91,6 +91,7 @@ bench: build
 	/usr/bin/python3 bench/compare_torch.py --build-dir $(BUILD_DIR) --load
 	/usr/bin/python3 bench/fold_bench.py --build-dir $(BUILD_DIR)
 	/usr/bin/python3 bench/drift_quality.py --build-dir $(BUILD_DIR)
+	/usr/bin/python3 bench/tenant_fairness.py --build-dir $(BUILD_DIR)
 
 clean:
 	rm -rf $(BUILD_DIR) dist

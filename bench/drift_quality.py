@@ -30,7 +30,6 @@ Usage: /usr/bin/python3 bench/drift_quality.py --build-dir build [--quick]
 import argparse
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +39,8 @@ from scipy import ndimage, stats
 from sklearn.datasets import load_digits
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
+
+from normd_process import start_normd
 
 BATCH = 32
 RATE = 1.0  # batches per second: the stated traffic that turns the rule's minutes into batches
@@ -80,28 +81,6 @@ def spec():
                        {"relu": {}},
                        {"name": "out", "linear": {"in_features": 64, "out_features": 10}}],
             "loss": "LOSS_CROSS_ENTROPY", "optimizer": {"adam": {"lr": 0.001}}, "seed": 0}
-
-
-def start_normd(build_dir, tmp):
-    port_file = os.path.join(tmp, "ports")
-    proc = subprocess.Popen(
-        [os.path.join(build_dir, "server", "normd"), "--listen", "127.0.0.1:0", "--metrics",
-         "127.0.0.1:0", "--in-memory", "--port-file", port_file, "--log-level", "warn"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"normd exited with {proc.returncode}")
-        try:
-            with open(port_file) as f:
-                ports = dict(l.strip().split("=", 1) for l in f if "=" in l)
-            if "grpc" in ports:
-                return proc, f"127.0.0.1:{ports['grpc']}"
-        except OSError:
-            pass
-        time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("normd wrote no port file within 30 s")
 
 
 class Scorer:
@@ -196,7 +175,8 @@ def main():
 
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="normd-drift-") as tmp:
-        proc, address = start_normd(args.build_dir, tmp)
+        proc, address = start_normd(args.build_dir, tmp,
+                                    ["--metrics", "127.0.0.1:0", "--in-memory", "--log-level", "warn"])
         try:
             c = normd.Client(address)
             deadline = time.monotonic() + 30

@@ -21,6 +21,7 @@ enum class StatusCode {
   kResourceExhausted,
   kUnavailable,
   kAborted,  // a concurrent change interfered; retrying may succeed
+  kPermissionDenied,  // the caller is known but may not do this
   kInternal,
 };
 
@@ -69,6 +70,10 @@ Status ResourceExhausted(Args&&... args) {
 template <typename... Args>
 Status Aborted(Args&&... args) {
   return Status(StatusCode::kAborted, StrCat(std::forward<Args>(args)...));
+}
+template <typename... Args>
+Status PermissionDenied(Args&&... args) {
+  return Status(StatusCode::kPermissionDenied, StrCat(std::forward<Args>(args)...));
 }
 template <typename... Args>
 Status NotFound(Args&&... args) {

@@ -667,6 +667,25 @@ Status LoadLatestCheckpoint(const std::string& data_dir, const std::string& mode
                             " checkpoints is usable", reasons);
 }
 
+Status ScanTenantDirs(const std::string& data_dir, std::vector<std::string>* tenants) {
+  tenants->clear();
+  const fs::path root(data_dir);
+  std::error_code ec;
+  if (!fs::exists(root, ec)) return Status::Ok();
+  fs::directory_iterator it(root, ec);
+  if (ec) return FsError("cannot list", root, ec);
+  for (; it != fs::directory_iterator(); it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    std::error_code type_ec;
+    if (!it->is_directory(type_ec) || !StartsWith(name, kTenantDirPrefix)) continue;
+    const std::string tenant = name.substr(std::strlen(kTenantDirPrefix));
+    if (!tenant.empty()) tenants->push_back(tenant);  // the registry validates the name
+  }
+  if (ec) return FsError("cannot list", root, ec);
+  std::sort(tenants->begin(), tenants->end());
+  return Status::Ok();
+}
+
 Status ScanDataDir(const std::string& data_dir, std::vector<std::string>* model_ids) {
   model_ids->clear();
   const fs::path root(data_dir);

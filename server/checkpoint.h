@@ -6,6 +6,8 @@
 //   <data-dir>/<model-id>/.tmp-*            a save in progress (or cut short by a crash)
 //   <data-dir>/<model-id>/corrupt/          checkpoints the loader rejected, set aside
 //   <data-dir>/.deleted-<model-id>-*        a model being removed
+// (for the default tenant; another tenant's models are laid out the same way in
+// <data-dir>/@<tenant>/, see server/checkpoint_persistence.h).
 // `seq` grows by one with every save of a model, so the newest checkpoint is the one with the
 // largest seq (several saves may hold the same step, e.g. after SetMode).
 //
@@ -129,6 +131,15 @@ using CheckpointAcceptFn = std::function<Status(const LoadedCheckpoint&)>;
 Status LoadLatestCheckpoint(const std::string& data_dir, const std::string& model_id,
                             LoadedCheckpoint* out, const CheckpointAcceptFn& accept = nullptr,
                             LoadReport* report = nullptr);
+
+// Prefix of a tenant's directory inside the data directory ("@team-a"), see
+// server/checkpoint_persistence.h. Model ids never start with it.
+constexpr char kTenantDirPrefix[] = "@";
+
+// The tenants with a directory (kTenantDirPrefix + a name) in `data_dir`, sorted. The names are
+// not validated here (Registry::Restore refuses an invalid one).
+// A missing data directory holds none.
+Status ScanTenantDirs(const std::string& data_dir, std::vector<std::string>* tenants);
 
 // The ids of models with at least one checkpoint file, sorted. Finishes interrupted removals
 // (deletes .deleted-* directories). A missing data directory holds no models.

@@ -29,10 +29,18 @@ CheckpointPersistence::Stats CheckpointPersistence::stats() const {
   return stats_;
 }
 
+std::string CheckpointPersistence::TenantDir(const std::string& tenant) const {
+  if (tenant == kDefaultTenant) return options_.data_dir;
+  return (std::filesystem::path(options_.data_dir) / (kTenantDirPrefix + tenant)).string();
+}
+
 std::shared_ptr<CheckpointPersistence::Tracked> CheckpointPersistence::Track(
-    const std::string& id) {
-  std::shared_ptr<Tracked>& t = models_[id];
-  if (t == nullptr) t = std::make_shared<Tracked>();
+    const ModelEntry& entry) {
+  std::shared_ptr<Tracked>& t = models_[entry.name()];
+  if (t == nullptr) {
+    t = std::make_shared<Tracked>();
+    t->dir = TenantDir(entry.tenant());
+  }
   return t;
 }
 
@@ -63,7 +71,7 @@ Status CheckpointPersistence::Write(Tracked* t, const CheckpointSnapshot& snap, 
   // A newer snapshot is on disk already: this one would roll the model back.
   if (gen <= t->written_gen) return Status::Ok();
   SaveInfo info;
-  const Status st = WriteCheckpoint(options_.data_dir, snap, options_.keep_last, &info);
+  const Status st = WriteCheckpoint(t->dir, snap, options_.keep_last, &info);
   std::lock_guard<std::mutex> lock(mu_);
   if (!st.ok()) {
     ++stats_.failures;
@@ -86,9 +94,23 @@ Status CheckpointPersistence::RestoreAll(Registry* registry) {
     std::lock_guard<std::mutex> lock(mu_);
     registry_ = registry;
   }
+  std::vector<std::string> tenants;
+  NORMD_RETURN_IF_ERROR(ScanTenantDirs(options_.data_dir, &tenants));
+  // "@default" would be a second directory for the default tenant's models: not read.
+  tenants.erase(std::remove(tenants.begin(), tenants.end(), kDefaultTenant), tenants.end());
+  tenants.insert(tenants.begin(), kDefaultTenant);
+  for (const std::string& tenant : tenants) {
+    NORMD_RETURN_IF_ERROR(RestoreTenant(registry, tenant));
+  }
+  return Status::Ok();
+}
+
+Status CheckpointPersistence::RestoreTenant(Registry* registry, const std::string& tenant) {
+  const std::string dir = TenantDir(tenant);
   std::vector<std::string> ids;
-  NORMD_RETURN_IF_ERROR(ScanDataDir(options_.data_dir, &ids));
+  NORMD_RETURN_IF_ERROR(ScanDataDir(dir, &ids));
   for (const std::string& id : ids) {
+    const std::string name = DisplayName(tenant, id);
     std::unique_ptr<Model> model;
     auto build = [&](const LoadedCheckpoint& ckpt) -> Status {
       ModelConfig config;
@@ -101,18 +123,20 @@ Status CheckpointPersistence::RestoreAll(Registry* registry) {
     };
     LoadedCheckpoint ckpt;
     LoadReport report;
-    Status st = LoadLatestCheckpoint(options_.data_dir, id, &ckpt, build, &report);
-    if (st.ok()) st = registry->Restore(id, ckpt.spec, std::move(model));
+    Status st = LoadLatestCheckpoint(dir, id, &ckpt, build, &report);
+    if (st.ok()) st = registry->Restore(tenant, id, ckpt.spec, std::move(model));
     std::lock_guard<std::mutex> lock(mu_);
     if (!st.ok()) {
       ++stats_.not_restored;
-      spdlog::error("event=restore_failed model={} error=\"{}\"", id, st.message());
+      spdlog::error("event=restore_failed model={} error=\"{}\"", name, st.message());
       continue;
     }
     ++stats_.restored;
-    std::shared_ptr<Tracked> t = Track(id);
+    std::shared_ptr<Tracked>& t = models_[name];
+    t = std::make_shared<Tracked>();
+    t->dir = dir;
     t->saved_step = t->snap_step = ckpt.step;
-    spdlog::info("event=model_restored model={} step={} mode={} checkpoint={} rejected={}", id,
+    spdlog::info("event=model_restored model={} step={} mode={} checkpoint={} rejected={}", name,
                  ckpt.step, ckpt.training ? "train" : "eval", ckpt.path, report.rejected.size());
   }
   return Status::Ok();
@@ -123,15 +147,16 @@ Status CheckpointPersistence::OnCreate(ModelEntry& entry) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     t = std::make_shared<Tracked>();
-    models_[entry.id()] = t;  // a model deleted under this id keeps its own (deleted) record
+    t->dir = TenantDir(entry.tenant());
+    models_[entry.name()] = t;  // a model deleted under this name keeps its own (deleted) record
   }
   // Files under this id belong to no model in memory (one that could not be restored): they
   // must not become this model's "previous checkpoint".
   std::error_code ec;
-  if (std::filesystem::exists(std::filesystem::path(options_.data_dir) / entry.id(), ec)) {
+  if (std::filesystem::exists(std::filesystem::path(t->dir) / entry.id(), ec)) {
     spdlog::warn("event=stale_files_removed model={} reason=\"a new model takes this id\"",
-                 entry.id());
-    NORMD_RETURN_IF_ERROR(RemoveModelFiles(options_.data_dir, entry.id()));
+                 entry.name());
+    NORMD_RETURN_IF_ERROR(RemoveModelFiles(t->dir, entry.id()));
   }
   CheckpointSnapshot snap;
   uint64_t gen = 0, changes = 0;
@@ -139,7 +164,7 @@ Status CheckpointPersistence::OnCreate(ModelEntry& entry) {
   if (st.ok()) st = Write(t.get(), snap, gen, changes);
   if (!st.ok()) {
     std::lock_guard<std::mutex> lock(mu_);
-    auto it = models_.find(entry.id());
+    auto it = models_.find(entry.name());
     if (it != models_.end() && it->second == t) models_.erase(it);
     return st.WithPrefix("cannot persist the new model");
   }
@@ -151,7 +176,7 @@ void CheckpointPersistence::OnMutation(ModelEntry& entry, Mutation what) {
   bool snapshot = false;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    t = Track(entry.id());
+    t = Track(entry);
     const Clock::time_point now = Clock::now();
     if (t->changes == t->saved_changes && t->pending == nullptr) t->dirty_since = now;
     ++t->changes;
@@ -169,7 +194,7 @@ void CheckpointPersistence::OnMutation(ModelEntry& entry, Mutation what) {
   uint64_t gen = 0, changes = 0;
   const Status st = Snapshot(entry, t.get(), snap.get(), &gen, &changes);
   if (!st.ok()) {
-    spdlog::error("event=checkpoint_failed model={} error=\"{}\"", entry.id(), st.message());
+    spdlog::error("event=checkpoint_failed model={} error=\"{}\"", entry.name(), st.message());
     return;
   }
   std::lock_guard<std::mutex> lock(mu_);
@@ -184,7 +209,7 @@ Status CheckpointPersistence::Save(ModelEntry& entry, uint64_t* step) {
   std::shared_ptr<Tracked> t;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    t = Track(entry.id());
+    t = Track(entry);
   }
   CheckpointSnapshot snap;
   uint64_t gen = 0, changes = 0;
@@ -195,16 +220,16 @@ Status CheckpointPersistence::Save(ModelEntry& entry, uint64_t* step) {
 }
 
 Status CheckpointPersistence::OnDelete(ModelEntry& entry) {
-  std::shared_ptr<Tracked> t = Find(entry.id());
+  std::shared_ptr<Tracked> t = Find(entry.name());
   std::unique_lock<std::mutex> write_lock;
   if (t != nullptr) write_lock = std::unique_lock<std::mutex>(t->write_mu);
-  NORMD_RETURN_IF_ERROR(RemoveModelFiles(options_.data_dir, entry.id()));
+  NORMD_RETURN_IF_ERROR(RemoveModelFiles(TenantDir(entry.tenant()), entry.id()));
   std::lock_guard<std::mutex> lock(mu_);
   if (t != nullptr) {
     // Set while the write lock is held: a write waiting for it sees the flag and skips.
     t->deleted = true;
     t->pending.reset();
-    auto it = models_.find(entry.id());
+    auto it = models_.find(entry.name());
     if (it != models_.end() && it->second == t) models_.erase(it);
   }
   return Status::Ok();
@@ -214,7 +239,7 @@ void CheckpointPersistence::OnShutdown(Registry* registry) {
   StopWriter();  // finishes the writes already queued
   int saved = 0, failed = 0;
   for (const std::shared_ptr<ModelEntry>& entry : registry->List()) {
-    std::shared_ptr<Tracked> t = Find(entry->id());
+    std::shared_ptr<Tracked> t = Find(entry->name());
     if (t == nullptr) continue;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -233,7 +258,8 @@ void CheckpointPersistence::OnShutdown(Registry* registry) {
       ++saved;
     } else {
       ++failed;
-      spdlog::error("event=shutdown_save_failed model={} error=\"{}\"", entry->id(), st.message());
+      spdlog::error("event=shutdown_save_failed model={} error=\"{}\"", entry->name(),
+                    st.message());
     }
   }
   spdlog::info("event=shutdown_saved models={} failed={}", saved, failed);
@@ -302,7 +328,8 @@ void CheckpointPersistence::SnapshotStaleModels() {
   for (const std::string& id : ids) {
     std::shared_ptr<ModelEntry> entry;
     std::shared_ptr<Tracked> t = Find(id);
-    if (t == nullptr || !registry->Find(id, &entry).ok()) continue;
+    // `id` is the model's display name, which an admin principal resolves back to it.
+    if (t == nullptr || !registry->Find(Principal(), id, &entry).ok()) continue;
     CheckpointSnapshot snap;
     uint64_t gen = 0, changes = 0;
     {

@@ -1,6 +1,10 @@
 // CheckpointPersistence: the Persistence hooks (server/persistence.h) implemented with
 // checkpoint files in the data directory (server/checkpoint.h).
 //
+// - Tenants (server/tenant.h): the default tenant's models live in the data directory itself
+//   (where every model lived before tenants, so old data directories restore unchanged), tenant
+//   T's in <data-dir>/@T/, laid out the same way (server/checkpoint.h). '@' cannot start a
+//   model id, so the two never collide.
 // - Start-up: every model found in the data directory is rebuilt from its newest usable
 //   checkpoint (spec -> config -> Model::Create under the registry's limits, then RestoreInto)
 //   and handed to Registry::Restore. A corrupt checkpoint is set aside and the previous one
@@ -35,6 +39,7 @@
 #include "core/status.h"
 #include "server/checkpoint.h"
 #include "server/persistence.h"
+#include "server/tenant.h"
 
 namespace normd::server {
 
@@ -73,6 +78,7 @@ class CheckpointPersistence : public Persistence {
  private:
   // What this object knows of one model.
   struct Tracked {
+    std::string dir;              // the tenant's directory; immutable
     std::mutex write_mu;          // serialises writes to the model's directory
     uint64_t written_gen = 0;     // newest snapshot written; GUARDED_BY(write_mu)
     // GUARDED_BY(mu_):
@@ -88,8 +94,12 @@ class CheckpointPersistence : public Persistence {
     uint64_t pending_changes = 0;
   };
 
-  std::shared_ptr<Tracked> Track(const std::string& id);  // REQUIRES: mu_ held
-  std::shared_ptr<Tracked> Find(const std::string& id);
+  // Models are tracked by their display name (server/tenant.h), unique across tenants.
+  std::shared_ptr<Tracked> Track(const ModelEntry& entry);  // REQUIRES: mu_ held
+  std::shared_ptr<Tracked> Find(const std::string& name);
+  // The directory of a tenant's models.
+  std::string TenantDir(const std::string& tenant) const;
+  Status RestoreTenant(Registry* registry, const std::string& tenant);
   // Snapshots the model (REQUIRES: its lock held) and returns the generation and change count
   // the snapshot covers.
   Status Snapshot(ModelEntry& entry, Tracked* t, CheckpointSnapshot* snap, uint64_t* gen,

@@ -60,6 +60,20 @@ std::chrono::milliseconds Millis(double seconds) {
   return std::chrono::milliseconds(static_cast<int64_t>(std::llround(seconds * 1000.0)));
 }
 
+// The per-tenant quotas, each 0 flag resolved to the global figure it defaults to: the whole
+// server's models, the parameters the server could hold, the requests its models could queue.
+void TenantQuotas(const Flags& f, RegistryLimits* l) {
+  l->tenant_max_models = f.tenant_max_models > 0 ? f.tenant_max_models : f.max_models;
+  l->tenant_max_parameters = f.tenant_max_parameters > 0
+                                 ? f.tenant_max_parameters
+                                 : SaturatingMul(f.max_models, f.max_parameters);
+  l->tenant_max_queued =
+      f.tenant_max_queued > 0
+          ? f.tenant_max_queued
+          : static_cast<int>(std::min<int64_t>(
+                SaturatingMul(f.max_models, f.max_queued_per_model), 1 << 30));
+}
+
 }  // namespace
 
 int ParseFlags(int argc, char** argv, Flags* f) {
@@ -104,6 +118,17 @@ int ParseFlags(int argc, char** argv, Flags* f) {
                  "Requests waiting or running per model; more are refused with "
                  "RESOURCE_EXHAUSTED")
       ->envname("NORMD_MAX_QUEUED_PER_MODEL")->capture_default_str()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
+  app.add_option("--tenant-max-models", f->tenant_max_models,
+                 "Most models one tenant holds at once (0: --max-models)")
+      ->envname("NORMD_TENANT_MAX_MODELS")->capture_default_str()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
+  app.add_option("--tenant-max-parameters", f->tenant_max_parameters,
+                 "Most parameters (floats) of all one tenant's models together (0: --max-models "
+                 "x --max-parameters)")
+      ->envname("NORMD_TENANT_MAX_PARAMETERS")->capture_default_str()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
+  app.add_option("--tenant-max-queued", f->tenant_max_queued,
+                 "Requests waiting or running on one tenant's models together; more are refused "
+                 "with RESOURCE_EXHAUSTED (0: --max-models x --max-queued-per-model)")
+      ->envname("NORMD_TENANT_MAX_QUEUED")->capture_default_str()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   app.add_option("--compute-threads", f->compute_threads,
                  "Requests computed at once (0: one per available core); with fewer than the "
                  "cores, each request's matrix products share the rest")
@@ -144,9 +169,15 @@ int ParseFlags(int argc, char** argv, Flags* f) {
                  "signed (needs --tls-cert)")
       ->envname("NORMD_TLS_CLIENT_CA")->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   app.add_option("--auth-token-file", f->security.auth_token_file,
-                 "File of accepted bearer tokens, one per line: every call but health needs "
-                 "metadata 'authorization: Bearer <token>'; turns reflection off")
+                 "File of accepted bearer tokens, one 'TOKEN [TENANT [admin]]' per line (a bare "
+                 "token: tenant 'default', admin): every call but health needs metadata "
+                 "'authorization: Bearer <token>'; turns reflection off")
       ->envname("NORMD_AUTH_TOKEN_FILE")->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
+  app.add_option("--tls-client-tenants", f->security.tls_client_tenants,
+                 "File mapping client certificates to tenants, one 'CN=<name> TENANT [admin]' or "
+                 "'SAN=<name> TENANT [admin]' per line (needs --tls-client-ca); a mapped "
+                 "certificate needs no token")
+      ->envname("NORMD_TLS_CLIENT_TENANTS")->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   app.add_option("--max-concurrent-streams", f->max_concurrent_streams,
                  "HTTP/2 streams (calls) one connection may have open at once; more wait")
       ->envname("NORMD_MAX_CONCURRENT_STREAMS")->capture_default_str()
@@ -246,6 +277,15 @@ Status ValidateFlags(const Flags& f) {
   if (f.max_queued_per_model < 1) {
     return InvalidArgument("--max-queued-per-model must be >= 1, got ", f.max_queued_per_model);
   }
+  if (f.tenant_max_models < 0) {
+    return InvalidArgument("--tenant-max-models must be >= 0, got ", f.tenant_max_models);
+  }
+  if (f.tenant_max_parameters < 0) {
+    return InvalidArgument("--tenant-max-parameters must be >= 0, got ", f.tenant_max_parameters);
+  }
+  if (f.tenant_max_queued < 0) {
+    return InvalidArgument("--tenant-max-queued must be >= 0, got ", f.tenant_max_queued);
+  }
   if (f.compute_threads < 0 || f.compute_threads > kMaxComputeThreads) {
     return InvalidArgument("--compute-threads must be in [0, ", kMaxComputeThreads, "], got ",
                            f.compute_threads);
@@ -309,6 +349,7 @@ ServerOptions ToServerOptions(const Flags& f) {
   o.limits.retained_forward_timeout = Millis(f.retained_forward_timeout);
   o.limits.max_queued_per_model = f.max_queued_per_model;
   o.limits.small_batch_threshold = f.small_batch_threshold;
+  TenantQuotas(f, &o.limits);
   const int cores = AvailableCores();
   o.compute_threads = f.compute_threads > 0 ? f.compute_threads : cores;
   // Fewer request threads than cores: each request's matrix products may use the rest.
@@ -328,12 +369,9 @@ ServerOptions ToServerOptions(const Flags& f) {
 
 Status LoadSecurity(const Flags& f, ServerOptions* o) {
   NORMD_RETURN_IF_ERROR(LoadServerCredentials(f.security, &o->credentials));
-  o->authenticator.reset();
-  if (!f.security.auth_token_file.empty()) {
-    std::unique_ptr<TokenAuthenticator> auth;
-    NORMD_RETURN_IF_ERROR(LoadTokenAuthenticator(f.security, &auth));
-    o->authenticator = std::move(auth);
-  }
+  std::unique_ptr<Authenticator> auth;
+  NORMD_RETURN_IF_ERROR(LoadAuthenticator(f.security, &auth));
+  o->authenticator = std::move(auth);
   return Status::Ok();
 }
 
@@ -350,6 +388,11 @@ std::string Limit(double seconds, const char* zero) {
 }  // namespace
 
 std::string DescribeFlags(const Flags& f) {
+  RegistryLimits limits;
+  limits.max_models = f.max_models;
+  limits.max_parameters = f.max_parameters;
+  limits.max_queued_per_model = f.max_queued_per_model;
+  TenantQuotas(f, &limits);
   std::ostringstream os;
   os << "listen=" << f.listen << "\n"
      << "metrics=" << (f.metrics.empty() ? "off" : f.metrics) << "\n"
@@ -363,6 +406,12 @@ std::string DescribeFlags(const Flags& f) {
      << "retained_forward_timeout=" << f.retained_forward_timeout << "s\n"
      << "max_queued_per_model=" << f.max_queued_per_model << "\n"
      << "small_batch_threshold=" << f.small_batch_threshold << "\n"
+     << "tenant_max_models=" << limits.tenant_max_models
+     << (f.tenant_max_models > 0 ? "" : " (--max-models)") << "\n"
+     << "tenant_max_parameters=" << limits.tenant_max_parameters
+     << (f.tenant_max_parameters > 0 ? "" : " (--max-models x --max-parameters)") << "\n"
+     << "tenant_max_queued=" << limits.tenant_max_queued
+     << (f.tenant_max_queued > 0 ? "" : " (--max-models x --max-queued-per-model)") << "\n"
      << "compute_threads="
      << (f.compute_threads > 0 ? f.compute_threads : AvailableCores())
      << (f.compute_threads > 0 ? "" : " (auto)") << "\n"

@@ -26,6 +26,10 @@ struct Flags {
   int max_retained_forwards = 16;
   double retained_forward_timeout = 60;  // seconds
   int max_queued_per_model = 64;
+  // Per-tenant quotas (server/tenant.h); 0: the global figure (see TenantQuotas in flags.cc).
+  int tenant_max_models = 0;
+  int64_t tenant_max_parameters = 0;
+  int tenant_max_queued = 0;
   int64_t small_batch_threshold = 16;  // values per channel; 0: never warn
   int compute_threads = 0;  // 0: one per available core
   std::string log_level = "info";
@@ -70,8 +74,8 @@ int AvailableCores();
 // the security objects, which LoadSecurity adds.
 ServerOptions ToServerOptions(const Flags& flags);
 
-// Reads the certificates and token file the flags name into options->credentials and
-// options->authenticator. REQUIRES: ValidateFlags(flags) is OK (the files may still have changed
+// Reads the certificates, token file and client-tenant file the flags name into
+// options->credentials and options->authenticator. REQUIRES: ValidateFlags(flags) is OK (the files may still have changed
 // since: INVALID_ARGUMENT naming the flag).
 Status LoadSecurity(const Flags& flags, ServerOptions* options);
 

@@ -93,11 +93,14 @@ int main(int argc, char** argv) {
     return 2;
   }
   const normd::server::SecurityFlags& sec = flags.security;
-  spdlog::info("event=security tls={} mtls={} auth={} tokens={} reflection={} open_files={}",
+  const bool tokens = options.authenticator && options.authenticator->tokens_on();
+  spdlog::info("event=security tls={} mtls={} auth={} tokens={} reflection={} "
+               "client_tenants={} open_files={}",
                sec.tls_cert.empty() ? "off" : "on", sec.tls_client_ca.empty() ? "off" : "on",
-               options.authenticator ? "bearer" : "off",
-               options.authenticator ? options.authenticator->size() : 0,
-               options.authenticator ? "off" : "on", RaiseFileLimit());
+               tokens ? "bearer" : "off",
+               options.authenticator ? options.authenticator->token_count() : 0,
+               tokens ? "off" : "on", sec.tls_client_tenants.empty() ? "off" : "on",
+               RaiseFileLimit());
   if (sec.tls_cert.empty() && flags.listen.rfind("127.", 0) != 0 &&
       flags.listen.rfind("[::1]", 0) != 0 && flags.listen.rfind("localhost:", 0) != 0 &&
       flags.listen.rfind("unix", 0) != 0) {

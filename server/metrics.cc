@@ -161,6 +161,12 @@ ModelMetrics::~ModelMetrics() {
 
 void ModelMetrics::AddSamples(SampleOp op, int64_t n) {
   samples_[static_cast<int>(op)]->Increment(static_cast<double>(n));
+  if (tenant_ != nullptr) tenant_->AddSamples(n);
+}
+
+void TenantMetrics::RecordCall(grpc::StatusCode code) {
+  requests_->Increment();
+  if (code == grpc::StatusCode::RESOURCE_EXHAUSTED) refused_->Increment();
 }
 
 void ModelMetrics::RecordStep(const double* loss, double grad_norm) {
@@ -275,6 +281,19 @@ Metrics::Metrics(const std::string& version)
                             .Help("Training batches a BatchNorm layer normalised with statistics "
                                   "over fewer values per channel than --small-batch-threshold.")
                             .Register(*registry_)),
+      tenant_requests_(prometheus::BuildCounter()
+                           .Name("normd_tenant_requests_total")
+                           .Help("Trainer calls a tenant made, ended with any status.")
+                           .Register(*registry_)),
+      tenant_samples_(prometheus::BuildCounter()
+                          .Name("normd_tenant_samples_total")
+                          .Help("Samples computed on a tenant's models (every op).")
+                          .Register(*registry_)),
+      tenant_refused_(prometheus::BuildCounter()
+                          .Name("normd_tenant_refused_total")
+                          .Help("A tenant's calls refused with RESOURCE_EXHAUSTED (its quotas, "
+                                "or a server or model limit).")
+                          .Register(*registry_)),
       models_gauge_(&models_.Add({})) {
   prometheus::BuildGauge()
       .Name("normd_build_info")
@@ -332,19 +351,39 @@ void Metrics::RecordRpc(Rpc rpc, grpc::StatusCode code, double seconds) {
 
 void Metrics::SetModelCount(int n) { models_gauge_->Set(n); }
 
-std::unique_ptr<ModelMetrics> Metrics::AddModel(const std::string& model_id,
+TenantMetrics* Metrics::Tenant(const std::string& tenant) {
+  std::lock_guard<std::mutex> lock(tenants_mu_);
+  std::unique_ptr<TenantMetrics>& t = tenants_[tenant];
+  if (t == nullptr) {
+    t = std::make_unique<TenantMetrics>();
+    const prometheus::Labels labels = {{"tenant", tenant}};
+    t->requests_ = &tenant_requests_.Add(labels);
+    t->samples_ = &tenant_samples_.Add(labels);
+    t->refused_ = &tenant_refused_.Add(labels);
+  }
+  return t.get();
+}
+
+std::unique_ptr<ModelMetrics> Metrics::AddModel(const std::string& tenant,
+                                                const std::string& model_id,
+                                                TenantMetrics* tenant_metrics,
                                                 const Sequential& net) {
-  std::unique_ptr<ModelMetrics> m(new ModelMetrics(this));
+  std::unique_ptr<ModelMetrics> m(new ModelMetrics(this, tenant_metrics));
+  const prometheus::Labels model = {{"tenant", tenant}, {"model", model_id}};
+  auto with = [&model](std::initializer_list<std::pair<const std::string, std::string>> more) {
+    prometheus::Labels l = model;
+    l.insert(more);
+    return l;
+  };
   for (SampleOp op : {SampleOp::kForward, SampleOp::kBackward, SampleOp::kTrain,
                       SampleOp::kEvaluate}) {
-    m->samples_[static_cast<int>(op)] =
-        &samples_.Add({{"model", model_id}, {"op", SampleOpName(op)}});
+    m->samples_[static_cast<int>(op)] = &samples_.Add(with({{"op", SampleOpName(op)}}));
   }
-  m->steps_ = &train_steps_.Add({{"model", model_id}});
-  m->nonfinite_ = &nonfinite_steps_.Add({{"model", model_id}});
-  m->loss_ = &train_loss_.Add({{"model", model_id}});
-  m->grad_norm_ = &grad_norm_.Add({{"model", model_id}});
-  m->learning_rate_ = &learning_rate_.Add({{"model", model_id}});
+  m->steps_ = &train_steps_.Add(model);
+  m->nonfinite_ = &nonfinite_steps_.Add(model);
+  m->loss_ = &train_loss_.Add(model);
+  m->grad_norm_ = &grad_norm_.Add(model);
+  m->learning_rate_ = &learning_rate_.Add(model);
   m->layer_slot_.assign(net.num_layers(), -1);
   for (int i = 0; i < net.num_layers(); ++i) {
     const BatchNorm* bn = net.layer(i).AsBatchNorm();
@@ -354,12 +393,12 @@ std::unique_ptr<ModelMetrics> Metrics::AddModel(const std::string& model_id,
     const char* modes[2] = {"train", "eval"};
     if (bn->tracks_running_stats()) {  // without running statistics there is no drift
       for (int k = 0; k < 2; ++k) {
-        const prometheus::Labels labels = {{"model", model_id}, {"layer", name}, {"mode", modes[k]}};
+        const prometheus::Labels labels = with({{"layer", name}, {"mode", modes[k]}});
         l.mean_shift[k] = &bn_mean_shift_.Add(labels, DriftBuckets());
         l.var_log_ratio[k] = &bn_var_log_ratio_.Add(labels, DriftBuckets());
       }
     }
-    const prometheus::Labels labels = {{"model", model_id}, {"layer", name}};
+    const prometheus::Labels labels = with({{"layer", name}});
     l.mean_update_norm = &bn_mean_update_norm_.Add(labels);
     l.var_update_norm = &bn_var_update_norm_.Add(labels);
     l.batches_tracked = &bn_batches_tracked_.Add(labels);

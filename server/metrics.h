@@ -2,19 +2,24 @@
 //
 // The names are part of the contract (dashboards and alerts use them):
 //   normd_rpc_duration_seconds{method,code}  histogram     normd_rpcs_total{method,code}
-//   normd_samples_total{model,op}            op: forward | backward | train | evaluate
-//   normd_train_steps_total{model}           normd_train_loss{model} (last TrainStep)
-//   normd_grad_norm{model} (last optimizer step, before clipping)
-//   normd_learning_rate{model} (of the next optimizer step)
-//   normd_nonfinite_steps_total{model}       normd_models
-//   normd_bn_mean_shift{model,layer,mode}    normd_bn_var_log_ratio{model,layer,mode}
+//   normd_samples_total{tenant,model,op}     op: forward | backward | train | evaluate
+//   normd_train_steps_total{tenant,model}    normd_train_loss{tenant,model} (last TrainStep)
+//   normd_grad_norm{tenant,model} (last optimizer step, before clipping)
+//   normd_learning_rate{tenant,model} (of the next optimizer step)
+//   normd_nonfinite_steps_total{tenant,model}  normd_models
+//   normd_bn_mean_shift{tenant,model,layer,mode}  normd_bn_var_log_ratio{tenant,model,layer,mode}
 //       histograms of the core's per-batch drift figures, mode: train | eval
-//   normd_bn_running_mean_update_norm{model,layer}, normd_bn_running_var_update_norm{model,layer},
-//   normd_bn_batches_tracked{model,layer}    gauges
+//   normd_bn_running_mean_update_norm{tenant,model,layer},
+//   normd_bn_running_var_update_norm{tenant,model,layer},
+//   normd_bn_batches_tracked{tenant,model,layer}  gauges
+//   normd_tenant_requests_total{tenant}      Trainer calls a tenant made (ended, any status)
+//   normd_tenant_samples_total{tenant}       samples computed on a tenant's models
+//   normd_tenant_refused_total{tenant}       a tenant's calls ended RESOURCE_EXHAUSTED (a quota
+//                                            or limit refused them)
 //   normd_build_info{version}                process_* (resident memory, CPU, start time, fds)
 // Everything is recorded once per RPC (or per stream message), never per element. Label values
-// are model ids and layer names only, so the model limit bounds the cardinality; a model's series
-// are removed with its ModelMetrics.
+// are tenant names, model ids and layer names only, so the model limit and the tenants bound the
+// cardinality; a model's series are removed with its ModelMetrics, a tenant's stay.
 //
 // Thread safety: every method may be called from any thread.
 #ifndef NORMD_SERVER_METRICS_H_
@@ -31,6 +36,7 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -72,6 +78,20 @@ enum class SampleOp { kForward, kBackward, kTrain, kEvaluate };
 
 class Metrics;
 
+// One tenant's series. Created by Metrics::Tenant, owned by Metrics, never removed.
+class TenantMetrics {
+ public:
+  // One finished Trainer call of the tenant, with its status.
+  void RecordCall(grpc::StatusCode code);
+  void AddSamples(int64_t n) { samples_->Increment(static_cast<double>(n)); }
+
+ private:
+  friend class Metrics;
+  prometheus::Counter* requests_ = nullptr;
+  prometheus::Counter* samples_ = nullptr;
+  prometheus::Counter* refused_ = nullptr;
+};
+
 // One model's series. Created by Metrics::AddModel; the destructor removes every series.
 class ModelMetrics {
  public:
@@ -105,9 +125,10 @@ class ModelMetrics {
     prometheus::Gauge* batches_tracked = nullptr;
     prometheus::Counter* small_batches = nullptr;
   };
-  explicit ModelMetrics(Metrics* owner) : owner_(owner) {}
+  ModelMetrics(Metrics* owner, TenantMetrics* tenant) : owner_(owner), tenant_(tenant) {}
 
   Metrics* owner_;
+  TenantMetrics* tenant_;  // may be null
   std::array<prometheus::Counter*, 4> samples_{};
   prometheus::Counter* steps_ = nullptr;
   prometheus::Counter* nonfinite_ = nullptr;
@@ -132,8 +153,13 @@ class Metrics {
   void RecordRpc(Rpc rpc, grpc::StatusCode code, double seconds);
   void SetModelCount(int n);
 
-  // Creates the series of a model whose BatchNorm layers are those of `net`.
-  std::unique_ptr<ModelMetrics> AddModel(const std::string& model_id, const Sequential& net);
+  // Creates the series of tenant `tenant`'s model `model_id`, whose BatchNorm layers are those
+  // of `net`; its samples also count in `tenant_metrics` (may be null).
+  std::unique_ptr<ModelMetrics> AddModel(const std::string& tenant, const std::string& model_id,
+                                         TenantMetrics* tenant_metrics, const Sequential& net);
+
+  // The series of `tenant`, created on first use. The pointer stays valid as long as Metrics.
+  TenantMetrics* Tenant(const std::string& tenant);
 
   // The text exposition of everything registered (what a scrape returns).
   std::string Render() const;
@@ -165,7 +191,13 @@ class Metrics {
   prometheus::Family<prometheus::Gauge>& bn_var_update_norm_;
   prometheus::Family<prometheus::Gauge>& bn_batches_tracked_;
   prometheus::Family<prometheus::Counter>& bn_small_batches_;
+  prometheus::Family<prometheus::Counter>& tenant_requests_;
+  prometheus::Family<prometheus::Counter>& tenant_samples_;
+  prometheus::Family<prometheus::Counter>& tenant_refused_;
   prometheus::Gauge* models_gauge_;
+
+  std::mutex tenants_mu_;
+  std::map<std::string, std::unique_ptr<TenantMetrics>> tenants_;  // GUARDED_BY(tenants_mu_)
 
   // Series per (method, code), created on first use.
   std::mutex rpc_mu_;

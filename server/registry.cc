@@ -70,10 +70,12 @@ Status ValidateModelId(const std::string& id, const std::string& field) {
 
 // --- ModelEntry --------------------------------------------------------------------------------
 
-ModelEntry::ModelEntry(std::string id, v1::ModelSpec spec, std::unique_ptr<Model> model,
-                       std::unique_ptr<ModelMetrics> metrics, const RegistryLimits& limits,
-                       ComputePool* pool)
-    : id_(std::move(id)),
+ModelEntry::ModelEntry(std::shared_ptr<TenantUsage> tenant, std::string id, v1::ModelSpec spec,
+                       std::unique_ptr<Model> model, std::unique_ptr<ModelMetrics> metrics,
+                       const RegistryLimits& limits, ComputePool* pool)
+    : tenant_(std::move(tenant)),
+      id_(std::move(id)),
+      name_(DisplayName(tenant_->tenant, id_)),
       limits_(limits),
       pool_(pool),
       spec_(std::move(spec)),
@@ -98,9 +100,7 @@ ModelEntry::~ModelEntry() {
   malloc_trim(0);
 }
 
-Status ModelEntry::Schedule(const std::shared_ptr<ModelEntry>& self, Want want,
-                            std::function<void(Access)> task) {
-  std::lock_guard<std::mutex> lock(sched_mu_);
+Status ModelEntry::CheckQueueLimitsLocked() const {
   const int in_flight =
       static_cast<int>(queue_.size()) + running_shared_ + (running_exclusive_ ? 1 : 0);
   if (in_flight >= limits_.max_queued_per_model) {
@@ -108,6 +108,21 @@ Status ModelEntry::Schedule(const std::shared_ptr<ModelEntry>& self, Want want,
                              " requests queued or running (the limit is ",
                              limits_.max_queued_per_model, "); retry later");
   }
+  const int tenant_in_flight = tenant_->in_flight.load(std::memory_order_relaxed);
+  if (tenant_in_flight >= limits_.tenant_max_queued) {
+    return ResourceExhausted("tenant '", tenant_->tenant, "' already has ", tenant_in_flight,
+                             " requests queued or running on its models (its quota, "
+                             "--tenant-max-queued, is ", limits_.tenant_max_queued,
+                             "); retry later");
+  }
+  return Status::Ok();
+}
+
+Status ModelEntry::Schedule(const std::shared_ptr<ModelEntry>& self, Want want,
+                            std::function<void(Access)> task) {
+  std::lock_guard<std::mutex> lock(sched_mu_);
+  NORMD_RETURN_IF_ERROR(CheckQueueLimitsLocked());
+  tenant_->in_flight.fetch_add(1, std::memory_order_relaxed);
   queue_.push_back(Queued{want, std::move(task)});
   DispatchLocked(self);
   return Status::Ok();
@@ -118,11 +133,11 @@ bool ModelEntry::TryRunInline(const std::shared_ptr<ModelEntry>& self, Want want
   Access access;
   {
     std::lock_guard<std::mutex> lock(sched_mu_);
-    const int in_flight = running_shared_ + (running_exclusive_ ? 1 : 0);
-    // Anything queued runs first (FIFO); at the limit, Schedule answers RESOURCE_EXHAUSTED.
-    if (!queue_.empty() || in_flight >= limits_.max_queued_per_model) return false;
+    // Anything queued runs first (FIFO); at a limit, Schedule answers RESOURCE_EXHAUSTED.
+    if (!queue_.empty() || !CheckQueueLimitsLocked().ok()) return false;
     access = AccessFor(want);
     if (!StartLocked(access)) return false;
+    tenant_->in_flight.fetch_add(1, std::memory_order_relaxed);
   }
   task(access);
   Done(self, access);
@@ -152,6 +167,7 @@ void ModelEntry::ReleaseLocked(Access access) {
   } else {
     --running_shared_;
   }
+  tenant_->in_flight.fetch_sub(1, std::memory_order_relaxed);
 }
 
 void ModelEntry::DispatchLocked(const std::shared_ptr<ModelEntry>& self) {
@@ -161,7 +177,7 @@ void ModelEntry::DispatchLocked(const std::shared_ptr<ModelEntry>& self) {
     // Strict FIFO: a waiting exclusive task holds back the shared ones behind it, so a writer
     // is never starved by a stream of readers.
     if (!StartLocked(access)) return;
-    pool_->Submit([self, granted = access, task = std::move(front.task)]() mutable {
+    pool_->Submit(tenant_->tenant, [self, granted = access, task = std::move(front.task)]() mutable {
       for (;;) {
         task(granted);
         if (!self->DoneAndTakeNext(self, &granted, &task)) return;
@@ -246,6 +262,7 @@ void ModelEntry::PublishForward(const ForwardRecord& rec) {
 void ModelEntry::ToWire(v1::Model* out) const {
   std::lock_guard<std::mutex> lock(summary_mu_);
   ModelToWire(id_, summary_spec_, summary_, out);
+  out->set_tenant(tenant_->tenant);
 }
 
 void ModelEntry::ExpireLocked() {
@@ -374,46 +391,83 @@ Sequential::Limits Registry::ModelLimits() const {
   return l;
 }
 
-std::string Registry::PickId() {
+std::string Registry::PickId(const std::string& tenant) {
   for (;;) {
     char buf[32];
     std::snprintf(buf, sizeof(buf), "m-%012llx",
                   static_cast<unsigned long long>(SplitMix(&id_state_) & 0xffffffffffffULL));
-    if (models_.count(buf) == 0 && creating_.count(buf) == 0) return buf;
+    const Key key(tenant, buf);
+    if (models_.count(key) == 0 && creating_.count(key) == 0) return buf;
   }
 }
 
-std::shared_ptr<ModelEntry> Registry::MakeEntry(const std::string& id, const v1::ModelSpec& spec,
-                                                std::unique_ptr<Model> model) {
-  std::unique_ptr<ModelMetrics> mm =
-      metrics_ != nullptr ? metrics_->AddModel(id, model->net()) : nullptr;
-  return std::make_shared<ModelEntry>(id, spec, std::move(model), std::move(mm), limits_, pool_);
+std::shared_ptr<TenantUsage> Registry::UsageLocked(const std::string& tenant) {
+  std::shared_ptr<TenantUsage>& u = tenants_[tenant];
+  if (u == nullptr) {
+    u = std::make_shared<TenantUsage>(tenant);
+    if (metrics_ != nullptr) u->metrics = metrics_->Tenant(tenant);
+  }
+  return u;
 }
 
-Status Registry::Create(const std::string& requested_id, const v1::ModelSpec& spec,
-                        std::shared_ptr<ModelEntry>* out,
+void Registry::UnreserveLocked(const Key& key, TenantUsage& usage, int64_t parameters) {
+  creating_.erase(key);
+  --usage.models;
+  usage.parameters -= parameters;
+}
+
+std::shared_ptr<ModelEntry> Registry::MakeEntry(std::shared_ptr<TenantUsage> tenant,
+                                                const std::string& id, const v1::ModelSpec& spec,
+                                                std::unique_ptr<Model> model) {
+  std::unique_ptr<ModelMetrics> mm =
+      metrics_ != nullptr ? metrics_->AddModel(tenant->tenant, id, tenant->metrics, model->net())
+                          : nullptr;
+  return std::make_shared<ModelEntry>(std::move(tenant), id, spec, std::move(model),
+                                      std::move(mm), limits_, pool_);
+}
+
+Status Registry::Create(const Principal& who, const std::string& requested_name,
+                        const v1::ModelSpec& spec, std::shared_ptr<ModelEntry>* out,
                         const std::function<Status(Model&)>& prepare) {
-  if (!requested_id.empty()) NORMD_RETURN_IF_ERROR(ValidateModelId(requested_id, "id"));
+  // "TENANT/ID" creates in TENANT's namespace (admins, or the caller's own tenant); "TENANT/"
+  // alone lets the server pick the id there; a plain id is the caller's tenant's.
+  ModelName name;
+  if (Status s = ResolveModelName(who, requested_name, &name); !s.ok()) {
+    if (s.code() != StatusCode::kNotFound) return s;
+    return PermissionDenied("tenant '", who.tenant, "' may create models only in its own "
+                            "namespace (a plain id, or '", who.tenant, "/<id>')");
+  }
+  if (!name.id.empty()) NORMD_RETURN_IF_ERROR(ValidateModelId(name.id, "id"));
   ModelConfig config;
   NORMD_RETURN_IF_ERROR(SpecToConfig(spec, &config));
 
-  std::string id = requested_id;
+  std::shared_ptr<TenantUsage> usage;
+  Key key(name.tenant, name.id);
   {
     std::unique_lock<std::shared_mutex> lock(mu_);
-    if (!id.empty() && (models_.count(id) != 0 || creating_.count(id) != 0)) {
-      return Status(StatusCode::kAlreadyExists, StrCat("model '", id, "' already exists"));
+    if (!name.id.empty() && (models_.count(key) != 0 || creating_.count(key) != 0)) {
+      return Status(StatusCode::kAlreadyExists,
+                    StrCat("model '", requested_name, "' already exists"));
     }
     const size_t held = models_.size() + creating_.size();
     if (held >= static_cast<size_t>(limits_.max_models)) {
       return ResourceExhausted("the server holds ", held, " models, the limit (--max-models); "
                                "delete a model first");
     }
-    if (id.empty()) id = PickId();
-    creating_.insert(id);
+    usage = UsageLocked(name.tenant);
+    if (usage->models >= limits_.tenant_max_models) {
+      return ResourceExhausted("tenant '", name.tenant, "' holds ", usage->models,
+                               " models, its quota (--tenant-max-models ",
+                               limits_.tenant_max_models, "); delete one of its models first");
+    }
+    if (name.id.empty()) key.second = name.id = PickId(name.tenant);
+    creating_.insert(key);
+    ++usage->models;
   }
+  int64_t reserved_parameters = 0;
   auto unreserve = [&] {
     std::unique_lock<std::shared_mutex> lock(mu_);
-    creating_.erase(id);
+    UnreserveLocked(key, *usage, reserved_parameters);
   };
 
   std::unique_ptr<Model> model;
@@ -422,6 +476,20 @@ Status Registry::Create(const std::string& requested_id, const v1::ModelSpec& sp
     unreserve();
     return s.WithPrefix("spec");
   }
+  {
+    const int64_t parameters = model->net().parameter_count();
+    std::unique_lock<std::shared_mutex> lock(mu_);
+    if (parameters > limits_.tenant_max_parameters - usage->parameters) {
+      s = ResourceExhausted("model '", requested_name, "' has ", parameters, " parameters; tenant '",
+                            name.tenant, "' holds ", usage->parameters,
+                            " in its models and its quota is ", limits_.tenant_max_parameters,
+                            " (--tenant-max-parameters)");
+      UnreserveLocked(key, *usage, 0);
+      return s;
+    }
+    usage->parameters += parameters;
+    reserved_parameters = parameters;
+  }
   if (prepare) {
     s = prepare(*model);
     if (!s.ok()) {
@@ -429,7 +497,7 @@ Status Registry::Create(const std::string& requested_id, const v1::ModelSpec& sp
       return s;
     }
   }
-  std::shared_ptr<ModelEntry> entry = MakeEntry(id, spec, std::move(model));
+  std::shared_ptr<ModelEntry> entry = MakeEntry(usage, name.id, spec, std::move(model));
   if (persistence_ != nullptr) {
     std::unique_lock<std::shared_mutex> entry_lock(entry->mu());
     s = persistence_->OnCreate(*entry);
@@ -442,8 +510,8 @@ Status Registry::Create(const std::string& requested_id, const v1::ModelSpec& sp
   int count;
   {
     std::unique_lock<std::shared_mutex> lock(mu_);
-    creating_.erase(id);
-    models_[id] = entry;
+    creating_.erase(key);
+    models_[key] = entry;
     count = static_cast<int>(models_.size());
   }
   if (metrics_ != nullptr) metrics_->SetModelCount(count);
@@ -451,37 +519,46 @@ Status Registry::Create(const std::string& requested_id, const v1::ModelSpec& sp
   return Status::Ok();
 }
 
-Status Registry::Restore(const std::string& id, const v1::ModelSpec& spec,
-                         std::unique_ptr<Model> model) {
+Status Registry::Restore(const std::string& tenant, const std::string& id,
+                         const v1::ModelSpec& spec, std::unique_ptr<Model> model) {
+  NORMD_RETURN_IF_ERROR(ValidateTenantName(tenant, "tenant"));
   NORMD_RETURN_IF_ERROR(ValidateModelId(id, "id"));
+  const std::string name = DisplayName(tenant, id);
   int count;
   {
     std::unique_lock<std::shared_mutex> lock(mu_);
-    if (models_.count(id) != 0 || creating_.count(id) != 0) {
-      return Status(StatusCode::kAlreadyExists, StrCat("model '", id, "' already exists"));
+    const Key key(tenant, id);
+    if (models_.count(key) != 0 || creating_.count(key) != 0) {
+      return Status(StatusCode::kAlreadyExists, StrCat("model '", name, "' already exists"));
     }
     if (models_.size() + creating_.size() >= static_cast<size_t>(limits_.max_models)) {
-      return ResourceExhausted("cannot restore model '", id, "': the server already holds ",
+      return ResourceExhausted("cannot restore model '", name, "': the server already holds ",
                                models_.size(), " models (--max-models)");
     }
-    models_[id] = MakeEntry(id, spec, std::move(model));
+    std::shared_ptr<TenantUsage> usage = UsageLocked(tenant);
+    ++usage->models;
+    usage->parameters += model->net().parameter_count();
+    models_[key] = MakeEntry(std::move(usage), id, spec, std::move(model));
     count = static_cast<int>(models_.size());
   }
   if (metrics_ != nullptr) metrics_->SetModelCount(count);
   return Status::Ok();
 }
 
-Status Registry::Find(const std::string& id, std::shared_ptr<ModelEntry>* out) const {
+Status Registry::Find(const Principal& who, const std::string& name,
+                      std::shared_ptr<ModelEntry>* out) const {
+  ModelName resolved;
+  NORMD_RETURN_IF_ERROR(ResolveModelName(who, name, &resolved));
   {
     std::shared_lock<std::shared_mutex> lock(mu_);
-    auto it = models_.find(id);
+    auto it = models_.find(Key(resolved.tenant, resolved.id));
     if (it != models_.end()) {
       *out = it->second;
       return Status::Ok();
     }
   }
-  NORMD_RETURN_IF_ERROR(ValidateModelId(id, "model"));
-  return NotFound("model '", id, "' not found");
+  NORMD_RETURN_IF_ERROR(ValidateModelId(resolved.id, "model"));
+  return NotFound("model '", name, "' not found");
 }
 
 Status Registry::Remove(ModelEntry& entry) {
@@ -492,7 +569,10 @@ Status Registry::Remove(ModelEntry& entry) {
   int count;
   {
     std::unique_lock<std::shared_mutex> lock(mu_);
-    models_.erase(entry.id());
+    models_.erase(Key(entry.tenant(), entry.id()));
+    TenantUsage& usage = entry.usage();
+    --usage.models;
+    usage.parameters -= entry.model().net().parameter_count();
     count = static_cast<int>(models_.size());
   }
   if (metrics_ != nullptr) metrics_->SetModelCount(count);
@@ -503,7 +583,18 @@ std::vector<std::shared_ptr<ModelEntry>> Registry::List() const {
   std::shared_lock<std::shared_mutex> lock(mu_);
   std::vector<std::shared_ptr<ModelEntry>> out;
   out.reserve(models_.size());
-  for (const auto& [id, e] : models_) out.push_back(e);
+  for (const auto& [key, e] : models_) out.push_back(e);
+  return out;
+}
+
+std::vector<std::shared_ptr<ModelEntry>> Registry::List(const Principal& who) const {
+  if (who.admin) return List();
+  std::shared_lock<std::shared_mutex> lock(mu_);
+  std::vector<std::shared_ptr<ModelEntry>> out;
+  for (auto it = models_.lower_bound(Key(who.tenant, "")); it != models_.end(); ++it) {
+    if (it->first.first != who.tenant) break;
+    out.push_back(it->second);
+  }
   return out;
 }
 

@@ -1,4 +1,4 @@
-// Registry: the models a server holds, by id, and ModelEntry: one model with everything the
+// Registry: the models a server holds, by tenant and id (server/tenant.h), and ModelEntry: one model with everything the
 // service keeps beside it (its wire spec, a per-model work queue, retained forwards, metrics and
 // a summary readable without waiting for the model).
 //
@@ -14,6 +14,11 @@
 // and pool threads never block on it; requests to different models run in parallel, eval-mode
 // forwards of one model run together.
 // GetModel and ListModels read a summary published after each change and never wait at all.
+//
+// Tenants. Each model belongs to a tenant; the registry keys models by (tenant, id) and
+// enforces each tenant's quotas (RegistryLimits::tenant_*): models held, parameters of all its
+// models together, and requests queued or running on its models. Work is handed to the
+// ComputePool as the model's tenant's, which serves tenants round-robin.
 #ifndef NORMD_SERVER_REGISTRY_H_
 #define NORMD_SERVER_REGISTRY_H_
 
@@ -38,6 +43,7 @@
 #include "server/convert.h"
 #include "server/metrics.h"
 #include "server/persistence.h"
+#include "server/tenant.h"
 
 namespace normd::server {
 
@@ -54,6 +60,22 @@ struct RegistryLimits {
   // statistics come from fewer values per channel than this earns a SmallBatchWarning in the
   // response and a count in normd_bn_small_batch_total. 0: never.
   int64_t small_batch_threshold = 16;
+  // Per-tenant quotas: models held, parameters of all the tenant's models together, requests
+  // queued or running on the tenant's models together.
+  int tenant_max_models = 64;
+  int64_t tenant_max_parameters = int64_t{16} << 26;
+  int tenant_max_queued = 64 * 64;
+};
+
+// One tenant's holdings and requests in flight, for its quotas and its series. Shared by the
+// registry and the tenant's entries.
+struct TenantUsage {
+  explicit TenantUsage(std::string name) : tenant(std::move(name)) {}
+  const std::string tenant;
+  int models = 0;          // held or being created; GUARDED_BY(Registry::mu_)
+  int64_t parameters = 0;  // of those models; GUARDED_BY(Registry::mu_)
+  std::atomic<int> in_flight{0};  // requests queued or running on its models
+  TenantMetrics* metrics = nullptr;  // owned by Metrics; null without metrics
 };
 
 // INVALID_ARGUMENT unless `id` is a valid model id (see above). `field` names it in messages.
@@ -65,16 +87,21 @@ class ModelEntry {
   // A forward's access depends on the model's mode when it reaches the front of the queue.
   enum class Want { kShared, kExclusive, kByMode };
 
-  ModelEntry(std::string id, v1::ModelSpec spec, std::unique_ptr<Model> model,
-             std::unique_ptr<ModelMetrics> metrics, const RegistryLimits& limits,
-             ComputePool* pool);
+  ModelEntry(std::shared_ptr<TenantUsage> tenant, std::string id, v1::ModelSpec spec,
+             std::unique_ptr<Model> model, std::unique_ptr<ModelMetrics> metrics,
+             const RegistryLimits& limits, ComputePool* pool);
   // Frees the model and hands the freed heap back to the OS (malloc_trim): a deleted model's
   // parameters and batch buffers are megabytes that glibc would otherwise keep.
   ~ModelEntry();
   ModelEntry(const ModelEntry&) = delete;
   ModelEntry& operator=(const ModelEntry&) = delete;
 
+  // The id within the tenant's namespace.
   const std::string& id() const { return id_; }
+  const std::string& tenant() const { return tenant_->tenant; }
+  // For logs and admins: DisplayName(tenant, id) ("mlp", or "b/mlp" outside the default tenant).
+  const std::string& name() const { return name_; }
+  TenantUsage& usage() { return *tenant_; }
 
   // --- Guarded by mu() ---------------------------------------------------------------------
   std::shared_mutex& mu() { return mu_; }
@@ -104,7 +131,8 @@ class ModelEntry {
   // --- Scheduling ----------------------------------------------------------------------------
   // Queues `task` behind this model's earlier work; it runs on the pool once `want` is free
   // and receives the access it was granted (the caller of `task` then takes mu() that way).
-  // RESOURCE_EXHAUSTED, queuing nothing, when max_queued_per_model requests are waiting.
+  // RESOURCE_EXHAUSTED, queuing nothing, when max_queued_per_model requests are waiting on the
+  // model or tenant_max_queued on the tenant's models.
   // `self` keeps the entry alive until the task has run. REQUIRES: self.get() == this.
   Status Schedule(const std::shared_ptr<ModelEntry>& self, Want want,
                   std::function<void(Access)> task);
@@ -159,6 +187,9 @@ class ModelEntry {
   // exclusive access no shared one either); false, changing nothing, otherwise.
   // REQUIRES: sched_mu_
   bool StartLocked(Access access);
+  // RESOURCE_EXHAUSTED when the model or its tenant holds as many requests as allowed.
+  // REQUIRES: sched_mu_
+  Status CheckQueueLimitsLocked() const;
   // Marks a task with `access` finished. REQUIRES: sched_mu_
   void ReleaseLocked(Access access);
   void Done(const std::shared_ptr<ModelEntry>& self, Access access);
@@ -168,7 +199,9 @@ class ModelEntry {
                        std::function<void(Access)>* task);
   void ExpireLocked();  // REQUIRES: retained_mu_
 
+  const std::shared_ptr<TenantUsage> tenant_;
   const std::string id_;
+  const std::string name_;
   const RegistryLimits limits_;
   ComputePool* const pool_;
   int64_t max_sample_elements_ = 0;
@@ -209,36 +242,50 @@ class Registry {
   Persistence* persistence() const { return persistence_; }
   const RegistryLimits& limits() const { return limits_; }
 
-  // Validates the id and the spec, builds the model (in train mode), calls
-  // Persistence::OnCreate and makes it visible. INVALID_ARGUMENT (bad id or spec),
-  // ALREADY_EXISTS, RESOURCE_EXHAUSTED (model limit, parameter or size limits).
+  // Validates the name (plain or "TENANT/ID", see server/tenant.h) and the spec, builds the
+  // model (in train mode), calls Persistence::OnCreate and makes it visible in the tenant's
+  // namespace. INVALID_ARGUMENT (bad name or spec), PERMISSION_DENIED (a non-admin naming
+  // another tenant), ALREADY_EXISTS, RESOURCE_EXHAUSTED (server or tenant model limit, tenant
+  // parameter quota, parameter or size limits).
   // `prepare`, when given, runs on the built model before anything else sees it (persistence
   // included), e.g. to load a FoldBatchNorm copy's state; its error aborts the create.
-  Status Create(const std::string& requested_id, const v1::ModelSpec& spec,
+  Status Create(const Principal& who, const std::string& requested_name,
+                const v1::ModelSpec& spec,
                 std::shared_ptr<ModelEntry>* out,
                 const std::function<Status(Model&)>& prepare = nullptr);
 
-  // Adds a model rebuilt by the persistence layer at start-up (no OnCreate call).
-  Status Restore(const std::string& id, const v1::ModelSpec& spec, std::unique_ptr<Model> model);
+  // Adds a model rebuilt by the persistence layer at start-up (no OnCreate call, no tenant
+  // quota: a restart never loses a model a smaller quota would refuse now).
+  Status Restore(const std::string& tenant, const std::string& id, const v1::ModelSpec& spec,
+                 std::unique_ptr<Model> model);
 
-  // NOT_FOUND for an unknown id.
-  Status Find(const std::string& id, std::shared_ptr<ModelEntry>* out) const;
+  // The model `name` names for `who` (server/tenant.h). NOT_FOUND for an unknown model, and
+  // for another tenant's model named by a non-admin.
+  Status Find(const Principal& who, const std::string& name,
+              std::shared_ptr<ModelEntry>* out) const;
 
   // Removes a model: Persistence::OnDelete, then out of the map and its metrics gone.
   // REQUIRES: the caller holds entry.mu() exclusively.
   Status Remove(ModelEntry& entry);
 
-  // Every model, sorted by id.
+  // Every model, sorted by tenant and id.
   std::vector<std::shared_ptr<ModelEntry>> List() const;
+  // The models `who` may see: its tenant's, or every model for an admin.
+  std::vector<std::shared_ptr<ModelEntry>> List(const Principal& who) const;
   int size() const;
 
   // The core's limits for building a model.
   Sequential::Limits ModelLimits() const;
 
  private:
-  std::shared_ptr<ModelEntry> MakeEntry(const std::string& id, const v1::ModelSpec& spec,
-                                        std::unique_ptr<Model> model);
-  std::string PickId();  // REQUIRES: mu_ held
+  using Key = std::pair<std::string, std::string>;  // (tenant, id)
+  std::shared_ptr<ModelEntry> MakeEntry(std::shared_ptr<TenantUsage> tenant, const std::string& id,
+                                        const v1::ModelSpec& spec, std::unique_ptr<Model> model);
+  std::string PickId(const std::string& tenant);  // REQUIRES: mu_ held
+  // The tenant's usage record, created on first use. REQUIRES: mu_ held exclusively
+  std::shared_ptr<TenantUsage> UsageLocked(const std::string& tenant);
+  // Gives back what a create reserved (one model, `parameters`). REQUIRES: mu_ held exclusively
+  void UnreserveLocked(const Key& key, TenantUsage& usage, int64_t parameters);
 
   const RegistryLimits limits_;
   Metrics* const metrics_;
@@ -246,8 +293,9 @@ class Registry {
   Persistence* persistence_ = nullptr;
 
   mutable std::shared_mutex mu_;
-  std::map<std::string, std::shared_ptr<ModelEntry>> models_;  // GUARDED_BY(mu_)
-  std::set<std::string> creating_;  // ids reserved by creates in progress, GUARDED_BY(mu_)
+  std::map<Key, std::shared_ptr<ModelEntry>> models_;  // GUARDED_BY(mu_)
+  std::set<Key> creating_;  // names reserved by creates in progress, GUARDED_BY(mu_)
+  std::map<std::string, std::shared_ptr<TenantUsage>> tenants_;  // GUARDED_BY(mu_)
   uint64_t id_state_;               // GUARDED_BY(mu_)
 };
 

@@ -1,6 +1,7 @@
 #include "server/security.h"
 
 #include <google/protobuf/descriptor.h>
+#include <grpc/grpc_security_constants.h>
 #include <openssl/bio.h>
 #include <openssl/evp.h>
 #include <openssl/pem.h>
@@ -12,6 +13,8 @@
 #include <cerrno>
 #include <cstring>
 #include <fstream>
+#include <functional>
+#include <set>
 #include <sstream>
 #include <unordered_map>
 
@@ -110,7 +113,7 @@ bool StartsWithNoCase(std::string_view s, std::string_view prefix) {
 class UndecodableRequestInterceptor : public grpc::experimental::Interceptor {
  public:
   UndecodableRequestInterceptor(grpc::experimental::ServerRpcInfo* info,
-                                const std::string* request_type, const TokenAuthenticator* auth)
+                                const std::string* request_type, const Authenticator* auth)
       : info_(info), request_type_(request_type), auth_(auth) {}
 
   void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
@@ -119,8 +122,9 @@ class UndecodableRequestInterceptor : public grpc::experimental::Interceptor {
       const grpc::Status status = methods->GetSendStatus();
       if (status.error_code() == grpc::StatusCode::UNIMPLEMENTED &&
           status.error_message().empty()) {
+        Principal unused;
         grpc::Status refused = auth_ != nullptr
-                                   ? auth_->Check(info_->server_context()->client_metadata())
+                                   ? auth_->Identify(*info_->server_context(), &unused)
                                    : grpc::Status::OK;
         methods->ModifySendStatus(
             !refused.ok() ? refused
@@ -136,13 +140,13 @@ class UndecodableRequestInterceptor : public grpc::experimental::Interceptor {
  private:
   grpc::experimental::ServerRpcInfo* const info_;
   const std::string* const request_type_;  // owned by the factory
-  const TokenAuthenticator* const auth_;
+  const Authenticator* const auth_;
 };
 
 class UndecodableRequestInterceptorFactory
     : public grpc::experimental::ServerInterceptorFactoryInterface {
  public:
-  explicit UndecodableRequestInterceptorFactory(const TokenAuthenticator* auth) : auth_(auth) {
+  explicit UndecodableRequestInterceptorFactory(const Authenticator* auth) : auth_(auth) {
     const google::protobuf::ServiceDescriptor* service =
         google::protobuf::DescriptorPool::generated_pool()->FindServiceByName(kTrainerService);
     assert(service != nullptr && "normd.v1.Trainer is linked into normd_server");
@@ -162,7 +166,7 @@ class UndecodableRequestInterceptorFactory
   }
 
  private:
-  const TokenAuthenticator* const auth_;
+  const Authenticator* const auth_;
   std::unordered_map<std::string, std::string> request_types_;  // method path -> request type
 };
 
@@ -187,11 +191,12 @@ Status ValidateSecurityFlags(const SecurityFlags& f) {
       return InvalidArgument("--tls-client-ca '", f.tls_client_ca, "' holds no PEM certificate");
     }
   }
-  if (!f.auth_token_file.empty()) {
-    std::unique_ptr<TokenAuthenticator> unused;
-    NORMD_RETURN_IF_ERROR(LoadTokenAuthenticator(f, &unused));
+  if (!f.tls_client_tenants.empty() && f.tls_client_ca.empty()) {
+    return InvalidArgument("--tls-client-tenants needs --tls-client-ca (mutual TLS): tenants are "
+                           "read from verified client certificates");
   }
-  return Status::Ok();
+  std::unique_ptr<Authenticator> unused;
+  return LoadAuthenticator(f, &unused);
 }
 
 std::string DescribeSecurity(const SecurityFlags& f) {
@@ -205,76 +210,171 @@ std::string DescribeSecurity(const SecurityFlags& f) {
      << (f.tls_client_ca.empty() ? std::string("off")
                                  : "on (client certificates required, CA " + f.tls_client_ca + ")")
      << "\n";
+  // The files as the server would load them; "?" where they do not load (ValidateSecurity
+  // says why).
+  std::unique_ptr<Authenticator> auth;
+  const bool loaded = LoadAuthenticator(f, &auth).ok();
   if (f.auth_token_file.empty()) {
     os << "auth=off\n";
   } else {
-    std::unique_ptr<TokenAuthenticator> auth;
-    const Status s = LoadTokenAuthenticator(f, &auth);
     os << "auth=bearer token_file=" << f.auth_token_file << " tokens="
-       << (s.ok() ? std::to_string(auth->size()) : "?") << "\n";
+       << (loaded ? std::to_string(auth->token_count()) : "?") << "\n";
   }
+  const std::set<std::string> tenants = loaded && auth != nullptr ? auth->tenants()
+                                                                  : std::set<std::string>();
+  os << "tenants=";
+  if (!loaded) {
+    os << "?";
+  } else if (tenants.empty()) {
+    os << kDefaultTenant << " (every call)";
+  } else {
+    std::string sep;
+    for (const std::string& t : tenants) {
+      os << sep << t;
+      sep = ",";
+    }
+  }
+  os << "\n";
+  os << "client_tenants="
+     << (f.tls_client_tenants.empty()
+             ? std::string("off")
+             : f.tls_client_tenants + " mappings=" +
+                   (loaded ? std::to_string(auth->certificate_count()) : "?"))
+     << "\n";
   os << "reflection=" << (f.auth_token_file.empty() ? "on" : "off (auth is on)") << "\n";
   return os.str();
 }
 
-Status ParseTokenFile(std::string_view text, std::vector<std::string>* tokens) {
-  tokens->clear();
+namespace {
+
+// Splits a line into fields separated by spaces or tabs.
+std::vector<std::string_view> Fields(std::string_view line) {
+  std::vector<std::string_view> out;
+  size_t i = 0;
+  while (i < line.size()) {
+    while (i < line.size() && IsSpace(line[i])) ++i;
+    size_t j = i;
+    while (j < line.size() && !IsSpace(line[j])) ++j;
+    if (j > i) out.push_back(line.substr(i, j - i));
+    i = j;
+  }
+  return out;
+}
+
+// Calls `each(line_number, fields)` for every non-empty line of `text` that is not a comment
+// (a '#' first) when `comments`; stops at the first error.
+Status ForEachLine(std::string_view text, bool comments,
+                   const std::function<Status(int, std::string_view)>& each) {
   int line_number = 0;
   while (!text.empty()) {
     const size_t end = text.find('\n');
     std::string_view line = Trim(text.substr(0, end));
     text.remove_prefix(end == std::string_view::npos ? text.size() : end + 1);
     ++line_number;
-    if (line.empty()) continue;
-    if (line.size() > kMaxTokenBytes) {
-      return InvalidArgument("line ", line_number, " holds a token of ", line.size(),
-                             " bytes; at most ", kMaxTokenBytes, " are accepted");
-    }
-    for (char c : line) {
-      if (c < 0x20 || c > 0x7e) {
-        return InvalidArgument("line ", line_number, " holds a character that gRPC metadata "
-                               "cannot carry (tokens are printable ASCII)");
-      }
-    }
-    tokens->emplace_back(line);
+    if (line.empty() || (comments && line.front() == '#')) continue;
+    NORMD_RETURN_IF_ERROR(each(line_number, line));
   }
-  if (tokens->empty()) return InvalidArgument("it holds no token (one token per line)");
   return Status::Ok();
 }
 
-TokenAuthenticator::TokenAuthenticator(const std::vector<std::string>& tokens) {
-  assert(!tokens.empty());
-  for (const std::string& t : tokens) {
-    assert(!t.empty() && t.size() <= kMaxTokenBytes);
+// The TENANT [admin] fields of a token or certificate line; `first` indexes TENANT.
+Status ParsePrincipal(const std::vector<std::string_view>& fields, size_t first, int line_number,
+                      Principal* who) {
+  if (fields.size() > first + 2) {
+    return InvalidArgument("line ", line_number, " has ", fields.size(), " fields; expected at most ",
+                           first + 2, " (", first == 1 ? "TOKEN" : "IDENTITY",
+                           " [TENANT [admin]])");
+  }
+  if (fields.size() <= first) return Status::Ok();  // the default tenant, admin
+  NORMD_RETURN_IF_ERROR(
+      ValidateTenantName(fields[first], StrCat("the tenant on line ", line_number)));
+  who->tenant = std::string(fields[first]);
+  who->admin = false;
+  if (fields.size() == first + 2) {
+    if (fields[first + 1] != "admin") {
+      return InvalidArgument("line ", line_number, ": the field after the tenant must be "
+                             "'admin' or nothing, got '", fields[first + 1], "'");
+    }
+    who->admin = true;
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status ParseTokenFile(std::string_view text, std::vector<TokenGrant>* grants) {
+  grants->clear();
+  Status s = ForEachLine(text, /*comments=*/false, [&](int n, std::string_view line) {
+    for (char c : line) {
+      if (c < 0x20 || c > 0x7e) {
+        if (c == '\t') continue;
+        return InvalidArgument("line ", n, " holds a character that gRPC metadata "
+                               "cannot carry (tokens are printable ASCII)");
+      }
+    }
+    const std::vector<std::string_view> fields = Fields(line);
+    TokenGrant g;
+    if (fields[0].size() > kMaxTokenBytes) {
+      return InvalidArgument("line ", n, " holds a token of ", fields[0].size(),
+                             " bytes; at most ", kMaxTokenBytes, " are accepted");
+    }
+    g.token = std::string(fields[0]);
+    NORMD_RETURN_IF_ERROR(ParsePrincipal(fields, 1, n, &g.principal));
+    for (size_t i = 0; i < grants->size(); ++i) {
+      if ((*grants)[i].token == g.token) {
+        return InvalidArgument("line ", n, " repeats the token of an earlier line (each token "
+                               "names one tenant)");
+      }
+    }
+    grants->push_back(std::move(g));
+    return Status::Ok();
+  });
+  if (!s.ok()) return s;
+  if (grants->empty()) return InvalidArgument("it holds no token (one token per line)");
+  return Status::Ok();
+}
+
+TokenAuthenticator::TokenAuthenticator(const std::vector<TokenGrant>& grants) {
+  assert(!grants.empty());
+  for (const TokenGrant& g : grants) {
+    assert(!g.token.empty() && g.token.size() <= kMaxTokenBytes);
     Padded p;
-    std::memcpy(p.bytes.data(), t.data(), t.size());
-    p.length = t.size();
+    std::memcpy(p.bytes.data(), g.token.data(), g.token.size());
+    p.length = g.token.size();
     tokens_.push_back(p);
+    principals_.push_back(g.principal);
   }
 }
 
-bool TokenAuthenticator::Accepts(std::string_view token) const {
+int TokenAuthenticator::Match(std::string_view token) const {
   // Only the presented token's own length (which its sender knows) decides this early exit.
-  if (token.empty() || token.size() > kMaxTokenBytes) return false;
+  if (token.empty() || token.size() > kMaxTokenBytes) return -1;
   Padded presented;
   std::memcpy(presented.bytes.data(), token.data(), token.size());
   presented.length = token.size();
-  unsigned match = 0;
-  for (const Padded& accepted : tokens_) {
+  size_t found = 0;  // index + 1 of the matching token; tokens are distinct, so at most one
+  for (size_t t = 0; t < tokens_.size(); ++t) {
+    const Padded& accepted = tokens_[t];
     // Every byte of the padded buffers is compared: the loop's length is fixed, no branch
     // depends on the secret, and the lengths are compared the same way.
     size_t diff = accepted.length ^ presented.length;
     for (size_t i = 0; i < kMaxTokenBytes; ++i) diff |= accepted.bytes[i] ^ presented.bytes[i];
-    // 1 when diff == 0, without a data-dependent branch.
-    match |= static_cast<unsigned>(1 & ((diff - 1) >> (sizeof(diff) * 8 - 1)));
+    // All ones when diff == 0, zero otherwise, without a data-dependent branch.
+    const size_t equal = 0 - (1 & ((diff - 1) >> (sizeof(diff) * 8 - 1)));
+    found |= (t + 1) & equal;
   }
   // The volatile read keeps the compiler from turning the accumulation into an early exit.
-  volatile unsigned result = match;
-  return result == 1;
+  volatile size_t result = found;
+  return static_cast<int>(result) - 1;
+}
+
+bool TokenAuthenticator::Presented(
+    const std::multimap<grpc::string_ref, grpc::string_ref>& metadata) {
+  return metadata.find("authorization") != metadata.end();
 }
 
 grpc::Status TokenAuthenticator::Check(
-    const std::multimap<grpc::string_ref, grpc::string_ref>& metadata) const {
+    const std::multimap<grpc::string_ref, grpc::string_ref>& metadata, Principal* who) const {
   auto range = metadata.equal_range("authorization");
   if (range.first == range.second) {
     return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
@@ -285,17 +385,134 @@ grpc::Status TokenAuthenticator::Check(
   const std::string_view value(range.first->second.data(), range.first->second.size());
   constexpr std::string_view kScheme = "bearer ";
   if (!StartsWithNoCase(value, kScheme)) return invalid;
-  return Accepts(Trim(value.substr(kScheme.size()))) ? grpc::Status::OK : invalid;
+  const int index = Match(Trim(value.substr(kScheme.size())));
+  if (index < 0) return invalid;
+  *who = principals_[index];
+  return grpc::Status::OK;
 }
 
-Status LoadTokenAuthenticator(const SecurityFlags& f,
-                              std::unique_ptr<TokenAuthenticator>* authenticator) {
-  std::string text;
-  NORMD_RETURN_IF_ERROR(ReadFile(f.auth_token_file, "--auth-token-file", &text));
-  std::vector<std::string> tokens;
-  Status s = ParseTokenFile(text, &tokens);
-  if (!s.ok()) return s.WithPrefix(StrCat("--auth-token-file '", f.auth_token_file, "'"));
-  *authenticator = std::make_unique<TokenAuthenticator>(tokens);
+Status ParseClientTenantsFile(std::string_view text, std::vector<CertificateGrant>* grants) {
+  grants->clear();
+  Status s = ForEachLine(text, /*comments=*/true, [&](int n, std::string_view line) {
+    const std::vector<std::string_view> fields = Fields(line);
+    CertificateGrant g;
+    const std::string_view id = fields[0];
+    if (id.substr(0, 3) == "CN=") {
+      g.field = CertificateGrant::Field::kCommonName;
+      g.value = std::string(id.substr(3));
+    } else if (id.substr(0, 4) == "SAN=") {
+      g.field = CertificateGrant::Field::kSubjectAltName;
+      g.value = std::string(id.substr(4));
+    } else {
+      return InvalidArgument("line ", n, " must start with CN=<common name> or "
+                             "SAN=<subject alternative name>, got '", id, "'");
+    }
+    if (g.value.empty()) return InvalidArgument("line ", n, ": the identity after '=' is empty");
+    if (fields.size() < 2) {
+      return InvalidArgument("line ", n, " names no tenant (IDENTITY TENANT [admin])");
+    }
+    NORMD_RETURN_IF_ERROR(ParsePrincipal(fields, 1, n, &g.principal));
+    for (const CertificateGrant& other : *grants) {
+      if (other.field == g.field && other.value == g.value) {
+        return InvalidArgument("line ", n, " maps '", id, "' a second time");
+      }
+    }
+    grants->push_back(std::move(g));
+    return Status::Ok();
+  });
+  if (!s.ok()) return s;
+  if (grants->empty()) return InvalidArgument("it holds no mapping (CN=... TENANT [admin])");
+  return Status::Ok();
+}
+
+Authenticator::Authenticator(std::unique_ptr<TokenAuthenticator> tokens,
+                             std::vector<CertificateGrant> certificates)
+    : tokens_(std::move(tokens)), certificates_(std::move(certificates)) {}
+
+std::set<std::string> Authenticator::tenants() const {
+  std::set<std::string> out;
+  if (tokens_ != nullptr) {
+    for (const Principal& p : tokens_->principals()) out.insert(p.tenant);
+  }
+  for (const CertificateGrant& g : certificates_) out.insert(g.principal.tenant);
+  return out;
+}
+
+bool Authenticator::FromCertificate(const grpc::ServerContextBase& ctx, Principal* who,
+                                    std::string* seen) const {
+  std::shared_ptr<const grpc::AuthContext> auth = ctx.auth_context();
+  if (auth == nullptr || !auth->IsPeerAuthenticated()) return false;
+  const std::vector<grpc::string_ref> cns = auth->FindPropertyValues(GRPC_X509_CN_PROPERTY_NAME);
+  const std::vector<grpc::string_ref> sans =
+      auth->FindPropertyValues(GRPC_X509_SAN_PROPERTY_NAME);
+  for (const CertificateGrant& g : certificates_) {
+    const bool cn = g.field == CertificateGrant::Field::kCommonName;
+    for (const grpc::string_ref& v : cn ? cns : sans) {
+      if (std::string_view(v.data(), v.size()) == g.value) {
+        *who = g.principal;
+        *seen = StrCat(cn ? "CN=" : "SAN=", g.value);
+        return true;
+      }
+    }
+  }
+  if (!cns.empty()) *seen = StrCat("CN=", std::string(cns[0].data(), cns[0].size()));
+  return false;
+}
+
+grpc::Status Authenticator::Identify(const grpc::ServerContextBase& ctx, Principal* who) const {
+  Principal from_cert;
+  std::string cert_seen = "a certificate without a common name";
+  const bool mapped = certificates_on() && FromCertificate(ctx, &from_cert, &cert_seen);
+  if (tokens_ != nullptr && (!mapped || TokenAuthenticator::Presented(ctx.client_metadata()))) {
+    Principal from_token;
+    grpc::Status s = tokens_->Check(ctx.client_metadata(), &from_token);
+    if (!s.ok()) return s;
+    if (mapped && from_token.tenant != from_cert.tenant) {
+      return grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
+                          StrCat("the bearer token's tenant '", from_token.tenant,
+                                 "' differs from the client certificate's (", cert_seen,
+                                 ") tenant '", from_cert.tenant, "'"));
+    }
+    if (mapped) from_token.admin = from_token.admin || from_cert.admin;
+    *who = std::move(from_token);
+    return grpc::Status::OK;
+  }
+  if (mapped) {
+    *who = std::move(from_cert);
+    return grpc::Status::OK;
+  }
+  if (certificates_on()) {
+    return grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
+                        StrCat("the client certificate (", cert_seen,
+                               ") maps to no tenant (--tls-client-tenants)"));
+  }
+  *who = Principal();
+  return grpc::Status::OK;
+}
+
+Status LoadAuthenticator(const SecurityFlags& f, std::unique_ptr<Authenticator>* out) {
+  out->reset();
+  std::unique_ptr<TokenAuthenticator> tokens;
+  if (!f.auth_token_file.empty()) {
+    std::string text;
+    NORMD_RETURN_IF_ERROR(ReadFile(f.auth_token_file, "--auth-token-file", &text));
+    std::vector<TokenGrant> grants;
+    Status s = ParseTokenFile(text, &grants);
+    if (!s.ok()) return s.WithPrefix(StrCat("--auth-token-file '", f.auth_token_file, "'"));
+    tokens = std::make_unique<TokenAuthenticator>(grants);
+  }
+  std::vector<CertificateGrant> certificates;
+  if (!f.tls_client_tenants.empty()) {
+    std::string text;
+    NORMD_RETURN_IF_ERROR(ReadFile(f.tls_client_tenants, "--tls-client-tenants", &text));
+    Status s = ParseClientTenantsFile(text, &certificates);
+    if (!s.ok()) {
+      return s.WithPrefix(StrCat("--tls-client-tenants '", f.tls_client_tenants, "'"));
+    }
+  }
+  if (tokens != nullptr || !certificates.empty()) {
+    *out = std::make_unique<Authenticator>(std::move(tokens), std::move(certificates));
+  }
   return Status::Ok();
 }
 
@@ -317,7 +534,7 @@ Status LoadServerCredentials(const SecurityFlags& f,
 }
 
 std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>
-MakeUndecodableRequestInterceptorFactory(const TokenAuthenticator* auth) {
+MakeUndecodableRequestInterceptorFactory(const Authenticator* auth) {
   return std::make_unique<UndecodableRequestInterceptorFactory>(auth);
 }
 

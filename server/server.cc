@@ -58,12 +58,14 @@ Status NormdServer::Start() {
   }
   if (!options_.metrics.empty()) NORMD_RETURN_IF_ERROR(metrics_->Serve(options_.metrics));
 
-  const TokenAuthenticator* auth = options_.authenticator.get();
+  const Authenticator* auth = options_.authenticator.get();
+  // Reflection would be a Trainer-schema service that needs no token.
+  const bool reflection = auth == nullptr || !auth->tokens_on();
   service_ = std::make_unique<TrainerService>(registry_.get(), metrics_.get(), pool_.get(), auth);
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  if (auth != nullptr) builder.SetOption(std::make_unique<WithoutReflection>());
+  if (!reflection) builder.SetOption(std::make_unique<WithoutReflection>());
   std::shared_ptr<grpc::ServerCredentials> creds =
       options_.credentials != nullptr ? options_.credentials : grpc::InsecureServerCredentials();
   builder.AddListeningPort(options_.listen, creds, &grpc_port_);
@@ -111,8 +113,8 @@ Status NormdServer::Start() {
                options_.metrics.empty() ? "off" : options_.metrics, metrics_->port(),
                pool_->threads(), std::max(1, options_.threads_per_task),
                options_.limits.max_models, registry_->size(),
-               options_.credentials != nullptr ? "on" : "off", auth != nullptr ? "bearer" : "off",
-               auth != nullptr ? "off" : "on");
+               options_.credentials != nullptr ? "on" : "off", reflection ? "off" : "bearer",
+               reflection ? "on" : "off");
   return Status::Ok();
 }
 

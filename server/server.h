@@ -63,8 +63,8 @@ struct ServerOptions {
 
   // Null: plaintext.
   std::shared_ptr<grpc::ServerCredentials> credentials;
-  // Null: no bearer token needed.
-  std::shared_ptr<const TokenAuthenticator> authenticator;
+  // Null: no bearer token or certificate mapping; every call is tenant "default", admin.
+  std::shared_ptr<const Authenticator> authenticator;
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>>
       interceptors;
   // Not owned; null: models in memory only.

@@ -79,18 +79,25 @@ class TrainerService::Call {
   grpc::ServerUnaryReactor* reactor() const { return reactor_; }
   bool cancelled() const { return ctx_->IsCancelled(); }
 
-  // Finishes the call when it may not run (TrainerService::Admit); true when it did.
+  // Finishes the call when it may not run (TrainerService::Admit); true when it did. Otherwise
+  // who() is the caller from now on.
   bool FinishIfRefused() {
-    const grpc::Status refused = service_->Admit(ctx_);
-    if (refused.ok()) return false;
+    const grpc::Status refused = service_->Admit(ctx_, &who_);
+    if (refused.ok()) {
+      tenant_metrics_ = service_->metrics_->Tenant(who_.tenant);
+      return false;
+    }
     FinishGrpc(refused);
     return true;
   }
+
+  const Principal& who() const { return who_; }
 
   void Finish(const Status& status) { FinishGrpc(ToGrpcStatus(status)); }
   void FinishGrpc(const grpc::Status& status) {
     const double seconds = std::chrono::duration<double>(Clock::now() - start_).count();
     service_->metrics_->RecordRpc(rpc_, status.error_code(), seconds);
+    if (tenant_metrics_ != nullptr) tenant_metrics_->RecordCall(status.error_code());
     reactor_->Finish(status);
   }
 
@@ -100,6 +107,8 @@ class TrainerService::Call {
   const Rpc rpc_;
   grpc::ServerUnaryReactor* const reactor_;
   const Clock::time_point start_;
+  Principal who_;
+  TenantMetrics* tenant_metrics_ = nullptr;  // set once admitted
 };
 
 // TrainStream: answers each message in order and ends the stream with the first error.
@@ -127,11 +136,12 @@ class TrainStreamReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc
     service_->CallStarted();
     service_->AddStream(this);
     std::lock_guard<std::mutex> lock(mu_);
-    const grpc::Status refused = service_->Admit(ctx_);
+    const grpc::Status refused = service_->Admit(ctx_, &who_);
     if (!refused.ok()) {
       FinishLocked(refused);
       return;
     }
+    tenant_metrics_ = service_->metrics_->Tenant(who_.tenant);
     AdvanceLocked();
   }
 
@@ -161,7 +171,7 @@ class TrainStreamReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc
       s = InvalidArgument("TrainStream message ", read_index,
                           " does not parse as normd.v1.TrainStepRequest");
     }
-    if (s.ok()) s = service_->registry_->Find(slot->req.model(), &entry);
+    if (s.ok()) s = service_->registry_->Find(who_, slot->req.model(), &entry);
     if (s.ok()) s = service_->DecodeTrainStep(*entry, slot->req, &slot->input, &slot->targets);
     slot->entry = s.ok() ? std::move(entry) : nullptr;
     slot->decoded = s;
@@ -195,6 +205,7 @@ class TrainStreamReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc
     }
     const double seconds = std::chrono::duration<double>(Clock::now() - start_).count();
     service_->metrics_->RecordRpc(Rpc::kTrainStream, code, seconds);
+    if (tenant_metrics_ != nullptr) tenant_metrics_->RecordCall(code);
     delete this;
     // The slots held two requests (megabytes each for large batches) on gRPC threads' heaps,
     // which glibc would keep: give the freed pages back, as a deleted model does.
@@ -316,6 +327,8 @@ class TrainStreamReactor : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc
   TrainerService* const service_;
   grpc::CallbackServerContext* const ctx_;
   const Clock::time_point start_;
+  Principal who_;                            // written before the first read
+  TenantMetrics* tenant_metrics_ = nullptr;  // set once admitted
 
   std::mutex mu_;
   Slot slots_[kDepth];      // GUARDED_BY(mu_), except a slot's fields while its owner decodes it
@@ -345,11 +358,12 @@ class AdaptStatisticsReactor : public grpc::ServerReadReactor<v1::AdaptStatistic
                          v1::Model* resp)
       : service_(service), ctx_(ctx), resp_(resp), start_(Clock::now()) {
     service_->CallStarted();
-    const grpc::Status refused = service_->Admit(ctx_);
+    const grpc::Status refused = service_->Admit(ctx_, &who_);
     if (!refused.ok()) {
       Done(refused);
       return;
     }
+    tenant_metrics_ = service_->metrics_->Tenant(who_.tenant);
     StartRead(&req_);
   }
 
@@ -366,12 +380,17 @@ class AdaptStatisticsReactor : public grpc::ServerReadReactor<v1::AdaptStatistic
       if (req_.model().empty()) {
         s = InvalidArgument("the first AdaptStatistics message must name the model");
       } else {
-        s = service_->registry_->Find(req_.model(), &entry_);
+        s = service_->registry_->Find(who_, req_.model(), &entry_);
       }
-    } else if (!req_.model().empty() && req_.model() != entry_->id()) {
-      s = InvalidArgument("AdaptStatistics message ", messages_, " names model '", req_.model(),
-                          "' but the stream adapts '", entry_->id(), "'");
+    } else if (!req_.model().empty() && req_.model() != first_name_) {
+      // Another spelling of the same model ("mlp" and "a/mlp" from tenant a) is the same model.
+      std::shared_ptr<ModelEntry> named;
+      if (!service_->registry_->Find(who_, req_.model(), &named).ok() || named != entry_) {
+        s = InvalidArgument("AdaptStatistics message ", messages_, " names model '",
+                            req_.model(), "' but the stream adapts '", first_name_, "'");
+      }
     }
+    if (s.ok() && first_name_.empty()) first_name_ = req_.model();
     if (s.ok() && !req_.has_input()) {
       s = InvalidArgument("AdaptStatistics message ", messages_, ": input is required");
     }
@@ -400,6 +419,7 @@ class AdaptStatisticsReactor : public grpc::ServerReadReactor<v1::AdaptStatistic
     service_->CallFinished();
     const double seconds = std::chrono::duration<double>(Clock::now() - start_).count();
     service_->metrics_->RecordRpc(Rpc::kAdaptStatistics, code_, seconds);
+    if (tenant_metrics_ != nullptr) tenant_metrics_->RecordCall(code_);
     delete this;
   }
 
@@ -430,7 +450,7 @@ class AdaptStatisticsReactor : public grpc::ServerReadReactor<v1::AdaptStatistic
             entry->Publish();
             entry->ToWire(resp_);
             spdlog::info("event=statistics_adapted model={} batches={} samples={} layers={}",
-                         entry->id(), acc_.batches, acc_.samples, acc_.layers.size());
+                         entry->name(), acc_.batches, acc_.samples, acc_.layers.size());
           }
         }
       }
@@ -452,20 +472,25 @@ class AdaptStatisticsReactor : public grpc::ServerReadReactor<v1::AdaptStatistic
   v1::AdaptStatisticsRequest req_;
   DecodedTensor input_;  // views into req_
   std::shared_ptr<ModelEntry> entry_;
+  std::string first_name_;  // the model as the first message named it
+  Principal who_;
+  TenantMetrics* tenant_metrics_ = nullptr;  // set once admitted
   StatisticsAccumulator acc_;
   int64_t messages_ = 0;
   grpc::StatusCode code_ = grpc::StatusCode::OK;
 };
 
 TrainerService::TrainerService(Registry* registry, Metrics* metrics, ComputePool* pool,
-                               const TokenAuthenticator* auth)
+                               const Authenticator* auth)
     : registry_(registry), metrics_(metrics), pool_(pool), auth_(auth) {}
 
-grpc::Status TrainerService::Admit(const grpc::CallbackServerContext* ctx) const {
-  // The token first: a client without one learns nothing, not even that the server drains.
+grpc::Status TrainerService::Admit(const grpc::CallbackServerContext* ctx, Principal* who) const {
+  // The identity first: a client without one learns nothing, not even that the server drains.
   if (auth_ != nullptr) {
-    grpc::Status s = auth_->Check(ctx->client_metadata());
+    grpc::Status s = auth_->Identify(*ctx, who);
     if (!s.ok()) return s;
+  } else {
+    *who = Principal();
   }
   if (shutting_down_.load()) return ToGrpcStatus(ShuttingDown());
   return grpc::Status::OK;
@@ -511,7 +536,7 @@ void TrainerService::RunOnModel(const std::shared_ptr<Call>& call, const std::st
                                 Want want, int64_t inline_batch,
                                 std::function<Status(ModelEntry&, Access)> body) {
   std::shared_ptr<ModelEntry> entry;
-  Status s = registry_->Find(model_id, &entry);
+  Status s = registry_->Find(call->who(), model_id, &entry);
   if (!s.ok()) return call->Finish(s);
   std::function<void(Access)> task = [call, entry, body = std::move(body)](Access access) {
     if (call->cancelled()) {
@@ -620,17 +645,17 @@ grpc::ServerUnaryReactor* TrainerService::CreateModel(grpc::CallbackServerContex
   grpc::ServerUnaryReactor* reactor = call->reactor();
   if (call->FinishIfRefused()) return reactor;
   // Building allocates and initialises every parameter: pool work, not a gRPC thread's.
-  pool_->Submit([this, call, req, resp] {
+  pool_->Submit(call->who().tenant, [this, call, req, resp] {
     if (call->cancelled()) {
       call->FinishGrpc(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled before it ran"));
       return;
     }
     std::shared_ptr<ModelEntry> entry;
-    Status s = registry_->Create(req->id(), req->spec(), &entry);
+    Status s = registry_->Create(call->who(), req->id(), req->spec(), &entry);
     if (s.ok()) {
       entry->ToWire(resp);
       spdlog::info("event=model_created model={} layers={} parameters={} mode=train models={}",
-                   entry->id(), resp->spec().layers_size(), resp->parameter_count(),
+                   entry->name(), resp->spec().layers_size(), resp->parameter_count(),
                    registry_->size());
     }
     call->Finish(s);
@@ -644,7 +669,7 @@ grpc::ServerUnaryReactor* TrainerService::GetModel(grpc::CallbackServerContext* 
   auto call = std::make_shared<Call>(this, ctx, Rpc::kGetModel);
   if (call->FinishIfRefused()) return call->reactor();
   std::shared_ptr<ModelEntry> entry;
-  Status s = registry_->Find(req->model(), &entry);
+  Status s = registry_->Find(call->who(), req->model(), &entry);
   if (s.ok()) entry->ToWire(resp);
   grpc::ServerUnaryReactor* reactor = call->reactor();
   call->Finish(s);
@@ -657,7 +682,9 @@ grpc::ServerUnaryReactor* TrainerService::ListModels(grpc::CallbackServerContext
   auto call = std::make_shared<Call>(this, ctx, Rpc::kListModels);
   grpc::ServerUnaryReactor* reactor = call->reactor();
   if (call->FinishIfRefused()) return reactor;
-  for (const std::shared_ptr<ModelEntry>& e : registry_->List()) e->ToWire(resp->add_models());
+  for (const std::shared_ptr<ModelEntry>& e : registry_->List(call->who())) {
+    e->ToWire(resp->add_models());
+  }
   call->Finish(Status::Ok());
   return reactor;
 }
@@ -671,7 +698,7 @@ grpc::ServerUnaryReactor* TrainerService::DeleteModel(grpc::CallbackServerContex
   RunOnModel(call, req->model(), Want::kExclusive, [this](ModelEntry& e, Access) {
     const uint64_t step = e.model().step();
     NORMD_RETURN_IF_ERROR(registry_->Remove(e));
-    spdlog::info("event=model_deleted model={} step={} models={}", e.id(), step,
+    spdlog::info("event=model_deleted model={} step={} models={}", e.name(), step,
                  registry_->size());
     return Status::Ok();
   });
@@ -706,7 +733,7 @@ grpc::ServerUnaryReactor* TrainerService::SetMode(grpc::CallbackServerContext* c
     e.ToWire(resp);
     spdlog::info("event=mode_set model={} mode={} frozen={} previous_mode={} previous_frozen={} "
                  "step={}",
-                 e.id(), ModeName(training), freeze, ModeName(was_training), was_frozen,
+                 e.name(), ModeName(training), freeze, ModeName(was_training), was_frozen,
                  model.step());
     return Status::Ok();
   });
@@ -862,7 +889,7 @@ grpc::ServerUnaryReactor* TrainerService::TrainStep(grpc::CallbackServerContext*
   grpc::ServerUnaryReactor* reactor = call->reactor();
   if (call->FinishIfRefused()) return reactor;
   std::shared_ptr<ModelEntry> entry;
-  Status s = registry_->Find(req->model(), &entry);
+  Status s = registry_->Find(call->who(), req->model(), &entry);
   auto input = std::make_shared<DecodedTensor>();
   auto targets = std::make_shared<DecodedTargets>();
   if (s.ok()) s = DecodeTrainStep(*entry, *req, input.get(), targets.get());
@@ -957,7 +984,7 @@ grpc::ServerUnaryReactor* TrainerService::SetState(grpc::CallbackServerContext* 
     RecordMutation(e, Mutation::kState);
     e.Publish();
     e.ToWire(resp);
-    spdlog::info("event=state_set model={} entries={} strict={} step={}", e.id(),
+    spdlog::info("event=state_set model={} entries={} strict={} step={}", e.name(),
                  entries->size(), req->strict(), e.model().step());
     return Status::Ok();
   });
@@ -975,7 +1002,7 @@ grpc::ServerUnaryReactor* TrainerService::ResetRunningStats(
     RecordMutation(e, Mutation::kReset);
     e.Publish();
     e.ToWire(resp);
-    spdlog::info("event=running_stats_reset model={} step={}", e.id(), e.model().step());
+    spdlog::info("event=running_stats_reset model={} step={}", e.name(), e.model().step());
     return Status::Ok();
   });
   return reactor;
@@ -1002,7 +1029,7 @@ grpc::ServerUnaryReactor* TrainerService::UpdateOptimizer(grpc::CallbackServerCo
     RecordMutation(e, Mutation::kOptimizer);
     e.Publish();
     e.ToWire(resp);
-    spdlog::info("event=optimizer_updated model={} optimizer=\"{}\" step={}", e.id(),
+    spdlog::info("event=optimizer_updated model={} optimizer=\"{}\" step={}", e.name(),
                  req->optimizer().ShortDebugString(), e.model().step());
     return Status::Ok();
   });
@@ -1016,7 +1043,7 @@ grpc::ServerUnaryReactor* TrainerService::SaveModel(grpc::CallbackServerContext*
   grpc::ServerUnaryReactor* reactor = call->reactor();
   if (call->FinishIfRefused()) return reactor;
   std::shared_ptr<ModelEntry> entry;
-  Status s = registry_->Find(req->model(), &entry);
+  Status s = registry_->Find(call->who(), req->model(), &entry);
   if (s.ok() && registry_->persistence() == nullptr) {
     s = FailedPrecondition("persistence not configured: this server keeps models in memory only");
   }
@@ -1059,7 +1086,7 @@ grpc::ServerUnaryReactor* TrainerService::SetLayerOptions(grpc::CallbackServerCo
       summary += StrCat(summary.empty() ? "" : ",", o.name, o.frozen ? ":frozen" : "",
                         o.trainable ? "" : ":untrainable");
     }
-    spdlog::info("event=layer_options_set model={} changes={} non_default=\"{}\" step={}", e.id(),
+    spdlog::info("event=layer_options_set model={} changes={} non_default=\"{}\" step={}", e.name(),
                  changes->size(), summary, e.model().step());
     return Status::Ok();
   });
@@ -1072,7 +1099,7 @@ grpc::ServerUnaryReactor* TrainerService::FoldBatchNorm(grpc::CallbackServerCont
   auto call = std::make_shared<Call>(this, ctx, Rpc::kFoldBatchNorm);
   grpc::ServerUnaryReactor* reactor = call->reactor();
   if (call->FinishIfRefused()) return reactor;
-  if (!req->new_model().empty()) {
+  if (!req->new_model().empty() && req->new_model().find('/') == std::string::npos) {
     Status s = ValidateModelId(req->new_model(), "new_model");
     if (!s.ok()) {
       call->Finish(s);
@@ -1081,7 +1108,7 @@ grpc::ServerUnaryReactor* TrainerService::FoldBatchNorm(grpc::CallbackServerCont
   }
   // Folding reads the model: shared access. The copy is created from the folded result while
   // the source is still held, so it is the source's state at one moment.
-  RunOnModel(call, req->model(), Want::kShared, [this, req, resp](ModelEntry& e, Access) {
+  RunOnModel(call, req->model(), Want::kShared, [this, call, req, resp](ModelEntry& e, Access) {
     normd::FoldedModel folded;
     normd::FoldBatchNorm(e.model(), &folded);
     FoldedSpecToWire(e.spec(), folded, resp->mutable_spec());
@@ -1091,7 +1118,7 @@ grpc::ServerUnaryReactor* TrainerService::FoldBatchNorm(grpc::CallbackServerCont
     if (req->new_model().empty()) return Status::Ok();
     std::shared_ptr<ModelEntry> copy;
     NORMD_RETURN_IF_ERROR(registry_->Create(
-        req->new_model(), resp->spec(), &copy, [&folded](Model& m) {
+        call->who(), req->new_model(), resp->spec(), &copy, [&folded](Model& m) {
           NORMD_RETURN_IF_ERROR(m.SetState(folded.state, /*strict=*/true));
           m.SetMode(/*training=*/false, /*freeze_running_stats=*/false);
           m.set_inference_only();
@@ -1100,7 +1127,7 @@ grpc::ServerUnaryReactor* TrainerService::FoldBatchNorm(grpc::CallbackServerCont
     copy->ToWire(resp->mutable_model());
     spdlog::info("event=model_folded model={} new_model={} folded_batch_norms={} layers={} "
                  "models={}",
-                 e.id(), copy->id(), removed, folded.config.layers.size(), registry_->size());
+                 e.name(), copy->name(), removed, folded.config.layers.size(), registry_->size());
     return Status::Ok();
   });
   return reactor;

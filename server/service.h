@@ -30,11 +30,12 @@
 #include "server/metrics.h"
 #include "server/persistence.h"
 #include "server/registry.h"
+#include "server/tenant.h"
 
 namespace normd::server {
 
 class AdaptStatisticsReactor;
-class TokenAuthenticator;
+class Authenticator;
 class TrainStreamReactor;
 
 // The generated v1::Trainer::CallbackService, except that TrainStream takes raw bytes: the typed
@@ -58,10 +59,12 @@ using TrainerServiceBase = v1::Trainer::WithCallbackMethod_CreateModel<
 
 class TrainerService final : public TrainerServiceBase {
  public:
-  // The pointers must outlive the service. `auth` null: calls need no bearer token; otherwise
-  // every Trainer call without an accepted one ends UNAUTHENTICATED before anything runs.
+  // The pointers must outlive the service. `auth` null: every call is tenant "default", admin;
+  // otherwise every Trainer call it does not identify ends with its refusal (UNAUTHENTICATED,
+  // PERMISSION_DENIED) before anything runs, and every other call acts for the principal it
+  // names: models are found, listed and created in that tenant's namespace (server/tenant.h).
   TrainerService(Registry* registry, Metrics* metrics, ComputePool* pool,
-                 const TokenAuthenticator* auth = nullptr);
+                 const Authenticator* auth = nullptr);
 
   // From now on new RPCs answer UNAVAILABLE and idle TrainStreams are finished (UNAVAILABLE);
   // requests already accepted run to completion.
@@ -168,9 +171,9 @@ class TrainerService final : public TrainerServiceBase {
   // Counts a change to the model (exclusive access held) and tells persistence what it was.
   void RecordMutation(ModelEntry& entry, Mutation what);
 
-  // Whether a new call may run: UNAUTHENTICATED without an accepted bearer token (auth on),
-  // then UNAVAILABLE while shutting down, else OK.
-  grpc::Status Admit(const grpc::CallbackServerContext* ctx) const;
+  // Whether a new call may run, and for whom (*who): the authenticator's refusal first, then
+  // UNAVAILABLE while shutting down, else OK.
+  grpc::Status Admit(const grpc::CallbackServerContext* ctx, Principal* who) const;
 
   void AddStream(TrainStreamReactor* s);
   void RemoveStream(TrainStreamReactor* s);
@@ -183,7 +186,7 @@ class TrainerService final : public TrainerServiceBase {
   Registry* const registry_;
   Metrics* const metrics_;
   ComputePool* const pool_;
-  const TokenAuthenticator* const auth_;
+  const Authenticator* const auth_;
   std::atomic<bool> shutting_down_{false};
 
   std::mutex streams_mu_;

@@ -13,6 +13,7 @@ grpc::Status ToGrpcStatus(const Status& status) {
     case StatusCode::kResourceExhausted: code = grpc::StatusCode::RESOURCE_EXHAUSTED; break;
     case StatusCode::kUnavailable: code = grpc::StatusCode::UNAVAILABLE; break;
     case StatusCode::kAborted: code = grpc::StatusCode::ABORTED; break;
+    case StatusCode::kPermissionDenied: code = grpc::StatusCode::PERMISSION_DENIED; break;
     case StatusCode::kInternal: code = grpc::StatusCode::INTERNAL; break;
   }
   return grpc::Status(code, status.message());

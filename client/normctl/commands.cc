@@ -136,6 +136,10 @@ int RunCreate(Client& client, const Args& args, std::ostream& out) {
     spec = request.spec();
     if (id.empty()) id = request.id();
   }
+  // "TENANT/": the server picks the id, in that tenant's namespace.
+  if (!args.tenant.empty() && id.find('/') == std::string::npos) {
+    id = args.tenant + "/" + id;
+  }
   const v1::Model model = client.CreateModel(spec, id);
   if (args.json) {
     out << ToJson(model) << '\n';
@@ -148,7 +152,12 @@ int RunCreate(Client& client, const Args& args, std::ostream& out) {
 }
 
 int RunList(Client& client, const Args& args, std::ostream& out) {
-  const std::vector<v1::Model> models = client.ListModels();
+  std::vector<v1::Model> models = client.ListModels();
+  if (!args.tenant.empty()) {
+    models.erase(std::remove_if(models.begin(), models.end(),
+                                [&](const v1::Model& m) { return m.tenant() != args.tenant; }),
+                 models.end());
+  }
   if (args.json) {
     v1::ListModelsResponse response;
     for (const v1::Model& m : models) *response.add_models() = m;
@@ -159,9 +168,9 @@ int RunList(Client& client, const Args& args, std::ostream& out) {
     out << "no models\n";
     return kExitOk;
   }
-  TextTable table({"id", "mode", "step", "parameters", "layers", "input", "output"});
+  TextTable table({"tenant", "id", "mode", "step", "parameters", "layers", "input", "output"});
   for (const v1::Model& m : models) {
-    table.AddRow({m.id(), ModeName(m.mode()), std::to_string(m.step()),
+    table.AddRow({m.tenant(), m.id(), ModeName(m.mode()), std::to_string(m.step()),
                   std::to_string(m.parameter_count()), std::to_string(m.spec().layers_size()),
                   ShapeString(m.spec().input_shape()), ShapeString(m.output_shape())});
   }
@@ -176,6 +185,7 @@ int RunGet(Client& client, const Args& args, std::ostream& out) {
     return kExitOk;
   }
   out << "model       " << m.id() << '\n'
+      << "tenant      " << m.tenant() << '\n'
       << "mode        " << ModeName(m.mode())
       << (m.running_stats_frozen() ? " (running statistics frozen)" : "")
       << (m.inference_only() ? " (inference only: a folded copy)" : "") << '\n'

@@ -20,7 +20,8 @@ constexpr int kExitUsage = 2;  // bad flags or local input (file, CSV, JSON)
 
 // Every subcommand's flags; each subcommand reads the fields it defines.
 struct Args {
-  std::string id;
+  std::string id;            // as the server resolves it: ID, or TENANT/ID (--tenant)
+  std::string tenant;        // --tenant: list shows only this tenant's models
   std::string spec_path;     // create
   bool json = false;         // get, list, create: print protobuf JSON
   std::string mode;          // mode: "train" | "eval"

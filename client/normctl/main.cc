@@ -64,6 +64,12 @@ int main(int argc, char** argv) {
                  "Name to verify in the server certificate (default: the host in --server)");
   app.add_option("--token-file", token_file, "File holding the bearer token sent with every call")
       ->envname("NORMCTL_TOKEN_FILE");
+  std::string tenant;
+  app.add_option("--tenant", tenant,
+                 "Act on this tenant's models: ids become TENANT/ID (an admin's way to reach "
+                 "another tenant; your own tenant is implied without it); list shows only its "
+                 "models")
+      ->envname("NORMCTL_TENANT");
 
   Args args;
   std::function<int(normd::client::Client&, const Args&, std::ostream&)> run;
@@ -261,6 +267,15 @@ int main(int argc, char** argv) {
       client_options.use_tls = true;
     }
     if (!token_file.empty()) client_options.auth_token = ReadToken(token_file);
+    if (!tenant.empty()) {
+      // The server resolves "TENANT/ID" (README, Tenants); a qualified id given as is stays.
+      auto qualify = [&tenant](std::string* id) {
+        if (!id->empty() && id->find('/') == std::string::npos) *id = tenant + "/" + *id;
+      };
+      qualify(&args.id);
+      qualify(&args.fold_as);
+      args.tenant = tenant;
+    }
     normd::client::Client client(client_options);
     return run(client, args, std::cout);
   } catch (const normd::client::Error& e) {

@@ -33,7 +33,8 @@ CONTRACT_METRICS = [
     "normd_bn_var_log_ratio", "normd_bn_running_mean_update_norm",
     "normd_bn_running_var_update_norm", "normd_bn_batches_tracked", "normd_build_info",
     "normd_nonfinite_steps_total", "process_resident_memory_bytes",
-    "process_cpu_seconds_total", "process_start_time_seconds",
+    "process_cpu_seconds_total", "process_start_time_seconds", "normd_tenant_requests_total",
+    "normd_tenant_samples_total", "normd_tenant_refused_total",
 ]
 
 
@@ -100,10 +101,10 @@ class PrometheusFilesTest(unittest.TestCase):
         self.assertIn('rate(normd_bn_mean_shift_sum{mode="eval"}[5m])', expr)
         self.assertIn('rate(normd_bn_mean_shift_count{mode="eval"}[5m])', expr)
         for by in re.findall(r"by \(([^)]*)\)", expr):
-            self.assertTrue({"model", "layer"} <= {s.strip() for s in by.split(",")}, by)
+            self.assertTrue({"tenant", "model", "layer"} <= {s.strip() for s in by.split(",")}, by)
         self.assertRegex(drift["for"], r"^\d+m$")
         summary = drift["annotations"]["summary"]
-        self.assertIn("{{ $labels.model }}", summary)
+        self.assertIn("{{ $labels.tenant }}/{{ $labels.model }}", summary)
         self.assertIn("{{ $labels.layer }}", summary)
         self.assertIn("reset-stats", drift["annotations"]["description"])
 
@@ -145,10 +146,15 @@ class DashboardTest(unittest.TestCase):
         text = "\n".join(self.exprs)
         for q in ("0.50", "0.95", "0.99"):
             self.assertIn(f"histogram_quantile({q}, sum by (method, le)", text)
-        self.assertIn("sum by (model, op) (rate(normd_samples_total", text)
+        self.assertIn("sum by (tenant, model, op) (rate(normd_samples_total", text)
         self.assertIn('code!="OK"', text)
-        self.assertIn('normd_bn_mean_shift_sum{job=~"$job", instance=~"$instance", model=~"$model", mode="eval"}', text)
-        self.assertIn('normd_bn_mean_shift_sum{job=~"$job", instance=~"$instance", model=~"$model", mode="train"}', text)
+        for mode in ("eval", "train"):
+            self.assertIn('normd_bn_mean_shift_sum{job=~"$job", instance=~"$instance", '
+                          f'tenant=~"$tenant", model=~"$model", mode="{mode}"}}', text)
+        # Two tenants' models of the same id are never summed together.
+        for by in re.findall(r"by \(([^)]*)\)", text):
+            if "model" in by:
+                self.assertIn("tenant", by)
 
     def test_datasource_matches_provisioning(self):
         ds = load_yaml("grafana", "provisioning", "datasources", "prometheus.yaml")["datasources"]

@@ -2,15 +2,24 @@
 """Live monitoring test: the shipped dashboard and alert rules against a real normd and a real
 Prometheus, both on loopback.
 
-Starts `normd` and Debian's `prometheus` (config generated from deploy/prometheus/prometheus.yml:
-same job and rules, loopback target, 1 s scrape and evaluation; only the `for:` of
-NormdInputDrift is shortened, its expression is the shipped one), drives training, eval and
-failing traffic, then checks:
-  1. every PromQL expression of deploy/grafana/dashboards/normd.json returns at least one
-     finite sample (dashboard variables resolved through Prometheus as Grafana would);
-  2. NormdInputDrift stays quiet on in-distribution eval traffic and fires on shifted inputs,
-     naming the model and layer (the time to firing is printed);
-  3. `promtool check config` and `promtool check rules` pass on the shipped files.
+Starts `normd` with two tenants (a token file; at most 2 models per tenant) and Debian's
+`prometheus` (config generated from deploy/prometheus/prometheus.yml: same job and rules, loopback
+target, 1 s scrape and evaluation; only the `for:` of NormdInputDrift is shortened, its
+expression is the shipped one). Each tenant owns a model `trainer` that keeps training and a
+model `served` that is trained then served in eval mode: the same two ids in both namespaces.
+It drives training, eval and failing traffic, then checks:
+  1. NormdInputDrift stays quiet on in-distribution eval traffic and fires on shifted inputs of
+     team-a's `served`, naming tenant, model and layer, and never for team-b's `served` (same id,
+     inputs in distribution); the time to firing is printed;
+  2. the dashboard's `tenant` variable lists both tenants, and every PromQL expression of
+     deploy/grafana/dashboards/normd.json returns at least one finite sample with $tenant set to
+     All and to each tenant (variables resolved through Prometheus as Grafana would);
+  3. with $tenant set to one tenant, no per-tenant query returns another tenant's series; with
+     All, every per-model query keeps the two tenants' models of the same id apart, and each
+     query of the Tenants row returns one series per tenant (the models count right);
+  4. a tenant pushed over its model quota (RESOURCE_EXHAUSTED) shows on the refused-requests
+     panel, and the other tenant does not;
+  5. `promtool check config` and `promtool check rules` pass on the shipped files.
 
 Usage: monitoring_test.py --normd PATH/TO/normd
 """
@@ -40,6 +49,8 @@ PROM_DIR = os.path.join(REPO, "deploy", "prometheus")
 DASHBOARD = os.path.join(REPO, "deploy", "grafana", "dashboards", "normd.json")
 DRIFT_ALERT = "NormdInputDrift"
 DRIFT_FOR = "3s"  # shipped: 10m; shortened so the test stays within its time budget
+TOKENS = {"team-a": "tok-a", "team-b": "tok-b"}  # tenant -> its bearer token
+TENANT_MAX_MODELS = 2  # each tenant's `trainer` and `served`; a third is refused
 NORMD = None  # set from the command line
 
 
@@ -136,12 +147,14 @@ def generated_config(path_out, rules_path, target):
 
 
 class Traffic:
-    """Drives normd with the RPC mix a real deployment sees."""
+    """Drives normd with the RPC mix a real deployment sees, as one tenant (its bearer token on
+    every call)."""
 
     IN, HIDDEN, OUT = 16, 32, 3
 
-    def __init__(self, pb, stub):
-        self.pb, self.stub = pb, stub
+    def __init__(self, pb, stub, tenant):
+        self.pb, self.stub, self.tenant = pb, stub, tenant
+        self.md = [("authorization", "Bearer " + TOKENS[tenant])]
         self.w_true = np.random.default_rng(7).standard_normal((self.IN, self.OUT)).astype(
             np.float32)
         self.local = threading.local()  # numpy generators are not thread-safe
@@ -182,14 +195,15 @@ class Traffic:
 
     def create(self, model_id):
         self.stub.CreateModel(self.pb.CreateModelRequest(id=model_id, spec=self.spec()),
-                              timeout=10)
+                              timeout=10, metadata=self.md)
 
     def train_steps(self, model_id, steps, batch=64):
         loss = None
         for _ in range(steps):
             x, y = self.batch(batch)
             loss = self.stub.TrainStep(self.pb.TrainStepRequest(
-                model=model_id, input=self.tensor(x), labels=y), timeout=10).loss
+                model=model_id, input=self.tensor(x), labels=y), timeout=10,
+                metadata=self.md).loss
         return loss
 
     def every_op(self, model_id):
@@ -197,7 +211,8 @@ class Traffic:
         pb = self.pb
         x, y = self.batch(32)
         fwd = self.stub.Forward(pb.ForwardRequest(model=model_id, input=self.tensor(x),
-                                                  retain_for_backward=True), timeout=10)
+                                                  retain_for_backward=True),
+                                timeout=10, metadata=self.md)
         # The cross-entropy gradient of the returned logits, as a client-side loss would give.
         logits = np.frombuffer(fwd.output.raw, dtype="<f4").reshape(32, self.OUT)
         p = np.exp(logits - logits.max(axis=1, keepdims=True))
@@ -205,22 +220,25 @@ class Traffic:
         p[np.arange(32), y] -= 1.0
         grad = (p / 32).astype(np.float32)
         self.stub.Backward(pb.BackwardRequest(model=model_id, forward_id=fwd.forward_id,
-                                              grad_output=self.tensor(grad)), timeout=10)
-        self.stub.ApplyGradients(pb.ApplyGradientsRequest(model=model_id), timeout=10)
+                                              grad_output=self.tensor(grad)),
+                           timeout=10, metadata=self.md)
+        self.stub.ApplyGradients(pb.ApplyGradientsRequest(model=model_id), timeout=10,
+                                 metadata=self.md)
         reqs = []
         for _ in range(3):
             xb, yb = self.batch(64)
             reqs.append(pb.TrainStepRequest(model=model_id, input=self.tensor(xb), labels=yb))
-        for _ in self.stub.TrainStream(iter(reqs), timeout=10):
+        for _ in self.stub.TrainStream(iter(reqs), timeout=10, metadata=self.md):
             pass
         self.stub.Evaluate(pb.EvaluateRequest(model=model_id, input=self.tensor(x), labels=y),
-                           timeout=10)
+                           timeout=10, metadata=self.md)
         try:
-            self.stub.GetModel(pb.GetModelRequest(model="no-such-model"), timeout=10)
+            self.stub.GetModel(pb.GetModelRequest(model="no-such-model"), timeout=10,
+                               metadata=self.md)
             self.errors.append("GetModel of an unknown model succeeded")
         except Exception as e:  # grpc.RpcError
             if e.code().name != "NOT_FOUND":  # pylint: disable=no-member
-                self.errors.append(f"unknown model: {e}")
+                self.errors.append(f"{self.tenant} unknown model: {e}")
 
     def background_training(self, model_id):
         """Keeps a model training (train-mode BatchNorm series, loss, every op) until stop."""
@@ -230,7 +248,7 @@ class Traffic:
                 self.every_op(model_id)
                 time.sleep(0.05)
         except Exception as e:  # pylint: disable=broad-except
-            self.errors.append(f"background training: {e!r}")
+            self.errors.append(f"{self.tenant} background training: {e!r}")
 
     def background_eval(self, model_id):
         """Eval-mode predictions, shifted by self.eval_shift (changed by the test)."""
@@ -238,15 +256,26 @@ class Traffic:
             while not self.stop.is_set():
                 x, _ = self.batch(64, self.eval_shift)
                 self.stub.Forward(self.pb.ForwardRequest(model=model_id, input=self.tensor(x)),
-                                  timeout=10)
+                                  timeout=10, metadata=self.md)
                 time.sleep(0.02)
         except Exception as e:  # pylint: disable=broad-except
-            self.errors.append(f"background eval: {e!r}")
+            self.errors.append(f"{self.tenant} background eval: {e!r}")
 
 
-def resolve_variables(prom, dashboard):
-    """Values for the dashboard's template variables, found the way Grafana finds them."""
-    values = {"datasource": "prometheus"}
+def regex_of(selected):
+    """A multi-value variable's substitution, as Grafana's regex of the selected values (each
+    escaped for the regex, then for the PromQL string literal)."""
+    return "(" + "|".join(re.escape(v).replace("\\", "\\\\") for v in selected) + ")"
+
+
+def resolve_variables(prom, dashboard, chosen=None):
+    """Values for the dashboard's template variables, found the way Grafana finds them, in the
+    dashboard's order (a variable's query sees the values of those before it). Every variable
+    is "All" (the dashboard's default: all its values) except those in `chosen` (name -> one
+    value, which must be among the variable's values). Returns (substitutions, the values each
+    variable offered)."""
+    chosen = chosen or {}
+    values, options = {"datasource": "prometheus"}, {}
     for var in dashboard["templating"]["list"]:
         if var["type"] != "query":
             continue
@@ -257,11 +286,14 @@ def resolve_variables(prom, dashboard):
         series = prom.get("/api/v1/series", **{"match[]": m.group(1)})
         found = sorted({s[m.group(2)] for s in series if m.group(2) in s})
         check(found, f"variable ${var['name']} ({query}) has no values")
-        # The dashboard's default is "All": every value, as Grafana's regex of the values
-        # (escaped for the regex, then for the PromQL string literal).
-        values[var["name"]] = "(" + "|".join(re.escape(v).replace("\\", "\\\\")
-                                             for v in found) + ")"
-    return values
+        options[var["name"]] = found
+        if var["name"] in chosen:
+            check(chosen[var["name"]] in found,
+                  f"variable ${var['name']} ({query}) offers {found}, not {chosen[var['name']]}")
+            values[var["name"]] = regex_of([chosen[var["name"]]])
+        else:
+            values[var["name"]] = regex_of(found)
+    return values, options
 
 
 def substitute(expr, values):
@@ -273,18 +305,27 @@ def substitute(expr, values):
     return expr
 
 
-def dashboard_exprs(dashboard):
+def dashboard_targets(dashboard):
+    """(row title, panel title, target) of every query, in the dashboard's order; a panel
+    belongs to the row above it (or to a collapsed row's own `panels`)."""
     out = []
 
-    def walk(panels):
+    def walk(panels, row):
         for p in panels:
+            if p["type"] == "row":
+                row = p["title"]
+                walk(p.get("panels", []), row)
+                continue
             for t in p.get("targets", []):
                 if t.get("expr"):
-                    out.append((p["title"], t["refId"], t["expr"]))
-            walk(p.get("panels", []))
+                    out.append((row, p["title"], t))
 
-    walk(dashboard["panels"])
+    walk(dashboard["panels"], None)
     return out
+
+
+def dashboard_exprs(dashboard):
+    return [(title, t["refId"], t["expr"]) for _, title, t in dashboard_targets(dashboard)]
 
 
 def finite_samples(result):
@@ -298,7 +339,7 @@ class MonitoringTest(unittest.TestCase):
         cls.t_start = time.monotonic()
         cls.tmp = tempfile.mkdtemp(prefix="normd-monitoring-")
         cls.procs, cls.threads, cls.logs = [], [], []
-        cls.channel = cls.traffic = None
+        cls.channel, cls.traffic = None, {}
         try:
             cls.start_services()
         except BaseException:
@@ -312,11 +353,15 @@ class MonitoringTest(unittest.TestCase):
 
         # normd binds free ports itself (port 0) and reports them through --port-file.
         port_file = os.path.join(cls.tmp, "normd.ports")
+        token_file = os.path.join(cls.tmp, "tokens")
+        with open(token_file, "w") as f:
+            f.writelines(f"{token} {tenant}\n" for tenant, token in TOKENS.items())
         normd_log = open(os.path.join(cls.tmp, "normd.log"), "w")
         cls.logs.append(normd_log)
         cls.procs.append(subprocess.Popen(
             [NORMD, "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0",
-             "--port-file", port_file, "--data-dir", os.path.join(cls.tmp, "data")],
+             "--port-file", port_file, "--data-dir", os.path.join(cls.tmp, "data"),
+             "--auth-token-file", token_file, "--tenant-max-models", str(TENANT_MAX_MODELS)],
             stdout=normd_log, stderr=subprocess.STDOUT))
 
         def ports():
@@ -354,7 +399,8 @@ class MonitoringTest(unittest.TestCase):
 
         cls.channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
         grpc.channel_ready_future(cls.channel).result(timeout=30)
-        cls.traffic = Traffic(cls.pb, pb_grpc.TrainerStub(cls.channel))
+        stub = pb_grpc.TrainerStub(cls.channel)
+        cls.traffic = {tenant: Traffic(cls.pb, stub, tenant) for tenant in TOKENS}
         cls.wait_for(cls.prom.ready, 30, "Prometheus ready")
         cls.wait_for(lambda: [r for r in cls.prom.query('up{job="normd"}')
                               if r["value"][1] == "1"], 30, "normd scraped (up == 1)")
@@ -365,8 +411,8 @@ class MonitoringTest(unittest.TestCase):
 
     @classmethod
     def cleanup(cls):
-        if cls.traffic:
-            cls.traffic.stop.set()
+        for tr in cls.traffic.values():
+            tr.stop.set()
         for t in cls.threads:
             t.join(timeout=15)
         if cls.channel:
@@ -405,96 +451,183 @@ class MonitoringTest(unittest.TestCase):
         t.start()
         self.threads.append(t)
 
-    def drift_values(self, model):
-        """The drift rule's own expression, without its threshold, per layer of `model`."""
+    def drift_values(self, tenant, model):
+        """The drift rule's own expression, without its threshold, per layer of tenant's
+        `model`."""
         expr = self.drift_rule["expr"].strip()
         m = re.fullmatch(r"(.*)\)\s*>\s*[0-9.]+", expr, re.S)
         self.assertIsNotNone(m, "drift expr is not '(...) > threshold'")
         result = self.prom.query(m.group(1) + ")")
         return {r["metric"]["layer"]: float(r["value"][1]) for r in result
-                if r["metric"].get("model") == model}
+                if r["metric"].get("tenant") == tenant and r["metric"].get("model") == model}
+
+    def alerts_of(self, name, tenant, model=None, state=None):
+        return [a for a in self.prom.alerts(name)
+                if a["labels"].get("tenant") == tenant
+                and model in (None, a["labels"].get("model"))
+                and state in (None, a["state"])]
 
     def test_dashboard_alerts_and_promtool(self):
-        tr = self.traffic
-        # A model that keeps training for the whole test, and one trained then served.
-        tr.create("trainer")
-        tr.create("served")
-        self.start(tr.background_training, "trainer")
-        first = tr.train_steps("served", 1)
-        last = tr.train_steps("served", 80)
-        print(f"served model: loss {first:.3f} -> {last:.3f} after 81 steps")
-        self.assertLess(last, first, "training through normd did not reduce the loss")
+        a, b = self.traffic["team-a"], self.traffic["team-b"]
+        # Each tenant: a model that keeps training for the whole test, and one trained then
+        # served. The ids are the same in both namespaces.
+        for tr in (a, b):
+            tr.create("trainer")
+            tr.create("served")
+            self.start(tr.background_training, "trainer")
+        for tr in (a, b):
+            first = tr.train_steps("served", 1)
+            last = tr.train_steps("served", 80)
+            print(f"{tr.tenant}/served: loss {first:.3f} -> {last:.3f} after 81 steps")
+            self.assertLess(last, first, "training through normd did not reduce the loss")
 
         # A step whose values overflow float32 is refused, counted, and alerted on.
         big = np.full((8, Traffic.IN), 3e38, dtype=np.float32)
         with self.assertRaises(Exception) as refused:
-            tr.stub.TrainStep(self.pb.TrainStepRequest(model="served", input=tr.tensor(big),
-                                                       labels=[0] * 8), timeout=10)
+            a.stub.TrainStep(self.pb.TrainStepRequest(model="served", input=a.tensor(big),
+                                                      labels=[0] * 8), timeout=10, metadata=a.md)
         self.assertEqual(refused.exception.code().name, "FAILED_PRECONDITION")
 
-        tr.stub.SetMode(self.pb.SetModeRequest(model="served", mode=self.pb.MODE_EVAL),
-                        timeout=10)
-        self.start(tr.background_eval, "served")
+        for tr in (a, b):
+            tr.stub.SetMode(self.pb.SetModeRequest(model="served", mode=self.pb.MODE_EVAL),
+                            timeout=10, metadata=tr.md)
+            self.start(tr.background_eval, "served")
 
         # In-distribution eval traffic: the drift figure stays below the threshold.
-        self.wait_for(lambda: len(self.drift_values("served")) == 2, 30,
-                      "eval-mode drift series for both BatchNorm layers")
-        time.sleep(5)
-        calm = self.drift_values("served")
-        print("eval drift, in distribution:", {k: round(v, 3) for k, v in calm.items()})
         threshold = float(re.search(r">\s*([0-9.]+)\s*$", self.drift_rule["expr"]).group(1))
-        for layer, value in calm.items():
-            self.assertLess(value, threshold, f"in-distribution traffic reads as drift ({layer})")
+        for tr in (a, b):
+            self.wait_for(lambda tr=tr: len(self.drift_values(tr.tenant, "served")) == 2, 30,
+                          f"eval-mode drift series for both BatchNorm layers of {tr.tenant}")
+        time.sleep(5)
+        for tr in (a, b):
+            calm = self.drift_values(tr.tenant, "served")
+            print(f"{tr.tenant}/served eval drift, in distribution:",
+                  {k: round(v, 3) for k, v in calm.items()})
+            for layer, value in calm.items():
+                self.assertLess(value, threshold,
+                                f"in-distribution traffic reads as drift ({tr.tenant} {layer})")
         self.assertEqual(self.prom.alerts(DRIFT_ALERT), [], "drift alert active without drift")
 
-        # Shifted inputs: the alert fires, naming model and layer.
-        tr.eval_shift = 3.0
+        # Team-a's inputs shift: the alert fires, naming tenant, model and layer. Team-b's
+        # `served` keeps in-distribution inputs and must not alert.
+        a.eval_shift = 3.0
         t_shift = time.monotonic()
-        firing = self.wait_for(
-            lambda: [a for a in self.prom.alerts(DRIFT_ALERT)
-                     if a["state"] == "firing" and a["labels"].get("model") == "served"],
-            90, f"{DRIFT_ALERT} firing")
+        firing = self.wait_for(lambda: self.alerts_of(DRIFT_ALERT, "team-a", "served", "firing"),
+                               90, f"{DRIFT_ALERT} firing for team-a/served")
         fired_s = time.monotonic() - t_shift
         print(f"{DRIFT_ALERT} firing {fired_s:.1f} s after the input shift "
               f"(rule for: {DRIFT_FOR}, scrape/eval interval 1 s): "
-              + "; ".join(a["annotations"]["summary"] for a in firing))
-        print("eval drift, shifted:",
-              {k: round(v, 3) for k, v in self.drift_values("served").items()})
-        for a in firing:
-            self.assertIn("served", a["annotations"]["summary"])
-            self.assertIn(a["labels"]["layer"], a["annotations"]["summary"])
-            self.assertIn(a["labels"]["layer"], ("bn1", "bn2"))
-        self.wait_for(lambda: [a for a in self.prom.alerts("NormdNonFiniteSteps")
-                               if a["state"] == "firing" and a["labels"]["model"] == "served"],
-                      30, "NormdNonFiniteSteps firing for the refused step")
-        # The trainer model is not served in eval mode: no drift alert for it.
-        self.assertFalse([a for a in self.prom.alerts(DRIFT_ALERT)
-                          if a["labels"].get("model") == "trainer"])
+              + "; ".join(alert["annotations"]["summary"] for alert in firing))
+        print("team-a/served eval drift, shifted:",
+              {k: round(v, 3) for k, v in self.drift_values("team-a", "served").items()})
+        for alert in firing:
+            self.assertIn("team-a/served", alert["annotations"]["summary"])
+            self.assertIn(alert["labels"]["layer"], alert["annotations"]["summary"])
+            self.assertIn(alert["labels"]["layer"], ("bn1", "bn2"))
+        self.wait_for(lambda: self.alerts_of("NormdNonFiniteSteps", "team-a", "served", "firing"),
+                      30, "NormdNonFiniteSteps firing for team-a's refused step")
+        # Team-b's models of the same ids had no drift and no refused step; the trainer models
+        # are not served in eval mode: no drift alert for them.
+        self.assertEqual(self.alerts_of(DRIFT_ALERT, "team-b"), [], "team-b alerted")
+        self.assertEqual(self.alerts_of("NormdNonFiniteSteps", "team-b"), [], "team-b alerted")
+        self.assertEqual(self.alerts_of(DRIFT_ALERT, "team-a", "trainer"), [])
 
-        # Every dashboard query returns data.
+        # Team-b is at its model quota: a third model is refused.
+        def refused_create():
+            with self.assertRaises(Exception) as over:
+                b.create("extra")
+            self.assertEqual(over.exception.code().name, "RESOURCE_EXHAUSTED")
+
+        refused_create()
+
         with open(DASHBOARD) as f:
             dashboard = json.load(f)
-        values = resolve_variables(self.prom, dashboard)
+        targets = dashboard_targets(dashboard)
         exprs = dashboard_exprs(dashboard)
         self.assertGreater(len(exprs), 15)
-        empty = {}
-        deadline = time.monotonic() + 30
-        pending = exprs
+
+        # The tenant variable offers both tenants; the model variable follows it.
+        model_var = [v for v in dashboard["templating"]["list"] if v["name"] == "model"]
+        self.assertEqual(len(model_var), 1)
+        self.assertIn('tenant=~"$tenant"', model_var[0]["query"]["query"])
+        all_values, options = resolve_variables(self.prom, dashboard)
+        self.assertEqual(options["tenant"], ["team-a", "team-b"])
+        self.assertEqual(options["model"], ["served", "trainer"])
+        choices = {"All": all_values}
+        for tenant in TOKENS:
+            choices[tenant], options = resolve_variables(self.prom, dashboard, {"tenant": tenant})
+            self.assertEqual(options["model"], ["served", "trainer"], tenant)
+
+        # Every dashboard query returns data, with $tenant All and each tenant.
+        pending = {(choice, title, ref): expr for choice in choices for title, ref, expr in exprs}
+        results = {}
+        deadline = time.monotonic() + 60
         while pending and time.monotonic() < deadline:
-            empty = {}
-            for title, ref, expr in pending:
-                query = substitute(expr, values)
-                result = self.prom.query(query)
-                if not finite_samples(result):
-                    empty[(title, ref)] = (query, result)
-            pending = [e for e in pending if (e[0], e[1]) in empty]
+            for (choice, title, ref), expr in pending.items():
+                query = substitute(expr, choices[choice])
+                results[(choice, title, ref)] = (query, self.prom.query(query))
+            pending = {k: e for k, e in pending.items() if not finite_samples(results[k][1])}
             if pending:
                 time.sleep(1)
-        for (title, ref), (query, result) in empty.items():
-            print(f"no finite sample: panel '{title}' {ref}: {query} -> {result}")
-        self.assertEqual(empty, {}, "dashboard queries without data")
-        print(f"dashboard: {len(exprs)} queries, each returned finite samples")
-        self.assertEqual(tr.errors, [])
+        for key in pending:
+            print(f"no finite sample: $tenant={key[0]}, panel '{key[1]}' {key[2]}: "
+                  f"{results[key][0]} -> {results[key][1]}")
+        self.assertEqual(list(pending), [], "dashboard queries without data")
+        print(f"dashboard: {len(exprs)} queries x {len(choices)} values of $tenant, each "
+              "returned finite samples")
+
+        # One tenant selected: no per-tenant or per-model query shows another tenant's series.
+        for tenant in TOKENS:
+            for title, ref, expr in exprs:
+                if "$tenant" not in expr and "$model" not in expr:
+                    continue
+                query, result = results[(tenant, title, ref)]
+                leaked = [r["metric"] for r in result if r["metric"].get("tenant") != tenant]
+                self.assertEqual(leaked, [], f"$tenant={tenant}: panel '{title}' {ref}: {query}")
+
+        # All tenants: every per-model query keeps the two tenants' models of the same id
+        # apart (a series per tenant and model, legend tenant/model).
+        for _, title, t in targets:
+            if "$model" not in t["expr"]:
+                continue
+            self.assertIn("{{tenant}}/{{model}}", t.get("legendFormat", ""), title)
+            query, result = results[("All", title, t["refId"])]
+            pairs = {(r["metric"].get("tenant"), r["metric"].get("model"))
+                     for r in finite_samples(result)}
+            self.assertTrue(any(("team-a", m) in pairs and ("team-b", m) in pairs
+                                for _, m in pairs),
+                            f"panel '{title}' {t['refId']}: no model id charted for both "
+                            f"tenants: {query} -> {sorted(pairs)}")
+
+        # The Tenants row: one series per tenant in each query; each tenant holds 2 models.
+        tenant_row = [(title, t) for row, title, t in targets if row == "Tenants"]
+        self.assertGreaterEqual(len(tenant_row), 4, "the Tenants row")
+        for title, t in tenant_row:
+            query, result = results[("All", title, t["refId"])]
+            self.assertEqual(sorted(r["metric"].get("tenant") for r in finite_samples(result)),
+                             ["team-a", "team-b"], f"panel '{title}': {query} -> {result}")
+            if t["expr"].startswith("count by (tenant)"):
+                self.assertEqual({r["metric"]["tenant"]: float(r["value"][1]) for r in result},
+                                 {name: float(TENANT_MAX_MODELS) for name in TOKENS}, title)
+
+        # Team-b's refused calls show on the refused panel, team-a's stays at 0.
+        refused_expr = [t["expr"] for _, t in tenant_row
+                        if "normd_tenant_refused_total" in t["expr"]]
+        self.assertEqual(len(refused_expr), 1, "one refused-requests query in the Tenants row")
+
+        def refused_rate(tenant):
+            result = self.prom.query(substitute(refused_expr[0], choices[tenant]))
+            return sum(float(r["value"][1]) for r in finite_samples(result))
+
+        def team_b_refused():
+            if refused_rate("team-b") > 0:
+                return True
+            refused_create()  # the rate window may have passed the first one: refuse again
+            return False
+
+        self.wait_for(team_b_refused, 60, "team-b's refused calls on the refused panel")
+        self.assertEqual(refused_rate("team-a"), 0.0, "team-a had no call refused")
+        self.assertEqual(a.errors + b.errors, [])
 
         # The shipped files pass promtool, and so does the generated test config.
         for args in (["check", "config", os.path.join(PROM_DIR, "prometheus.yml")],

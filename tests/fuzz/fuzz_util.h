@@ -49,6 +49,8 @@ inline const char* CodeName(StatusCode code) {
       return "ALREADY_EXISTS";
     case StatusCode::kResourceExhausted:
       return "RESOURCE_EXHAUSTED";
+    case StatusCode::kPermissionDenied:
+      return "PERMISSION_DENIED";
     case StatusCode::kUnavailable:
       return "UNAVAILABLE";
     case StatusCode::kAborted:

@@ -182,7 +182,7 @@ class Harness {
     }
     entry_.reset();
     std::promise<void> idle;
-    Pool()->Submit([&idle] { idle.set_value(); });
+    Pool()->Submit(server::kDefaultTenant, [&idle] { idle.set_value(); });
     idle.get_future().wait();
   }
 
@@ -218,7 +218,7 @@ class Harness {
   Status RunOnModel(int slot, Want want, const std::function<Status(ModelEntry&, Access)>& body,
                     int64_t inline_batch = 0) {
     std::shared_ptr<ModelEntry> entry;
-    NORMD_RETURN_IF_ERROR(registry_.Find(kIds[slot], &entry));
+    NORMD_RETURN_IF_ERROR(registry_.Find(server::Principal(), kIds[slot], &entry));
     std::promise<Status> done;
     const std::function<void(Access)> task = [&](Access access) {
       Status st;
@@ -243,7 +243,7 @@ class Harness {
 
   Model* ModelOf(int slot) {
     std::shared_ptr<ModelEntry> entry;
-    if (!registry_.Find(kIds[slot], &entry).ok()) return nullptr;
+    if (!registry_.Find(server::Principal(), kIds[slot], &entry).ok()) return nullptr;
     entry_ = entry;  // keeps the model alive while the harness reads it
     return &entry->model();
   }
@@ -347,7 +347,7 @@ class Harness {
 
   Status Create(int slot) {
     std::shared_ptr<ModelEntry> entry;
-    const Status s = registry_.Create(kIds[slot], spec_, &entry);
+    const Status s = registry_.Create(server::Principal(), kIds[slot], spec_, &entry);
     Expect(s, slots_[slot].exists ? StatusCode::kAlreadyExists : StatusCode::kOk, kCreate);
     if (s.ok()) {
       Slot& sl = slots_[slot];
@@ -649,7 +649,7 @@ class Harness {
 
     // Decoding happens on the request thread, before the model's queue.
     std::shared_ptr<ModelEntry> found;
-    Status s = registry_.Find(kIds[slot], &found);
+    Status s = registry_.Find(server::Principal(), kIds[slot], &found);
     server::DecodedTensor input;
     server::DecodedTargets targets;
     if (s.ok()) {

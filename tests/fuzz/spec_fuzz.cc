@@ -240,7 +240,7 @@ server::Metrics* ProcessMetrics() {
 void Run(const v1::ModelSpec& spec) {
   server::Registry registry(Limits(), ProcessMetrics(), /*pool=*/nullptr);
   std::shared_ptr<server::ModelEntry> entry;
-  const Status s = registry.Create("fuzz", spec, &entry);
+  const Status s = registry.Create(server::Principal(), "fuzz", spec, &entry);
   if (!s.ok()) {
     NORMD_FUZZ_CHECK(
         s.code() == StatusCode::kInvalidArgument || s.code() == StatusCode::kResourceExhausted,

@@ -10,32 +10,16 @@
 #include <vector>
 
 #include "server/registry.h"
+#include "tests/server/gate.h"
 #include "tests/server/normd_process.h"
 
 namespace normd::server {
 namespace {
 
+using ::normd::testing::Gate;
+
 using Access = ModelEntry::Access;
 using Want = ModelEntry::Want;
-
-// A one-shot gate a pool task can wait on (bounded).
-class Gate {
- public:
-  void Open() {
-    std::lock_guard<std::mutex> lock(mu_);
-    open_ = true;
-    cv_.notify_all();
-  }
-  void Wait() {
-    std::unique_lock<std::mutex> lock(mu_);
-    cv_.wait_for(lock, std::chrono::seconds(10), [this] { return open_; });
-  }
-
- private:
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool open_ = false;
-};
 
 class InlineTest : public ::testing::Test {
  protected:
@@ -44,7 +28,7 @@ class InlineTest : public ::testing::Test {
                                        const v1::ModelSpec& spec = testing::MlpSpec()) {
     registry_ = std::make_unique<Registry>(limits, &metrics_, &pool_);
     std::shared_ptr<ModelEntry> e;
-    const Status s = registry_->Create("m", spec, &e);
+    const Status s = registry_->Create(Principal(), "m", spec, &e);
     EXPECT_TRUE(s.ok()) << s.message();
     return e;
   }

@@ -152,7 +152,7 @@ def run_cases(b: Battery, raw: RawTrainer):
                           C.FAILED_PRECONDITION, C.RESOURCE_EXHAUSTED)
     good_x = ones([4, 4])
     # ---- CreateModel: ids
-    b.expect("create: id with '/'", "CreateModel", create("a/b", MLP), IA, ["id"])
+    b.expect("create: id with '/' (in its id part)", "CreateModel", create("a/b/c", MLP), IA, ["id"])
     b.expect("create: id starting with '.'", "CreateModel", create(".hidden", MLP), IA, ["id"])
     b.expect("create: id of 65 chars", "CreateModel", create("x" * 65, MLP), IA, ["id"])
     b.expect("create: id with space", "CreateModel", create("a b", MLP), IA, ["id"])

@@ -97,7 +97,7 @@ class ConcurrencyTest : public ::testing::Test {
 
   std::shared_ptr<ModelEntry> Create(const std::string& id, uint64_t seed) {
     std::shared_ptr<ModelEntry> e;
-    const Status s = registry_.Create(id, Spec(seed), &e);
+    const Status s = registry_.Create(Principal(), id, Spec(seed), &e);
     EXPECT_TRUE(s.ok()) << s.message();
     return e;
   }

@@ -36,8 +36,10 @@ def _openssl(*args, cwd):
 
 class Pki:
     """Two unrelated CAs in a temporary directory: `ca` signed a server certificate for
-    127.0.0.1 and localhost (subjectAltName) and a client certificate; `other_ca` signed another
-    client certificate. EC P-256 keys, valid for one day. Attributes are file paths."""
+    127.0.0.1 and localhost (subjectAltName) and the client certificates `client` (CN=client),
+    `team_a_client` (CN=team_a_client), `team_b_client` (CN=team_b_client, subjectAltName
+    DNS:team-b.example) and `stranger` (CN=stranger); `other_ca` signed `other_client`. EC P-256
+    keys, valid for one day. Attributes are file paths (`name` and `name_key`)."""
 
     def __init__(self):
         self.dir = tempfile.mkdtemp(prefix="normd-pki-")
@@ -51,15 +53,22 @@ class Pki:
                     "extendedKeyUsage=serverAuth\n")
         with open(os.path.join(d, "client.ext"), "w") as f:
             f.write("extendedKeyUsage=clientAuth\n")
+        with open(os.path.join(d, "client_san.ext"), "w") as f:
+            f.write("extendedKeyUsage=clientAuth\nsubjectAltName=DNS:team-b.example\n")
+        names = []
         for name, ca, ext in (("server", "ca", "server.ext"), ("client", "ca", "client.ext"),
-                              ("other_client", "other_ca", "client.ext")):
+                              ("other_client", "other_ca", "client.ext"),
+                              ("team_a_client", "ca", "client.ext"),
+                              ("team_b_client", "ca", "client_san.ext"),
+                              ("stranger", "ca", "client.ext")):
+            names.append(name)
             _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
                      "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}",
                      cwd=d)
             _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey",
                      f"{ca}.key", "-CAcreateserial", "-out", f"{name}.pem", "-days", "1",
                      "-extfile", ext, cwd=d)
-        for name in ("ca", "other_ca", "server", "client", "other_client"):
+        for name in ["ca", "other_ca"] + names:
             setattr(self, name, os.path.join(d, f"{name}.pem"))
             setattr(self, name + "_key", os.path.join(d, f"{name}.key"))
 
@@ -81,8 +90,9 @@ class Normd:
     """A real normd on a free loopback port (--listen 127.0.0.1:0, --port-file), in memory, no
     metrics endpoint unless asked. Context manager; `address` is "127.0.0.1:PORT"."""
 
-    def __init__(self, *args, metrics=False, wrapper=()):
+    def __init__(self, *args, metrics=False, wrapper=(), data_dir=None):
         self.args = list(args)
+        self.data_dir = data_dir  # None: --in-memory
         self.metrics = metrics
         self.wrapper = list(wrapper)  # a command that execs normd, e.g. prlimit
 
@@ -90,7 +100,8 @@ class Normd:
         self.tmp = tempfile.mkdtemp(prefix="normd-security-")
         port_file = os.path.join(self.tmp, "ports")
         self.log_path = os.path.join(self.tmp, "normd.log")
-        cmd = self.wrapper + [env_path("NORMD_BIN"), "--listen", "127.0.0.1:0", "--in-memory",
+        storage = ["--in-memory"] if self.data_dir is None else ["--data-dir", self.data_dir]
+        cmd = self.wrapper + [env_path("NORMD_BIN"), "--listen", "127.0.0.1:0", *storage,
                "--metrics", "127.0.0.1:0" if self.metrics else "", "--port-file", port_file,
                "--compute-threads", "1"] + self.args
         # The test's own NORMD_* variables (NORMD_BIN, ...) are not normd settings.

@@ -18,10 +18,18 @@ namespace {
 using Metadata = std::multimap<grpc::string_ref, grpc::string_ref>;
 
 std::vector<std::string> Parse(const std::string& text) {
-  std::vector<std::string> tokens;
-  const Status s = ParseTokenFile(text, &tokens);
+  std::vector<TokenGrant> grants;
+  const Status s = ParseTokenFile(text, &grants);
   EXPECT_TRUE(s.ok()) << s.message();
+  std::vector<std::string> tokens;
+  for (const TokenGrant& g : grants) tokens.push_back(g.token);
   return tokens;
+}
+
+std::vector<TokenGrant> Grants(const std::vector<std::string>& tokens) {
+  std::vector<TokenGrant> grants;
+  for (const std::string& t : tokens) grants.push_back(TokenGrant{t, Principal()});
+  return grants;
 }
 
 TEST(ParseTokenFileTest, OneTokenPerNonEmptyLineTrimmed) {
@@ -31,12 +39,57 @@ TEST(ParseTokenFileTest, OneTokenPerNonEmptyLineTrimmed) {
   // Rotation: old and new token side by side, blank lines and CRLF endings ignored.
   EXPECT_EQ(Parse("\n old-token \r\n\r\n\tnew-token\n\n"),
             std::vector<std::string>({"old-token", "new-token"}));
-  // Inner spaces belong to the token.
-  EXPECT_EQ(Parse("a b"), std::vector<std::string>({"a b"}));
+}
+
+TEST(ParseTokenFileTest, TenantAndAdminFields) {
+  std::vector<TokenGrant> g;
+  ASSERT_TRUE(ParseTokenFile("bare\nalpha-tok team-a\n beta-tok\tteam_b  admin \n", &g).ok());
+  ASSERT_EQ(g.size(), 3u);
+  // A bare token keeps its old meaning: tenant default, admin.
+  EXPECT_EQ(g[0].token, "bare");
+  EXPECT_EQ(g[0].principal.tenant, "default");
+  EXPECT_TRUE(g[0].principal.admin);
+  EXPECT_EQ(g[1].token, "alpha-tok");
+  EXPECT_EQ(g[1].principal.tenant, "team-a");
+  EXPECT_FALSE(g[1].principal.admin);
+  EXPECT_EQ(g[2].token, "beta-tok");
+  EXPECT_EQ(g[2].principal.tenant, "team_b");
+  EXPECT_TRUE(g[2].principal.admin);
+
+  auto expect_line_error = [](const std::string& text, const std::string& needle) {
+    std::vector<TokenGrant> out;
+    const Status s = ParseTokenFile(text, &out);
+    EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << text;
+    EXPECT_NE(s.message().find(needle), std::string::npos) << s.message();
+  };
+  expect_line_error("ok\ntok bad.tenant\n", "tenant on line 2");
+  expect_line_error("tok -starts-with-dash\n", "tenant on line 1");
+  expect_line_error("tok " + std::string(33, 't') + "\n", "tenant on line 1");
+  expect_line_error("tok team root\n", "line 1: the field after the tenant must be 'admin'");
+  expect_line_error("tok team admin extra\n", "line 1 has 4 fields");
+  expect_line_error("same a\nsame b\n", "line 2 repeats the token");
+}
+
+TEST(ParseClientTenantsFileTest, CommonNamesAndSubjectAltNames) {
+  std::vector<CertificateGrant> g;
+  ASSERT_TRUE(ParseClientTenantsFile("# team a's client\nCN=alice team-a\n"
+                                     "SAN=spiffe://example.org/ops ops admin\n", &g).ok());
+  ASSERT_EQ(g.size(), 2u);
+  EXPECT_EQ(g[0].field, CertificateGrant::Field::kCommonName);
+  EXPECT_EQ(g[0].value, "alice");
+  EXPECT_EQ(g[0].principal.tenant, "team-a");
+  EXPECT_FALSE(g[0].principal.admin);
+  EXPECT_EQ(g[1].field, CertificateGrant::Field::kSubjectAltName);
+  EXPECT_EQ(g[1].value, "spiffe://example.org/ops");
+  EXPECT_TRUE(g[1].principal.admin);
+  for (const char* bad : {"alice team-a", "CN= team-a", "CN=alice", "CN=alice bad/tenant",
+                          "CN=a t\nCN=a u", "# only a comment", ""}) {
+    EXPECT_EQ(ParseClientTenantsFile(bad, &g).code(), StatusCode::kInvalidArgument) << bad;
+  }
 }
 
 TEST(ParseTokenFileTest, RefusesFilesWithoutATokenOrWithBadTokens) {
-  std::vector<std::string> tokens;
+  std::vector<TokenGrant> tokens;
   for (const char* text : {"", "\n", "  \n\t\r\n \n"}) {
     const Status s = ParseTokenFile(text, &tokens);
     EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << "'" << text << "'";
@@ -56,7 +109,7 @@ TEST(ParseTokenFileTest, RefusesFilesWithoutATokenOrWithBadTokens) {
 
 TEST(TokenAuthenticatorTest, AcceptsExactlyTheConfiguredTokens) {
   const std::string longest(kMaxTokenBytes, 'k');
-  TokenAuthenticator auth({"s3cret", "rotated-token", longest});
+  TokenAuthenticator auth(Grants({"s3cret", "rotated-token", longest}));
   EXPECT_EQ(auth.size(), 3u);
   EXPECT_TRUE(auth.Accepts("s3cret"));
   EXPECT_TRUE(auth.Accepts("rotated-token"));
@@ -77,16 +130,27 @@ TEST(TokenAuthenticatorTest, AcceptsExactlyTheConfiguredTokens) {
 }
 
 TEST(TokenAuthenticatorTest, CheckReadsTheBearerAuthorizationMetadata) {
-  TokenAuthenticator auth({"s3cret"});
+  std::vector<TokenGrant> grants = Grants({"s3cret", "team-tok"});
+  grants[1].principal = Principal{"team-a", false};
+  TokenAuthenticator auth(grants);
   const std::string key = "authorization";
+  Principal last;
   auto check = [&](std::vector<std::string> values) {
     Metadata md;
     const std::string other_key = "user-agent", other_value = "test";
     md.emplace(grpc::string_ref(other_key), grpc::string_ref(other_value));
     for (const std::string& v : values) md.emplace(grpc::string_ref(key), grpc::string_ref(v));
-    return auth.Check(md);
+    Principal who{"unset", false};
+    grpc::Status st = auth.Check(md, &who);
+    if (st.ok()) last = who;
+    return st;
   };
+  EXPECT_TRUE(check({"Bearer team-tok"}).ok());
+  EXPECT_EQ(last.tenant, "team-a");
+  EXPECT_FALSE(last.admin);
   EXPECT_TRUE(check({"Bearer s3cret"}).ok());
+  EXPECT_EQ(last.tenant, "default");
+  EXPECT_TRUE(last.admin);
   EXPECT_TRUE(check({"bearer s3cret"}).ok());     // the scheme is case-insensitive
   EXPECT_TRUE(check({"Bearer   s3cret "}).ok());  // spaces around the token
 
@@ -151,11 +215,19 @@ TEST(ValidateSecurityFlagsTest, CombinationsAndTokenFiles) {
   f = {};
   f.auth_token_file = tokens.path();
   EXPECT_TRUE(ValidateSecurityFlags(f).ok());
-  std::unique_ptr<TokenAuthenticator> auth;
-  ASSERT_TRUE(LoadTokenAuthenticator(f, &auth).ok());
-  EXPECT_EQ(auth->size(), 2u);
-  EXPECT_TRUE(auth->Accepts("first"));
-  EXPECT_TRUE(auth->Accepts("second"));
+  std::unique_ptr<Authenticator> auth;
+  ASSERT_TRUE(LoadAuthenticator(f, &auth).ok());
+  ASSERT_NE(auth, nullptr);
+  EXPECT_EQ(auth->token_count(), 2u);
+  EXPECT_FALSE(auth->certificates_on());
+  f.auth_token_file.clear();
+  ASSERT_TRUE(LoadAuthenticator(f, &auth).ok());
+  EXPECT_EQ(auth, nullptr);  // neither feature: no authenticator, everyone is default
+  TempFile mapping("CN=client team-a\n");
+  f.tls_client_tenants = mapping.path();
+  expect_invalid(f, "--tls-client-tenants needs --tls-client-ca");
+  f.tls_client_tenants.clear();
+  f.auth_token_file = tokens.path();
   f.auth_token_file = empty.path();
   expect_invalid(f, "--auth-token-file '" + empty.path() + "': it holds no token");
   f.auth_token_file = blank.path();

@@ -91,7 +91,7 @@ struct Instance {
   }
   std::shared_ptr<ModelEntry> Get(const std::string& id) {
     std::shared_ptr<ModelEntry> e;
-    const Status st = registry.Find(id, &e);
+    const Status st = registry.Find(Principal(), id, &e);
     EXPECT_TRUE(st.ok()) << st.message();
     return e;
   }
@@ -142,7 +142,7 @@ class CheckpointPersistenceTest : public ::testing::Test {
 
   std::shared_ptr<ModelEntry> Create(Instance& in, const std::string& id) {
     std::shared_ptr<ModelEntry> e;
-    const Status st = in.registry.Create(id, Spec(), &e);
+    const Status st = in.registry.Create(Principal(), id, Spec(), &e);
     EXPECT_TRUE(st.ok()) << st.message();
     return e;
   }
@@ -253,7 +253,7 @@ TEST_F(CheckpointPersistenceTest, DeleteRemovesTheFilesAndNoQueuedWriteBringsThe
   Instance b(options_);
   EXPECT_EQ(b.registry.size(), 1);
   std::shared_ptr<ModelEntry> e;
-  EXPECT_EQ(b.registry.Find("gone", &e).code(), StatusCode::kNotFound);
+  EXPECT_EQ(b.registry.Find(Principal(), "gone", &e).code(), StatusCode::kNotFound);
 
   // A new model may take the id again, starting from its own state.
   std::shared_ptr<ModelEntry> again = Create(b, "gone");
@@ -320,7 +320,7 @@ TEST_F(CheckpointPersistenceTest, UnbuildableCheckpointsAreSkippedNotSetAsideNor
     ComputePool pool(1, 1);
     Registry scratch(RegistryLimits(), nullptr, &pool);
     std::shared_ptr<ModelEntry> e;
-    ASSERT_TRUE(scratch.Create("big", Spec(), &e).ok());
+    ASSERT_TRUE(scratch.Create(Principal(), "big", Spec(), &e).ok());
     std::shared_lock<std::shared_mutex> lock(e->mu());
     ASSERT_TRUE(SnapshotCheckpoint("big", bad, e->model(), &snap).ok());
   }

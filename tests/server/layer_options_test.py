@@ -307,7 +307,7 @@ class FoldTest(unittest.TestCase):
         with urllib.request.urlopen(SERVER.metrics_url, timeout=10) as r:
             metrics = r.read().decode()
         line = [l for l in metrics.splitlines()
-                if l.startswith('normd_nonfinite_steps_total{model="fold-ro-f"}')]
+                if l.startswith('normd_nonfinite_steps_total{model="fold-ro-f",')]
         self.assertEqual(len(line), 1, metrics[-2000:])
         self.assertEqual(float(line[0].split()[-1]), 0.0)
         self.c.evaluate("fold-ro-f", x, labels=y)

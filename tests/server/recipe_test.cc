@@ -418,7 +418,8 @@ TEST_F(RecipeTest, ApplyGradientsAndTrainStreamReportTheSameFiguresAsTrainStep) 
 
 TEST_F(RecipeTest, MetricsShowGradNormAndLearningRatePerModel) {
   ASSERT_TRUE(Create("r-met", RecipeSpec()).ok());
-  const std::vector<std::string> label = {"model=\"r-met\""};
+  // Like every per-model series, the two gauges carry the tenant (default without tenants).
+  const std::vector<std::string> label = {"tenant=\"default\"", "model=\"r-met\""};
   std::string text = HttpGet(server_->metrics_port(), "/metrics");
   EXPECT_NEAR(MetricValue(text, "normd_learning_rate", label), RecipeLr(0.05f, 0), 1e-15);
   EXPECT_EQ(MetricValue(text, "normd_grad_norm", label), 0.0);  // no step yet

@@ -10,10 +10,13 @@
 #include <thread>
 #include <vector>
 
+#include "tests/server/gate.h"
 #include "tests/server/normd_process.h"
 
 namespace normd::server {
 namespace {
+
+using ::normd::testing::Gate;
 
 using Access = ModelEntry::Access;
 using Want = ModelEntry::Want;
@@ -36,32 +39,13 @@ class Rendezvous {
   int arrived_ = 0;
 };
 
-// A one-shot gate tasks can wait on.
-class Gate {
- public:
-  void Open() {
-    std::lock_guard<std::mutex> lock(mu_);
-    open_ = true;
-    cv_.notify_all();
-  }
-  void Wait() {
-    std::unique_lock<std::mutex> lock(mu_);
-    cv_.wait_for(lock, std::chrono::seconds(10), [this] { return open_; });
-  }
-
- private:
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool open_ = false;
-};
-
 class RegistryTest : public ::testing::Test {
  protected:
   RegistryTest() : pool_(4, 1) {}
   std::shared_ptr<ModelEntry> NewModel(const std::string& id, const RegistryLimits& limits) {
     registry_ = std::make_unique<Registry>(limits, &metrics_, &pool_);
     std::shared_ptr<ModelEntry> e;
-    const Status s = registry_->Create(id, testing::MlpSpec(), &e);
+    const Status s = registry_->Create(Principal(), id, testing::MlpSpec(), &e);
     EXPECT_TRUE(s.ok()) << s.message();
     return e;
   }
@@ -202,8 +186,8 @@ TEST(RegistrySchedulingTest, OtherModelsWorkIsNotHeldBack) {
   ComputePool pool(1, 1);
   Registry registry(RegistryLimits(), &metrics, &pool);
   std::shared_ptr<ModelEntry> a, b;
-  ASSERT_TRUE(registry.Create("a", testing::MlpSpec(), &a).ok());
-  ASSERT_TRUE(registry.Create("b", testing::MlpSpec(), &b).ok());
+  ASSERT_TRUE(registry.Create(Principal(), "a", testing::MlpSpec(), &a).ok());
+  ASSERT_TRUE(registry.Create(Principal(), "b", testing::MlpSpec(), &b).ok());
   std::mutex mu;
   std::vector<std::string> order;
   Gate started, release, done;
@@ -258,24 +242,24 @@ TEST_F(RegistryTest, CreateLimitsAndIds) {
   limits.max_models = 2;
   Registry registry(limits, &metrics_, &pool_);
   std::shared_ptr<ModelEntry> e;
-  ASSERT_TRUE(registry.Create("", testing::MlpSpec(), &e).ok());
+  ASSERT_TRUE(registry.Create(Principal(), "", testing::MlpSpec(), &e).ok());
   EXPECT_EQ(e->id().rfind("m-", 0), 0u);
-  EXPECT_EQ(registry.Create(e->id(), testing::MlpSpec(), &e).code(), StatusCode::kAlreadyExists);
-  ASSERT_TRUE(registry.Create("two", testing::MlpSpec(), &e).ok());
-  EXPECT_EQ(registry.Create("three", testing::MlpSpec(), &e).code(),
+  EXPECT_EQ(registry.Create(Principal(), e->id(), testing::MlpSpec(), &e).code(), StatusCode::kAlreadyExists);
+  ASSERT_TRUE(registry.Create(Principal(), "two", testing::MlpSpec(), &e).ok());
+  EXPECT_EQ(registry.Create(Principal(), "three", testing::MlpSpec(), &e).code(),
             StatusCode::kResourceExhausted);
   EXPECT_EQ(registry.size(), 2);
   std::shared_ptr<ModelEntry> found;
-  EXPECT_EQ(registry.Find("nope", &found).code(), StatusCode::kNotFound);
-  EXPECT_EQ(registry.Find("../x", &found).code(), StatusCode::kInvalidArgument);
-  ASSERT_TRUE(registry.Find("two", &found).ok());
+  EXPECT_EQ(registry.Find(Principal(), "nope", &found).code(), StatusCode::kNotFound);
+  EXPECT_EQ(registry.Find(Principal(), "../x", &found).code(), StatusCode::kInvalidArgument);
+  ASSERT_TRUE(registry.Find(Principal(), "two", &found).ok());
   {
     std::unique_lock<std::shared_mutex> lock(found->mu());
     ASSERT_TRUE(registry.Remove(*found).ok());
   }
   EXPECT_TRUE(found->deleted());
   EXPECT_EQ(registry.size(), 1);
-  ASSERT_TRUE(registry.Create("three", testing::MlpSpec(), &e).ok());
+  ASSERT_TRUE(registry.Create(Principal(), "three", testing::MlpSpec(), &e).ok());
   // The model gauge and the deleted model's series follow.
   const std::string text = metrics_.Render();
   EXPECT_EQ(testing::MetricValue(text, "normd_models"), 2.0);

@@ -191,7 +191,7 @@ TEST_F(ServiceTest, CreateErrors) {
   Create("dup");
   EXPECT_STATUS(TryCreate("dup", MlpSpec()), StatusCode::ALREADY_EXISTS, "dup");
   EXPECT_STATUS(TryCreate(".hidden", MlpSpec()), StatusCode::INVALID_ARGUMENT, "'.'");
-  EXPECT_STATUS(TryCreate("a/b", MlpSpec()), StatusCode::INVALID_ARGUMENT, "id");
+  EXPECT_STATUS(TryCreate("a/b/c", MlpSpec()), StatusCode::INVALID_ARGUMENT, "id");
   EXPECT_STATUS(TryCreate(std::string(65, 'x'), MlpSpec()), StatusCode::INVALID_ARGUMENT,
                 "64");
 

@@ -130,7 +130,12 @@ class Client:
     stream_timeout: of a whole train_stream (a method's timeout= overrides them for one call).
     TLS: tls=True (system roots) or root_certificates; certificate_chain and private_key for
     mutual TLS; each PEM bytes or a file path. token: sent as "authorization: Bearer <token>"
-    on every call.
+    on every call; it (or the client certificate) names the caller's tenant on a server with
+    tenants, and a plain model name is a model of that tenant.
+    tenant: for admins, a tenant to work in (as normctl --tenant): plain model names, and
+    create_model's id and fold_batch_norm's new_model, are sent as "TENANT/name" (an empty id as
+    "TENANT/", the server picks one there), and list_models returns that tenant's models only.
+    A name that already holds a '/' is sent as written. Every pb.Model carries .tenant.
 
     Models: create_model, get_model, list_models, delete_model, set_mode, set_lr,
     update_recipe (schedule, clipping, no-decay groups), ...
@@ -142,8 +147,9 @@ class Client:
                  stream_timeout: float = 24 * 3600.0, tls: bool = False,
                  root_certificates=None, certificate_chain=None, private_key=None,
                  server_name: Optional[str] = None, token: Optional[str] = None,
-                 max_receive_bytes: int = 256 << 20):
+                 tenant: Optional[str] = None, max_receive_bytes: int = 256 << 20):
         self.address = address
+        self.tenant = tenant or None
         self.timeout = timeout
         self.stream_timeout = stream_timeout
         # Retries off: with gRPC Python 1.51's retry filter, a TrainStream opened while the
@@ -180,6 +186,12 @@ class Client:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _name(self, model: str) -> str:
+        """A model name as sent: qualified with self.tenant unless it names a tenant already."""
+        if self.tenant is None or "/" in model:
+            return model
+        return f"{self.tenant}/{model}"
+
     def _call(self, method: str, request, stub=None, timeout: Optional[float] = None):
         try:
             return getattr(stub or self._stub, method)(
@@ -205,39 +217,44 @@ class Client:
         """spec: a pb.ModelSpec, or its protobuf JSON mapping as a dict or string. id: empty lets
         the server choose one (the returned Model's .id)."""
         return self._call("CreateModel",
-                          pb.CreateModelRequest(id=id, spec=_message(spec, pb.ModelSpec)),
+                          pb.CreateModelRequest(id=self._name(id),
+                                                spec=_message(spec, pb.ModelSpec)),
                           timeout=timeout)
 
     def get_model(self, model: str, *, timeout: Optional[float] = None) -> pb.Model:
         """The model's spec, mode, step and options."""
-        return self._call("GetModel", pb.GetModelRequest(model=model), timeout=timeout)
+        return self._call("GetModel", pb.GetModelRequest(model=self._name(model)), timeout=timeout)
 
     def list_models(self, *, timeout: Optional[float] = None) -> List[pb.Model]:
-        """Every model the server holds."""
-        return list(self._call("ListModels", pb.ListModelsRequest(), timeout=timeout).models)
+        """The models the caller may see: its tenant's, or every tenant's for an admin (only
+        self.tenant's when that is set)."""
+        models = self._call("ListModels", pb.ListModelsRequest(), timeout=timeout).models
+        return [m for m in models if self.tenant is None or m.tenant == self.tenant]
 
     def delete_model(self, model: str, *, timeout: Optional[float] = None) -> None:
         """Removes the model and its checkpoint."""
-        self._call("DeleteModel", pb.DeleteModelRequest(model=model), timeout=timeout)
+        self._call("DeleteModel", pb.DeleteModelRequest(model=self._name(model)), timeout=timeout)
 
     def set_mode(self, model: str, mode, freeze_running_stats: Optional[bool] = None, *,
                  timeout: Optional[float] = None) -> pb.Model:
         """mode: "train", "eval" or a pb.Mode value. freeze_running_stats None keeps it."""
-        request = pb.SetModeRequest(model=model, mode=_MODES.get(mode, mode))
+        request = pb.SetModeRequest(model=self._name(model), mode=_MODES.get(mode, mode))
         if freeze_running_stats is not None:
             request.freeze_running_stats = freeze_running_stats
         return self._call("SetMode", request, timeout=timeout)
 
     def reset_running_stats(self, model: str, *, timeout: Optional[float] = None) -> pb.Model:
         """Running means to 0, variances to 1, num_batches_tracked to 0 (PyTorch's reset)."""
-        return self._call("ResetRunningStats", pb.ResetRunningStatsRequest(model=model),
+        return self._call("ResetRunningStats",
+                          pb.ResetRunningStatsRequest(model=self._name(model)),
                           timeout=timeout)
 
     def update_optimizer(self, model: str, optimizer, *,
                          timeout: Optional[float] = None) -> pb.Model:
         """optimizer: a pb.OptimizerSpec or its JSON mapping, e.g. {"sgd": {"lr": 0.1}}."""
         return self._call("UpdateOptimizer", pb.UpdateOptimizerRequest(
-            model=model, optimizer=_message(optimizer, pb.OptimizerSpec)), timeout=timeout)
+            model=self._name(model), optimizer=_message(optimizer, pb.OptimizerSpec)),
+            timeout=timeout)
 
     def set_lr(self, model: str, lr: float, *, timeout: Optional[float] = None) -> pb.Model:
         """Changes only the (base) learning rate (reads the current optimizer spec first); a
@@ -284,7 +301,7 @@ class Client:
         """Per-layer freezing and trainability. layers: {label: {"frozen": bool, "trainable":
         bool}} (a key left out keeps its value; label is the layer's name or index, "3"), or an
         iterable of pb.LayerOptions. The whole request is refused if any entry is bad."""
-        request = pb.SetLayerOptionsRequest(model=model)
+        request = pb.SetLayerOptionsRequest(model=self._name(model))
         if isinstance(layers, Mapping):
             for label, options in layers.items():
                 unknown = set(options) - {"frozen", "trainable"}
@@ -300,14 +317,17 @@ class Client:
         """The model with every BatchNorm that follows a Linear/Conv2d folded into it; with
         new_model also created on the server as an inference-only copy under that id."""
         r = self._call("FoldBatchNorm",
-                       pb.FoldBatchNormRequest(model=model, new_model=new_model or ""),
+                       pb.FoldBatchNormRequest(
+                           model=self._name(model),
+                           new_model=self._name(new_model) if new_model else ""),
                        timeout=timeout)
         state = collections.OrderedDict((t.name, from_tensor(t.tensor)) for t in r.state.tensors)
         return FoldResult(r.spec, state, r.model if r.HasField("model") else None)
 
     def save_model(self, model: str, *, timeout: Optional[float] = None) -> int:
         """Returns the step held by the durable checkpoint."""
-        return self._call("SaveModel", pb.SaveModelRequest(model=model), timeout=timeout).step
+        return self._call("SaveModel", pb.SaveModelRequest(model=self._name(model)),
+                          timeout=timeout).step
 
     # -- compute ----------------------------------------------------------------------------
 
@@ -315,7 +335,7 @@ class Client:
                 layer_stats: bool = False, *, timeout: Optional[float] = None) -> ForwardResult:
         """One Forward of the whole batch x in the model's current mode."""
         r = self._call("Forward", pb.ForwardRequest(
-            model=model, input=to_tensor(x), retain_for_backward=retain_for_backward,
+            model=self._name(model), input=to_tensor(x), retain_for_backward=retain_for_backward,
             layer_stats=layer_stats), timeout=timeout)
         return ForwardResult(from_tensor(r.output), r.forward_id, list(r.layer_stats),
                              list(r.warnings))
@@ -339,7 +359,7 @@ class Client:
                  timeout: Optional[float] = None) -> Optional[np.ndarray]:
         """Accumulates gradients for a retained forward; the input's gradient if asked."""
         r = self._call("Backward", pb.BackwardRequest(
-            model=model, forward_id=forward_id, grad_output=to_tensor(grad_output),
+            model=self._name(model), forward_id=forward_id, grad_output=to_tensor(grad_output),
             return_grad_input=return_grad_input), timeout=timeout)
         return from_tensor(r.grad_input) if r.HasField("grad_input") else None
 
@@ -353,7 +373,7 @@ class Client:
                                  timeout: Optional[float] = None) -> pb.ApplyGradientsResponse:
         """apply_gradients with the whole response: step, grad_norm (the gradients' total norm
         before clipping) and learning_rate (the rate the step used)."""
-        return self._call("ApplyGradients", pb.ApplyGradientsRequest(model=model),
+        return self._call("ApplyGradients", pb.ApplyGradientsRequest(model=self._name(model)),
                           timeout=timeout)
 
     def train_step(self, model: str, x, labels=None, target=None, *,
@@ -361,7 +381,7 @@ class Client:
         """One optimisation step: labels (class indices) for cross-entropy, target otherwise.
         The response holds loss, step, samples, grad_norm (before clipping) and learning_rate
         (the rate the step used)."""
-        request = pb.TrainStepRequest(model=model, input=to_tensor(x))
+        request = pb.TrainStepRequest(model=self._name(model), input=to_tensor(x))
         return self._call("TrainStep", self._supervised(request, labels, target),
                           timeout=timeout)
 
@@ -375,7 +395,7 @@ class Client:
         def requests():
             for x, y in batches:
                 y = _as_numpy(y)
-                request = pb.TrainStepRequest(model=model, input=to_tensor(x))
+                request = pb.TrainStepRequest(model=self._name(model), input=to_tensor(x))
                 if np.issubdtype(y.dtype, np.integer):
                     yield self._supervised(request, y, None)
                 else:
@@ -407,7 +427,7 @@ class Client:
 
         def requests():
             for i, x in enumerate(batches):
-                yield pb.AdaptStatisticsRequest(model=model if i == 0 else "",
+                yield pb.AdaptStatisticsRequest(model=self._name(model) if i == 0 else "",
                                                 input=to_tensor(x))
 
         try:
@@ -434,13 +454,13 @@ class Client:
         paired = x.ndim > 0 and y.ndim > 0 and len(y) == len(x)
         chunks = _row_chunks(len(x), batch_size) if paired else [(0, 0)]
         if len(chunks) == 1:  # one request; rows that do not pair up get the server's answer
-            request = pb.EvaluateRequest(model=model, input=to_tensor(x))
+            request = pb.EvaluateRequest(model=self._name(model), input=to_tensor(x))
             return self._call("Evaluate", self._supervised(request, labels, target),
                               timeout=timeout)
         total = pb.EvaluateResponse()
         loss = accuracy = 0.0
         for i, n in chunks:
-            request = pb.EvaluateRequest(model=model, input=to_tensor(x[i:i + n]))
+            request = pb.EvaluateRequest(model=self._name(model), input=to_tensor(x[i:i + n]))
             if labels is not None:
                 self._supervised(request, y[i:i + n], None)
             else:
@@ -470,7 +490,7 @@ class Client:
     def get_state(self, model: str, include_optimizer: bool = False, *,
                   timeout: Optional[float] = None) -> "collections.OrderedDict[str, np.ndarray]":
         """An OrderedDict of PyTorch state_dict names to float32 arrays."""
-        r = self._call("GetState", pb.GetStateRequest(model=model,
+        r = self._call("GetState", pb.GetStateRequest(model=self._name(model),
                                                       include_optimizer=include_optimizer),
                        timeout=timeout)
         return collections.OrderedDict((t.name, from_tensor(t.tensor)) for t in r.tensors)
@@ -478,7 +498,7 @@ class Client:
     def set_state(self, model: str, state: Mapping[str, Any], strict: bool = True, *,
                   timeout: Optional[float] = None) -> pb.Model:
         """state: names to arrays (numpy or torch); num_batches_tracked may be an integer."""
-        request = pb.SetStateRequest(model=model, strict=strict)
+        request = pb.SetStateRequest(model=self._name(model), strict=strict)
         for name, value in state.items():
             request.state.tensors.add(name=name, tensor=to_tensor(value))
         return self._call("SetState", request, timeout=timeout)
