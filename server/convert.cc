@@ -4,6 +4,8 @@
 #include <cstring>
 #include <limits>
 
+#include "core/lr_schedule.h"
+
 namespace normd::server {
 namespace {
 
@@ -323,6 +325,10 @@ Status LrScheduleFromWire(const v1::LrScheduleSpec& w, const std::string& f,
     case v1::LrScheduleSpec::DECAY_NOT_SET:
       break;
   }
+  // The core's own rules, which the checks above already imply: a mismatch is a bug here. Kept
+  // so a rule added to the core is enforced at the wire even before this function learns it.
+  Status s = ValidateLrSchedule(*c);
+  if (!s.ok()) return s.WithPrefix(f);
   return Status::Ok();
 }
 
