@@ -16,7 +16,11 @@
 //   warm-up then decay:   SequentialLR(opt, [LinearLR(opt, s, 1.0, W), <the decay>],
 //                                      milestones=[W])
 // so the decay's own count (step_size, t_max) starts when the warm-up ends. PyTorch updates the
-// rate recursively; these closed forms equal it up to double rounding (a relative 1e-15).
+// rate recursively (LinearLR, StepLR and CosineAnnealingLR multiply or rescale the previous
+// rate); these closed forms equal it in exact arithmetic, and in doubles up to the rounding the
+// recursion accumulates: measured against torch 1.13, a relative 1e-15 for StepLR and up to
+// about 1e-13 over schedules of thousands of steps (a 5000-step LinearLR 2e-14, a 3000-step
+// CosineAnnealingLR with eta_min 1e-4 run for 12000 steps 1.2e-13).
 #ifndef NORMD_CORE_LR_SCHEDULE_H_
 #define NORMD_CORE_LR_SCHEDULE_H_
 
