@@ -191,6 +191,14 @@ class EchoTrainer final : public v1::Trainer::Service {
   }
 };
 
+// A stand-in server on a free loopback port, running `service`; *port is set (0 on failure).
+std::unique_ptr<grpc::Server> StartStandIn(grpc::Service* service, int* port) {
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), port);
+  builder.RegisterService(service);
+  return builder.BuildAndStart();
+}
+
 // Answers ApplyGradients and TrainStep with fixed figures, to see them come through the client.
 class FixedStepTrainer final : public v1::Trainer::Service {
   grpc::Status ApplyGradients(grpc::ServerContext*, const v1::ApplyGradientsRequest*,
@@ -212,10 +220,7 @@ class FixedStepTrainer final : public v1::Trainer::Service {
 TEST(ClientTest, StepsReportGradNormAndLearningRate) {
   FixedStepTrainer service;
   int port = 0;
-  grpc::ServerBuilder builder;
-  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
-  builder.RegisterService(&service);
-  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  std::unique_ptr<grpc::Server> server = StartStandIn(&service, &port);
   ASSERT_NE(port, 0);
   ClientOptions options;
   options.server = "127.0.0.1:" + std::to_string(port);
@@ -244,10 +249,7 @@ TEST(ClientTest, StreamsOpenedRightAfterTheServerStoppedFailPromptly) {
   for (int cycle = 0; cycle < kCycles; ++cycle) {
     EchoTrainer service;
     int port = 0;
-    grpc::ServerBuilder builder;
-    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
-    builder.RegisterService(&service);
-    std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+    std::unique_ptr<grpc::Server> server = StartStandIn(&service, &port);
     ASSERT_NE(port, 0);
     ClientOptions options;
     options.server = "127.0.0.1:" + std::to_string(port);

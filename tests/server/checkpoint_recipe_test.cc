@@ -4,12 +4,11 @@
 // without a schedule.
 #include <gtest/gtest.h>
 
-#include <fstream>
-#include <sstream>
 #include <string>
 
 #include "server/checkpoint.h"
 #include "server/convert.h"
+#include "tests/server/checkpoint_corpus.h"
 
 namespace normd::server {
 namespace {
@@ -38,15 +37,9 @@ v1::ModelSpec Spec() {
   return spec;
 }
 
-std::unique_ptr<Model> Build(const v1::ModelSpec& spec) {
-  ModelConfig config;
-  Status s = SpecToConfig(spec, &config);
-  EXPECT_TRUE(s.ok()) << s.message();
-  std::unique_ptr<Model> m;
-  s = Model::Create(config, Sequential::Limits(), &m);
-  EXPECT_TRUE(s.ok()) << s.message();
-  return m;
-}
+using testing::BuildFromSpec;
+using testing::kCorpusCheckpoints;
+using testing::ReadCorpusCheckpoint;
 
 void Train(Model* m, int steps, uint64_t seed) {
   Rng rng(seed);
@@ -72,7 +65,7 @@ const NamedTensor* Find(const std::vector<NamedTensor>& state, const std::string
 }
 
 TEST(CheckpointRecipeTest, ScheduleProgressRoundTripsAndTrainingContinuesIdentically) {
-  auto m = Build(Spec());
+  auto m = BuildFromSpec(Spec());
   Train(m.get(), 5, 1);
   CheckpointSnapshot snap;
   ASSERT_TRUE(SnapshotCheckpoint("m", Spec(), *m, &snap).ok());
@@ -83,7 +76,7 @@ TEST(CheckpointRecipeTest, ScheduleProgressRoundTripsAndTrainingContinuesIdentic
   ASSERT_NE(progress, nullptr);
   EXPECT_EQ(progress->values, std::vector<float>{5.0f});
 
-  auto restored = Build(ckpt.spec);
+  auto restored = BuildFromSpec(ckpt.spec);
   EXPECT_NE(restored->learning_rate(), m->learning_rate());  // a fresh schedule is at step 0
   ASSERT_TRUE(RestoreInto(ckpt, restored.get()).ok());
   EXPECT_EQ(restored->learning_rate(), m->learning_rate());
@@ -101,7 +94,7 @@ TEST(CheckpointRecipeTest, ScheduleProgressRoundTripsAndTrainingContinuesIdentic
 }
 
 TEST(CheckpointRecipeTest, ASpecWithAScheduleNeedsItsProgressInTheState) {
-  auto m = Build(Spec());
+  auto m = BuildFromSpec(Spec());
   Train(m.get(), 3, 1);
   CheckpointSnapshot snap;
   ASSERT_TRUE(SnapshotCheckpoint("m", Spec(), *m, &snap).ok());
@@ -112,7 +105,7 @@ TEST(CheckpointRecipeTest, ASpecWithAScheduleNeedsItsProgressInTheState) {
     if (e.name != "optimizer.lr_scheduler.last_epoch") without.push_back(e);
   }
   ckpt.state = without;
-  auto fresh = Build(ckpt.spec);
+  auto fresh = BuildFromSpec(ckpt.spec);
   const std::vector<NamedTensor> before = fresh->GetState(true);
   const Status s = RestoreInto(ckpt, fresh.get());
   EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
@@ -125,18 +118,12 @@ TEST(CheckpointRecipeTest, ASpecWithAScheduleNeedsItsProgressInTheState) {
 
 TEST(CheckpointRecipeTest, CommittedOldCheckpointsRestoreWithoutARecipe) {
   // Written before the recipe existed (tests/fuzz/corpus/checkpoint).
-  for (const char* name : {"batchnorm-options.nckpt", "mlp-adam-eval.nckpt",
-                           "conv-frozen.nckpt", "mlp-sgd-train.nckpt"}) {
-    std::ifstream in(std::string(NORMD_SOURCE_DIR) + "/tests/fuzz/corpus/checkpoint/" + name,
-                     std::ios::binary);
-    ASSERT_TRUE(in) << name;
-    std::stringstream bytes;
-    bytes << in.rdbuf();
+  for (const char* name : kCorpusCheckpoints) {
     LoadedCheckpoint ckpt;
-    ASSERT_TRUE(DecodeCheckpoint(bytes.str(), &ckpt).ok()) << name;
+    ASSERT_TRUE(ReadCorpusCheckpoint(name, &ckpt));
     EXPECT_FALSE(ckpt.spec.optimizer().has_lr_schedule()) << name;
     EXPECT_EQ(Find(ckpt.state, "optimizer.lr_scheduler.last_epoch"), nullptr) << name;
-    auto m = Build(ckpt.spec);
+    auto m = BuildFromSpec(ckpt.spec);
     const Status s = RestoreInto(ckpt, m.get());
     ASSERT_TRUE(s.ok()) << name << ": " << s.message();
     const v1::OptimizerSpec& o = ckpt.spec.optimizer();
