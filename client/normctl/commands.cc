@@ -410,7 +410,9 @@ int RunRecipe(Client& client, const Args& args, std::ostream& out) {
   if (args.no_clip) optimizer.clear_clip_grad_norm();
   if (args.no_decay_norm_bias) optimizer.set_no_weight_decay_on_norm_and_bias(true);
   if (args.decay_all) optimizer.set_no_weight_decay_on_norm_and_bias(false);
-  const v1::Model updated = client.UpdateOptimizer(model.id(), optimizer);
+  // args.id as given (with --tenant, "TENANT/ID"): model.id() is the id within its tenant and
+  // would name the caller's own tenant's model.
+  const v1::Model updated = client.UpdateOptimizer(args.id, optimizer);
   out << "optimizer of " << updated.id() << ": " << OptimizerString(updated.spec().optimizer())
       << "\nlearning rate of the next step: " << updated.learning_rate() << '\n';
   return kExitOk;
