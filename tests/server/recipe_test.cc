@@ -16,6 +16,7 @@
 
 #include "core/loss.h"
 #include "tests/server/normd_process.h"
+#include "tests/server/shared_normd_test.h"
 
 namespace normd::testing {
 namespace {
@@ -56,22 +57,8 @@ double RecipeLr(double base, int t) {
   return 0.005 + (base - 0.005) * (1 + std::cos(M_PI * (t - 3) / 10.0)) / 2;
 }
 
-class RecipeTest : public ::testing::Test {
+class RecipeTest : public SharedNormdTest<RecipeTest> {
  protected:
-  static void SetUpTestSuite() {
-    std::string error;
-    server_ = NormdProcess::Start({"--compute-threads=2"}, &error).release();
-    ASSERT_NE(server_, nullptr) << error;
-  }
-  static void TearDownTestSuite() {
-    delete server_;
-    server_ = nullptr;
-  }
-  void SetUp() override {
-    ASSERT_NE(server_, nullptr);
-    stub_ = server_->NewStub();
-  }
-
   grpc::Status Create(const std::string& id, const v1::ModelSpec& spec, v1::Model* m = nullptr) {
     v1::CreateModelRequest req;
     req.set_id(id);
@@ -116,12 +103,7 @@ class RecipeTest : public ::testing::Test {
   static v1::Tensor Batch(int n, uint64_t seed) {
     return MakeTensor({n, kIn}, RandomValues(static_cast<size_t>(n) * kIn, seed), true);
   }
-
-  static NormdProcess* server_;
-  std::unique_ptr<v1::Trainer::Stub> stub_;
 };
-
-NormdProcess* RecipeTest::server_ = nullptr;
 
 bool SameState(const std::map<std::string, std::vector<float>>& a,
                const std::map<std::string, std::vector<float>>& b) {
