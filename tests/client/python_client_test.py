@@ -1,6 +1,7 @@
 """Every normd.Client wrapper against a real normd on loopback."""
 
 import json
+import math
 import os
 import sys
 import threading
@@ -330,15 +331,21 @@ class ClientTest(unittest.TestCase):
             self.assertFalse(m.spec.optimizer.HasField("clip_grad_norm"))
             self.assertFalse(m.spec.optimizer.no_weight_decay_on_norm_and_bias)
             self.assertTrue(m.spec.optimizer.HasField("lr_schedule"))
-            m = self.c.set_lr(mid, 0.2)  # keeps the schedule and its progress
+            # One step under the cosine, then set_lr: the schedule and its progress stay, and
+            # the factor of step 1 applies to the new base rate (a reset would give 0.2).
+            x, labels = batch(seed=20)
+            self.c.train_step(mid, x, labels=labels)
+            m = self.c.set_lr(mid, 0.2)
             self.assertEqual(m.spec.optimizer.lr_schedule.cosine.t_max, 4)
+            lr1 = float(np.float32(0.2)) * (1 + math.cos(math.pi / 4)) / 2
+            self.assertAlmostEqual(m.learning_rate, lr1, places=15)
 
             # ApplyGradients reports the same figures.
             f = self.c.forward(mid, batch(seed=30)[0], retain_for_backward=True)
             self.c.backward(mid, f.forward_id, np.full(f.output.shape, 0.1, np.float32))
             a = self.c.apply_gradients_response(mid)
-            self.assertEqual(a.step, 7)
-            self.assertAlmostEqual(a.learning_rate, float(np.float32(0.2)), places=15)
+            self.assertEqual(a.step, 8)
+            self.assertAlmostEqual(a.learning_rate, lr1, places=15)
             self.assertTrue(np.isfinite(a.grad_norm))
             self.assertGreater(a.grad_norm, 0.0)
 
