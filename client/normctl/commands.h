@@ -88,8 +88,11 @@ int RunRecipe(normd::client::Client& client, const Args& args, std::ostream& out
 std::string ModeName(normd::v1::Mode mode);                // "train" | "eval" | "unspecified"
 std::string LayerKind(const normd::v1::LayerSpec& layer);  // "linear", "batch_norm1d", ...
 std::string LayerLabel(const normd::v1::ModelSpec& spec, int index);  // name or index
-// "sgd lr=0.1 momentum=0.9, warm-up 5 steps from 0.1x then cosine t_max=45 eta_min=0, clip grad
-// norm 1, no weight decay on norm/bias"
+// One line for `get`, `lr` and `recipe`: the kind ("sgd", "adam", "adamw"; "none" without one)
+// with lr (sgd: and momentum, and nesterov when set) and weight_decay when not 0, then, each
+// only when set, the schedule (an unset start_factor or gamma shows the server's default),
+// clipping and the no-decay groups. E.g. "sgd lr=0.1 momentum=0.9, warm-up 5 steps from 0.1x
+// then cosine t_max=45 eta_min=0, clip grad norm 1, no weight decay on norm/bias".
 std::string OptimizerString(const normd::v1::OptimizerSpec& optimizer);
 void PrintBatchNormTable(const normd::v1::Model& model, std::ostream& out);
 
