@@ -382,13 +382,13 @@ Tensor Client::Backward(const std::string& model, uint64_t forward_id,
   return DecodeTensor(response.grad_input());
 }
 
-uint64_t Client::ApplyGradients(const std::string& model) {
+v1::ApplyGradientsResponse Client::ApplyGradients(const std::string& model) {
   v1::ApplyGradientsRequest request;
   request.set_model(model);
   v1::ApplyGradientsResponse response;
   Check(stub_->ApplyGradients(NewContext(options_.timeout).get(), request, &response),
         "ApplyGradients");
-  return response.step();
+  return response;
 }
 
 v1::TrainStepResponse Client::TrainStep(const std::string& model, const TensorView& input,

@@ -174,7 +174,8 @@ class Client {
   v1::Model SetMode(const std::string& model, v1::Mode mode,
                     std::optional<bool> freeze_running_stats = std::nullopt);
   v1::Model ResetRunningStats(const std::string& model);
-  // Replaces the optimizer's hyperparameters (same kind), keeping its state.
+  // Replaces the optimizer's hyperparameters (same kind), its learning-rate schedule, clipping
+  // and parameter groups, keeping its state (a changed schedule restarts from its step 0).
   v1::Model UpdateOptimizer(const std::string& model, const v1::OptimizerSpec& optimizer);
   // Returns the step held by the durable checkpoint.
   uint64_t SaveModel(const std::string& model);
@@ -191,8 +192,11 @@ class Client {
   // Returns the input gradient when return_grad_input is set, an empty Tensor otherwise.
   Tensor Backward(const std::string& model, uint64_t forward_id, const TensorView& grad_output,
                   bool return_grad_input = false);
-  uint64_t ApplyGradients(const std::string& model);  // returns the new step
+  // One optimizer step on the accumulated gradients: the new step, the gradients' total norm
+  // before clipping (grad_norm) and the learning rate the step used.
+  v1::ApplyGradientsResponse ApplyGradients(const std::string& model);
 
+  // One step: loss, step, samples, grad_norm (before clipping) and the learning rate used.
   v1::TrainStepResponse TrainStep(const std::string& model, const TensorView& input,
                                   const std::vector<int64_t>& labels);
   v1::TrainStepResponse TrainStepWithTarget(const std::string& model, const TensorView& input,

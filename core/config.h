@@ -91,6 +91,9 @@ constexpr int kMaxResidualDepth = 16;
 
 // PyTorch's class name for a kind ("BatchNorm1d").
 const char* LayerKindName(LayerKind kind);
+// BatchNorm, LayerNorm, GroupNorm and InstanceNorm: the layers whose parameters recipes exempt
+// from weight decay (OptimizerConfig::no_weight_decay_on_norm_and_bias).
+bool IsNormLayerKind(LayerKind kind);
 
 struct LayerConfig;
 
@@ -138,16 +141,50 @@ struct AdamConfig {
 
 enum class OptimizerKind { kSgd, kAdam };
 
+// A learning-rate schedule applied per optimizer step (core/lr_schedule.h has the formulas and
+// the PyTorch schedulers they equal). The default is no schedule: the optimizer's lr throughout.
+struct LrScheduleConfig {
+  // Linear warm-up over the first warmup_steps steps, from warmup_start_factor * lr to lr
+  // (LinearLR with end_factor 1). 0: none.
+  int64_t warmup_steps = 0;
+  double warmup_start_factor = 1.0 / 3.0;  // LinearLR's default
+
+  // What follows the warm-up (or runs from step 0 without one).
+  enum class Decay { kNone, kStep, kCosine };
+  Decay decay = Decay::kNone;
+  int64_t step_size = 1;  // kStep: StepLR(step_size, gamma)
+  double gamma = 0.1;
+  int64_t t_max = 1;  // kCosine: CosineAnnealingLR(T_max, eta_min)
+  double eta_min = 0.0;
+
+  bool active() const { return warmup_steps > 0 || decay != Decay::kNone; }
+  bool operator==(const LrScheduleConfig& o) const {
+    return warmup_steps == o.warmup_steps && warmup_start_factor == o.warmup_start_factor &&
+           decay == o.decay && step_size == o.step_size && gamma == o.gamma &&
+           t_max == o.t_max && eta_min == o.eta_min;
+  }
+  bool operator!=(const LrScheduleConfig& o) const { return !(*this == o); }
+};
+
 struct OptimizerConfig {
   OptimizerKind kind = OptimizerKind::kSgd;
   SgdConfig sgd;
   AdamConfig adam;
+  LrScheduleConfig schedule;
+  // > 0: before every step, torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm) (norm
+  // type 2). 0: no clipping.
+  double max_grad_norm = 0.0;
+  // The parameter groups of the usual recipes: no weight decay for the parameters of norm
+  // layers (BatchNorm, LayerNorm, GroupNorm, InstanceNorm) nor for any bias.
+  bool no_weight_decay_on_norm_and_bias = false;
 };
 
 struct ModelConfig {
   std::vector<int64_t> input_shape;  // one sample, e.g. {784} or {1, 28, 28}
   std::vector<LayerConfig> layers;
   LossKind loss = LossKind::kCrossEntropy;
+  // Cross-entropy only: F.cross_entropy's label_smoothing, in [0, 1).
+  double label_smoothing = 0.0;
   OptimizerConfig optimizer;
   uint64_t seed = 0;
 };

@@ -37,6 +37,20 @@ const char* LayerKindName(LayerKind kind) {
   return "?";
 }
 
+bool IsNormLayerKind(LayerKind kind) {
+  switch (kind) {
+    case LayerKind::kBatchNorm1d:
+    case LayerKind::kBatchNorm2d:
+    case LayerKind::kLayerNorm:
+    case LayerKind::kGroupNorm:
+    case LayerKind::kInstanceNorm1d:
+    case LayerKind::kInstanceNorm2d:
+      return true;
+    default:
+      return false;
+  }
+}
+
 std::vector<StateSlot> Layer::state() {
   std::vector<StateSlot> slots;
   for (Parameter* p : parameters()) slots.push_back(StateSlot{p->name, &p->value, nullptr});

@@ -23,6 +23,17 @@ Status ValidateLossForOutput(LossKind kind, const Shape& sample_out) {
   return Status::Ok();
 }
 
+Status ValidateLabelSmoothing(LossKind kind, double label_smoothing) {
+  if (!(std::isfinite(label_smoothing) && label_smoothing >= 0.0 && label_smoothing < 1.0)) {
+    return InvalidArgument("label_smoothing must be in [0, 1), got ", label_smoothing);
+  }
+  if (label_smoothing != 0.0 && kind != LossKind::kCrossEntropy) {
+    return InvalidArgument("label_smoothing applies to cross-entropy only, not to ",
+                           LossKindName(kind));
+  }
+  return Status::Ok();
+}
+
 Status ValidateTargets(LossKind kind, const Shape& batch_out, const Targets& t) {
   const int64_t n = batch_out[0];
   if (kind == LossKind::kCrossEntropy) {
@@ -60,7 +71,7 @@ Status ValidateTargets(LossKind kind, const Shape& batch_out, const Targets& t) 
 }
 
 double ComputeLoss(LossKind kind, const ConstTensorView& out, const Targets& t, Tensor* grad,
-                   int64_t mean_rows) {
+                   double label_smoothing, int64_t mean_rows) {
   const int64_t n = out.rows();
   const int64_t size = out.size();
   const int64_t rows = mean_rows > 0 ? mean_rows : n;
@@ -71,18 +82,28 @@ double ComputeLoss(LossKind kind, const ConstTensorView& out, const Targets& t, 
     case LossKind::kCrossEntropy: {
       const int64_t k = out.cols();
       const double inv_n = 1.0 / static_cast<double>(rows);
+      const double eps = label_smoothing;
+      const double on_label = 1.0 - eps;             // the label's weight beyond eps / K
+      const double uniform = eps / static_cast<double>(k);
       for (int64_t i = 0; i < n; ++i) {
         const float* row = out.data + i * k;
         const float mx = *std::max_element(row, row + k);
         double sum = 0.0;
         for (int64_t j = 0; j < k; ++j) sum += std::exp(double{row[j]} - mx);
         const double lse = mx + std::log(sum);
-        total += lse - row[t.labels[i]];
+        double nll = lse - row[t.labels[i]];
+        if (eps != 0.0) {
+          double smooth = 0.0;  // sum_j -log p[j]
+          for (int64_t j = 0; j < k; ++j) smooth += lse - row[j];
+          nll = on_label * nll + uniform * smooth;
+        }
+        total += nll;
         if (grad != nullptr) {
           float* g = grad->data() + i * k;
           for (int64_t j = 0; j < k; ++j) {
             const double p = std::exp(double{row[j]} - lse);
-            g[j] = static_cast<float>((p - (j == t.labels[i] ? 1.0 : 0.0)) * inv_n);
+            const double target = (j == t.labels[i] ? on_label : 0.0) + uniform;
+            g[j] = static_cast<float>((p - target) * inv_n);
           }
         }
       }

@@ -4,6 +4,8 @@
 #include <map>
 #include <utility>
 
+#include "core/clip_grad.h"
+
 namespace normd {
 namespace {
 
@@ -22,13 +24,22 @@ Status Model::Create(const ModelConfig& config, const Sequential::Limits& limits
                      std::unique_ptr<Model>* out) {
   Status s = Optimizer::Validate(config.optimizer);
   if (!s.ok()) return s.WithPrefix("optimizer");
+  s = ValidateLabelSmoothing(config.loss, config.label_smoothing);
+  if (!s.ok()) return s;
   std::unique_ptr<Model> model(new Model());
   model->config_ = config;
   NORMD_RETURN_IF_ERROR(
       Sequential::Create(config.input_shape, config.layers, config.seed, limits, &model->net_));
   NORMD_RETURN_IF_ERROR(ValidateLossForOutput(config.loss, model->net_->output_shape()));
-  model->optimizer_ =
-      std::make_unique<Optimizer>(config.optimizer, model->net_->parameters());
+  std::vector<bool> norm_or_bias;
+  for (int i = 0; i < model->net_->num_layers(); ++i) {
+    const bool norm = IsNormLayerKind(config.layers[i].kind);
+    for (const Parameter* p : model->net_->layer(i).parameters()) {
+      norm_or_bias.push_back(norm || p->name == "bias");
+    }
+  }
+  model->optimizer_ = std::make_unique<Optimizer>(config.optimizer, model->net_->parameters(),
+                                                  std::move(norm_or_bias));
   model->trainable_mask_ = model->net_->parameter_trainable();
   model->rng_.Seed(config.seed ^ kDropoutSeedSalt);
   for (int i = 0; i < model->net_->num_nodes(); ++i) {
@@ -104,7 +115,21 @@ Status Model::Backward(ForwardRecord* rec, const ConstTensorView& grad_output,
   return Status::Ok();
 }
 
-Status Model::ApplyGradients(uint64_t* step, Collective* collective) {
+StepResult Model::Step() {
+  StepResult r;
+  const std::vector<Parameter*> params = net_->parameters();
+  const double max_norm = optimizer_->config().max_grad_norm;
+  r.grad_norm = max_norm > 0.0 ? ClipGradNorm(params, trainable_mask_, max_norm)
+                               : GradNorm(params, trainable_mask_);
+  r.learning_rate = optimizer_->Step(params, trainable_mask_);
+  net_->ZeroGrad();
+  ++step_;
+  ++params_version_;
+  r.step = step_;
+  return r;
+}
+
+Status Model::ApplyGradients(StepResult* result, Collective* collective) {
   NORMD_RETURN_IF_ERROR(CheckCanTrain("ApplyGradients"));
   if (collective != nullptr) AllReduceGradients(collective);
   const int bad = net_->FirstNonFiniteGradLayer();
@@ -114,11 +139,7 @@ Status Model::ApplyGradients(uint64_t* step, Collective* collective) {
                               net_->node(bad).description,
                               "; model unchanged, accumulated gradients discarded");
   }
-  optimizer_->Step(net_->parameters(), trainable_mask_);
-  net_->ZeroGrad();
-  ++step_;
-  ++params_version_;
-  *step = step_;
+  *result = Step();
   return Status::Ok();
 }
 
@@ -138,7 +159,7 @@ Status Model::TrainStep(const ConstTensorView& x, const Targets& targets, Forwar
   // the whole batch's loss and parameter gradients, summed over the ranks (the same bits on
   // every rank, so every rank takes the same decision below).
   double loss = ComputeLoss(config_.loss, rec->output().view(), targets, &loss_grad_,
-                            shard.global_rows);
+                            config_.label_smoothing, shard.global_rows);
   if (shard.active()) shard.collective->AllReduceSum(&loss, 1);
   if (!std::isfinite(loss)) {
     return FailedPrecondition("step ", step_ + 1, " produced a non-finite loss (", loss,
@@ -153,16 +174,16 @@ Status Model::TrainStep(const ConstTensorView& x, const Targets& targets, Forwar
                               net_->node(bad).description, "; model unchanged");
   }
   // Commit: nothing below can fail.
-  optimizer_->Step(net_->parameters(), trainable_mask_);
+  const StepResult step = Step();
   if (training_) rng_ = net_->CommitRunningStats(rec);
-  ++step_;
-  ++params_version_;
   rec->params_version = params_version_;
   rec->mode_version = mode_version_;
   RecordStatus(*rec);
   result->loss = loss;
-  result->step = step_;
+  result->step = step.step;
   result->samples = shard.active() ? shard.global_rows : x.rows();
+  result->grad_norm = step.grad_norm;
+  result->learning_rate = step.learning_rate;
   return Status::Ok();
 }
 
@@ -183,7 +204,8 @@ Status Model::Evaluate(const ConstTensorView& x, const Targets& targets, Forward
   const bool classes = config_.loss == LossKind::kCrossEntropy;
   // [loss share, correct predictions]: summed over the ranks when data-parallel.
   double figures[2] = {
-      ComputeLoss(config_.loss, rec->output().view(), targets, nullptr, shard.global_rows),
+      ComputeLoss(config_.loss, rec->output().view(), targets, nullptr,
+                  config_.label_smoothing, shard.global_rows),
       classes ? static_cast<double>(CorrectPredictions(rec->output().view(), targets)) : 0.0};
   if (shard.active()) shard.collective->AllReduceSum(figures, 2);
   const int64_t rows = shard.active() ? shard.global_rows : x.rows();
@@ -281,6 +303,10 @@ std::vector<StateSlot> Model::Slots(bool include_optimizer) {
         s.name = StrCat("optimizer.", names[i], ".", s.name);
         slots.push_back(std::move(s));
       }
+    }
+    for (StateSlot& s : optimizer_->schedule_state()) {
+      s.name = StrCat("optimizer.", s.name);
+      slots.push_back(std::move(s));
     }
   }
   return slots;

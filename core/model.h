@@ -72,10 +72,19 @@ struct SmallBatchReport {
   int64_t values_per_channel = 0;
 };
 
+// What one optimizer step (ApplyGradients, TrainStep) did.
+struct StepResult {
+  uint64_t step = 0;             // the model's step count after it
+  double grad_norm = 0.0;        // total 2-norm of the gradients, before clipping
+  double learning_rate = 0.0;    // the (scheduled) rate the optimizer used
+};
+
 struct TrainResult {
   double loss = 0.0;
   uint64_t step = 0;
   int64_t samples = 0;
+  double grad_norm = 0.0;      // as StepResult
+  double learning_rate = 0.0;
 };
 
 struct EvalResult {
@@ -132,14 +141,16 @@ class Model {
   // record is stale: the parameters changed or the mode switched since its forward ran.
   Status Backward(ForwardRecord* rec, const ConstTensorView& grad_output, Tensor* grad_input);
 
-  // Runs the optimizer on the accumulated gradients, clears them and increments step.
+  // One optimizer step on the accumulated gradients: their total norm is measured (and, with
+  // max_grad_norm, they are clipped as clip_grad_norm_ does), the optimizer steps at the
+  // scheduled rate, the gradients are cleared and step increments.
   // FAILED_PRECONDITION, changing nothing, when a gradient is non-finite. With a collective
-  // (data-parallel), the gradients are first summed over the ranks, so every replica steps
-  // with the whole batch's (or refuses, all of them alike).
-  Status ApplyGradients(uint64_t* step, Collective* collective = nullptr);
+  // (data-parallel), the gradients are first summed over the ranks, so every replica measures,
+  // clips and steps with the whole batch's (or refuses, all of them alike).
+  Status ApplyGradients(StepResult* result, Collective* collective = nullptr);
 
-  // Zero grads, forward in the current mode, loss, backward, optimizer step: atomically.
-  // `scratch` is a record reused between calls to avoid allocation.
+  // Zero grads, forward in the current mode, loss, backward, then the step of ApplyGradients:
+  // atomically. `scratch` is a record reused between calls to avoid allocation.
   Status TrainStep(const ConstTensorView& x, const Targets& targets, ForwardRecord* scratch,
                    TrainResult* result, const DataParallelShard& shard = {});
 
@@ -167,9 +178,14 @@ class Model {
   // Shared.
   Status Predict(const ConstTensorView& x, ForwardRecord* rec) const;
 
+  // Replaces the optimizer's hyperparameters, schedule, clipping and parameter groups (see
+  // Optimizer::UpdateConfig: a changed schedule starts again from step 0).
   Status UpdateOptimizer(const OptimizerConfig& config);
+  // The rate the next optimizer step will use (the optimizer's lr, scheduled). Shared.
+  double learning_rate() const { return optimizer_->learning_rate(); }
 
-  // The state_dict; with include_optimizer also "optimizer.<param>.<slot>" entries.
+  // The state_dict; with include_optimizer also "optimizer.<param>.<slot>" entries and, with a
+  // learning-rate schedule, "optimizer.lr_scheduler.last_epoch" (the steps taken under it).
   std::vector<NamedTensor> GetState(bool include_optimizer) const;
   // Validates every name, shape and value first (INVALID_ARGUMENT naming the entry), then
   // writes. strict: every state entry of the model (optimizer entries excepted) must be given.
@@ -249,6 +265,9 @@ class Model {
   ForwardContext CurrentModeContext();
   // Every named slot: the net's state, then (with include_optimizer) the optimizer's.
   std::vector<StateSlot> Slots(bool include_optimizer);
+  // The commit half of a step, which cannot fail: gradient norm and clipping, optimizer step,
+  // gradients cleared, counters advanced. REQUIRES: finite gradients.
+  StepResult Step();
 
   ModelConfig config_;
   std::unique_ptr<Sequential> net_;

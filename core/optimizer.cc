@@ -1,6 +1,9 @@
 #include "core/optimizer.h"
 
 #include <cmath>
+#include <utility>
+
+#include "core/lr_schedule.h"
 
 namespace normd {
 namespace {
@@ -11,8 +14,10 @@ bool FiniteNonNegative(float v) { return std::isfinite(v) && v >= 0.0f; }
 // its own loop, so the compiler neither reloads them per element (a float store could alias
 // the config) nor branches inside the loop: every loop vectorises. Per element the operations
 // and their order are those of the reference rule in optimizer.h.
-void SgdUpdate(const SgdConfig& c, bool first, int64_t n, const float* g, float* w, float* buf) {
-  const float lr = c.lr, wd = c.weight_decay, mom = c.momentum, damp = 1.0f - c.dampening;
+// lr and wd are the step's: scheduled, and 0 for a parameter exempt from weight decay.
+void SgdUpdate(const SgdConfig& c, float lr, float wd, bool first, int64_t n, const float* g,
+               float* w, float* buf) {
+  const float mom = c.momentum, damp = 1.0f - c.dampening;
   const bool decay = wd != 0.0f;
   if (mom == 0.0f) {
     if (decay) {
@@ -50,6 +55,12 @@ void SgdUpdate(const SgdConfig& c, bool first, int64_t n, const float* g, float*
 }  // namespace
 
 Status Optimizer::Validate(const OptimizerConfig& config) {
+  Status s = ValidateLrSchedule(config.schedule);
+  if (!s.ok()) return s.WithPrefix("lr_schedule");
+  if (!(std::isfinite(config.max_grad_norm) && config.max_grad_norm >= 0.0)) {
+    return InvalidArgument("max_grad_norm must be >= 0 (0: no clipping), got ",
+                           config.max_grad_norm);
+  }
   if (config.kind == OptimizerKind::kSgd) {
     const SgdConfig& c = config.sgd;
     if (!FiniteNonNegative(c.lr)) return InvalidArgument("sgd.lr must be >= 0, got ", c.lr);
@@ -83,8 +94,10 @@ Status Optimizer::Validate(const OptimizerConfig& config) {
   return Status::Ok();
 }
 
-Optimizer::Optimizer(const OptimizerConfig& config, const std::vector<Parameter*>& params)
-    : config_(config), state_(params.size()) {
+Optimizer::Optimizer(const OptimizerConfig& config, const std::vector<Parameter*>& params,
+                     std::vector<bool> norm_or_bias)
+    : config_(config), state_(params.size()), norm_or_bias_(std::move(norm_or_bias)) {
+  norm_or_bias_.resize(params.size(), false);
   for (size_t i = 0; i < params.size(); ++i) {
     const Shape& s = params[i]->value.shape();
     if (config_.kind == OptimizerKind::kSgd) {
@@ -96,11 +109,21 @@ Optimizer::Optimizer(const OptimizerConfig& config, const std::vector<Parameter*
   }
 }
 
-void Optimizer::Step(const std::vector<Parameter*>& params) {
-  Step(params, std::vector<bool>(params.size(), true));
+double Optimizer::learning_rate() const {
+  const double base = config_.kind == OptimizerKind::kSgd ? config_.sgd.lr : config_.adam.lr;
+  if (!config_.schedule.active()) return base;
+  return ScheduledLearningRate(base, config_.schedule, schedule_step_);
 }
 
-void Optimizer::Step(const std::vector<Parameter*>& params, const std::vector<bool>& trainable) {
+double Optimizer::Step(const std::vector<Parameter*>& params) {
+  return Step(params, std::vector<bool>(params.size(), true));
+}
+
+double Optimizer::Step(const std::vector<Parameter*>& params, const std::vector<bool>& trainable) {
+  // torch.optim hands lr to its kernels as a Python float (double): Adam divides it by the
+  // bias correction in double, and every tensor operation rounds its scalar to float32.
+  const double lr = learning_rate();
+  const bool exempt_some = config_.no_weight_decay_on_norm_and_bias;
   for (size_t i = 0; i < params.size(); ++i) {
     if (!trainable[i]) continue;
     Parameter& p = *params[i];
@@ -108,6 +131,7 @@ void Optimizer::Step(const std::vector<Parameter*>& params, const std::vector<bo
     const int64_t n = p.value.size();
     float* w = p.value.data();
     const float* g = p.grad.data();
+    const bool decay = !(exempt_some && norm_or_bias_[i]);
     if (config_.kind == OptimizerKind::kSgd) {
       const SgdConfig& c = config_.sgd;
       float* buf = st.a.size() == n ? st.a.data() : nullptr;
@@ -117,7 +141,8 @@ void Optimizer::Step(const std::vector<Parameter*>& params, const std::vector<bo
         st.step = 0;
         buf = st.a.data();
       }
-      SgdUpdate(c, st.step == 0, n, g, w, buf);
+      SgdUpdate(c, static_cast<float>(lr), decay ? c.weight_decay : 0.0f, st.step == 0, n, g, w,
+                buf);
       ++st.step;
       continue;
     }
@@ -126,20 +151,24 @@ void Optimizer::Step(const std::vector<Parameter*>& params, const std::vector<bo
     const double t = static_cast<double>(st.step);
     const double bc1 = 1.0 - std::pow(static_cast<double>(c.beta1), t);
     const double bc2 = 1.0 - std::pow(static_cast<double>(c.beta2), t);
-    const float step_size = static_cast<float>(c.lr / bc1);
+    const float step_size = static_cast<float>(lr / bc1);
     const float bc2_sqrt = static_cast<float>(std::sqrt(bc2));
-    const float decay = c.decoupled_weight_decay ? 1.0f - c.lr * c.weight_decay : 1.0f;
+    // Locals, not config reads, inside the loop: see SgdUpdate.
+    const float wd = decay ? c.weight_decay : 0.0f;
+    // AdamW multiplies by 1 - lr * weight_decay (computed in double, as torch's Python floats),
+    // which is 1 for an exempt parameter: skipping it is the same.
+    const bool decoupled = c.decoupled_weight_decay && wd != 0.0f;
+    const float shrink = static_cast<float>(1.0 - lr * static_cast<double>(wd));
+    const float beta1 = c.beta1, beta2 = c.beta2, eps = c.eps;
+    const float one_m_beta1 = 1.0f - beta1, one_m_beta2 = 1.0f - beta2;
+    const bool coupled = !c.decoupled_weight_decay && wd != 0.0f;
     float* m = st.a.data();
     float* v = st.b.data();
-    // Locals, not config reads, inside the loop: see SgdUpdate.
-    const bool decoupled = c.decoupled_weight_decay;
-    const float wd = c.weight_decay, beta1 = c.beta1, beta2 = c.beta2, eps = c.eps;
-    const float one_m_beta1 = 1.0f - beta1, one_m_beta2 = 1.0f - beta2;
     for (int64_t j = 0; j < n; ++j) {
       float d = g[j];
       if (decoupled) {
-        w[j] *= decay;
-      } else if (wd != 0.0f) {
+        w[j] *= shrink;
+      } else if (coupled) {
         d = d + wd * w[j];
       }
       m[j] = m[j] * beta1 + one_m_beta1 * d;
@@ -148,6 +177,8 @@ void Optimizer::Step(const std::vector<Parameter*>& params, const std::vector<bo
       w[j] = w[j] - step_size * (m[j] / denom);
     }
   }
+  if (config_.schedule.active()) ++schedule_step_;
+  return lr;
 }
 
 Status Optimizer::UpdateConfig(const OptimizerConfig& config) {
@@ -156,8 +187,14 @@ Status Optimizer::UpdateConfig(const OptimizerConfig& config) {
                            config_.kind == OptimizerKind::kSgd ? "sgd" : "adam", ")");
   }
   NORMD_RETURN_IF_ERROR(Validate(config));
+  if (config.schedule != config_.schedule) schedule_step_ = 0;
   config_ = config;
   return Status::Ok();
+}
+
+std::vector<StateSlot> Optimizer::schedule_state() {
+  if (!config_.schedule.active()) return {};
+  return {StateSlot{"lr_scheduler.last_epoch", nullptr, &schedule_step_}};
 }
 
 std::vector<StateSlot> Optimizer::state(size_t i) {

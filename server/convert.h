@@ -109,6 +109,7 @@ struct ModelSummary {
   std::vector<BatchNormStatus> batch_norms;
   std::vector<LayerOptionsStatus> layer_options;
   bool inference_only = false;
+  double learning_rate = 0.0;  // of the next optimizer step
 };
 
 // Reads a summary from the model. REQUIRES: the caller holds the model's lock (shared is

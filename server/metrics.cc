@@ -145,6 +145,8 @@ ModelMetrics::~ModelMetrics() {
   m.train_steps_.Remove(steps_);
   m.nonfinite_steps_.Remove(nonfinite_);
   m.train_loss_.Remove(loss_);
+  m.grad_norm_.Remove(grad_norm_);
+  m.learning_rate_.Remove(learning_rate_);
   for (Layer& l : layers_) {
     for (int k = 0; k < 2; ++k) {
       if (l.mean_shift[k] != nullptr) m.bn_mean_shift_.Remove(l.mean_shift[k]);
@@ -167,10 +169,13 @@ void TenantMetrics::RecordCall(grpc::StatusCode code) {
   if (code == grpc::StatusCode::RESOURCE_EXHAUSTED) refused_->Increment();
 }
 
-void ModelMetrics::RecordStep(const double* loss) {
+void ModelMetrics::RecordStep(const double* loss, double grad_norm) {
   steps_->Increment();
   if (loss != nullptr) loss_->Set(*loss);
+  grad_norm_->Set(grad_norm);
 }
+
+void ModelMetrics::SetLearningRate(double lr) { learning_rate_->Set(lr); }
 
 void ModelMetrics::RecordNonFiniteStep() { nonfinite_->Increment(); }
 
@@ -228,6 +233,16 @@ Metrics::Metrics(const std::string& version)
                       .Name("normd_train_loss")
                       .Help("Loss of the model's last TrainStep.")
                       .Register(*registry_)),
+      grad_norm_(prometheus::BuildGauge()
+                     .Name("normd_grad_norm")
+                     .Help("Total 2-norm of the gradients of the model's last optimizer step, "
+                           "before clipping (clip_grad_norm_'s return value).")
+                     .Register(*registry_)),
+      learning_rate_(prometheus::BuildGauge()
+                         .Name("normd_learning_rate")
+                         .Help("Learning rate of the model's next optimizer step (the "
+                               "optimizer's lr, scheduled).")
+                         .Register(*registry_)),
       nonfinite_steps_(prometheus::BuildCounter()
                            .Name("normd_nonfinite_steps_total")
                            .Help("Steps refused because the loss or a gradient was not finite "
@@ -367,6 +382,8 @@ std::unique_ptr<ModelMetrics> Metrics::AddModel(const std::string& tenant,
   m->steps_ = &train_steps_.Add(model);
   m->nonfinite_ = &nonfinite_steps_.Add(model);
   m->loss_ = &train_loss_.Add(model);
+  m->grad_norm_ = &grad_norm_.Add(model);
+  m->learning_rate_ = &learning_rate_.Add(model);
   m->layer_slot_.assign(net.num_nodes(), -1);
   for (int i = 0; i < net.num_nodes(); ++i) {
     const BatchNorm* bn = net.node(i).layer->AsBatchNorm();

@@ -4,6 +4,8 @@
 //   normd_rpc_duration_seconds{method,code}  histogram     normd_rpcs_total{method,code}
 //   normd_samples_total{tenant,model,op}     op: forward | backward | train | evaluate
 //   normd_train_steps_total{tenant,model}    normd_train_loss{tenant,model} (last TrainStep)
+//   normd_grad_norm{tenant,model} (last optimizer step, before clipping)
+//   normd_learning_rate{tenant,model} (of the next optimizer step)
 //   normd_nonfinite_steps_total{tenant,model}  normd_models
 //   normd_bn_mean_shift{tenant,model,layer,mode}  normd_bn_var_log_ratio{tenant,model,layer,mode}
 //       histograms of the core's per-batch drift figures, mode: train | eval
@@ -98,8 +100,12 @@ class ModelMetrics {
   ModelMetrics& operator=(const ModelMetrics&) = delete;
 
   void AddSamples(SampleOp op, int64_t n);
-  // One optimizer step; `loss` is set by TrainStep (ApplyGradients has none).
-  void RecordStep(const double* loss);
+  // One optimizer step; `loss` is set by TrainStep (ApplyGradients has none). grad_norm: the
+  // total gradient norm before clipping.
+  void RecordStep(const double* loss, double grad_norm);
+  // The rate of the model's next optimizer step (it changes with steps, UpdateOptimizer,
+  // SetState of the schedule's progress).
+  void SetLearningRate(double lr);
   void RecordNonFiniteStep();
   // Observes the drift figures of every BatchNorm layer a forward measured, under the label
   // mode=train when the forward used batch statistics semantics, eval otherwise.
@@ -127,6 +133,8 @@ class ModelMetrics {
   prometheus::Counter* steps_ = nullptr;
   prometheus::Counter* nonfinite_ = nullptr;
   prometheus::Gauge* loss_ = nullptr;
+  prometheus::Gauge* grad_norm_ = nullptr;
+  prometheus::Gauge* learning_rate_ = nullptr;
   std::vector<int> layer_slot_;  // Sequential node index -> index in layers_, or -1
   std::vector<Layer> layers_;
 };
@@ -175,6 +183,8 @@ class Metrics {
   prometheus::Family<prometheus::Counter>& samples_;
   prometheus::Family<prometheus::Counter>& train_steps_;
   prometheus::Family<prometheus::Gauge>& train_loss_;
+  prometheus::Family<prometheus::Gauge>& grad_norm_;
+  prometheus::Family<prometheus::Gauge>& learning_rate_;
   prometheus::Family<prometheus::Counter>& nonfinite_steps_;
   prometheus::Family<prometheus::Gauge>& models_;
   prometheus::Family<prometheus::Histogram>& bn_mean_shift_;

@@ -88,7 +88,10 @@ ModelEntry::ModelEntry(std::shared_ptr<TenantUsage> tenant, std::string id, v1::
   training_ = model_->training();
   summary_ = SummarizeModel(*model_);
   summary_spec_ = spec_;
-  if (metrics_ != nullptr) metrics_->SetBatchNormStatus(summary_.batch_norms);
+  if (metrics_ != nullptr) {
+    metrics_->SetBatchNormStatus(summary_.batch_norms);
+    metrics_->SetLearningRate(summary_.learning_rate);
+  }
 }
 
 ModelEntry::~ModelEntry() {
@@ -218,7 +221,10 @@ void ModelEntry::Done(const std::shared_ptr<ModelEntry>& self, Access access) {
 void ModelEntry::Publish() {
   ModelSummary s = SummarizeModel(*model_);
   training_.store(s.training, std::memory_order_release);
-  if (metrics_ != nullptr) metrics_->SetBatchNormStatus(s.batch_norms);
+  if (metrics_ != nullptr) {
+    metrics_->SetBatchNormStatus(s.batch_norms);
+    metrics_->SetLearningRate(s.learning_rate);
+  }
   std::lock_guard<std::mutex> lock(summary_mu_);
   summary_ = std::move(s);
 }
@@ -233,6 +239,7 @@ void ModelEntry::PublishForward(const ForwardRecord& rec) {
   const Sequential& net = model_->net();
   std::lock_guard<std::mutex> lock(summary_mu_);
   summary_.step = model_->step();
+  summary_.learning_rate = model_->learning_rate();
   for (const ForwardRecord::BatchNormReport& r : rec.batch_norms()) {
     for (BatchNormStatus& st : summary_.batch_norms) {
       if (st.layer != r.layer) continue;
@@ -248,7 +255,10 @@ void ModelEntry::PublishForward(const ForwardRecord& rec) {
       break;
     }
   }
-  if (metrics_ != nullptr) metrics_->SetBatchNormStatus(summary_.batch_norms);
+  if (metrics_ != nullptr) {
+    metrics_->SetBatchNormStatus(summary_.batch_norms);
+    metrics_->SetLearningRate(summary_.learning_rate);
+  }
 }
 
 void ModelEntry::ToWire(v1::Model* out) const {

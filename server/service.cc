@@ -623,7 +623,7 @@ Status TrainerService::DoTrainStep(ModelEntry& entry, const v1::TrainStepRequest
   entry.pending_backwards = 0;
   if (ModelMetrics* m = entry.metrics()) {
     m->AddSamples(SampleOp::kTrain, r.samples);
-    m->RecordStep(&r.loss);
+    m->RecordStep(&r.loss, r.grad_norm);
     m->RecordDrift(entry.train_record, model.training());
   }
   RecordMutation(entry, Mutation::kStep);
@@ -631,6 +631,8 @@ Status TrainerService::DoTrainStep(ModelEntry& entry, const v1::TrainStepRequest
   resp->set_loss(r.loss);
   resp->set_step(r.step);
   resp->set_samples(r.samples);
+  resp->set_grad_norm(r.grad_norm);
+  resp->set_learning_rate(r.learning_rate);
   WarnSmallBatches(entry, entry.train_record, resp->mutable_warnings());
   return Status::Ok();
 }
@@ -861,8 +863,8 @@ grpc::ServerUnaryReactor* TrainerService::ApplyGradients(grpc::CallbackServerCon
       return FailedPrecondition("model '", e.id(), "' has no accumulated gradients: run Backward "
                                 "on a retained forward first");
     }
-    uint64_t step = 0;
-    Status st = e.model().ApplyGradients(&step);
+    StepResult r;
+    Status st = e.model().ApplyGradients(&r);
     e.pending_backwards = 0;  // applied, or discarded by the refused step
     if (!st.ok()) {
       if (st.code() == StatusCode::kFailedPrecondition) {
@@ -870,10 +872,12 @@ grpc::ServerUnaryReactor* TrainerService::ApplyGradients(grpc::CallbackServerCon
       }
       return st;
     }
-    if (ModelMetrics* m = e.metrics()) m->RecordStep(nullptr);
+    if (ModelMetrics* m = e.metrics()) m->RecordStep(nullptr, r.grad_norm);
     RecordMutation(e, Mutation::kStep);
     e.Publish();
-    resp->set_step(step);
+    resp->set_step(r.step);
+    resp->set_grad_norm(r.grad_norm);
+    resp->set_learning_rate(r.learning_rate);
     return Status::Ok();
   });
   return reactor;

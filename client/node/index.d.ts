@@ -63,7 +63,22 @@ export interface SGDSpec { lr: number; momentum?: number; dampening?: number; ne
 export interface AdamSpec {
   lr: number; beta1?: number; beta2?: number; eps?: number; weight_decay?: number; decoupled_weight_decay?: boolean;
 }
-export interface OptimizerSpec { sgd?: SGDSpec; adam?: AdamSpec; kind?: string }
+/** torch.optim.lr_scheduler.LinearLR(start_factor, end_factor=1, total_iters=steps). */
+export interface LinearWarmupSpec { steps: number; start_factor?: number }
+export interface StepLRSpec { step_size: number; gamma?: number }
+export interface CosineAnnealingLRSpec { t_max: number; eta_min?: number }
+/** A warm-up then a decay: SequentialLR([LinearLR, StepLR | CosineAnnealingLR], [warmup.steps]). */
+export interface LrScheduleSpec {
+  warmup?: LinearWarmupSpec; step?: StepLRSpec; cosine?: CosineAnnealingLRSpec; decay?: string;
+}
+export interface ClipGradNormSpec { max_norm: number }
+export interface OptimizerSpec {
+  sgd?: SGDSpec; adam?: AdamSpec; kind?: string;
+  lr_schedule?: LrScheduleSpec;
+  clip_grad_norm?: ClipGradNormSpec;
+  no_weight_decay_on_norm_and_bias?: boolean;
+}
+export interface LossOptions { label_smoothing?: number }
 
 export interface ModelSpec {
   input_shape: number[];
@@ -71,6 +86,7 @@ export interface ModelSpec {
   loss: Loss;
   optimizer: OptimizerSpec;
   seed?: number;
+  loss_options?: LossOptions;
 }
 
 export interface BatchNormStatus {
@@ -94,6 +110,8 @@ export interface Model {
   batch_norms: BatchNormStatus[];
   layer_options: LayerOptions[];
   inference_only: boolean;
+  /** The rate of the next optimizer step (the optimizer's lr, scheduled). */
+  learning_rate: number;
 }
 
 export interface LayerStats {
@@ -108,7 +126,11 @@ export interface ForwardResult {
   layerStats: LayerStats[];
   warnings: SmallBatchWarning[];
 }
-export interface TrainStepResponse { loss: number; step: number; samples: number; warnings: SmallBatchWarning[] }
+export interface TrainStepResponse {
+  loss: number; step: number; samples: number; warnings: SmallBatchWarning[];
+  /** Total gradient norm before clipping, and the learning rate the step used. */
+  grad_norm: number; learning_rate: number;
+}
 export interface EvaluateResponse { loss: number; accuracy: number; samples: number }
 
 /** Exactly one of labels (class indices, cross-entropy) and target (a tensor). */

@@ -42,6 +42,14 @@ std::string ShapeString(const google::protobuf::RepeatedField<int64_t>& shape) {
   return s + "]";
 }
 
+// A dataset for `model` from args.data. For train/eval the label column defaults to the last.
+Dataset Load(const v1::Model& model, const std::string& path, const std::string& label_column) {
+  if (path.empty()) throw InputError("--data is required");
+  return LoadDataset(model, path, label_column);
+}
+
+}  // namespace
+
 std::string OptimizerString(const v1::OptimizerSpec& o) {
   std::ostringstream s;
   switch (o.kind_case()) {
@@ -57,16 +65,25 @@ std::string OptimizerString(const v1::OptimizerSpec& o) {
     default:
       s << "none";
   }
+  if (o.has_lr_schedule()) {
+    const v1::LrScheduleSpec& l = o.lr_schedule();
+    s << ", ";
+    if (l.has_warmup()) {
+      s << "warm-up " << l.warmup().steps() << " steps from "
+        << (l.warmup().has_start_factor() ? l.warmup().start_factor() : 1.0 / 3.0) << "x";
+      if (l.decay_case() != v1::LrScheduleSpec::DECAY_NOT_SET) s << " then ";
+    }
+    if (l.has_step()) {
+      s << "step decay every " << l.step().step_size() << " steps by gamma="
+        << (l.step().has_gamma() ? l.step().gamma() : 0.1);
+    } else if (l.has_cosine()) {
+      s << "cosine t_max=" << l.cosine().t_max() << " eta_min=" << l.cosine().eta_min();
+    }
+  }
+  if (o.has_clip_grad_norm()) s << ", clip grad norm " << o.clip_grad_norm().max_norm();
+  if (o.no_weight_decay_on_norm_and_bias()) s << ", no weight decay on norm/bias";
   return s.str();
 }
-
-// A dataset for `model` from args.data. For train/eval the label column defaults to the last.
-Dataset Load(const v1::Model& model, const std::string& path, const std::string& label_column) {
-  if (path.empty()) throw InputError("--data is required");
-  return LoadDataset(model, path, label_column);
-}
-
-}  // namespace
 
 std::string ModeName(v1::Mode mode) {
   switch (mode) {
@@ -199,8 +216,13 @@ int RunGet(Client& client, const Args& args, std::ostream& out) {
       << "parameters  " << m.parameter_count() << '\n'
       << "input       " << ShapeString(m.spec().input_shape()) << '\n'
       << "output      " << ShapeString(m.output_shape()) << '\n'
-      << "loss        " << v1::Loss_Name(m.spec().loss()) << '\n'
-      << "optimizer   " << OptimizerString(m.spec().optimizer()) << "\n\n";
+      << "loss        " << v1::Loss_Name(m.spec().loss());
+  if (m.spec().loss_options().label_smoothing() != 0) {
+    out << " (label smoothing " << m.spec().loss_options().label_smoothing() << ")";
+  }
+  out << '\n'
+      << "optimizer   " << OptimizerString(m.spec().optimizer()) << '\n'
+      << "next lr     " << m.learning_rate() << "\n\n";
   // Layer options: every layer with parameters or running statistics has an entry (a
   // residual block's are its layers').
   std::map<std::string, const v1::LayerOptions*> options;
@@ -375,6 +397,47 @@ int RunLr(Client& client, const Args& args, std::ostream& out) {
   const v1::Model updated = client.UpdateOptimizer(model.id(), optimizer);
   out << "learning rate of " << updated.id() << ": " << old_lr << " -> " << args.lr << " ("
       << OptimizerString(updated.spec().optimizer()) << ")\n";
+  return kExitOk;
+}
+
+int RunRecipe(Client& client, const Args& args, std::ostream& out) {
+  const bool schedule = args.warmup_steps || args.step_lr || args.cosine || args.no_schedule;
+  if (!schedule && !args.clip_grad_norm && !args.no_clip && !args.no_decay_norm_bias &&
+      !args.decay_all) {
+    throw InputError("nothing to change: give a schedule (--warmup, --step-lr, --cosine, "
+                     "--no-schedule), --clip-grad-norm/--no-clip or "
+                     "--no-decay-norm-bias/--decay-all");
+  }
+  const v1::Model model = client.GetModel(args.id);
+  v1::OptimizerSpec optimizer = model.spec().optimizer();
+  if (schedule) {
+    // The schedule flags describe the whole new schedule; the server restarts a changed one.
+    optimizer.clear_lr_schedule();
+    if (args.warmup_steps) {
+      v1::LinearWarmupSpec* w = optimizer.mutable_lr_schedule()->mutable_warmup();
+      w->set_steps(*args.warmup_steps);
+      if (args.warmup_start_factor) w->set_start_factor(*args.warmup_start_factor);
+    }
+    if (args.step_lr) {
+      v1::StepLRSpec* st = optimizer.mutable_lr_schedule()->mutable_step();
+      st->set_step_size(*args.step_lr);
+      if (args.gamma) st->set_gamma(*args.gamma);
+    }
+    if (args.cosine) {
+      v1::CosineAnnealingLRSpec* c = optimizer.mutable_lr_schedule()->mutable_cosine();
+      c->set_t_max(*args.cosine);
+      if (args.eta_min) c->set_eta_min(*args.eta_min);
+    }
+  }
+  if (args.clip_grad_norm) optimizer.mutable_clip_grad_norm()->set_max_norm(*args.clip_grad_norm);
+  if (args.no_clip) optimizer.clear_clip_grad_norm();
+  if (args.no_decay_norm_bias) optimizer.set_no_weight_decay_on_norm_and_bias(true);
+  if (args.decay_all) optimizer.set_no_weight_decay_on_norm_and_bias(false);
+  // args.id as given (with --tenant, "TENANT/ID"): model.id() is the id within its tenant and
+  // would name the caller's own tenant's model.
+  const v1::Model updated = client.UpdateOptimizer(args.id, optimizer);
+  out << "optimizer of " << updated.id() << ": " << OptimizerString(updated.spec().optimizer())
+      << "\nlearning rate of the next step: " << updated.learning_rate() << '\n';
   return kExitOk;
 }
 

@@ -5,6 +5,7 @@
 #define NORMD_CLIENT_NORMCTL_COMMANDS_H_
 
 #include <cstdint>
+#include <optional>
 #include <ostream>
 #include <string>
 #include <vector>
@@ -51,6 +52,18 @@ struct Args {
   bool trainable = false;           // layer --trainable
   bool untrainable = false;         // layer --no-trainable
   std::string fold_as;              // fold --as
+  // recipe: each set only when its flag was given.
+  std::optional<int64_t> warmup_steps;          // --warmup STEPS
+  std::optional<double> warmup_start_factor;    // --warmup-start-factor
+  std::optional<int64_t> step_lr;               // --step-lr STEP_SIZE
+  std::optional<double> gamma;                  // --gamma
+  std::optional<int64_t> cosine;                // --cosine T_MAX
+  std::optional<double> eta_min;                // --eta-min
+  bool no_schedule = false;                     // --no-schedule
+  std::optional<double> clip_grad_norm;         // --clip-grad-norm MAX
+  bool no_clip = false;                         // --no-clip
+  bool no_decay_norm_bias = false;              // --no-decay-norm-bias
+  bool decay_all = false;                       // --decay-all
 };
 
 int RunCreate(normd::client::Client& client, const Args& args, std::ostream& out);
@@ -69,10 +82,18 @@ int RunDemo(normd::client::Client& client, const Args& args, std::ostream& out);
 int RunLayer(normd::client::Client& client, const Args& args, std::ostream& out);
 int RunFold(normd::client::Client& client, const Args& args, std::ostream& out);
 int RunAdapt(normd::client::Client& client, const Args& args, std::ostream& out);
+int RunRecipe(normd::client::Client& client, const Args& args, std::ostream& out);
 
 // Display helpers shared by commands and the demo.
 std::string ModeName(normd::v1::Mode mode);                // "train" | "eval" | "unspecified"
 std::string LayerKind(const normd::v1::LayerSpec& layer);  // "linear", "batch_norm1d", ...
+std::string LayerLabel(const normd::v1::ModelSpec& spec, int index);  // name or index
+// One line for `get`, `lr` and `recipe`: the kind ("sgd", "adam", "adamw"; "none" without one)
+// with lr (sgd: and momentum, and nesterov when set) and weight_decay when not 0, then, each
+// only when set, the schedule (an unset start_factor or gamma shows the server's default),
+// clipping and the no-decay groups. E.g. "sgd lr=0.1 momentum=0.9, warm-up 5 steps from 0.1x
+// then cosine t_max=45 eta_min=0, clip grad norm 1, no weight decay on norm/bias".
+std::string OptimizerString(const normd::v1::OptimizerSpec& optimizer);
 void PrintBatchNormTable(const normd::v1::Model& model, std::ostream& out);
 
 // One layer of a spec's tree (residual blocks hold layers): its path ("3", "4.body.1", the

@@ -169,6 +169,41 @@ int main(int argc, char** argv) {
   add_id(lr);
   lr->add_option("VALUE", args.lr, "New learning rate")->required();
 
+  // recipe: the values land in temporaries; main copies the given ones into Args' optionals.
+  int64_t warmup_steps = 0, step_lr = 0, cosine = 0;
+  double warmup_start_factor = 0, gamma = 0, eta_min = 0, clip_grad_norm = 0;
+  CLI::App* recipe = command(
+      "recipe",
+      "Set the learning-rate schedule, gradient clipping and weight-decay groups "
+      "(UpdateOptimizer; a changed schedule starts from its step 0)",
+      normctl::RunRecipe);
+  add_id(recipe);
+  CLI::Option* o_warmup = recipe->add_option(
+      "--warmup", warmup_steps, "Linear warm-up over STEPS steps (LinearLR, end_factor 1)");
+  CLI::Option* o_warmup_sf =
+      recipe->add_option("--warmup-start-factor", warmup_start_factor,
+                         "The warm-up's first factor of the lr, in (0, 1] (default 1/3)")
+          ->needs(o_warmup);
+  CLI::Option* o_step =
+      recipe->add_option("--step-lr", step_lr, "StepLR after the warm-up: decay every STEP_SIZE");
+  CLI::Option* o_gamma =
+      recipe->add_option("--gamma", gamma, "StepLR's factor (default 0.1)")->needs(o_step);
+  CLI::Option* o_cosine = recipe->add_option(
+      "--cosine", cosine, "CosineAnnealingLR after the warm-up over T_MAX steps")->excludes(o_step);
+  CLI::Option* o_eta = recipe->add_option("--eta-min", eta_min, "The cosine's floor (default 0)")
+                           ->needs(o_cosine);
+  CLI::Option* o_no_schedule =
+      recipe->add_flag("--no-schedule", args.no_schedule, "No schedule: the lr throughout");
+  o_no_schedule->excludes(o_warmup)->excludes(o_step)->excludes(o_cosine);
+  CLI::Option* o_clip = recipe->add_option("--clip-grad-norm", clip_grad_norm,
+                                           "clip_grad_norm_ with this max_norm before each step");
+  recipe->add_flag("--no-clip", args.no_clip, "No gradient clipping")->excludes(o_clip);
+  CLI::Option* o_nodecay =
+      recipe->add_flag("--no-decay-norm-bias", args.no_decay_norm_bias,
+                       "No weight decay on norm-layer parameters and biases");
+  recipe->add_flag("--decay-all", args.decay_all, "Weight decay on every parameter")
+      ->excludes(o_nodecay);
+
   CLI::App* health =
       command("health", "Check the server's gRPC health (exit 0 when SERVING)", normctl::RunHealth);
   health->add_option("--service", args.service, "Service name (default: the whole server)");
@@ -220,6 +255,13 @@ int main(int argc, char** argv) {
     const int rc = app.exit(e);
     return rc == 0 ? normctl::kExitOk : normctl::kExitUsage;
   }
+  if (o_warmup->count() > 0) args.warmup_steps = warmup_steps;
+  if (o_warmup_sf->count() > 0) args.warmup_start_factor = warmup_start_factor;
+  if (o_step->count() > 0) args.step_lr = step_lr;
+  if (o_gamma->count() > 0) args.gamma = gamma;
+  if (o_cosine->count() > 0) args.cosine = cosine;
+  if (o_eta->count() > 0) args.eta_min = eta_min;
+  if (o_clip->count() > 0) args.clip_grad_norm = clip_grad_norm;
 
   try {
     client_options.timeout =

@@ -143,11 +143,15 @@ std::vector<EpochSummary> Train(Client& client, const std::string& model, const 
     if (options.shuffle) std::shuffle(order.begin(), order.end(), rng);
     EpochProgress progress(out, options.progress, epoch, options.epochs, train.n);
     EpochSummary summary;
-    double loss_sum = 0;
+    double loss_sum = 0, grad_norm_sum = 0;
+    int64_t steps = 0;
     auto take = [&](const normd::v1::TrainStepResponse& r) {
       loss_sum += r.loss() * static_cast<double>(r.samples());
       summary.samples += r.samples();
       summary.step = r.step();
+      summary.last_lr = r.learning_rate();
+      grad_norm_sum += r.grad_norm();
+      ++steps;
       progress.Update(summary.samples, loss_sum / std::max<int64_t>(summary.samples, 1));
     };
     auto stream = client.OpenTrainStream(model);
@@ -165,14 +169,17 @@ std::vector<EpochSummary> Train(Client& client, const std::string& model, const 
     for (const auto& r : stream->Finish()) take(r);
     progress.Done();
     summary.loss = loss_sum / std::max<int64_t>(summary.samples, 1);
+    summary.mean_grad_norm = grad_norm_sum / static_cast<double>(std::max<int64_t>(steps, 1));
     summary.seconds = progress.elapsed_seconds();
 
-    char line[256];
+    char line[320];
     std::snprintf(line, sizeof line,
-                  "epoch %d/%d  loss %.4f  %lld samples in %.2f s (%.0f samples/s)  step %llu",
+                  "epoch %d/%d  loss %.4f  %lld samples in %.2f s (%.0f samples/s)  step %llu"
+                  "  lr %.4g  grad norm %.4g",
                   epoch, options.epochs, summary.loss, static_cast<long long>(summary.samples),
                   summary.seconds, summary.samples / std::max(summary.seconds, 1e-9),
-                  static_cast<unsigned long long>(summary.step));
+                  static_cast<unsigned long long>(summary.step), summary.last_lr,
+                  summary.mean_grad_norm);
     out << line;
     if (val != nullptr) {
       const EvalSummary v = EvaluateDataset(client, model, *val, 4096);

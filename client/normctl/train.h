@@ -56,6 +56,8 @@ struct EpochSummary {
   int64_t samples = 0;
   double seconds = 0;
   uint64_t step = 0;
+  double last_lr = 0;         // the learning rate of the epoch's last step
+  double mean_grad_norm = 0;  // mean over the epoch's steps, before clipping
 };
 
 struct EvalSummary {

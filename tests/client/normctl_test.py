@@ -153,6 +153,67 @@ class NormctlTest(unittest.TestCase):
         run("mode", "mlp", "train", "--no-freeze-running-stats")
         self.assertFalse(get_json("mlp").get("running_stats_frozen", False))
 
+    def test_recipe(self):
+        """client/examples/mlp_recipe.json: AdamW with a warm-up then cosine schedule, clipping,
+        no decay on norm/bias and label smoothing; the epoch lines show the schedule's lr; the
+        recipe subcommand changes it."""
+        self.create("mlp_recipe.json", "rec")
+        p = run("get", "rec")
+        for text in ("label smoothing 0.1", "warm-up 10 steps from 0.1x then cosine t_max=28",
+                     "clip grad norm 1", "no weight decay on norm/bias"):
+            self.assertIn(text, p.stdout)
+        self.assertAlmostEqual(float(re.search(r"next lr\s+(\S+)", p.stdout).group(1)),
+                               0.1 * 0.003, places=6)
+
+        def lr(t):  # the schedule of mlp_recipe.json at step t
+            if t < 10:
+                return 0.003 * (0.1 + 0.9 * t / 10)
+            return 1e-4 + (0.003 - 1e-4) * (1 + np.cos(np.pi * (t - 10) / 28)) / 2
+
+        p = run("train", "rec", "--data", self.train_csv, "--label-column", "16", "--epochs", "2",
+                "--batch", "32", "--progress", "off")
+        epochs = re.findall(r"epoch (\d)/2 .* step (\d+)  lr (\S+)  grad norm (\S+)", p.stdout)
+        self.assertEqual(len(epochs), 2, p.stdout)
+        for _, step, last_lr, grad_norm in epochs:
+            self.assertAlmostEqual(float(last_lr) / lr(int(step) - 1), 1.0, places=3)
+            self.assertGreater(float(grad_norm), 0.0)
+        self.assertAlmostEqual(get_json("rec")["learning_rate"], lr(38), places=9)
+        accuracy = float(re.search(r"accuracy\s+([\d.]+)%",
+                                   run("eval", "rec", "--data", self.test_csv).stdout).group(1))
+        self.assertGreaterEqual(accuracy, 85.0)
+
+        # A new schedule starts at its step 0; clipping off; every parameter decays again.
+        p = run("recipe", "rec", "--step-lr", "5", "--gamma", "0.5", "--no-clip", "--decay-all")
+        self.assertIn("step decay every 5 steps by gamma=0.5", p.stdout)
+        self.assertIn("learning rate of the next step: 0.003", p.stdout)
+        optimizer = get_json("rec")["spec"]["optimizer"]
+        self.assertEqual(optimizer["lr_schedule"], {"step": {"step_size": "5", "gamma": 0.5}})
+        self.assertNotIn("clip_grad_norm", optimizer)
+        self.assertNotIn("no_weight_decay_on_norm_and_bias", optimizer)
+        run("recipe", "rec", "--clip-grad-norm", "0.5", "--no-decay-norm-bias")
+        optimizer = get_json("rec")["spec"]["optimizer"]
+        self.assertEqual(optimizer["clip_grad_norm"], {"max_norm": 0.5})
+        self.assertEqual(optimizer["lr_schedule"], {"step": {"step_size": "5", "gamma": 0.5}})
+        run("recipe", "rec", "--no-schedule")
+        self.assertNotIn("lr_schedule", get_json("rec")["spec"]["optimizer"])
+
+        # Refusals: nothing to change and flag misuse are usage errors (2), bad values the
+        # server's INVALID_ARGUMENT (1), and none of them changes the model.
+        before = get_json("rec")
+        p = run("recipe", "rec", check=False)
+        self.assertEqual(p.returncode, 2)
+        self.assertIn("nothing to change", p.stderr)
+        p = run("recipe", "rec", "--gamma", "0.5", check=False)
+        self.assertEqual(p.returncode, 2)
+        p = run("recipe", "rec", "--cosine", "0", check=False)
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("INVALID_ARGUMENT", p.stderr)
+        self.assertIn("lr_schedule.cosine.t_max must be >= 1", p.stderr)
+        p = run("recipe", "rec", "--clip-grad-norm", "-1", check=False)
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("clip_grad_norm.max_norm must be > 0", p.stderr)
+        self.assertEqual(get_json("rec"), before)
+
     def test_inspect_shows_batchnorm_normalising(self):
         self.create("mlp_bn.json", "fresh")
         # A fresh model in train mode: BatchNorm (gamma 1, beta 0) outputs mean 0, std 1.

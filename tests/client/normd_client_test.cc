@@ -191,6 +191,51 @@ class EchoTrainer final : public v1::Trainer::Service {
   }
 };
 
+// A stand-in server on a free loopback port, running `service`; *port is set (0 on failure).
+std::unique_ptr<grpc::Server> StartStandIn(grpc::Service* service, int* port) {
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), port);
+  builder.RegisterService(service);
+  return builder.BuildAndStart();
+}
+
+// Answers ApplyGradients and TrainStep with fixed figures, to see them come through the client.
+class FixedStepTrainer final : public v1::Trainer::Service {
+  grpc::Status ApplyGradients(grpc::ServerContext*, const v1::ApplyGradientsRequest*,
+                              v1::ApplyGradientsResponse* response) override {
+    response->set_step(7);
+    response->set_grad_norm(3.5);
+    response->set_learning_rate(0.0125);
+    return grpc::Status::OK;
+  }
+  grpc::Status TrainStep(grpc::ServerContext*, const v1::TrainStepRequest*,
+                         v1::TrainStepResponse* response) override {
+    response->set_step(8);
+    response->set_grad_norm(0.75);
+    response->set_learning_rate(0.5);
+    return grpc::Status::OK;
+  }
+};
+
+TEST(ClientTest, StepsReportGradNormAndLearningRate) {
+  FixedStepTrainer service;
+  int port = 0;
+  std::unique_ptr<grpc::Server> server = StartStandIn(&service, &port);
+  ASSERT_NE(port, 0);
+  ClientOptions options;
+  options.server = "127.0.0.1:" + std::to_string(port);
+  Client client(options);
+  const v1::ApplyGradientsResponse a = client.ApplyGradients("m");
+  EXPECT_EQ(a.step(), 7u);
+  EXPECT_EQ(a.grad_norm(), 3.5);
+  EXPECT_EQ(a.learning_rate(), 0.0125);
+  const std::vector<float> input(4, 0.5f);
+  const v1::TrainStepResponse t = client.TrainStep("m", TensorView(input.data(), {1, 4}), {0});
+  EXPECT_EQ(t.grad_norm(), 0.75);
+  EXPECT_EQ(t.learning_rate(), 0.5);
+  server->Shutdown();
+}
+
 // A channel that was connected to a server which has just stopped: streams opened now must fail
 // promptly with UNAVAILABLE (or CANCELLED). In this situation gRPC Python 1.51 with retries on
 // left some streams waiting forever (python_client_test.py, ServerGoneTest); the C++ sync API
@@ -204,10 +249,7 @@ TEST(ClientTest, StreamsOpenedRightAfterTheServerStoppedFailPromptly) {
   for (int cycle = 0; cycle < kCycles; ++cycle) {
     EchoTrainer service;
     int port = 0;
-    grpc::ServerBuilder builder;
-    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
-    builder.RegisterService(&service);
-    std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+    std::unique_ptr<grpc::Server> server = StartStandIn(&service, &port);
     ASSERT_NE(port, 0);
     ClientOptions options;
     options.server = "127.0.0.1:" + std::to_string(port);

@@ -1,6 +1,7 @@
 """Every normd.Client wrapper against a real normd on loopback."""
 
 import json
+import math
 import os
 import sys
 import threading
@@ -291,6 +292,90 @@ class ClientTest(unittest.TestCase):
         self.assertAlmostEqual(self.c.get_model(self.mid).spec.optimizer.sgd.lr, 0.005, places=7)
         self.expect_error(grpc.StatusCode.INVALID_ARGUMENT, self.c.update_optimizer, self.mid,
                           {"adam": {"lr": 0.01}})
+
+    def test_recipe(self):
+        """Schedule, clipping, no-decay groups and label smoothing through the client: set at
+        creation and by update_recipe; the figures every step reports."""
+        spec = mlp_spec(seed=2, lr=0.1)
+        spec["optimizer"]["lr_schedule"] = {"warmup": {"steps": 2, "start_factor": 0.5},
+                                            "step": {"step_size": 3, "gamma": 0.5}}
+        spec["optimizer"]["clip_grad_norm"] = {"max_norm": 0.25}
+        spec["optimizer"]["no_weight_decay_on_norm_and_bias"] = True
+        spec["loss_options"] = {"label_smoothing": 0.1}
+        mid = self.mid + "-r"
+        m = self.c.create_model(spec, id=mid)
+        try:
+            base = float(np.float32(0.1))
+            want = [0.5 * base, 0.75 * base, base, base, base, 0.5 * base, 0.5 * base]
+            self.assertAlmostEqual(m.learning_rate, want[0], places=15)
+            clipped = 0
+            for t in range(6):
+                x, labels = batch(seed=10 + t)
+                r = self.c.train_step(mid, x, labels=labels)
+                self.assertAlmostEqual(r.learning_rate, want[t], places=15)
+                self.assertGreater(r.grad_norm, 0.0)
+                clipped += r.grad_norm > 0.25
+            self.assertGreater(clipped, 0)
+            self.assertAlmostEqual(self.c.get_model(mid).learning_rate, want[6], places=15)
+            self.assertEqual(float(self.c.get_state(mid, include_optimizer=True)[
+                "optimizer.lr_scheduler.last_epoch"]), 6.0)
+
+            # update_recipe changes only what it is given; a new schedule starts at step 0.
+            m = self.c.update_recipe(mid, lr_schedule={"cosine": {"t_max": 4}})
+            self.assertEqual(m.spec.optimizer.lr_schedule.cosine.t_max, 4)
+            self.assertEqual(m.spec.optimizer.clip_grad_norm.max_norm, 0.25)
+            self.assertTrue(m.spec.optimizer.no_weight_decay_on_norm_and_bias)
+            self.assertAlmostEqual(m.learning_rate, base, places=15)
+            self.assertEqual(m.spec.loss_options.label_smoothing, 0.1)
+            m = self.c.update_recipe(mid, max_grad_norm=None, no_weight_decay_on_norm_and_bias=False)
+            self.assertFalse(m.spec.optimizer.HasField("clip_grad_norm"))
+            self.assertFalse(m.spec.optimizer.no_weight_decay_on_norm_and_bias)
+            self.assertTrue(m.spec.optimizer.HasField("lr_schedule"))
+            # One step under the cosine, then set_lr: the schedule and its progress stay, and
+            # the factor of step 1 applies to the new base rate (a reset would give 0.2).
+            x, labels = batch(seed=20)
+            self.c.train_step(mid, x, labels=labels)
+            m = self.c.set_lr(mid, 0.2)
+            self.assertEqual(m.spec.optimizer.lr_schedule.cosine.t_max, 4)
+            lr1 = float(np.float32(0.2)) * (1 + math.cos(math.pi / 4)) / 2
+            self.assertAlmostEqual(m.learning_rate, lr1, places=15)
+
+            # ApplyGradients reports the same figures.
+            f = self.c.forward(mid, batch(seed=30)[0], retain_for_backward=True)
+            self.c.backward(mid, f.forward_id, np.full(f.output.shape, 0.1, np.float32))
+            a = self.c.apply_gradients_response(mid)
+            self.assertEqual(a.step, 8)
+            self.assertAlmostEqual(a.learning_rate, lr1, places=15)
+            self.assertTrue(np.isfinite(a.grad_norm))
+            self.assertGreater(a.grad_norm, 0.0)
+
+            # Bad values: INVALID_ARGUMENT, nothing changed.
+            before = self.c.get_model(mid)
+            e = self.expect_error(grpc.StatusCode.INVALID_ARGUMENT, self.c.update_recipe, mid,
+                                  max_grad_norm=-1.0)
+            self.assertIn("clip_grad_norm.max_norm must be > 0", e.message)
+            e = self.expect_error(grpc.StatusCode.INVALID_ARGUMENT, self.c.update_recipe, mid,
+                                  lr_schedule={"cosine": {"t_max": 0}})
+            self.assertIn("cosine.t_max must be >= 1", e.message)
+            self.assertEqual(self.c.get_model(mid), before)
+            bad = mlp_spec()
+            bad["loss_options"] = {"label_smoothing": 1.5}
+            e = self.expect_error(grpc.StatusCode.INVALID_ARGUMENT, self.c.create_model, bad,
+                                  id=mid + "-bad")
+            self.assertIn("label_smoothing must be in [0, 1)", e.message)
+
+            # fit's history follows the model's schedule.
+            self.c.update_recipe(mid, lr_schedule={"step": {"step_size": 2, "gamma": 0.1}})
+            x = np.concatenate([batch(seed=40 + i)[0] for i in range(4)])
+            y = np.concatenate([batch(seed=40 + i)[1] for i in range(4)])
+            history = self.c.fit(mid, x, y, epochs=2, batch_size=32, progress=False)
+            # Two steps per epoch: the first epoch ends at t = 1, the second at t = 3.
+            lr = float(np.float32(0.2))
+            self.assertAlmostEqual(history[0]["last_lr"], lr, places=12)
+            self.assertAlmostEqual(history[1]["last_lr"], lr * 0.1, places=12)
+            self.assertGreater(history[1]["grad_norm"], 0.0)
+        finally:
+            self.c.delete_model(mid)
 
     def test_save_model(self):
         x, labels = batch()

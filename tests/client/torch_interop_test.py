@@ -348,6 +348,94 @@ class InteropTest(unittest.TestCase):
         ids = [m.id for m in self.c.list_models()]
         self.assertNotIn("interop-unsupported", ids)
 
+    def test_recipe_from_torch_trains_like_torch(self):
+        """A torch training recipe — SGD with momentum in two parameter groups (no weight decay
+        on norm parameters and biases), SequentialLR(LinearLR, CosineAnnealingLR),
+        clip_grad_norm_ and CrossEntropyLoss(label_smoothing) — carried over by from_torch,
+        then the same 30 steps on both sides: every step's lr and pre-clipping gradient norm,
+        and the final state, agree."""
+        import warnings
+        seq = nn.Sequential(nn.Linear(10, 24, bias=False), nn.BatchNorm1d(24), nn.ReLU(),
+                            nn.Linear(24, 24), nn.LayerNorm(24), nn.Tanh(), nn.Linear(24, 4))
+        seq.train()
+        norm_params = {id(p) for m in seq.modules() if isinstance(m, (nn.BatchNorm1d, nn.LayerNorm))
+                       for p in m.parameters(recurse=False)}
+        exempt = [p for n, p in seq.named_parameters() if id(p) in norm_params or
+                  n.endswith(".bias")]
+        others = [p for p in seq.parameters() if all(p is not q for q in exempt)]
+        opt = torch.optim.SGD([{"params": others}, {"params": exempt, "weight_decay": 0.0}],
+                              lr=0.05, momentum=0.9, weight_decay=1e-3)
+        sched = torch.optim.lr_scheduler
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            scheduler = sched.SequentialLR(
+                opt, [sched.LinearLR(opt, start_factor=0.2, total_iters=4),
+                      sched.CosineAnnealingLR(opt, T_max=26, eta_min=1e-3)], milestones=[4])
+        criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+        model = normd.from_torch(self.c, seq, [10], loss=criterion, optimizer=opt,
+                                 lr_scheduler=scheduler, max_grad_norm=1.0,
+                                 no_weight_decay_on_norm_and_bias=True, id="interop-recipe")
+        self.created.append(model.id)
+        o = model.spec.optimizer
+        self.assertEqual((o.lr_schedule.warmup.steps, o.lr_schedule.warmup.start_factor),
+                         (4, 0.2))
+        self.assertEqual((o.lr_schedule.cosine.t_max, o.lr_schedule.cosine.eta_min), (26, 1e-3))
+        self.assertEqual(o.clip_grad_norm.max_norm, 1.0)
+        self.assertTrue(o.no_weight_decay_on_norm_and_bias)
+        self.assertEqual(model.spec.loss_options.label_smoothing, 0.1)
+
+        rng = np.random.default_rng(5)
+        worst_lr = worst_norm = 0.0
+        clipped = 0
+        for step in range(30):
+            x = rng.normal(size=(16, 10)).astype(np.float32) * 2
+            y = rng.integers(0, 4, 16)
+            r = self.c.train_step(model.id, x, labels=y)
+            opt.zero_grad()
+            loss = criterion(seq(torch.from_numpy(x)), torch.from_numpy(y))
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(seq.parameters(), 1.0).item()
+            lr = opt.param_groups[0]["lr"]
+            opt.step()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                scheduler.step()
+            worst_lr = max(worst_lr, abs(r.learning_rate - lr) / lr)
+            worst_norm = max(worst_norm, abs(r.grad_norm - norm) / norm)
+            clipped += norm > 1.0
+            self.assertAlmostEqual(r.loss, loss.item(), delta=1e-5 * loss.item())
+        state = self.c.get_state(model.id)
+        worst_state = max(rel_err(state[k], v.numpy()) for k, v in seq.state_dict().items()
+                          if not k.endswith("num_batches_tracked"))
+        print(f"recipe from torch: lr rel err {worst_lr:.1e}, grad norm {worst_norm:.1e}, "
+              f"state {worst_state:.1e} after 30 steps ({clipped} clipped)")
+        self.assertGreater(clipped, 0)
+        self.assertLess(worst_lr, 1e-7)  # the float32 rounding of the base lr on the wire
+        self.assertLess(worst_norm, 1e-5)
+        self.assertLess(worst_state, 1e-4)
+
+    def test_lr_schedule_from_torch_refuses_what_it_cannot_express(self):
+        sched = torch.optim.lr_scheduler
+        opt = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+        self.assertEqual(normd.lr_schedule_from_torch(sched.StepLR(opt, 7, gamma=0.3)),
+                         pb.LrScheduleSpec(step=pb.StepLRSpec(step_size=7, gamma=0.3)))
+        self.assertEqual(normd.lr_schedule_from_torch(sched.LinearLR(opt, 0.5, total_iters=3)),
+                         pb.LrScheduleSpec(warmup=pb.LinearWarmupSpec(steps=3, start_factor=0.5)))
+        for make in (lambda: sched.ExponentialLR(opt, 0.9),
+                     lambda: sched.LinearLR(opt, 0.5, end_factor=0.5, total_iters=3),
+                     lambda: sched.SequentialLR(opt, [sched.LinearLR(opt, 0.5, total_iters=3),
+                                                      sched.StepLR(opt, 2)], milestones=[5]),
+                     lambda: sched.SequentialLR(opt, [sched.StepLR(opt, 2),
+                                                      sched.StepLR(opt, 3)], milestones=[2])):
+            with self.assertRaises(ValueError):
+                normd.lr_schedule_from_torch(make())
+        stepped = sched.StepLR(opt, 2)
+        opt.step()
+        stepped.step()
+        with self.assertRaises(ValueError) as ctx:
+            normd.lr_schedule_from_torch(stepped)
+        self.assertIn("already stepped", str(ctx.exception))
+
     def test_failed_set_state_leaves_no_model(self):
         seq = nn.Sequential(nn.Linear(4, 3))
         with torch.no_grad():

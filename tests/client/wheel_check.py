@@ -115,8 +115,12 @@ class InstalledWheelTest(unittest.TestCase):
         for i, record in enumerate(history):
             self.assertAlmostEqual(record["lr"], schedule(i), places=12)
             self.assertEqual(record["samples"], len(self.x))
-            self.assertEqual(set(record), {"epoch", "lr", "loss", "samples", "step", "seconds",
-                                           "samples_per_s", "val_loss", "val_accuracy"})
+            self.assertEqual(set(record), {"epoch", "lr", "last_lr", "grad_norm", "loss",
+                                           "samples", "step", "seconds", "samples_per_s",
+                                           "val_loss", "val_accuracy"})
+            # No schedule on the model: every step used fit's rate (sent as float32).
+            self.assertAlmostEqual(record["last_lr"], schedule(i), delta=1e-7 * schedule(i))
+            self.assertGreater(record["grad_norm"], 0.0)
         steps_per_epoch = -(-len(self.x) // 32)
         self.assertEqual(history[-1]["step"], steps_per_epoch * len(history))
         self.assertLess(history[-1]["loss"], history[0]["loss"])

@@ -35,6 +35,26 @@ inline ModelConfig Mlp() {
   return c;
 }
 
+// The MLP with the training recipe: warm-up then cosine schedule, gradient clipping that bites
+// (max norm 0.05), label smoothing, AdamW without decay on BatchNorm and biases. The norm the
+// clipping measures is the whole batch's gradient's. The first Linear has no bias: before a
+// BatchNorm its gradient is zero up to rounding, which Adam would turn into full steps.
+inline ModelConfig MlpWithRecipe() {
+  ModelConfig c = Mlp();
+  c.layers[0].linear.bias = false;
+  c.optimizer.kind = OptimizerKind::kAdam;
+  c.optimizer.adam.lr = 0.01f;
+  c.optimizer.adam.weight_decay = 0.05f;
+  c.optimizer.adam.decoupled_weight_decay = true;
+  c.optimizer.no_weight_decay_on_norm_and_bias = true;
+  c.optimizer.max_grad_norm = 0.05;
+  c.optimizer.schedule.warmup_steps = 3;
+  c.optimizer.schedule.decay = LrScheduleConfig::Decay::kCosine;
+  c.optimizer.schedule.t_max = 15;
+  c.label_smoothing = 0.1;
+  return c;
+}
+
 // Conv-BatchNorm2d(momentum=None)-ReLU-Flatten-Linear, Adam, cross-entropy. The convolution has
 // no bias, as before a BatchNorm in ResNets: its gradient would be zero up to rounding, and Adam
 // turns rounding noise into steps of the full learning rate, which no two summation orders share.

@@ -6,6 +6,7 @@
 // masks, a global non-finite refusal.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <functional>
@@ -35,8 +36,10 @@ void OnEveryRank(int world, const std::function<void(int)>& body) {
 // Trains `steps` TrainSteps on batches of `rows` rows: one model on the whole batch, and a job
 // of `world` replicas on shards. Compares losses each step, then the replicas with each other
 // (bits) and with the single model (tolerance).
+// *largest_grad_norm (when given): the largest gradient norm a step reported.
 void TrainStepsMatch(const ModelConfig& config, int world, int64_t rows, int steps, bool eval_too,
-                     double atol = 2e-5, double rtol = 2e-4) {
+                     double* largest_grad_norm = nullptr) {
+  const double atol = 2e-5, rtol = 2e-4;
   SCOPED_TRACE("world " + std::to_string(world) + ", rows " + std::to_string(rows));
   std::unique_ptr<Model> single = Build(config);
   std::vector<std::unique_ptr<Model>> replicas;
@@ -62,6 +65,12 @@ void TrainStepsMatch(const ModelConfig& config, int world, int64_t rows, int ste
       EXPECT_EQ(got[r].loss, got[0].loss) << "rank " << r;  // the same bits everywhere
       EXPECT_EQ(got[r].step, expected.step);
       EXPECT_EQ(got[r].samples, rows);
+      EXPECT_EQ(got[r].grad_norm, got[0].grad_norm) << "rank " << r;
+      EXPECT_EQ(got[r].learning_rate, expected.learning_rate);
+    }
+    EXPECT_NEAR(got[0].grad_norm, expected.grad_norm, 1e-5 * (1.0 + expected.grad_norm));
+    if (largest_grad_norm != nullptr) {
+      *largest_grad_norm = std::max(*largest_grad_norm, got[0].grad_norm);
     }
     EXPECT_NEAR(got[0].loss, expected.loss, 1e-5 * (1.0 + std::abs(expected.loss)))
         << "step " << step;
@@ -111,6 +120,12 @@ TEST(ShardRowsTest, ContiguousSizesWithinOneLargerFirst) {
 TEST(DataParallelTest, MlpWithDropoutMatchesOneProcessWithUnequalShards) {
   TrainStepsMatch(Mlp(), 3, 257, 20, /*eval_too=*/true);
   TrainStepsMatch(Mlp(), 2, 64, 20, /*eval_too=*/true);
+}
+
+TEST(DataParallelTest, TrainingRecipeClipsTheWholeBatchsGradient) {
+  double largest = 0.0;
+  TrainStepsMatch(MlpWithRecipe(), 3, 100, 20, /*eval_too=*/true, &largest);
+  EXPECT_GT(largest, MlpWithRecipe().optimizer.max_grad_norm);  // the clipping did act
 }
 
 TEST(DataParallelTest, EmptyShardsWhenRanksOutnumberRows) {
@@ -177,11 +192,11 @@ TEST(DataParallelTest, ForwardBackwardApplyGradientsMatchOneProcess) {
     Tensor grad_output, grad_input;
     ComputeLoss(config.loss, rec.output().view(), TargetsOf(batch, 0, rows), &grad_output);
     ASSERT_TRUE(single->Backward(&rec, grad_output.view(), &grad_input).ok());
-    uint64_t expected_step = 0;
+    StepResult expected_step;
     ASSERT_TRUE(single->ApplyGradients(&expected_step).ok());
 
     std::vector<Tensor> shard_dx(world);
-    std::vector<uint64_t> steps(world);
+    std::vector<StepResult> steps(world);
     OnEveryRank(world, [&](int r) {
       DataParallelShard shard{group.rank(r), rows, 0};
       const int64_t n = ShardRows(rows, world, r, &shard.row_offset);
@@ -195,7 +210,9 @@ TEST(DataParallelTest, ForwardBackwardApplyGradientsMatchOneProcess) {
     const int64_t per_row = grad_input.view().shape.DropFirst().NumElements();
     int64_t row = 0;
     for (int r = 0; r < world; ++r) {
-      EXPECT_EQ(steps[r], expected_step);
+      EXPECT_EQ(steps[r].step, expected_step.step);
+      EXPECT_EQ(steps[r].grad_norm, steps[0].grad_norm);
+      EXPECT_NEAR(steps[r].grad_norm, expected_step.grad_norm, 1e-5 * (1.0 + expected_step.grad_norm));
       for (int64_t i = 0; i < shard_dx[r].size(); ++i) {
         EXPECT_NEAR(shard_dx[r].data()[i], grad_input.data()[row * per_row + i], 1e-6)
             << "rank " << r << " element " << i;
@@ -234,7 +251,7 @@ TEST(DataParallelTest, ANonFiniteShardStopsEveryRank) {
     before[r] = replicas[r]->GetState(true);
     ASSERT_TRUE(
         replicas[r]->Backward(&scratch, Rows(grad_output, shard.row_offset, n), nullptr).ok());
-    uint64_t step = 0;
+    StepResult step;
     status[r] = replicas[r]->ApplyGradients(&step, group.rank(r));
   });
   for (int r = 0; r < world; ++r) {

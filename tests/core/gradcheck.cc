@@ -196,17 +196,17 @@ GradCheckReport CheckLayerGradients(Layer* layer, const Tensor& x, const Forward
 }
 
 GradCheckReport CheckLossGradient(LossKind kind, const Tensor& output, const Targets& targets,
-                                  const GradCheckOptions& opts) {
+                                  const GradCheckOptions& opts, double label_smoothing) {
   GradCheckReport report;
   Tensor out = output;
   Tensor grad(output.shape(), 7.25f);
-  ComputeLoss(kind, out.view(), targets, &grad);
+  ComputeLoss(kind, out.view(), targets, &grad, label_smoothing);
   if (grad.shape() != output.shape()) {
     report.contract_errors.push_back("grad has shape " + grad.shape().ToString() +
                                      ", output has " + output.shape().ToString());
     return report;
   }
-  auto loss = [&]() { return ComputeLoss(kind, out.view(), targets, nullptr); };
+  auto loss = [&]() { return ComputeLoss(kind, out.view(), targets, nullptr, label_smoothing); };
   report.tensors.push_back(CompareWithFiniteDifferences(LossKindName(kind), out.data(),
                                                         out.size(), grad.data(), loss, opts));
   return report;

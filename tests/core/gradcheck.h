@@ -79,7 +79,8 @@ GradCheckReport CheckLayerGradients(Layer* layer, const Tensor& x, const Forward
 // Checks the gradient ComputeLoss writes against central differences of the loss it returns.
 // REQUIRES: ValidateTargets(kind, output.shape(), targets) is OK.
 GradCheckReport CheckLossGradient(LossKind kind, const Tensor& output, const Targets& targets,
-                                  const GradCheckOptions& opts = {});
+                                  const GradCheckOptions& opts = {},
+                                  double label_smoothing = 0.0);
 
 // Builds `layer` for the per-sample shape and allocates it from a generator seeded with seed.
 Status BuildAndAllocate(Layer* layer, const Shape& sample_in, uint64_t seed,

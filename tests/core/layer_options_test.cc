@@ -189,7 +189,7 @@ TEST(FoldTest, InferenceOnlyRefusesTraining) {
   m->SetMode(false, false);
   m->set_inference_only();
   EXPECT_EQ(m->CheckCanTrain("x").code(), StatusCode::kFailedPrecondition);
-  uint64_t step = 0;
+  StepResult step;
   EXPECT_EQ(m->ApplyGradients(&step).code(), StatusCode::kFailedPrecondition);
   bool changed = false;
   EXPECT_EQ(m->SetLayerOptions({}, &changed).code(), StatusCode::kFailedPrecondition);

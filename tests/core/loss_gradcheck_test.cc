@@ -34,6 +34,18 @@ TEST(LossGradTest, CrossEntropyLargeLogits) {
                        "CrossEntropy_large");
 }
 
+TEST(LossGradTest, CrossEntropyWithLabelSmoothing) {
+  const Tensor logits = RandomTensor(Shape{6, 5}, 11, -3.0f, 3.0f);
+  const std::vector<int64_t> labels = {4, 0, 2, 2, 1, 3};
+  Targets t;
+  t.labels = labels.data();
+  t.num_labels = static_cast<int64_t>(labels.size());
+  for (double eps : {0.1, 0.5, 0.9}) {
+    ExpectGradientsMatch(CheckLossGradient(LossKind::kCrossEntropy, logits, t, {}, eps),
+                         "CrossEntropy_label_smoothing_" + std::to_string(eps));
+  }
+}
+
 TEST(LossGradTest, Mse) {
   const Tensor out = RandomTensor(Shape{4, 3}, 3, -2.0f, 2.0f);
   const Tensor target = RandomTensor(Shape{4, 3}, 4, -2.0f, 2.0f);

@@ -182,9 +182,11 @@ TEST(ModelTest, ForwardBackwardApplyEqualsTrainStep) {
                                     LabelTargets(labels), &grad);
     EXPECT_EQ(loss, r.loss);
     ASSERT_TRUE(b->Backward(&frec, grad.view(), nullptr).ok());
-    uint64_t s = 0;
+    StepResult s;
     ASSERT_TRUE(b->ApplyGradients(&s).ok());
-    EXPECT_EQ(s, r.step);
+    EXPECT_EQ(s.step, r.step);
+    EXPECT_EQ(s.grad_norm, r.grad_norm);
+    EXPECT_EQ(s.learning_rate, r.learning_rate);
   }
   ExpectSameState(a->GetState(true), b->GetState(true));
 }
@@ -196,7 +198,7 @@ TEST(ModelTest, StaleForwardIsRefused) {
   ASSERT_TRUE(m->Forward(x.view(), &rec).ok());
   Tensor dy(Shape{8, 3}, 0.1f);
   ASSERT_TRUE(m->Backward(&rec, dy.view(), nullptr).ok());
-  uint64_t step;
+  StepResult step;
   ASSERT_TRUE(m->ApplyGradients(&step).ok());
   Status s = m->Backward(&rec, dy.view(), nullptr);
   EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition);
@@ -350,6 +352,182 @@ TEST(ModelTest, UpdateOptimizerKeepsState) {
   lr.sgd.lr = 0.5f;
   ASSERT_TRUE(a->UpdateOptimizer(lr).ok());
   EXPECT_EQ(a->config().optimizer.sgd.lr, 0.5f);
+}
+
+// --- The training recipe: schedules, clipping, label smoothing, parameter groups -------------
+
+const NamedTensor* Find(const std::vector<NamedTensor>& state, const std::string& name) {
+  for (const NamedTensor& t : state) {
+    if (t.name == name) return &t;
+  }
+  return nullptr;
+}
+
+TEST(ModelTest, TrainStepReportsTheGradientNormAndTheRateItUsed) {
+  ModelConfig c = Mlp();
+  c.optimizer.schedule.decay = LrScheduleConfig::Decay::kStep;
+  c.optimizer.schedule.step_size = 2;
+  c.optimizer.schedule.gamma = 0.5;
+  auto a = Build(c);
+  auto b = Build(c);  // the same steps through Forward + Backward, to measure the gradients
+  std::vector<int64_t> labels = Labels(8, 3);
+  const double want_lr[] = {0.1, 0.1, 0.05, 0.05, 0.025};
+  for (int step = 0; step < 5; ++step) {
+    EXPECT_DOUBLE_EQ(a->learning_rate(), static_cast<double>(0.1f) * want_lr[step] / 0.1);
+    Tensor x = RandomBatch(8, 6, 60 + step);
+    ForwardRecord rec;
+    TrainResult r;
+    ASSERT_TRUE(a->TrainStep(x.view(), LabelTargets(labels), &rec, &r).ok());
+    EXPECT_DOUBLE_EQ(r.learning_rate, static_cast<double>(0.1f) * want_lr[step] / 0.1);
+
+    ForwardRecord frec;
+    ASSERT_TRUE(b->Forward(x.view(), &frec).ok());
+    Tensor grad;
+    ComputeLoss(LossKind::kCrossEntropy, frec.output().view(), LabelTargets(labels), &grad);
+    ASSERT_TRUE(b->Backward(&frec, grad.view(), nullptr).ok());
+    double sq = 0.0;
+    for (const Parameter* p : b->net().parameters()) {
+      for (int64_t i = 0; i < p->grad.size(); ++i) sq += double{p->grad.data()[i]} * p->grad.data()[i];
+    }
+    StepResult applied;
+    ASSERT_TRUE(b->ApplyGradients(&applied).ok());
+    EXPECT_NEAR(r.grad_norm, std::sqrt(sq), 1e-12 * std::sqrt(sq));
+    EXPECT_GT(r.grad_norm, 0.0);
+    EXPECT_EQ(applied.grad_norm, r.grad_norm);
+  }
+  const std::vector<NamedTensor> state = a->GetState(true);
+  const NamedTensor* last_epoch = Find(state, "optimizer.lr_scheduler.last_epoch");
+  ASSERT_NE(last_epoch, nullptr);
+  EXPECT_EQ(last_epoch->shape, Shape());
+  EXPECT_EQ(last_epoch->values[0], 5.0f);
+  EXPECT_EQ(Find(a->GetState(false), "optimizer.lr_scheduler.last_epoch"), nullptr);
+  EXPECT_EQ(Find(Build(Mlp())->GetState(true), "optimizer.lr_scheduler.last_epoch"), nullptr);
+}
+
+TEST(ModelTest, ClippingScalesTheStepAndReportsTheNormBeforeIt) {
+  ModelConfig c = Mlp();
+  c.optimizer.sgd.momentum = 0.0f;  // the step is lr * grad: easy to compare
+  auto plain = Build(c);
+  c.optimizer.max_grad_norm = 0.05;
+  auto clipped = Build(c);
+  const std::vector<NamedTensor> before = plain->GetState(false);
+  std::vector<int64_t> labels = Labels(8, 3);
+  Tensor x = RandomBatch(8, 6, 70);
+  ForwardRecord r1, r2;
+  TrainResult a, b;
+  ASSERT_TRUE(plain->TrainStep(x.view(), LabelTargets(labels), &r1, &a).ok());
+  ASSERT_TRUE(clipped->TrainStep(x.view(), LabelTargets(labels), &r2, &b).ok());
+  EXPECT_EQ(a.grad_norm, b.grad_norm);  // reported before clipping
+  ASSERT_GT(a.grad_norm, 0.05);         // so the clipping bites
+  const double coef = 0.05 / (a.grad_norm + 1e-6);
+  const std::vector<NamedTensor> pa = plain->GetState(false), pb = clipped->GetState(false);
+  for (size_t i = 0; i < before.size(); ++i) {
+    if (before[i].name.find("running") != std::string::npos ||
+        before[i].name.find("num_batches") != std::string::npos) {
+      continue;
+    }
+    for (size_t j = 0; j < before[i].values.size(); ++j) {
+      const double full = pa[i].values[j] - before[i].values[j];
+      const double step = pb[i].values[j] - before[i].values[j];
+      EXPECT_NEAR(step, full * coef, 1e-7 + 1e-4 * std::abs(full * coef)) << before[i].name;
+    }
+  }
+}
+
+TEST(ModelTest, NoWeightDecayOnNormAndBiasFollowsTheLayerKinds) {
+  ModelConfig c = Mlp();
+  c.optimizer.sgd = {0.1f, 0.0f, 0.0f, false, 0.5f};
+  c.optimizer.no_weight_decay_on_norm_and_bias = true;
+  auto m = Build(c);
+  const std::vector<NamedTensor> before = m->GetState(false);
+  StepResult r;
+  ASSERT_TRUE(m->ApplyGradients(&r).ok());  // zero gradients: only weight decay moves anything
+  EXPECT_EQ(r.grad_norm, 0.0);
+  const std::vector<NamedTensor> after = m->GetState(false);
+  for (size_t i = 0; i < before.size(); ++i) {
+    const std::string& name = before[i].name;
+    const bool decays = name == "0.weight" || name == "3.weight";  // the Linear weights only
+    for (size_t j = 0; j < before[i].values.size(); ++j) {
+      if (decays) {
+        EXPECT_FLOAT_EQ(after[i].values[j], before[i].values[j] * 0.95f) << name;
+      } else {
+        EXPECT_EQ(after[i].values[j], before[i].values[j]) << name;
+      }
+    }
+  }
+}
+
+TEST(ModelTest, ScheduleProgressIsStateThatSetStateRestores) {
+  ModelConfig c = Mlp();
+  c.optimizer.schedule.decay = LrScheduleConfig::Decay::kCosine;
+  c.optimizer.schedule.t_max = 10;
+  auto a = Build(c);
+  std::vector<int64_t> labels = Labels(8, 3);
+  for (int i = 0; i < 3; ++i) {
+    ForwardRecord rec;
+    TrainResult r;
+    ASSERT_TRUE(a->TrainStep(RandomBatch(8, 6, 80 + i).view(), LabelTargets(labels), &rec, &r)
+                    .ok());
+  }
+  auto b = Build(c);
+  EXPECT_NE(a->learning_rate(), b->learning_rate());
+  ASSERT_TRUE(b->SetState(a->GetState(true), /*strict=*/true).ok());
+  EXPECT_EQ(a->learning_rate(), b->learning_rate());
+  ExpectSameState(a->GetState(true), b->GetState(true));
+  // A bad counter is refused like any other.
+  NamedTensor bad{"optimizer.lr_scheduler.last_epoch", Shape(), {2.5f}};
+  EXPECT_EQ(b->SetState({bad}, false).code(), StatusCode::kInvalidArgument);
+  // A model without a schedule has no such entry.
+  auto plain = Build(Mlp());
+  const Status s = plain->SetState({NamedTensor{"optimizer.lr_scheduler.last_epoch", Shape(),
+                                                {1.0f}}},
+                                   false);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+}
+
+TEST(ModelTest, UpdateOptimizerChangesTheScheduleAndRefusesBadOnes) {
+  auto m = Build(Mlp());
+  EXPECT_DOUBLE_EQ(m->learning_rate(), static_cast<double>(0.1f));
+  OptimizerConfig o = m->config().optimizer;
+  o.schedule.warmup_steps = 4;
+  o.schedule.warmup_start_factor = 0.25;
+  ASSERT_TRUE(m->UpdateOptimizer(o).ok());
+  EXPECT_DOUBLE_EQ(m->learning_rate(), 0.25 * static_cast<double>(0.1f));
+  OptimizerConfig bad = o;
+  bad.schedule.decay = LrScheduleConfig::Decay::kCosine;
+  bad.schedule.t_max = 0;
+  const Status s = m->UpdateOptimizer(bad);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("t_max"), std::string::npos) << s.message();
+  EXPECT_EQ(m->config().optimizer.schedule, o.schedule);
+  bad = o;
+  bad.max_grad_norm = -1.0;
+  EXPECT_EQ(m->UpdateOptimizer(bad).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(m->config().optimizer.max_grad_norm, 0.0);
+}
+
+TEST(ModelTest, LabelSmoothingIsTheModelsLossInTrainingAndEvaluation) {
+  ModelConfig c = Mlp();
+  c.label_smoothing = 0.2;
+  auto m = Build(c);
+  std::vector<int64_t> labels = Labels(8, 3);
+  Tensor x = RandomBatch(8, 6, 90);
+  ForwardRecord rec;
+  EvalResult e;
+  ASSERT_TRUE(m->Evaluate(x.view(), LabelTargets(labels), &rec, &e).ok());
+  ASSERT_TRUE(m->Predict(x.view(), &rec).ok());
+  EXPECT_DOUBLE_EQ(e.loss, ComputeLoss(LossKind::kCrossEntropy, rec.output().view(),
+                                       LabelTargets(labels), nullptr, 0.2));
+
+  ModelConfig bad = Mlp();
+  bad.label_smoothing = 1.0;
+  std::unique_ptr<Model> out;
+  EXPECT_EQ(Model::Create(bad, Sequential::Limits(), &out).code(), StatusCode::kInvalidArgument);
+  bad.label_smoothing = 0.1;
+  bad.loss = LossKind::kMse;
+  const Status s = Model::Create(bad, Sequential::Limits(), &out);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("cross-entropy only"), std::string::npos) << s.message();
 }
 
 }  // namespace

@@ -114,5 +114,135 @@ TEST(OptimizerTest, StateSlotsAreNamedLikeTorch) {
   EXPECT_EQ(*opt.state(0).back().counter, 1);
 }
 
+TEST(OptimizerTest, ValidateChecksScheduleAndClipping) {
+  OptimizerConfig c;
+  c.schedule.decay = LrScheduleConfig::Decay::kCosine;
+  c.schedule.t_max = 0;
+  Status s = Optimizer::Validate(c);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("lr_schedule: cosine.t_max must be >= 1"), std::string::npos)
+      << s.message();
+  c.schedule.t_max = 10;
+  c.max_grad_norm = -1.0;
+  s = Optimizer::Validate(c);
+  EXPECT_NE(s.message().find("max_grad_norm must be >= 0"), std::string::npos) << s.message();
+  c.max_grad_norm = 0.0;  // no clipping
+  EXPECT_TRUE(Optimizer::Validate(c).ok());
+}
+
+// A step-decayed SGD: each Step uses learning_rate() and then advances the schedule.
+TEST(OptimizerTest, StepUsesTheScheduledRateAndAdvancesTheSchedule) {
+  OptimizerConfig c;
+  c.sgd.lr = 1.0f;
+  c.schedule.warmup_steps = 2;
+  c.schedule.warmup_start_factor = 0.5;
+  c.schedule.decay = LrScheduleConfig::Decay::kStep;
+  c.schedule.step_size = 1;
+  c.schedule.gamma = 0.5;
+  Parameter p = Param(0.0f, 1.0f);
+  std::vector<Parameter*> ps = {&p};
+  Optimizer opt(c, ps);
+  const double want[] = {0.5, 0.75, 1.0, 0.5, 0.25};
+  double moved = 0.0;
+  for (int t = 0; t < 5; ++t) {
+    EXPECT_EQ(opt.schedule_step(), t);
+    EXPECT_DOUBLE_EQ(opt.learning_rate(), want[t]);
+    EXPECT_DOUBLE_EQ(opt.Step(ps), want[t]);
+    moved += want[t];
+    EXPECT_FLOAT_EQ(p.value.data()[0], static_cast<float>(-moved));  // p -= lr * 1
+  }
+  std::vector<StateSlot> slots = opt.schedule_state();
+  ASSERT_EQ(slots.size(), 1u);
+  EXPECT_EQ(slots[0].name, "lr_scheduler.last_epoch");
+  EXPECT_EQ(*slots[0].counter, 5);
+}
+
+TEST(OptimizerTest, WithoutScheduleThereIsNoScheduleState) {
+  OptimizerConfig c;
+  c.sgd.lr = 0.25f;
+  Parameter p = Param(0.0f, 1.0f);
+  std::vector<Parameter*> ps = {&p};
+  Optimizer opt(c, ps);
+  EXPECT_EQ(opt.Step(ps), 0.25);
+  EXPECT_EQ(opt.schedule_step(), 0);
+  EXPECT_TRUE(opt.schedule_state().empty());
+}
+
+TEST(OptimizerTest, UpdateConfigRestartsAChangedScheduleAndKeepsAnUnchangedOne) {
+  OptimizerConfig c;
+  c.sgd.lr = 1.0f;
+  c.schedule.decay = LrScheduleConfig::Decay::kCosine;
+  c.schedule.t_max = 4;
+  Parameter p = Param(0.0f, 1.0f);
+  std::vector<Parameter*> ps = {&p};
+  Optimizer opt(c, ps);
+  opt.Step(ps);
+  opt.Step(ps);
+  EXPECT_EQ(opt.schedule_step(), 2);
+  EXPECT_DOUBLE_EQ(opt.learning_rate(), 0.5);
+
+  // Same schedule, new base rate (as set_lr does): progress kept, the factor applies to it.
+  c.sgd.lr = 2.0f;
+  ASSERT_TRUE(opt.UpdateConfig(c).ok());
+  EXPECT_EQ(opt.schedule_step(), 2);
+  EXPECT_DOUBLE_EQ(opt.learning_rate(), 1.0);
+
+  // A different schedule is a new torch scheduler: it starts at 0.
+  c.schedule.t_max = 8;
+  ASSERT_TRUE(opt.UpdateConfig(c).ok());
+  EXPECT_EQ(opt.schedule_step(), 0);
+  EXPECT_DOUBLE_EQ(opt.learning_rate(), 2.0);
+
+  // A refused update changes nothing.
+  opt.Step(ps);
+  OptimizerConfig bad = c;
+  bad.schedule.t_max = 0;
+  EXPECT_FALSE(opt.UpdateConfig(bad).ok());
+  EXPECT_EQ(opt.schedule_step(), 1);
+  EXPECT_EQ(opt.config().schedule.t_max, 8);
+}
+
+// Two parameter groups as recipes build them: norm-layer parameters and biases get no decay.
+TEST(OptimizerTest, NoWeightDecayOnNormAndBiasExemptsTheMarkedParameters) {
+  for (const bool adamw : {false, true}) {
+    OptimizerConfig c;
+    if (adamw) {
+      c.kind = OptimizerKind::kAdam;
+      c.adam = {0.1f, 0.9f, 0.999f, 1e-8f, 0.5f, true};
+    } else {
+      c.sgd = {0.1f, 0.0f, 0.0f, false, 0.5f};
+    }
+    c.no_weight_decay_on_norm_and_bias = true;
+    Parameter weight = Param(2.0f, 0.0f), bias = Param(2.0f, 0.0f);
+    std::vector<Parameter*> ps = {&weight, &bias};
+    Optimizer opt(c, ps, {false, true});
+    opt.Step(ps);
+    // SGD: p -= lr * wd * p = 2 - 0.1; AdamW: p *= 1 - lr * wd (the zero gradient adds nothing).
+    EXPECT_FLOAT_EQ(weight.value.data()[0], adamw ? 2.0f * 0.95f : 1.9f) << adamw;
+    EXPECT_EQ(bias.value.data()[0], 2.0f) << adamw;
+
+    // The flag off: one group, every parameter decays.
+    c.no_weight_decay_on_norm_and_bias = false;
+    ASSERT_TRUE(opt.UpdateConfig(c).ok());
+    opt.Step(ps);
+    EXPECT_LT(bias.value.data()[0], 2.0f) << adamw;
+  }
+}
+
+TEST(OptimizerTest, CoupledAdamWeightDecayIsExemptToo) {
+  OptimizerConfig c;
+  c.kind = OptimizerKind::kAdam;
+  c.adam.lr = 0.1f;
+  c.adam.weight_decay = 1.0f;
+  c.no_weight_decay_on_norm_and_bias = true;
+  // Zero gradient: only the L2 term (wd * p) could move the parameter.
+  Parameter gamma = Param(1.0f, 0.0f), w = Param(1.0f, 0.0f);
+  std::vector<Parameter*> ps = {&gamma, &w};
+  Optimizer opt(c, ps, {true, false});
+  opt.Step(ps);
+  EXPECT_EQ(gamma.value.data()[0], 1.0f);
+  EXPECT_NEAR(w.value.data()[0], 0.9f, 1e-6);  // Adam's first step: lr * sign(wd * p)
+}
+
 }  // namespace
 }  // namespace normd

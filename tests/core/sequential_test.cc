@@ -423,7 +423,7 @@ TEST(SequentialTreeTest, NonFiniteGradientsNameTheNestedLayer) {
   std::vector<float> dy(12, 1.0f);
   ASSERT_TRUE(m->Backward(&rec, ConstTensorView{dy.data(), Shape{4, 3}}, nullptr).ok());
   m->net().node(15).layer->parameters()[0]->grad.data()[0] = std::nanf("");
-  uint64_t step = 0;
+  StepResult step;
   const Status s = m->ApplyGradients(&step);
   EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition);
   EXPECT_EQ(s.message(),

@@ -588,13 +588,15 @@ class Harness {
     uint64_t step = 0;
     const Status s = RunOnModel(slot, Want::kExclusive, [&step](ModelEntry& e, Access) {
       if (e.pending_backwards == 0) return FailedPrecondition("no accumulated gradients");
-      Status st = e.model().ApplyGradients(&step);
+      StepResult applied;
+      Status st = e.model().ApplyGradients(&applied);
+      step = applied.step;
       e.pending_backwards = 0;
       if (!st.ok()) {
         if (server::ModelMetrics* m = e.metrics()) m->RecordNonFiniteStep();
         return st;
       }
-      if (server::ModelMetrics* m = e.metrics()) m->RecordStep(nullptr);
+      if (server::ModelMetrics* m = e.metrics()) m->RecordStep(nullptr, applied.grad_norm);
       ++e.mutations;
       e.Publish();
       return Status::Ok();
@@ -674,7 +676,7 @@ class Harness {
         e.pending_backwards = 0;
         if (server::ModelMetrics* m = e.metrics()) {
           m->AddSamples(server::SampleOp::kTrain, r.samples);
-          m->RecordStep(&r.loss);
+          m->RecordStep(&r.loss, r.grad_norm);
           m->RecordDrift(e.train_record, model.training());
         }
         ++e.mutations;

@@ -200,10 +200,10 @@ void Train(Model& model, uint64_t seed) {
                      dx.shape().ToString().c_str(), x.shape.ToString().c_str());
     before = model.GetState(true);
     step = model.step();
-    uint64_t applied = 0;
+    StepResult applied;
     s = model.ApplyGradients(&applied);
     CheckStep(s, model, before, step, "ApplyGradients");
-    if (s.ok()) NORMD_FUZZ_CHECK(applied == model.step(), "ApplyGradients reported step");
+    if (s.ok()) NORMD_FUZZ_CHECK(applied.step == model.step(), "ApplyGradients reported step");
     // The parameters moved (or the step was refused): the forward is stale either way when
     // they moved, and Backward says so instead of computing against the new parameters.
     if (s.ok()) {

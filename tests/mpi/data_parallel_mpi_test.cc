@@ -62,6 +62,8 @@ void TrainStepsMatch(const ModelConfig& config, int64_t rows, int steps) {
                                         shard);
     ASSERT_TRUE(s.ok()) << s.message();
     EXPECT_EQ(got.step, expected.step);
+    EXPECT_EQ(got.learning_rate, expected.learning_rate);
+    EXPECT_NEAR(got.grad_norm, expected.grad_norm, 1e-5 * (1.0 + expected.grad_norm));
     EXPECT_NEAR(got.loss, expected.loss, 1e-5 * (1.0 + std::abs(expected.loss))) << "step " << step;
   }
   EXPECT_TRUE(SameOnEveryRank(replica->GetState(true))) << "the replicas differ";
@@ -69,6 +71,8 @@ void TrainStepsMatch(const ModelConfig& config, int64_t rows, int steps) {
 }
 
 TEST(MpiDataParallelTest, MlpWithDropoutUnevenShards) { TrainStepsMatch(Mlp(), 257, 20); }
+
+TEST(MpiDataParallelTest, TrainingRecipe) { TrainStepsMatch(MlpWithRecipe(), 100, 20); }
 
 TEST(MpiDataParallelTest, MoreRanksThanRows) { TrainStepsMatch(Mlp(), 2, 10); }
 
@@ -90,7 +94,7 @@ TEST(MpiDataParallelTest, ForwardBackwardApplyGradients) {
     Tensor grad_output, grad_input, shard_dx;
     ComputeLoss(config.loss, rec.output().view(), TargetsOf(batch, 0, rows), &grad_output);
     ASSERT_TRUE(single->Backward(&rec, grad_output.view(), &grad_input).ok());
-    uint64_t expected_step = 0, got_step = 0;
+    StepResult expected_step, got_step;
     ASSERT_TRUE(single->ApplyGradients(&expected_step).ok());
     int64_t n = 0;
     const DataParallelShard shard = ShardOf(rows, &n);
@@ -98,7 +102,8 @@ TEST(MpiDataParallelTest, ForwardBackwardApplyGradients) {
     ASSERT_TRUE(
         replica->Backward(&scratch, Rows(grad_output, shard.row_offset, n), &shard_dx).ok());
     ASSERT_TRUE(replica->ApplyGradients(&got_step, g_collective).ok());
-    EXPECT_EQ(got_step, expected_step);
+    EXPECT_EQ(got_step.step, expected_step.step);
+    EXPECT_NEAR(got_step.grad_norm, expected_step.grad_norm, 1e-5 * (1.0 + expected_step.grad_norm));
     const int64_t per_row = grad_input.view().shape.DropFirst().NumElements();
     for (int64_t i = 0; i < shard_dx.size(); ++i) {
       EXPECT_NEAR(shard_dx.data()[i], grad_input.data()[shard.row_offset * per_row + i], 1e-6);

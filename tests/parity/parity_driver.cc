@@ -15,8 +15,10 @@
 //                                        into its body, until
 //   layer shortcut                       (then into its shortcut) and
 //   layer end                            (closes the block); blocks nest
-//   loss ce|mse|bce
-//   optimizer sgd|adam [key=value ...]
+//   loss ce|mse|bce [label_smoothing=x]
+//   optimizer sgd|adam [key=value ...]  hyperparameters, and the recipe: warmup_steps,
+//                                      warmup_start_factor, decay=step|cosine, step_size, gamma,
+//                                      t_max, eta_min, max_grad_norm, no_decay=0|1
 //   build                              Model::Create from the lines above
 //   set_state <count>                  + <count> tensors: Model::SetState(strict)
 //   mode train|eval [freeze]           Model::SetMode
@@ -24,7 +26,8 @@
 //   backward <tag>                     + dy: zero grads, Model::Backward on the last forward
 //                                        -> T <tag>.gx, T <tag>.grad.<param name> ...
 //   train_step <tag>                   + x + target (class labels as floats for ce)
-//                                        -> S <tag>.loss <value>
+//                                        -> S <tag>.loss, S <tag>.grad_norm (before clipping),
+//                                           S <tag>.lr (the rate the step used)
 //   predict <tag>                      + x: Model::Predict         -> T <tag>.out
 //   evaluate <tag>                     + x + target -> S <tag>.loss, S <tag>.accuracy
 //   get_state <tag> [optimizer]        -> T <tag>.<state name> for every entry, in order
@@ -95,6 +98,10 @@ class Options {
     return it == values_.end() ? fallback : std::strtoll(it->second.c_str(), nullptr, 10);
   }
   bool Bool(const std::string& key, bool fallback) const { return Int(key, fallback) != 0; }
+  std::string Str(const std::string& key, const std::string& fallback) const {
+    auto it = values_.find(key);
+    return it == values_.end() ? fallback : it->second;
+  }
   // Comma-separated integers ("3,4").
   std::vector<int64_t> Ints(const std::string& key) const {
     std::vector<int64_t> out;
@@ -210,6 +217,22 @@ OptimizerConfig ParseOptimizer(const std::vector<std::string>& words) {
   } else {
     Die("unknown optimizer '" + words[1] + "'");
   }
+  c.schedule.warmup_steps = o.Int("warmup_steps", 0);
+  c.schedule.warmup_start_factor = o.Num("warmup_start_factor", 1.0 / 3.0);
+  const std::string decay = o.Str("decay", "none");
+  if (decay == "step") {
+    c.schedule.decay = LrScheduleConfig::Decay::kStep;
+  } else if (decay == "cosine") {
+    c.schedule.decay = LrScheduleConfig::Decay::kCosine;
+  } else if (decay != "none") {
+    Die("unknown decay '" + decay + "'");
+  }
+  c.schedule.step_size = o.Int("step_size", 1);
+  c.schedule.gamma = o.Num("gamma", 0.1);
+  c.schedule.t_max = o.Int("t_max", 1);
+  c.schedule.eta_min = o.Num("eta_min", 0.0);
+  c.max_grad_norm = o.Num("max_grad_norm", 0.0);
+  c.no_weight_decay_on_norm_and_bias = o.Bool("no_decay", false);
   return c;
 }
 
@@ -362,6 +385,7 @@ int Run(const char* case_path, const char* out_path) {
       current_layers()->push_back(ParseLayer(w));
     } else if (cmd == "loss") {
       config.loss = ParseLoss(tag);
+      config.label_smoothing = Options(w, 2).Num("label_smoothing", 0.0);
     } else if (cmd == "optimizer") {
       config.optimizer = ParseOptimizer(w);
     } else if (cmd == "build") {
@@ -434,6 +458,8 @@ int Run(const char* case_path, const char* out_path) {
           continue;
         }
         out.Scalar(tag + ".loss", r.loss);
+        out.Scalar(tag + ".grad_norm", r.grad_norm);
+        out.Scalar(tag + ".lr", r.learning_rate);
       } else {
         EvalResult r;
         Status s = model->Evaluate(View(x), t.targets, &scratch, &r);

@@ -20,6 +20,13 @@ gradients 1e-5, running statistics 1e-5 (after 20 training steps), parameters an
 state 1e-4 (after 50 steps). Counters and state names must match exactly, and an operation
 refused by PyTorch (the batch-size-1 rule) must be refused by normd, and vice versa.
 
+Every training step's reported figures are compared too: the learning rate it used (torch:
+the optimizer's lr before opt.step(), under the real torch.optim.lr_scheduler) within 1e-7 (the
+float32 rounding of the base lr normd receives is up to 6e-8), and the gradient norm before
+clipping (torch: clip_grad_norm_'s return value, or the same norm without clipping) within 1e-5.
+The recipe cases train with a schedule, clip_grad_norm_, F.cross_entropy(label_smoothing) and
+the no-weight-decay parameter groups, all from torch itself.
+
 normd's BatchNorm drift figures (Model::batch_norm_status: mean shift, variance log-ratio,
 running-statistics update norms) have no PyTorch counterpart; the script computes them from
 the definitions in core/batch_norm.h on the torch side (statistics in float64) and compares
@@ -50,6 +57,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 import zlib
 
 try:
@@ -64,11 +72,13 @@ except ImportError as e:  # the suite must fail, never skip, without torch
     sys.exit(1)
 
 CATEGORIES = ["outputs", "input grads", "param grads", "running stats", "params",
-              "optimizer state", "drift"]
+              "optimizer state", "drift", "learning rate", "grad norm"]
 TOLERANCE = {"outputs": 1e-5, "input grads": 1e-5, "param grads": 1e-5,
-             "running stats": 1e-5, "params": 1e-4, "optimizer state": 1e-4, "drift": 1e-5}
+             "running stats": 1e-5, "params": 1e-4, "optimizer state": 1e-4, "drift": 1e-5,
+             "learning rate": 1e-7, "grad norm": 1e-5}
 SHORT = {"outputs": "out", "input grads": "gx", "param grads": "gp", "running stats": "rs",
-         "params": "par", "optimizer state": "opt", "drift": "dr"}
+         "params": "par", "optimizer state": "opt", "drift": "dr", "learning rate": "lr",
+         "grad norm": "gn"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,12 +205,18 @@ def driver_layer_line(s):
 # Cases: a model spec, an initial state and a list of operations with their data.
 
 class Case:
-    def __init__(self, name, input_shape, layers, loss="mse", optimizer=None, seed=None):
+    def __init__(self, name, input_shape, layers, loss="mse", optimizer=None, seed=None,
+                 recipe=None):
         self.name = name
         self.input_shape = tuple(input_shape)
         self.layers = layers
         self.loss = loss
         self.optimizer = optimizer  # (kind, dict) or None
+        # The training recipe around the optimizer (see make_scheduler): schedule keys
+        # warmup_steps, warmup_start_factor, decay ("step" | "cosine"), step_size, gamma,
+        # t_max, eta_min; max_grad_norm; no_decay (norm-layer parameters and biases get no
+        # weight decay); label_smoothing.
+        self.recipe = dict(recipe or {})
         self.seed = zlib.crc32(name.encode()) if seed is None else seed
         self.rng = np.random.RandomState(self.seed)
         self.ops = []
@@ -309,9 +325,43 @@ def make_optimizer(spec, params):
                weight_decay=o.get("weight_decay", 0.0))
 
 
-def torch_loss(kind, out, target):
+def param_groups(model, named_params, no_decay):
+    """All parameters in one group, or the recipe's two: norm-layer parameters and biases
+    with weight_decay 0, the others with the optimizer's."""
+    params = [p for _, p in named_params]
+    if not no_decay:
+        return params
+    norm_params = {id(p) for m in model.modules() if isinstance(m, NORM_MODULES)
+                   for p in m.parameters(recurse=False)}
+    exempt = [p for name, p in named_params if id(p) in norm_params or name.endswith(".bias")]
+    exempt_ids = {id(p) for p in exempt}
+    return [{"params": [p for p in params if id(p) not in exempt_ids]},
+            {"params": exempt, "weight_decay": 0.0}]
+
+
+def make_scheduler(opt, recipe):
+    """The torch scheduler normd's LrScheduleSpec equals (core/lr_schedule.h): LinearLR warm-up,
+    StepLR or CosineAnnealingLR, or SequentialLR([warm-up, decay], milestones=[warmup_steps])."""
+    sched = torch.optim.lr_scheduler
+    decay = None
+    if recipe.get("decay") == "step":
+        decay = sched.StepLR(opt, step_size=recipe["step_size"], gamma=recipe.get("gamma", 0.1))
+    elif recipe.get("decay") == "cosine":
+        decay = sched.CosineAnnealingLR(opt, T_max=recipe["t_max"],
+                                        eta_min=recipe.get("eta_min", 0.0))
+    warmup = recipe.get("warmup_steps", 0)
+    if not warmup:
+        return decay
+    warm = sched.LinearLR(opt, start_factor=recipe.get("warmup_start_factor", 1.0 / 3),
+                          end_factor=1.0, total_iters=warmup)
+    if decay is None:
+        return warm
+    return sched.SequentialLR(opt, [warm, decay], milestones=[warmup])
+
+
+def torch_loss(kind, out, target, label_smoothing=0.0):
     if kind == "ce":
-        return F.cross_entropy(out, target.long())
+        return F.cross_entropy(out, target.long(), label_smoothing=label_smoothing)
     if kind == "mse":
         return F.mse_loss(out, target)
     return F.binary_cross_entropy_with_logits(out, target)
@@ -329,8 +379,11 @@ class TorchRun:
         self.model.train()
         self.frozen = False
         self.named_params = list(self.model.named_parameters())
-        self.opt = (make_optimizer(case.optimizer, [p for _, p in self.named_params])
+        self.opt = (make_optimizer(case.optimizer,
+                                   param_groups(self.model, self.named_params,
+                                                case.recipe.get("no_decay", False)))
                     if case.optimizer else None)
+        self.sched = make_scheduler(self.opt, case.recipe) if case.optimizer else None
         self.results = {}     # name -> np.ndarray (float64)
         self.errors = {}      # tag -> message of the exception torch raised
         self.state_names = {}  # get_state tag -> list of state_dict keys
@@ -451,10 +504,23 @@ class TorchRun:
         except (ValueError, RuntimeError) as e:
             self.errors[tag] = str(e).splitlines()[0]
             return
-        loss = torch_loss(self.case.loss, out, self.tensor(target))
+        recipe = self.case.recipe
+        loss = torch_loss(self.case.loss, out, self.tensor(target),
+                          recipe.get("label_smoothing", 0.0))
         loss.backward()
+        params = [p for _, p in self.named_params]
+        if recipe.get("max_grad_norm"):
+            norm = torch.nn.utils.clip_grad_norm_(params, recipe["max_grad_norm"])
+        else:  # the same norm, nothing clipped
+            norm = torch.norm(torch.stack([torch.norm(p.grad.detach(), 2) for p in params
+                                           if p.grad is not None]), 2)
+        lr = self.opt.param_groups[0]["lr"]
         self.opt.step()
+        if self.sched is not None:
+            self.sched.step()
         self.results[tag + ".loss"] = np.array(loss.item())
+        self.results[tag + ".grad_norm"] = np.array(norm.item())
+        self.results[tag + ".lr"] = np.array(lr)
         self.last = None
 
     def op_predict(self, tag, x, _expect):
@@ -468,7 +534,8 @@ class TorchRun:
     def op_evaluate(self, tag, x, target):
         out = self.eval_forward(self.tensor(x))
         t = self.tensor(target)
-        self.results[tag + ".loss"] = np.array(torch_loss(self.case.loss, out, t).item())
+        self.results[tag + ".loss"] = np.array(
+            torch_loss(self.case.loss, out, t, self.case.recipe.get("label_smoothing", 0.0)).item())
         acc = 0.0
         if self.case.loss == "ce":
             acc = (out.argmax(dim=1) == t.long()).to(torch.float64).mean().item()
@@ -484,6 +551,9 @@ class TorchRun:
                 for slot, v in self.opt.state.get(p, {}).items():
                     if v is not None:
                         self.put(f"{tag}.optimizer.{name}.{slot}", torch.as_tensor(v))
+            if self.sched is not None:
+                self.results[f"{tag}.optimizer.lr_scheduler.last_epoch"] = np.array(
+                    float(self.sched.last_epoch))
 
     def op_status(self, tag):
         for idx, (shift, ratio, terms) in self.drift.items():
@@ -523,10 +593,13 @@ def case_file(case, state):
     line(f"seed {case.seed}")
     for s in case.layers:
         line(driver_layer_line(s))
-    line(f"loss {case.loss}")
+    smoothing = case.recipe.get("label_smoothing", 0.0)
+    line(f"loss {case.loss}" + (f" label_smoothing={smoothing!r}" if smoothing else ""))
     if case.optimizer:
         kind, o = case.optimizer
-        line(" ".join([f"optimizer {kind}"] + [f"{k}={v!r}" for k, v in o.items()]))
+        recipe = [f"{k}={int(v) if isinstance(v, bool) else v}"
+                  for k, v in case.recipe.items() if k != "label_smoothing"]
+        line(" ".join([f"optimizer {kind}"] + [f"{k}={v!r}" for k, v in o.items()] + recipe))
     line("build")
     line(f"set_state {len(state)}")
     for k, v in state.items():
@@ -603,6 +676,10 @@ def category_of(name):
     """Category of a result name, or None for exact (integer) comparisons."""
     if name.endswith(".gx"):
         return "input grads"
+    if name.endswith(".lr"):
+        return "learning rate"
+    if name.endswith(".grad_norm"):
+        return "grad norm"
     if name.endswith((".mean_shift", ".var_log_ratio", "_update_norm")):
         return "drift"
     if ".grad." in name:
@@ -610,7 +687,7 @@ def category_of(name):
     if name.endswith((".out", ".loss", ".accuracy")):
         return "outputs"
     if ".optimizer." in name:
-        return None if name.endswith(".step") else "optimizer state"
+        return None if name.endswith((".step", ".last_epoch")) else "optimizer state"
     if name.endswith("num_batches_tracked"):
         return None
     if name.endswith((".running_mean", ".running_var")):
@@ -1217,6 +1294,70 @@ def optimizer_case(opt_name, loss, steps=50):
     return case
 
 
+def recipe_case(name, layers, input_shape, opt, recipe, steps=50, batch=16, k=5,
+                check_clipping=True):
+    """A classifier trained for `steps` TrainSteps with a recipe (schedule, clipping, label
+    smoothing, parameter groups) on the torch side through torch.optim.lr_scheduler,
+    clip_grad_norm_ and F.cross_entropy(label_smoothing); state compared after 20 and `steps`
+    steps, the schedule's progress included, and an Evaluate with the smoothed loss."""
+    case = Case(name, input_shape, layers, loss="ce", optimizer=opt, recipe=recipe)
+    for i in range(steps):
+        x = case.x(batch)
+        case.train_step(f"s{i}", x, case.targets(x, k))
+        if i + 1 == 20:
+            case.get_state("s20", optimizer=True)
+    case.get_state(f"s{steps}", optimizer=True)
+    x = case.x(batch)
+    case.evaluate("ev", x, case.targets(x, k))
+    if check_clipping and recipe.get("max_grad_norm"):
+        max_norm = recipe["max_grad_norm"]
+
+        def clipping_bites(actual, steps=steps, max_norm=max_norm):
+            # The case only tests clipping if some steps clip and some do not.
+            clipped = sum(actual[f"s{i}.grad_norm"] > max_norm for i in range(steps))
+            ok = 0 < clipped < steps
+            return [("grad norm", f"clipping in {clipped} of {steps} steps", 0.0 if ok else 1.0)]
+        case.checks.append(clipping_bites)
+    return case
+
+
+def recipe_cases():
+    mlp = [linear(12, 24, bias=False), bn("1d", 24), simple("relu"), linear(24, 24),
+           layer_norm((24,)), simple("tanh"), linear(24, 5)]
+    conv_net = [conv(3, 6, 3, pad=1, bias=False), bn("2d", 6), simple("relu"),
+                pool("maxpool2d", 2), conv(6, 8, 3, pad=1), group_norm(2, 8), simple("relu"),
+                pool("avgpool2d", 2), simple("flatten"), linear(8 * 2 * 2, 5)]
+    sgd = ("sgd", {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4})
+    return [
+        recipe_case("recipe-sgd-momentum-steplr-clip-ls", mlp, (12,), sgd,
+                    {"decay": "step", "step_size": 15, "gamma": 0.5, "max_grad_norm": 1.3,
+                     "label_smoothing": 0.1}),
+        recipe_case("recipe-sgd-nesterov-warmup-cosine-clip-ls", conv_net, (3, 8, 8),
+                    ("sgd", {"lr": 0.05, "momentum": 0.9, "nesterov": 1,
+                             "weight_decay": 1e-3}),
+                    {"warmup_steps": 5, "warmup_start_factor": 0.1, "decay": "cosine",
+                     "t_max": 45, "eta_min": 1e-3, "max_grad_norm": 1.0,
+                     "label_smoothing": 0.2}, batch=8),
+        # T_max 20 within 50 steps: the cosine rises again after it, as torch's does.
+        recipe_case("recipe-sgd-cosine-past-tmax", mlp, (12,), sgd,
+                    {"decay": "cosine", "t_max": 20, "eta_min": 0.01}),
+        recipe_case("recipe-sgd-warmup-only-nodecay", mlp, (12,), sgd,
+                    {"warmup_steps": 10, "no_decay": True, "max_grad_norm": 1.5}),
+        recipe_case("recipe-adamw-nodecay-warmup-cosine-clip-ls", mlp, (12,),
+                    ("adam", {"lr": 0.01, "weight_decay": 0.05, "decoupled": 1}),
+                    {"warmup_steps": 8, "warmup_start_factor": 0.25, "decay": "cosine",
+                     "t_max": 42, "no_decay": True, "max_grad_norm": 1.0,
+                     "label_smoothing": 0.1}),
+        recipe_case("recipe-adamw-nodecay-conv", conv_net, (3, 8, 8),
+                    ("adam", {"lr": 0.005, "weight_decay": 0.1, "decoupled": 1}),
+                    {"no_decay": True, "label_smoothing": 0.05}, batch=8),
+        recipe_case("recipe-adam-l2-nodecay-warmup-steplr", mlp, (12,),
+                    ("adam", {"lr": 0.005, "weight_decay": 0.01}),
+                    {"warmup_steps": 4, "decay": "step", "step_size": 10, "gamma": 0.3,
+                     "no_decay": True, "max_grad_norm": 1.5}),
+    ]
+
+
 def all_cases():
     cases = []
     for shape_name in BN_SHAPES:
@@ -1235,6 +1376,7 @@ def all_cases():
     for opt_name in OPTIMIZERS:
         for loss in losses:
             cases.append(optimizer_case(opt_name, loss))
+    cases += recipe_cases()
     return cases
 
 
@@ -1253,6 +1395,9 @@ def main():
     args = ap.parse_args()
 
     torch.set_num_threads(1)
+    # SequentialLR steps its second scheduler with an explicit epoch at the milestone (its own
+    # implementation), which PyTorch 1.13 flags as deprecated.
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch.optim.lr_scheduler")
     if not os.access(args.driver, os.X_OK):
         print(f"FAIL: driver {args.driver} is not an executable", file=sys.stderr)
         return 1

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "tests/server/normd_process.h"
+#include "tests/server/shared_normd_test.h"
 
 namespace normd::testing {
 namespace {
@@ -17,22 +18,8 @@ using grpc::StatusCode;
 constexpr int kIn = 32;
 constexpr int kOut = 10;
 
-class ServiceFastPathTest : public ::testing::Test {
+class ServiceFastPathTest : public SharedNormdTest<ServiceFastPathTest> {
  protected:
-  static void SetUpTestSuite() {
-    std::string error;
-    server_ = NormdProcess::Start({"--compute-threads=2"}, &error).release();
-    ASSERT_NE(server_, nullptr) << error;
-  }
-  static void TearDownTestSuite() {
-    delete server_;
-    server_ = nullptr;
-  }
-  void SetUp() override {
-    ASSERT_NE(server_, nullptr);
-    stub_ = server_->NewStub();
-  }
-
   void Create(const std::string& id, uint64_t seed = 1) {
     v1::CreateModelRequest req;
     req.set_id(id);
@@ -86,12 +73,7 @@ class ServiceFastPathTest : public ::testing::Test {
     while (stream->Read(&resp)) answers->push_back(resp);
     return stream->Finish();
   }
-
-  static NormdProcess* server_;
-  std::unique_ptr<v1::Trainer::Stub> stub_;
 };
-
-NormdProcess* ServiceFastPathTest::server_ = nullptr;
 
 TEST_F(ServiceFastPathTest, StreamAppliesEveryStepInOrderLikeUnaryCalls) {
   // Two models with the same seed: one trained over a stream, one by unary calls. Read-ahead

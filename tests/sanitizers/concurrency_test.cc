@@ -128,7 +128,7 @@ class ConcurrencyTest : public ::testing::Test {
       NORMD_RETURN_IF_ERROR(m.model().TrainStep(b.view(), b.targets(), &m.train_record, &r));
       if (ModelMetrics* mm = m.metrics()) {
         mm->AddSamples(SampleOp::kTrain, r.samples);
-        mm->RecordStep(&r.loss);
+        mm->RecordStep(&r.loss, r.grad_norm);
         mm->RecordDrift(m.train_record, m.model().training());
       }
       ++m.mutations;

@@ -245,6 +245,11 @@ class TenantsTest(unittest.TestCase):
         self.assertEqual(metric(text, "normd_tenant_samples_total", 'tenant="team-b"'), base + 6)
         self.assertEqual(metric(text, "normd_train_steps_total", 'model="metered"',
                                 'tenant="team-b"'), 1)
+        # The training recipe's gauges carry the tenant like every per-model series.
+        self.assertGreater(metric(text, "normd_grad_norm", 'model="metered"',
+                                  'tenant="team-b"') or 0, 0)
+        self.assertGreater(metric(text, "normd_learning_rate", 'model="metered"',
+                                  'tenant="team-b"') or 0, 0)
 
     def test_python_client_works_in_a_tenant(self):
         import normd
@@ -329,6 +334,15 @@ class TenantsTest(unittest.TestCase):
         self.assertEqual(rc, 0, out)
         self.assertNotIn("team-b", out)
         self.assertIn("ctl", out)
+        # recipe reads and updates the optimizer of team-a's model, not one in the admin's own
+        # tenant.
+        rc, out = normctl(tok_admin, "--tenant", "team-a", "recipe", "ctl", "--clip-grad-norm",
+                          "2")
+        self.assertEqual(rc, 0, out)
+        self.assertIn("clip grad norm 2", out)
+        rc, out = normctl(tok_a, "get", "ctl")
+        self.assertEqual(rc, 0, out)
+        self.assertIn("clip grad norm 2", out)
 
 
 class RestartTest(unittest.TestCase):

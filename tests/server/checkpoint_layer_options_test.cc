@@ -3,12 +3,11 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <fstream>
-#include <sstream>
 #include <string>
 
 #include "server/checkpoint.h"
 #include "server/convert.h"
+#include "tests/server/checkpoint_corpus.h"
 
 namespace normd::server {
 namespace {
@@ -32,17 +31,12 @@ v1::ModelSpec Spec() {
   return spec;
 }
 
-std::unique_ptr<Model> Build(const v1::ModelSpec& spec) {
-  ModelConfig config;
-  EXPECT_TRUE(SpecToConfig(spec, &config).ok());
-  std::unique_ptr<Model> m;
-  Status s = Model::Create(config, Sequential::Limits(), &m);
-  EXPECT_TRUE(s.ok()) << s.message();
-  return m;
-}
+using testing::BuildFromSpec;
+using testing::kCorpusCheckpoints;
+using testing::ReadCorpusCheckpoint;
 
 TEST(CheckpointLayerOptionsTest, OptionsAndInferenceOnlyRoundTrip) {
-  auto m = Build(Spec());
+  auto m = BuildFromSpec(Spec());
   bool changed = false;
   ASSERT_TRUE(m->SetLayerOptions({{"bn", true, false}, {"3", std::nullopt, false}}, &changed)
                   .ok());
@@ -53,7 +47,7 @@ TEST(CheckpointLayerOptionsTest, OptionsAndInferenceOnlyRoundTrip) {
   LoadedCheckpoint ckpt;
   ASSERT_TRUE(DecodeCheckpoint(snap.bytes, &ckpt).ok());
   EXPECT_TRUE(ckpt.inference_only);
-  auto restored = Build(ckpt.spec);
+  auto restored = BuildFromSpec(ckpt.spec);
   ASSERT_TRUE(RestoreInto(ckpt, restored.get()).ok());
   EXPECT_TRUE(restored->inference_only());
   const auto options = restored->layer_options();
@@ -69,18 +63,12 @@ TEST(CheckpointLayerOptionsTest, OptionsAndInferenceOnlyRoundTrip) {
 
 TEST(CheckpointLayerOptionsTest, CommittedOldCheckpointsRestoreWithDefaults) {
   // Written before CheckpointHeader had layer options (tests/fuzz/corpus/checkpoint).
-  for (const char* name : {"batchnorm-options.nckpt", "mlp-adam-eval.nckpt",
-                           "conv-frozen.nckpt", "mlp-sgd-train.nckpt"}) {
-    std::ifstream in(std::string(NORMD_SOURCE_DIR) + "/tests/fuzz/corpus/checkpoint/" + name,
-                     std::ios::binary);
-    ASSERT_TRUE(in) << name;
-    std::stringstream bytes;
-    bytes << in.rdbuf();
+  for (const char* name : kCorpusCheckpoints) {
     LoadedCheckpoint ckpt;
-    ASSERT_TRUE(DecodeCheckpoint(bytes.str(), &ckpt).ok()) << name;
+    ASSERT_TRUE(ReadCorpusCheckpoint(name, &ckpt));
     EXPECT_TRUE(ckpt.layer_options.empty()) << name;
     EXPECT_FALSE(ckpt.inference_only) << name;
-    auto m = Build(ckpt.spec);
+    auto m = BuildFromSpec(ckpt.spec);
     Status s = RestoreInto(ckpt, m.get());
     ASSERT_TRUE(s.ok()) << name << ": " << s.message();
     EXPECT_FALSE(m->inference_only());
@@ -92,13 +80,13 @@ TEST(CheckpointLayerOptionsTest, CommittedOldCheckpointsRestoreWithDefaults) {
 }
 
 TEST(CheckpointLayerOptionsTest, BadOptionsAreRefusedLeavingTheModelAsBuilt) {
-  auto m = Build(Spec());
+  auto m = BuildFromSpec(Spec());
   CheckpointSnapshot snap;
   ASSERT_TRUE(SnapshotCheckpoint("m", Spec(), *m, &snap).ok());
   LoadedCheckpoint ckpt;
   ASSERT_TRUE(DecodeCheckpoint(snap.bytes, &ckpt).ok());
   ckpt.layer_options.push_back({"fc", true, std::nullopt});  // a Linear cannot be frozen
-  auto fresh = Build(Spec());
+  auto fresh = BuildFromSpec(Spec());
   EXPECT_EQ(RestoreInto(ckpt, fresh.get()).code(), StatusCode::kInvalidArgument);
   for (const LayerOptionsStatus& o : fresh->layer_options()) EXPECT_FALSE(o.frozen);
   ckpt.layer_options = {{"bn", true, std::nullopt}};

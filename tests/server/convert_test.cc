@@ -85,6 +85,48 @@ void ExpectSpecErrors(const v1::ModelSpec& valid, const std::vector<SpecErrorCas
   }
 }
 
+TEST(SpecToConfigTest, RecipeFieldsAndTheirDefaults) {
+  v1::ModelSpec spec = ValidSpec();
+  ModelConfig c;
+  ASSERT_TRUE(SpecToConfig(spec, &c).ok());
+  EXPECT_FALSE(c.optimizer.schedule.active());  // unset: no schedule, no clipping, one group
+  EXPECT_EQ(c.optimizer.max_grad_norm, 0.0);
+  EXPECT_FALSE(c.optimizer.no_weight_decay_on_norm_and_bias);
+  EXPECT_EQ(c.label_smoothing, 0.0);
+
+  v1::OptimizerSpec* o = spec.mutable_optimizer();
+  o->mutable_lr_schedule()->mutable_warmup()->set_steps(7);  // start_factor unset: 1/3
+  o->mutable_lr_schedule()->mutable_step()->set_step_size(4);  // gamma unset: 0.1
+  o->mutable_clip_grad_norm()->set_max_norm(2.5);
+  o->set_no_weight_decay_on_norm_and_bias(true);
+  spec.mutable_loss_options()->set_label_smoothing(0.15);
+  ASSERT_TRUE(SpecToConfig(spec, &c).ok());
+  const LrScheduleConfig& s = c.optimizer.schedule;
+  EXPECT_EQ(s.warmup_steps, 7);
+  EXPECT_EQ(s.warmup_start_factor, 1.0 / 3.0);  // LinearLR's default
+  EXPECT_EQ(s.decay, LrScheduleConfig::Decay::kStep);
+  EXPECT_EQ(s.step_size, 4);
+  EXPECT_EQ(s.gamma, 0.1);  // StepLR's default
+  EXPECT_EQ(c.optimizer.max_grad_norm, 2.5);
+  EXPECT_TRUE(c.optimizer.no_weight_decay_on_norm_and_bias);
+  EXPECT_EQ(c.label_smoothing, 0.15);
+
+  o->mutable_lr_schedule()->mutable_cosine()->set_t_max(30);  // the oneof: cosine replaces step
+  o->mutable_lr_schedule()->mutable_cosine()->set_eta_min(1e-5);
+  OptimizerConfig oc;
+  ASSERT_TRUE(OptimizerSpecToConfig(*o, "optimizer", &oc).ok());
+  EXPECT_EQ(oc.schedule.decay, LrScheduleConfig::Decay::kCosine);
+  EXPECT_EQ(oc.schedule.t_max, 30);
+  EXPECT_EQ(oc.schedule.eta_min, 1e-5);
+  // Sizes beyond the spec limit are refused like every other size.
+  o->mutable_lr_schedule()->mutable_cosine()->set_t_max(int64_t{1} << 40);
+  const Status st = OptimizerSpecToConfig(*o, "optimizer", &oc);
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("optimizer.lr_schedule.cosine.t_max must be at most"),
+            std::string::npos)
+      << st.message();
+}
+
 TEST(SpecToConfigTest, MessagesNameTheField) {
   const std::vector<SpecErrorCase> cases = {
       {[](v1::ModelSpec* s) { s->mutable_layers(1)->mutable_batch_norm2d()->set_eps(0); },

@@ -183,7 +183,8 @@ TEST(MetricsTest, PromtoolCleanSeriesPresentAndMoving) {
         "normd_train_steps_total", "normd_train_loss", "normd_models", "normd_bn_mean_shift_sum",
         "normd_bn_var_log_ratio_count", "normd_bn_running_mean_update_norm",
         "normd_bn_running_var_update_norm", "normd_bn_batches_tracked", "normd_build_info",
-        "normd_nonfinite_steps_total", "process_resident_memory_bytes",
+        "normd_nonfinite_steps_total", "normd_grad_norm", "normd_learning_rate",
+        "process_resident_memory_bytes",
         "process_cpu_seconds_total", "process_start_time_seconds"}) {
     EXPECT_FALSE(std::isnan(MetricValue(text, name))) << name << " missing";
   }
@@ -201,6 +202,8 @@ TEST(MetricsTest, PromtoolCleanSeriesPresentAndMoving) {
             30.0);
   EXPECT_GT(MetricValue(text, "normd_bn_running_mean_update_norm", {"model=\"met-a\""}), 0.0);
   EXPECT_GT(MetricValue(text, "normd_train_loss", {"model=\"met-a\""}), 0.0);
+  EXPECT_GT(MetricValue(text, "normd_grad_norm", {"model=\"met-a\""}), 0.0);
+  EXPECT_GT(MetricValue(text, "normd_learning_rate", {"model=\"met-a\""}), 0.0);
   EXPECT_EQ(MetricValue(text, "normd_build_info", {"version=\""}), 1.0);
   EXPECT_GT(MetricValue(text, "process_resident_memory_bytes"), 1e6);
   EXPECT_GT(MetricValue(text, "process_start_time_seconds"), 1.6e9);

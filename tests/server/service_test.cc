@@ -12,6 +12,7 @@
 #include "core/loss.h"
 #include "core/tensor.h"
 #include "tests/server/normd_process.h"
+#include "tests/server/shared_normd_test.h"
 
 namespace normd::testing {
 namespace {
@@ -21,24 +22,14 @@ using grpc::StatusCode;
 constexpr int kIn = 32;
 constexpr int kOut = 10;
 
-class ServiceTest : public ::testing::Test {
+class ServiceTest : public SharedNormdTest<ServiceTest> {
+ public:
+  static std::vector<std::string> ServerFlags() {
+    return {"--max-retained-forwards=4", "--retained-forward-timeout=2",
+            "--max-parameters=1000000", "--compute-threads=2"};
+  }
+
  protected:
-  static void SetUpTestSuite() {
-    std::string error;
-    server_ = NormdProcess::Start({"--max-retained-forwards=4", "--retained-forward-timeout=2",
-                                   "--max-parameters=1000000", "--compute-threads=2"},
-                                  &error)
-                  .release();
-    ASSERT_NE(server_, nullptr) << error;
-  }
-  static void TearDownTestSuite() {
-    delete server_;
-    server_ = nullptr;
-  }
-  void SetUp() override {
-    ASSERT_NE(server_, nullptr);
-    stub_ = server_->NewStub();
-  }
 
   v1::Model Create(const std::string& id, const v1::ModelSpec& spec = MlpSpec()) {
     v1::CreateModelRequest req;
@@ -108,12 +99,7 @@ class ServiceTest : public ::testing::Test {
     return MakeTensor({n, kIn}, RandomValues(static_cast<size_t>(n) * kIn, seed, 1.0f, shift),
                       raw);
   }
-
-  static NormdProcess* server_;
-  std::unique_ptr<v1::Trainer::Stub> stub_;
 };
-
-NormdProcess* ServiceTest::server_ = nullptr;
 
 ::testing::AssertionResult StateEqual(const std::map<std::string, std::vector<float>>& a,
                                       const std::map<std::string, std::vector<float>>& b) {

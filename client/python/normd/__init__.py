@@ -38,11 +38,11 @@ except ImportError as e:  # pragma: no cover - a setup problem, reported plainly
 from normd.client import (Client, FoldResult, ForwardResult, NormdError, from_tensor,  # noqa: E402
                           to_tensor)
 from normd.training import EarlyStopping, History, fit  # noqa: E402
-from normd.torch_interop import from_torch, to_torch  # noqa: E402
+from normd.torch_interop import from_torch, lr_schedule_from_torch, to_torch  # noqa: E402
 
 __all__ = ["Client", "FoldResult", "ForwardResult", "NormdError", "from_tensor", "to_tensor", "pb",
-           "to_torch", "from_torch", "ResidualBlock", "fit", "EarlyStopping", "History",
-           "__version__"]
+           "to_torch", "from_torch", "lr_schedule_from_torch", "ResidualBlock", "fit",
+           "EarlyStopping", "History", "__version__"]
 
 
 def __getattr__(name):

@@ -75,6 +75,9 @@ class ForwardResult:
 
 _MODES = {"train": pb.MODE_TRAIN, "eval": pb.MODE_EVAL}
 
+# update_recipe's "leave this as it is".
+KEEP = object()
+
 # Rows per request of predict() and evaluate() unless batch_size says otherwise.
 DEFAULT_BATCH_ROWS = 1024
 
@@ -134,7 +137,8 @@ class Client:
     "TENANT/", the server picks one there), and list_models returns that tenant's models only.
     A name that already holds a '/' is sent as written. Every pb.Model carries .tenant.
 
-    Models: create_model, get_model, list_models, delete_model, set_mode, set_lr, ...
+    Models: create_model, get_model, list_models, delete_model, set_mode, set_lr,
+    update_recipe (schedule, clipping, no-decay groups), ...
     Compute: train_step, train_stream, fit (whole epochs), predict, evaluate, forward/backward.
     State: get_state, set_state, save_model. Errors: NormdError (.code, .message).
     """
@@ -253,13 +257,43 @@ class Client:
             timeout=timeout)
 
     def set_lr(self, model: str, lr: float, *, timeout: Optional[float] = None) -> pb.Model:
-        """Changes only the learning rate (reads the current optimizer spec first)."""
+        """Changes only the (base) learning rate (reads the current optimizer spec first); a
+        schedule keeps its progress and scales the new rate."""
         optimizer = pb.OptimizerSpec()
         optimizer.CopyFrom(self.get_model(model, timeout=timeout).spec.optimizer)
         kind = optimizer.WhichOneof("kind")
         if kind is None:
             raise ValueError(f"model {model} has no optimizer")
         getattr(optimizer, kind).lr = lr
+        return self.update_optimizer(model, optimizer, timeout=timeout)
+
+    def update_recipe(self, model: str, *, lr_schedule=KEEP, max_grad_norm=KEEP,
+                      no_weight_decay_on_norm_and_bias=KEEP,
+                      timeout: Optional[float] = None) -> pb.Model:
+        """Changes the training recipe around the optimizer, keeping its kind, hyperparameters
+        and state (reads the current optimizer spec first; an argument left out keeps its value).
+
+        lr_schedule: None (no schedule), a pb.LrScheduleSpec, its dict form, e.g.
+        {"warmup": {"steps": 5, "start_factor": 0.1}, "cosine": {"t_max": 95}}, or a fresh
+        torch scheduler (normd.lr_schedule_from_torch); a schedule that differs from the
+        current one starts from its step 0. max_grad_norm: None (no clipping) or
+        clip_grad_norm_'s max_norm. no_weight_decay_on_norm_and_bias: the usual two parameter
+        groups. The server refuses bad values with INVALID_ARGUMENT, changing nothing.
+        """
+        from normd.torch_interop import _lr_schedule_spec
+
+        optimizer = pb.OptimizerSpec()
+        optimizer.CopyFrom(self.get_model(model, timeout=timeout).spec.optimizer)
+        if lr_schedule is not KEEP:
+            optimizer.ClearField("lr_schedule")
+            if lr_schedule is not None:
+                optimizer.lr_schedule.CopyFrom(_lr_schedule_spec(lr_schedule))
+        if max_grad_norm is not KEEP:
+            optimizer.ClearField("clip_grad_norm")
+            if max_grad_norm is not None:
+                optimizer.clip_grad_norm.max_norm = float(max_grad_norm)
+        if no_weight_decay_on_norm_and_bias is not KEEP:
+            optimizer.no_weight_decay_on_norm_and_bias = bool(no_weight_decay_on_norm_and_bias)
         return self.update_optimizer(model, optimizer, timeout=timeout)
 
     def set_layer_options(self, model: str, layers, *,
@@ -330,13 +364,23 @@ class Client:
         return from_tensor(r.grad_input) if r.HasField("grad_input") else None
 
     def apply_gradients(self, model: str, *, timeout: Optional[float] = None) -> int:
-        """One optimizer step with the accumulated gradients; returns the new step."""
+        """One optimizer step with the accumulated gradients; returns the new step (the
+        server's ApplyGradientsResponse also carries grad_norm and learning_rate: use
+        apply_gradients_response for them)."""
+        return self.apply_gradients_response(model, timeout=timeout).step
+
+    def apply_gradients_response(self, model: str, *,
+                                 timeout: Optional[float] = None) -> pb.ApplyGradientsResponse:
+        """apply_gradients with the whole response: step, grad_norm (the gradients' total norm
+        before clipping) and learning_rate (the rate the step used)."""
         return self._call("ApplyGradients", pb.ApplyGradientsRequest(model=self._name(model)),
-                          timeout=timeout).step
+                          timeout=timeout)
 
     def train_step(self, model: str, x, labels=None, target=None, *,
                    timeout: Optional[float] = None) -> pb.TrainStepResponse:
-        """One optimisation step: labels (class indices) for cross-entropy, target otherwise."""
+        """One optimisation step: labels (class indices) for cross-entropy, target otherwise.
+        The response holds loss, step, samples, grad_norm (before clipping) and learning_rate
+        (the rate the step used)."""
         request = pb.TrainStepRequest(model=self._name(model), input=to_tensor(x))
         return self._call("TrainStep", self._supervised(request, labels, target),
                           timeout=timeout)

@@ -19,7 +19,8 @@ import numpy as np
 
 from normd.v1 import normd_pb2 as pb
 
-__all__ = ["to_torch", "from_torch", "sequential_from_spec", "ResidualBlock"]
+__all__ = ["to_torch", "from_torch", "sequential_from_spec", "lr_schedule_from_torch",
+           "ResidualBlock"]
 
 _LOSSES = {"cross_entropy": pb.LOSS_CROSS_ENTROPY, "mse": pb.LOSS_MSE,
            "bce_with_logits": pb.LOSS_BCE_WITH_LOGITS}
@@ -351,26 +352,110 @@ def _optimizer_spec(optimizer) -> pb.OptimizerSpec:
     raise ValueError(f"unsupported optimizer {type(optimizer).__name__}")
 
 
+def _lr_schedule_spec(schedule) -> pb.LrScheduleSpec:
+    """From a pb.LrScheduleSpec, its JSON mapping (dict) or a torch scheduler."""
+    from google.protobuf import json_format
+
+    if isinstance(schedule, pb.LrScheduleSpec):
+        return schedule
+    if isinstance(schedule, dict):
+        return json_format.ParseDict(schedule, pb.LrScheduleSpec())
+    return lr_schedule_from_torch(schedule)
+
+
+def _label_smoothing(loss) -> float:
+    """A torch CrossEntropyLoss module's label_smoothing; 0 for anything else."""
+    if isinstance(loss, (int, str)):
+        return 0.0
+    return float(getattr(loss, "label_smoothing", 0.0))
+
+
+def lr_schedule_from_torch(scheduler) -> pb.LrScheduleSpec:
+    """The pb.LrScheduleSpec equal to a fresh (not yet stepped) torch scheduler: LinearLR with
+    end_factor 1 (a warm-up), StepLR, CosineAnnealingLR, or SequentialLR([LinearLR, StepLR or
+    CosineAnnealingLR], milestones=[the LinearLR's total_iters]). ValueError for anything else."""
+    import torch.optim.lr_scheduler as sched
+
+    def fail(why):
+        raise ValueError(f"unsupported learning-rate scheduler {type(scheduler).__name__}: {why}")
+
+    def warmup(s, spec):
+        if s.end_factor != 1.0:
+            fail(f"LinearLR needs end_factor 1.0 (a warm-up), got {s.end_factor}")
+        spec.warmup.steps = int(s.total_iters)
+        spec.warmup.start_factor = float(s.start_factor)
+
+    def decay(s, spec):
+        if isinstance(s, sched.StepLR):
+            spec.step.step_size = int(s.step_size)
+            spec.step.gamma = float(s.gamma)
+        elif isinstance(s, sched.CosineAnnealingLR):
+            spec.cosine.t_max = int(s.T_max)
+            spec.cosine.eta_min = float(s.eta_min)
+        else:
+            fail(f"{type(s).__name__} after the warm-up (StepLR or CosineAnnealingLR)")
+
+    spec = pb.LrScheduleSpec()
+    if scheduler.last_epoch != 0:
+        fail(f"it has already stepped (last_epoch {scheduler.last_epoch}); give a fresh one "
+             "and set optimizer.lr_scheduler.last_epoch with set_state to resume")
+    if isinstance(scheduler, sched.SequentialLR):
+        parts, milestones = scheduler._schedulers, scheduler._milestones
+        if len(parts) != 2 or not isinstance(parts[0], sched.LinearLR):
+            fail("SequentialLR must be [LinearLR, StepLR or CosineAnnealingLR]")
+        if list(milestones) != [parts[0].total_iters]:
+            fail(f"the milestone must be the warm-up's total_iters ({parts[0].total_iters}), "
+                 f"got {list(milestones)}")
+        warmup(parts[0], spec)
+        decay(parts[1], spec)
+    elif isinstance(scheduler, sched.LinearLR):
+        warmup(scheduler, spec)
+    else:
+        decay(scheduler, spec)
+    return spec
+
+
 def from_torch(client, seq, input_shape, loss="cross_entropy", optimizer=None, id: str = "",
-               seed: int = 0):
+               seed: int = 0, lr_scheduler=None, max_grad_norm=None,
+               no_weight_decay_on_norm_and_bias: bool = False):
     """Creates a normd model equal to nn.Sequential `seq` (weights and BatchNorm buffers, set
     with SetState strict) in the same train/eval mode; returns its pb.Model. Per-layer options
     come along: in a train-mode `seq`, a BatchNorm (with running statistics) in eval mode becomes
     frozen; a layer whose parameters all have requires_grad False becomes untrainable.
 
     input_shape: one sample's shape, e.g. [64] or [1, 8, 8]. loss: "cross_entropy", "mse",
-    "bce_with_logits", a pb.Loss value or a torch loss module. optimizer: a torch.optim
-    SGD/Adam/AdamW, a pb.OptimizerSpec or its dict form (default SGD lr 0.01). A child whose name
-    is not its index becomes the layer's name (the metrics label); inside a normd.ResidualBlock,
-    a layer whose torch path ("layer1.body.conv1") differs from normd's ("3.body.0") is named
-    by its torch path.
+    "bce_with_logits", a pb.Loss value or a torch loss module (CrossEntropyLoss's
+    label_smoothing comes along). optimizer: a torch.optim SGD/Adam/AdamW (its first parameter
+    group's hyperparameters), a pb.OptimizerSpec or its dict form (default SGD lr 0.01). The
+    training recipe: lr_scheduler, a fresh torch scheduler (lr_schedule_from_torch) or a
+    pb.LrScheduleSpec or its dict form; max_grad_norm, clip_grad_norm_'s max_norm;
+    no_weight_decay_on_norm_and_bias, the usual two parameter groups. A child whose name is not
+    its index becomes the layer's name (the metrics label); inside a normd.ResidualBlock, a
+    layer whose torch path ("layer1.body.conv1") differs from normd's ("3.body.0") is named by
+    its torch path.
     """
     import torch.nn as nn
 
     if not isinstance(seq, nn.Sequential):
         raise TypeError("from_torch takes a torch.nn.Sequential")
+    optimizer_spec = pb.OptimizerSpec()
+    optimizer_spec.CopyFrom(_optimizer_spec(optimizer))
+    if lr_scheduler is not None:
+        optimizer_spec.lr_schedule.CopyFrom(_lr_schedule_spec(lr_scheduler))
+        if hasattr(lr_scheduler, "optimizer"):
+            # A torch scheduler has already scaled the optimizer's lr (its step 0); normd's lr
+            # is the base rate the scheduler started from.
+            kind = optimizer_spec.WhichOneof("kind")
+            getattr(optimizer_spec, kind).lr = float(
+                lr_scheduler.optimizer.param_groups[0]["initial_lr"])
+    if max_grad_norm is not None:
+        optimizer_spec.clip_grad_norm.max_norm = float(max_grad_norm)
+    if no_weight_decay_on_norm_and_bias:
+        optimizer_spec.no_weight_decay_on_norm_and_bias = True
     spec = pb.ModelSpec(input_shape=[int(d) for d in input_shape], loss=_loss_enum(loss),
-                        optimizer=_optimizer_spec(optimizer), seed=seed)
+                        optimizer=optimizer_spec, seed=seed)
+    if _label_smoothing(loss):
+        spec.loss_options.label_smoothing = _label_smoothing(loss)
     # normd numbers a residual block's layers by position ("4.body.1"); torch may name them
     # ("layer1.body.conv1"). torch module path -> normd path, and the leaves to check options on.
     to_normd = {}

@@ -71,9 +71,12 @@ class EarlyStopping:
 class History(List[Dict[str, Any]]):
     """fit()'s result: one dict per epoch run (pandas.DataFrame(history) makes a table).
 
-    Keys: epoch (1-based), lr, loss (sample-weighted mean training loss of the epoch), samples,
-    step (the model's step after the epoch), seconds, samples_per_s and, with validation data,
-    val_loss and val_accuracy (cross-entropy labels only). Attributes: stopped_early, and with
+    Keys: epoch (1-based), lr (fit's lr argument for the epoch, None without one), last_lr (the
+    rate the epoch's last step used: the model's schedule included), grad_norm (mean over the
+    epoch's steps of the gradient norm before clipping), loss (sample-weighted mean training
+    loss of the epoch), samples, step (the model's step after the epoch), seconds,
+    samples_per_s and, with validation data, val_loss and val_accuracy (cross-entropy labels
+    only). Attributes: stopped_early, and with
     early stopping best_epoch, best (the monitored figure's best value) and restored (the best
     epoch's state was put back).
     """
@@ -199,12 +202,18 @@ def fit(client: "Client", model: str, x: Any, y: Any = None, *, epochs: int = 1,
         loss_sum = 0.0
         samples = 0
         step = 0
+        steps = 0
+        grad_norm_sum = 0.0
+        last_lr = None
         start = time.monotonic()
         try:
             for r in client.train_stream(model, batches, timeout=stream_timeout):
                 loss_sum += r.loss * r.samples
                 samples += r.samples
                 step = r.step
+                steps += 1
+                grad_norm_sum += r.grad_norm
+                last_lr = r.learning_rate
                 if bar is not None:
                     bar.update(r.samples)
                     bar.set_postfix(loss=f"{loss_sum / max(samples, 1):.4f}", refresh=False)
@@ -212,7 +221,8 @@ def fit(client: "Client", model: str, x: Any, y: Any = None, *, epochs: int = 1,
             if samples == 0:
                 raise ValueError(f"epoch {epoch + 1} had no batches")
             record: Dict[str, Any] = {
-                "epoch": epoch + 1, "lr": current_lr, "loss": loss_sum / samples,
+                "epoch": epoch + 1, "lr": current_lr, "last_lr": last_lr,
+                "grad_norm": grad_norm_sum / steps, "loss": loss_sum / samples,
                 "samples": samples, "step": step, "seconds": seconds,
                 "samples_per_s": samples / seconds if seconds > 0 else float("inf")}
             if validation_data is not None:
