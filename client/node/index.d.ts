@@ -85,6 +85,8 @@ export interface LayerOptions { layer: string; frozen?: boolean; trainable?: boo
 
 export interface Model {
   id: string;
+  /** The tenant that owns the model ("default" on a server without tenants). */
+  tenant: string;
   spec: ModelSpec;
   mode: Mode;
   step: number;

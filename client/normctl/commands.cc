@@ -271,7 +271,7 @@ int RunTrain(Client& client, const Args& args, std::ostream& out) {
   out << "training " << model.id() << " on " << train.n << " samples from " << args.data << ", "
       << args.epochs << " epoch(s) of batch " << args.batch << (args.shuffle ? ", shuffled" : "")
       << '\n';
-  Train(client, model.id(), train, args.val.empty() ? nullptr : &val, options, out);
+  Train(client, args.id, train, args.val.empty() ? nullptr : &val, options, out);
   return kExitOk;
 }
 
@@ -279,7 +279,7 @@ int RunEval(Client& client, const Args& args, std::ostream& out) {
   const v1::Model model = client.GetModel(args.id);
   const Dataset data = Load(model, args.data, args.label_column.empty() ? "-1" : args.label_column);
   const EvalSummary r =
-      EvaluateDataset(client, model.id(), data, std::max<int64_t>(args.infer_batch, 1));
+      EvaluateDataset(client, args.id, data, std::max<int64_t>(args.infer_batch, 1));
   out << "samples   " << r.samples << '\n' << "loss      " << Fixed(r.loss, 6) << '\n';
   if (data.classification) out << "accuracy  " << Fixed(100 * r.accuracy, 2) << "%\n";
   return kExitOk;
@@ -294,7 +294,7 @@ int RunPredict(Client& client, const Args& args, std::ostream& out) {
                  "running statistics (normctl mode "
               << model.id() << " eval)\n";
   }
-  const normd::client::Tensor y = PredictDataset(client, model.id(), data, args.infer_batch);
+  const normd::client::Tensor y = PredictDataset(client, args.id, data, args.infer_batch);
   std::ofstream file;
   if (!args.out.empty()) {
     file.open(args.out);
@@ -326,7 +326,7 @@ int RunPredict(Client& client, const Args& args, std::ostream& out) {
 int RunAdapt(Client& client, const Args& args, std::ostream& out) {
   const v1::Model model = client.GetModel(args.id);
   const Dataset data = Load(model, args.data, args.label_column);
-  const v1::Model adapted = AdaptDataset(client, model.id(), data, args.infer_batch);
+  const v1::Model adapted = AdaptDataset(client, args.id, data, args.infer_batch);
   out << "adapted the BatchNorm statistics of " << adapted.id() << " to " << data.n
       << " samples\n";
   PrintBatchNormTable(adapted, out);
@@ -340,7 +340,7 @@ int RunInspect(Client& client, const Args& args, std::ostream& out) {
   std::vector<int64_t> shape{n};
   shape.insert(shape.end(), data.sample_shape.begin(), data.sample_shape.end());
   const normd::client::ForwardResult r =
-      client.Forward(model.id(), normd::client::TensorView(data.inputs.data(), shape), false, true);
+      client.Forward(args.id, normd::client::TensorView(data.inputs.data(), shape), false, true);
   out << "model " << model.id() << " (" << ModeName(model.mode()) << " mode), one batch of " << n
       << " samples from " << args.data << '\n';
   if (model.mode() == v1::MODE_TRAIN) {
@@ -372,7 +372,7 @@ int RunLr(Client& client, const Args& args, std::ostream& out) {
     default:
       throw InputError("model " + model.id() + " has no optimizer whose learning rate to change");
   }
-  const v1::Model updated = client.UpdateOptimizer(model.id(), optimizer);
+  const v1::Model updated = client.UpdateOptimizer(args.id, optimizer);
   out << "learning rate of " << updated.id() << ": " << old_lr << " -> " << args.lr << " ("
       << OptimizerString(updated.spec().optimizer()) << ")\n";
   return kExitOk;

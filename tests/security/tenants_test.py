@@ -329,6 +329,30 @@ class TenantsTest(unittest.TestCase):
         self.assertEqual(rc, 0, out)
         self.assertNotIn("team-b", out)
         self.assertIn("ctl", out)
+        # Every command that acts on the model reaches team-a's, not the admin's own tenant's.
+        data = os.path.join(self.t.dir, "ctl.csv")
+        with open(data, "w") as f:
+            f.write("".join(f"{0.1 * i},{0.2},{-0.1 * i},{0.3},{i % 3}\n" for i in range(6)))
+        s = self.t.stub
+        before = s.GetModel(pb.GetModelRequest(model="ctl"), metadata=md("a-tok"), timeout=10)
+        rc, out = normctl(tok_admin, "--tenant", "team-a", "lr", "ctl", "0.025")
+        self.assertEqual(rc, 0, out)
+        rc, out = normctl(tok_admin, "--tenant", "team-a", "train", "ctl", "--data", data,
+                          "--epochs", "1", "--batch", "3", "--progress", "off")
+        self.assertEqual(rc, 0, out)
+        rc, out = normctl(tok_admin, "--tenant", "team-a", "eval", "ctl", "--data", data)
+        self.assertEqual(rc, 0, out)
+        self.assertIn("samples   6", out)
+        rc, out = normctl(tok_admin, "--tenant", "team-a", "predict", "ctl", "--data", data,
+                          "--label-column", "4")
+        self.assertEqual(rc, 0, out)
+        # A header line, then one line per sample (stderr notes aside).
+        rows = [l for l in out.splitlines() if l.count(",") == 2]
+        self.assertEqual(rows[0], "output_0,output_1,output_2", out)
+        self.assertEqual(len(rows), 7, out)
+        after = s.GetModel(pb.GetModelRequest(model="ctl"), metadata=md("a-tok"), timeout=10)
+        self.assertAlmostEqual(after.spec.optimizer.sgd.lr, 0.025, places=6)
+        self.assertEqual(after.step, before.step + 2)
 
 
 class RestartTest(unittest.TestCase):
