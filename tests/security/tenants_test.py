@@ -272,6 +272,21 @@ class TenantsTest(unittest.TestCase):
         with normd.Client(address, token="ops-tok", timeout=20) as ops:
             self.assertEqual(ops.get_model("team-c/py").tenant, "team-c")
             self.assertIn("team-c", {m.tenant for m in ops.list_models()})
+        # from_torch with a qualified id and no tenant= option: the state lands in team-c's
+        # model, and the admin's own tenant gets nothing.
+        import torch
+        torch.manual_seed(0)
+        seq = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(),
+                                  torch.nn.Linear(8, 3))
+        with normd.Client(address, token="ops-tok", timeout=20) as ops:
+            made = normd.from_torch(ops, seq, input_shape=[4], id="team-c/from-torch")
+            self.assertEqual((made.tenant, made.id), ("team-c", "from-torch"))
+            got = ops.get_state("team-c/from-torch")
+            for key, value in seq.state_dict().items():
+                np.testing.assert_array_equal(got[key], value.numpy(), err_msg=key)
+            self.assertNotIn("from-torch", [m.id for m in ops.list_models()
+                                            if m.tenant == "team-ops"])
+            ops.delete_model("team-c/from-torch")
         # A member cannot reach into team-c through the option either.
         with normd.Client(address, token="b-tok", tenant="team-c", timeout=20) as b:
             with self.assertRaises(normd.NormdError) as e:

@@ -489,18 +489,21 @@ def from_torch(client, seq, input_shape, loss="cross_entropy", optimizer=None, i
         if seq.training and has_stats and module.track_running_stats and not module.training:
             options.setdefault(label, {})["frozen"] = True
     model = client.create_model(spec, id=id)
+    # The calls below name the model with its tenant: a bare id would be the caller's own
+    # tenant's model when `id` named another tenant ("team-c/x", an admin's way there).
+    name = f"{model.tenant}/{model.id}" if model.tenant else model.id
     state = collections.OrderedDict()
     for key, value in seq.state_dict().items():
         module_path, _, tensor = key.rpartition(".")
         state[f"{to_normd[module_path]}.{tensor}"] = (
             value.detach().cpu().numpy().astype(np.float32))
     try:
-        client.set_state(model.id, state, strict=True)
+        client.set_state(name, state, strict=True)
         if options:
-            client.set_layer_options(model.id, options)
+            client.set_layer_options(name, options)
         if not seq.training:
-            client.set_mode(model.id, "eval")
-        return client.get_model(model.id)
+            client.set_mode(name, "eval")
+        return client.get_model(name)
     except Exception:
-        client.delete_model(model.id)  # do not leave a half-made model behind
+        client.delete_model(name)  # do not leave a half-made model behind
         raise
