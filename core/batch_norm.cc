@@ -219,6 +219,28 @@ void MeanAndM2(const float* x, int64_t n, int64_t C, int64_t s, int64_t ld, doub
 // samples/s either way).
 constexpr int64_t kSplitWorkPerElement = 4;
 
+// Chan et al.'s pairwise update: merges a group of nb values per channel (mean_b, m2_b) into
+// the moments (*n, mean, m2) of another. Either group may be empty.
+void MergeMoments(int64_t nb, const double* mean_b, const double* m2_b, int64_t channels,
+                  int64_t* n, double* mean, double* m2) {
+  if (nb == 0) return;
+  if (*n == 0) {
+    std::copy(mean_b, mean_b + channels, mean);
+    std::copy(m2_b, m2_b + channels, m2);
+    *n = nb;
+    return;
+  }
+  const double na_d = static_cast<double>(*n);
+  const double nb_d = static_cast<double>(nb);
+  const double total = na_d + nb_d;
+  for (int64_t c = 0; c < channels; ++c) {
+    const double delta = mean_b[c] - mean[c];
+    mean[c] += delta * nb_d / total;
+    m2[c] += m2_b[c] + delta * delta * na_d * nb_d / total;
+  }
+  *n += nb;
+}
+
 // SyncBatchNorm's statistics: every rank's per-channel (count, mean, M2) gathered and merged in
 // rank order (Chan et al.'s pairwise update, as CombineMoments), so every rank holds the same
 // bits: the moments of the whole batch. mean and m2 hold this rank's on entry and the whole
@@ -237,22 +259,8 @@ int64_t CombineAcrossRanks(const DataParallelShard& shard, int64_t local_count, 
   int64_t n = 0;
   for (int r = 0; r < world; ++r) {
     const double* theirs = all.data() + r * stride;
-    const int64_t nb = static_cast<int64_t>(theirs[0]);
-    if (nb == 0) continue;
-    if (n == 0) {
-      std::copy(theirs + 1, theirs + 1 + channels, mean);
-      std::copy(theirs + 1 + channels, theirs + 1 + 2 * channels, m2);
-      n = nb;
-      continue;
-    }
-    const double na_d = static_cast<double>(n), nb_d = static_cast<double>(nb);
-    const double total = na_d + nb_d;
-    for (int64_t c = 0; c < channels; ++c) {
-      const double delta = theirs[1 + c] - mean[c];
-      mean[c] += delta * nb_d / total;
-      m2[c] += theirs[1 + channels + c] + delta * delta * na_d * nb_d / total;
-    }
-    n += nb;
+    MergeMoments(static_cast<int64_t>(theirs[0]), theirs + 1, theirs + 1 + channels, channels,
+                 &n, mean, m2);
   }
   return n;
 }
@@ -271,20 +279,8 @@ void ComputeMoments(const float* x, int64_t n, int64_t channels, int64_t s,
 
 void CombineMoments(ChannelMoments* a, const ChannelMoments& b) {
   assert(a->mean.size() == b.mean.size());
-  if (b.count == 0) return;
-  if (a->count == 0) {
-    *a = b;
-    return;
-  }
-  const double na = static_cast<double>(a->count);
-  const double nb = static_cast<double>(b.count);
-  const double n = na + nb;
-  for (size_t c = 0; c < a->mean.size(); ++c) {
-    const double delta = b.mean[c] - a->mean[c];
-    a->mean[c] += delta * nb / n;
-    a->m2[c] += b.m2[c] + delta * delta * na * nb / n;
-  }
-  a->count += b.count;
+  MergeMoments(b.count, b.mean.data(), b.m2.data(), static_cast<int64_t>(a->mean.size()),
+               &a->count, a->mean.data(), a->m2.data());
 }
 
 BatchNorm::BatchNorm(const BatchNormConfig& config, bool two_d)

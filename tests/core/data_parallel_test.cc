@@ -26,6 +26,13 @@ namespace {
 
 using namespace ::normd::testing;  // NOLINT: the shared cases and helpers
 
+// Rank r's shard of a batch of `rows` rows over `group`; *n: its row count.
+DataParallelShard ShardOf(ThreadCollective* group, int r, int64_t rows, int64_t* n) {
+  DataParallelShard shard{group->rank(r), rows, 0};
+  *n = ShardRows(rows, group->size(), r, &shard.row_offset);
+  return shard;
+}
+
 // Runs body(rank) on one thread per rank and waits for all.
 void OnEveryRank(int world, const std::function<void(int)>& body) {
   std::vector<std::thread> threads;
@@ -53,8 +60,8 @@ void TrainStepsMatch(const ModelConfig& config, int world, int64_t rows, int ste
     std::vector<TrainResult> got(world);
     std::vector<Status> status(world);
     OnEveryRank(world, [&](int r) {
-      DataParallelShard shard{group.rank(r), rows, 0};
-      const int64_t n = ShardRows(rows, world, r, &shard.row_offset);
+      int64_t n = 0;
+      const DataParallelShard shard = ShardOf(&group, r, rows, &n);
       ForwardRecord scratch;
       status[r] = replicas[r]->TrainStep(Rows(batch.x, shard.row_offset, n),
                                          TargetsOf(batch, shard.row_offset, n), &scratch, &got[r],
@@ -87,8 +94,8 @@ void TrainStepsMatch(const ModelConfig& config, int world, int64_t rows, int ste
     ASSERT_TRUE(single->Evaluate(batch.x.view(), TargetsOf(batch, 0, rows), &rec, &expected).ok());
     std::vector<EvalResult> got(world);
     OnEveryRank(world, [&](int r) {
-      DataParallelShard shard{group.rank(r), rows, 0};
-      const int64_t n = ShardRows(rows, world, r, &shard.row_offset);
+      int64_t n = 0;
+      const DataParallelShard shard = ShardOf(&group, r, rows, &n);
       ForwardRecord scratch;
       EXPECT_TRUE(replicas[r]
                       ->Evaluate(Rows(batch.x, shard.row_offset, n),
@@ -159,8 +166,8 @@ TEST(DataParallelTest, RunningStatisticsAreTheWholeBatchs) {
   ForwardRecord rec;
   ASSERT_TRUE(single->Forward(batch.x.view(), &rec).ok());
   OnEveryRank(world, [&](int r) {
-    DataParallelShard shard{group.rank(r), 10, 0};
-    const int64_t n = ShardRows(10, world, r, &shard.row_offset);
+    int64_t n = 0;
+    const DataParallelShard shard = ShardOf(&group, r, 10, &n);
     ForwardRecord scratch;
     EXPECT_TRUE(replicas[r]->Forward(Rows(batch.x, shard.row_offset, n), &scratch, shard).ok());
   });
@@ -198,8 +205,8 @@ TEST(DataParallelTest, ForwardBackwardApplyGradientsMatchOneProcess) {
     std::vector<Tensor> shard_dx(world);
     std::vector<StepResult> steps(world);
     OnEveryRank(world, [&](int r) {
-      DataParallelShard shard{group.rank(r), rows, 0};
-      const int64_t n = ShardRows(rows, world, r, &shard.row_offset);
+      int64_t n = 0;
+      const DataParallelShard shard = ShardOf(&group, r, rows, &n);
       ForwardRecord scratch;
       ASSERT_TRUE(replicas[r]->Forward(Rows(batch.x, shard.row_offset, n), &scratch, shard).ok());
       ASSERT_TRUE(replicas[r]
@@ -244,8 +251,8 @@ TEST(DataParallelTest, ANonFiniteShardStopsEveryRank) {
   std::vector<std::vector<NamedTensor>> before(world);
   std::vector<Status> status(world);
   OnEveryRank(world, [&](int r) {
-    DataParallelShard shard{group.rank(r), 12, 0};
-    const int64_t n = ShardRows(12, world, r, &shard.row_offset);
+    int64_t n = 0;
+    const DataParallelShard shard = ShardOf(&group, r, 12, &n);
     ForwardRecord scratch;
     ASSERT_TRUE(replicas[r]->Forward(Rows(batch.x, shard.row_offset, n), &scratch, shard).ok());
     before[r] = replicas[r]->GetState(true);

@@ -38,15 +38,6 @@ class ServiceFastPathTest : public SharedNormdTest<ServiceFastPathTest> {
     return m.step();
   }
 
-  std::map<std::string, std::vector<float>> State(const std::string& id) {
-    v1::GetStateRequest req;
-    req.set_model(id);
-    req.set_include_optimizer(true);
-    v1::ModelState st;
-    const grpc::Status s = stub_->GetState(Ctx().get(), req, &st);
-    EXPECT_TRUE(s.ok()) << s.error_message();
-    return StateMap(st);
-  }
 
   // Message i of a run: its own batch, raw or values encoded.
   static v1::TrainStepRequest Message(const std::string& model, int i, int batch = 16) {

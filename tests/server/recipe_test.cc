@@ -91,15 +91,6 @@ class RecipeTest : public SharedNormdTest<RecipeTest> {
     EXPECT_TRUE(s.ok()) << s.error_message();
     return m;
   }
-  std::map<std::string, std::vector<float>> State(const std::string& id) {
-    v1::GetStateRequest req;
-    req.set_model(id);
-    req.set_include_optimizer(true);
-    v1::ModelState st;
-    const grpc::Status s = stub_->GetState(Ctx().get(), req, &st);
-    EXPECT_TRUE(s.ok()) << s.error_message();
-    return StateMap(st);
-  }
   static v1::Tensor Batch(int n, uint64_t seed) {
     return MakeTensor({n, kIn}, RandomValues(static_cast<size_t>(n) * kIn, seed), true);
   }

@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -35,6 +36,17 @@ class SharedNormdTest : public ::testing::Test {
   void SetUp() override {
     ASSERT_NE(server_, nullptr);
     stub_ = server_->NewStub();
+  }
+
+  // The model's state_dict with the optimizer's entries, by name.
+  std::map<std::string, std::vector<float>> State(const std::string& id) {
+    v1::GetStateRequest req;
+    req.set_model(id);
+    req.set_include_optimizer(true);
+    v1::ModelState st;
+    const grpc::Status s = stub_->GetState(Ctx().get(), req, &st);
+    EXPECT_TRUE(s.ok()) << s.error_message();
+    return StateMap(st);
   }
 
   static inline NormdProcess* server_ = nullptr;
