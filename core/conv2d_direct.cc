@@ -160,6 +160,7 @@ void WeightGradTile(const float* const* src, const float* dy_t, int64_t position
   }
 }
 
+#if !defined(__clang__)
 // Shuffle indices of TransposeBlock's rounds: round r swaps blocks of b = kLanes >> (r + 1)
 // lanes; kSwap[r][0] picks the new row i (i & b == 0), kSwap[r][1] the new row i + b, from
 // lanes of row i (indices < kLanes) and row i + b (indices >= kLanes).
@@ -179,10 +180,22 @@ constexpr SwapIndices MakeSwapIndices() {
   return t;
 }
 constexpr SwapIndices kSwap = MakeSwapIndices();
+#endif
 
 // Transposes a kLanes x kLanes block in place: rows[i][j] becomes rows[j][i]. Swaps the
 // off-diagonal blocks of half the size, then of a quarter, ... (two-input shuffles).
 inline void TransposeBlock(Vec* rows) {
+#if defined(__clang__)
+  // Clang has no __builtin_shuffle taking a vector of indices; its builds (the sanitizer
+  // stages) copy elements instead.
+  float t[kLanes][kLanes];
+  for (int i = 0; i < kLanes; ++i) {
+    for (int j = 0; j < kLanes; ++j) t[j][i] = rows[i][j];
+  }
+  for (int i = 0; i < kLanes; ++i) {
+    for (int j = 0; j < kLanes; ++j) rows[i][j] = t[i][j];
+  }
+#else
   using Index = int32_t __attribute__((vector_size(kLanes * sizeof(int32_t))));
 #pragma GCC unroll 4
   for (int r = 0; r < kRounds; ++r) {
@@ -198,6 +211,7 @@ inline void TransposeBlock(Vec* rows) {
       rows[i + b] = __builtin_shuffle(a, c, high);
     }
   }
+#endif
 }
 
 // dst[c * dst_stride + q] = src[q * src_stride + c] (+ bias[c] when bias is non-null) for
@@ -245,9 +259,18 @@ void TransposeOut(const float* out_t, int64_t padded, int64_t channels, int64_t 
 // at the dropped positions (ow >= w_out, the rounding tail) and the padding channels.
 void TransposeIn(const float* dy, int64_t channels, int64_t h_out, int64_t w_out,
                  int64_t plane_w, int64_t positions, int64_t padded, float* dy_t) {
-  std::memset(dy_t, 0, sizeof(float) * positions * padded);
   const int64_t plane = h_out * w_out;
   for (int64_t oh = 0; oh < h_out; ++oh) {
+    // The dropped positions of row oh, and with the last row the rounding tail.
+    const int64_t zero_end = oh + 1 < h_out ? (oh + 1) * plane_w : positions;
+    std::memset(dy_t + (oh * plane_w + w_out) * padded, 0,
+                sizeof(float) * (zero_end - oh * plane_w - w_out) * padded);
+    if (padded > channels) {
+      for (int64_t ow = 0; ow < w_out; ++ow) {
+        float* d = dy_t + (oh * plane_w + ow) * padded;
+        for (int64_t c = channels; c < padded; ++c) d[c] = 0.0f;
+      }
+    }
     for (int64_t ow0 = 0; ow0 < w_out; ow0 += kLanes) {
       const int64_t count = std::min<int64_t>(kLanes, w_out - ow0);
       float* dst = dy_t + (oh * plane_w + ow0) * padded;
