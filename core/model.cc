@@ -1,5 +1,6 @@
 #include "core/model.h"
 
+#include <cassert>
 #include <cmath>
 #include <map>
 #include <utility>
@@ -18,6 +19,19 @@ bool IsNonNegativeInteger(float v) {
   return v >= 0.0f && v < 9.2233720368547758e18f && std::floor(v) == v;
 }
 
+// The layer configurations in Sequential's node order: a block, then its body's layers, then
+// its shortcut's.
+void AppendNodeConfigs(const std::vector<LayerConfig>& layers,
+                       std::vector<const LayerConfig*>* out) {
+  for (const LayerConfig& l : layers) {
+    out->push_back(&l);
+    if (l.kind == LayerKind::kResidual) {
+      AppendNodeConfigs(l.residual.body, out);
+      AppendNodeConfigs(l.residual.shortcut, out);
+    }
+  }
+}
+
 }  // namespace
 
 Status Model::Create(const ModelConfig& config, const Sequential::Limits& limits,
@@ -31,10 +45,17 @@ Status Model::Create(const ModelConfig& config, const Sequential::Limits& limits
   NORMD_RETURN_IF_ERROR(
       Sequential::Create(config.input_shape, config.layers, config.seed, limits, &model->net_));
   NORMD_RETURN_IF_ERROR(ValidateLossForOutput(config.loss, model->net_->output_shape()));
+  // Per parameter, in parameters()' order (node order): whether the recipe's parameter groups
+  // exempt it from weight decay. Nested layers are judged by their own kind, not their block's.
+  std::vector<const LayerConfig*> node_configs;
+  AppendNodeConfigs(config.layers, &node_configs);
+  assert(static_cast<int>(node_configs.size()) == model->net_->num_nodes());
   std::vector<bool> norm_or_bias;
-  for (int i = 0; i < model->net_->num_layers(); ++i) {
-    const bool norm = IsNormLayerKind(config.layers[i].kind);
-    for (const Parameter* p : model->net_->layer(i).parameters()) {
+  for (int i = 0; i < model->net_->num_nodes(); ++i) {
+    Layer* layer = model->net_->node(i).layer;
+    if (layer->AsResidualBlock() != nullptr) continue;  // its layers are nodes of their own
+    const bool norm = IsNormLayerKind(node_configs[i]->kind);
+    for (const Parameter* p : layer->parameters()) {
       norm_or_bias.push_back(norm || p->name == "bias");
     }
   }

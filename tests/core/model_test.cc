@@ -6,6 +6,8 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <set>
+#include <string>
 
 namespace normd {
 namespace {
@@ -455,6 +457,40 @@ TEST(ModelTest, NoWeightDecayOnNormAndBiasFollowsTheLayerKinds) {
       }
     }
   }
+}
+
+// Inside residual blocks each layer is judged by its own kind: a nested BatchNorm's weight is
+// exempt, a nested Linear's weight is not (the block itself is neither).
+TEST(ModelTest, NoWeightDecayOnNormAndBiasReachesIntoResidualBlocks) {
+  ModelConfig c = Mlp();
+  LayerConfig block;
+  block.kind = LayerKind::kResidual;
+  block.residual.body = {LinearLayer(8, 8), Bn1d(8), Relu()};
+  block.residual.shortcut = {LinearLayer(8, 8), Bn1d(8)};
+  c.layers = {LinearLayer(6, 8), block, Bn1d(8), LinearLayer(8, 3)};
+  c.optimizer.sgd = {0.1f, 0.0f, 0.0f, false, 0.5f};
+  c.optimizer.no_weight_decay_on_norm_and_bias = true;
+  auto m = Build(c);
+  const std::vector<NamedTensor> before = m->GetState(false);
+  StepResult r;
+  ASSERT_TRUE(m->ApplyGradients(&r).ok());  // zero gradients: only weight decay moves anything
+  const std::vector<NamedTensor> after = m->GetState(false);
+  const std::set<std::string> decaying = {"0.weight", "1.body.0.weight", "1.shortcut.0.weight",
+                                          "3.weight"};
+  int decayed = 0;
+  for (size_t i = 0; i < before.size(); ++i) {
+    const std::string& name = before[i].name;
+    const bool decays = decaying.count(name) > 0;
+    decayed += decays;
+    for (size_t j = 0; j < before[i].values.size(); ++j) {
+      if (decays) {
+        EXPECT_FLOAT_EQ(after[i].values[j], before[i].values[j] * 0.95f) << name;
+      } else {
+        EXPECT_EQ(after[i].values[j], before[i].values[j]) << name;
+      }
+    }
+  }
+  EXPECT_EQ(decayed, 4);
 }
 
 TEST(ModelTest, ScheduleProgressIsStateThatSetStateRestores) {
