@@ -291,6 +291,12 @@ void TransposeIn(const float* dy, int64_t channels, int64_t h_out, int64_t w_out
   }
 }
 
+// dst[j] = src[j * kStride] for j < count.
+template <int kStride>
+void CopyEvery(const float* src, int64_t count, float* dst) {
+  for (int64_t j = 0; j < count; ++j) dst[j] = src[j * kStride];
+}
+
 }  // namespace
 
 DirectConvolution::Planes DirectConvolution::MakePlanes(int64_t channels, int64_t h, int64_t w,
@@ -325,6 +331,13 @@ DirectConvolution::Planes DirectConvolution::MakePlanes(int64_t channels, int64_
   for (int64_t c = 0; c < channels; ++c) {
     for (int64_t offset : p.tap_offset) p.pair_offset.push_back(c * p.channel_stride + offset);
   }
+  if (stride > 1) {
+    for (int64_t phase = 0; phase < stride; ++phase) {
+      const int64_t first = ((phase - padding) % stride + stride) % stride;
+      const int64_t count = first < w ? (w - first + stride - 1) / stride : 0;
+      p.column_phases.push_back({first, count, phase * plane + (first + padding) / stride});
+    }
+  }
   return p;
 }
 
@@ -349,15 +362,22 @@ void DirectConvolution::Prepare(const Planes& p, const float* x, float* out) {
       continue;
     }
     std::memset(oc, 0, sizeof(float) * p.channel_stride);
+    // Input row hh is padded row hp = hh + padding: phase row hp % s, row hp / s of it; its
+    // column ww likewise goes to phase column (ww + padding) % s, column (ww + padding) / s.
+    int64_t row_phase = p.padding % s, row_index = p.padding / s;
     for (int64_t hh = 0; hh < p.h; ++hh) {
-      const int64_t hp = hh + p.padding;
-      float* row = oc + (hp % s) * s * plane + (hp / s) * p.plane_w;
+      float* row = oc + row_phase * s * plane + row_index * p.plane_w;
       const float* src = xc + hh * p.w;
-      // Column wp = ww + padding goes to phase wp % s, column wp / s of the row.
-      for (int64_t phase = 0; phase < s; ++phase) {
-        const int64_t first = ((phase - p.padding) % s + s) % s;  // first ww of the phase
-        float* dst = row + phase * plane + (first + p.padding) / s;
-        for (int64_t ww = first, j = 0; ww < p.w; ww += s, ++j) dst[j] = src[ww];
+      for (const ColumnPhase& cp : p.column_phases) {
+        if (s == 2) {
+          CopyEvery<2>(src + cp.first, cp.count, row + cp.offset);  // vectorises
+        } else {
+          for (int64_t j = 0; j < cp.count; ++j) row[cp.offset + j] = src[cp.first + j * s];
+        }
+      }
+      if (++row_phase == s) {
+        row_phase = 0;
+        ++row_index;
       }
     }
   }

@@ -65,6 +65,11 @@ class DirectConvolution {
   void InputGradient(const float* dy, int64_t n, const float* weight, float* dx) const;
 
  private:
+  // Where a strided input's columns go: those of one column phase start at input column
+  // `first`, every stride-th, `count` of them, to `offset` in a row of phase planes.
+  struct ColumnPhase {
+    int64_t first = 0, count = 0, offset = 0;
+  };
   // A convolution's input as the kernels read it (see the file comment).
   struct Planes {
     int64_t channels = 0, h = 0, w = 0, kernel = 1, stride = 1, padding = 0;
@@ -74,6 +79,7 @@ class DirectConvolution {
     int64_t channel_stride = 0;         // floats between two channels' prepared planes
     std::vector<int64_t> tap_offset;    // kernel * kernel offsets, tap (ki, kj) at ki*k + kj
     std::vector<int64_t> pair_offset;   // channel c, tap t at c * taps + t: c * stride + offset
+    std::vector<ColumnPhase> column_phases;  // stride > 1: one per column phase
   };
   static Planes MakePlanes(int64_t channels, int64_t h, int64_t w, int64_t kernel,
                            int64_t stride, int64_t padding);

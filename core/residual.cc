@@ -77,20 +77,58 @@ void ResidualBlock::Forward(const ConstTensorView& x, Tensor* y, LayerCache* cac
   AddInto(y->data(), skip.data, skip.size());
 }
 
+namespace {
+
+// Backward's buffers for the blocks at one nesting depth on one thread (see the header).
+struct BranchScratch {
+  Tensor grad_a, grad_b;  // intermediate gradients inside a branch
+  Tensor body_dx;         // the body's input gradient
+};
+
+// The calling thread's scratch for the block now running backward, one level deeper for the
+// blocks it holds, while the guard lives.
+class ScratchForDepth {
+ public:
+  ScratchForDepth() {
+    if (stack().size() <= depth()) stack().push_back(std::make_unique<BranchScratch>());
+    scratch_ = stack()[depth()].get();
+    ++depth();
+  }
+  ~ScratchForDepth() { --depth(); }
+  ScratchForDepth(const ScratchForDepth&) = delete;
+  ScratchForDepth& operator=(const ScratchForDepth&) = delete;
+  BranchScratch& get() { return *scratch_; }
+
+ private:
+  static std::vector<std::unique_ptr<BranchScratch>>& stack() {
+    thread_local std::vector<std::unique_ptr<BranchScratch>> s;
+    return s;
+  }
+  static size_t& depth() {
+    thread_local size_t d = 0;
+    return d;
+  }
+  BranchScratch* scratch_;
+};
+
+}  // namespace
+
 void ResidualBlock::Backward(const ConstTensorView& x, const Tensor& /*y*/,
                              const ConstTensorView& dy, const LayerCache& cache,
                              const ForwardContext& ctx, Tensor* dx) {
   const size_t nb = body_.size();
+  ScratchForDepth guard;
+  BranchScratch& s = guard.get();
   BackwardLayers(body_, x, cache.outputs.data(), cache.children.data(), dy, ctx,
-                 dx != nullptr ? &body_dx_ : nullptr, &grad_a_, &grad_b_);
+                 dx != nullptr ? &s.body_dx : nullptr, &s.grad_a, &s.grad_b);
   if (!shortcut_.empty()) {
     BackwardLayers(shortcut_, x, cache.outputs.data() + nb, cache.children.data() + nb, dy, ctx, dx,
-                   &grad_a_, &grad_b_);
+                   &s.grad_a, &s.grad_b);
   } else if (dx != nullptr) {
     dx->Resize(x.shape);
     std::copy(dy.data, dy.data + dy.size(), dx->data());
   }
-  if (dx != nullptr) AddInto(dx->data(), body_dx_.data(), body_dx_.size());
+  if (dx != nullptr) AddInto(dx->data(), s.body_dx.data(), s.body_dx.size());
 }
 
 std::vector<Parameter*> ResidualBlock::parameters() {

@@ -19,8 +19,10 @@
 // accumulates every inner parameter gradient (untrainable layers' stay zero) and, when dx is
 // non-null, overwrites it with the sum of the branches' input gradients.
 //
-// Thread safety: as every layer. Backward uses scratch buffers held by the block, which is why
-// it needs exclusive access (it does anyway: it accumulates gradients).
+// Thread safety: as every layer. Backward's intermediate gradients live in per-thread scratch,
+// one set per nesting depth (blocks at one depth run one after another, a nested block's dy
+// and dx are its parent's buffers), so a network of many blocks holds three gradient buffers
+// per depth, not three per block; they grow to the largest block a thread has run and stay.
 #ifndef NORMD_CORE_RESIDUAL_H_
 #define NORMD_CORE_RESIDUAL_H_
 
@@ -74,8 +76,6 @@ class ResidualBlock : public Layer {
   LayerList body_;
   LayerList shortcut_;
   Shape body_out_, shortcut_out_;  // per sample; shortcut_out_ unset while the shortcut is empty
-  Tensor grad_a_, grad_b_;         // Backward: intermediate gradients inside a branch
-  Tensor body_dx_;                 // Backward: the body's input gradient
 };
 
 }  // namespace normd
