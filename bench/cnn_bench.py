@@ -35,7 +35,9 @@ aggregate). OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE are removed from the environm
 and PyTorch alike (bench_common.child_env).
 
 Usage: /usr/bin/python3 bench/cnn_bench.py --build-dir build [--quick] [--json out.json]
-       [--profile] [--skip-kernels] [--skip-grpc]
+       [--profile [--profile-dir DIR]] [--skip-kernels] [--skip-grpc] [--rounds R] [--repeats N]
+       /usr/bin/python3 bench/cnn_bench.py --build-dir build --check-counts   (ctest
+       bench_cnn_counts: the memory bound's counts against PyTorch's; measures nothing)
 """
 
 import argparse
@@ -151,12 +153,13 @@ class _Walk:
       MaxPool2d        the index of each output's maximum (int32, the output's size)
       AvgPool2d, AdaptiveAvgPool2d, Flatten, the residual add: nothing but shapes (Flatten's
                        output is its input's data: a view would do, so it keeps the input's id)
-      cross-entropy    the softmax of the logits (the last layer's output size)
+      cross-entropy    the softmax of the logits (the last layer's output size) and the labels
+                       (int64)
     Not counted: the gradients, the backward pass's two gradient buffers, the request's and
     response's copies, im2col scratch: the bound's factor 2 is for those.
-    Cross-check: PyTorch 1.13's autograd saves exactly this for ResNet-20 (191.5 MiB at batch
-    128, summed through torch.autograd.graph.saved_tensors_hooks), and for the CNN this plus
-    4 bytes per max-pool output (its indices are int64)."""
+    --check-counts (a test) holds this against what PyTorch's autograd saves for the same
+    networks (torch.autograd.graph.saved_tensors_hooks): equal, but for PyTorch's int64
+    max-pool indices."""
 
     def __init__(self, batch):
         self.batch = batch
@@ -241,6 +244,7 @@ def count_model(spec, batch):
     walk = _Walk(batch)
     out_shape, out_id = walk.layers(spec["layers"], tuple(spec["input_shape"]), 0)
     walk.read(-1, out_shape)  # the loss's softmax, the size of the logits
+    walk.extra += 8 * batch   # and its labels
     # Convolution FLOP of one training step per sample: forward, weight gradient, and the input
     # gradient of every convolution but one reading the request's data (nothing needs that).
     train_flop = 3 * walk.conv_flop_fwd - walk.first_conv_flop
@@ -301,14 +305,63 @@ def torch_worker(args):
 
         for _ in range(job["warmup"]):
             step()
-        rates = []
+        rates, cpu_rates = [], []
         for _ in range(job["repeats"]):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(job["steps"]):
                 loss = step()
             rates.append(job["steps"] * batch / (time.perf_counter() - t0))
-        out["runs"][job["key"]] = {"samples_per_s": rates, "final_loss": float(loss)}
+            cpu_rates.append(job["steps"] * batch / max(1e-9, time.process_time() - c0))
+        out["runs"][job["key"]] = {"samples_per_s": rates, "cpu_samples_per_s": cpu_rates,
+                                   "final_loss": float(loss)}
     json.dump(out, sys.stdout)
+
+
+def check_counts(build):
+    """--check-counts: count_model's parameters, buffers and saved activations against
+    PyTorch's for every configuration (the saved tensors through autograd's pack hook; PyTorch
+    stores max-pool indices as int64 where the count takes normd's int32). Returns the
+    mismatches."""
+    sys.path[:0] = [os.path.join(HERE, "..", "client", "python"),
+                    os.path.join(os.path.abspath(build), "client", "python")]
+    import torch
+    from google.protobuf import json_format
+    from normd.torch_interop import sequential_from_spec
+    from normd.v1 import normd_pb2 as pb
+
+    errors = []
+    for net, batch in CONFIGS:
+        spec = SPECS[net]()
+        counts = count_model(spec, batch)
+        torch.manual_seed(1)
+        model = sequential_from_spec(json_format.Parse(json.dumps(spec), pb.ModelSpec()))
+        x = torch.randn((batch,) + IMAGE)
+        y = torch.randint(0, CLASSES, (batch,))
+        # Not activations: the parameters and running statistics (counted apart) and 0-d
+        # scalars (the loss's total weight).
+        state = {t.data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+        saved = {}
+
+        def pack(t):
+            if t.data_ptr() not in state and t.dim() > 0:
+                saved[(t.data_ptr(), t.numel(), t.dtype)] = t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            torch.nn.functional.cross_entropy(model(x), y)
+        # Max-pool indices: int64 in PyTorch, int32 (half the bytes) in the count.
+        index_bytes = sum(v for (ptr, _, dtype), v in saved.items()
+                          if dtype == torch.int64 and ptr != y.data_ptr())
+        expected = counts["activation_bytes"] + index_bytes // 2
+        got = sum(saved.values())
+        pairs = (("parameters", counts["params"], sum(p.numel() for p in model.parameters())),
+                 ("buffers", counts["buffers"], sum(b.numel() for b in model.buffers())),
+                 ("saved activation bytes", expected, got))
+        for what, ours, theirs in pairs:
+            print(f"{net} batch {batch}: {what}: counted {ours}, PyTorch {theirs}")
+            if ours != theirs:
+                errors.append(f"{net} batch {batch}: {what} {ours} != PyTorch's {theirs}")
+    return errors
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,6 +483,8 @@ def main():
     ap.add_argument("--profile-dir", default=".",
                     help="where --profile leaves normd-resnet20.perf.data (default: .)")
     ap.add_argument("--json", help="write every figure to this file")
+    ap.add_argument("--check-counts", action="store_true",
+                    help="only compare the memory bound's counts with PyTorch's (a test)")
     # Worker mode (internal).
     ap.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
@@ -440,6 +495,13 @@ def main():
     if args.torch_worker:
         torch_worker(args)
         return 0
+    if args.check_counts:
+        errors = check_counts(args.build_dir)
+        for e in errors:
+            print(f"FAILED: {e}")
+        if not errors:
+            print("cnn_bench counts: ok")
+        return 1 if errors else 0
     rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
 
     import numpy as np
@@ -494,16 +556,26 @@ def main():
                 results["torch_info"] = {"torch": res["torch"]}
                 for key, run in res["runs"].items():
                     rates[key].setdefault(f"torch_t{t}", []).extend(run["samples_per_s"])
+                    rates[key].setdefault(f"torch_t{t}_cpu", []).extend(
+                        run["cpu_samples_per_s"])
             if server is None:
                 continue
             for net, batch in CONFIGS:
                 warmup, steps = steps_for(batch, args.quick)
                 for rpc in ("stream", "unary"):
+                    cpu0 = server.cpu_seconds()
                     run = run_json(load_train_cmd(load_bin, server.address, spec_files[net],
                                                   batch, data, labels, warmup, steps,
                                                   args.repeats, rpc=rpc), timeout=1800)
-                    rates[config_key(net, batch)].setdefault(f"grpc_{rpc}", []).extend(
-                        run["samples_per_s"])
+                    row = rates[config_key(net, batch)]
+                    row.setdefault(f"grpc_{rpc}", []).extend(run["samples_per_s"])
+                    # Samples per CPU-second of the server and the client together (the
+                    # server's share includes the warm-up steps: a slight underestimate).
+                    server_cpu = server.cpu_seconds() - cpu0
+                    client_cpu = sum(steps * batch / r for r in run["client_cpu_samples_per_s"])
+                    samples = batch * (steps * args.repeats + warmup)
+                    row.setdefault(f"grpc_{rpc}_cpu", []).append(
+                        samples / max(1e-9, server_cpu + client_cpu))
         if server is not None:
             server.stop()
             server = None
@@ -619,6 +691,18 @@ def print_tables(r):
                          else f"{'-':>12}")
         print(f"{net:>14} {batch:>6} " + " ".join(cells))
 
+    print("\nThe same per CPU-second (samples / CPU time of the processes doing the work: "
+          "PyTorch's; normd's server and client together, warm-up included; independent of "
+          "other jobs' share of the cores)")
+    print(f"{'network':>14} {'batch':>6} {'torch 1t':>9} {'torch 2t':>9} {'grpc strm':>9} "
+          f"{'grpc unary':>10}")
+    for net, batch in CONFIGS:
+        row = r["networks"].get(config_key(net, batch), {})
+        print(f"{net:>14} {batch:>6} " + " ".join(
+            f"{row[k]['median']:{w}.1f}" if k in row else f"{'-':>{w}}"
+            for k, w in (("torch_t1_cpu", 9), ("torch_t2_cpu", 9), ("grpc_stream_cpu", 9),
+                         ("grpc_unary_cpu", 10))))
+
     convs = conv_rows(r)
     if convs:
         print("\nConv2d layers at their network's batch: GFLOP/s (% of the FMA peak of the "
@@ -635,6 +719,16 @@ def print_tables(r):
                     cells.append(f"{b['GFLOP/s']:7.1f} ({100 * b['frac_peak']:3.0f}%)"
                                  if b else f"{'-':>15}")
             print(f"{net:>14} {shape:>26} " + " ".join(f"{c:>15}" for c in cells))
+        print("The same at budget 1 per CPU time (the layer's thread's; other jobs' share of "
+              "the core removed): % of one core's peak")
+        print(f"{'network':>14} {'layer':>26} {'fwd':>7} {'dx':>7} {'dW':>7}")
+        for (net, shape), passes in convs.items():
+            cells = []
+            for p in ("fwd", "bwd_dx", "bwd_dw"):
+                b = passes.get((p, 1))
+                cells.append(f"{100 * b['frac_peak'] * b['real_time'] / b['cpu_time']:6.0f}%"
+                             if b and b.get("cpu_time") else f"{'-':>7}")
+            print(f"{net:>14} {shape:>26} " + " ".join(cells))
 
     bns = bn_rows(r)
     if bns:

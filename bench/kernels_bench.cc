@@ -1,6 +1,7 @@
 // normd_kernels_bench: Google Benchmark micro-benchmarks of normd's core kernels.
 //
-// Before the benchmarks run, main() calibrates two ceilings in this same process:
+// Before the benchmarks run, main() calibrates two ceilings in this same process (in the
+// calibrating thread's CPU time, see Calibration below):
 //  - memcpy bandwidth for each BatchNorm tensor size (best of several runs; a memcpy of S bytes
 //    moves 2*S bytes: S read, S written), and
 //  - the single-core FMA peak (independent fused multiply-adds on the widest vectors the build
@@ -39,6 +40,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 #include <map>
 #include <memory>
 #include <string>
@@ -63,20 +65,36 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 // ---- Calibration -------------------------------------------------------------------------
+//
+// Both ceilings are timed in the calibrating thread's CPU time, not wall time: on a machine
+// shared with other jobs, a wall-clock ceiling falls with the share of the core this thread
+// gets (half of it under a load of 4 on 2 cores), which would inflate every fraction of it.
+// The hardware's ceiling is what the thread reaches while it runs.
+
+double ThreadCpuSeconds() {
+  timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+}
 
 // memcpy bandwidth (bytes moved per second, read + write) for copies of `bytes` bytes.
 double MeasureMemcpy(size_t bytes) {
   std::vector<char> src(bytes, 1), dst(bytes, 0);
+  // Copies between clock reads: reading a thread's CPU clock is a system call, which must not
+  // weigh on copies of a few kilobytes.
+  const int batch = static_cast<int>(std::max<size_t>(1, (size_t{4} << 20) / bytes));
   double best = 0.0;
   for (int rep = 0; rep < 7; ++rep) {
     int iters = 0;
-    const auto t0 = Clock::now();
+    const double t0 = ThreadCpuSeconds();
     double dt = 0.0;
     do {
-      std::memcpy(dst.data(), src.data(), bytes);
-      benchmark::ClobberMemory();
-      ++iters;
-      dt = std::chrono::duration<double>(Clock::now() - t0).count();
+      for (int i = 0; i < batch; ++i) {
+        std::memcpy(dst.data(), src.data(), bytes);
+        benchmark::ClobberMemory();
+      }
+      iters += batch;
+      dt = ThreadCpuSeconds() - t0;
     } while (dt < 0.03);
     best = std::max(best, 2.0 * static_cast<double>(bytes) * iters / dt);
   }
@@ -117,12 +135,12 @@ double MeasureFmaPeak() {
     Vec acc[kChains];
     for (int i = 0; i < kChains; ++i) acc[i] = VSet(1.0f + i);
     const Vec b = VSet(0.999999f), c = VSet(1e-7f);
-    const auto t0 = Clock::now();
+    const double t0 = ThreadCpuSeconds();
     for (long it = 0; it < kIters; ++it) {
 #pragma GCC unroll 12
       for (int i = 0; i < kChains; ++i) acc[i] = VFma(acc[i], b, c);
     }
-    const double dt = std::chrono::duration<double>(Clock::now() - t0).count();
+    const double dt = ThreadCpuSeconds() - t0;
     for (int i = 0; i < kChains; ++i) sink += VFirst(acc[i]);
     best = std::max(best, 2.0 * kLanes * kChains * static_cast<double>(kIters) / dt);
   }
