@@ -43,6 +43,7 @@ Usage: /usr/bin/python3 bench/cnn_bench.py --build-dir build [--quick] [--json o
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -420,7 +421,9 @@ def perf_top(perf_data, limit=20):
     res = subprocess.run(["perf", "report", "-i", perf_data, "--stdio", "--no-children",
                           "-g", "none", "--sort", "dso,symbol", "--percent-limit", "0.5", "-q"],
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    lines = [l.strip()[:150] for l in res.stdout.splitlines()
+    # One line per symbol, runs of blanks squeezed; some perf versions end each line with
+    # empty ("-") columns.
+    lines = [re.sub(r"( -)+$", "", " ".join(l.split()))[:120] for l in res.stdout.splitlines()
              if l.strip() and not l.startswith("#")]
     return lines[:limit]
 
@@ -816,7 +819,7 @@ def print_targets(r):
     t.check(f"server RSS, {MEMORY_NET} batch {MEMORY_BATCH}, peak / bound",
             mem["rss_peak"] / mem["bound"] if mem.get("bound") else None, "<= 1",
             lambda v: v <= 1.0, "{:.2f}")
-    t.print("Issue 13 targets (this run, wall clock)", width=66)
+    t.print("Issue 13 targets (this run, wall clock)", width=72)
 
 
 if __name__ == "__main__":
