@@ -155,6 +155,12 @@ Status Conv2d::Build(const Shape& sample_in, Shape* sample_out) {
   w_ = sample_in[2];
   h_out_ = h_out;
   w_out_ = w_out;
+  // A 1x1 convolution is a plain matrix product, which the GEMM path does well.
+  direct_ = c.groups == 1 && c.kernel_size > 1;
+  if (direct_) {
+    direct_conv_ = DirectConvolution(DirectConvolution::Shape{
+        c.in_channels, c.out_channels, h_, w_, c.kernel_size, c.stride, c.padding});
+  }
   *sample_out = Shape{c.out_channels, h_out, w_out};
   return Status::Ok();
 }
@@ -196,6 +202,49 @@ void Conv2d::Forward(const ConstTensorView& x, Tensor* y, LayerCache* /*cache*/,
                      const ForwardContext& /*ctx*/) const {
   internal::ApplyComputeThreads();
   const Conv2dConfig& c = config_;
+  const int64_t n = x.shape[0];
+  y->Resize(Shape{n, c.out_channels, h_out_, w_out_});
+  if (!direct_) {
+    Im2ColForward(x, y);
+    return;
+  }
+  direct_conv_.Forward(x.data, n, weight_.value.data(), c.bias ? bias_.value.data() : nullptr,
+                       y->data());
+}
+
+void Conv2d::Backward(const ConstTensorView& x, const Tensor& /*y*/, const ConstTensorView& dy,
+                      const LayerCache& /*cache*/, const ForwardContext& /*ctx*/, Tensor* dx) {
+  internal::ApplyComputeThreads();
+  const Conv2dConfig& c = config_;
+  const int64_t n = x.shape[0];
+  // An untrainable layer's gradients stay zero (Layer::trainable): they are not computed.
+  if (trainable()) {
+    if (direct_) {
+      direct_conv_.AccumulateWeightGradient(x.data, dy.data, n, weight_.grad.data());
+    } else {
+      Im2ColWeightGradient(x, dy);
+    }
+    if (c.bias) {
+      const int64_t hw_out = h_out_ * w_out_;
+      for (int64_t s = 0; s < n; ++s) {
+        VectorMap(bias_.grad.data(), c.out_channels) +=
+            ConstMatrixMap(dy.data + s * c.out_channels * hw_out, c.out_channels, hw_out)
+                .rowwise()
+                .sum();
+      }
+    }
+  }
+  if (dx == nullptr) return;
+  dx->Resize(x.shape);
+  if (direct_ && direct_conv_.has_input_gradient()) {
+    direct_conv_.InputGradient(dy.data, n, weight_.value.data(), dx->data());
+  } else {
+    Col2ImInputGradient(dy, dx);
+  }
+}
+
+void Conv2d::Im2ColForward(const ConstTensorView& x, Tensor* y) const {
+  const Conv2dConfig& c = config_;
   const Geometry g{c.in_channels, h_, w_, c.kernel_size, c.stride, c.padding, h_out_, w_out_};
   const int64_t n = x.shape[0];
   const int64_t taps = c.in_channels * c.kernel_size * c.kernel_size;
@@ -204,8 +253,6 @@ void Conv2d::Forward(const ConstTensorView& x, Tensor* y, LayerCache* /*cache*/,
   const int64_t hw_out = h_out_ * w_out_;
   const int64_t in_sample = c.in_channels * h_ * w_;
   const int64_t out_sample = c.out_channels * hw_out;
-  y->Resize(Shape{n, c.out_channels, h_out_, w_out_});
-
   // A 1x1 kernel with stride 1 and no padding reads x itself as its column matrix.
   const bool direct = c.kernel_size == 1 && c.stride == 1 && c.padding == 0;
   float* col = direct ? nullptr : ColumnScratch(0, taps * hw_out);
@@ -230,9 +277,7 @@ void Conv2d::Forward(const ConstTensorView& x, Tensor* y, LayerCache* /*cache*/,
   }
 }
 
-void Conv2d::Backward(const ConstTensorView& x, const Tensor& /*y*/, const ConstTensorView& dy,
-                      const LayerCache& /*cache*/, const ForwardContext& /*ctx*/, Tensor* dx) {
-  internal::ApplyComputeThreads();
+void Conv2d::Im2ColWeightGradient(const ConstTensorView& x, const ConstTensorView& dy) {
   const Conv2dConfig& c = config_;
   const Geometry g{c.in_channels, h_, w_, c.kernel_size, c.stride, c.padding, h_out_, w_out_};
   const int64_t n = x.shape[0];
@@ -242,39 +287,42 @@ void Conv2d::Backward(const ConstTensorView& x, const Tensor& /*y*/, const Const
   const int64_t hw_out = h_out_ * w_out_;
   const int64_t in_sample = c.in_channels * h_ * w_;
   const int64_t out_sample = c.out_channels * hw_out;
-
   const bool direct = c.kernel_size == 1 && c.stride == 1 && c.padding == 0;
   float* col = direct ? nullptr : ColumnScratch(0, taps * hw_out);
-  float* dcol = (direct || dx == nullptr) ? nullptr : ColumnScratch(1, taps * hw_out);
-  if (dx != nullptr) {
-    dx->Resize(x.shape);
-    if (!direct) dx->SetZero();
-  }
-  // An untrainable layer's gradients stay zero (Layer::trainable): they are not computed.
-  const bool param_grads = trainable();
   for (int64_t s = 0; s < n; ++s) {
-    const float* xs = x.data + s * in_sample;
     const float* dys = dy.data + s * out_sample;
-    if (param_grads) {
-      const float* cols = xs;
-      if (!direct) {
-        Im2Col(g, xs, col);
-        cols = col;
-      }
-      for (int64_t k = 0; k < c.groups; ++k) {
-        MatrixMap(weight_.grad.data() + k * group_out * group_taps, group_out, group_taps)
-            .noalias() +=
-            ConstMatrixMap(dys + k * group_out * hw_out, group_out, hw_out) *
-            ConstMatrixMap(cols + k * group_taps * hw_out, group_taps, hw_out).transpose();
-      }
-      if (c.bias) {
-        VectorMap(bias_.grad.data(), c.out_channels) +=
-            ConstMatrixMap(dys, c.out_channels, hw_out).rowwise().sum();
-      }
+    const float* cols = x.data + s * in_sample;
+    if (!direct) {
+      Im2Col(g, cols, col);
+      cols = col;
     }
-    if (dx == nullptr) continue;
+    for (int64_t k = 0; k < c.groups; ++k) {
+      MatrixMap(weight_.grad.data() + k * group_out * group_taps, group_out, group_taps)
+          .noalias() +=
+          ConstMatrixMap(dys + k * group_out * hw_out, group_out, hw_out) *
+          ConstMatrixMap(cols + k * group_taps * hw_out, group_taps, hw_out).transpose();
+    }
+  }
+}
+
+void Conv2d::Col2ImInputGradient(const ConstTensorView& dy, Tensor* dx) const {
+  const Conv2dConfig& c = config_;
+  const Geometry g{c.in_channels, h_, w_, c.kernel_size, c.stride, c.padding, h_out_, w_out_};
+  const int64_t n = dy.shape[0];
+  const int64_t taps = c.in_channels * c.kernel_size * c.kernel_size;
+  const int64_t group_taps = taps / c.groups;
+  const int64_t group_out = c.out_channels / c.groups;
+  const int64_t hw_out = h_out_ * w_out_;
+  const int64_t in_sample = c.in_channels * h_ * w_;
+  const int64_t out_sample = c.out_channels * hw_out;
+  // A 1x1 kernel with stride 1 and no padding: the columns are x itself, so their gradient is
+  // dx's sample.
+  const bool direct = c.kernel_size == 1 && c.stride == 1 && c.padding == 0;
+  float* dcol = direct ? nullptr : ColumnScratch(1, taps * hw_out);
+  if (!direct) dx->SetZero();
+  for (int64_t s = 0; s < n; ++s) {
+    const float* dys = dy.data + s * out_sample;
     float* dxs = dx->data() + s * in_sample;
-    // Direct: the columns are x itself, so their gradient is dx's sample.
     float* dcols = direct ? dxs : dcol;
     for (int64_t k = 0; k < c.groups; ++k) {
       MatrixMap(dcols + k * group_taps * hw_out, group_taps, hw_out).noalias() =

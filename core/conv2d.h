@@ -7,15 +7,20 @@
 // depthwise convolution). weight is (C_out, C_in/G, k, k), bias (C_out); both
 // ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = C_in/G*k*k.
 //
-// Computed per sample as im2col + GEMM: the columns of all input channels are unfolded once
-// and each group multiplies its own block of weight rows with its own block of column rows (one
-// GEMM per group). Backward recomputes the columns from x rather than caching them.
+// Computed by DirectConvolution (core/conv2d_direct.h) when groups = 1 and the kernel is larger
+// than 1x1 (a 1x1 convolution is a plain matrix product): register-tiled direct
+// kernels for the forward pass, the weight gradient and (stride 1, padding <= kernel - 1) the
+// input gradient. The other convolutions, and the input gradient of the other shapes, run per
+// sample as im2col + GEMM: the columns of all input channels are unfolded once and each group
+// multiplies its own block of weight rows with its own block of column rows (one GEMM per
+// group). Backward recomputes what it needs from x rather than caching it.
 //
 // Gradient contract: Forward caches nothing; Backward accumulates into weight and bias grads
 // (skipped for an untrainable layer) and overwrites dx.
 #ifndef NORMD_CORE_CONV2D_H_
 #define NORMD_CORE_CONV2D_H_
 
+#include "core/conv2d_direct.h"
 #include "core/layer.h"
 
 namespace normd {
@@ -35,7 +40,14 @@ class Conv2d : public Layer {
   std::vector<Parameter*> parameters() override;
 
  private:
+  // The im2col + GEMM paths (see the file comment).
+  void Im2ColForward(const ConstTensorView& x, Tensor* y) const;
+  void Im2ColWeightGradient(const ConstTensorView& x, const ConstTensorView& dy);
+  void Col2ImInputGradient(const ConstTensorView& dy, Tensor* dx) const;
+
   Conv2dConfig config_;
+  bool direct_ = false;  // groups == 1: DirectConvolution computes what it can
+  DirectConvolution direct_conv_;
   int64_t h_ = 0, w_ = 0, h_out_ = 0, w_out_ = 0;
   Parameter weight_;  // (C_out, C_in / groups, k, k)
   Parameter bias_;    // (C_out); only with bias

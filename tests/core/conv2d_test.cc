@@ -164,6 +164,115 @@ INSTANTIATE_TEST_SUITE_P(
                       ConvCase{Config(4, 8, 1, 1, 0, false, 4), Shape{4, 3, 3}}),
     [](const ::testing::TestParamInfo<ConvCase>& info) { return CaseName(info.param); });
 
+// The shapes DirectConvolution tiles (groups 1, kernels above 1x1) at channel counts that fill
+// whole vectors and leave partial ones, planes wide enough for the whole-block transposes, the
+// stride-1 row-reuse kernels and the generic ones (stride 2 and 3, kernel 5), and padding beyond
+// kernel - 1 (its input gradient falls back to col2im). Forward, weight and input gradients
+// against the definition in double, at float32 accuracy for sums of this length.
+struct ConvGradients {
+  std::vector<double> dw, dx;
+};
+
+ConvGradients NaiveConvBackward(const Conv2dConfig& c, const Tensor& x, const Tensor& w,
+                                const Tensor& dy) {
+  const int64_t n = x.shape()[0], h = x.shape()[2], wd = x.shape()[3], k = c.kernel_size;
+  const int64_t h_out = dy.shape()[2], w_out = dy.shape()[3];
+  ConvGradients g;
+  g.dw.assign(w.size(), 0.0);
+  g.dx.assign(x.size(), 0.0);
+  for (int64_t s = 0; s < n; ++s) {
+    for (int64_t o = 0; o < c.out_channels; ++o) {
+      for (int64_t oh = 0; oh < h_out; ++oh) {
+        for (int64_t ow = 0; ow < w_out; ++ow) {
+          const double d = dy.data()[((s * c.out_channels + o) * h_out + oh) * w_out + ow];
+          for (int64_t i = 0; i < c.in_channels; ++i) {
+            for (int64_t ki = 0; ki < k; ++ki) {
+              for (int64_t kj = 0; kj < k; ++kj) {
+                const int64_t ih = oh * c.stride - c.padding + ki;
+                const int64_t iw = ow * c.stride - c.padding + kj;
+                if (ih < 0 || ih >= h || iw < 0 || iw >= wd) continue;
+                const int64_t xi = ((s * c.in_channels + i) * h + ih) * wd + iw;
+                const int64_t wi = ((o * c.in_channels + i) * k + ki) * k + kj;
+                g.dw[wi] += d * x.data()[xi];
+                g.dx[xi] += d * w.data()[wi];
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+  return g;
+}
+
+// |a - b| within float32 rounding of a sum of `terms` products of values in [-1, 1].
+void ExpectClose(const float* got, const std::vector<double>& want, int64_t terms,
+                 const std::string& what) {
+  const double tol = 2e-6 * std::sqrt(static_cast<double>(terms)) + 1e-6;
+  int64_t bad = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    if (std::abs(got[i] - want[i]) > tol * (1.0 + std::abs(want[i])) && ++bad <= 5) {
+      ADD_FAILURE() << what << "[" << i << "] = " << got[i] << ", want " << want[i];
+    }
+  }
+  EXPECT_EQ(bad, 0) << what;
+}
+
+class Conv2dTiledTest : public ::testing::TestWithParam<ConvCase> {};
+
+TEST_P(Conv2dTiledTest, ForwardAndGradientsMatchDefinition) {
+  const ConvCase& c = GetParam();
+  Conv2d conv(c.config);
+  Shape out;
+  ASSERT_TRUE(BuildAndAllocate(&conv, c.sample, 11, &out).ok());
+  const int64_t n = 3;
+  const Tensor x = RandomTensor(c.sample.WithBatch(n), 12);
+  const Tensor dy = RandomTensor(out.WithBatch(n), 13);
+  std::vector<Parameter*> params = conv.parameters();
+  for (Parameter* p : params) p->grad.SetZero();
+  Tensor y, dx;
+  LayerCache cache;
+  ForwardContext ctx;
+  ctx.training = true;
+  conv.Forward(x.view(), &y, &cache, ctx);
+  conv.Backward(x.view(), y, dy.view(), cache, ctx, &dx);
+  const Conv2dConfig& k = c.config;
+  const int64_t taps = k.in_channels * k.kernel_size * k.kernel_size;
+  ExpectClose(y.data(),
+              NaiveConv(k, x, params[0]->value, k.bias ? &params[1]->value : nullptr, out[1],
+                        out[2]),
+              taps, "y");
+  const ConvGradients want = NaiveConvBackward(k, x, params[0]->value, dy);
+  ExpectClose(params[0]->grad.data(), want.dw, n * out[1] * out[2], "dweight");
+  ASSERT_EQ(dx.shape(), x.shape());
+  ExpectClose(dx.data(), want.dx, k.out_channels * k.kernel_size * k.kernel_size, "dx");
+  if (k.bias) {
+    std::vector<double> db(k.out_channels, 0.0);
+    const int64_t plane = out[1] * out[2];
+    for (int64_t i = 0; i < dy.size(); ++i) db[i / plane % k.out_channels] += dy.data()[i];
+    ExpectClose(params[1]->grad.data(), db, n * plane, "dbias");
+  }
+  // A second backward accumulates the weight gradient and overwrites dx.
+  conv.Backward(x.view(), y, dy.view(), cache, ctx, &dx);
+  std::vector<double> twice = want.dw;
+  for (double& v : twice) v *= 2.0;
+  ExpectClose(params[0]->grad.data(), twice, 2 * n * out[1] * out[2], "dweight twice");
+  ExpectClose(dx.data(), want.dx, k.out_channels * k.kernel_size * k.kernel_size, "dx again");
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, Conv2dTiledTest,
+    ::testing::Values(ConvCase{Config(16, 32, 3, 1, 1, false), Shape{16, 18, 17}},  // 2 vectors
+                      ConvCase{Config(3, 32, 3, 1, 1), Shape{3, 32, 32}},           // a stem
+                      ConvCase{Config(17, 16, 3, 1, 1), Shape{17, 16, 16}},  // 1 vector, 16 wide
+                      ConvCase{Config(5, 48, 3, 2, 1), Shape{5, 16, 20}},  // 3 vectors, stride 2
+                      ConvCase{Config(32, 20, 3, 1, 0), Shape{32, 17, 16}},  // no padding
+                      ConvCase{Config(16, 16, 5, 1, 2), Shape{16, 16, 18}},  // generic kernel
+                      ConvCase{Config(8, 32, 3, 1, 3, false), Shape{8, 9, 9}},  // pad > k - 1
+                      ConvCase{Config(4, 16, 2, 3, 1), Shape{4, 11, 13}},       // stride 3
+                      ConvCase{Config(2, 7, 3, 1, 1), Shape{2, 1, 1}}),         // 1x1 plane
+    [](const ::testing::TestParamInfo<ConvCase>& info) { return CaseName(info.param); });
+
 TEST(Conv2dTest, SamplesAreIndependent) {
   Conv2d conv(Config(2, 3, 3, 1, 1));
   ASSERT_TRUE(BuildAndAllocate(&conv, Shape{2, 4, 4}, 1).ok());

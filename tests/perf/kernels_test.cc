@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "core/batch_norm.h"
+#include "core/conv2d.h"
 #include "core/linear.h"
 #include "core/optimizer.h"
 #include "core/rng.h"
@@ -344,6 +345,46 @@ TEST(ComputeThreadsTest, BatchNormIsBitIdenticalSplitOrNot) {
       rest->insert(rest->end(), bn.running_var().data(), bn.running_var().data() + k.c);
     };
     ASSERT_NO_FATAL_FAILURE(ExpectSameBitsSplitOrNot(run, 1, k.c));
+  }
+}
+
+// Conv2d's direct kernels split the batch (forward, input gradient) and the weight gradient's
+// two fixed halves across two cores; every output must be the same bits as unsplit. Covers the
+// stride-1 row-reuse kernels (one and two vectors of channels) and the generic stride-2 ones;
+// the sizes put each split operation's halves above SplitInTwo's floor of work.
+TEST(ComputeThreadsTest, Conv2dIsBitIdenticalSplitOrNot) {
+  if (!ComputeBorrowsIdleCores()) GTEST_SKIP() << kNoSplits;
+  struct Case {
+    int64_t cin, cout, hw, stride, batch;
+  };
+  for (const Case& k : {Case{32, 32, 16, 1, 9}, Case{16, 16, 16, 1, 8}, Case{16, 32, 16, 2, 17}}) {
+    Conv2dConfig config;
+    config.in_channels = k.cin;
+    config.out_channels = k.cout;
+    config.kernel_size = 3;
+    config.stride = k.stride;
+    config.padding = 1;
+    auto run = [&](int budget, Tensor* y, Tensor* dx, std::vector<float>* grads) {
+      ScopedComputeThreads scoped(budget);
+      Conv2d conv(config);
+      Shape out;
+      ASSERT_TRUE(conv.Build(Shape{k.cin, k.hw, k.hw}, &out).ok());
+      Rng rng(5);
+      conv.Allocate(rng);
+      Tensor x(Shape{k.batch, k.cin, k.hw, k.hw}), dy(out.WithBatch(k.batch));
+      for (int64_t i = 0; i < x.size(); ++i) x.data()[i] = rng.Uniform(-1.0f, 1.0f);
+      for (int64_t i = 0; i < dy.size(); ++i) dy.data()[i] = rng.Uniform(-1.0f, 1.0f);
+      LayerCache cache;
+      ForwardContext ctx;
+      ctx.training = true;
+      conv.Forward(x.view(), y, &cache, ctx);
+      conv.Backward(x.view(), *y, dy.view(), cache, ctx, dx);
+      grads->clear();
+      for (Parameter* p : conv.parameters()) {
+        grads->insert(grads->end(), p->grad.data(), p->grad.data() + p->grad.size());
+      }
+    };
+    ASSERT_NO_FATAL_FAILURE(ExpectSameBitsSplitOrNot(run, 2, k.cout));
   }
 }
 

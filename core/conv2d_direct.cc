@@ -1,0 +1,525 @@
+#include "core/conv2d_direct.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "core/threads.h"
+
+namespace normd {
+namespace {
+
+// The widest vectors the build targets, and whether it has 32 vector registers (AVX-512) or 16.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+constexpr bool kManyRegisters = true;
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+constexpr bool kManyRegisters = false;
+#else
+constexpr int kLanes = 4;
+constexpr bool kManyRegisters = false;
+#endif
+
+using Vec = float __attribute__((vector_size(kLanes * sizeof(float))));
+// The same vector read from or written to any float address.
+using UnalignedVec = float
+    __attribute__((vector_size(kLanes * sizeof(float)), aligned(alignof(float)), may_alias));
+
+inline Vec Load(const float* p) { return *reinterpret_cast<const UnalignedVec*>(p); }
+inline void Store(float* p, Vec v) { *reinterpret_cast<UnalignedVec*>(p) = v; }
+
+// Register tiles of the forward kernels: kWide positions x 2 vectors of output channels when
+// the padded channel count is an even number of vectors, else kNarrow positions x 1 vector.
+// Sized so accumulators plus the weight vectors of one kernel row fit the register file.
+constexpr int kWide = kManyRegisters ? 8 : 4;
+constexpr int kNarrow = kManyRegisters ? 16 : 8;
+// Weight-gradient tiles: (channel, tap) pairs per tile, and vectors of output channels.
+constexpr int kGradPairs = 9;
+constexpr int kGradWideVectors = kManyRegisters ? 2 : 1;
+
+int64_t RoundUp(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// Per-thread scratch, grown to the largest use and then reused without allocating.
+float* Scratch(int which, int64_t n) {
+  thread_local std::vector<float> buffers[3];
+  std::vector<float>& b = buffers[which];
+  if (static_cast<int64_t>(b.size()) < n) b.resize(n);
+  return b.data();
+}
+enum ScratchBuffer { kPrepared = 0, kTransposed = 1, kPacked = 2 };
+
+// One tile of a stride-1 convolution with a K x K kernel: out_t rows [0, P) (positions o0 ..
+// o0 + P - 1, `in` already offset by o0), output channels [co0, co0 + V * kLanes). Input value
+// `row[m]` of kernel row ki feeds position m - kj through tap (ki, kj): one broadcast, K taps.
+template <int V, int P, int K>
+void RowReuseTile(const float* in, int64_t channels, int64_t channel_stride, int64_t plane_w,
+                  const float* packed, int64_t padded_out, int64_t co0, float* out_t) {
+  Vec acc[V][P] = {};
+  for (int64_t c = 0; c < channels; ++c) {
+    const float* wc = packed + c * K * K * padded_out + co0;
+    for (int ki = 0; ki < K; ++ki) {
+      const float* row = in + c * channel_stride + ki * plane_w;
+      Vec w[K][V];
+      for (int kj = 0; kj < K; ++kj) {
+        for (int j = 0; j < V; ++j) w[kj][j] = Load(wc + (ki * K + kj) * padded_out + j * kLanes);
+      }
+#pragma GCC unroll 64
+      for (int m = 0; m < P + K - 1; ++m) {
+        const float v = row[m];
+#pragma GCC unroll 16
+        for (int kj = 0; kj < K; ++kj) {
+          const int q = m - kj;
+          if (q < 0 || q >= P) continue;
+          for (int j = 0; j < V; ++j) acc[j][q] += w[kj][j] * v;
+        }
+      }
+    }
+  }
+  for (int q = 0; q < P; ++q) {
+    for (int j = 0; j < V; ++j) Store(out_t + q * padded_out + co0 + j * kLanes, acc[j][q]);
+  }
+}
+
+// One tile of any convolution: the (channel, tap) pairs in order, pair i reading the input at
+// pair_offset[i] from the tile's first position.
+template <int V, int P>
+void GenericTile(const float* in, const int64_t* pair_offset, int64_t pairs, const float* packed,
+                 int64_t padded_out, int64_t co0, float* out_t) {
+  Vec acc[V][P] = {};
+  for (int64_t i = 0; i < pairs; ++i) {
+    const float* x = in + pair_offset[i];
+    Vec w[V];
+    for (int j = 0; j < V; ++j) w[j] = Load(packed + i * padded_out + co0 + j * kLanes);
+#pragma GCC unroll 16
+    for (int q = 0; q < P; ++q) {
+      const float v = x[q];
+      for (int j = 0; j < V; ++j) acc[j][q] += w[j] * v;
+    }
+  }
+  for (int q = 0; q < P; ++q) {
+    for (int j = 0; j < V; ++j) Store(out_t + q * padded_out + co0 + j * kLanes, acc[j][q]);
+  }
+}
+
+// Weight gradient of one input channel's K x K taps for a stride-1 convolution, output channels
+// [co0, co0 + V * kLanes): grad_rows[ki * K + kj] += sum over o of dy_t[o] * in[o + ki * plane_w
+// + kj]. Walks the input positions m = o + kj: one broadcast of in[m + ki * plane_w] feeds the
+// K taps of kernel row ki, with dy at m, m - 1, ..., m - K + 1 kept in registers.
+// REQUIRES: dy_t has K - 1 zero rows before its first position and after its last.
+template <int V, int K>
+void WeightGradRowReuseTile(const float* in, int64_t plane_w, const float* dy_t,
+                            int64_t positions, int64_t padded_out, int64_t co0,
+                            float* grad_rows) {
+  Vec acc[K][K][V] = {};
+  Vec window[K][V];  // window[kj] = dy at position m - kj
+  for (int kj = 1; kj < K; ++kj) {
+    for (int j = 0; j < V; ++j) window[kj][j] = Vec{};
+  }
+  for (int64_t m = 0; m < positions + K - 1; ++m) {
+    for (int j = 0; j < V; ++j) window[0][j] = Load(dy_t + m * padded_out + co0 + j * kLanes);
+#pragma GCC unroll 8
+    for (int ki = 0; ki < K; ++ki) {
+      const float v = in[m + ki * plane_w];
+#pragma GCC unroll 8
+      for (int kj = 0; kj < K; ++kj) {
+        for (int j = 0; j < V; ++j) acc[ki][kj][j] += window[kj][j] * v;
+      }
+    }
+    for (int kj = K - 1; kj > 0; --kj) {
+      for (int j = 0; j < V; ++j) window[kj][j] = window[kj - 1][j];
+    }
+  }
+  for (int t = 0; t < K * K; ++t) {
+    for (int j = 0; j < V; ++j) {
+      float* g = grad_rows + t * padded_out + co0 + j * kLanes;
+      Store(g, Load(g) + acc[t / K][t % K][j]);
+    }
+  }
+}
+
+// Weight gradient of T (channel, tap) pairs for output channels [co0, co0 + V * kLanes):
+// grad_rows[t] += sum over positions o of dy_t[o] * src[t][o].
+template <int V, int T>
+void WeightGradTile(const float* const* src, const float* dy_t, int64_t positions,
+                    int64_t padded_out, int64_t co0, float* grad_rows) {
+  Vec acc[V][T] = {};
+  for (int64_t o = 0; o < positions; ++o) {
+    Vec d[V];
+    for (int j = 0; j < V; ++j) d[j] = Load(dy_t + o * padded_out + co0 + j * kLanes);
+#pragma GCC unroll 16
+    for (int t = 0; t < T; ++t) {
+      const float v = src[t][o];
+      for (int j = 0; j < V; ++j) acc[j][t] += d[j] * v;
+    }
+  }
+  for (int t = 0; t < T; ++t) {
+    for (int j = 0; j < V; ++j) {
+      float* g = grad_rows + t * padded_out + co0 + j * kLanes;
+      Store(g, Load(g) + acc[j][t]);
+    }
+  }
+}
+
+// Shuffle indices of TransposeBlock's rounds: round r swaps blocks of b = kLanes >> (r + 1)
+// lanes; kSwap[r][0] picks the new row i (i & b == 0), kSwap[r][1] the new row i + b, from
+// lanes of row i (indices < kLanes) and row i + b (indices >= kLanes).
+constexpr int kRounds = kLanes == 16 ? 4 : kLanes == 8 ? 3 : 2;
+struct SwapIndices {
+  int32_t lanes[kRounds][2][kLanes];
+};
+constexpr SwapIndices MakeSwapIndices() {
+  SwapIndices t{};
+  for (int r = 0; r < kRounds; ++r) {
+    const int b = kLanes >> (r + 1);
+    for (int l = 0; l < kLanes; ++l) {
+      t.lanes[r][0][l] = (l & b) ? kLanes + l - b : l;
+      t.lanes[r][1][l] = (l & b) ? kLanes + l : l + b;
+    }
+  }
+  return t;
+}
+constexpr SwapIndices kSwap = MakeSwapIndices();
+
+// Transposes a kLanes x kLanes block in place: rows[i][j] becomes rows[j][i]. Swaps the
+// off-diagonal blocks of half the size, then of a quarter, ... (two-input shuffles).
+inline void TransposeBlock(Vec* rows) {
+  using Index = int32_t __attribute__((vector_size(kLanes * sizeof(int32_t))));
+#pragma GCC unroll 4
+  for (int r = 0; r < kRounds; ++r) {
+    const int b = kLanes >> (r + 1);
+    Index low, high;
+    std::memcpy(&low, kSwap.lanes[r][0], sizeof low);
+    std::memcpy(&high, kSwap.lanes[r][1], sizeof high);
+#pragma GCC unroll 16
+    for (int i = 0; i < kLanes; ++i) {
+      if (i & b) continue;
+      const Vec a = rows[i], c = rows[i + b];
+      rows[i] = __builtin_shuffle(a, c, low);
+      rows[i + b] = __builtin_shuffle(a, c, high);
+    }
+  }
+}
+
+// dst[c * dst_stride + q] = src[q * src_stride + c] (+ bias[c] when bias is non-null) for
+// c < channels, q < count <= kLanes. Whole kLanes x kLanes blocks go through registers.
+void TransposeRows(const float* src, int64_t src_stride, int64_t count, int64_t channels,
+                   const float* bias, float* dst, int64_t dst_stride) {
+  int64_t c0 = 0;
+  if (count == kLanes) {
+    for (; c0 + kLanes <= channels; c0 += kLanes) {
+      Vec rows[kLanes];
+      for (int q = 0; q < kLanes; ++q) rows[q] = Load(src + q * src_stride + c0);
+      TransposeBlock(rows);
+      for (int c = 0; c < kLanes; ++c) {
+        Vec v = rows[c];
+        if (bias != nullptr) v += bias[c0 + c];
+        Store(dst + (c0 + c) * dst_stride, v);
+      }
+    }
+  }
+  for (int64_t c = c0; c < channels; ++c) {
+    const float b = bias != nullptr ? bias[c] : 0.0f;
+    float* d = dst + c * dst_stride;
+    if (bias != nullptr) {
+      for (int64_t q = 0; q < count; ++q) d[q] = src[q * src_stride + c] + b;
+    } else {
+      for (int64_t q = 0; q < count; ++q) d[q] = src[q * src_stride + c];
+    }
+  }
+}
+
+// Copies out_t (positions x padded channels, position o = oh * plane_w + ow) into a sample's
+// (channels, h_out, w_out) planes, adding bias[c] when bias is non-null.
+void TransposeOut(const float* out_t, int64_t padded, int64_t channels, int64_t h_out,
+                  int64_t w_out, int64_t plane_w, const float* bias, float* y) {
+  for (int64_t oh = 0; oh < h_out; ++oh) {
+    for (int64_t ow0 = 0; ow0 < w_out; ow0 += kLanes) {
+      TransposeRows(out_t + (oh * plane_w + ow0) * padded, padded,
+                    std::min<int64_t>(kLanes, w_out - ow0), channels, bias,
+                    y + oh * w_out + ow0, h_out * w_out);
+    }
+  }
+}
+
+// The inverse walk: a sample's dy (channels, h_out, w_out) into dy_t (positions x padded), zero
+// at the dropped positions (ow >= w_out, the rounding tail) and the padding channels.
+void TransposeIn(const float* dy, int64_t channels, int64_t h_out, int64_t w_out,
+                 int64_t plane_w, int64_t positions, int64_t padded, float* dy_t) {
+  std::memset(dy_t, 0, sizeof(float) * positions * padded);
+  const int64_t plane = h_out * w_out;
+  for (int64_t oh = 0; oh < h_out; ++oh) {
+    for (int64_t ow0 = 0; ow0 < w_out; ow0 += kLanes) {
+      const int64_t count = std::min<int64_t>(kLanes, w_out - ow0);
+      float* dst = dy_t + (oh * plane_w + ow0) * padded;
+      const float* src = dy + oh * w_out + ow0;
+      int64_t c0 = 0;
+      if (count == kLanes) {
+        for (; c0 + kLanes <= channels; c0 += kLanes) {
+          Vec rows[kLanes];
+          for (int c = 0; c < kLanes; ++c) rows[c] = Load(src + (c0 + c) * plane);
+          TransposeBlock(rows);
+          for (int q = 0; q < kLanes; ++q) Store(dst + q * padded + c0, rows[q]);
+        }
+      }
+      for (int64_t c = c0; c < channels; ++c) {
+        for (int64_t q = 0; q < count; ++q) dst[q * padded + c] = src[c * plane + q];
+      }
+    }
+  }
+}
+
+}  // namespace
+
+DirectConvolution::Planes DirectConvolution::MakePlanes(int64_t channels, int64_t h, int64_t w,
+                                                        int64_t kernel, int64_t stride,
+                                                        int64_t padding) {
+  Planes p;
+  p.channels = channels;
+  p.h = h;
+  p.w = w;
+  p.kernel = kernel;
+  p.stride = stride;
+  p.padding = padding;
+  p.h_out = (h + 2 * padding - kernel) / stride + 1;
+  p.w_out = (w + 2 * padding - kernel) / stride + 1;
+  p.plane_h = (h + 2 * padding + stride - 1) / stride;
+  p.plane_w = (w + 2 * padding + stride - 1) / stride;
+  p.positions = RoundUp(p.h_out * p.plane_w, kNarrow);
+  const int64_t plane = p.plane_h * p.plane_w;
+  int64_t max_offset = 0;
+  for (int64_t ki = 0; ki < kernel; ++ki) {
+    for (int64_t kj = 0; kj < kernel; ++kj) {
+      const int64_t phase = (ki % stride) * stride + kj % stride;
+      const int64_t offset = phase * plane + (ki / stride) * p.plane_w + kj / stride;
+      p.tap_offset.push_back(offset);
+      max_offset = std::max(max_offset, offset);
+    }
+  }
+  // Every read of the last tile stays inside the channel's planes; the extra 16 floats keep
+  // consecutive channels off the same 4 KiB alias of the cache.
+  p.channel_stride =
+      RoundUp(std::max(stride * stride * plane, p.positions + max_offset), 16) + 16;
+  for (int64_t c = 0; c < channels; ++c) {
+    for (int64_t offset : p.tap_offset) p.pair_offset.push_back(c * p.channel_stride + offset);
+  }
+  return p;
+}
+
+void DirectConvolution::Prepare(const Planes& p, const float* x, float* out) {
+  const int64_t s = p.stride;
+  const int64_t plane = p.plane_h * p.plane_w;
+  for (int64_t c = 0; c < p.channels; ++c) {
+    float* oc = out + c * p.channel_stride;
+    const float* xc = x + c * p.h * p.w;
+    if (s == 1) {
+      // Rows of plane_w = w + 2 * padding: the zeros between two rows' data are contiguous.
+      // (Plain loops: rows are short, and a libc call per row costs more than the copy.)
+      const int64_t first = p.padding * p.plane_w + p.padding;  // where row 0's data starts
+      for (int64_t i = 0; i < first; ++i) oc[i] = 0.0f;
+      for (int64_t hh = 0; hh < p.h; ++hh) {
+        float* row = oc + first + hh * p.plane_w;
+        const float* src = xc + hh * p.w;
+        for (int64_t i = 0; i < p.w; ++i) row[i] = src[i];
+        for (int64_t i = p.w; i < p.plane_w; ++i) row[i] = 0.0f;
+      }
+      for (int64_t i = first + p.h * p.plane_w; i < p.channel_stride; ++i) oc[i] = 0.0f;
+      continue;
+    }
+    std::memset(oc, 0, sizeof(float) * p.channel_stride);
+    for (int64_t hh = 0; hh < p.h; ++hh) {
+      const int64_t hp = hh + p.padding;
+      float* row = oc + (hp % s) * s * plane + (hp / s) * p.plane_w;
+      const float* src = xc + hh * p.w;
+      // Column wp = ww + padding goes to phase wp % s, column wp / s of the row.
+      for (int64_t phase = 0; phase < s; ++phase) {
+        const int64_t first = ((phase - p.padding) % s + s) % s;  // first ww of the phase
+        float* dst = row + phase * plane + (first + p.padding) / s;
+        for (int64_t ww = first, j = 0; ww < p.w; ww += s, ++j) dst[j] = src[ww];
+      }
+    }
+  }
+}
+
+DirectConvolution::DirectConvolution(const Shape& shape) : shape_(shape) {
+  forward_ = MakePlanes(shape.in_channels, shape.h, shape.w, shape.kernel, shape.stride,
+                        shape.padding);
+  padded_out_ = RoundUp(shape.out_channels, kLanes);
+  padded_in_ = RoundUp(shape.in_channels, kLanes);
+  if (shape.stride == 1 && shape.padding <= shape.kernel - 1) {
+    input_grad_ = MakePlanes(shape.out_channels, forward_.h_out, forward_.w_out, shape.kernel, 1,
+                             shape.kernel - 1 - shape.padding);
+  }
+}
+
+void DirectConvolution::RunForwardKernel(const Planes& p, int64_t padded_out, const float* in,
+                                         const float* packed, float* out_t) const {
+  const int64_t pairs = static_cast<int64_t>(p.pair_offset.size());
+  const bool wide = (padded_out / kLanes) % 2 == 0;
+  const int64_t step = (wide ? 2 : 1) * kLanes;
+  const bool row_reuse = p.kernel == 3 && p.stride == 1;
+  for (int64_t co0 = 0; co0 < padded_out; co0 += step) {
+    if (wide) {
+      for (int64_t o0 = 0; o0 < p.positions; o0 += kWide) {
+        float* out = out_t + o0 * padded_out;
+        if (row_reuse) {
+          RowReuseTile<2, kWide, 3>(in + o0, p.channels, p.channel_stride, p.plane_w, packed,
+                                    padded_out, co0, out);
+        } else {
+          GenericTile<2, kWide>(in + o0, p.pair_offset.data(), pairs, packed, padded_out, co0,
+                                out);
+        }
+      }
+    } else {
+      for (int64_t o0 = 0; o0 < p.positions; o0 += kNarrow) {
+        float* out = out_t + o0 * padded_out;
+        if (row_reuse) {
+          RowReuseTile<1, kNarrow, 3>(in + o0, p.channels, p.channel_stride, p.plane_w, packed,
+                                      padded_out, co0, out);
+        } else {
+          GenericTile<1, kNarrow>(in + o0, p.pair_offset.data(), pairs, packed, padded_out, co0,
+                                  out);
+        }
+      }
+    }
+  }
+}
+
+void DirectConvolution::Forward(const float* x, int64_t n, const float* weight,
+                                const float* bias, float* y) const {
+  const Shape& s = shape_;
+  const Planes& p = forward_;
+  const int64_t taps = s.kernel * s.kernel;
+  // packed[(c * taps + t) * padded_out + co] = weight[co, c, t], zero for the padding channels.
+  float* packed = Scratch(kPacked, s.in_channels * taps * padded_out_);
+  std::memset(packed, 0, sizeof(float) * s.in_channels * taps * padded_out_);
+  for (int64_t co = 0; co < s.out_channels; ++co) {
+    for (int64_t i = 0; i < s.in_channels * taps; ++i) {
+      packed[i * padded_out_ + co] = weight[co * s.in_channels * taps + i];
+    }
+  }
+  const int64_t in_sample = s.in_channels * s.h * s.w;
+  const int64_t out_sample = s.out_channels * p.h_out * p.w_out;
+  const int64_t work = n * s.out_channels * s.in_channels * taps * p.h_out * p.w_out;
+  SplitInTwo(n, 1, work, [&](int64_t begin, int64_t end) {
+    float* in = Scratch(kPrepared, p.channels * p.channel_stride);
+    float* out_t = Scratch(kTransposed, p.positions * padded_out_);
+    for (int64_t i = begin; i < end; ++i) {
+      Prepare(p, x + i * in_sample, in);
+      RunForwardKernel(p, padded_out_, in, packed, out_t);
+      TransposeOut(out_t, padded_out_, s.out_channels, p.h_out, p.w_out, p.plane_w, bias,
+                   y + i * out_sample);
+    }
+  });
+}
+
+void DirectConvolution::InputGradient(const float* dy, int64_t n, const float* weight,
+                                      float* dx) const {
+  const Shape& s = shape_;
+  const Planes& p = input_grad_;
+  const int64_t taps = s.kernel * s.kernel;
+  // The flipped kernel with its channel axes swapped:
+  // packed[(co * taps + t) * padded_in + c] = weight[co, c, taps - 1 - t].
+  float* packed = Scratch(kPacked, s.out_channels * taps * padded_in_);
+  std::memset(packed, 0, sizeof(float) * s.out_channels * taps * padded_in_);
+  for (int64_t co = 0; co < s.out_channels; ++co) {
+    for (int64_t c = 0; c < s.in_channels; ++c) {
+      const float* w = weight + (co * s.in_channels + c) * taps;
+      for (int64_t t = 0; t < taps; ++t) {
+        packed[(co * taps + t) * padded_in_ + c] = w[taps - 1 - t];
+      }
+    }
+  }
+  const int64_t dy_sample = s.out_channels * p.h * p.w;
+  const int64_t dx_sample = s.in_channels * s.h * s.w;
+  const int64_t work = n * s.out_channels * s.in_channels * taps * s.h * s.w;
+  SplitInTwo(n, 1, work, [&](int64_t begin, int64_t end) {
+    float* in = Scratch(kPrepared, p.channels * p.channel_stride);
+    float* out_t = Scratch(kTransposed, p.positions * padded_in_);
+    for (int64_t i = begin; i < end; ++i) {
+      Prepare(p, dy + i * dy_sample, in);
+      RunForwardKernel(p, padded_in_, in, packed, out_t);
+      TransposeOut(out_t, padded_in_, s.in_channels, p.h_out, p.w_out, p.plane_w, nullptr,
+                   dx + i * dx_sample);
+    }
+  });
+}
+
+void DirectConvolution::AccumulateWeightGradient(const float* x, const float* dy, int64_t n,
+                                                 float* weight_grad) const {
+  const Shape& s = shape_;
+  const Planes& p = forward_;
+  const int64_t taps = s.kernel * s.kernel;
+  const int64_t pairs = s.in_channels * taps;
+  const int64_t grad_size = pairs * padded_out_;
+  // Two halves of the batch, each summed into its own packed gradient (rows by (channel, tap)
+  // pair, padded_out floats each), then added in order: the same bits on one thread or two.
+  float* halves = Scratch(kPacked, 2 * grad_size);
+  std::memset(halves, 0, sizeof(float) * 2 * grad_size);
+  const int64_t middle = n / 2;
+  const int64_t in_sample = s.in_channels * s.h * s.w;
+  const int64_t out_sample = s.out_channels * p.h_out * p.w_out;
+  const int64_t work = n * s.out_channels * pairs * p.h_out * p.w_out;
+  const bool wide = kGradWideVectors == 2 && (padded_out_ / kLanes) % 2 == 0;
+  const bool row_reuse = s.kernel == 3 && s.stride == 1;
+  // dy_t carries guard rows of zeros before and after its positions (WeightGradRowReuseTile).
+  const int64_t guard = (s.kernel - 1) * padded_out_;
+  SplitInTwo(2, 1, work, [&](int64_t begin, int64_t end) {
+    float* in = Scratch(kPrepared, p.channels * p.channel_stride);
+    float* guarded = Scratch(kTransposed, p.positions * padded_out_ + 2 * guard);
+    float* dy_t = guarded + guard;
+    std::memset(guarded, 0, sizeof(float) * guard);
+    std::memset(dy_t + p.positions * padded_out_, 0, sizeof(float) * guard);
+    for (int64_t half = begin; half < end; ++half) {
+      float* grad = halves + half * grad_size;
+      for (int64_t i = half == 0 ? 0 : middle; i < (half == 0 ? middle : n); ++i) {
+        Prepare(p, x + i * in_sample, in);
+        TransposeIn(dy + i * out_sample, s.out_channels, p.h_out, p.w_out, p.plane_w,
+                    p.positions, padded_out_, dy_t);
+        for (int64_t co0 = 0; co0 < padded_out_; co0 += (wide ? 2 : 1) * kLanes) {
+          if (row_reuse) {
+            for (int64_t c = 0; c < s.in_channels; ++c) {
+              const float* plane = in + c * p.channel_stride;
+              float* rows = grad + c * taps * padded_out_;
+              if (wide) {
+                WeightGradRowReuseTile<2, 3>(plane, p.plane_w, dy_t, p.positions, padded_out_,
+                                             co0, rows);
+              } else {
+                WeightGradRowReuseTile<1, 3>(plane, p.plane_w, dy_t, p.positions, padded_out_,
+                                             co0, rows);
+              }
+            }
+            continue;
+          }
+          const float* src[kGradPairs];
+          int64_t pair = 0;
+          for (; pair + kGradPairs <= pairs; pair += kGradPairs) {
+            for (int t = 0; t < kGradPairs; ++t) src[t] = in + p.pair_offset[pair + t];
+            float* rows = grad + pair * padded_out_;
+            if (wide) {
+              WeightGradTile<2, kGradPairs>(src, dy_t, p.positions, padded_out_, co0, rows);
+            } else {
+              WeightGradTile<1, kGradPairs>(src, dy_t, p.positions, padded_out_, co0, rows);
+            }
+          }
+          for (; pair < pairs; ++pair) {
+            src[0] = in + p.pair_offset[pair];
+            float* rows = grad + pair * padded_out_;
+            if (wide) {
+              WeightGradTile<2, 1>(src, dy_t, p.positions, padded_out_, co0, rows);
+            } else {
+              WeightGradTile<1, 1>(src, dy_t, p.positions, padded_out_, co0, rows);
+            }
+          }
+        }
+      }
+    }
+  });
+  for (int64_t co = 0; co < s.out_channels; ++co) {
+    for (int64_t i = 0; i < pairs; ++i) {
+      weight_grad[co * pairs + i] +=
+          halves[i * padded_out_ + co] + halves[grad_size + i * padded_out_ + co];
+    }
+  }
+}
+
+}  // namespace normd

@@ -1,0 +1,96 @@
+// DirectConvolution: the fast path of Conv2d for groups = 1, a direct convolution on register
+// tiles instead of im2col + GEMM.
+//
+// Why not a BLAS product: for the convolutions BatchNorm networks are built from (16-64 output
+// channels, 3x3 kernels, 8x8 to 32x32 planes) the im2col matrix is tall and thin, OpenBLAS
+// reaches 40-45 % of this machine's FMA peak on those shapes, and the columns cost a write and a
+// read of 9x the input. Why not oneDNN (Debian 12 packages 2.6, libdnnl-dev): Debian's build
+// threads with OpenMP, whose pool is per process and spins (core/threads.h says what that
+// costs on shared cores), its backward-weights reductions depend on the thread count, and normd
+// promises the same bits at every compute budget. So the kernels are written here, with GCC's
+// vector extensions rather than intrinsics, so any x86-64 (or other) build compiles them.
+//
+// How it works. Each sample's input is copied once into zero-padded planes whose rows are
+// `plane_w` wide; for stride s the padded plane is split into s*s phase planes (rows i*s+r,
+// columns j*s+q), so every convolution reads each tap at a constant offset from the output
+// position: output (oh, ow) is numbered o = oh * plane_w + ow, and tap (ki, kj) of input channel
+// c reads the prepared input at c * channel_stride + o + offset(ki, kj). Positions with
+// ow >= w_out are computed and dropped. The kernels keep a tile of outputs in vector registers:
+// a vector of 16 (AVX-512; 8 with AVX, 4 otherwise) output channels for each of P consecutive
+// positions; every input value is broadcast once and multiplied with the packed weight vectors
+// of all the taps that read it (for a 3x3 kernel with stride 1 one broadcast feeds three
+// taps). The weight gradient is the same walk with the roles of output and weights swapped:
+// vectors of output channels of dy, broadcast inputs, one accumulator per (channel, tap).
+// The input gradient of a stride-1 convolution with padding <= kernel-1 is the forward kernel
+// run on dy with the kernel flipped and its channel axes swapped; other shapes have none here
+// (Conv2d falls back to col2im).
+//
+// Results: every output element sums its input channels in order and, per channel, the taps in
+// order, whatever the tile or the thread; the weight gradient sums a sample's positions in
+// lanes and the batch in two fixed halves, so a budget of 2 gives the bits of a budget of 1.
+//
+// Thread safety: all methods are const and may run concurrently; scratch memory is per thread
+// and grows to the largest layer once.
+#ifndef NORMD_CORE_CONV2D_DIRECT_H_
+#define NORMD_CORE_CONV2D_DIRECT_H_
+
+#include <cstdint>
+#include <vector>
+
+namespace normd {
+
+class DirectConvolution {
+ public:
+  struct Shape {
+    int64_t in_channels = 0, out_channels = 0;
+    int64_t h = 0, w = 0;  // input plane
+    int64_t kernel = 1, stride = 1, padding = 0;
+  };
+
+  DirectConvolution() = default;
+  // REQUIRES: the sizes are valid and the output non-empty (Conv2d::Build checks).
+  explicit DirectConvolution(const Shape& shape);
+
+  // Whether the input gradient has a direct kernel (stride 1, padding <= kernel - 1).
+  bool has_input_gradient() const { return input_grad_.channels > 0; }
+
+  // y (n, C_out, H_out, W_out) = conv(x (n, C_in, H, W), weight (C_out, C_in, k, k)) + bias
+  // (bias may be null).
+  void Forward(const float* x, int64_t n, const float* weight, const float* bias,
+               float* y) const;
+  // weight_grad (C_out, C_in, k, k) += dL/dweight for dy (n, C_out, H_out, W_out).
+  void AccumulateWeightGradient(const float* x, const float* dy, int64_t n,
+                                float* weight_grad) const;
+  // dx (n, C_in, H, W) = dL/dx. REQUIRES: has_input_gradient().
+  void InputGradient(const float* dy, int64_t n, const float* weight, float* dx) const;
+
+ private:
+  // A convolution's input as the kernels read it (see the file comment).
+  struct Planes {
+    int64_t channels = 0, h = 0, w = 0, kernel = 1, stride = 1, padding = 0;
+    int64_t h_out = 0, w_out = 0;
+    int64_t plane_h = 0, plane_w = 0;   // one phase plane
+    int64_t positions = 0;              // h_out * plane_w rounded up to whole tiles
+    int64_t channel_stride = 0;         // floats between two channels' prepared planes
+    std::vector<int64_t> tap_offset;    // kernel * kernel offsets, tap (ki, kj) at ki*k + kj
+    std::vector<int64_t> pair_offset;   // channel c, tap t at c * taps + t: c * stride + offset
+  };
+  static Planes MakePlanes(int64_t channels, int64_t h, int64_t w, int64_t kernel,
+                           int64_t stride, int64_t padding);
+  static void Prepare(const Planes& p, const float* x, float* out);
+
+  // out_T (positions, padded_out) = the convolution of prepared input `in` with packed weights
+  // (channels * taps rows of padded_out floats).
+  void RunForwardKernel(const Planes& p, int64_t padded_out, const float* in,
+                        const float* packed, float* out_t) const;
+
+  Shape shape_;
+  Planes forward_;
+  Planes input_grad_;  // dy as the input gradient's convolution reads it; channels 0: none
+  int64_t padded_out_ = 0;  // C_out rounded up to whole vectors
+  int64_t padded_in_ = 0;   // C_in rounded up to whole vectors
+};
+
+}  // namespace normd
+
+#endif  // NORMD_CORE_CONV2D_DIRECT_H_
