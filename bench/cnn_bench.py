@@ -733,6 +733,12 @@ def print_tables(r):
                 cells.append(f"{100 * b['frac_peak'] * b['real_time'] / b['cpu_time']:6.0f}%"
                              if b and b.get("cpu_time") else f"{'-':>7}")
             print(f"{net:>14} {shape:>26} " + " ".join(cells))
+        splits = [b.get("splits", 0) for passes in convs.values()
+                  for (p, t), b in passes.items() if t == 2]
+        if splits:
+            print(f"Budget 2: {sum(1 for v in splits if v > 0)} of {len(splits)} layer passes "
+                  "ran split across two cores (kernels_bench's `splits`: the second core's "
+                  "helper declines while other processes keep that core busy)")
 
     bns = bn_rows(r)
     if bns:

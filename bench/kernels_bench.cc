@@ -34,6 +34,7 @@
 //    implementation that runs the two as separate layers moves 2 (fwd) and 3 (bwd) more, which
 //    the count deliberately does not credit. frac_memcpy is against a one-thread memcpy of one
 //    tensor's size at either budget.
+// Both report `splits`, the two-core splits per iteration (ReportSplits).
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
@@ -190,6 +191,14 @@ void ReportFlops(benchmark::State& state, double flops_per_iter, int cores = 1) 
     state.counters["frac_peak"] =
         benchmark::Counter(flops / (cores * g_fma_peak), benchmark::Counter::kIsRate);
   }
+}
+
+// `splits`: SplitInTwo calls per iteration that ran on two cores since SplitsDone() was
+// `before` (0 at budget 1; at budget 2 it tells a split that happened from one the helper
+// declined because the second core was busy with other processes).
+void ReportSplits(benchmark::State& state, int64_t before) {
+  state.counters["splits"] = static_cast<double>(internal::SplitsDone() - before) /
+                             static_cast<double>(std::max<int64_t>(1, state.iterations()));
 }
 
 // ---- BatchNorm -----------------------------------------------------------------------------
@@ -360,8 +369,10 @@ void BM_ConvLayer(benchmark::State& state, NetConv nc, ConvPass pass, int thread
     }
   };
   run();
+  const int64_t splits = internal::SplitsDone();
   for (auto _ : state) run();
   ReportFlops(state, ConvPassFlops(c, y), threads);
+  ReportSplits(state, splits);
   state.SetItemsProcessed(state.iterations() * nc.n);
 }
 
@@ -393,8 +404,10 @@ void BM_BnRelu(benchmark::State& state, std::vector<int64_t> shape, bool backwar
     benchmark::DoNotOptimize(dx.data());
   };
   run();  // untimed: the outputs' first allocation and page faults
+  const int64_t splits = internal::SplitsDone();
   for (auto _ : state) run();
   ReportBandwidth(state, static_cast<double>(x.size()) * sizeof(float), backward ? 8.0 : 3.0);
+  ReportSplits(state, splits);
   state.SetItemsProcessed(state.iterations() * shape[0]);
 }
 
