@@ -19,8 +19,8 @@ Measures, on the same random data and the same machine, in one run:
 Every figure is the median of repeated timed runs after a warm-up. PyTorch runs in child
 processes so each thread setting is set before torch is imported (OMP_NUM_THREADS,
 OPENBLAS_NUM_THREADS, torch.set_num_threads). OpenBLAS picks its own kernels (the environment's
-OPENBLAS_CORETYPE, if any, is removed so PyTorch gets the CPU's best path, as on a fresh
-machine); the chosen core is printed.
+OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE, if any, are removed for PyTorch and normd alike so both
+get the CPU's best path, as on a fresh machine); the chosen core is printed.
 
 Usage: /usr/bin/python3 bench/compare_torch.py --build-dir build [--load] [--quick]
        [--json results.json] [--skip-grpc]
@@ -30,13 +30,14 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+from bench_common import (Server, Targets, child_env, machine_summary, pinned, run_json,
+                          torch_env)
 
 BATCHES = (32, 256, 1024)
 THREADS = (1, 2)
@@ -169,27 +170,8 @@ def time_call(fn, repeats, min_time=0.05):
 # ---------------------------------------------------------------------------------------------
 # Driver
 
-def child_env():
-    """The environment of every measured process, normd's and PyTorch's alike: without
-    OPENBLAS_CORETYPE, so OpenBLAS (which both use for matrix products) picks the CPU's best
-    kernels as on a fresh machine."""
-    env = dict(os.environ)
-    env.pop("OPENBLAS_CORETYPE", None)
-    return env
-
-
-def run_json(cmd, env=None, timeout=300):
-    res = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=env if env is not None else child_env(), timeout=timeout)
-    if res.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stderr}")
-    return json.loads(res.stdout)
-
-
 def run_torch(threads, data, labels, repeats, quick):
-    env = child_env()
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        env[var] = str(threads)
+    env = torch_env(threads)
     cmd = [sys.executable, os.path.abspath(__file__), "--torch-worker", "--threads", str(threads),
            "--data", data, "--labels", labels, "--repeats", str(repeats)]
     if quick:
@@ -204,86 +186,17 @@ def run_core(binary, batch, threads, data, labels, repeats, quick):
                      "--data", data, "--labels", labels])
 
 
+# The kernel benchmarks this script reports (cnn_bench.py runs the ConvLayer and BnRelu ones).
+KERNELS_FILTER = "^(FmaPeak|Memcpy/|BatchNorm|Linear/|Conv2d/|TrainStep/)"
+
+
 def run_kernels(binary, quick):
-    res = run_json([binary, "--benchmark_format=json",
+    res = run_json([binary, "--benchmark_format=json", f"--benchmark_filter={KERNELS_FILTER}",
                     f"--benchmark_min_time={0.02 if quick else 0.1}"])
     out = {}
     for b in res["benchmarks"]:
         out[b["name"]] = b
     return out
-
-
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def pinned(cpus):
-    """The command prefix that runs a process on the CPU list `cpus` (none when None)."""
-    return ["taskset", "-c", cpus] if cpus else []
-
-
-class Server:
-    """The real normd binary on a free loopback port, stopped on exit."""
-
-    def __init__(self, binary, threads, workdir, cpus=None):
-        """cpus: a taskset CPU list to pin the whole server to (its compute budget then
-        follows: normd counts the cores it may run on)."""
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        name = f"{threads}-{cpus}" if cpus else str(threads)
-        self.log = open(os.path.join(workdir, f"normd-{name}.log"), "w")
-        data_dir = os.path.join(workdir, f"data-{name}")
-        os.makedirs(data_dir, exist_ok=True)
-        self.proc = subprocess.Popen(
-            pinned(cpus) + [binary, "--listen", self.address,
-                            "--metrics", f"127.0.0.1:{free_port()}", "--data-dir", data_dir,
-                            "--compute-threads", str(threads), "--log-level", "warn"],
-            stdout=self.log, stderr=subprocess.STDOUT, env=child_env())
-
-    def wait_ready(self, load_binary, timeout=20.0):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"normd exited early (code {self.proc.returncode}); "
-                                   f"see {self.log.name}")
-            res = subprocess.run([load_binary, "--address", self.address, "--scenario", "ping"],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                 env=child_env())
-            if res.returncode == 0:
-                return
-            time.sleep(0.2)
-        raise RuntimeError("normd did not become ready")
-
-    def cpu_seconds(self):
-        """User + system CPU time the server has used so far."""
-        try:
-            with open(f"/proc/{self.proc.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, IndexError, ValueError):
-            return 0.0
-
-    def rss_bytes(self):
-        try:
-            with open(f"/proc/{self.proc.pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return 0
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
 
 
 def run_grpc_train(load_binary, address, rpc, batch, data, labels, repeats, quick, cpus=None):
@@ -558,24 +471,6 @@ def rss_bound_bytes():
     return 2 * 4 * (2 * params + activations) + 64 * 2**20
 
 
-def machine_summary():
-    info = {}
-    try:
-        res = subprocess.run(["lscpu"], stdout=subprocess.PIPE, text=True)
-        for line in res.stdout.splitlines():
-            k, _, v = line.partition(":")
-            if k.strip() in ("Model name", "CPU(s)", "L2 cache", "L3 cache"):
-                info[k.strip()] = v.strip()
-    except OSError:
-        pass
-    try:
-        with open("/proc/loadavg") as f:
-            info["loadavg"] = f.read().split()[:3]
-    except OSError:
-        pass
-    return info
-
-
 def print_tables(r):
     m = r["machine"]
     print(f"\nnormd vs PyTorch: {m.get('Model name', '?')}, {m.get('CPU(s)', '?')} CPUs, "
@@ -699,14 +594,8 @@ def print_tables(r):
 
 def print_targets(r):
     """Issue 7's targets against this run's figures (wall clock, as the issue states them)."""
-    rows = []
-
-    def check(name, value, goal, ok, fmt="{:.2f}x"):
-        if value is None:
-            rows.append((name, "-", goal, "not measured"))
-        else:
-            rows.append((name, fmt.format(value), goal, "met" if ok(value) else "MISSED"))
-
+    t = Targets()
+    check = t.check
     for batch, goal in (("256", 2.0), ("32", 3.0), ("1024", 1.5)):
         row = r["mlp"].get(batch, {})
         grpc = grpc_best(row)
@@ -746,9 +635,7 @@ def print_targets(r):
     check(f"server RSS growth through {rss['steps'] if rss else 0} steps",
           rss["growth"] / 2**20 if rss and rss.get("growth") is not None else None,
           "flat (<= 1 MiB)", lambda v: v <= 1.0, "{:+.2f} MiB")
-    print("\nIssue 7 targets (this run, wall clock)")
-    for name, value, goal, verdict in rows:
-        print(f"  {name:58} {value:>10} {goal:>16}  {verdict}")
+    t.print("Issue 7 targets (this run, wall clock)")
 
 
 if __name__ == "__main__":

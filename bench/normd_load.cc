@@ -10,6 +10,9 @@
 //              the client's own CPU time per sample as client_cpu_samples_per_s. With --model ID
 //              it trains that model, creating it if needed, and leaves it on the server (so
 //              several runs can train one model: the memory check of compare_torch.py).
+//              With --spec FILE (a ModelSpec in protobuf JSON, as normctl create takes) it
+//              trains that model instead of the MLP, on --data/--labels (required then) of
+//              the spec's input shape: the CNNs of cnn_bench.py.
 //   delete     deletes --model ID.
 //   forward    --clients threads, each with its own channel, send eval-mode Forward requests of
 //              batch 1 to the small model (32-64-BatchNorm1d-ReLU-10) for --duration seconds.
@@ -29,11 +32,14 @@
 #include <cstdlib>
 #include <ctime>
 #include <fstream>
+#include <iterator>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
+
+#include <google/protobuf/util/json_util.h>
 
 #include "bench/reference_models.h"
 #include "client/normd_client.h"
@@ -60,6 +66,7 @@ struct Options {
   double duration = 5.0;
   std::string data, labels;
   std::string model;  // train: an existing or kept model instead of a fresh one
+  std::string spec;   // train: a ModelSpec JSON file instead of the reference MLP
 };
 
 [[noreturn]] void Usage(const std::string& why) {
@@ -68,7 +75,7 @@ struct Options {
                "ping|train|forward|trainload [--rpc stream|unary] [--batch N] [--steps S] "
                "[--warmup W] [--repeats R] [--window K] [--clients C] [--shared-model 0|1] "
                "[--duration SECONDS] "
-               "[--data X.f32 --labels Y.i64] [--model ID]\n",
+               "[--data X.f32 --labels Y.i64] [--model ID] [--spec MODEL.json]\n",
                why.c_str());
   std::exit(2);
 }
@@ -93,6 +100,7 @@ Options Parse(int argc, char** argv) {
     else if (flag == "--data") o.data = v;
     else if (flag == "--labels") o.labels = v;
     else if (flag == "--model") o.model = v;
+    else if (flag == "--spec") o.spec = v;
     else Usage("unknown flag " + flag);
   }
   if (o.batch < 1 || o.steps < 1 || o.repeats < 1 || o.warmup < 0 || o.window < 1 ||
@@ -100,6 +108,9 @@ Options Parse(int argc, char** argv) {
     Usage("out-of-range value (clients 1..64, duration (0, 120] s)");
   }
   if (o.rpc != "stream" && o.rpc != "unary") Usage("--rpc is stream or unary");
+  if (!o.spec.empty() && (o.scenario != "train" || o.data.empty() || o.labels.empty())) {
+    Usage("--spec is for --scenario train, with --data and --labels");
+  }
   return o;
 }
 
@@ -130,6 +141,16 @@ v1::ModelSpec ToSpec(const ModelConfig& c) {
   sgd->set_lr(c.optimizer.sgd.lr);
   sgd->set_momentum(c.optimizer.sgd.momentum);
   spec.set_seed(c.seed);
+  return spec;
+}
+
+v1::ModelSpec ReadSpec(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) Usage("cannot open " + path);
+  const std::string json((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  v1::ModelSpec spec;
+  const auto status = google::protobuf::util::JsonStringToMessage(json, &spec);
+  if (!status.ok()) Usage(path + " is not a ModelSpec: " + std::string(status.message()));
   return spec;
 }
 
@@ -232,19 +253,26 @@ int Delete(const Options& o) {
 }
 
 int Train(const Options& o) {
+  const v1::ModelSpec spec = o.spec.empty() ? ToSpec(ReferenceMlpConfig()) : ReadSpec(o.spec);
+  std::vector<int64_t> shape = {o.batch};  // the batch's shape: (N, the spec's input shape)
+  int64_t features = 1;
+  for (int64_t d : spec.input_shape()) {
+    if (d < 1) Usage("the spec's input shape has a dimension below 1");
+    shape.push_back(d);
+    features *= d;
+  }
   Dataset data;
   if (o.data.empty()) {
     data = MakeData(kReferenceIn, kReferenceClasses, 8192, 11);
   } else {
-    data.features = kReferenceIn;
+    data.features = features;
     data.x = ReadRaw<float>(o.data);
     data.y = ReadRaw<int64_t>(o.labels);
-    if (static_cast<int64_t>(data.x.size()) != data.rows() * kReferenceIn) {
+    if (static_cast<int64_t>(data.x.size()) != data.rows() * features) {
       Usage("--data and --labels disagree on the row count");
     }
   }
   const std::vector<Batch> batches = Batches(data, o.batch);
-  const std::vector<int64_t> shape = {o.batch, kReferenceIn};
 
   client::Client c(ClientOpts(o));
   const std::string id = o.model.empty() ? ModelId(o, 0) : o.model;
@@ -274,12 +302,12 @@ int Train(const Options& o) {
 
   try {
     if (o.model.empty()) {
-      c.CreateModel(ToSpec(ReferenceMlpConfig()), id);
+      c.CreateModel(spec, id);
     } else {
       try {
         c.GetModel(id);
       } catch (const client::Error&) {
-        c.CreateModel(ToSpec(ReferenceMlpConfig()), id);
+        c.CreateModel(spec, id);
       }
     }
     if (o.warmup > 0) run(o.warmup);

@@ -148,13 +148,16 @@ def _layer_to_torch(layer: pb.LayerSpec, index):
     raise ValueError(f"layer {index}: kind {kind!r} has no PyTorch counterpart here")
 
 
-def sequential_from_spec(spec: pb.ModelSpec, state):
+def sequential_from_spec(spec: pb.ModelSpec, state=None):
     """An nn.Sequential built from a ModelSpec with `state` (names to arrays) loaded strictly,
-    in train mode (e.g. a FoldBatchNorm answer)."""
+    in train mode (e.g. a FoldBatchNorm answer). Without `state` the modules keep PyTorch's
+    default initialisation (the benchmarks train the same spec on both sides)."""
     import torch
     import torch.nn as nn
 
     seq = nn.Sequential(*[_layer_to_torch(l, i) for i, l in enumerate(spec.layers)])
+    if state is None:
+        return seq
     tensors = collections.OrderedDict()
     for name, value in state.items():
         if name.endswith("num_batches_tracked"):

@@ -1,0 +1,157 @@
+"""Helpers shared by the speed benchmarks that drive normd and PyTorch side by side
+(compare_torch.py, cnn_bench.py).
+
+  child_env()        the environment of every measured process, normd's and PyTorch's alike
+  run_json(cmd)      runs a benchmark binary or worker and parses the JSON it prints
+  torch_env(threads) child_env() with PyTorch's thread count set before torch is imported
+  Server             the real normd binary on a free loopback port (RSS, CPU time, stop)
+  pinned(cpus)       a taskset prefix
+  machine_summary()  lscpu's model, CPU count and caches, and the load average
+  Targets            the "target / value / goal / met" table the scripts end with
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import time
+
+from normd_process import speed_env
+
+
+def child_env():
+    """The environment of every measured process, normd's and PyTorch's alike: without
+    OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE (this machine's environment sets them; OpenBLAS,
+    which both use for matrix products, then picks the CPU's best kernels as on a fresh
+    machine) and without NORMD_* settings."""
+    return speed_env()
+
+
+def torch_env(threads):
+    """child_env() for a PyTorch worker at `threads` threads (OpenMP, OpenBLAS and MKL)."""
+    env = child_env()
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = str(threads)
+    return env
+
+
+def run_json(cmd, env=None, timeout=300):
+    import json
+
+    res = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=env if env is not None else child_env(), timeout=timeout)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stderr}")
+    return json.loads(res.stdout)
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pinned(cpus):
+    """The command prefix that runs a process on the CPU list `cpus` (none when None)."""
+    return ["taskset", "-c", cpus] if cpus else []
+
+
+class Server:
+    """The real normd binary on a free loopback port, stopped on exit."""
+
+    def __init__(self, binary, threads, workdir, cpus=None, name=None):
+        """cpus: a taskset CPU list to pin the whole server to (its compute budget then
+        follows: normd counts the cores it may run on). name: tells this server's log and data
+        directory from others' in workdir (default: from threads and cpus)."""
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        if name is None:
+            name = f"{threads}-{cpus}" if cpus else str(threads)
+        self.log = open(os.path.join(workdir, f"normd-{name}.log"), "w")
+        data_dir = os.path.join(workdir, f"data-{name}")
+        os.makedirs(data_dir, exist_ok=True)
+        self.proc = subprocess.Popen(
+            pinned(cpus) + [binary, "--listen", self.address,
+                            "--metrics", f"127.0.0.1:{free_port()}", "--data-dir", data_dir,
+                            "--compute-threads", str(threads), "--log-level", "warn"],
+            stdout=self.log, stderr=subprocess.STDOUT, env=child_env())
+
+    def wait_ready(self, load_binary, timeout=20.0):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"normd exited early (code {self.proc.returncode}); "
+                                   f"see {self.log.name}")
+            res = subprocess.run([load_binary, "--address", self.address, "--scenario", "ping"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 env=child_env())
+            if res.returncode == 0:
+                return
+            time.sleep(0.2)
+        raise RuntimeError("normd did not become ready")
+
+    def cpu_seconds(self):
+        """User + system CPU time the server has used so far."""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            return 0.0
+
+    def rss_bytes(self):
+        try:
+            with open(f"/proc/{self.proc.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 0
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def machine_summary():
+    info = {}
+    try:
+        res = subprocess.run(["lscpu"], stdout=subprocess.PIPE, text=True)
+        for line in res.stdout.splitlines():
+            k, _, v = line.partition(":")
+            if k.strip() in ("Model name", "CPU(s)", "L2 cache", "L3 cache"):
+                info[k.strip()] = v.strip()
+    except OSError:
+        pass
+    try:
+        with open("/proc/loadavg") as f:
+            info["loadavg"] = f.read().split()[:3]
+    except OSError:
+        pass
+    return info
+
+
+class Targets:
+    """Rows of (target, this run's value, goal, verdict), printed as one table."""
+
+    def __init__(self):
+        self.rows = []
+
+    def check(self, name, value, goal, ok, fmt="{:.2f}x"):
+        """ok(value) decides met or MISSED; a value of None is "not measured"."""
+        if value is None:
+            self.rows.append((name, "-", goal, "not measured"))
+        else:
+            self.rows.append((name, fmt.format(value), goal, "met" if ok(value) else "MISSED"))
+
+    def print(self, title, width=58):
+        print(f"\n{title}")
+        for name, value, goal, verdict in self.rows:
+            print(f"  {name:{width}} {value:>10} {goal:>16}  {verdict}")
