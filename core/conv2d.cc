@@ -236,7 +236,7 @@ void Conv2d::Backward(const ConstTensorView& x, const Tensor& /*y*/, const Const
   }
   if (dx == nullptr) return;
   dx->Resize(x.shape);
-  if (direct_ && direct_conv_.has_input_gradient()) {
+  if (direct_) {
     direct_conv_.InputGradient(dy.data, n, weight_.value.data(), dx->data());
   } else {
     Col2ImInputGradient(dy, dx);

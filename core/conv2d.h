@@ -8,12 +8,11 @@
 // ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = C_in/G*k*k.
 //
 // Computed by DirectConvolution (core/conv2d_direct.h) when groups = 1 and the kernel is larger
-// than 1x1 (a 1x1 convolution is a plain matrix product): register-tiled direct
-// kernels for the forward pass, the weight gradient and (stride 1, padding <= kernel - 1) the
-// input gradient. The other convolutions, and the input gradient of the other shapes, run per
-// sample as im2col + GEMM: the columns of all input channels are unfolded once and each group
-// multiplies its own block of weight rows with its own block of column rows (one GEMM per
-// group). Backward recomputes what it needs from x rather than caching it.
+// than 1x1: register-tiled direct kernels for the forward pass and both gradients. Grouped and
+// 1x1 convolutions (plain matrix products) run per sample as im2col + GEMM: the columns of all
+// input channels are unfolded once and each group multiplies its own block of weight rows with
+// its own block of column rows (one GEMM per group); backward recomputes the columns from x
+// rather than caching them.
 //
 // Gradient contract: Forward caches nothing; Backward accumulates into weight and bias grads
 // (skipped for an untrainable layer) and overwrites dx.

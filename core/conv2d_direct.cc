@@ -391,37 +391,85 @@ DirectConvolution::DirectConvolution(const Shape& shape) : shape_(shape) {
   if (shape.stride == 1 && shape.padding <= shape.kernel - 1) {
     input_grad_ = MakePlanes(shape.out_channels, forward_.h_out, forward_.w_out, shape.kernel, 1,
                              shape.kernel - 1 - shape.padding);
+  } else {
+    MakeGradientPhases();
   }
 }
 
+void DirectConvolution::MakeGradientPhases() {
+  const Shape& sh = shape_;
+  const Planes& f = forward_;
+  const int64_t s = sh.stride, k = sh.kernel;
+  phase_lead_ = (k + s - 1) / s - 1;  // the most taps a phase has along an axis, minus one
+  phase_plane_w_ = f.plane_w + phase_lead_;
+  const int64_t rows = f.plane_h + phase_lead_;
+  phase_positions_ = RoundUp(f.plane_h * phase_plane_w_, kNarrow);
+  const int64_t max_offset = phase_lead_ * phase_plane_w_ + phase_lead_;
+  phase_stride_ = RoundUp(std::max(rows * phase_plane_w_, phase_positions_ + max_offset), 16) + 16;
+  for (int64_t r = 0; r < s; ++r) {
+    for (int64_t q = 0; q < s; ++q) {
+      GradientPhase ph;
+      ph.r = r;
+      ph.q = q;
+      for (int64_t co = 0; co < sh.out_channels; ++co) {
+        for (int64_t a = 0; r + a * s < k; ++a) {
+          for (int64_t b = 0; q + b * s < k; ++b) {
+            // dx phase (i, j) reads dy (i - a, j - b): prepared at (i - a + lead, j - b + lead).
+            ph.pair_offset.push_back(co * phase_stride_ + (phase_lead_ - a) * phase_plane_w_ +
+                                     phase_lead_ - b);
+            ph.tap.push_back(co * sh.in_channels * k * k + (r + a * s) * k + q + b * s);
+          }
+        }
+      }
+      ph.first_row = phase_rows_;
+      phase_rows_ += static_cast<int64_t>(ph.tap.size());
+      phases_.push_back(std::move(ph));
+    }
+  }
+}
+
+namespace {
+
+// out_t (positions x padded_out) = sum over pairs i of packed row i times the input at
+// pair_offset[i] from each position: the generic tiles over every output.
+void RunGenericKernel(const int64_t* pair_offset, int64_t pairs, int64_t positions,
+                      int64_t padded_out, const float* in, const float* packed, float* out_t) {
+  const bool wide = (padded_out / kLanes) % 2 == 0;
+  for (int64_t co0 = 0; co0 < padded_out; co0 += (wide ? 2 : 1) * kLanes) {
+    if (wide) {
+      for (int64_t o0 = 0; o0 < positions; o0 += kWide) {
+        GenericTile<2, kWide>(in + o0, pair_offset, pairs, packed, padded_out, co0,
+                              out_t + o0 * padded_out);
+      }
+    } else {
+      for (int64_t o0 = 0; o0 < positions; o0 += kNarrow) {
+        GenericTile<1, kNarrow>(in + o0, pair_offset, pairs, packed, padded_out, co0,
+                                out_t + o0 * padded_out);
+      }
+    }
+  }
+}
+
+}  // namespace
+
 void DirectConvolution::RunForwardKernel(const Planes& p, int64_t padded_out, const float* in,
                                          const float* packed, float* out_t) const {
-  const int64_t pairs = static_cast<int64_t>(p.pair_offset.size());
+  if (p.kernel != 3 || p.stride != 1) {
+    RunGenericKernel(p.pair_offset.data(), static_cast<int64_t>(p.pair_offset.size()),
+                     p.positions, padded_out, in, packed, out_t);
+    return;
+  }
   const bool wide = (padded_out / kLanes) % 2 == 0;
-  const int64_t step = (wide ? 2 : 1) * kLanes;
-  const bool row_reuse = p.kernel == 3 && p.stride == 1;
-  for (int64_t co0 = 0; co0 < padded_out; co0 += step) {
+  for (int64_t co0 = 0; co0 < padded_out; co0 += (wide ? 2 : 1) * kLanes) {
     if (wide) {
       for (int64_t o0 = 0; o0 < p.positions; o0 += kWide) {
-        float* out = out_t + o0 * padded_out;
-        if (row_reuse) {
-          RowReuseTile<2, kWide, 3>(in + o0, p.channels, p.channel_stride, p.plane_w, packed,
-                                    padded_out, co0, out);
-        } else {
-          GenericTile<2, kWide>(in + o0, p.pair_offset.data(), pairs, packed, padded_out, co0,
-                                out);
-        }
+        RowReuseTile<2, kWide, 3>(in + o0, p.channels, p.channel_stride, p.plane_w, packed,
+                                  padded_out, co0, out_t + o0 * padded_out);
       }
     } else {
       for (int64_t o0 = 0; o0 < p.positions; o0 += kNarrow) {
-        float* out = out_t + o0 * padded_out;
-        if (row_reuse) {
-          RowReuseTile<1, kNarrow, 3>(in + o0, p.channels, p.channel_stride, p.plane_w, packed,
-                                      padded_out, co0, out);
-        } else {
-          GenericTile<1, kNarrow>(in + o0, p.pair_offset.data(), pairs, packed, padded_out, co0,
-                                  out);
-        }
+        RowReuseTile<1, kNarrow, 3>(in + o0, p.channels, p.channel_stride, p.plane_w, packed,
+                                    padded_out, co0, out_t + o0 * padded_out);
       }
     }
   }
@@ -457,6 +505,10 @@ void DirectConvolution::Forward(const float* x, int64_t n, const float* weight,
 
 void DirectConvolution::InputGradient(const float* dy, int64_t n, const float* weight,
                                       float* dx) const {
+  if (input_grad_.channels == 0) {
+    PhaseInputGradient(dy, n, weight, dx);
+    return;
+  }
   const Shape& s = shape_;
   const Planes& p = input_grad_;
   const int64_t taps = s.kernel * s.kernel;
@@ -563,6 +615,72 @@ void DirectConvolution::AccumulateWeightGradient(const float* x, const float* dy
           halves[i * padded_out_ + co] + halves[grad_size + i * padded_out_ + co];
     }
   }
+}
+
+void DirectConvolution::PhaseInputGradient(const float* dy, int64_t n, const float* weight,
+                                           float* dx) const {
+  const Shape& sh = shape_;
+  const Planes& f = forward_;
+  const int64_t s = sh.stride, taps = sh.kernel * sh.kernel;
+  // Every phase's packed weights, one after another: row (co, a, b), column c.
+  float* packed = Scratch(kPacked, phase_rows_ * padded_in_);
+  std::memset(packed, 0, sizeof(float) * phase_rows_ * padded_in_);
+  for (const GradientPhase& ph : phases_) {
+    for (size_t i = 0; i < ph.tap.size(); ++i) {
+      float* row = packed + (ph.first_row + static_cast<int64_t>(i)) * padded_in_;
+      for (int64_t c = 0; c < sh.in_channels; ++c) row[c] = weight[ph.tap[i] + c * taps];
+    }
+  }
+  const int64_t dy_plane = f.h_out * f.w_out;
+  const int64_t dx_sample = sh.in_channels * sh.h * sh.w;
+  const int64_t work = n * sh.out_channels * sh.in_channels * taps * f.h_out * f.w_out;
+  SplitInTwo(n, 1, work, [&](int64_t begin, int64_t end) {
+    float* in = Scratch(kPrepared, sh.out_channels * phase_stride_);
+    float* out_t = Scratch(kTransposed, phase_positions_ * padded_in_ + kLanes * sh.in_channels);
+    float* block = out_t + phase_positions_ * padded_in_;  // (C_in, kLanes) of one row
+    for (int64_t i = begin; i < end; ++i) {
+      // dy into planes of phase_plane_w columns, `lead` zero rows and columns before it.
+      const float* dys = dy + i * sh.out_channels * dy_plane;
+      for (int64_t co = 0; co < sh.out_channels; ++co) {
+        float* plane = in + co * phase_stride_;
+        std::memset(plane, 0, sizeof(float) * phase_stride_);
+        for (int64_t oh = 0; oh < f.h_out; ++oh) {
+          std::memcpy(plane + (oh + phase_lead_) * phase_plane_w_ + phase_lead_,
+                      dys + co * dy_plane + oh * f.w_out, sizeof(float) * f.w_out);
+        }
+      }
+      float* dxs = dx + i * dx_sample;
+      for (size_t k = 0; k < phases_.size(); ++k) {
+        const GradientPhase& ph = phases_[k];
+        const int64_t pairs = static_cast<int64_t>(ph.tap.size());
+        if (pairs > 0) {
+          RunGenericKernel(ph.pair_offset.data(), pairs, phase_positions_, padded_in_, in,
+                           packed + ph.first_row * padded_in_, out_t);
+        } else {  // a stride larger than the kernel: these inputs reach no output
+          std::memset(out_t, 0, sizeof(float) * phase_positions_ * padded_in_);
+        }
+        // Phase position (i, j) is padded input (i*s + r, j*s + q), input (.. - padding).
+        for (int64_t pi = 0; pi < f.plane_h; ++pi) {
+          const int64_t hh = pi * s + ph.r - sh.padding;
+          if (hh < 0 || hh >= sh.h) continue;
+          // Columns j with 0 <= j*s + q - padding < w.
+          const int64_t j_lo = std::max<int64_t>(0, (sh.padding - ph.q + s - 1) / s);
+          const int64_t j_hi = std::min(f.plane_w, (sh.w + sh.padding - ph.q + s - 1) / s);
+          for (int64_t j0 = j_lo; j0 < j_hi; j0 += kLanes) {
+            const int64_t count = std::min<int64_t>(kLanes, j_hi - j0);
+            TransposeRows(out_t + (pi * phase_plane_w_ + j0) * padded_in_, padded_in_, count,
+                          sh.in_channels, nullptr, block, kLanes);
+            const int64_t ww0 = j0 * s + ph.q - sh.padding;
+            for (int64_t c = 0; c < sh.in_channels; ++c) {
+              float* d = dxs + (c * sh.h + hh) * sh.w + ww0;
+              const float* b = block + c * kLanes;
+              for (int64_t q = 0; q < count; ++q) d[q * s] = b[q];
+            }
+          }
+        }
+      }
+    }
+  });
 }
 
 }  // namespace normd

@@ -1,5 +1,5 @@
-// DirectConvolution: the fast path of Conv2d for groups = 1, a direct convolution on register
-// tiles instead of im2col + GEMM.
+// DirectConvolution: the fast path of Conv2d for groups = 1 and kernels larger than 1x1, a direct
+// convolution on register tiles instead of im2col + GEMM.
 //
 // Why not a BLAS product: for the convolutions BatchNorm networks are built from (16-64 output
 // channels, 3x3 kernels, 8x8 to 32x32 planes) the im2col matrix is tall and thin, OpenBLAS
@@ -22,8 +22,9 @@
 // taps). The weight gradient is the same walk with the roles of output and weights swapped:
 // vectors of output channels of dy, broadcast inputs, one accumulator per (channel, tap).
 // The input gradient of a stride-1 convolution with padding <= kernel-1 is the forward kernel
-// run on dy with the kernel flipped and its channel axes swapped; other shapes have none here
-// (Conv2d falls back to col2im).
+// run on dy with the kernel flipped and its channel axes swapped; for other shapes each phase
+// (r, q) of the padded input (rows i*s + r, columns j*s + q) is a stride-1 correlation of dy
+// with the taps that reach it (ki = r + a*s, kj = q + b*s), computed by the same tiles.
 //
 // Results: every output element sums its input channels in order and, per channel, the taps in
 // order, whatever the tile or the thread; the weight gradient sums a sample's positions in
@@ -51,9 +52,6 @@ class DirectConvolution {
   // REQUIRES: the sizes are valid and the output non-empty (Conv2d::Build checks).
   explicit DirectConvolution(const Shape& shape);
 
-  // Whether the input gradient has a direct kernel (stride 1, padding <= kernel - 1).
-  bool has_input_gradient() const { return input_grad_.channels > 0; }
-
   // y (n, C_out, H_out, W_out) = conv(x (n, C_in, H, W), weight (C_out, C_in, k, k)) + bias
   // (bias may be null).
   void Forward(const float* x, int64_t n, const float* weight, const float* bias,
@@ -61,7 +59,7 @@ class DirectConvolution {
   // weight_grad (C_out, C_in, k, k) += dL/dweight for dy (n, C_out, H_out, W_out).
   void AccumulateWeightGradient(const float* x, const float* dy, int64_t n,
                                 float* weight_grad) const;
-  // dx (n, C_in, H, W) = dL/dx. REQUIRES: has_input_gradient().
+  // dx (n, C_in, H, W) = dL/dx.
   void InputGradient(const float* dy, int64_t n, const float* weight, float* dx) const;
 
  private:
@@ -90,9 +88,28 @@ class DirectConvolution {
   void RunForwardKernel(const Planes& p, int64_t padded_out, const float* in,
                         const float* packed, float* out_t) const;
 
+  // The input gradient of the other shapes (stride > 1, or padding > kernel - 1), one phase
+  // (r, q) of the padded input at a time: rows i*s + r, columns j*s + q of the padded input
+  // receive dy through the taps ki = r + a*s, kj = q + b*s only, a stride-1 correlation of dy
+  // (padded by `lead` rows and columns before it) with those taps.
+  struct GradientPhase {
+    int64_t r = 0, q = 0;
+    std::vector<int64_t> pair_offset;  // per (co, a, b): where it reads the prepared dy
+    std::vector<int64_t> tap;          // per (co, a, b): co * C_in * taps + ki * k + kj
+    int64_t first_row = 0;             // its first row in the packed weights of all phases
+  };
+  void PhaseInputGradient(const float* dy, int64_t n, const float* weight, float* dx) const;
+  void MakeGradientPhases();
+
   Shape shape_;
   Planes forward_;
-  Planes input_grad_;  // dy as the input gradient's convolution reads it; channels 0: none
+  Planes input_grad_;  // dy as the stride-1 input gradient reads it; channels 0: phases instead
+  std::vector<GradientPhase> phases_;
+  int64_t phase_lead_ = 0;       // zero rows and columns before dy in its prepared planes
+  int64_t phase_plane_w_ = 0;    // row length of the prepared dy and of the phase outputs
+  int64_t phase_positions_ = 0;  // output positions of one phase, rounded up to whole tiles
+  int64_t phase_stride_ = 0;     // floats between two channels of the prepared dy
+  int64_t phase_rows_ = 0;       // packed weight rows of all phases
   int64_t padded_out_ = 0;  // C_out rounded up to whole vectors
   int64_t padded_in_ = 0;   // C_in rounded up to whole vectors
 };
