@@ -73,8 +73,9 @@ void ResidualBlock::Forward(const ConstTensorView& x, Tensor* y, LayerCache* cac
   const Tensor& body = cache->outputs[nb - 1];
   assert(body.size() == skip.size());
   y->Resize(body.shape());
-  std::copy(body.data(), body.data() + body.size(), y->data());
-  AddInto(y->data(), skip.data, skip.size());
+  Eigen::Map<Eigen::ArrayXf>(y->data(), y->size()) =
+      Eigen::Map<const Eigen::ArrayXf>(body.data(), body.size()) +
+      Eigen::Map<const Eigen::ArrayXf>(skip.data, skip.size());
 }
 
 namespace {
@@ -124,11 +125,13 @@ void ResidualBlock::Backward(const ConstTensorView& x, const Tensor& /*y*/,
   if (!shortcut_.empty()) {
     BackwardLayers(shortcut_, x, cache.outputs.data() + nb, cache.children.data() + nb, dy, ctx, dx,
                    &s.grad_a, &s.grad_b);
+    if (dx != nullptr) AddInto(dx->data(), s.body_dx.data(), s.body_dx.size());
   } else if (dx != nullptr) {
     dx->Resize(x.shape);
-    std::copy(dy.data, dy.data + dy.size(), dx->data());
+    Eigen::Map<Eigen::ArrayXf>(dx->data(), dx->size()) =
+        Eigen::Map<const Eigen::ArrayXf>(dy.data, dy.size()) +
+        Eigen::Map<const Eigen::ArrayXf>(s.body_dx.data(), s.body_dx.size());
   }
-  if (dx != nullptr) AddInto(dx->data(), s.body_dx.data(), s.body_dx.size());
 }
 
 std::vector<Parameter*> ResidualBlock::parameters() {
