@@ -101,6 +101,29 @@ float* ColumnScratch(int which, size_t n) {
   return b.data();
 }
 
+// The im2col + GEMM paths' sizes for one layer.
+struct GemmLayout {
+  Geometry g;
+  int64_t taps;        // C_in * k * k: rows of the column matrix
+  int64_t group_taps;  // columns of a group's weight rows
+  int64_t group_out;   // output channels of a group
+  int64_t hw_out, in_sample, out_sample;
+  bool columns_are_x;  // a 1x1 kernel, stride 1, no padding: x itself is the column matrix
+};
+
+GemmLayout LayoutOf(const Conv2dConfig& c, int64_t h, int64_t w, int64_t h_out, int64_t w_out) {
+  GemmLayout l;
+  l.g = Geometry{c.in_channels, h, w, c.kernel_size, c.stride, c.padding, h_out, w_out};
+  l.taps = c.in_channels * c.kernel_size * c.kernel_size;
+  l.group_taps = l.taps / c.groups;
+  l.group_out = c.out_channels / c.groups;
+  l.hw_out = h_out * w_out;
+  l.in_sample = c.in_channels * h * w;
+  l.out_sample = c.out_channels * l.hw_out;
+  l.columns_are_x = c.kernel_size == 1 && c.stride == 1 && c.padding == 0;
+  return l;
+}
+
 }  // namespace
 
 Status Conv2d::Build(const Shape& sample_in, Shape* sample_out) {
@@ -245,33 +268,25 @@ void Conv2d::Backward(const ConstTensorView& x, const Tensor& /*y*/, const Const
 
 void Conv2d::Im2ColForward(const ConstTensorView& x, Tensor* y) const {
   const Conv2dConfig& c = config_;
-  const Geometry g{c.in_channels, h_, w_, c.kernel_size, c.stride, c.padding, h_out_, w_out_};
-  const int64_t n = x.shape[0];
-  const int64_t taps = c.in_channels * c.kernel_size * c.kernel_size;
-  const int64_t group_taps = taps / c.groups;           // columns of a group's weight rows
-  const int64_t group_out = c.out_channels / c.groups;  // output channels of a group
-  const int64_t hw_out = h_out_ * w_out_;
-  const int64_t in_sample = c.in_channels * h_ * w_;
-  const int64_t out_sample = c.out_channels * hw_out;
-  // A 1x1 kernel with stride 1 and no padding reads x itself as its column matrix.
-  const bool direct = c.kernel_size == 1 && c.stride == 1 && c.padding == 0;
-  float* col = direct ? nullptr : ColumnScratch(0, taps * hw_out);
-  for (int64_t s = 0; s < n; ++s) {
-    const float* xs = x.data + s * in_sample;
-    const float* cols = xs;
-    if (!direct) {
-      Im2Col(g, xs, col);
+  const GemmLayout l = LayoutOf(c, h_, w_, h_out_, w_out_);
+  float* col = l.columns_are_x ? nullptr : ColumnScratch(0, l.taps * l.hw_out);
+  for (int64_t s = 0; s < x.shape[0]; ++s) {
+    const float* cols = x.data + s * l.in_sample;
+    if (!l.columns_are_x) {
+      Im2Col(l.g, cols, col);
       cols = col;
     }
     // Group k: weight rows [k*group_out, (k+1)*group_out) times column rows
     // [k*group_taps, (k+1)*group_taps); the column rows of a group are its input channels'.
+    float* ys = y->data() + s * l.out_sample;
     for (int64_t k = 0; k < c.groups; ++k) {
-      MatrixMap(y->data() + s * out_sample + k * group_out * hw_out, group_out, hw_out).noalias() =
-          ConstMatrixMap(weight_.value.data() + k * group_out * group_taps, group_out, group_taps) *
-          ConstMatrixMap(cols + k * group_taps * hw_out, group_taps, hw_out);
+      MatrixMap(ys + k * l.group_out * l.hw_out, l.group_out, l.hw_out).noalias() =
+          ConstMatrixMap(weight_.value.data() + k * l.group_out * l.group_taps, l.group_out,
+                         l.group_taps) *
+          ConstMatrixMap(cols + k * l.group_taps * l.hw_out, l.group_taps, l.hw_out);
     }
     if (c.bias) {
-      MatrixMap(y->data() + s * out_sample, c.out_channels, hw_out).colwise() +=
+      MatrixMap(ys, c.out_channels, l.hw_out).colwise() +=
           ConstVectorMap(bias_.value.data(), c.out_channels);
     }
   }
@@ -279,58 +294,42 @@ void Conv2d::Im2ColForward(const ConstTensorView& x, Tensor* y) const {
 
 void Conv2d::Im2ColWeightGradient(const ConstTensorView& x, const ConstTensorView& dy) {
   const Conv2dConfig& c = config_;
-  const Geometry g{c.in_channels, h_, w_, c.kernel_size, c.stride, c.padding, h_out_, w_out_};
-  const int64_t n = x.shape[0];
-  const int64_t taps = c.in_channels * c.kernel_size * c.kernel_size;
-  const int64_t group_taps = taps / c.groups;
-  const int64_t group_out = c.out_channels / c.groups;
-  const int64_t hw_out = h_out_ * w_out_;
-  const int64_t in_sample = c.in_channels * h_ * w_;
-  const int64_t out_sample = c.out_channels * hw_out;
-  const bool direct = c.kernel_size == 1 && c.stride == 1 && c.padding == 0;
-  float* col = direct ? nullptr : ColumnScratch(0, taps * hw_out);
-  for (int64_t s = 0; s < n; ++s) {
-    const float* dys = dy.data + s * out_sample;
-    const float* cols = x.data + s * in_sample;
-    if (!direct) {
-      Im2Col(g, cols, col);
+  const GemmLayout l = LayoutOf(c, h_, w_, h_out_, w_out_);
+  float* col = l.columns_are_x ? nullptr : ColumnScratch(0, l.taps * l.hw_out);
+  for (int64_t s = 0; s < x.shape[0]; ++s) {
+    const float* dys = dy.data + s * l.out_sample;
+    const float* cols = x.data + s * l.in_sample;
+    if (!l.columns_are_x) {
+      Im2Col(l.g, cols, col);
       cols = col;
     }
     for (int64_t k = 0; k < c.groups; ++k) {
-      MatrixMap(weight_.grad.data() + k * group_out * group_taps, group_out, group_taps)
+      MatrixMap(weight_.grad.data() + k * l.group_out * l.group_taps, l.group_out, l.group_taps)
           .noalias() +=
-          ConstMatrixMap(dys + k * group_out * hw_out, group_out, hw_out) *
-          ConstMatrixMap(cols + k * group_taps * hw_out, group_taps, hw_out).transpose();
+          ConstMatrixMap(dys + k * l.group_out * l.hw_out, l.group_out, l.hw_out) *
+          ConstMatrixMap(cols + k * l.group_taps * l.hw_out, l.group_taps, l.hw_out).transpose();
     }
   }
 }
 
 void Conv2d::Col2ImInputGradient(const ConstTensorView& dy, Tensor* dx) const {
   const Conv2dConfig& c = config_;
-  const Geometry g{c.in_channels, h_, w_, c.kernel_size, c.stride, c.padding, h_out_, w_out_};
-  const int64_t n = dy.shape[0];
-  const int64_t taps = c.in_channels * c.kernel_size * c.kernel_size;
-  const int64_t group_taps = taps / c.groups;
-  const int64_t group_out = c.out_channels / c.groups;
-  const int64_t hw_out = h_out_ * w_out_;
-  const int64_t in_sample = c.in_channels * h_ * w_;
-  const int64_t out_sample = c.out_channels * hw_out;
-  // A 1x1 kernel with stride 1 and no padding: the columns are x itself, so their gradient is
-  // dx's sample.
-  const bool direct = c.kernel_size == 1 && c.stride == 1 && c.padding == 0;
-  float* dcol = direct ? nullptr : ColumnScratch(1, taps * hw_out);
-  if (!direct) dx->SetZero();
-  for (int64_t s = 0; s < n; ++s) {
-    const float* dys = dy.data + s * out_sample;
-    float* dxs = dx->data() + s * in_sample;
-    float* dcols = direct ? dxs : dcol;
+  const GemmLayout l = LayoutOf(c, h_, w_, h_out_, w_out_);
+  // When the columns are x itself their gradient is dx's sample.
+  float* dcol = l.columns_are_x ? nullptr : ColumnScratch(1, l.taps * l.hw_out);
+  if (!l.columns_are_x) dx->SetZero();
+  for (int64_t s = 0; s < dy.shape[0]; ++s) {
+    const float* dys = dy.data + s * l.out_sample;
+    float* dxs = dx->data() + s * l.in_sample;
+    float* dcols = l.columns_are_x ? dxs : dcol;
     for (int64_t k = 0; k < c.groups; ++k) {
-      MatrixMap(dcols + k * group_taps * hw_out, group_taps, hw_out).noalias() =
-          ConstMatrixMap(weight_.value.data() + k * group_out * group_taps, group_out, group_taps)
+      MatrixMap(dcols + k * l.group_taps * l.hw_out, l.group_taps, l.hw_out).noalias() =
+          ConstMatrixMap(weight_.value.data() + k * l.group_out * l.group_taps, l.group_out,
+                         l.group_taps)
               .transpose() *
-          ConstMatrixMap(dys + k * group_out * hw_out, group_out, hw_out);
+          ConstMatrixMap(dys + k * l.group_out * l.hw_out, l.group_out, l.hw_out);
     }
-    if (!direct) Col2ImAdd(g, dcol, dxs);
+    if (!l.columns_are_x) Col2ImAdd(l.g, dcol, dxs);
   }
 }
 

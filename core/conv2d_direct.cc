@@ -488,17 +488,25 @@ void DirectConvolution::Forward(const float* x, int64_t n, const float* weight,
       packed[i * padded_out_ + co] = weight[co * s.in_channels * taps + i];
     }
   }
-  const int64_t in_sample = s.in_channels * s.h * s.w;
-  const int64_t out_sample = s.out_channels * p.h_out * p.w_out;
-  const int64_t work = n * s.out_channels * s.in_channels * taps * p.h_out * p.w_out;
+  ConvolveSamples(p, x, n, packed, padded_out_, s.out_channels, bias, y);
+}
+
+void DirectConvolution::ConvolveSamples(const Planes& p, const float* in, int64_t n,
+                                        const float* packed, int64_t padded_out,
+                                        int64_t out_channels, const float* bias,
+                                        float* out) const {
+  const int64_t in_sample = p.channels * p.h * p.w;
+  const int64_t out_sample = out_channels * p.h_out * p.w_out;
+  const int64_t work =
+      n * out_channels * static_cast<int64_t>(p.pair_offset.size()) * p.h_out * p.w_out;
   SplitInTwo(n, 1, work, [&](int64_t begin, int64_t end) {
-    float* in = Scratch(kPrepared, p.channels * p.channel_stride);
-    float* out_t = Scratch(kTransposed, p.positions * padded_out_);
+    float* prepared = Scratch(kPrepared, p.channels * p.channel_stride);
+    float* out_t = Scratch(kTransposed, p.positions * padded_out);
     for (int64_t i = begin; i < end; ++i) {
-      Prepare(p, x + i * in_sample, in);
-      RunForwardKernel(p, padded_out_, in, packed, out_t);
-      TransposeOut(out_t, padded_out_, s.out_channels, p.h_out, p.w_out, p.plane_w, bias,
-                   y + i * out_sample);
+      Prepare(p, in + i * in_sample, prepared);
+      RunForwardKernel(p, padded_out, prepared, packed, out_t);
+      TransposeOut(out_t, padded_out, out_channels, p.h_out, p.w_out, p.plane_w, bias,
+                   out + i * out_sample);
     }
   });
 }
@@ -524,19 +532,7 @@ void DirectConvolution::InputGradient(const float* dy, int64_t n, const float* w
       }
     }
   }
-  const int64_t dy_sample = s.out_channels * p.h * p.w;
-  const int64_t dx_sample = s.in_channels * s.h * s.w;
-  const int64_t work = n * s.out_channels * s.in_channels * taps * s.h * s.w;
-  SplitInTwo(n, 1, work, [&](int64_t begin, int64_t end) {
-    float* in = Scratch(kPrepared, p.channels * p.channel_stride);
-    float* out_t = Scratch(kTransposed, p.positions * padded_in_);
-    for (int64_t i = begin; i < end; ++i) {
-      Prepare(p, dy + i * dy_sample, in);
-      RunForwardKernel(p, padded_in_, in, packed, out_t);
-      TransposeOut(out_t, padded_in_, s.in_channels, p.h_out, p.w_out, p.plane_w, nullptr,
-                   dx + i * dx_sample);
-    }
-  });
+  ConvolveSamples(p, dy, n, packed, padded_in_, s.in_channels, nullptr, dx);
 }
 
 void DirectConvolution::AccumulateWeightGradient(const float* x, const float* dy, int64_t n,

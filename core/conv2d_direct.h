@@ -87,6 +87,11 @@ class DirectConvolution {
   // (channels * taps rows of padded_out floats).
   void RunForwardKernel(const Planes& p, int64_t padded_out, const float* in,
                         const float* packed, float* out_t) const;
+  // For each of n samples of `in` (p.channels, p.h, p.w): prepare, run the kernel, and write
+  // `out` (out_channels, p.h_out, p.w_out) plus bias (may be null); samples split over two cores.
+  void ConvolveSamples(const Planes& p, const float* in, int64_t n, const float* packed,
+                       int64_t padded_out, int64_t out_channels, const float* bias,
+                       float* out) const;
 
   // The input gradient of the other shapes (stride > 1, or padding > kernel - 1), one phase
   // (r, q) of the padded input at a time: rows i*s + r, columns j*s + q of the padded input
