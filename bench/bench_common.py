@@ -10,6 +10,7 @@
   Targets            the "target / value / goal / met" table the scripts end with
 """
 
+import json
 import os
 import signal
 import socket
@@ -155,3 +156,16 @@ class Targets:
         print(f"\n{title}")
         for name, value, goal, verdict in self.rows:
             print(f"  {name:{width}} {value:>10} {goal:>16}  {verdict}")
+
+
+def finish(results, t_start, json_path, print_tables):
+    """Ends a benchmark run: its duration and the closing load average into `results`, the
+    tables printed, and the results written to json_path when given. Returns 0 (exit status)."""
+    results["duration_s"] = time.time() - t_start
+    with open("/proc/loadavg") as f:
+        results["machine"]["loadavg_end"] = f.read().split()[:3]
+    print_tables(results)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0

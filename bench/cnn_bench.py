@@ -55,7 +55,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from bench_common import (Server, Targets, child_env, machine_summary,  # noqa: E402
+from bench_common import (Server, Targets, child_env, finish, machine_summary,  # noqa: E402
                           run_json, torch_env)
 
 CLASSES = 10
@@ -607,14 +607,7 @@ def main():
             server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
-    results["duration_s"] = time.time() - t_start
-    with open("/proc/loadavg") as f:
-        results["machine"]["loadavg_end"] = f.read().split()[:3]
-    print_tables(results)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
-    return 0
+    return finish(results, t_start, args.json, print_tables)
 
 
 # ---------------------------------------------------------------------------------------------

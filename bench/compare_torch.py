@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 
-from bench_common import (Server, Targets, child_env, machine_summary, pinned, run_json,
+from bench_common import (Server, Targets, child_env, finish, machine_summary, pinned, run_json,
                           torch_env)
 
 BATCHES = (32, 256, 1024)
@@ -382,14 +382,7 @@ def main():
                 srv.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
-    results["duration_s"] = time.time() - t_start
-    with open("/proc/loadavg") as f:
-        results["machine"]["loadavg_end"] = f.read().split()[:3]
-    print_tables(results)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
-    return 0
+    return finish(results, t_start, args.json, print_tables)
 
 
 def derived(b):
