@@ -21,12 +21,15 @@ constexpr bool kManyRegisters = false;
 #endif
 
 using Vec = float __attribute__((vector_size(kLanes * sizeof(float))));
-// The same vector read from or written to any float address.
-using UnalignedVec = float
-    __attribute__((vector_size(kLanes * sizeof(float)), aligned(alignof(float)), may_alias));
 
-inline Vec Load(const float* p) { return *reinterpret_cast<const UnalignedVec*>(p); }
-inline void Store(float* p, Vec v) { *reinterpret_cast<UnalignedVec*>(p) = v; }
+// A vector read from or written to any float address (memcpy: no alignment or aliasing
+// assumption; compilers emit one unaligned vector move).
+inline Vec Load(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
 
 // Register tiles of the forward kernels: kWide positions x 2 vectors of output channels when
 // the padded channel count is an even number of vectors, else kNarrow positions x 1 vector.
@@ -71,6 +74,58 @@ void RowReuseTile(const float* in, int64_t channels, int64_t channel_stride, int
           const int q = m - kj;
           if (q < 0 || q >= P) continue;
           for (int j = 0; j < V; ++j) acc[j][q] += w[kj][j] * v;
+        }
+      }
+    }
+  }
+  for (int q = 0; q < P; ++q) {
+    for (int j = 0; j < V; ++j) Store(out_t + q * padded_out + co0 + j * kLanes, acc[j][q]);
+  }
+}
+
+// The taps of one kernel row that read one column phase of a strided input: tap b (kernel
+// column q + b*stride) reads `row` at offset b, so input value row[m] feeds position m - b of
+// each of the KB taps. Adds into the caller's tile (kept in registers: always inlined).
+template <int V, int P, int KB>
+inline __attribute__((always_inline)) void PhaseRowTaps(const float* row, const float* w0,
+                                                        int64_t tap_step, Vec (&acc)[V][P]) {
+  Vec w[KB][V];
+  for (int b = 0; b < KB; ++b) {
+    for (int j = 0; j < V; ++j) w[b][j] = Load(w0 + b * tap_step + j * kLanes);
+  }
+#pragma GCC unroll 64
+  for (int m = 0; m < P + KB - 1; ++m) {
+    const float v = row[m];
+#pragma GCC unroll 8
+    for (int b = 0; b < KB; ++b) {
+      const int q = m - b;
+      if (q < 0 || q >= P) continue;
+      for (int j = 0; j < V; ++j) acc[j][q] += w[b][j] * v;
+    }
+  }
+}
+
+// One tile of a strided convolution whose column phases hold at most 3 taps of a kernel row
+// (ceil(k / stride) <= 3): per channel and kernel row, each column phase's taps share their
+// broadcasts as RowReuseTile's do. `in` is offset by the tile's first position.
+template <int V, int P>
+void StridedTile(const float* in, int64_t channels, int64_t channel_stride, int64_t plane,
+                 int64_t plane_w, int64_t kernel, int64_t stride, const float* packed,
+                 int64_t padded_out, int64_t co0, float* out_t) {
+  Vec acc[V][P] = {};
+  for (int64_t c = 0; c < channels; ++c) {
+    for (int64_t ki = 0; ki < kernel; ++ki) {
+      const float* rows = in + c * channel_stride + (ki % stride) * stride * plane +
+                          (ki / stride) * plane_w;
+      const float* wrow = packed + (c * kernel + ki) * kernel * padded_out + co0;
+      for (int64_t q = 0; q < stride && q < kernel; ++q) {
+        const float* row = rows + q * plane;
+        const float* w0 = wrow + q * padded_out;
+        const int64_t step = stride * padded_out;
+        switch ((kernel - q + stride - 1) / stride) {
+          case 1: PhaseRowTaps<V, P, 1>(row, w0, step, acc); break;
+          case 2: PhaseRowTaps<V, P, 2>(row, w0, step, acc); break;
+          default: PhaseRowTaps<V, P, 3>(row, w0, step, acc); break;
         }
       }
     }
@@ -454,12 +509,31 @@ void RunGenericKernel(const int64_t* pair_offset, int64_t pairs, int64_t positio
 
 void DirectConvolution::RunForwardKernel(const Planes& p, int64_t padded_out, const float* in,
                                          const float* packed, float* out_t) const {
+  const bool wide = (padded_out / kLanes) % 2 == 0;
+  if (p.stride > 1 && (p.kernel + p.stride - 1) / p.stride <= 3) {
+    const int64_t plane = p.plane_h * p.plane_w;
+    for (int64_t co0 = 0; co0 < padded_out; co0 += (wide ? 2 : 1) * kLanes) {
+      if (wide) {
+        for (int64_t o0 = 0; o0 < p.positions; o0 += kWide) {
+          StridedTile<2, kWide>(in + o0, p.channels, p.channel_stride, plane, p.plane_w,
+                                p.kernel, p.stride, packed, padded_out, co0,
+                                out_t + o0 * padded_out);
+        }
+      } else {
+        for (int64_t o0 = 0; o0 < p.positions; o0 += kNarrow) {
+          StridedTile<1, kNarrow>(in + o0, p.channels, p.channel_stride, plane, p.plane_w,
+                                  p.kernel, p.stride, packed, padded_out, co0,
+                                  out_t + o0 * padded_out);
+        }
+      }
+    }
+    return;
+  }
   if (p.kernel != 3 || p.stride != 1) {
     RunGenericKernel(p.pair_offset.data(), static_cast<int64_t>(p.pair_offset.size()),
                      p.positions, padded_out, in, packed, out_t);
     return;
   }
-  const bool wide = (padded_out / kLanes) % 2 == 0;
   for (int64_t co0 = 0; co0 < padded_out; co0 += (wide ? 2 : 1) * kLanes) {
     if (wide) {
       for (int64_t o0 = 0; o0 < p.positions; o0 += kWide) {
