@@ -133,6 +133,7 @@ const char* RpcName(Rpc rpc) {
     case Rpc::kSetLayerOptions: return "SetLayerOptions";
     case Rpc::kFoldBatchNorm: return "FoldBatchNorm";
     case Rpc::kAdaptStatistics: return "AdaptStatistics";
+    case Rpc::kCheckReplicas: return "CheckReplicas";
   }
   return "?";
 }
@@ -301,6 +302,13 @@ Metrics::Metrics(const std::string& version)
       .Register(*registry_)
       .Add({{"version", version}})
       .Set(1);
+  world_size_gauge_ = &prometheus::BuildGauge()
+                           .Name("normd_world_size")
+                           .Help("Ranks of the data-parallel job (mpirun -np N); 1 for a single "
+                                 "process.")
+                           .Register(*registry_)
+                           .Add({});
+  world_size_gauge_->Set(1);
   for (auto& row : rpc_series_) {
     for (auto& cell : row) cell.store(nullptr, std::memory_order_relaxed);
   }
@@ -350,6 +358,8 @@ void Metrics::RecordRpc(Rpc rpc, grpc::StatusCode code, double seconds) {
 }
 
 void Metrics::SetModelCount(int n) { models_gauge_->Set(n); }
+
+void Metrics::SetWorldSize(int n) { world_size_gauge_->Set(n); }
 
 TenantMetrics* Metrics::Tenant(const std::string& tenant) {
   std::lock_guard<std::mutex> lock(tenants_mu_);
