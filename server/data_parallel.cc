@@ -3,6 +3,7 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cinttypes>
 #include <cmath>
 #include <cstdio>
@@ -218,7 +219,49 @@ struct DataParallelJob::Replica {
 
 DataParallelJob::DataParallelJob(JobChannel* channel, Persistence* inner,
                                  const Sequential::Limits& limits)
-    : channel_(channel), inner_(inner), limits_(limits) {}
+    : channel_(channel), inner_(inner), limits_(limits), timed_(channel->collective()) {}
+
+namespace {
+using Clock = std::chrono::steady_clock;
+double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+}  // namespace
+
+void DataParallelJob::TimedCollective::AllReduceSum(double* data, int64_t n) {
+  const auto t = Clock::now();
+  inner_->AllReduceSum(data, n);
+  seconds_ += Since(t);
+  bytes_ += static_cast<double>(n) * sizeof(double);
+}
+
+void DataParallelJob::TimedCollective::AllReduceSum(float* data, int64_t n) {
+  const auto t = Clock::now();
+  inner_->AllReduceSum(data, n);
+  seconds_ += Since(t);
+  bytes_ += static_cast<double>(n) * sizeof(float);
+}
+
+void DataParallelJob::TimedCollective::AllGather(const double* in, int64_t n, double* out) {
+  const auto t = Clock::now();
+  inner_->AllGather(in, n, out);
+  seconds_ += Since(t);
+  bytes_ += static_cast<double>(n) * sizeof(double);
+}
+
+class DataParallelJob::OpTimer {
+ public:
+  explicit OpTimer(DataParallelJob* job) : job_(job), start_(Clock::now()) { job_->timed_.Reset(); }
+  ~OpTimer() {
+    if (job_->metrics_ == nullptr) return;
+    const double total = Since(start_);
+    const double collective = job_->timed_.seconds();
+    job_->metrics_->RecordDataParallelStep(std::max(0.0, total - collective), collective,
+                                           job_->timed_.bytes());
+  }
+
+ private:
+  DataParallelJob* const job_;
+  const Clock::time_point start_;
+};
 
 DataParallelJob::~DataParallelJob() = default;
 
@@ -228,7 +271,7 @@ void DataParallelJob::Send(const Command& c) {
 }
 
 DataParallelShard DataParallelJob::ShardOf(int64_t rows, int64_t* n) {
-  DataParallelShard shard{channel_->collective(), rows, 0};
+  DataParallelShard shard{&timed_, rows, 0};
   *n = ShardRows(rows, channel_->size(), channel_->rank(), &shard.row_offset);
   return shard;
 }
@@ -253,6 +296,7 @@ Status DataParallelJob::TrainStep(ModelEntry& e, const v1::TrainStepRequest& req
                                         m.net().output_shape().WithBatch(x.rows()),
                                         targets.targets));
   std::lock_guard<std::mutex> lock(job_mu_);
+  OpTimer timer(this);
   Command c;
   c.op = Op::kTrainStep;
   c.key = KeyOf(e);
@@ -270,6 +314,7 @@ Status DataParallelJob::Forward(ModelEntry& e, const v1::ForwardRequest& req,
   const ConstTensorView x = input.view();
   NORMD_RETURN_IF_ERROR(m.CheckInput(x, m.training()));
   std::lock_guard<std::mutex> lock(job_mu_);
+  OpTimer timer(this);
   Command c;
   c.op = Op::kForward;
   c.key = KeyOf(e);
@@ -306,6 +351,7 @@ Status DataParallelJob::Backward(ModelEntry& e, const v1::BackwardRequest& req,
     return InvalidArgument("grad_output contains non-finite values (NaN or Inf)");
   }
   std::lock_guard<std::mutex> lock(job_mu_);
+  OpTimer timer(this);
   Command c;
   c.op = Op::kBackward;
   c.key = KeyOf(e);
@@ -331,11 +377,12 @@ Status DataParallelJob::Backward(ModelEntry& e, const v1::BackwardRequest& req,
 Status DataParallelJob::ApplyGradients(ModelEntry& e, StepResult* result) {
   NORMD_RETURN_IF_ERROR(e.model().CheckCanTrain("ApplyGradients"));
   std::lock_guard<std::mutex> lock(job_mu_);
+  OpTimer timer(this);
   Command c;
   c.op = Op::kApplyGradients;
   c.key = KeyOf(e);
   Send(c);
-  return e.model().ApplyGradients(result, channel_->collective());
+  return e.model().ApplyGradients(result, &timed_);
 }
 
 // ---- Rank 0: control --------------------------------------------------------------------------
@@ -628,7 +675,7 @@ void DataParallelJob::Execute(const Command& c) {
     case Op::kApplyGradients: {
       Replica* r = Find(c.key, "ApplyGradients");
       StepResult result;
-      const Status s = r->model->ApplyGradients(&result, channel_->collective());
+      const Status s = r->model->ApplyGradients(&result, &timed_);
       if (!s.ok() && s.code() != StatusCode::kFailedPrecondition) {
         MustAgree(rank, "ApplyGradients", c.key, s);
       }

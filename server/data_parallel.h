@@ -64,6 +64,7 @@
 #include "core/status.h"
 #include "normd/v1/normd.pb.h"
 #include "server/convert.h"
+#include "server/metrics.h"
 #include "server/persistence.h"
 #include "server/registry.h"
 
@@ -109,6 +110,9 @@ class DataParallelJob final : public Persistence {
   ~DataParallelJob() override;
 
   int world_size() const { return channel_->size(); }
+  // Rank 0: where each distributed operation's compute and collective time go (null: nowhere).
+  // Set before the first request.
+  void set_metrics(Metrics* metrics) { metrics_ = metrics; }
   int rank() const { return channel_->rank(); }
 
   // ---- Rank 0: compute. REQUIRES: the entry's lock held as the service holds it. ----------
@@ -154,6 +158,27 @@ class DataParallelJob final : public Persistence {
  private:
   struct Replica;
   struct Command;
+  // The channel's collective, timing each call and counting its bytes (for the metrics). The
+  // shards handed to the core point to it, so retained forwards keep a valid collective.
+  class TimedCollective : public Collective {
+   public:
+    explicit TimedCollective(Collective* inner) : inner_(inner) {}
+    int rank() const override { return inner_->rank(); }
+    int size() const override { return inner_->size(); }
+    void AllReduceSum(double* data, int64_t n) override;
+    void AllReduceSum(float* data, int64_t n) override;
+    void AllGather(const double* in, int64_t n, double* out) override;
+    void Reset() { seconds_ = 0, bytes_ = 0; }
+    double seconds() const { return seconds_; }
+    double bytes() const { return bytes_; }
+
+   private:
+    Collective* const inner_;
+    double seconds_ = 0;
+    double bytes_ = 0;
+  };
+  // Times one distributed operation on rank 0 and records it when it goes out of scope.
+  class OpTimer;
 
   // Rank 0: sends a command. REQUIRES: job_mu_ held.
   void Send(const Command& c);
@@ -170,6 +195,8 @@ class DataParallelJob final : public Persistence {
   JobChannel* const channel_;
   Persistence* const inner_;
   const Sequential::Limits limits_;
+  Metrics* metrics_ = nullptr;
+  TimedCollective timed_;  // used under job_mu_ on rank 0
   std::mutex job_mu_;  // rank 0: one command (and its collectives) at a time
   std::map<std::string, std::unique_ptr<Replica>> replicas_;  // workers only
   bool stopped_ = false;  // GUARDED_BY(job_mu_)

@@ -259,6 +259,7 @@ int main(int argc, char** argv) {
     }
   } stop_workers{job.get()};
   normd::server::NormdServer server(std::move(options));
+  if (job != nullptr) job->set_metrics(&server.metrics());
   const normd::Status started = server.Start();
   if (!started.ok()) {
     spdlog::critical("event=start_failed error=\"{}\"", started.message());

@@ -1,6 +1,9 @@
 #include "server/mpi_job.h"
 
+#include <algorithm>
+#include <chrono>
 #include <climits>
+#include <thread>
 #include <cstdint>
 
 namespace normd::server {
@@ -23,7 +26,23 @@ MpiJobChannel::~MpiJobChannel() {
 
 void MpiJobChannel::Broadcast(std::string* bytes) {
   uint64_t n = rank_ == 0 ? bytes->size() : 0;
-  MPI_Bcast(&n, 1, MPI_UINT64_T, 0, comm_);
+  // The size as a non-blocking broadcast that a worker polls, sleeping between polls: a worker
+  // waits for rank 0's next command most of its life, and MPI's blocking calls spin a core
+  // while they wait. The sleeps grow from 20 us to 2 ms, so a command that follows another
+  // closely is picked up at once.
+  MPI_Request request;
+  MPI_Ibcast(&n, 1, MPI_UINT64_T, 0, comm_, &request);
+  if (rank_ == 0) {
+    MPI_Wait(&request, MPI_STATUS_IGNORE);
+  } else {
+    auto pause = std::chrono::microseconds(20);
+    for (int done = 0;;) {
+      MPI_Test(&request, &done, MPI_STATUS_IGNORE);
+      if (done) break;
+      std::this_thread::sleep_for(pause);
+      pause = std::min(pause * 2, std::chrono::microseconds(2000));
+    }
+  }
   if (rank_ != 0) bytes->resize(n);
   for (uint64_t done = 0; done < n; done += kPiece) {
     const int count = static_cast<int>(n - done < kPiece ? n - done : kPiece);

@@ -3,8 +3,8 @@
 //
 // MpiJobChannel: the job's commands on a communicator of their own (a duplicate of
 // MPI_COMM_WORLD), apart from the models' collectives (mpi::MpiCollective, another duplicate),
-// so a command never matches a model's message. Broadcast is MPI_Bcast of the size then the
-// bytes from rank 0; Gather is MPI_Gather of the sizes then MPI_Gatherv of the bytes to rank 0.
+// so a command never matches a model's message. Broadcast is a broadcast of the size (polled
+// with sleeps on the workers, which would otherwise spin a core while idle) then the bytes; Gather is MPI_Gather of the sizes then MPI_Gatherv of the bytes to rank 0.
 //
 // Thread safety: MPI runs at MPI_THREAD_SERIALIZED; rank 0 calls the channel and the collective
 // only under the job's mutex, so one thread at a time.

@@ -44,9 +44,13 @@ def rel_err(a, b):
     return d / nb if nb > 0 else d
 
 
+WHERE = {}
+
+
 def check(kind, what, got, want):
     e = rel_err(got, want)
-    WORST[kind] = max(WORST.get(kind, 0.0), e)
+    if e >= WORST.get(kind, 0.0):
+        WORST[kind], WHERE[kind] = e, what
     if not e <= TOL[kind]:
         FAILURES.append(f"{what}: relative error {e:.3g} > {TOL[kind]:g} ({kind})")
 
@@ -245,6 +249,12 @@ def main():
             train_steps(c, single, "noaffine",
                         mlp_spec({"affine": False, "track_running_stats": False}, dropout=0.0),
                         batches(rng, [16], 4, 50, 10), "mlp affine=false untracked")
+            # TrainStream: each message is a TrainStep on every rank.
+            stream = batches(rng, [16], 4, 100, 5)
+            ja = [r.loss for r in c.train_stream("noaffine", stream)]
+            jb = [r.loss for r in single.train_stream("noaffine", stream)]
+            check("loss", "TrainStream losses", ja, jb)
+            compare_state("after TrainStream", c, single, "noaffine")
             replicas_agree(c, "after TrainSteps", ranks)
 
             # Forward + Backward + ApplyGradients.
@@ -288,12 +298,37 @@ def main():
             r2 = replicas_agree(c, "after DeleteModel", ranks)
             if r2.models != r.models - 1:
                 FAILURES.append(f"DeleteModel: CheckReplicas models {r.models} -> {r2.models}")
+            # The operator's view of the same check.
+            r3 = subprocess.run([os.environ["NORMCTL_BIN"], "--server", job.address, "replicas"],
+                                capture_output=True, text=True, timeout=60)
+            if r3.returncode != 0 or f"world size: {ranks}" not in r3.stdout \
+                    or "identical on every rank" not in r3.stdout:
+                FAILURES.append(f"normctl replicas: exit {r3.returncode}: {r3.stdout} {r3.stderr}")
             if c.get_model("mlp").world_size != ranks:
                 FAILURES.append(f"Model.world_size is {c.get_model('mlp').world_size}")
+            # A single process answers the same RPC for itself.
+            one = single.check_replicas()
+            if one.world_size != 1 or not one.consistent or len(one.digests) != 1:
+                FAILURES.append(f"single process CheckReplicas: {one}")
+            if single.get_model("mlp").world_size != 1:
+                FAILURES.append("single process: Model.world_size is not 1")
             import urllib.request
+            if "normd_world_size 1" not in urllib.request.urlopen(
+                    ref.metrics_url, timeout=10).read().decode():
+                FAILURES.append("single process: normd_world_size is not 1")
             metrics = urllib.request.urlopen(job.metrics_url, timeout=10).read().decode()
             if f"normd_world_size {ranks}" not in metrics:
                 FAILURES.append("normd_world_size gauge missing or wrong")
+            values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+                      if line and not line.startswith("#")}
+            for name in ("normd_dp_compute_seconds_count", "normd_dp_collective_seconds_count",
+                         "normd_dp_allreduce_bytes_total"):
+                if not values.get(name, 0) > 0:
+                    FAILURES.append(f"{name} is {values.get(name)} after training")
+            print(f"rank 0: {values.get('normd_dp_compute_seconds_sum', 0):.3f} s computing, "
+                  f"{values.get('normd_dp_collective_seconds_sum', 0):.3f} s in collectives, "
+                  f"{values.get('normd_dp_allreduce_bytes_total', 0):.0f} bytes all-reduced over "
+                  f"{values.get('normd_dp_compute_seconds_count', 0):.0f} operations")
         code = job.stop()
         if code != 0:
             FAILURES.append(f"SIGTERM to normd-mpirun: the job exited {code}")
@@ -303,7 +338,8 @@ def main():
         if FAILURES:
             sys.stderr.write(f"--- job log ---\n{job.log()[-6000:]}\n")
     for kind in sorted(WORST):
-        print(f"largest relative error, {kind}: {WORST[kind]:.3g} (tolerance {TOL[kind]:g})")
+        print(f"largest relative error, {kind}: {WORST[kind]:.3g} (tolerance {TOL[kind]:g}) "
+              f"at {WHERE[kind]}")
     if FAILURES:
         print("FAILED:\n  " + "\n  ".join(FAILURES))
         return 1
