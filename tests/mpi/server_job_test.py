@@ -255,6 +255,15 @@ def main():
             jb = [r.loss for r in single.train_stream("noaffine", stream)]
             check("loss", "TrainStream losses", ja, jb)
             compare_state("after TrainStream", c, single, "noaffine")
+            # SmallBatchWarning counts the whole batch's values per channel (20 >= 16), not a
+            # shard's; 8 rows warn in both.
+            for rows in (20, 8):
+                x, y = batches(rng, [16], 4, rows, 1)[0]
+                wa = [w.values_per_channel for w in c.train_step("noaffine", x, labels=y).warnings]
+                wb = [w.values_per_channel
+                      for w in single.train_step("noaffine", x, labels=y).warnings]
+                if wa != wb:
+                    FAILURES.append(f"batch {rows}: warnings {wa} in the job, {wb} alone")
             replicas_agree(c, "after TrainSteps", ranks)
 
             # Forward + Backward + ApplyGradients.
