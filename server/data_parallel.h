@@ -23,6 +23,9 @@
 //    and Backward's input gradient come back to rank 0 row shard by row shard (Gather).
 //    The whole batch is checked on rank 0 before anything is sent (the core's REQUIRES: a check
 //    that failed on one shard only would leave the ranks apart mid-step).
+//    Figures rank 0 derives from its own record describe its shard, not the whole batch:
+//    Forward's layer_stats, the drift histograms and the published BatchNorm summary (the
+//    running statistics themselves are the whole batch's on every rank).
 //  - Eval-mode Forward without retain_for_backward, Evaluate, GetState, SaveModel,
 //    FoldBatchNorm's read: rank 0 alone, on the whole batch (they change nothing, and rank 0's
 //    replica is every rank's).
