@@ -45,14 +45,19 @@ def rel_err(a, b):
 
 
 WHERE = {}
+LOOSE = {}  # the largest errors of the cases checked with a scaled tolerance
 
 
-def check(kind, what, got, want):
+def check(kind, what, got, want, scale=1.0):
+    """scale: a looser tolerance for a case that amplifies rounding (said where it is used);
+    WORST records the strict cases only."""
     e = rel_err(got, want)
-    if e >= WORST.get(kind, 0.0):
+    if scale == 1.0 and e >= WORST.get(kind, 0.0):
         WORST[kind], WHERE[kind] = e, what
-    if not e <= TOL[kind]:
-        FAILURES.append(f"{what}: relative error {e:.3g} > {TOL[kind]:g} ({kind})")
+    if scale != 1.0:
+        LOOSE[kind] = max(LOOSE.get(kind, 0.0), e)
+    if not e <= TOL[kind] * scale:
+        FAILURES.append(f"{what}: relative error {e:.3g} > {TOL[kind] * scale:g} ({kind})")
 
 
 def kind_of(name):
@@ -63,7 +68,7 @@ def kind_of(name):
     return "params"
 
 
-def compare_state(what, job, single, model):
+def compare_state(what, job, single, model, scale=1.0):
     a = job.get_state(model, include_optimizer=True)
     b = single.get_state(model, include_optimizer=True)
     if list(a) != list(b):
@@ -74,7 +79,7 @@ def compare_state(what, job, single, model):
             if not np.array_equal(a[name], b[name]):
                 FAILURES.append(f"{what}: {name} is {a[name]} in the job, {b[name]} alone")
             continue
-        check(kind_of(name), f"{what}: {name}", a[name], b[name])
+        check(kind_of(name), f"{what}: {name}", a[name], b[name], scale)
 
 
 def replicas_agree(job, what, ranks):
@@ -189,17 +194,17 @@ def batches(rng, shape, classes, rows, n):
              rng.integers(0, classes, rows)) for _ in range(n)]
 
 
-def train_steps(job, single, model, spec, data, what):
+def train_steps(job, single, model, spec, data, what, scale=1.0):
     job.create_model(spec, model)
     single.create_model(spec, model)
     for i, (x, y) in enumerate(data):
         a = job.train_step(model, x, labels=y)
         b = single.train_step(model, x, labels=y)
-        check("loss", f"{what} step {i + 1} loss", [a.loss], [b.loss])
+        check("loss", f"{what} step {i + 1} loss", [a.loss], [b.loss], scale)
         if a.step != b.step or a.samples != b.samples:
             FAILURES.append(f"{what} step {i + 1}: step/samples {a.step}/{a.samples} vs "
                             f"{b.step}/{b.samples}")
-    compare_state(f"{what} after {len(data)} steps", job, single, model)
+    compare_state(f"{what} after {len(data)} steps", job, single, model, scale)
 
 
 def forward_backward(job, single, model, spec, data, what):
@@ -231,17 +236,21 @@ def main():
             c = job.client
 
             # TrainStep: uneven shards, BatchNorm1d + Dropout + Adam.
-            train_steps(c, single, "mlp", mlp_spec(), batches(rng, [16], 4, 257, 20),
+            train_steps(c, single, "mlp", mlp_spec(), batches(rng, [16], 4, 257, 50),
                         "mlp batch 257")
-            # More ranks than rows: a rank with an empty shard. BatchNorm over 2 rows is
-            # ill-conditioned (each value normalises to +-1): SGD, whose state does not amplify
-            # rounding as Adam's division by sqrt(v) of near-zero gradients does.
+            # More ranks than rows: a rank with an empty shard. BatchNorm1d over 2 rows is
+            # ill-conditioned: a channel whose two values nearly agree divides their rounding
+            # by sqrt(var + eps) ~ sqrt(eps), and the job (shard moments merged) and one process
+            # (one sum) round differently; measured up to 2e-5 on the loss and 8e-4 on the
+            # running variance after 10 steps, so this case gets 100 times the tolerances (the
+            # replicas are still compared bit for bit). SGD: Adam would also amplify the
+            # near-zero gradients' rounding.
             train_steps(c, single, "tiny",
                         mlp_spec(optimizer={"sgd": {"lr": 0.05, "momentum": 0.9}}),
                         batches(rng, [16], 4, 2, 10),
-                        "mlp batch 2")
+                        "mlp batch 2", scale=100.0)
             # BatchNorm2d, momentum=None, SGD with momentum.
-            train_steps(c, single, "cnn", cnn_spec(), batches(rng, [2, 6, 6], 3, 37, 20),
+            train_steps(c, single, "cnn", cnn_spec(), batches(rng, [2, 6, 6], 3, 37, 50),
                         "cnn batch 37")
             train_steps(c, single, "cnn2", cnn_spec(), batches(rng, [2, 6, 6], 3, 2, 10),
                         "cnn batch 2")
@@ -349,6 +358,8 @@ def main():
     for kind in sorted(WORST):
         print(f"largest relative error, {kind}: {WORST[kind]:.3g} (tolerance {TOL[kind]:g}) "
               f"at {WHERE[kind]}")
+    for kind in sorted(LOOSE):
+        print(f"largest relative error, {kind}, cases with scaled tolerances: {LOOSE[kind]:.3g}")
     if FAILURES:
         print("FAILED:\n  " + "\n  ".join(FAILURES))
         return 1
