@@ -217,9 +217,8 @@ struct DataParallelJob::Replica {
   std::map<uint64_t, std::unique_ptr<ForwardRecord>> retained;
 };
 
-DataParallelJob::DataParallelJob(JobChannel* channel, Persistence* inner,
-                                 const Sequential::Limits& limits)
-    : channel_(channel), inner_(inner), limits_(limits), timed_(channel->collective()) {}
+DataParallelJob::DataParallelJob(JobChannel* channel, const Sequential::Limits& limits)
+    : channel_(channel), limits_(limits), timed_(channel->collective()) {}
 
 namespace {
 using Clock = std::chrono::steady_clock;

@@ -107,12 +107,14 @@ std::string DigestRegistry(Registry* registry, int* models,
 
 class DataParallelJob final : public Persistence {
  public:
-  // `inner`: the checkpoint persistence on rank 0 (null: in memory; always null on workers).
   // `limits`: the limits models are built with (Registry::ModelLimits on rank 0).
-  DataParallelJob(JobChannel* channel, Persistence* inner, const Sequential::Limits& limits);
+  DataParallelJob(JobChannel* channel, const Sequential::Limits& limits);
   ~DataParallelJob() override;
 
   int world_size() const { return channel_->size(); }
+  // Rank 0: the checkpoint persistence the hooks below forward to (null: in memory). Set
+  // before the server starts.
+  void set_inner(Persistence* inner) { inner_ = inner; }
   // Rank 0: where each distributed operation's compute and collective time go (null: nowhere).
   // Set before the first request.
   void set_metrics(Metrics* metrics) { metrics_ = metrics; }
@@ -196,7 +198,7 @@ class DataParallelJob final : public Persistence {
   std::string DigestAll();
 
   JobChannel* const channel_;
-  Persistence* const inner_;
+  Persistence* inner_ = nullptr;
   const Sequential::Limits limits_;
   Metrics* metrics_ = nullptr;
   TimedCollective timed_;  // used under job_mu_ on rank 0

@@ -87,6 +87,15 @@ normd::server::JobIdentity IdentityOf(const normd::server::Flags& flags) {
   return id;
 }
 
+// The limits models are built with (Registry::ModelLimits), for a worker's replicas.
+normd::Sequential::Limits ModelLimitsOf(const normd::server::RegistryLimits& limits) {
+  normd::Sequential::Limits l;
+  l.max_parameters = limits.max_parameters;
+  l.max_layers = limits.max_layers;
+  l.max_sample_elements = limits.max_batch_elements;
+  return l;
+}
+
 // A job's stop signals (see main): written to a pipe by a handler, read by the main thread.
 // MPI_Init leaves the main thread with no signal blocked and starts threads of its own that
 // block none, so sigwait cannot be relied on there.
@@ -181,17 +190,12 @@ int main(int argc, char** argv) {
       }
       InstallStopHandlers(stop_signals);
     }
+    job = std::make_unique<normd::server::DataParallelJob>(
+        job_channel.get(), ModelLimitsOf(normd::server::ToServerOptions(flags).limits));
     if (job_channel->rank() != 0) {
       // Workers stop when rank 0 tells them (after it drained and saved), never on a signal:
       // mpirun forwards SIGUSR1 to every rank, Kubernetes sends worker pods SIGTERM.
       for (int ignored : {SIGTERM, SIGINT, SIGUSR1}) signal(ignored, SIG_IGN);
-      const normd::server::RegistryLimits limits = normd::server::ToServerOptions(flags).limits;
-      normd::Sequential::Limits model_limits;
-      model_limits.max_parameters = limits.max_parameters;
-      model_limits.max_layers = limits.max_layers;
-      model_limits.max_sample_elements = limits.max_batch_elements;
-      job = std::make_unique<normd::server::DataParallelJob>(job_channel.get(), nullptr,
-                                                             model_limits);
       const int code = job->RunWorker();
       job.reset();
       job_channel.reset();
@@ -199,6 +203,15 @@ int main(int argc, char** argv) {
       return code;
     }
   }
+
+  // Rank 0 of a job: the workers leave their loop whenever this function returns, on an error
+  // too (MPI_Finalize would otherwise wait for them). Destroyed after the server.
+  struct StopWorkers {
+    normd::server::DataParallelJob* job;
+    ~StopWorkers() {
+      if (job != nullptr) job->StopWorkers();
+    }
+  } stop_workers{job.get()};
 
   normd::server::ServerOptions options = normd::server::ToServerOptions(flags);
   const normd::Status secured = normd::server::LoadSecurity(flags, &options);
@@ -240,24 +253,12 @@ int main(int argc, char** argv) {
     persistence = std::make_unique<normd::server::CheckpointPersistence>(popts);
     options.persistence = persistence.get();
   }
-  if (job_channel != nullptr) {
-    normd::Sequential::Limits model_limits;
-    model_limits.max_parameters = options.limits.max_parameters;
-    model_limits.max_layers = options.limits.max_layers;
-    model_limits.max_sample_elements = options.limits.max_batch_elements;
-    job = std::make_unique<normd::server::DataParallelJob>(job_channel.get(), options.persistence,
-                                                           model_limits);
+  if (job != nullptr) {
+    job->set_inner(options.persistence);
     options.persistence = job.get();
     options.data_parallel = job.get();
     options.limits.world_size = job_channel->size();
   }
-  // Rank 0 of a job: the workers leave their loop whenever this function returns.
-  struct StopWorkers {
-    normd::server::DataParallelJob* job;
-    ~StopWorkers() {
-      if (job != nullptr) job->StopWorkers();
-    }
-  } stop_workers{job.get()};
   normd::server::NormdServer server(std::move(options));
   if (job != nullptr) job->set_metrics(&server.metrics());
   const normd::Status started = server.Start();
