@@ -131,6 +131,26 @@ std::string DigestString(int models, uint64_t h) {
   return buf;
 }
 
+// What a TrainStep's targets are, sent in Command::arg.
+enum TargetKind : uint64_t { kNoTargets = 0, kLabels = 1, kTarget = 2 };
+
+// A request's tensor without its values: the shape alone (the rows follow by Scatter).
+void ShapeOnly(const v1::Tensor& from, v1::Tensor* to) {
+  *to->mutable_shape() = from.shape();
+}
+
+// The per-row shape of a wire tensor's shape (REQUIRES: rank >= 1, checked by rank 0).
+Shape RowShape(const v1::Tensor& t) {
+  Shape s;
+  for (int i = 1; i < t.shape_size(); ++i) s.push_back(t.shape(i));
+  return s;
+}
+
+// A view of n rows of shape `row` held in `bytes` (a worker's scattered shard).
+ConstTensorView ViewOf(const std::vector<char>& bytes, const Shape& row, int64_t n) {
+  return ConstTensorView{reinterpret_cast<const float*>(bytes.data()), row.WithBatch(n)};
+}
+
 }  // namespace
 
 // ---- Identity ---------------------------------------------------------------------------------
@@ -275,6 +295,26 @@ DataParallelShard DataParallelJob::ShardOf(int64_t rows, int64_t* n) {
   return shard;
 }
 
+void DataParallelJob::ScatterRows(const void* data, int64_t rows, int64_t row_bytes,
+                                  std::vector<char>* out) {
+  const int world = channel_->size();
+  std::vector<int64_t> counts, offsets;
+  int64_t mine = 0;
+  for (int r = 0; r < world; ++r) {
+    int64_t offset = 0;
+    const int64_t n = ShardRows(rows, world, r, &offset);
+    counts.push_back(n * row_bytes);
+    offsets.push_back(offset * row_bytes);
+    if (r == channel_->rank()) mine = n * row_bytes;
+  }
+  if (channel_->rank() == 0) {
+    channel_->Scatter(data, counts, offsets, nullptr, 0);
+  } else {
+    out->resize(static_cast<size_t>(mine));
+    channel_->Scatter(nullptr, {}, {}, out->data(), mine);
+  }
+}
+
 Status DataParallelJob::Snapshot(ModelEntry& e, std::string* bytes) {
   CheckpointSnapshot snap;
   NORMD_RETURN_IF_ERROR(SnapshotCheckpoint(e.id(), e.spec(), e.model(), &snap));
@@ -299,8 +339,20 @@ Status DataParallelJob::TrainStep(ModelEntry& e, const v1::TrainStepRequest& req
   Command c;
   c.op = Op::kTrainStep;
   c.key = KeyOf(e);
-  c.payload = req.SerializeAsString();
+  const Targets& t = targets.targets;
+  c.arg = t.num_labels > 0 ? kLabels : (t.target.shape.rank() > 0 ? kTarget : kNoTargets);
+  v1::TrainStepRequest shapes;  // the request without its values; the rows follow
+  ShapeOnly(req.input(), shapes.mutable_input());
+  if (c.arg == kTarget) ShapeOnly(req.target(), shapes.mutable_target());
+  c.payload = shapes.SerializeAsString();
   Send(c);
+  const int64_t row_values = x.shape.DropFirst().NumElements();
+  ScatterRows(x.data, x.rows(), row_values * sizeof(float), nullptr);
+  if (c.arg == kLabels) ScatterRows(t.labels, x.rows(), sizeof(int64_t), nullptr);
+  if (c.arg == kTarget) {
+    ScatterRows(t.target.data, x.rows(),
+                t.target.shape.DropFirst().NumElements() * sizeof(float), nullptr);
+  }
   int64_t n = 0;
   const DataParallelShard shard = ShardOf(x.rows(), &n);
   return m.TrainStep(RowsOf(x, shard.row_offset, n), TargetRows(targets.targets, shard.row_offset, n),
@@ -321,8 +373,12 @@ Status DataParallelJob::Forward(ModelEntry& e, const v1::ForwardRequest& req,
     c.arg = e.PeekNextForwardId();
     c.ids = e.RetainedIds();
   }
-  c.payload = req.SerializeAsString();
+  v1::ForwardRequest shapes;  // the request without its values; the rows follow
+  ShapeOnly(req.input(), shapes.mutable_input());
+  shapes.set_retain_for_backward(req.retain_for_backward());
+  c.payload = shapes.SerializeAsString();
   Send(c);
+  ScatterRows(x.data, x.rows(), x.shape.DropFirst().NumElements() * sizeof(float), nullptr);
   int64_t n = 0;
   const DataParallelShard shard = ShardOf(x.rows(), &n);
   const Status s = m.Forward(RowsOf(x, shard.row_offset, n), rec, shard);
@@ -356,8 +412,12 @@ Status DataParallelJob::Backward(ModelEntry& e, const v1::BackwardRequest& req,
   c.key = KeyOf(e);
   c.arg = req.forward_id();
   c.ids = e.RetainedIds();
-  c.payload = req.SerializeAsString();
+  v1::BackwardRequest shapes;  // the request without its values; the rows follow
+  ShapeOnly(req.grad_output(), shapes.mutable_grad_output());
+  shapes.set_return_grad_input(req.return_grad_input());
+  c.payload = shapes.SerializeAsString();
   Send(c);
+  ScatterRows(grad_output.data, rows, want.DropFirst().NumElements() * sizeof(float), nullptr);
   const DataParallelShard& shard = rec->context().shard;
   const int64_t n = rec->batch_size();
   Tensor mine;
@@ -593,19 +653,26 @@ void DataParallelJob::Execute(const Command& c) {
     case Op::kTrainStep: {
       Replica* r = Find(c.key, "TrainStep");
       const auto req = Parse<v1::TrainStepRequest>(rank, "TrainStep", c.payload);
-      DecodedTensor input;
-      DecodedTargets targets;
-      MustAgree(rank, "TrainStep", c.key, DecodeTensor(req.input(), "input", kNoLimit, &input));
-      MustAgree(rank, "TrainStep", c.key,
-                DecodeTargets(req.labels(), req.has_target() ? &req.target() : nullptr, kNoLimit,
-                              &targets));
+      const int64_t rows = req.input().shape(0);
+      const Shape row = RowShape(req.input());
+      std::vector<char> x, labels, target;
+      ScatterRows(nullptr, rows, row.NumElements() * sizeof(float), &x);
+      Targets targets;
       int64_t n = 0;
-      const DataParallelShard shard = ShardOf(input.view().rows(), &n);
+      const DataParallelShard shard = ShardOf(rows, &n);
+      if (c.arg == kLabels) {
+        ScatterRows(nullptr, rows, sizeof(int64_t), &labels);
+        targets.labels = reinterpret_cast<const int64_t*>(labels.data());
+        targets.num_labels = n;
+      } else if (c.arg == kTarget) {
+        const Shape target_row = RowShape(req.target());
+        ScatterRows(nullptr, rows, target_row.NumElements() * sizeof(float), &target);
+        targets.target = ViewOf(target, target_row, n);
+      }
       TrainResult result;
       // A refused non-finite step is refused on every rank alike: not a disagreement.
-      const Status s = r->model->TrainStep(RowsOf(input.view(), shard.row_offset, n),
-                                           TargetRows(targets.targets, shard.row_offset, n),
-                                           &r->train_record, &result, shard);
+      const Status s = r->model->TrainStep(ViewOf(x, row, n), targets, &r->train_record, &result,
+                                           shard);
       if (!s.ok() && s.code() != StatusCode::kFailedPrecondition) {
         MustAgree(rank, "TrainStep", c.key, s);
       }
@@ -614,13 +681,14 @@ void DataParallelJob::Execute(const Command& c) {
     case Op::kForward: {
       Replica* r = Find(c.key, "Forward");
       const auto req = Parse<v1::ForwardRequest>(rank, "Forward", c.payload);
-      DecodedTensor input;
-      MustAgree(rank, "Forward", c.key, DecodeTensor(req.input(), "input", kNoLimit, &input));
+      const int64_t rows = req.input().shape(0);
+      const Shape row = RowShape(req.input());
+      std::vector<char> x;
+      ScatterRows(nullptr, rows, row.NumElements() * sizeof(float), &x);
       int64_t n = 0;
-      const DataParallelShard shard = ShardOf(input.view().rows(), &n);
+      const DataParallelShard shard = ShardOf(rows, &n);
       auto rec = std::make_unique<ForwardRecord>();
-      const Status s = r->model->Forward(RowsOf(input.view(), shard.row_offset, n), rec.get(),
-                                         shard);
+      const Status s = r->model->Forward(ViewOf(x, row, n), rec.get(), shard);
       std::vector<std::string> unused;
       channel_->Gather(s.ok() ? Bytes(rec->output().data(), rec->output().size()) : std::string(),
                        &unused);
@@ -647,13 +715,11 @@ void DataParallelJob::Execute(const Command& c) {
       }
       std::unique_ptr<ForwardRecord> rec = std::move(it->second);
       r->retained.erase(it);
-      DecodedTensor grad;
-      MustAgree(rank, "Backward", c.key,
-                DecodeTensor(req.grad_output(), "grad_output", kNoLimit, &grad));
-      const DataParallelShard& shard = rec->context().shard;
+      const Shape row = RowShape(req.grad_output());
+      std::vector<char> grad;
+      ScatterRows(nullptr, req.grad_output().shape(0), row.NumElements() * sizeof(float), &grad);
       Tensor grad_input;
-      const Status s = r->model->Backward(rec.get(),
-                                          RowsOf(grad.view(), shard.row_offset, rec->batch_size()),
+      const Status s = r->model->Backward(rec.get(), ViewOf(grad, row, rec->batch_size()),
                                           req.return_grad_input() ? &grad_input : nullptr);
       std::vector<std::string> unused;
       channel_->Gather(s.ok() && req.return_grad_input()

@@ -16,9 +16,10 @@
 //    call that succeeded on rank 0 succeeds on an identical replica). AdaptStatistics: the
 //    model's new state, set in place (kSync).
 //  - TrainStep (and each TrainStream message), Forward in train mode or with
-//    retain_for_backward, Backward, ApplyGradients: the request; every rank takes its shard of
-//    the rows (ShardRows: contiguous, sizes within one, possibly empty) and calls the core with
-//    its DataParallelShard, whose collective (JobChannel::collective) combines BatchNorm's
+//    retain_for_backward, Backward, ApplyGradients: the request without its tensors' values,
+//    then each rank's shard of the rows (ShardRows: contiguous, sizes within one, possibly
+//    empty) of the input, labels or target and output gradient (Scatter, MPI_Scatterv); each
+//    rank calls the core with its DataParallelShard, whose collective (JobChannel::collective) combines BatchNorm's
 //    statistics, the loss and the gradients (SyncBatchNorm, core/collective.h). Forward's output
 //    and Backward's input gradient come back to rank 0 row shard by row shard (Gather).
 //    The whole batch is checked on rank 0 before anything is sent (the core's REQUIRES: a check
@@ -84,6 +85,10 @@ class JobChannel {
   virtual void Broadcast(std::string* bytes) = 0;
   // Rank 0 receives every rank's `mine`, in rank order, in *all; other ranks only send.
   virtual void Gather(const std::string& mine, std::vector<std::string>* all) = 0;
+  // Rank 0 sends rank r the bytes [offsets[r], offsets[r] + counts[r]) of `data` and keeps its
+  // own in place; rank r (> 0) receives its `bytes` into `out` (data, counts, offsets unused).
+  virtual void Scatter(const void* data, const std::vector<int64_t>& counts,
+                       const std::vector<int64_t>& offsets, void* out, int64_t bytes) = 0;
   // The collective of the models' data-parallel operations (core/collective.h).
   virtual Collective* collective() = 0;
 };
@@ -189,6 +194,9 @@ class DataParallelJob final : public Persistence {
   void Send(const Command& c);
   // The shard of this rank over `rows`; *n its row count.
   DataParallelShard ShardOf(int64_t rows, int64_t* n);
+  // Every rank's rows of a batch of `rows` rows of `row_bytes` bytes each: rank 0 sends them from
+  // `data` (and keeps its own in place), the others receive theirs into *out.
+  void ScatterRows(const void* data, int64_t rows, int64_t row_bytes, std::vector<char>* out);
   // Rank 0's model as checkpoint bytes (for kInstall / kSync).
   Status Snapshot(ModelEntry& e, std::string* bytes);
 

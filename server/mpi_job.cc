@@ -76,4 +76,17 @@ void MpiJobChannel::Gather(const std::string& mine, std::vector<std::string>* al
   }
 }
 
+void MpiJobChannel::Scatter(const void* data, const std::vector<int64_t>& counts,
+                            const std::vector<int64_t>& offsets, void* out, int64_t bytes) {
+  // A shard of one batch stays far below 2 GiB (the batch limit): int counts suffice.
+  if (rank_ == 0) {
+    std::vector<int> c(counts.begin(), counts.end());
+    std::vector<int> o(offsets.begin(), offsets.end());
+    MPI_Scatterv(data, c.data(), o.data(), MPI_BYTE, MPI_IN_PLACE, 0, MPI_BYTE, 0, comm_);
+  } else {
+    MPI_Scatterv(nullptr, nullptr, nullptr, MPI_BYTE, out, static_cast<int>(bytes), MPI_BYTE, 0,
+                 comm_);
+  }
+}
+
 }  // namespace normd::server

@@ -32,6 +32,8 @@ class MpiJobChannel final : public JobChannel {
   int size() const override { return size_; }
   void Broadcast(std::string* bytes) override;
   void Gather(const std::string& mine, std::vector<std::string>* all) override;
+  void Scatter(const void* data, const std::vector<int64_t>& counts,
+               const std::vector<int64_t>& offsets, void* out, int64_t bytes) override;
   Collective* collective() override { return &collective_; }
 
  private:
