@@ -3,8 +3,10 @@
 //
 // MpiJobChannel: the job's commands on a communicator of their own (a duplicate of
 // MPI_COMM_WORLD), apart from the models' collectives (mpi::MpiCollective, another duplicate),
-// so a command never matches a model's message. Broadcast is a broadcast of the size (polled
-// with sleeps on the workers, which would otherwise spin a core while idle) then the bytes; Gather is MPI_Gather of the sizes then MPI_Gatherv of the bytes to rank 0.
+// so a command never matches a model's message. Broadcast is a broadcast of the size (polled,
+// with sleeps, on the workers, which would otherwise spin a core while idle) then the bytes;
+// Gather is MPI_Gather of the sizes then MPI_Gatherv of the bytes to rank 0; Scatter is
+// MPI_Scatterv of byte ranges from rank 0 (whose own range stays in place).
 //
 // Thread safety: MPI runs at MPI_THREAD_SERIALIZED; rank 0 calls the channel and the collective
 // only under the job's mutex, so one thread at a time.
