@@ -311,7 +311,37 @@ def main():
             compare_state("mlp after control RPCs", c, single, "mlp")
             compare_state("cnn after reset", c, single, "cnn")
             compare_state("cnn2 after set_state", c, single, "cnn2")
-            r = replicas_agree(c, "after control RPCs", ranks)
+            # Concurrent clients: two models trained from two threads while a third runs
+            # Forward+Backward on a third model and asks for the replica check; the job runs one
+            # operation at a time and every replica ends equal (bounded: 20 calls per thread).
+            import threading
+            errors = []
+
+            def worker(fn):
+                try:
+                    for _ in range(20):
+                        fn()
+                except Exception as e:  # noqa: BLE001 (reported below)
+                    errors.append(repr(e))
+
+            xs, ys = batches(rng, [16], 4, 64, 1)[0]
+            xc, yc = batches(rng, [2, 6, 6], 3, 16, 1)[0]
+            threads = [
+                threading.Thread(target=worker, args=(lambda: c.train_step("mlp", xs, labels=ys),)),
+                threading.Thread(target=worker, args=(lambda: c.train_step("cnn", xc, labels=yc),)),
+                threading.Thread(target=worker, args=(lambda: (
+                    c.backward("cnn2", c.forward("cnn2", xc, retain_for_backward=True).forward_id,
+                               np.ones((16, 3), np.float32)),
+                    c.check_replicas()),)),
+            ]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=120)
+            if errors or any(t.is_alive() for t in threads):
+                FAILURES.append(f"concurrent clients: {errors[:3]}, "
+                                f"alive {[t.is_alive() for t in threads]}")
+            r = replicas_agree(c, "after control RPCs and concurrent clients", ranks)
             c.delete_model("tiny")
             r2 = replicas_agree(c, "after DeleteModel", ranks)
             if r2.models != r.models - 1:
