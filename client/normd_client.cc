@@ -279,6 +279,14 @@ v1::Model Client::GetModel(const std::string& model) {
   return response;
 }
 
+v1::CheckReplicasResponse Client::CheckReplicas() {
+  v1::CheckReplicasResponse response;
+  Check(stub_->CheckReplicas(NewContext(options_.timeout).get(), v1::CheckReplicasRequest(),
+                             &response),
+        "CheckReplicas");
+  return response;
+}
+
 std::vector<v1::Model> Client::ListModels() {
   v1::ListModelsResponse response;
   Check(stub_->ListModels(NewContext(options_.timeout).get(), v1::ListModelsRequest(), &response),

@@ -221,6 +221,8 @@ class Client {
 
   // grpc.health.v1.Health/Check for `service` ("" = the whole server).
   grpc::health::v1::HealthCheckResponse::ServingStatus Health(const std::string& service = "");
+  // Data-parallel jobs: every rank's digest of its replicas (a single process: world_size 1).
+  v1::CheckReplicasResponse CheckReplicas();
 
   // The raw stub, for calls this wrapper does not cover. Use NewContext() for the deadline and
   // credentials metadata.

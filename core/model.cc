@@ -302,7 +302,10 @@ std::vector<SmallBatchReport> Model::SmallBatches(const ForwardRecord& rec,
   for (const ForwardRecord::BatchNormReport& r : rec.batch_norms()) {
     const BatchNorm* bn = net_->node(r.layer).layer->AsBatchNorm();
     if (!bn->UsesBatchStatistics(rec.context())) continue;
-    const int64_t values = bn->ValuesPerChannel(rec.batch_size());
+    // A data-parallel shard's layer normalised with the whole batch's statistics.
+    const DataParallelShard& shard = rec.context().shard;
+    const int64_t values =
+        bn->ValuesPerChannel(shard.active() ? shard.global_rows : rec.batch_size());
     if (values < threshold) out.push_back({r.layer, net_->node(r.layer).label, values});
   }
   return out;

@@ -245,7 +245,8 @@ class Model {
 
   // The BatchNorm layers whose statistics in rec's train-mode forward came from fewer than
   // `threshold` values per channel (batch statistics are then noisy; GroupNorm or LayerNorm do
-  // not depend on the batch). Empty for eval-mode forwards and when threshold <= 0. Shared.
+  // not depend on the batch); a data-parallel shard counts the whole batch it normalised with.
+  // Empty for eval-mode forwards and when threshold <= 0. Shared.
   std::vector<SmallBatchReport> SmallBatches(const ForwardRecord& rec, int64_t threshold) const;
 
   // Last drift figures per BatchNorm layer. Shared.

@@ -226,5 +226,36 @@ step2=$(model_step) || fail "model image-test not restored from the volume"
 [ "$step2" = "$step" ] || fail "restored model is at step $step2, expected $step"
 log "restarted on the same volume: image-test restored at step $step2"
 podman stop -t 30 "$CTR" >/dev/null 2>>"$WORK/podman-run.err"
+podman rm "$CTR" >/dev/null 2>>"$WORK/podman-run.err"
+
+# The same image as a data-parallel job of 2 ranks (normd-mpirun, Open MPI inside the image) on
+# the same volume: rank 0 restores the model and hands it to rank 1, trains on, both replicas
+# stay identical, and a stop drains, saves and exits 0.
+"${PODMAN_RUN[@]}" -d --name "$CTR" -v "$VOL:/var/lib/normd" \
+  --read-only --tmpfs /tmp --cap-drop ALL --security-opt no-new-privileges \
+  -e NORMD_LISTEN="$SERVER" -e NORMD_METRICS="127.0.0.1:$METRICS_PORT" \
+  -e NORMD_COMPUTE_THREADS=1 --entrypoint /usr/local/bin/normd-mpirun "$IMAGE" \
+  -np 2 --oversubscribe --mca btl self,vader --mca btl_vader_single_copy_mechanism none \
+  /usr/local/bin/normd \
+  >/dev/null 2>>"$WORK/podman-run.err" || fail "podman run (2-rank job)"
+t_job=$(date +%s%3N)
+until podman healthcheck run "$CTR" >/dev/null 2>&1; do
+  [ "$(podman inspect -f '{{.State.Running}}' "$CTR")" = true ] || fail "the job exited"
+  [ $(($(date +%s%3N) - t_job)) -lt 60000 ] || fail "the job was not healthy within 60 s"
+  sleep 0.1
+done
+[ "$(model_step)" = "$step" ] || fail "the job restored image-test at step $(model_step)"
+# /tmp is a tmpfs of the container: the CSV goes in again.
+podman exec -i "$CTR" sh -c 'cat > /tmp/train.csv' < "$WORK/train.csv" || fail "copy csv (job)"
+normctl train image-test --data /tmp/train.csv --label-column label --epochs 1 --batch 32 \
+  --progress lines || fail "normctl train (2-rank job)"
+step3=$(model_step)
+[ "$step3" -eq $((step + 8)) ] || fail "the job's model is at step $step3, expected $((step + 8))"
+normctl replicas | tee "$WORK/replicas.txt" || fail "normctl replicas: the ranks differ"
+grep -q "world size: 2" "$WORK/replicas.txt" || fail "the job is not 2 ranks"
+podman stop -t 30 "$CTR" >/dev/null 2>>"$WORK/podman-run.err" || fail "podman stop (job)"
+code=$(podman inspect -f '{{.State.ExitCode}}' "$CTR")
+[ "$code" = 0 ] || fail "the job exited with $code on SIGTERM"
+log "2-rank job in the image: restored step $step, trained to $step3, replicas identical, exit 0"
 
 log "PASS: image $IMAGE size $((size / 1024 / 1024)) MiB ($size bytes), build $((build_ms / 1000)) s, healthy in $healthy_ms ms, stop $stop_ms ms"

@@ -11,8 +11,11 @@
 #include <fstream>
 #include <string>
 
+#include "mpi/mpi_collective.h"
 #include "server/checkpoint_persistence.h"
+#include "server/data_parallel.h"
 #include "server/flags.h"
+#include "server/mpi_job.h"
 #include "server/server.h"
 
 namespace {
@@ -51,6 +54,70 @@ rlim_t RaiseFileLimit() {
   return limit.rlim_cur;
 }
 
+// A digest of this process's executable file: ranks of one job must run the same build.
+std::string BinaryDigest() {
+  std::ifstream in("/proc/self/exe", std::ios::binary);
+  if (!in) return "unreadable";
+  uint64_t h = 1469598103934665603ull;
+  char buf[1 << 16];
+  while (in.read(buf, sizeof buf) || in.gcount() > 0) {
+    for (std::streamsize i = 0; i < in.gcount(); ++i) {
+      h ^= static_cast<unsigned char>(buf[i]);
+      h *= 1099511628211ull;
+    }
+  }
+  char out[32];
+  std::snprintf(out, sizeof out, "%016llx", static_cast<unsigned long long>(h));
+  return out;
+}
+
+// The build and the flags that decide how models are built and computed: ranks whose
+// identities differ must not form a job (server/data_parallel.h, CheckJobIdentity).
+normd::server::JobIdentity IdentityOf(const normd::server::Flags& flags) {
+  normd::server::JobIdentity id;
+  id.items = {
+      {"version", normd::server::Version()},
+      {"compiler", __VERSION__},
+      {"binary", BinaryDigest()},
+      {"--max-parameters", std::to_string(flags.max_parameters)},
+      {"--max-layers", std::to_string(flags.max_layers)},
+      {"--max-batch-elements", std::to_string(flags.max_batch_elements)},
+      {"--max-retained-forwards", std::to_string(flags.max_retained_forwards)},
+  };
+  return id;
+}
+
+// The limits models are built with (Registry::ModelLimits), for a worker's replicas.
+normd::Sequential::Limits ModelLimitsOf(const normd::server::RegistryLimits& limits) {
+  normd::Sequential::Limits l;
+  l.max_parameters = limits.max_parameters;
+  l.max_layers = limits.max_layers;
+  l.max_sample_elements = limits.max_batch_elements;
+  return l;
+}
+
+// A job's stop signals (see main): written to a pipe by a handler, read by the main thread.
+// MPI_Init leaves the main thread with no signal blocked and starts threads of its own that
+// block none, so sigwait cannot be relied on there.
+int g_stop_pipe[2] = {-1, -1};
+
+void OnStopSignal(int sig) {
+  const unsigned char b = static_cast<unsigned char>(sig);
+  const ssize_t unused = write(g_stop_pipe[1], &b, 1);
+  (void)unused;
+}
+
+void InstallStopHandlers(const sigset_t& signals) {
+  struct sigaction sa;
+  std::memset(&sa, 0, sizeof sa);
+  sa.sa_handler = OnStopSignal;
+  sa.sa_flags = SA_RESTART;
+  sigfillset(&sa.sa_mask);
+  for (int sig : {SIGTERM, SIGINT, SIGUSR1}) {
+    if (sigismember(&signals, sig) == 1) sigaction(sig, &sa, nullptr);
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -83,8 +150,68 @@ int main(int argc, char** argv) {
   sigemptyset(&stop_signals);
   sigaddset(&stop_signals, SIGTERM);
   sigaddset(&stop_signals, SIGINT);
+  // In a job, SIGUSR1 stops it too: mpirun forwards SIGUSR1 to every rank and then exits with
+  // the ranks' codes, while a SIGTERM to mpirun makes it kill the ranks (SIGKILL after
+  // odls_base_sigkill_timeout, 1 s by default) and exit 1. deploy/normd-mpirun turns the
+  // orchestrator's SIGTERM into SIGUSR1. Blocked before MPI starts its threads.
+  const bool in_job = normd::mpi::LaunchedByMpi();
+  if (in_job) sigaddset(&stop_signals, SIGUSR1);
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
   signal(SIGPIPE, SIG_IGN);
+
+  // A rank of a data-parallel job (mpirun -np N normd): MPI only then; see
+  // server/data_parallel.h. Rank 0 goes on to serve, the others execute its commands.
+  std::unique_ptr<normd::mpi::MpiSession> mpi_session;
+  std::unique_ptr<normd::server::MpiJobChannel> job_channel;
+  std::unique_ptr<normd::server::DataParallelJob> job;
+  if (in_job) {
+    const normd::Status s = normd::mpi::MpiSession::Start(&mpi_session);
+    if (!s.ok()) {
+      spdlog::critical("event=start_failed error=\"{}\"", s.message());
+      return 1;
+    }
+    // MPI_Init unblocked every signal in this thread: block the stop signals again, so the
+    // threads started from here on (gRPC, compute) never take them.
+    pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+    job_channel = std::make_unique<normd::server::MpiJobChannel>();
+    const std::string differs = normd::server::CheckJobIdentity(job_channel.get(), IdentityOf(flags));
+    if (!differs.empty()) {
+      spdlog::critical("event=start_failed rank={} error=\"the ranks of this job differ: {}\"",
+                       job_channel->rank(), differs);
+      job_channel.reset();
+      mpi_session.reset();
+      return 2;
+    }
+    spdlog::info("event=job rank={} world_size={}", job_channel->rank(), job_channel->size());
+    if (job_channel->rank() == 0) {
+      if (pipe(g_stop_pipe) != 0) {
+        spdlog::critical("event=start_failed error=\"pipe: {}\"", std::strerror(errno));
+        return 1;
+      }
+      InstallStopHandlers(stop_signals);
+    }
+    job = std::make_unique<normd::server::DataParallelJob>(
+        job_channel.get(), ModelLimitsOf(normd::server::ToServerOptions(flags).limits));
+    if (job_channel->rank() != 0) {
+      // Workers stop when rank 0 tells them (after it drained and saved), never on a signal:
+      // mpirun forwards SIGUSR1 to every rank, Kubernetes sends worker pods SIGTERM.
+      for (int ignored : {SIGTERM, SIGINT, SIGUSR1}) signal(ignored, SIG_IGN);
+      const int code = job->RunWorker();
+      job.reset();
+      job_channel.reset();
+      mpi_session.reset();
+      return code;
+    }
+  }
+
+  // Rank 0 of a job: the workers leave their loop whenever this function returns, on an error
+  // too (MPI_Finalize would otherwise wait for them). Destroyed after the server.
+  struct StopWorkers {
+    normd::server::DataParallelJob* job;
+    ~StopWorkers() {
+      if (job != nullptr) job->StopWorkers();
+    }
+  } stop_workers{job.get()};
 
   normd::server::ServerOptions options = normd::server::ToServerOptions(flags);
   const normd::Status secured = normd::server::LoadSecurity(flags, &options);
@@ -126,7 +253,14 @@ int main(int argc, char** argv) {
     persistence = std::make_unique<normd::server::CheckpointPersistence>(popts);
     options.persistence = persistence.get();
   }
+  if (job != nullptr) {
+    job->set_inner(options.persistence);
+    options.persistence = job.get();
+    options.data_parallel = job.get();
+    options.limits.world_size = job_channel->size();
+  }
   normd::server::NormdServer server(std::move(options));
+  if (job != nullptr) job->set_metrics(&server.metrics());
   const normd::Status started = server.Start();
   if (!started.ok()) {
     spdlog::critical("event=start_failed error=\"{}\"", started.message());
@@ -141,8 +275,19 @@ int main(int argc, char** argv) {
   }
 
   int sig = 0;
-  sigwait(&stop_signals, &sig);
-  spdlog::info("event=shutdown signal={} drain_timeout_s={}", sig == SIGTERM ? "SIGTERM" : "SIGINT",
+  if (job_channel != nullptr) {
+    // Rank 0 of a job: the handlers (InstallStopHandlers) report the signal through the pipe;
+    // this thread takes it too from now on, as MPI's own threads may.
+    pthread_sigmask(SIG_UNBLOCK, &stop_signals, nullptr);
+    unsigned char b = 0;
+    while (read(g_stop_pipe[0], &b, 1) != 1) {
+    }
+    sig = b;
+  } else {
+    sigwait(&stop_signals, &sig);
+  }
+  spdlog::info("event=shutdown signal={} drain_timeout_s={}",
+               sig == SIGTERM ? "SIGTERM" : sig == SIGUSR1 ? "SIGUSR1" : "SIGINT",
                flags.drain_timeout);
   server.Shutdown();
   return 0;

@@ -133,6 +133,7 @@ const char* RpcName(Rpc rpc) {
     case Rpc::kSetLayerOptions: return "SetLayerOptions";
     case Rpc::kFoldBatchNorm: return "FoldBatchNorm";
     case Rpc::kAdaptStatistics: return "AdaptStatistics";
+    case Rpc::kCheckReplicas: return "CheckReplicas";
   }
   return "?";
 }
@@ -301,6 +302,35 @@ Metrics::Metrics(const std::string& version)
       .Register(*registry_)
       .Add({{"version", version}})
       .Set(1);
+  world_size_gauge_ = &prometheus::BuildGauge()
+                           .Name("normd_world_size")
+                           .Help("Ranks of the data-parallel job (mpirun -np N); 1 for a single "
+                                 "process.")
+                           .Register(*registry_)
+                           .Add({});
+  world_size_gauge_->Set(1);
+  const prometheus::Histogram::BucketBoundaries step_buckets = {
+      1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1, 3, 10};
+  dp_compute_ = &prometheus::BuildHistogram()
+                     .Name("normd_dp_compute_seconds")
+                     .Help("Data-parallel jobs: seconds rank 0 computed in one distributed model "
+                           "operation (TrainStep, train-mode Forward, Backward, ApplyGradients), "
+                           "its collectives excluded.")
+                     .Register(*registry_)
+                     .Add({}, step_buckets);
+  dp_collective_ = &prometheus::BuildHistogram()
+                        .Name("normd_dp_collective_seconds")
+                        .Help("Data-parallel jobs: seconds rank 0 spent in collectives (all-reduce, "
+                              "all-gather) in one distributed model operation, waiting for the "
+                              "other ranks included.")
+                        .Register(*registry_)
+                        .Add({}, step_buckets);
+  dp_bytes_ = &prometheus::BuildCounter()
+                   .Name("normd_dp_allreduce_bytes_total")
+                   .Help("Data-parallel jobs: bytes rank 0 contributed to all-reduces and "
+                         "all-gathers (gradients, BatchNorm statistics, losses).")
+                   .Register(*registry_)
+                   .Add({});
   for (auto& row : rpc_series_) {
     for (auto& cell : row) cell.store(nullptr, std::memory_order_relaxed);
   }
@@ -350,6 +380,15 @@ void Metrics::RecordRpc(Rpc rpc, grpc::StatusCode code, double seconds) {
 }
 
 void Metrics::SetModelCount(int n) { models_gauge_->Set(n); }
+
+void Metrics::SetWorldSize(int n) { world_size_gauge_->Set(n); }
+
+void Metrics::RecordDataParallelStep(double compute_seconds, double collective_seconds,
+                                     double bytes) {
+  dp_compute_->Observe(compute_seconds);
+  dp_collective_->Observe(collective_seconds);
+  dp_bytes_->Increment(bytes);
+}
 
 TenantMetrics* Metrics::Tenant(const std::string& tenant) {
   std::lock_guard<std::mutex> lock(tenants_mu_);

@@ -16,6 +16,9 @@
 //   normd_tenant_samples_total{tenant}       samples computed on a tenant's models
 //   normd_tenant_refused_total{tenant}       a tenant's calls ended RESOURCE_EXHAUSTED (a quota
 //                                            or limit refused them)
+//   normd_world_size (ranks of the data-parallel job; 1 for a single process)
+//   normd_dp_compute_seconds, normd_dp_collective_seconds  histograms per distributed model
+//       operation (rank 0's view)   normd_dp_allreduce_bytes_total
 //   normd_build_info{version}                process_* (resident memory, CPU, start time, fds)
 // Everything is recorded once per RPC (or per stream message), never per element. Label values
 // are tenant names, model ids and layer names only, so the model limit and the tenants bound the
@@ -69,8 +72,9 @@ enum class Rpc {
   kSetLayerOptions,
   kFoldBatchNorm,
   kAdaptStatistics,
+  kCheckReplicas,
 };
-constexpr int kNumRpcs = static_cast<int>(Rpc::kAdaptStatistics) + 1;
+constexpr int kNumRpcs = static_cast<int>(Rpc::kCheckReplicas) + 1;
 const char* RpcName(Rpc rpc);
 
 // The `op` label of normd_samples_total.
@@ -152,6 +156,13 @@ class Metrics {
 
   void RecordRpc(Rpc rpc, grpc::StatusCode code, double seconds);
   void SetModelCount(int n);
+  // normd_world_size: ranks of the data-parallel job (1 for a single process, the default).
+  void SetWorldSize(int n);
+  // A data-parallel job's model operation as rank 0 saw it (server/data_parallel.h): seconds
+  // computing and seconds in collectives (normd_dp_compute_seconds,
+  // normd_dp_collective_seconds histograms), and the bytes it all-reduced
+  // (normd_dp_allreduce_bytes_total).
+  void RecordDataParallelStep(double compute_seconds, double collective_seconds, double bytes);
 
   // Creates the series of tenant `tenant`'s model `model_id`, whose BatchNorm layers are those
   // of `net`, nested ones included (every series is labelled tenant and model; a BatchNorm's
@@ -197,6 +208,10 @@ class Metrics {
   prometheus::Family<prometheus::Counter>& tenant_samples_;
   prometheus::Family<prometheus::Counter>& tenant_refused_;
   prometheus::Gauge* models_gauge_;
+  prometheus::Gauge* world_size_gauge_ = nullptr;
+  prometheus::Histogram* dp_compute_ = nullptr;
+  prometheus::Histogram* dp_collective_ = nullptr;
+  prometheus::Counter* dp_bytes_ = nullptr;
 
   std::mutex tenants_mu_;
   std::map<std::string, std::unique_ptr<TenantMetrics>> tenants_;  // GUARDED_BY(tenants_mu_)

@@ -265,6 +265,7 @@ void ModelEntry::ToWire(v1::Model* out) const {
   std::lock_guard<std::mutex> lock(summary_mu_);
   ModelToWire(id_, summary_spec_, summary_, out);
   out->set_tenant(tenant_->tenant);
+  out->set_world_size(limits_.world_size);
 }
 
 void ModelEntry::ExpireLocked() {
@@ -307,6 +308,19 @@ uint64_t ModelEntry::CommitRetained(std::unique_ptr<ForwardRecord> rec) {
   retained_[id] =
       Retained{std::move(rec), std::chrono::steady_clock::now() + limits_.retained_forward_timeout};
   return id;
+}
+
+uint64_t ModelEntry::PeekNextForwardId() {
+  std::lock_guard<std::mutex> lock(retained_mu_);
+  return next_forward_id_;
+}
+
+std::vector<uint64_t> ModelEntry::RetainedIds() {
+  std::lock_guard<std::mutex> lock(retained_mu_);
+  ExpireLocked();
+  std::vector<uint64_t> ids;
+  for (const auto& [id, r] : retained_) ids.push_back(id);
+  return ids;
 }
 
 Status ModelEntry::TakeRetained(uint64_t id, std::unique_ptr<ForwardRecord>* rec) {

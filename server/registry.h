@@ -60,6 +60,8 @@ struct RegistryLimits {
   // statistics come from fewer values per channel than this earns a SmallBatchWarning in the
   // response and a count in normd_bn_small_batch_total. 0: never.
   int64_t small_batch_threshold = 16;
+  // Also a setting: ranks of the data-parallel job holding every model (Model.world_size).
+  int world_size = 1;
   // Per-tenant quotas: models held, parameters of all the tenant's models together, requests
   // queued or running on the tenant's models together.
   int tenant_max_models = 64;
@@ -156,6 +158,11 @@ class ModelEntry {
   void CancelReservation();
   // Stores a forward under a new id. REQUIRES: a reservation; rec->RetainInput() was called.
   uint64_t CommitRetained(std::unique_ptr<ForwardRecord> rec);
+  // The id the next CommitRetained will give (data-parallel jobs key every rank's copy of a
+  // retained forward by it: exact while commits are serialised, as the job's command order is).
+  uint64_t PeekNextForwardId();
+  // The ids of the forwards held now (expired ones dropped first).
+  std::vector<uint64_t> RetainedIds();
   // Removes and returns the forward `id`. FAILED_PRECONDITION saying why when there is none:
   // unknown, already released by a Backward, invalidated, or expired.
   Status TakeRetained(uint64_t id, std::unique_ptr<ForwardRecord>* rec);

@@ -52,6 +52,7 @@ Status NormdServer::Start() {
   registry_ = std::make_unique<Registry>(options_.limits, metrics_.get(), pool_.get());
   registry_->set_persistence(options_.persistence);
   metrics_->SetModelCount(0);
+  metrics_->SetWorldSize(options_.limits.world_size);
   if (options_.persistence != nullptr) {
     NORMD_RETURN_IF_ERROR(options_.persistence->RestoreAll(registry_.get()));
     spdlog::info("event=restored models={}", registry_->size());
@@ -61,7 +62,8 @@ Status NormdServer::Start() {
   const Authenticator* auth = options_.authenticator.get();
   // Reflection would be a Trainer-schema service that needs no token.
   const bool reflection = auth == nullptr || !auth->tokens_on();
-  service_ = std::make_unique<TrainerService>(registry_.get(), metrics_.get(), pool_.get(), auth);
+  service_ = std::make_unique<TrainerService>(registry_.get(), metrics_.get(), pool_.get(), auth,
+                                             options_.data_parallel);
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;

@@ -69,6 +69,9 @@ struct ServerOptions {
       interceptors;
   // Not owned; null: models in memory only.
   Persistence* persistence = nullptr;
+  // Not owned; rank 0 of a data-parallel job (server/data_parallel.h), null otherwise. It is
+  // then also the persistence, and limits.world_size its size.
+  DataParallelJob* data_parallel = nullptr;
 };
 
 class NormdServer {

@@ -9,6 +9,7 @@
 #include <utility>
 
 #include "server/convert.h"
+#include "server/data_parallel.h"
 #include "server/security.h"
 #include "server/status_map.h"
 
@@ -481,8 +482,8 @@ class AdaptStatisticsReactor : public grpc::ServerReadReactor<v1::AdaptStatistic
 };
 
 TrainerService::TrainerService(Registry* registry, Metrics* metrics, ComputePool* pool,
-                               const Authenticator* auth)
-    : registry_(registry), metrics_(metrics), pool_(pool), auth_(auth) {}
+                               const Authenticator* auth, DataParallelJob* data_parallel)
+    : registry_(registry), metrics_(metrics), pool_(pool), auth_(auth), dp_(data_parallel) {}
 
 grpc::Status TrainerService::Admit(const grpc::CallbackServerContext* ctx, Principal* who) const {
   // The identity first: a client without one learns nothing, not even that the server drains.
@@ -604,14 +605,16 @@ Status TrainerService::DecodeTrainStep(const ModelEntry& entry, const v1::TrainS
   return DecodeTargets(req.labels(), req.has_target() ? &req.target() : nullptr, limit, targets);
 }
 
-Status TrainerService::DoTrainStep(ModelEntry& entry, const v1::TrainStepRequest& /*req*/,
+Status TrainerService::DoTrainStep(ModelEntry& entry, const v1::TrainStepRequest& req,
                                    const DecodedTensor& input, const DecodedTargets& targets,
                                    v1::TrainStepResponse* resp) {
   Model& model = entry.model();
   // Before TrainStep: its other FAILED_PRECONDITIONs are refused non-finite steps (counted).
   NORMD_RETURN_IF_ERROR(model.CheckCanTrain("TrainStep"));
   TrainResult r;
-  Status s = model.TrainStep(input.view(), targets.targets, &entry.train_record, &r);
+  Status s = dp_ != nullptr
+                 ? dp_->TrainStep(entry, req, input, targets, &r)
+                 : model.TrainStep(input.view(), targets.targets, &entry.train_record, &r);
   if (!s.ok()) {
     if (s.code() == StatusCode::kFailedPrecondition) {
       // Non-finite loss or gradients: refused, parameters untouched, gradients cleared.
@@ -729,6 +732,7 @@ grpc::ServerUnaryReactor* TrainerService::SetMode(grpc::CallbackServerContext* c
     const bool was_training = model.training();
     const bool was_frozen = model.running_stats_frozen();
     model.SetMode(training, freeze);
+    if (dp_ != nullptr) dp_->Replicate(e, DataParallelJob::Control::kSetMode, *req);
     RecordMutation(e, Mutation::kMode);
     e.Publish();
     e.ToWire(resp);
@@ -775,13 +779,18 @@ grpc::ServerUnaryReactor* TrainerService::Forward(grpc::CallbackServerContext* c
     if (retain) NORMD_RETURN_IF_ERROR(model.CheckCanTrain("Forward with retain_for_backward"));
     if (retain) NORMD_RETURN_IF_ERROR(e.ReserveRetained());
     std::unique_ptr<ForwardRecord> rec = e.AcquireRecord();
-    Status st = model.Forward(input->view(), rec.get());
+    // In a data-parallel job a forward that mixes the batch's samples or is kept for a Backward
+    // runs on every rank (rec holds rank 0's shard, `whole` the whole batch's output).
+    const bool distributed = dp_ != nullptr && (training || retain);
+    Tensor whole;
+    Status st = distributed ? dp_->Forward(e, *req, *input, rec.get(), &whole)
+                            : model.Forward(input->view(), rec.get());
     if (!st.ok()) {
       if (retain) e.CancelReservation();
       e.ReleaseRecord(std::move(rec));
       return st;
     }
-    const Tensor& out = rec->output();
+    const Tensor& out = distributed ? whole : rec->output();
     EncodeTensor(out.data(), out.shape(), input->raw(), resp->mutable_output());
     if (req->layer_stats()) {
       LayerStatsToWire(model.net(), model.net().ActivationStats(*rec), resp->mutable_layer_stats());
@@ -822,14 +831,17 @@ grpc::ServerUnaryReactor* TrainerService::Backward(grpc::CallbackServerContext* 
     call->Finish(s);
     return reactor;
   }
-  RunOnModel(call, req->model(), Want::kExclusive, [req, resp, grad](ModelEntry& e, Access) {
+  RunOnModel(call, req->model(), Want::kExclusive, [this, req, resp, grad](ModelEntry& e, Access) {
     const uint64_t id = req->forward_id();
     NORMD_RETURN_IF_ERROR(e.model().CheckCanTrain("Backward"));
     std::unique_ptr<ForwardRecord> rec;
     NORMD_RETURN_IF_ERROR(e.TakeRetained(id, &rec));
     Tensor grad_input;
-    Status st = e.model().Backward(rec.get(), grad->view(),
-                                   req->return_grad_input() ? &grad_input : nullptr);
+    Status st = dp_ != nullptr
+                    ? dp_->Backward(e, *req, rec.get(), grad->view(),
+                                    req->return_grad_input() ? &grad_input : nullptr)
+                    : e.model().Backward(rec.get(), grad->view(),
+                                         req->return_grad_input() ? &grad_input : nullptr);
     if (!st.ok()) {
       if (st.code() == StatusCode::kFailedPrecondition) {
         e.NoteReleased(id, st.message());  // stale: it can never be used again
@@ -843,7 +855,10 @@ grpc::ServerUnaryReactor* TrainerService::Backward(grpc::CallbackServerContext* 
     if (req->return_grad_input()) {
       EncodeTensor(grad_input.data(), grad_input.shape(), grad->raw(), resp->mutable_grad_input());
     }
-    if (ModelMetrics* m = e.metrics()) m->AddSamples(SampleOp::kBackward, rec->batch_size());
+    if (ModelMetrics* m = e.metrics()) {
+      m->AddSamples(SampleOp::kBackward, dp_ != nullptr ? rec->context().shard.global_rows
+                                                        : rec->batch_size());
+    }
     ++e.pending_backwards;
     e.ReleaseRecord(std::move(rec));
     return Status::Ok();
@@ -864,7 +879,7 @@ grpc::ServerUnaryReactor* TrainerService::ApplyGradients(grpc::CallbackServerCon
                                 "on a retained forward first");
     }
     StepResult r;
-    Status st = e.model().ApplyGradients(&r);
+    Status st = dp_ != nullptr ? dp_->ApplyGradients(e, &r) : e.model().ApplyGradients(&r);
     e.pending_backwards = 0;  // applied, or discarded by the refused step
     if (!st.ok()) {
       if (st.code() == StatusCode::kFailedPrecondition) {
@@ -981,6 +996,7 @@ grpc::ServerUnaryReactor* TrainerService::SetState(grpc::CallbackServerContext* 
   RunOnModel(call, req->model(), Want::kExclusive,
              [this, req, resp, entries](ModelEntry& e, Access) {
     NORMD_RETURN_IF_ERROR(e.model().SetState(*entries, req->strict()));
+    if (dp_ != nullptr) dp_->Replicate(e, DataParallelJob::Control::kSetState, *req);
     e.ReleaseAllRetained("released by SetState (the state it ran against was replaced)");
     RecordMutation(e, Mutation::kState);
     e.Publish();
@@ -997,8 +1013,9 @@ grpc::ServerUnaryReactor* TrainerService::ResetRunningStats(
   auto call = std::make_shared<Call>(this, ctx, Rpc::kResetRunningStats);
   grpc::ServerUnaryReactor* reactor = call->reactor();
   if (call->FinishIfRefused()) return reactor;
-  RunOnModel(call, req->model(), Want::kExclusive, [this, resp](ModelEntry& e, Access) {
+  RunOnModel(call, req->model(), Want::kExclusive, [this, req, resp](ModelEntry& e, Access) {
     e.model().ResetRunningStats();
+    if (dp_ != nullptr) dp_->Replicate(e, DataParallelJob::Control::kResetRunningStats, *req);
     e.ReleaseAllRetained("released by ResetRunningStats (the statistics it used were reset)");
     RecordMutation(e, Mutation::kReset);
     e.Publish();
@@ -1026,6 +1043,7 @@ grpc::ServerUnaryReactor* TrainerService::UpdateOptimizer(grpc::CallbackServerCo
   RunOnModel(call, req->model(), Want::kExclusive,
              [this, req, resp, config](ModelEntry& e, Access) {
     NORMD_RETURN_IF_ERROR(e.model().UpdateOptimizer(*config));
+    if (dp_ != nullptr) dp_->Replicate(e, DataParallelJob::Control::kUpdateOptimizer, *req);
     e.SetOptimizerSpec(req->optimizer());
     RecordMutation(e, Mutation::kOptimizer);
     e.Publish();
@@ -1072,9 +1090,10 @@ grpc::ServerUnaryReactor* TrainerService::SetLayerOptions(grpc::CallbackServerCo
   auto changes = std::make_shared<std::vector<LayerOptionsChange>>();
   LayerOptionsFromWire(req->layers(), changes.get());
   RunOnModel(call, req->model(), Want::kExclusive,
-             [this, resp, changes](ModelEntry& e, Access) {
+             [this, req, resp, changes](ModelEntry& e, Access) {
     bool frozen_changed = false;
     NORMD_RETURN_IF_ERROR(e.model().SetLayerOptions(*changes, &frozen_changed));
+    if (dp_ != nullptr) dp_->Replicate(e, DataParallelJob::Control::kSetLayerOptions, *req);
     if (frozen_changed) {
       e.ReleaseAllRetained("released by SetLayerOptions (a layer was frozen or unfrozen)");
     }
@@ -1129,6 +1148,35 @@ grpc::ServerUnaryReactor* TrainerService::FoldBatchNorm(grpc::CallbackServerCont
                  "models={}",
                  e.name(), copy->name(), removed, folded.config.layers.size(), registry_->size());
     return Status::Ok();
+  });
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* TrainerService::CheckReplicas(grpc::CallbackServerContext* ctx,
+                                                        const v1::CheckReplicasRequest* /*req*/,
+                                                        v1::CheckReplicasResponse* resp) {
+  auto call = std::make_shared<Call>(this, ctx, Rpc::kCheckReplicas);
+  grpc::ServerUnaryReactor* reactor = call->reactor();
+  if (call->FinishIfRefused()) return reactor;
+  if (!call->who().admin) {
+    call->Finish(Status(StatusCode::kPermissionDenied,
+                        "CheckReplicas reads every tenant's models: admins only"));
+    return reactor;
+  }
+  // Waits for each model's running work (it takes every model's lock): pool work.
+  pool_->Submit(call->who().tenant, [this, call, resp] {
+    Status s;
+    if (dp_ != nullptr) {
+      s = dp_->CheckReplicas(registry_, resp);
+    } else {
+      std::vector<std::shared_lock<std::shared_mutex>> locks;
+      int models = 0;
+      resp->add_digests(DigestRegistry(registry_, &models, &locks));
+      resp->set_world_size(1);
+      resp->set_models(models);
+      resp->set_consistent(true);
+    }
+    call->Finish(s);
   });
   return reactor;
 }

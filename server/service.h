@@ -34,6 +34,8 @@
 
 namespace normd::server {
 
+class DataParallelJob;
+
 class AdaptStatisticsReactor;
 class Authenticator;
 class TrainStreamReactor;
@@ -55,7 +57,8 @@ using TrainerServiceBase = v1::Trainer::WithCallbackMethod_CreateModel<
     v1::Trainer::WithCallbackMethod_SaveModel<
     v1::Trainer::WithCallbackMethod_SetLayerOptions<
     v1::Trainer::WithCallbackMethod_FoldBatchNorm<
-    v1::Trainer::WithCallbackMethod_AdaptStatistics<v1::Trainer::Service>>>>>>>>>>>>>>>>>>>;
+    v1::Trainer::WithCallbackMethod_AdaptStatistics<
+    v1::Trainer::WithCallbackMethod_CheckReplicas<v1::Trainer::Service>>>>>>>>>>>>>>>>>>>>;
 
 class TrainerService final : public TrainerServiceBase {
  public:
@@ -63,8 +66,10 @@ class TrainerService final : public TrainerServiceBase {
   // otherwise every Trainer call it does not identify ends with its refusal (UNAUTHENTICATED,
   // PERMISSION_DENIED) before anything runs, and every other call acts for the principal it
   // names: models are found, listed and created in that tenant's namespace (server/tenant.h).
+  // `data_parallel` (rank 0 of an MPI job, server/data_parallel.h; null otherwise): the
+  // compute that mixes a batch's samples and every change of a model also runs on the workers.
   TrainerService(Registry* registry, Metrics* metrics, ComputePool* pool,
-                 const Authenticator* auth = nullptr);
+                 const Authenticator* auth = nullptr, DataParallelJob* data_parallel = nullptr);
 
   // From now on new RPCs answer UNAVAILABLE and idle TrainStreams are finished (UNAVAILABLE);
   // requests already accepted run to completion.
@@ -134,6 +139,11 @@ class TrainerService final : public TrainerServiceBase {
   // before the commit leaves the model untouched.
   grpc::ServerReadReactor<v1::AdaptStatisticsRequest>* AdaptStatistics(
       grpc::CallbackServerContext* ctx, v1::Model* resp) override;
+  // Every rank's digest of its replicas (DataParallelJob::CheckReplicas); a single process
+  // answers world_size 1, its own digest, consistent. Admins only (it reads every tenant).
+  grpc::ServerUnaryReactor* CheckReplicas(grpc::CallbackServerContext* ctx,
+                                          const v1::CheckReplicasRequest* req,
+                                          v1::CheckReplicasResponse* resp) override;
 
  private:
   friend class AdaptStatisticsReactor;
@@ -187,6 +197,7 @@ class TrainerService final : public TrainerServiceBase {
   Metrics* const metrics_;
   ComputePool* const pool_;
   const Authenticator* const auth_;
+  DataParallelJob* const dp_;
   std::atomic<bool> shutting_down_{false};
 
   std::mutex streams_mu_;

@@ -452,6 +452,20 @@ int RunHealth(Client& client, const Args& args, std::ostream& out) {
   return kExitOk;
 }
 
+int RunReplicas(Client& client, const Args& /*args*/, std::ostream& out) {
+  const v1::CheckReplicasResponse r = client.CheckReplicas();
+  out << "world size: " << r.world_size() << "\nmodels: " << r.models() << '\n';
+  for (int rank = 0; rank < r.digests_size(); ++rank) {
+    out << "rank " << rank << ": " << r.digests(rank) << '\n';
+  }
+  out << (r.consistent() ? "replicas: identical on every rank\n" : "replicas: DIFFER\n");
+  if (!r.consistent()) {
+    std::cerr << "normctl: the ranks' replicas differ (compare the digests above)\n";
+    return kExitError;
+  }
+  return kExitOk;
+}
+
 int RunLayer(Client& client, const Args& args, std::ostream& out) {
   if (!args.layer_freeze && !args.layer_unfreeze && !args.trainable && !args.untrainable) {
     throw InputError("nothing to change: give --freeze/--unfreeze and/or "

@@ -78,6 +78,8 @@ int RunPredict(normd::client::Client& client, const Args& args, std::ostream& ou
 int RunInspect(normd::client::Client& client, const Args& args, std::ostream& out);
 int RunLr(normd::client::Client& client, const Args& args, std::ostream& out);
 int RunHealth(normd::client::Client& client, const Args& args, std::ostream& out);
+// Every rank's digest of its replicas; exit 0 when all ranks agree (data-parallel jobs).
+int RunReplicas(normd::client::Client& client, const Args& args, std::ostream& out);
 int RunDemo(normd::client::Client& client, const Args& args, std::ostream& out);
 int RunLayer(normd::client::Client& client, const Args& args, std::ostream& out);
 int RunFold(normd::client::Client& client, const Args& args, std::ostream& out);

@@ -208,6 +208,10 @@ int main(int argc, char** argv) {
       command("health", "Check the server's gRPC health (exit 0 when SERVING)", normctl::RunHealth);
   health->add_option("--service", args.service, "Service name (default: the whole server)");
 
+  command("replicas",
+          "Data-parallel jobs: compare every rank's replicas bit for bit (exit 0 when equal)",
+          normctl::RunReplicas);
+
   CLI::App* layer = command("layer", "Freeze or unfreeze layers, make them (un)trainable",
                             normctl::RunLayer);
   add_id(layer);

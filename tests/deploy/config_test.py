@@ -10,7 +10,10 @@
 - compose.yaml validates (docker-compose) and wires normd, Prometheus and Grafana together;
 - the Kubernetes manifests: StatefulSet with a volume claim on the data directory, gRPC
   probes and Service ports on the configured ports, the restrictive security context,
-  resources, Prometheus annotations on the metrics port, the image's numeric user.
+  resources, Prometheus annotations on the metrics port, the image's numeric user;
+- the data-parallel job's manifests (deploy/k8s/mpi, an MPIJob): `kubectl kustomize` renders
+  them; rank 0 (the launcher) has the ports, probes, data volume and annotations the
+  configuration names, the Service reaches it alone, workers open no port, -np = ranks.
 """
 
 import json
@@ -282,6 +285,83 @@ class KubernetesTest(unittest.TestCase):
         if "NORMD_COMPUTE_THREADS" in self.env:
             self.assertLessEqual(int(self.env["NORMD_COMPUTE_THREADS"]),
                                  int(float(res["limits"]["cpu"])))
+
+
+class MpiJobTest(unittest.TestCase):
+    """deploy/k8s/mpi: normd as a data-parallel job under the Kubeflow MPI Operator."""
+
+    @classmethod
+    def setUpClass(cls):
+        kustomization = load_yaml("k8s", "mpi", "kustomization.yaml")
+        cls.docs = []
+        for f in kustomization["resources"]:
+            cls.docs += load_yaml_all("k8s", "mpi", f)
+        cls.by_kind = {}
+        for d in cls.docs:
+            cls.by_kind.setdefault(d["kind"], []).append(d)
+        cls.job = cls.by_kind["MPIJob"][0]
+        specs = cls.job["spec"]["mpiReplicaSpecs"]
+        cls.launcher = specs["Launcher"]["template"]
+        cls.worker = specs["Worker"]
+        cls.ctr = cls.launcher["spec"]["containers"][0]
+        config = {c["metadata"]["name"]: c["data"] for c in cls.by_kind["ConfigMap"]}
+        cls.env = {}
+        for src in cls.ctr.get("envFrom", []):
+            cls.env.update(config[src["configMapRef"]["name"]])
+
+    def test_kustomize_renders(self):
+        if shutil.which("kubectl") is None:
+            self.skipTest("kubectl is not installed")
+        r = subprocess.run(["kubectl", "kustomize", os.path.join(DEPLOY, "k8s", "mpi")],
+                           capture_output=True, text=True, timeout=60)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        kinds = {d["kind"] for d in yaml.safe_load_all(r.stdout) if d}
+        self.assertEqual(kinds, {"MPIJob", "Service", "ConfigMap", "PersistentVolumeClaim"})
+
+    def test_job(self):
+        self.assertEqual(self.job["apiVersion"], "kubeflow.org/v2beta1")
+        self.assertIs(self.job["spec"]["runLauncherAsWorker"], True, "the launcher is rank 0")
+        self.assertEqual(self.job["spec"]["mpiImplementation"], "OpenMPI")
+        args = self.ctr["args"]
+        ranks = int(args[args.index("-np") + 1])
+        self.assertEqual(ranks, self.worker["replicas"] + 1, "-np = workers + the launcher")
+        self.assertEqual(self.ctr["command"], ["/usr/local/bin/normd-mpirun"],
+                         "SIGTERM must reach normd as the forwarded SIGUSR1")
+        self.assertEqual(args[-1], "/usr/local/bin/normd")
+        # Every NORMD_* setting reaches the other ranks (they must agree at start-up).
+        exported = {args[i + 1] for i, a in enumerate(args) if a == "-x"}
+        self.assertEqual({k for k in self.env if k.startswith("NORMD_")} - exported, set())
+
+    def test_rank0_ports_probes_volume(self):
+        ports = {p["name"]: p["containerPort"] for p in self.ctr["ports"]}
+        self.assertEqual(ports["grpc"], port_of(self.env["NORMD_LISTEN"]))
+        self.assertEqual(ports["metrics"], port_of(self.env["NORMD_METRICS"]))
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            self.assertEqual(self.ctr[probe]["grpc"]["port"], ports["grpc"], probe)
+        mounts = {m["mountPath"]: m["name"] for m in self.ctr["volumeMounts"]}
+        volumes = {v["name"]: v for v in self.launcher["spec"]["volumes"]}
+        claim = volumes[mounts[self.env["NORMD_DATA_DIR"]]]["persistentVolumeClaim"]["claimName"]
+        self.assertIn(claim, {c["metadata"]["name"] for c in self.by_kind["PersistentVolumeClaim"]})
+        ann = self.launcher["metadata"]["annotations"]
+        self.assertEqual(int(ann["prometheus.io/port"]), ports["metrics"])
+
+    def test_service_reaches_rank0_only(self):
+        svc = self.by_kind["Service"][0]
+        labels = self.launcher["metadata"]["labels"]
+        selector = dict(svc["spec"]["selector"])
+        self.assertEqual(selector.pop("training.kubeflow.org/job-role"), "launcher")
+        self.assertEqual(selector.items() - labels.items(), set())
+        ports = {p["name"] for p in self.ctr["ports"]}
+        self.assertEqual({p["targetPort"] for p in svc["spec"]["ports"]}, ports)
+
+    def test_workers_open_no_port_and_match_rank0(self):
+        w = self.worker["template"]["spec"]["containers"][0]
+        self.assertNotIn("ports", w)
+        self.assertFalse({"startupProbe", "livenessProbe", "readinessProbe"} & set(w))
+        self.assertEqual(w["envFrom"], self.ctr["envFrom"], "the same settings on every rank")
+        self.assertEqual(w["image"], self.ctr["image"], "the same build on every rank")
+        self.assertEqual(self.worker["template"]["spec"]["securityContext"]["runAsUser"],
+                         self.launcher["spec"]["securityContext"]["runAsUser"])
 
 
 if __name__ == "__main__":

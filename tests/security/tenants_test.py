@@ -194,8 +194,13 @@ class TenantsTest(unittest.TestCase):
                     iter([pb.AdaptStatisticsRequest(model=n, input=x)]), metadata=md("b-tok"),
                     timeout=10),
             }
-            self.assertEqual(len(calls) + 2, len(pb.DESCRIPTOR.services_by_name["Trainer"].methods),
-                             "every model RPC (all but ListModels and CreateModel) is tried")
+            self.assertEqual(len(calls) + 3, len(pb.DESCRIPTOR.services_by_name["Trainer"].methods),
+                             "every model RPC (all but ListModels, CreateModel and CheckReplicas) "
+                             "is tried")
+            # CheckReplicas digests every tenant's models: admins only.
+            code, details = code_of(lambda: s.CheckReplicas(pb.CheckReplicasRequest(),
+                                                            metadata=md("b-tok"), timeout=10))
+            self.assertEqual(code, grpc.StatusCode.PERMISSION_DENIED, details)
             for rpc, fn in calls.items():
                 code, details = code_of(lambda: fn(name))
                 self.assertEqual(code, grpc.StatusCode.NOT_FOUND, f"{rpc} {name}: {details}")

@@ -503,6 +503,11 @@ class Client:
             request.state.tensors.add(name=name, tensor=to_tensor(value))
         return self._call("SetState", request, timeout=timeout)
 
+    def check_replicas(self, *, timeout: Optional[float] = None) -> pb.CheckReplicasResponse:
+        """Data-parallel jobs: every rank's digest of its replicas (world_size, consistent,
+        models, digests in rank order). A single process answers world_size 1. Admins only."""
+        return self._call("CheckReplicas", pb.CheckReplicasRequest(), timeout=timeout)
+
     # -- health -----------------------------------------------------------------------------
 
     def health(self, service: str = "", *, timeout: Optional[float] = None) -> str:
