@@ -71,7 +71,9 @@ Targets TargetRows(const Targets& t, int64_t begin, int64_t n) {
     out.labels = t.labels + begin;
     out.num_labels = n;
   }
-  if (t.target.data != nullptr || t.target.shape.rank() > 0) out.target = RowsOf(t.target, begin, n);
+  if (t.target.data != nullptr || t.target.shape.rank() > 0) {
+    out.target = RowsOf(t.target, begin, n);
+  }
   return out;
 }
 
@@ -242,7 +244,9 @@ DataParallelJob::DataParallelJob(JobChannel* channel, const Sequential::Limits& 
 
 namespace {
 using Clock = std::chrono::steady_clock;
-double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+double Since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
 }  // namespace
 
 void DataParallelJob::TimedCollective::AllReduceSum(double* data, int64_t n) {
@@ -355,7 +359,8 @@ Status DataParallelJob::TrainStep(ModelEntry& e, const v1::TrainStepRequest& req
   }
   int64_t n = 0;
   const DataParallelShard shard = ShardOf(x.rows(), &n);
-  return m.TrainStep(RowsOf(x, shard.row_offset, n), TargetRows(targets.targets, shard.row_offset, n),
+  return m.TrainStep(RowsOf(x, shard.row_offset, n),
+                     TargetRows(targets.targets, shard.row_offset, n),
                      &e.train_record, result, shard);
 }
 
@@ -563,7 +568,8 @@ void DataParallelJob::OnMutation(ModelEntry& entry, Mutation what) {
 
 Status DataParallelJob::Save(ModelEntry& entry, uint64_t* step) {
   if (inner_ == nullptr) {
-    return FailedPrecondition("persistence not configured: this server keeps models in memory only");
+    return FailedPrecondition(
+        "persistence not configured: this server keeps models in memory only");
   }
   return inner_->Save(entry, step);
 }

@@ -3,7 +3,7 @@
 // Rank 0 runs the whole server (gRPC, health, reflection, /metrics, persistence); the other
 // ranks ("workers") open no port and run RunWorker. Every rank holds a replica of every model.
 // Rank 0 drives the workers with one ordered stream of commands over a JobChannel (MPI outside
-// this file, mpi/mpi_job_channel.h): each command is an op code, the model's key, a number and
+// this file, server/mpi_job.h): each command is an op code, the model's key, a number and
 // a payload, usually the request's own serialized proto, so a worker decodes it exactly as rank
 // 0 did.
 //
@@ -19,9 +19,10 @@
 //    retain_for_backward, Backward, ApplyGradients: the request without its tensors' values,
 //    then each rank's shard of the rows (ShardRows: contiguous, sizes within one, possibly
 //    empty) of the input, labels or target and output gradient (Scatter, MPI_Scatterv); each
-//    rank calls the core with its DataParallelShard, whose collective (JobChannel::collective) combines BatchNorm's
-//    statistics, the loss and the gradients (SyncBatchNorm, core/collective.h). Forward's output
-//    and Backward's input gradient come back to rank 0 row shard by row shard (Gather).
+//    rank calls the core with its DataParallelShard, whose collective (JobChannel::collective)
+//    combines BatchNorm's statistics, the loss and the gradients (SyncBatchNorm,
+//    core/collective.h). Forward's output and Backward's input gradient come back to rank 0
+//    row shard by row shard (Gather).
 //    The whole batch is checked on rank 0 before anything is sent (the core's REQUIRES: a check
 //    that failed on one shard only would leave the ranks apart mid-step).
 //    Figures rank 0 derives from its own record describe its shard, not the whole batch:
