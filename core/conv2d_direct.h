@@ -26,9 +26,10 @@
 // (r, q) of the padded input (rows i*s + r, columns j*s + q) is a stride-1 correlation of dy
 // with the taps that reach it (ki = r + a*s, kj = q + b*s), computed by the same tiles.
 //
-// Results: every output element sums its input channels in order and, per channel, the taps in
-// order, whatever the tile or the thread; the weight gradient sums a sample's positions in
-// lanes and the batch in two fixed halves, so a budget of 2 gives the bits of a budget of 1.
+// Results: every output element sums its input channels in order and, per channel, its taps in
+// one fixed order, whatever the tile or the thread; the weight gradient sums a sample's
+// positions in lanes and the batch in two fixed halves, so a budget of 2 gives the bits of a
+// budget of 1.
 //
 // Thread safety: all methods are const and may run concurrently; scratch memory is per thread
 // and grows to the largest layer once.
