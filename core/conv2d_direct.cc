@@ -51,43 +51,12 @@ float* Scratch(int which, int64_t n) {
 }
 enum ScratchBuffer { kPrepared = 0, kTransposed = 1, kPacked = 2 };
 
-// One tile of a stride-1 convolution with a K x K kernel: out_t rows [0, P) (positions o0 ..
-// o0 + P - 1, `in` already offset by o0), output channels [co0, co0 + V * kLanes). Input value
-// `row[m]` of kernel row ki feeds position m - kj through tap (ki, kj): one broadcast, K taps.
-template <int V, int P, int K>
-void RowReuseTile(const float* in, int64_t channels, int64_t channel_stride, int64_t plane_w,
-                  const float* packed, int64_t padded_out, int64_t co0, float* out_t) {
-  Vec acc[V][P] = {};
-  for (int64_t c = 0; c < channels; ++c) {
-    const float* wc = packed + c * K * K * padded_out + co0;
-    for (int ki = 0; ki < K; ++ki) {
-      const float* row = in + c * channel_stride + ki * plane_w;
-      Vec w[K][V];
-      for (int kj = 0; kj < K; ++kj) {
-        for (int j = 0; j < V; ++j) w[kj][j] = Load(wc + (ki * K + kj) * padded_out + j * kLanes);
-      }
-#pragma GCC unroll 64
-      for (int m = 0; m < P + K - 1; ++m) {
-        const float v = row[m];
-#pragma GCC unroll 16
-        for (int kj = 0; kj < K; ++kj) {
-          const int q = m - kj;
-          if (q < 0 || q >= P) continue;
-          for (int j = 0; j < V; ++j) acc[j][q] += w[kj][j] * v;
-        }
-      }
-    }
-  }
-  for (int q = 0; q < P; ++q) {
-    for (int j = 0; j < V; ++j) Store(out_t + q * padded_out + co0 + j * kLanes, acc[j][q]);
-  }
-}
-
-// The taps of one kernel row that read one column phase of a strided input: tap b (kernel
-// column q + b*stride) reads `row` at offset b, so input value row[m] feeds position m - b of
-// each of the KB taps. Adds into the caller's tile (kept in registers: always inlined).
+// KB taps of one kernel row whose inputs lie side by side in `row` (a stride-1 row, or one
+// column phase of a strided input): tap b, with weights at w0 + b * tap_step, reads `row` at
+// offset b, so input value row[m] feeds position m - b of each of the KB taps: one broadcast,
+// KB taps. Adds into the caller's tile (kept in registers: always inlined).
 template <int V, int P, int KB>
-inline __attribute__((always_inline)) void PhaseRowTaps(const float* row, const float* w0,
+inline __attribute__((always_inline)) void KernelRowTaps(const float* row, const float* w0,
                                                         int64_t tap_step, Vec (&acc)[V][P]) {
   Vec w[KB][V];
   for (int b = 0; b < KB; ++b) {
@@ -102,6 +71,25 @@ inline __attribute__((always_inline)) void PhaseRowTaps(const float* row, const 
       if (q < 0 || q >= P) continue;
       for (int j = 0; j < V; ++j) acc[j][q] += w[b][j] * v;
     }
+  }
+}
+
+// One tile of a stride-1 convolution with a K x K kernel: out_t rows [0, P) (positions o0 ..
+// o0 + P - 1, `in` already offset by o0), output channels [co0, co0 + V * kLanes); each kernel
+// row's K taps share their broadcasts (KernelRowTaps).
+template <int V, int P, int K>
+void RowReuseTile(const float* in, int64_t channels, int64_t channel_stride, int64_t plane_w,
+                  const float* packed, int64_t padded_out, int64_t co0, float* out_t) {
+  Vec acc[V][P] = {};
+  for (int64_t c = 0; c < channels; ++c) {
+    const float* wc = packed + c * K * K * padded_out + co0;
+    for (int ki = 0; ki < K; ++ki) {
+      KernelRowTaps<V, P, K>(in + c * channel_stride + ki * plane_w, wc + ki * K * padded_out,
+                            padded_out, acc);
+    }
+  }
+  for (int q = 0; q < P; ++q) {
+    for (int j = 0; j < V; ++j) Store(out_t + q * padded_out + co0 + j * kLanes, acc[j][q]);
   }
 }
 
@@ -123,9 +111,9 @@ void StridedTile(const float* in, int64_t channels, int64_t channel_stride, int6
         const float* w0 = wrow + q * padded_out;
         const int64_t step = stride * padded_out;
         switch ((kernel - q + stride - 1) / stride) {
-          case 1: PhaseRowTaps<V, P, 1>(row, w0, step, acc); break;
-          case 2: PhaseRowTaps<V, P, 2>(row, w0, step, acc); break;
-          default: PhaseRowTaps<V, P, 3>(row, w0, step, acc); break;
+          case 1: KernelRowTaps<V, P, 1>(row, w0, step, acc); break;
+          case 2: KernelRowTaps<V, P, 2>(row, w0, step, acc); break;
+          default: KernelRowTaps<V, P, 3>(row, w0, step, acc); break;
         }
       }
     }
