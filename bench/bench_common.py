@@ -169,3 +169,23 @@ def finish(results, t_start, json_path, print_tables):
         with open(json_path, "w") as f:
             json.dump(results, f, indent=1)
     return 0
+
+
+def torch_train_step(model, opt, loss_fn, x_all, y_all, batch):
+    """A PyTorch training step over consecutive batches of (x_all, y_all), wrapping around:
+    returns step(), which trains on the next batch and returns its loss."""
+    pos = [0]
+
+    def step():
+        if pos[0] + batch > x_all.shape[0]:
+            pos[0] = 0
+        xb = x_all[pos[0]:pos[0] + batch]
+        yb = y_all[pos[0]:pos[0] + batch]
+        pos[0] += batch
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(xb), yb)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step

@@ -56,7 +56,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from bench_common import (Server, Targets, child_env, finish, machine_summary,  # noqa: E402
-                          run_json, torch_env)
+                          run_json, torch_env, torch_train_step)
 
 CLASSES = 10
 IMAGE = (3, 32, 32)
@@ -291,18 +291,7 @@ def torch_worker(args):
         sgd = job["spec"]["optimizer"]["sgd"]
         opt = torch.optim.SGD(model.parameters(), lr=sgd["lr"], momentum=sgd["momentum"])
         loss_fn = torch.nn.CrossEntropyLoss()
-        pos = [0]
-
-        def step():
-            if pos[0] + batch > x_all.shape[0]:
-                pos[0] = 0
-            xb, yb = x_all[pos[0]:pos[0] + batch], y_all[pos[0]:pos[0] + batch]
-            pos[0] += batch
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(xb), yb)
-            loss.backward()
-            opt.step()
-            return loss
+        step = torch_train_step(model, opt, loss_fn, x_all, y_all, batch)
 
         for _ in range(job["warmup"]):
             step()

@@ -37,7 +37,7 @@ import tempfile
 import time
 
 from bench_common import (Server, Targets, child_env, finish, machine_summary, pinned, run_json,
-                          torch_env)
+                          torch_env, torch_train_step)
 
 BATCHES = (32, 256, 1024)
 THREADS = (1, 2)
@@ -74,7 +74,6 @@ def torch_worker(args):
 
     x_all = torch.from_numpy(np.fromfile(args.data, dtype=np.float32).reshape(-1, IN_FEATURES))
     y_all = torch.from_numpy(np.fromfile(args.labels, dtype=np.int64))
-    rows = x_all.shape[0]
 
     for batch in BATCHES:
         torch.manual_seed(1)
@@ -85,19 +84,7 @@ def torch_worker(args):
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         loss_fn = nn.CrossEntropyLoss()
-        pos = [0]
-
-        def step():
-            if pos[0] + batch > rows:
-                pos[0] = 0
-            xb = x_all[pos[0]:pos[0] + batch]
-            yb = y_all[pos[0]:pos[0] + batch]
-            pos[0] += batch
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(xb), yb)
-            loss.backward()
-            opt.step()
-            return loss
+        step = torch_train_step(model, opt, loss_fn, x_all, y_all, batch)
 
         steps = steps_for(batch, args.quick)
         for _ in range(max(3, steps // 3)):
