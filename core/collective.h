@@ -11,6 +11,10 @@
 // drift apart). Sums combine rank 0's values, then rank 1's, ... when the implementation can
 // promise an order; what the core needs is only that every rank gets the same bits.
 //
+// Non-blocking sums (StartAllReduceSum ... WaitAll) let a rank go on computing while its
+// gradients travel (core/gradient_buckets.h). They count as operations in the order above: every
+// rank starts the same ones in the same order, interleaved the same way with blocking calls.
+//
 // Thread safety: one thread per rank calls a Collective at a time (the model it serves is
 // exclusively held while it trains).
 #ifndef NORMD_CORE_COLLECTIVE_H_
@@ -33,6 +37,16 @@ class Collective {
   // out[r * n + i] = rank r's in[i]: every rank's n values, in rank order.
   // REQUIRES: out holds size() * n values and does not overlap in.
   virtual void AllGather(const double* in, int64_t n, double* out) = 0;
+
+  // Starts AllReduceSum(data, n) and may return before it completes: data must not be read or
+  // written until WaitAll returns, and then holds the sums. Blocking calls may be made while
+  // started sums are pending. The default completes the sum before returning.
+  virtual void StartAllReduceSum(float* data, int64_t n) { AllReduceSum(data, n); }
+  // Lets pending sums advance without waiting for them (MPI moves a non-blocking collective
+  // only inside MPI calls). The default has nothing pending.
+  virtual void Progress() {}
+  // Returns once every started sum has completed.
+  virtual void WaitAll() {}
 };
 
 // Where one rank's rows sit in a data-parallel batch. A default-constructed shard is "not

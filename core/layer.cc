@@ -92,7 +92,8 @@ void ForwardLayers(const LayerList& layers, const ConstTensorView& x, const Forw
 
 void BackwardLayers(LayerList& layers, const ConstTensorView& x, const Tensor* outputs,
                     const LayerCache* caches, const ConstTensorView& dy,
-                    const ForwardContext& ctx, Tensor* dx, Tensor* buf_a, Tensor* buf_b) {
+                    const ForwardContext& ctx, Tensor* dx, Tensor* buf_a, Tensor* buf_b,
+                    BackwardListener* listener) {
   const int n = static_cast<int>(layers.size());
   int stop = 0;
   if (dx == nullptr) {
@@ -115,6 +116,7 @@ void BackwardLayers(LayerList& layers, const ConstTensorView& x, const Tensor* o
       // A layer may have accumulated anyway (Layer::trainable lets it skip, not must).
       for (Parameter* p : layers[j]->parameters()) p->grad.SetZero();
     }
+    if (listener != nullptr) listener->LayerDone(j);
     if (j > stop) {
       grad = bufs[next]->view();
       next ^= 1;

@@ -168,6 +168,14 @@ std::unique_ptr<Layer> MakeLayer(const LayerConfig& config);
 // An ordered stack of owned layers: a Sequential, or a branch of a residual block.
 using LayerList = std::vector<std::unique_ptr<Layer>>;
 
+// Told by BackwardLayers when layer j of the stack has finished its backward pass: the parameter
+// gradients of layer j (of every layer inside it, for a block) are final for this pass.
+class BackwardListener {
+ public:
+  virtual ~BackwardListener() = default;
+  virtual void LayerDone(int j) = 0;
+};
+
 // Runs layers[0], layers[1], ... on x: layer j reads the previous layer's output (x for the
 // first) and writes outputs[j] and caches[j]. REQUIRES: layers is not empty; outputs and caches
 // have room for layers.size() entries.
@@ -179,10 +187,12 @@ void ForwardLayers(const LayerList& layers, const ConstTensorView& x, const Forw
 // layer's (Layer::trainable) stay zero. dx (overwritten) receives dL/dx when non-null; without
 // it the pass stops below the lowest layer with trainable parameters (PyTorch's autograd stops
 // there too, so a frozen backbone costs nothing). buf_a and buf_b are scratch for the
-// intermediate gradients; neither may hold dy.
+// intermediate gradients; neither may hold dy. A non-null listener hears of each layer it
+// finishes (layers below the stopping point are never reported).
 void BackwardLayers(LayerList& layers, const ConstTensorView& x, const Tensor* outputs,
                     const LayerCache* caches, const ConstTensorView& dy, const ForwardContext& ctx,
-                    Tensor* dx, Tensor* buf_a, Tensor* buf_b);
+                    Tensor* dx, Tensor* buf_a, Tensor* buf_b,
+                    BackwardListener* listener = nullptr);
 
 }  // namespace normd
 

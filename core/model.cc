@@ -152,7 +152,11 @@ StepResult Model::Step() {
 
 Status Model::ApplyGradients(StepResult* result, Collective* collective) {
   NORMD_RETURN_IF_ERROR(CheckCanTrain("ApplyGradients"));
-  if (collective != nullptr) AllReduceGradients(collective);
+  if (collective != nullptr) {
+    // Every bucket starts at once: the accumulated gradients are all final.
+    Buckets()->Begin(collective);
+    Buckets()->Finish();
+  }
   const int bad = net_->FirstNonFiniteGradLayer();
   if (bad >= 0) {
     net_->ZeroGrad();
@@ -186,8 +190,14 @@ Status Model::TrainStep(const ConstTensorView& x, const Targets& targets, Forwar
     return FailedPrecondition("step ", step_ + 1, " produced a non-finite loss (", loss,
                               "); model unchanged");
   }
-  net_->Backward(rec, loss_grad_.view(), nullptr);
-  if (shard.active()) AllReduceGradients(shard.collective);
+  if (shard.active()) {
+    // The gradients' sum over the ranks travels while the backward pass goes on below.
+    Buckets()->Begin(shard.collective);
+    net_->Backward(rec, loss_grad_.view(), nullptr, Buckets());
+    Buckets()->Finish();
+  } else {
+    net_->Backward(rec, loss_grad_.view(), nullptr);
+  }
   const int bad = net_->FirstNonFiniteGradLayer();
   if (bad >= 0) {
     net_->ZeroGrad();
@@ -208,8 +218,9 @@ Status Model::TrainStep(const ConstTensorView& x, const Targets& targets, Forwar
   return Status::Ok();
 }
 
-void Model::AllReduceGradients(Collective* collective) {
-  for (Parameter* p : net_->parameters()) collective->AllReduceSum(p->grad.data(), p->grad.size());
+GradientBuckets* Model::Buckets() {
+  if (buckets_ == nullptr) buckets_ = std::make_unique<GradientBuckets>(net_.get());
+  return buckets_.get();
 }
 
 Status Model::Evaluate(const ConstTensorView& x, const Targets& targets, ForwardRecord* rec,

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "core/config.h"
+#include "core/gradient_buckets.h"
 #include "core/loss.h"
 #include "core/optimizer.h"
 #include "core/sequential.h"
@@ -259,8 +260,8 @@ class Model {
  private:
   Model() = default;
   void RecordStatus(const ForwardRecord& rec) const;
-  // Sums every parameter gradient over the ranks.
-  void AllReduceGradients(Collective* collective);
+  // The gradient buckets of a data-parallel step, built at the first one.
+  GradientBuckets* Buckets();
   // The forward context of the model's mode: batch statistics and dropout in train mode,
   // running-statistics updates unless frozen.
   ForwardContext CurrentModeContext();
@@ -275,6 +276,7 @@ class Model {
   std::unique_ptr<Optimizer> optimizer_;
   Rng rng_;
   Tensor loss_grad_;  // dL/d(output) scratch for TrainStep
+  std::unique_ptr<GradientBuckets> buckets_;  // null until a data-parallel step
   bool training_ = true;
   bool frozen_ = false;
   bool inference_only_ = false;

@@ -232,9 +232,10 @@ void Sequential::Forward(const ConstTensorView& x, const ForwardContext& ctx,
   rec->ctx_.rng = nullptr;  // the caller's generator must not be reached through the record
 }
 
-void Sequential::Backward(ForwardRecord* rec, const ConstTensorView& dy, Tensor* dx) {
+void Sequential::Backward(ForwardRecord* rec, const ConstTensorView& dy, Tensor* dx,
+                          BackwardListener* listener) {
   BackwardLayers(layers_, rec->input_, rec->outputs_.data(), rec->caches_.data(), dy, rec->ctx_, dx,
-                 &rec->grad_a_, &rec->grad_b_);
+                 &rec->grad_a_, &rec->grad_b_, listener);
 }
 
 Rng Sequential::CommitRunningStats(ForwardRecord* rec) {

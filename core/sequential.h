@@ -157,8 +157,10 @@ class Sequential {
   // accumulating parameter gradients, except into untrainable layers' (Layer::trainable),
   // which stay zero; without dx it stops below the lowest layer with trainable parameters
   // (BackwardLayers). When dx is non-null it receives dL/d(input).
+  // A non-null listener hears of each top-level layer finished (BackwardListener).
   // REQUIRES: dy has the output's shape; the parameters are those rec's forward used.
-  void Backward(ForwardRecord* rec, const ConstTensorView& dy, Tensor* dx);
+  void Backward(ForwardRecord* rec, const ConstTensorView& dy, Tensor* dx,
+                BackwardListener* listener = nullptr);
 
   // Applies rec's pending running-statistics updates (BatchNorm's, filling the update norms
   // in rec's reports, and other norm layers'), nested layers' included. Returns the generator

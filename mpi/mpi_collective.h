@@ -2,7 +2,8 @@
 // started with `mpirun -np N`. Every operation is one MPI collective on a communicator of its
 // own (a duplicate of MPI_COMM_WORLD), so the job's other messages never mix with the model's.
 //
-// Sums use MPI_Allreduce with MPI_SUM. The MPI standard leaves the order of a reduction to the
+// Sums use MPI_Allreduce with MPI_SUM; started sums MPI_Iallreduce, whose requests Progress
+// tests and WaitAll completes. The MPI standard leaves the order of a reduction to the
 // implementation and only advises that every rank get the same result; Open MPI's algorithms
 // (recursive doubling, ring with a final all-gather, reduce + broadcast) give every rank the same
 // bits, which tests/mpi checks by comparing the replicas bit for bit after training.
@@ -18,6 +19,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "core/collective.h"
 #include "core/status.h"
@@ -60,11 +62,15 @@ class MpiCollective : public Collective {
   void AllReduceSum(double* data, int64_t n) override;
   void AllReduceSum(float* data, int64_t n) override;
   void AllGather(const double* in, int64_t n, double* out) override;
+  void StartAllReduceSum(float* data, int64_t n) override;
+  void Progress() override;
+  void WaitAll() override;
 
   MPI_Comm comm() const { return comm_; }
 
  private:
   MPI_Comm comm_ = MPI_COMM_NULL;
+  std::vector<MPI_Request> pending_;  // started sums; capacity kept between steps
   int rank_ = 0;
   int size_ = 1;
 };

@@ -270,6 +270,25 @@ void DataParallelJob::TimedCollective::AllGather(const double* in, int64_t n, do
   bytes_ += static_cast<double>(n) * sizeof(double);
 }
 
+void DataParallelJob::TimedCollective::StartAllReduceSum(float* data, int64_t n) {
+  const auto t = Clock::now();
+  inner_->StartAllReduceSum(data, n);
+  seconds_ += Since(t);
+  bytes_ += static_cast<double>(n) * sizeof(float);
+}
+
+void DataParallelJob::TimedCollective::Progress() {
+  const auto t = Clock::now();
+  inner_->Progress();
+  seconds_ += Since(t);
+}
+
+void DataParallelJob::TimedCollective::WaitAll() {
+  const auto t = Clock::now();
+  inner_->WaitAll();
+  seconds_ += Since(t);
+}
+
 class DataParallelJob::OpTimer {
  public:
   explicit OpTimer(DataParallelJob* job) : job_(job), start_(Clock::now()) { job_->timed_.Reset(); }

@@ -179,6 +179,9 @@ class DataParallelJob final : public Persistence {
     void AllReduceSum(double* data, int64_t n) override;
     void AllReduceSum(float* data, int64_t n) override;
     void AllGather(const double* in, int64_t n, double* out) override;
+    void StartAllReduceSum(float* data, int64_t n) override;
+    void Progress() override;
+    void WaitAll() override;
     void Reset() { seconds_ = 0, bytes_ = 0; }
     double seconds() const { return seconds_; }
     double bytes() const { return bytes_; }
