@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Builds the normd container image from deploy/Dockerfile with podman, offline from any
 # container registry, and runs it for real: health through the image's HEALTHCHECK, a model
-# created and trained with the image's normctl, /metrics scraped, a graceful stop, and a
-# restart on the same volume that finds the model again. Prints the image size, the build
-# time and the time to healthy.
+# created and trained with the image's normctl, /metrics scraped, a graceful stop, a restart
+# on the same volume that finds the model again, a 2-rank data-parallel job in one container,
+# and the Kubernetes MPIJob of deploy/k8s/mpi as the MPI Operator would run it (a launcher and a
+# worker container, rank 1 started over SSH). Prints the image size, the build time and the
+# time to healthy.
 #
 # Run by `make test-image` and by ctest (label "image"). Needs root (rootful podman) and the
 # Debian mirror that apt uses; installs podman, runc and mmdebstrap when missing.
@@ -327,6 +329,7 @@ until (exec 3<>"/dev/tcp/127.0.0.2/${K8S_SSH_PORT[0]}") 2>/dev/null; do
   [ $(($(date +%s%3N) - t_k8s)) -lt 30000 ] || fail "the worker's sshd is not listening on ${K8S_SSH_PORT[0]}"
   sleep 0.1
 done
+log "MPIJob worker: sshd listening on ${K8S_SSH_PORT[0]} $(($(date +%s%3N) - t_k8s)) ms into the stage"
 "${PODMAN_RUN[@]}" -d --name "$CTR" --user "${K8S_LAUNCHER_USER[0]}" -v "$VOL:/var/lib/normd" \
   --read-only --tmpfs /tmp --cap-drop ALL --security-opt no-new-privileges \
   -v "$WORK/ssh:${K8S_SSH_MOUNT[0]}:ro" -v "$WORK/mpi:/etc/mpi:ro" \
@@ -345,11 +348,13 @@ until podman healthcheck run "$CTR" >/dev/null 2>&1; do
   [ $(($(date +%s%3N) - t_k8s)) -lt 60000 ] || fail "the launcher was not healthy within 60 s"
   sleep 0.1
 done
+log "MPIJob launcher: healthy $(($(date +%s%3N) - t_k8s)) ms into the stage"
 procs() {  # the command names of a container's processes
   podman exec "$1" sh -c 'cat /proc/[0-9]*/comm' 2>/dev/null | sort
 }
-[ "$(procs "$WORKER_CTR" | grep -cx normd)" = 1 ] || fail "no rank in the worker container"
-procs "$WORKER_CTR" | grep -qx orted || fail "no orted in the worker container"
+worker_procs=$(procs "$WORKER_CTR")
+[ "$(grep -cx normd <<<"$worker_procs")" = 1 ] || fail "no rank in the worker container"
+grep -qx orted <<<"$worker_procs" || fail "no orted in the worker container"
 [ "$(procs "$CTR" | grep -cx normd)" = 1 ] || fail "the launcher does not run exactly rank 0"
 [ "$(model_step)" = "$step3" ] || fail "the MPIJob restored image-test at step $(model_step)"
 podman exec -i "$CTR" sh -c 'cat > /tmp/train.csv' < "$WORK/train.csv" || fail "copy csv (MPIJob)"
@@ -359,10 +364,14 @@ step4=$(model_step)
 [ "$step4" -eq $((step3 + 8)) ] || fail "the MPIJob's model is at step $step4, expected $((step3 + 8))"
 normctl replicas | tee "$WORK/replicas.txt" || fail "normctl replicas (MPIJob): the ranks differ"
 grep -q "world size: 2" "$WORK/replicas.txt" || fail "the MPIJob is not 2 ranks"
+t_job_stop=$(date +%s%3N)
 podman stop -t 30 "$CTR" >/dev/null 2>>"$WORK/podman-run.err" || fail "podman stop (launcher)"
 code=$(podman inspect -f '{{.State.ExitCode}}' "$CTR")
 [ "$code" = 0 ] || fail "the MPIJob's launcher exited with $code on SIGTERM"
 ! procs "$WORKER_CTR" | grep -qx normd || fail "the worker's rank outlived the job"
+log "MPIJob launcher: stopped in $(($(date +%s%3N) - t_job_stop)) ms"
+podman logs "$WORKER_CTR" 2>&1 | grep -q "Accepted publickey for normd" \
+  || fail "the worker's sshd did not log the job key's login"
 podman rm "$CTR" >/dev/null 2>>"$WORK/podman-run.err"
 podman rm -f -t 2 "$WORKER_CTR" >/dev/null 2>>"$WORK/podman-run.err"
 k8s_ms=$(($(date +%s%3N) - t_k8s))
