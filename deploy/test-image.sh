@@ -130,7 +130,8 @@ inspect '{{json .Config.Healthcheck}}' | grep -q 'normctl.*health' || fail "no H
   if grep "not found" /tmp/ldd.txt; then exit 11; fi
   for t in c++ g++ gcc cmake make; do if command -v $t; then exit 12; fi; done
   if [ -d /usr/include/grpcpp ]; then exit 13; fi
-  test "$(id -u)" = 10001' 2>>"$WORK/podman-run.err" || fail "runtime stage check (exit $?)"
+  test "$(id -u)" = 10001
+  test "$(id -gn)" = normd' 2>>"$WORK/podman-run.err" || fail "runtime stage check (exit $?)"
 # The image's own configuration passes the server's validation.
 "${PODMAN_RUN[@]}" --rm "$IMAGE" --check-config >/dev/null 2>>"$WORK/podman-run.err" \
   || fail "normd --check-config in the image"
