@@ -318,6 +318,7 @@ printf '%s slots=%s\n' normd-launcher.normd.default.svc "${K8S_SLOTS[0]}" \
   normd-worker-0.normd.default.svc "${K8S_SLOTS[0]}" > "$WORK/mpi/hostfile"
 chmod 0444 "$WORK/mpi/hostfile"
 k8s_env=()
+# shellcheck disable=SC2153  # K8S_* are set by the eval above
 for kv in "${K8S_ENV[@]}"; do k8s_env+=(-e "$kv"); done
 "${PODMAN_RUN[@]}" -d --name "$WORKER_CTR" --user "${K8S_WORKER_USER[0]}" \
   --read-only --tmpfs /tmp --cap-drop ALL --security-opt no-new-privileges \
@@ -326,11 +327,13 @@ for kv in "${K8S_ENV[@]}"; do k8s_env+=(-e "$kv"); done
   -o ListenAddress=127.0.0.2 >/dev/null 2>>"$WORK/podman-run.err" || fail "podman run (worker)"
 # The worker's startup probe: its sshd accepts connections on the manifest's port.
 until (exec 3<>"/dev/tcp/127.0.0.2/${K8S_SSH_PORT[0]}") 2>/dev/null; do
-  [ "$(podman inspect -f '{{.State.Running}}' "$WORKER_CTR")" = true ] || fail "the worker's sshd exited"
-  [ $(($(date +%s%3N) - t_k8s)) -lt 30000 ] || fail "the worker's sshd is not listening on ${K8S_SSH_PORT[0]}"
+  [ "$(podman inspect -f '{{.State.Running}}' "$WORKER_CTR")" = true ] \
+    || fail "the worker's sshd exited"
+  [ $(($(date +%s%3N) - t_k8s)) -lt 30000 ] \
+    || fail "the worker's sshd is not listening on ${K8S_SSH_PORT[0]}"
   sleep 0.1
 done
-log "MPIJob worker: sshd listening on ${K8S_SSH_PORT[0]} $(($(date +%s%3N) - t_k8s)) ms into the stage"
+log "MPIJob worker: sshd listening on ${K8S_SSH_PORT[0]}, $(($(date +%s%3N) - t_k8s)) ms in"
 "${PODMAN_RUN[@]}" -d --name "$CTR" --user "${K8S_LAUNCHER_USER[0]}" -v "$VOL:/var/lib/normd" \
   --read-only --tmpfs /tmp --cap-drop ALL --security-opt no-new-privileges \
   -v "$WORK/ssh:${K8S_SSH_MOUNT[0]}:ro" -v "$WORK/mpi:/etc/mpi:ro" \
@@ -349,7 +352,7 @@ until podman healthcheck run "$CTR" >/dev/null 2>&1; do
   [ $(($(date +%s%3N) - t_k8s)) -lt 60000 ] || fail "the launcher was not healthy within 60 s"
   sleep 0.1
 done
-log "MPIJob launcher: healthy $(($(date +%s%3N) - t_k8s)) ms into the stage"
+log "MPIJob launcher: healthy, $(($(date +%s%3N) - t_k8s)) ms in"
 procs() {  # the command names of a container's processes
   podman exec "$1" sh -c 'cat /proc/[0-9]*/comm' 2>/dev/null | sort
 }
@@ -362,7 +365,8 @@ podman exec -i "$CTR" sh -c 'cat > /tmp/train.csv' < "$WORK/train.csv" || fail "
 normctl train image-test --data /tmp/train.csv --label-column label --epochs 1 --batch 32 \
   --progress lines || fail "normctl train (MPIJob)"
 step4=$(model_step)
-[ "$step4" -eq $((step3 + 8)) ] || fail "the MPIJob's model is at step $step4, expected $((step3 + 8))"
+[ "$step4" -eq $((step3 + 8)) ] \
+  || fail "the MPIJob's model is at step $step4, expected $((step3 + 8))"
 normctl replicas | tee "$WORK/replicas.txt" || fail "normctl replicas (MPIJob): the ranks differ"
 grep -q "world size: 2" "$WORK/replicas.txt" || fail "the MPIJob is not 2 ranks"
 t_job_stop=$(date +%s%3N)
@@ -376,6 +380,7 @@ podman logs "$WORKER_CTR" 2>&1 | grep -q "Accepted publickey for normd" \
 podman rm "$CTR" >/dev/null 2>>"$WORK/podman-run.err"
 podman rm -f -t 2 "$WORKER_CTR" >/dev/null 2>>"$WORK/podman-run.err"
 k8s_ms=$(($(date +%s%3N) - t_k8s))
-log "MPIJob (launcher + worker over ssh on port ${K8S_SSH_PORT[0]}): restored step $step3, trained to $step4, replicas identical, exit 0, in $k8s_ms ms"
+log "MPIJob (launcher + worker over ssh on port ${K8S_SSH_PORT[0]}): restored step $step3," \
+  "trained to $step4, replicas identical, exit 0, in $k8s_ms ms"
 
 log "PASS: image $IMAGE size $((size / 1024 / 1024)) MiB ($size bytes), build $((build_ms / 1000)) s, healthy in $healthy_ms ms, stop $stop_ms ms"
