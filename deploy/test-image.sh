@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Builds the normd container image from deploy/Dockerfile with podman, offline from any
 # container registry, and runs it for real: health through the image's HEALTHCHECK, a model
-# created and trained with the image's normctl, /metrics scraped, a graceful stop, and a
-# restart on the same volume that finds the model again. Prints the image size, the build
-# time and the time to healthy.
+# created and trained with the image's normctl, /metrics scraped, a graceful stop, a restart
+# on the same volume that finds the model again, a 2-rank data-parallel job in one container,
+# and the Kubernetes MPIJob of deploy/k8s/mpi as the MPI Operator would run it (a launcher and a
+# worker container, rank 1 started over SSH). Prints the image size, the build time and the
+# time to healthy.
 #
 # Run by `make test-image` and by ctest (label "image"). Needs root (rootful podman) and the
 # Debian mirror that apt uses; installs podman, runc and mmdebstrap when missing.
@@ -22,6 +24,7 @@ PODMAN_RUN=(podman --runtime runc run --network host
 T0=$(date +%s%3N)
 SUFFIX="$$"
 CTR="normd-image-test-$SUFFIX"
+WORKER_CTR="normd-image-test-worker-$SUFFIX"
 VOL="normd-image-test-data-$SUFFIX"
 WORK=$(mktemp -d /tmp/normd-image-test.XXXXXX)
 
@@ -36,10 +39,15 @@ fail() {
     echo "--- container log ---"
     podman logs "$CTR" 2>&1 | tail -40 || true
   fi
+  if podman container exists "$WORKER_CTR" 2>/dev/null; then
+    echo "--- worker container log ---"
+    podman logs "$WORKER_CTR" 2>&1 | tail -40 || true
+  fi
   exit 1
 }
 cleanup() {
   podman rm -f -t 2 -v "$CTR" >/dev/null 2>&1 || true
+  podman rm -f -t 2 "$WORKER_CTR" >/dev/null 2>&1 || true
   podman volume rm -f "$VOL" >/dev/null 2>&1 || true
   rm -rf "$WORK"
 }
@@ -122,7 +130,8 @@ inspect '{{json .Config.Healthcheck}}' | grep -q 'normctl.*health' || fail "no H
   if grep "not found" /tmp/ldd.txt; then exit 11; fi
   for t in c++ g++ gcc cmake make; do if command -v $t; then exit 12; fi; done
   if [ -d /usr/include/grpcpp ]; then exit 13; fi
-  test "$(id -u)" = 10001' 2>>"$WORK/podman-run.err" || fail "runtime stage check (exit $?)"
+  test "$(id -u)" = 10001
+  test "$(id -gn)" = normd' 2>>"$WORK/podman-run.err" || fail "runtime stage check (exit $?)"
 # The image's own configuration passes the server's validation.
 "${PODMAN_RUN[@]}" --rm "$IMAGE" --check-config >/dev/null 2>>"$WORK/podman-run.err" \
   || fail "normd --check-config in the image"
@@ -256,6 +265,122 @@ grep -q "world size: 2" "$WORK/replicas.txt" || fail "the job is not 2 ranks"
 podman stop -t 30 "$CTR" >/dev/null 2>>"$WORK/podman-run.err" || fail "podman stop (job)"
 code=$(podman inspect -f '{{.State.ExitCode}}' "$CTR")
 [ "$code" = 0 ] || fail "the job exited with $code on SIGTERM"
+podman rm "$CTR" >/dev/null 2>>"$WORK/podman-run.err"
 log "2-rank job in the image: restored step $step, trained to $step3, replicas identical, exit 0"
+
+# --- the Kubernetes MPIJob, without a cluster ---------------------------------------------------
+# deploy/k8s/mpi run as the MPI Operator runs it, in two containers of the image: a worker with the
+# manifest's command line, user and confinement (the unprivileged sshd), a launcher with the
+# manifest's command and arguments (normd-mpirun, rank 0), and what the operator adds between them:
+# its kind of SSH key (ECDSA P-521, PEM) laid out as its Secret volume (id_rsa, id_rsa.pub,
+# authorized_keys; root's, mode 0644) at sshAuthMountPath in both, a hostfile at /etc/mpi/hostfile
+# naming the two pods, and the OMPI_MCA_* variables it sets on the launcher. The pods' names resolve
+# to 127.0.0.1 (the launcher: Open MPI finds it local and starts rank 0 itself) and 127.0.0.2 (the
+# worker: mpirun starts rank 1 through its sshd, on the port the image's ssh client configuration
+# names). Loopback only: the worker's sshd also gets `-o ListenAddress=127.0.0.2` (the host's
+# network is shared) and Open MPI's TCP traffic is kept on lo.
+t_k8s=$(date +%s%3N)
+k8s_vars=$(/usr/bin/python3 - deploy/k8s/mpi <<'EOF'
+import os, shlex, sys
+import yaml
+docs = []
+for name in ("mpijob.yaml", "configmap.yaml"):
+    with open(os.path.join(sys.argv[1], name)) as f:
+        docs += [d for d in yaml.safe_load_all(f) if d]
+job = next(d for d in docs if d["kind"] == "MPIJob")
+config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+launcher = job["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]
+worker = job["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"]
+def out(name, *values):
+    print(f"{name}=({' '.join(shlex.quote(str(v)) for v in values)})")
+def user(spec):
+    return f"{spec['securityContext']['runAsUser']}:{spec['securityContext']['runAsGroup']}"
+lc, wc = launcher["containers"][0], worker["containers"][0]
+out("K8S_LAUNCHER_CMD", *lc["command"], *lc.get("args", []))
+out("K8S_WORKER_CMD", *wc["command"], *wc.get("args", []))
+out("K8S_LAUNCHER_USER", user(launcher))
+out("K8S_WORKER_USER", user(worker))
+out("K8S_SSH_MOUNT", job["spec"]["sshAuthMountPath"])
+out("K8S_SSH_PORT", next(p["containerPort"] for p in wc["ports"] if p["name"] == "ssh"))
+out("K8S_SLOTS", job["spec"]["slotsPerWorker"])
+out("K8S_ENV", *(f"{k}={v}" for k, v in config.items()
+                 if k not in ("NORMD_LISTEN", "NORMD_METRICS")))
+EOF
+) || fail "reading deploy/k8s/mpi"
+eval "$k8s_vars"
+mkdir -m 0755 "$WORK/ssh" "$WORK/mpi"
+"${PODMAN_RUN[@]}" --rm --user 0 -v "$WORK/ssh:/keys" --entrypoint ssh-keygen "$IMAGE" \
+  -q -t ecdsa -b 521 -m PEM -N '' -C '' -f /keys/id_rsa 2>>"$WORK/podman-run.err" \
+  || fail "ssh-keygen in the image"
+cp "$WORK/ssh/id_rsa.pub" "$WORK/ssh/authorized_keys"
+chown root:root "$WORK/ssh"/* && chmod 0644 "$WORK/ssh"/*
+printf '%s slots=%s\n' normd-launcher.normd.default.svc "${K8S_SLOTS[0]}" \
+  normd-worker-0.normd.default.svc "${K8S_SLOTS[0]}" > "$WORK/mpi/hostfile"
+chmod 0444 "$WORK/mpi/hostfile"
+k8s_env=()
+# shellcheck disable=SC2153  # K8S_* are set by the eval above
+for kv in "${K8S_ENV[@]}"; do k8s_env+=(-e "$kv"); done
+"${PODMAN_RUN[@]}" -d --name "$WORKER_CTR" --user "${K8S_WORKER_USER[0]}" \
+  --read-only --tmpfs /tmp --cap-drop ALL --security-opt no-new-privileges \
+  -v "$WORK/ssh:${K8S_SSH_MOUNT[0]}:ro" "${k8s_env[@]}" -e K_MPI_JOB_ROLE=worker \
+  --entrypoint "${K8S_WORKER_CMD[0]}" "$IMAGE" "${K8S_WORKER_CMD[@]:1}" \
+  -o ListenAddress=127.0.0.2 >/dev/null 2>>"$WORK/podman-run.err" || fail "podman run (worker)"
+# The worker's startup probe: its sshd accepts connections on the manifest's port.
+until (exec 3<>"/dev/tcp/127.0.0.2/${K8S_SSH_PORT[0]}") 2>/dev/null; do
+  [ "$(podman inspect -f '{{.State.Running}}' "$WORKER_CTR")" = true ] \
+    || fail "the worker's sshd exited"
+  [ $(($(date +%s%3N) - t_k8s)) -lt 30000 ] \
+    || fail "the worker's sshd is not listening on ${K8S_SSH_PORT[0]}"
+  sleep 0.1
+done
+log "MPIJob worker: sshd listening on ${K8S_SSH_PORT[0]}, $(($(date +%s%3N) - t_k8s)) ms in"
+"${PODMAN_RUN[@]}" -d --name "$CTR" --user "${K8S_LAUNCHER_USER[0]}" -v "$VOL:/var/lib/normd" \
+  --read-only --tmpfs /tmp --cap-drop ALL --security-opt no-new-privileges \
+  -v "$WORK/ssh:${K8S_SSH_MOUNT[0]}:ro" -v "$WORK/mpi:/etc/mpi:ro" \
+  --add-host normd-launcher.normd.default.svc:127.0.0.1 \
+  --add-host normd-worker-0.normd.default.svc:127.0.0.2 \
+  "${k8s_env[@]}" -e NORMD_LISTEN="$SERVER" -e NORMD_METRICS="127.0.0.1:$METRICS_PORT" \
+  -e K_MPI_JOB_ROLE=launcher -e OMPI_MCA_orte_keep_fqdn_hostnames=true \
+  -e OMPI_MCA_orte_default_hostfile=/etc/mpi/hostfile \
+  -e OMPI_MCA_plm_rsh_args="-o ConnectionAttempts=10" \
+  -e OMPI_MCA_orte_set_default_slots="${K8S_SLOTS[0]}" \
+  -e OMPI_MCA_btl_tcp_if_include=lo -e OMPI_MCA_oob_tcp_if_include=lo \
+  --entrypoint "${K8S_LAUNCHER_CMD[0]}" "$IMAGE" "${K8S_LAUNCHER_CMD[@]:1}" \
+  >/dev/null 2>>"$WORK/podman-run.err" || fail "podman run (launcher)"
+until podman healthcheck run "$CTR" >/dev/null 2>&1; do
+  [ "$(podman inspect -f '{{.State.Running}}' "$CTR")" = true ] || fail "the launcher exited"
+  [ $(($(date +%s%3N) - t_k8s)) -lt 60000 ] || fail "the launcher was not healthy within 60 s"
+  sleep 0.1
+done
+log "MPIJob launcher: healthy, $(($(date +%s%3N) - t_k8s)) ms in"
+procs() {  # the command names of a container's processes
+  podman exec "$1" sh -c 'cat /proc/[0-9]*/comm' 2>/dev/null | sort
+}
+worker_procs=$(procs "$WORKER_CTR")
+[ "$(grep -cx normd <<<"$worker_procs")" = 1 ] || fail "no rank in the worker container"
+grep -qx orted <<<"$worker_procs" || fail "no orted in the worker container"
+[ "$(procs "$CTR" | grep -cx normd)" = 1 ] || fail "the launcher does not run exactly rank 0"
+[ "$(model_step)" = "$step3" ] || fail "the MPIJob restored image-test at step $(model_step)"
+podman exec -i "$CTR" sh -c 'cat > /tmp/train.csv' < "$WORK/train.csv" || fail "copy csv (MPIJob)"
+normctl train image-test --data /tmp/train.csv --label-column label --epochs 1 --batch 32 \
+  --progress lines || fail "normctl train (MPIJob)"
+step4=$(model_step)
+[ "$step4" -eq $((step3 + 8)) ] \
+  || fail "the MPIJob's model is at step $step4, expected $((step3 + 8))"
+normctl replicas | tee "$WORK/replicas.txt" || fail "normctl replicas (MPIJob): the ranks differ"
+grep -q "world size: 2" "$WORK/replicas.txt" || fail "the MPIJob is not 2 ranks"
+t_job_stop=$(date +%s%3N)
+podman stop -t 30 "$CTR" >/dev/null 2>>"$WORK/podman-run.err" || fail "podman stop (launcher)"
+code=$(podman inspect -f '{{.State.ExitCode}}' "$CTR")
+[ "$code" = 0 ] || fail "the MPIJob's launcher exited with $code on SIGTERM"
+! procs "$WORKER_CTR" | grep -qx normd || fail "the worker's rank outlived the job"
+log "MPIJob launcher: stopped in $(($(date +%s%3N) - t_job_stop)) ms"
+podman logs "$WORKER_CTR" 2>&1 | grep -q "Accepted publickey for normd" \
+  || fail "the worker's sshd did not log the job key's login"
+podman rm "$CTR" >/dev/null 2>>"$WORK/podman-run.err"
+podman rm -f -t 2 "$WORKER_CTR" >/dev/null 2>>"$WORK/podman-run.err"
+k8s_ms=$(($(date +%s%3N) - t_k8s))
+log "MPIJob (launcher + worker over ssh on port ${K8S_SSH_PORT[0]}): restored step $step3," \
+  "trained to $step4, replicas identical, exit 0, in $k8s_ms ms"
 
 log "PASS: image $IMAGE size $((size / 1024 / 1024)) MiB ($size bytes), build $((build_ms / 1000)) s, healthy in $healthy_ms ms, stop $stop_ms ms"

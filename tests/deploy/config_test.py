@@ -13,7 +13,13 @@
   resources, Prometheus annotations on the metrics port, the image's numeric user;
 - the data-parallel job's manifests (deploy/k8s/mpi, an MPIJob): `kubectl kustomize` renders
   them; rank 0 (the launcher) has the ports, probes, data volume and annotations the
-  configuration names, the Service reaches it alone, workers open no port, -np = ranks.
+  configuration names, the Service reaches it alone, workers open only their sshd's port,
+  -np = ranks;
+- the job's SSH (deploy/ssh, installed by the Dockerfile): the workers' command line names the
+  image's sshd configuration, whose port is above 1024 and is the one the workers' manifest
+  declares and probes and the launcher's ssh client dials; keys are read from the operator's
+  mount (sshAuthMountPath), and the port is not left to OMPI_MCA_plm_rsh_args, which the
+  operator overrides.
 """
 
 import json
@@ -64,6 +70,37 @@ def dockerfile_env():
         if line.strip().startswith("ENV "):
             env.update(re.findall(r"(NORMD_[A-Z0-9_]+)=(\S+)", line))
     return env
+
+
+def dockerfile_copies():
+    """{source: destination} of deploy/Dockerfile's COPY instructions from the build context."""
+    with open(os.path.join(DEPLOY, "Dockerfile")) as f:
+        text = f.read().replace("\\\n", " ")
+    copies = {}
+    for line in text.splitlines():
+        words = line.split()
+        if words[:1] == ["COPY"] and not any(w.startswith("--from") for w in words):
+            for src in words[1:-1]:
+                copies[src] = words[-1]
+    return copies
+
+
+def ssh_settings(name, host_block=None):
+    """deploy/ssh/<name> as {keyword (lower case): [values of each occurrence]}; for a client
+    configuration, the settings inside `Host <host_block>`."""
+    settings, host = {}, None
+    with open(os.path.join(DEPLOY, "ssh", name)) as f:
+        for line in f:
+            words = line.split("#", 1)[0].split()
+            if not words:
+                continue
+            key, values = words[0].lower(), words[1:]
+            if key == "host":
+                host = " ".join(values)
+                continue
+            if host_block is None or host == host_block:
+                settings.setdefault(key, []).append(" ".join(values))
+    return settings
 
 
 def promtool(*args, cwd=PROM):
@@ -354,14 +391,109 @@ class MpiJobTest(unittest.TestCase):
         ports = {p["name"] for p in self.ctr["ports"]}
         self.assertEqual({p["targetPort"] for p in svc["spec"]["ports"]}, ports)
 
-    def test_workers_open_no_port_and_match_rank0(self):
+    def test_workers_open_sshd_only_and_match_rank0(self):
         w = self.worker["template"]["spec"]["containers"][0]
-        self.assertNotIn("ports", w)
-        self.assertFalse({"startupProbe", "livenessProbe", "readinessProbe"} & set(w))
+        self.assertEqual([p["name"] for p in w["ports"]], ["ssh"], "the rank opens no port")
+        self.assertFalse({"livenessProbe", "readinessProbe"} & set(w))
         self.assertEqual(w["envFrom"], self.ctr["envFrom"], "the same settings on every rank")
         self.assertEqual(w["image"], self.ctr["image"], "the same build on every rank")
         self.assertEqual(self.worker["template"]["spec"]["securityContext"]["runAsUser"],
                          self.launcher["spec"]["securityContext"]["runAsUser"])
+
+
+class MpiJobSshTest(unittest.TestCase):
+    """The MPIJob's SSH, both ends: the workers' unprivileged sshd and the launcher's ssh client
+    (mpirun's rsh launcher), against the configuration files the image carries (deploy/ssh)."""
+
+    @classmethod
+    def setUpClass(cls):
+        docs = []
+        for f in ("mpijob.yaml", "configmap.yaml"):
+            docs += load_yaml_all("k8s", "mpi", f)
+        cls.job = next(d for d in docs if d["kind"] == "MPIJob")
+        cls.config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+        specs = cls.job["spec"]["mpiReplicaSpecs"]
+        cls.launcher_pod = specs["Launcher"]["template"]["spec"]
+        cls.worker_pod = specs["Worker"]["template"]["spec"]
+        cls.worker = cls.worker_pod["containers"][0]
+        cls.mount = cls.job["spec"]["sshAuthMountPath"]
+        cls.sshd = ssh_settings("sshd_config")
+        cls.client = ssh_settings("ssh_config", host_block="*")
+        cls.copies = dockerfile_copies()
+        with open(os.path.join(DEPLOY, "Dockerfile")) as f:  # instructions, no comments
+            cls.dockerfile = "".join(line for line in f if not line.lstrip().startswith("#"))
+        cls.dockerfile = cls.dockerfile.replace("\\\n", " ")
+
+    def one(self, settings, key):
+        self.assertIn(key, settings)
+        self.assertEqual(len(settings[key]), 1, f"{key} set more than once")
+        return settings[key][0]
+
+    def test_worker_runs_the_images_sshd_config(self):
+        argv = self.worker["command"] + self.worker.get("args", [])
+        self.assertEqual(argv[0], "/usr/sbin/sshd")
+        self.assertIn("-D", "".join(a for a in argv[1:] if a.startswith("-") and a != "-f"),
+                      "sshd must stay in the foreground as the container's process")
+        config_path = argv[argv.index("-f") + 1]
+        self.assertEqual(self.copies.get("deploy/ssh/sshd_config"), config_path,
+                         "the manifest's sshd -f path is where the Dockerfile installs the config")
+
+    def test_launcher_ssh_client_config_is_installed_where_debian_includes_it(self):
+        dest = self.copies.get("deploy/ssh/ssh_config", "")
+        self.assertRegex(dest, r"^/etc/ssh/ssh_config\.d/[^/]+\.conf$")
+
+    def test_one_port_above_1024_everywhere(self):
+        port = int(self.one(self.sshd, "port"))
+        self.assertGreater(port, 1024, "the sshd runs unprivileged, with no capabilities")
+        self.assertEqual(int(self.one(self.client, "port")), port,
+                         "the launcher's ssh client dials the workers' sshd port")
+        ports = {p["name"]: p["containerPort"] for p in self.worker["ports"]}
+        self.assertEqual(ports["ssh"], port, "the worker's declared ssh port")
+        probe = self.worker["startupProbe"]["tcpSocket"]["port"]
+        self.assertEqual(ports.get(probe, probe), port, "the worker's startup probe")
+
+    def test_port_is_not_left_to_plm_rsh_args(self):
+        # The operator appends OMPI_MCA_plm_rsh_args to the launcher's env, overriding ours.
+        env = dict(self.config)
+        for c in self.launcher_pod["containers"]:
+            env.update({e["name"]: e.get("value") for e in c.get("env", [])})
+        self.assertNotIn("OMPI_MCA_plm_rsh_args", env)
+        args = self.launcher_pod["containers"][0]["args"]
+        self.assertNotIn("plm_rsh_args", args)
+
+    def test_keys_come_from_the_operators_mount(self):
+        # The operator's Secret volume: id_rsa (private), id_rsa.pub, authorized_keys.
+        mount = self.mount.rstrip("/")
+        self.assertEqual(self.one(self.sshd, "hostkey"), f"{mount}/id_rsa",
+                         "the job's key, readable by the unprivileged sshd, is its host key")
+        self.assertEqual(self.one(self.sshd, "authorizedkeysfile"), f"{mount}/authorized_keys")
+        self.assertEqual(self.one(self.client, "identityfile"), f"{mount}/id_rsa")
+        # Root-owned 0644 files in a read-only mount: no strict modes, no known_hosts writes.
+        self.assertEqual(self.one(self.sshd, "strictmodes"), "no")
+        self.assertEqual(self.one(self.client, "userknownhostsfile"), "/dev/null")
+        self.assertEqual(self.one(self.client, "stricthostkeychecking"), "no")
+
+    def test_sshd_writes_nothing_to_the_read_only_root(self):
+        self.assertTrue(self.worker["securityContext"]["readOnlyRootFilesystem"])
+        self.assertEqual(self.one(self.sshd, "pidfile"), "none")
+        self.assertRegex(self.dockerfile, r"rm -f /etc/ssh/ssh_host_\*",
+                         "the package's generated host keys must not ship in the image")
+
+    def test_the_images_user_may_log_in_with_the_job_key(self):
+        m = re.search(r"useradd ([^&\n]*)", self.dockerfile)
+        self.assertIsNotNone(m, "the Dockerfile's useradd")
+        *opts, name = m.group(1).split()
+        self.assertEqual(name, "normd")
+        opts = " ".join(opts)
+        uid = int(re.search(r"--uid (\d+)", opts).group(1))
+        self.assertEqual(self.worker_pod["securityContext"]["runAsUser"], uid)
+        self.assertEqual(self.launcher_pod["securityContext"]["runAsUser"], uid)
+        self.assertEqual(self.one(self.sshd, "allowusers"), "normd")
+        shell = re.search(r"--shell (\S+)", opts).group(1)
+        self.assertNotIn("nologin", shell, "sshd runs mpirun's orted through the user's shell")
+        self.assertEqual(self.one(self.sshd, "passwordauthentication"), "no")
+        self.assertEqual(self.one(self.sshd, "permitrootlogin"), "no")
+        self.assertRegex(self.dockerfile, r"openmpi-bin openssh-client openssh-server")
 
 
 if __name__ == "__main__":
