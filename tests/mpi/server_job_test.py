@@ -9,8 +9,8 @@ normd, sends both the same calls and compares, with the parity suite's measure (
 after training (parameters, running statistics, num_batches_tracked, optimizer state);
 Forward(retain)+Backward+ApplyGradients outputs, input gradients and the state after it;
 Forward's layer_stats and the BatchNorm drift figures (GetModel), the whole batch's in train
-mode and in a retained eval-mode forward (both run on every rank); eval Forward and Evaluate; uneven shards (batch 257 over 3 ranks; batch 2 over 3 ranks, where a rank
-has no rows); BatchNorm1d with Dropout and Adam, BatchNorm2d with SGD momentum, momentum=None,
+mode and in a retained eval-mode forward (both run on every rank); eval Forward and Evaluate;
+uneven shards (batch 257 over 3 ranks; batch 2 over 3 ranks, where a rank has no rows); BatchNorm1d with Dropout and Adam, BatchNorm2d with SGD momentum, momentum=None,
 affine=false, track_running_stats=false. After each part CheckReplicas must report every rank's
 replicas bit-identical; the control RPCs (SetMode, UpdateOptimizer, ResetRunningStats, SetState,
 SetLayerOptions, DeleteModel) must keep them so. Prints the largest deviation of each kind.
