@@ -5,15 +5,16 @@ Usage (ctest, label mpi): server_job_test.py RANKS TRANSPORT   (TRANSPORT: shm |
 
 Starts a job of RANKS ranks on loopback (Open MPI's shared-memory or TCP transport) and a plain
 normd, sends both the same calls and compares, with the parity suite's measure (relative error
-||a - b|| / ||b||, tests/parity/torch_parity.py's tolerances): TrainStep losses and the state
-after training (parameters, running statistics, num_batches_tracked, optimizer state);
-Forward(retain)+Backward+ApplyGradients outputs, input gradients and the state after it;
-Forward's layer_stats and the BatchNorm drift figures (GetModel), the whole batch's in train
-mode and in a retained eval-mode forward (both run on every rank); eval Forward and Evaluate;
-uneven shards (batch 257 over 3 ranks; batch 2 over 3 ranks, where a rank has no rows); BatchNorm1d with Dropout and Adam, BatchNorm2d with SGD momentum, momentum=None,
-affine=false, track_running_stats=false. After each part CheckReplicas must report every rank's
-replicas bit-identical; the control RPCs (SetMode, UpdateOptimizer, ResetRunningStats, SetState,
-SetLayerOptions, DeleteModel) must keep them so. Prints the largest deviation of each kind.
+||a - b|| / ||b||, tests/parity/torch_parity.py's tolerances): TrainStep losses and the state after
+training (parameters, running statistics, num_batches_tracked, optimizer state);
+Forward(retain)+Backward+ApplyGradients outputs, input gradients and the state after it; Forward's
+layer_stats and the BatchNorm drift figures (GetModel), the whole batch's in train mode and in a
+retained eval-mode forward (both run on every rank); eval Forward and Evaluate; uneven shards
+(batch 257 over 3 ranks; batch 2 over 3 ranks, where a rank has no rows); BatchNorm1d with Dropout
+and Adam, BatchNorm2d with SGD momentum, momentum=None, affine=false, track_running_stats=false.
+After each part CheckReplicas must report every rank's replicas bit-identical; the control RPCs
+(SetMode, UpdateOptimizer, ResetRunningStats, SetState, SetLayerOptions, DeleteModel) must keep
+them so. Prints the largest deviation of each kind.
 """
 
 import copy
