@@ -364,9 +364,11 @@ void BatchNorm::Forward(const ConstTensorView& x, Tensor* y, LayerCache* cache,
   ArrayF shift(cache->f.data() + 3 * C, C);
 
   const bool need_stats = batch_stats || track;
-  // Data-parallel with batch statistics (SyncBatchNorm): the statistics are the whole batch's,
-  // combined from every rank's shard before anything is normalised.
-  const bool sync = ctx.shard.active() && batch_stats;
+  // Data-parallel (SyncBatchNorm): the statistics are the whole batch's, combined from every
+  // rank's shard before anything is normalised. With running statistics normalising (eval
+  // mode, a frozen layer) they are combined all the same, for the drift figures: the drift
+  // describes the whole batch, as one process's does.
+  const bool sync = ctx.shard.active() && need_stats;
   double count = static_cast<double>(N * S);
   // 1/sqrt(var + eps) in double (Eigen vectorises it when no cast is inside the expression),
   // in the scratch area, then rounded to float.

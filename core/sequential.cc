@@ -7,17 +7,27 @@
 namespace normd {
 namespace {
 
-MeanStd MeanStdOf(const float* data, int64_t n) {
-  MeanStd r;
+ChannelMoments MomentsOf(const float* data, int64_t n) {
+  ChannelMoments r;
+  r.count = n;
+  r.mean.assign(1, 0.0);
+  r.m2.assign(1, 0.0);
   if (n == 0) return r;
   Eigen::Map<const Eigen::VectorXf> v(data, n);
-  r.mean = v.cast<double>().sum() / static_cast<double>(n);
-  const double m2 = (v.cast<double>().array() - r.mean).square().sum();
-  r.std = std::sqrt(m2 / static_cast<double>(n));
+  r.mean[0] = v.cast<double>().sum() / static_cast<double>(n);
+  r.m2[0] = (v.cast<double>().array() - r.mean[0]).square().sum();
   return r;
 }
 
 }  // namespace
+
+MeanStd MeanStdOf(const ChannelMoments& m) {
+  MeanStd r;
+  if (m.count == 0) return r;
+  r.mean = m.mean[0];
+  r.std = std::sqrt(m.m2[0] / static_cast<double>(m.count));
+  return r;
+}
 
 void ForwardRecord::RetainInput() {
   if (input_.data == input_copy_.data() && input_.data != nullptr) return;
@@ -316,15 +326,23 @@ void Sequential::ResetRunningStats() {
 }
 
 std::vector<LayerActivationStats> Sequential::ActivationStats(const ForwardRecord& rec) const {
-  std::vector<LayerActivationStats> stats(nodes_.size());
+  std::vector<LayerActivationStats> stats;
+  for (const LayerActivationMoments& m : ActivationMoments(rec)) {
+    stats.push_back({m.layer, MeanStdOf(m.input), MeanStdOf(m.output)});
+  }
+  return stats;
+}
+
+std::vector<LayerActivationMoments> Sequential::ActivationMoments(const ForwardRecord& rec) const {
+  std::vector<LayerActivationMoments> moments(nodes_.size());
   for (size_t i = 0; i < nodes_.size(); ++i) {
     const ConstTensorView in = NodeInput(rec, static_cast<int>(i));
     const Tensor& out = NodeOutput(rec, static_cast<int>(i));
-    stats[i].layer = static_cast<int>(i);
-    stats[i].input = MeanStdOf(in.data, in.size());
-    stats[i].output = MeanStdOf(out.data(), out.size());
+    moments[i].layer = static_cast<int>(i);
+    moments[i].input = MomentsOf(in.data, in.size());
+    moments[i].output = MomentsOf(out.data(), out.size());
   }
-  return stats;
+  return moments;
 }
 
 }  // namespace normd

@@ -43,6 +43,19 @@ struct LayerActivationStats {
   MeanStd output;
 };
 
+// The moments of every value of a node's input and output, each as one group (a
+// ChannelMoments of one channel): moments of a batch's row shards combine with CombineMoments
+// into the whole batch's, as SyncBatchNorm's statistics do, so a data-parallel job can report
+// the whole batch's LayerActivationStats.
+struct LayerActivationMoments {
+  int layer = 0;  // node index (Sequential::nodes())
+  ChannelMoments input;
+  ChannelMoments output;
+};
+
+// Mean and population std (sqrt(M2 / count)) of one-channel moments; zeros when empty.
+MeanStd MeanStdOf(const ChannelMoments& m);
+
 // One layer of the model's tree (see the file comment).
 struct LayerNode {
   Layer* layer = nullptr;  // owned by the Sequential or by the block holding it
@@ -183,8 +196,12 @@ class Sequential {
 
   void ResetRunningStats();
 
-  // Per node, mean and std of the input entering and the output leaving it.
+  // Per node, mean and std of the input entering and the output leaving it, over rec's rows.
+  // Equals MeanStdOf of ActivationMoments(rec).
   std::vector<LayerActivationStats> ActivationStats(const ForwardRecord& rec) const;
+  // Per node, the moments of the input entering and the output leaving it, over rec's rows
+  // (two passes: mean = sum / count, then M2; a record of no rows gives empty moments).
+  std::vector<LayerActivationMoments> ActivationMoments(const ForwardRecord& rec) const;
 
  private:
   struct Builder;

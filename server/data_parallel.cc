@@ -133,6 +133,50 @@ std::string DigestString(int models, uint64_t h) {
   return buf;
 }
 
+// A rank's ActivationMoments as bytes for Gather: per node, input then output, each as
+// (count, mean, M2) doubles.
+std::string MomentsBytes(const std::vector<LayerActivationMoments>& moments) {
+  std::vector<double> v;
+  for (const LayerActivationMoments& m : moments) {
+    for (const ChannelMoments* c : {&m.input, &m.output}) {
+      v.push_back(static_cast<double>(c->count));
+      v.push_back(c->mean[0]);
+      v.push_back(c->m2[0]);
+    }
+  }
+  return std::string(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(double));
+}
+
+// The whole batch's statistics from every rank's MomentsBytes, merged in rank order as
+// SyncBatchNorm merges its statistics. A part of the wrong size (none: the rank's forward
+// failed) is skipped; rank 0's caller has failed then too.
+std::vector<LayerActivationStats> CombineLayerStats(const std::vector<std::string>& parts,
+                                                    int nodes) {
+  std::vector<LayerActivationMoments> total(nodes);
+  for (int i = 0; i < nodes; ++i) {
+    total[i].layer = i;
+    total[i].input = total[i].output = ChannelMoments{0, {0.0}, {0.0}};
+  }
+  const size_t want = static_cast<size_t>(nodes) * 6 * sizeof(double);
+  for (const std::string& p : parts) {
+    if (p.size() != want) continue;
+    std::vector<double> v(static_cast<size_t>(nodes) * 6);
+    std::memcpy(v.data(), p.data(), want);
+    for (int i = 0; i < nodes; ++i) {
+      const double* d = v.data() + i * 6;
+      CombineMoments(&total[i].input,
+                     ChannelMoments{static_cast<int64_t>(d[0]), {d[1]}, {d[2]}});
+      CombineMoments(&total[i].output,
+                     ChannelMoments{static_cast<int64_t>(d[3]), {d[4]}, {d[5]}});
+    }
+  }
+  std::vector<LayerActivationStats> stats;
+  for (const LayerActivationMoments& m : total) {
+    stats.push_back({m.layer, MeanStdOf(m.input), MeanStdOf(m.output)});
+  }
+  return stats;
+}
+
 // What a TrainStep's targets are, sent in Command::arg.
 enum TargetKind : uint64_t { kNoTargets = 0, kLabels = 1, kTarget = 2 };
 
@@ -384,7 +428,8 @@ Status DataParallelJob::TrainStep(ModelEntry& e, const v1::TrainStepRequest& req
 }
 
 Status DataParallelJob::Forward(ModelEntry& e, const v1::ForwardRequest& req,
-                                const DecodedTensor& input, ForwardRecord* rec, Tensor* output) {
+                                const DecodedTensor& input, ForwardRecord* rec, Tensor* output,
+                                std::vector<LayerActivationStats>* layer_stats) {
   Model& m = e.model();
   const ConstTensorView x = input.view();
   NORMD_RETURN_IF_ERROR(m.CheckInput(x, m.training()));
@@ -400,6 +445,7 @@ Status DataParallelJob::Forward(ModelEntry& e, const v1::ForwardRequest& req,
   v1::ForwardRequest shapes;  // the request without its values; the rows follow
   ShapeOnly(req.input(), shapes.mutable_input());
   shapes.set_retain_for_backward(req.retain_for_backward());
+  shapes.set_layer_stats(req.layer_stats());
   c.payload = shapes.SerializeAsString();
   Send(c);
   ScatterRows(x.data, x.rows(), x.shape.DropFirst().NumElements() * sizeof(float), nullptr);
@@ -410,6 +456,13 @@ Status DataParallelJob::Forward(ModelEntry& e, const v1::ForwardRequest& req,
   channel_->Gather(s.ok() ? Bytes(rec->output().data(), rec->output().size()) : std::string(),
                    &parts);
   if (s.ok()) Assemble(parts, m.net().output_shape(), x.rows(), output);
+  if (req.layer_stats()) {
+    channel_->Gather(s.ok() ? MomentsBytes(m.net().ActivationMoments(*rec)) : std::string(),
+                     &parts);
+    if (s.ok() && layer_stats != nullptr) {
+      *layer_stats = CombineLayerStats(parts, m.net().num_nodes());
+    }
+  }
   return s;
 }
 
@@ -717,6 +770,11 @@ void DataParallelJob::Execute(const Command& c) {
       std::vector<std::string> unused;
       channel_->Gather(s.ok() ? Bytes(rec->output().data(), rec->output().size()) : std::string(),
                        &unused);
+      if (req.layer_stats()) {
+        channel_->Gather(
+            s.ok() ? MomentsBytes(r->model->net().ActivationMoments(*rec)) : std::string(),
+            &unused);
+      }
       MustAgree(rank, "Forward", c.key, s);
       if (req.retain_for_backward()) {
         // Keep only what rank 0 still holds, then this one.

@@ -25,9 +25,11 @@
 //    row shard by row shard (Gather).
 //    The whole batch is checked on rank 0 before anything is sent (the core's REQUIRES: a check
 //    that failed on one shard only would leave the ranks apart mid-step).
-//    Figures rank 0 derives from its own record describe its shard, not the whole batch:
-//    Forward's layer_stats, the drift histograms and the published BatchNorm summary (the
-//    running statistics themselves are the whole batch's on every rank).
+//    What rank 0 reports describes the whole batch: the drift figures in its record (the
+//    drift histograms, the published BatchNorm summary) because the core combines BatchNorm's
+//    statistics across ranks in every sharded forward, eval-mode and frozen layers' included;
+//    Forward's layer_stats because every rank's per-node moments are gathered and combined
+//    (Forward below); the running statistics are the whole batch's on every rank.
 //  - Eval-mode Forward without retain_for_backward, Evaluate, GetState, SaveModel,
 //    FoldBatchNorm's read: rank 0 alone, on the whole batch (they change nothing, and rank 0's
 //    replica is every rank's).
@@ -131,9 +133,12 @@ class DataParallelJob final : public Persistence {
                    const DecodedTargets& targets, TrainResult* result);
   // A Forward in train mode, or with retain_for_backward (REQUIRES: a reservation then, and
   // the caller commits rec with ModelEntry::CommitRetained before releasing the entry's lock).
-  // rec receives rank 0's shard; *output the whole batch's output.
+  // rec receives rank 0's shard; *output the whole batch's output. With req.layer_stats(),
+  // *layer_stats receives the whole batch's per-node statistics: every rank's
+  // ActivationMoments, gathered to rank 0 and combined in rank order (CombineMoments).
   Status Forward(ModelEntry& e, const v1::ForwardRequest& req, const DecodedTensor& input,
-                 ForwardRecord* rec, Tensor* output);
+                 ForwardRecord* rec, Tensor* output,
+                 std::vector<LayerActivationStats>* layer_stats);
   // The Backward of retained forward req.forward_id() (taken out into rec): grad_output is the
   // whole batch's; *grad_input (may be null) receives the whole batch's input gradient.
   Status Backward(ModelEntry& e, const v1::BackwardRequest& req, ForwardRecord* rec,

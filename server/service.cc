@@ -783,7 +783,8 @@ grpc::ServerUnaryReactor* TrainerService::Forward(grpc::CallbackServerContext* c
     // runs on every rank (rec holds rank 0's shard, `whole` the whole batch's output).
     const bool distributed = dp_ != nullptr && (training || retain);
     Tensor whole;
-    Status st = distributed ? dp_->Forward(e, *req, *input, rec.get(), &whole)
+    std::vector<LayerActivationStats> whole_stats;  // distributed: the whole batch's
+    Status st = distributed ? dp_->Forward(e, *req, *input, rec.get(), &whole, &whole_stats)
                             : model.Forward(input->view(), rec.get());
     if (!st.ok()) {
       if (retain) e.CancelReservation();
@@ -793,10 +794,12 @@ grpc::ServerUnaryReactor* TrainerService::Forward(grpc::CallbackServerContext* c
     const Tensor& out = distributed ? whole : rec->output();
     EncodeTensor(out.data(), out.shape(), input->raw(), resp->mutable_output());
     if (req->layer_stats()) {
-      LayerStatsToWire(model.net(), model.net().ActivationStats(*rec), resp->mutable_layer_stats());
+      LayerStatsToWire(model.net(), distributed ? whole_stats : model.net().ActivationStats(*rec),
+                       resp->mutable_layer_stats());
     }
     if (ModelMetrics* m = e.metrics()) {
-      m->AddSamples(SampleOp::kForward, rec->batch_size());
+      // The whole batch's rows (rec holds rank 0's shard in a job).
+      m->AddSamples(SampleOp::kForward, input->view().rows());
       m->RecordDrift(*rec, training);
     }
     if (training) {

@@ -182,6 +182,65 @@ TEST(DataParallelTest, RunningStatisticsAreTheWholeBatchs) {
   }
 }
 
+// The drift figures (BatchNormDrift) of a sharded forward are the whole batch's on every rank,
+// also where running statistics normalise and SyncBatchNorm has nothing to combine for the
+// normalisation: an eval-mode forward (a retained one runs on every rank of a job) and a
+// train-mode forward through a frozen layer.
+TEST(DataParallelTest, DriftIsTheWholeBatchsWhenRunningStatisticsNormalise) {
+  const ModelConfig config = Mlp();
+  const int world = 3;
+  const int64_t rows = 10;
+  for (const bool eval : {true, false}) {
+    SCOPED_TRACE(eval ? "eval mode" : "train mode, BatchNorm frozen");
+    std::unique_ptr<Model> single = Build(config);
+    std::vector<std::unique_ptr<Model>> replicas;
+    for (int r = 0; r < world; ++r) replicas.push_back(Build(config));
+    for (Model* m : {single.get(), replicas[0].get(), replicas[1].get(), replicas[2].get()}) {
+      if (eval) {
+        m->SetMode(/*training=*/false, /*freeze_running_stats=*/false);
+      } else {
+        bool changed = false;
+        ASSERT_TRUE(m->SetLayerOptions({{"1", true, std::nullopt}}, &changed).ok());
+      }
+    }
+    ThreadCollective group(world);
+    // Shifted and scaled inputs: the drift against the initial running statistics is large,
+    // and each shard's differs from the whole batch's.
+    Batch batch = MakeBatch(config, rows, 9);
+    for (int64_t i = 0; i < batch.x.size(); ++i) {
+      batch.x.data()[i] = batch.x.data()[i] * (1.0f + 0.3f * (i % 7)) + 0.1f * i;
+    }
+    ForwardRecord rec;
+    ASSERT_TRUE(single->Forward(batch.x.view(), &rec).ok());
+    ASSERT_EQ(rec.batch_norms().size(), 1u);
+    const BatchNormDrift want = rec.batch_norms()[0].drift;
+    ASSERT_TRUE(want.valid);
+    std::vector<BatchNormDrift> got(world);
+    OnEveryRank(world, [&](int r) {
+      int64_t n = 0;
+      const DataParallelShard shard = ShardOf(&group, r, rows, &n);
+      ForwardRecord scratch;
+      ASSERT_TRUE(replicas[r]->Forward(Rows(batch.x, shard.row_offset, n), &scratch, shard).ok());
+      got[r] = scratch.batch_norms()[0].drift;
+    });
+    // Each rank's figure is the whole batch's (not necessarily the same bits on every rank:
+    // the sum over channels is vectorised by the scratch area's alignment; only rank 0's is
+    // reported, and no state depends on it).
+    for (int r = 0; r < world; ++r) {
+      EXPECT_TRUE(got[r].valid);
+      EXPECT_NEAR(got[r].mean_shift, want.mean_shift, 1e-9 * (1.0 + want.mean_shift))
+          << "rank " << r;
+      EXPECT_NEAR(got[r].var_log_ratio, want.var_log_ratio, 1e-9 * (1.0 + want.var_log_ratio))
+          << "rank " << r;
+    }
+    // The running statistics stay as they were: nothing was normalised by the batch.
+    for (int r = 0; r < world; ++r) {
+      const BatchNorm* bn = replicas[r]->net().node(1).layer->AsBatchNorm();
+      EXPECT_EQ(bn->num_batches_tracked(), 0) << "rank " << r;
+    }
+  }
+}
+
 // Forward + Backward + ApplyGradients with the output gradient split like the input: the
 // shards' input gradients put together are the whole batch's, and the step is the same.
 TEST(DataParallelTest, ForwardBackwardApplyGradientsMatchOneProcess) {

@@ -299,6 +299,55 @@ TEST(SequentialTreeTest, SmallBatchReportsAndLayerStatsReachNestedLayers) {
   EXPECT_EQ(stats[17].input.std, stats[9].output.std);
 }
 
+// A data-parallel job reports the whole batch's layer statistics by combining every shard's
+// ActivationMoments (CombineMoments, in row order). In eval mode a shard's rows go through the
+// model exactly as in the whole batch, so the combined moments must equal the whole batch's.
+TEST(SequentialTreeTest, ActivationMomentsOfShardsCombineIntoTheWholeBatchs) {
+  auto m = Build();
+  Train(*m, 2);
+  m->SetMode(/*training=*/false, /*freeze_running_stats=*/false);
+  const Tensor x = Input(5, 0.2f);
+  ForwardRecord whole;
+  ASSERT_TRUE(m->Forward(x.view(), &whole).ok());
+  const std::vector<LayerActivationStats> want = m->net().ActivationStats(whole);
+  ASSERT_EQ(static_cast<int>(want.size()), m->net().num_nodes());
+
+  // ActivationStats is MeanStdOf of the moments, bit for bit.
+  const std::vector<LayerActivationMoments> moments = m->net().ActivationMoments(whole);
+  ASSERT_EQ(moments.size(), want.size());
+  for (size_t i = 0; i < want.size(); ++i) {
+    EXPECT_EQ(moments[i].layer, want[i].layer);
+    EXPECT_EQ(MeanStdOf(moments[i].input).mean, want[i].input.mean) << i;
+    EXPECT_EQ(MeanStdOf(moments[i].output).std, want[i].output.std) << i;
+  }
+
+  // Rows [0, 2) then [2, 5), merged into empty moments as a job's rank with no rows would.
+  const int64_t per_row = x.size() / 5;
+  std::vector<LayerActivationMoments> combined(want.size());
+  for (LayerActivationMoments& c : combined) c.input = c.output = ChannelMoments{0, {0.0}, {0.0}};
+  for (const auto& [begin, rows] : std::vector<std::pair<int64_t, int64_t>>{{0, 2}, {2, 3}}) {
+    const ConstTensorView shard{x.data() + begin * per_row, Shape{3, 8, 8}.WithBatch(rows)};
+    ForwardRecord rec;
+    ASSERT_TRUE(m->Forward(shard, &rec).ok());
+    const std::vector<LayerActivationMoments> part = m->net().ActivationMoments(rec);
+    for (size_t i = 0; i < combined.size(); ++i) {
+      CombineMoments(&combined[i].input, part[i].input);
+      CombineMoments(&combined[i].output, part[i].output);
+    }
+  }
+  for (size_t i = 0; i < want.size(); ++i) {
+    EXPECT_EQ(combined[i].input.count, moments[i].input.count) << i;
+    const MeanStd in = MeanStdOf(combined[i].input);
+    const MeanStd out = MeanStdOf(combined[i].output);
+    const double scale = 1e-12 * (1.0 + std::abs(want[i].output.mean) + want[i].output.std);
+    EXPECT_NEAR(in.mean, want[i].input.mean, 1e-12 * (1.0 + std::abs(want[i].input.mean))) << i;
+    EXPECT_NEAR(in.std, want[i].input.std, 1e-12 * (1.0 + want[i].input.std)) << i;
+    EXPECT_NEAR(out.mean, want[i].output.mean, scale) << i;
+    EXPECT_NEAR(out.std, want[i].output.std, scale) << i;
+    EXPECT_GT(out.std, 0.0) << i;
+  }
+}
+
 TEST(SequentialTreeTest, LayerOptionsNameNestedLayersAndWholeBlocks) {
   auto m = Build();
   bool changed = false;

@@ -21,7 +21,14 @@ It drives training, eval and failing traffic, then checks:
      panel, and the other tenant does not;
   5. `promtool check config` and `promtool check rules` pass on the shipped files.
 
-Usage: monitoring_test.py --normd PATH/TO/normd
+DataParallelMonitoringTest then starts normd as a data-parallel job of 2 ranks (deploy/normd-mpirun,
+loopback, in memory; Prometheus scrapes rank 0), trains a model through gRPC for a bounded number
+of steps and checks that every query of the dashboard's "Data parallel" row returns finite data:
+the world size is 2, the compute and collective time and the bytes all-reduced grow, and the
+scaling efficiency lies in (0, 1] and equals compute / (compute + collectives) of the time panel.
+Without --mpirun (MPI not configured) it is skipped.
+
+Usage: monitoring_test.py --normd PATH/TO/normd [--mpirun PATH/TO/normd-mpirun]
 """
 
 import argparse
@@ -31,6 +38,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -52,6 +60,12 @@ DRIFT_FOR = "3s"  # shipped: 10m; shortened so the test stays within its time bu
 TOKENS = {"team-a": "tok-a", "team-b": "tok-b"}  # tenant -> its bearer token
 TENANT_MAX_MODELS = 2  # each tenant's `trainer` and `served`; a third is refused
 NORMD = None  # set from the command line
+MPIRUN = None  # deploy/normd-mpirun, set from the command line when MPI is configured
+DP_ROW = "Data parallel"
+DP_RANKS = 2
+# The job trains in bursts of DP_BURST steps DP_PAUSE_S apart (so that the training spans
+# several scrapes) until the row shows it, for at most DP_MAX_STEPS steps.
+DP_BURST, DP_PAUSE_S, DP_MAX_STEPS = 10, 0.25, 1500
 
 
 def check(condition, message="check failed"):
@@ -97,8 +111,12 @@ class Prometheus:
             raise RuntimeError(f"{url}: {body}")
         return body["data"]
 
-    def query(self, expr):
-        data = self.get("/api/v1/query", query=expr)
+    def query(self, expr, at=None):
+        """An instant query, evaluated now or at `at` (a Unix time)."""
+        params = {"query": expr}
+        if at is not None:
+            params["time"] = f"{at:.3f}"
+        data = self.get("/api/v1/query", **params)
         check(data["resultType"] == "vector", data["resultType"])
         return data["result"]
 
@@ -332,13 +350,15 @@ def finite_samples(result):
     return [r for r in result if math.isfinite(float(r["value"][1]))]
 
 
-class MonitoringTest(unittest.TestCase):
+class LiveTest(unittest.TestCase):
+    """normd (a process or a job) and Prometheus on loopback for a test class: setUpClass calls
+    the subclass's start_services; everything started is stopped in tearDownClass."""
 
     @classmethod
     def setUpClass(cls):
         cls.t_start = time.monotonic()
         cls.tmp = tempfile.mkdtemp(prefix="normd-monitoring-")
-        cls.procs, cls.threads, cls.logs = [], [], []
+        cls.procs, cls.threads, cls.logs, cls.sessions = [], [], [], set()
         cls.channel, cls.traffic = None, {}
         try:
             cls.start_services()
@@ -348,21 +368,29 @@ class MonitoringTest(unittest.TestCase):
 
     @classmethod
     def start_services(cls):
-        cls.pb, pb_grpc = generate_stubs(os.path.join(cls.tmp, "stubs"))
-        import grpc  # pylint: disable=import-outside-toplevel
+        raise NotImplementedError
 
-        # normd binds free ports itself (port 0) and reports them through --port-file.
-        port_file = os.path.join(cls.tmp, "normd.ports")
+    @classmethod
+    def write_tokens(cls):
         token_file = os.path.join(cls.tmp, "tokens")
         with open(token_file, "w") as f:
             f.writelines(f"{token} {tenant}\n" for tenant, token in TOKENS.items())
+        return token_file
+
+    @classmethod
+    def start_normd(cls, argv, env=None, session=False):
+        """Starts argv (normd, or a launcher of a normd job) with --port-file appended; returns
+        (grpc port, metrics port) once the port file names both. session: a process group of
+        its own, killed whole if it does not stop on SIGTERM."""
+        port_file = os.path.join(cls.tmp, "normd.ports")
         normd_log = open(os.path.join(cls.tmp, "normd.log"), "w")
         cls.logs.append(normd_log)
-        cls.procs.append(subprocess.Popen(
-            [NORMD, "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0",
-             "--port-file", port_file, "--data-dir", os.path.join(cls.tmp, "data"),
-             "--auth-token-file", token_file, "--tenant-max-models", str(TENANT_MAX_MODELS)],
-            stdout=normd_log, stderr=subprocess.STDOUT))
+        proc = subprocess.Popen(argv + ["--port-file", port_file], stdout=normd_log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                start_new_session=session)
+        cls.procs.append(proc)
+        if session:
+            cls.sessions.add(proc.pid)
 
         def ports():
             if not os.path.exists(port_file):
@@ -371,9 +399,13 @@ class MonitoringTest(unittest.TestCase):
                 found = dict(line.strip().split("=", 1) for line in f if "=" in line)
             return found if {"grpc", "metrics"} <= found.keys() else None
 
-        found = cls.wait_for(ports, 30, "normd's port file")
-        grpc_port, metrics_port = int(found["grpc"]), int(found["metrics"])
+        found = cls.wait_for(ports, 60, "normd's port file")
+        return int(found["grpc"]), int(found["metrics"])
 
+    @classmethod
+    def start_prometheus(cls, metrics_port):
+        """Prometheus with the shipped config and rules (generated_config, generated_rules)
+        scraping 127.0.0.1:metrics_port; waits until it has scraped normd."""
         cls.drift_rule = generated_rules(os.path.join(cls.tmp, "alerts.yml"))
         cls.config = os.path.join(cls.tmp, "prometheus.yml")
         generated_config(cls.config, os.path.join(cls.tmp, "alerts.yml"),
@@ -396,14 +428,17 @@ class MonitoringTest(unittest.TestCase):
             if prom.poll() is None:
                 break
         cls.procs.append(prom)
+        cls.wait_for(cls.prom.ready, 30, "Prometheus ready")
+        cls.wait_for(lambda: [r for r in cls.prom.query('up{job="normd"}')
+                              if r["value"][1] == "1"], 30, "normd scraped (up == 1)")
 
+    @classmethod
+    def connect(cls, grpc_port, pb_grpc):
+        import grpc  # pylint: disable=import-outside-toplevel
         cls.channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
         grpc.channel_ready_future(cls.channel).result(timeout=30)
         stub = pb_grpc.TrainerStub(cls.channel)
         cls.traffic = {tenant: Traffic(cls.pb, stub, tenant) for tenant in TOKENS}
-        cls.wait_for(cls.prom.ready, 30, "Prometheus ready")
-        cls.wait_for(lambda: [r for r in cls.prom.query('up{job="normd"}')
-                              if r["value"][1] == "1"], 30, "normd scraped (up == 1)")
 
     @classmethod
     def tearDownClass(cls):
@@ -422,7 +457,10 @@ class MonitoringTest(unittest.TestCase):
             try:
                 p.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                p.kill()
+                if p.pid in cls.sessions:
+                    os.killpg(p.pid, signal.SIGKILL)  # the launcher and every rank
+                else:
+                    p.kill()
                 p.wait()
         for log in cls.logs:
             log.close()
@@ -430,7 +468,7 @@ class MonitoringTest(unittest.TestCase):
             print("kept", cls.tmp)
         else:
             shutil.rmtree(cls.tmp, ignore_errors=True)
-        print(f"monitoring test took {time.monotonic() - cls.t_start:.1f} s")
+        print(f"{cls.__name__} took {time.monotonic() - cls.t_start:.1f} s")
 
     @classmethod
     def wait_for(cls, predicate, timeout_s, what):
@@ -450,6 +488,22 @@ class MonitoringTest(unittest.TestCase):
         t = threading.Thread(target=target, args=args, daemon=True)
         t.start()
         self.threads.append(t)
+
+
+class MonitoringTest(LiveTest):
+    """A single-process normd (see the file comment, checks 1-5)."""
+
+    @classmethod
+    def start_services(cls):
+        cls.pb, pb_grpc = generate_stubs(os.path.join(cls.tmp, "stubs"))
+        # normd binds free ports itself (port 0) and reports them through --port-file.
+        grpc_port, metrics_port = cls.start_normd(
+            [NORMD, "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0",
+             "--data-dir", os.path.join(cls.tmp, "data"),
+             "--auth-token-file", cls.write_tokens(),
+             "--tenant-max-models", str(TENANT_MAX_MODELS)])
+        cls.start_prometheus(metrics_port)
+        cls.connect(grpc_port, pb_grpc)
 
     def drift_values(self, tenant, model):
         """The drift rule's own expression, without its threshold, per layer of tenant's
@@ -637,9 +691,105 @@ class MonitoringTest(unittest.TestCase):
             self.assertEqual(r.returncode, 0, f"promtool {' '.join(args)}:\n{r.stdout}{r.stderr}")
 
 
+class DataParallelMonitoringTest(LiveTest):
+    """normd as a data-parallel job of DP_RANKS ranks: the dashboard's "Data parallel" row."""
+
+    @classmethod
+    def start_services(cls):
+        if MPIRUN is None:
+            raise unittest.SkipTest("no --mpirun: MPI not configured")
+        cls.pb, pb_grpc = generate_stubs(os.path.join(cls.tmp, "stubs"))
+        # As tests/mpi start a job: loopback only, ranks may outnumber cores; NORMD_*
+        # variables would be read as flags by every rank.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NORMD_")}
+        env["OMPI_MCA_btl_tcp_if_include"] = "lo"
+        grpc_port, metrics_port = cls.start_normd(
+            [MPIRUN, "--allow-run-as-root", "--oversubscribe", "-np", str(DP_RANKS), NORMD,
+             "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0", "--in-memory",
+             "--compute-threads", "1", "--auth-token-file", cls.write_tokens()],
+            env=env, session=True)
+        cls.start_prometheus(metrics_port)
+        cls.connect(grpc_port, pb_grpc)
+
+    @staticmethod
+    def row_problem(title, expr, result, row_results):
+        """What is wrong with one query of the row once the job has trained ("" if nothing).
+        row_results: (title, refId) -> (query, result) of the whole row at the same instant."""
+        values = [float(r["value"][1]) for r in result]
+        if not values or not all(math.isfinite(v) for v in values):
+            return "no finite sample"
+        if "normd_world_size" in expr:
+            return "" if values == [float(DP_RANKS)] else f"world size {values}"
+        if "efficiency" not in title.lower():
+            return "" if all(v > 0 for v in values) else f"{values} not > 0 while training"
+        if not all(0.0 < v <= 1.0 + 1e-9 for v in values):
+            return f"efficiency {values} outside (0, 1]"
+        # The efficiency the other panels' compute and collective series imply.
+        def others(metric):
+            return [float(r["value"][1]) for (t, _), (q, res) in row_results.items()
+                    if t != title and metric in q for r in res]
+        compute, collective = others("normd_dp_compute_seconds"), others(
+            "normd_dp_collective_seconds")
+        if len(compute) != 1 or len(collective) != 1:
+            return f"other panels: compute {compute}, collectives {collective}"
+        implied = compute[0] / (compute[0] + collective[0])
+        if abs(values[0] - implied) > 1e-9:
+            return f"efficiency {values[0]}, but compute / (compute + collectives) = {implied}"
+        return ""
+
+    def test_data_parallel_row(self):
+        a = self.traffic["team-a"]
+        a.create("trainer")
+        with open(DASHBOARD) as f:
+            dashboard = json.load(f)
+        row = [(title, t["refId"], t["expr"]) for r, title, t in dashboard_targets(dashboard)
+               if r == DP_ROW]
+        for metric in ("normd_world_size", "normd_dp_compute_seconds",
+                       "normd_dp_collective_seconds", "normd_dp_allreduce_bytes_total"):
+            self.assertTrue(any(metric in expr for _, _, expr in row),
+                            f"the {DP_ROW} row charts no {metric}")
+        self.assertTrue(any("efficiency" in title.lower() for title, _, _ in row))
+
+        # Train in bursts and look at the row between them, until every query shows what a
+        # training job must (rates need two scrapes of growing counters in their window).
+        first = a.train_steps("trainer", 1)
+        steps, last, problems, results = 1, first, {}, {}
+        values = None
+        deadline = time.monotonic() + 90
+        while steps < DP_MAX_STEPS and time.monotonic() < deadline:
+            last = a.train_steps("trainer", DP_BURST)
+            steps += DP_BURST
+            time.sleep(DP_PAUSE_S)
+            if values is None:
+                try:  # until Prometheus has scraped the model's first series
+                    values, _ = resolve_variables(self.prom, dashboard)
+                except AssertionError as e:
+                    problems = {("template variables", ""): str(e)}
+                    continue
+            at = time.time()  # one instant for the whole row, as a dashboard refresh
+            results = {(title, ref): (substitute(expr, values),
+                                      self.prom.query(substitute(expr, values), at))
+                       for title, ref, expr in row}
+            problems = {(title, ref): self.row_problem(title, query, result, results)
+                        for (title, ref), (query, result) in results.items()}
+            problems = {k: v for k, v in problems.items() if v}
+            if not problems:
+                break
+        print(f"{DP_RANKS}-rank job: {steps} TrainSteps, loss {first:.3f} -> {last:.3f}")
+        for (title, ref), (query, result) in sorted(results.items()):
+            print(f"  {title} {ref}: {[round(float(r['value'][1]), 6) for r in result]}")
+        for (title, ref), problem in problems.items():
+            print(f"  {title} {ref}: {problem}: {results.get((title, ref), ('',))[0]}")
+        self.assertEqual(problems, {}, f"{DP_ROW} row queries without the job's data")
+        self.assertLess(last, first, "training the job did not reduce the loss")
+        self.assertEqual(a.errors, [])
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--normd", required=True)
+    parser.add_argument("--mpirun", help="deploy/normd-mpirun (omitted: no data-parallel job)")
     args, rest = parser.parse_known_args()
     NORMD = os.path.abspath(args.normd)
+    MPIRUN = os.path.abspath(args.mpirun) if args.mpirun else None
     unittest.main(argv=[sys.argv[0]] + rest, verbosity=2)

@@ -5,14 +5,16 @@ Usage (ctest, label mpi): server_job_test.py RANKS TRANSPORT   (TRANSPORT: shm |
 
 Starts a job of RANKS ranks on loopback (Open MPI's shared-memory or TCP transport) and a plain
 normd, sends both the same calls and compares, with the parity suite's measure (relative error
-||a - b|| / ||b||, tests/parity/torch_parity.py's tolerances): TrainStep losses and the state
-after training (parameters, running statistics, num_batches_tracked, optimizer state);
-Forward(retain)+Backward+ApplyGradients outputs, input gradients and the state after it; eval
-Forward and Evaluate; uneven shards (batch 257 over 3 ranks; batch 2 over 3 ranks, where a rank
-has no rows); BatchNorm1d with Dropout and Adam, BatchNorm2d with SGD momentum, momentum=None,
-affine=false, track_running_stats=false. After each part CheckReplicas must report every rank's
-replicas bit-identical; the control RPCs (SetMode, UpdateOptimizer, ResetRunningStats, SetState,
-SetLayerOptions, DeleteModel) must keep them so. Prints the largest deviation of each kind.
+||a - b|| / ||b||, tests/parity/torch_parity.py's tolerances): TrainStep losses and the state after
+training (parameters, running statistics, num_batches_tracked, optimizer state);
+Forward(retain)+Backward+ApplyGradients outputs, input gradients and the state after it; Forward's
+layer_stats and the BatchNorm drift figures (GetModel), the whole batch's in train mode and in a
+retained eval-mode forward (both run on every rank); eval Forward and Evaluate; uneven shards
+(batch 257 over 3 ranks; batch 2 over 3 ranks, where a rank has no rows); BatchNorm1d with Dropout
+and Adam, BatchNorm2d with SGD momentum, momentum=None, affine=false, track_running_stats=false.
+After each part CheckReplicas must report every rank's replicas bit-identical; the control RPCs
+(SetMode, UpdateOptimizer, ResetRunningStats, SetState, SetLayerOptions, DeleteModel) must keep
+them so. Prints the largest deviation of each kind.
 """
 
 import copy
@@ -31,7 +33,7 @@ from normd_server import NormdServer  # noqa: E402
 import normd  # noqa: E402
 
 TOL = {"loss": 1e-5, "outputs": 1e-5, "input grads": 1e-5, "running stats": 1e-5,
-       "params": 1e-4, "optimizer state": 1e-4}
+       "params": 1e-4, "optimizer state": 1e-4, "layer stats": 1e-5, "drift": 1e-5}
 WORST = {}
 FAILURES = []
 
@@ -80,6 +82,32 @@ def compare_state(what, job, single, model, scale=1.0):
                 FAILURES.append(f"{what}: {name} is {a[name]} in the job, {b[name]} alone")
             continue
         check(kind_of(name), f"{what}: {name}", a[name], b[name], scale)
+
+
+def compare_layer_stats(what, a, b):
+    """Forward's layer_stats (ForwardResult a from the job, b alone): the same layers, and each
+    one's input and output mean and std of the whole batch."""
+    names_a = [(s.index, s.name, s.kind) for s in a.layer_stats]
+    names_b = [(s.index, s.name, s.kind) for s in b.layer_stats]
+    if not names_b or names_a != names_b:
+        FAILURES.append(f"{what}: layer_stats name {names_a} in the job, {names_b} alone")
+        return
+    values = [[[s.input_mean, s.input_std, s.output_mean, s.output_std] for s in r.layer_stats]
+              for r in (a, b)]
+    check("layer stats", f"{what} layer_stats", values[0], values[1])
+
+
+def compare_drift(what, job, single, model, scale=1.0):
+    """The last drift figures of each BatchNorm layer (GetModel's batch_norms): the whole
+    batch's in the job as alone."""
+    a = [(s.layer, s.last_mean_shift, s.last_var_log_ratio)
+         for s in job.get_model(model).batch_norms]
+    b = [(s.layer, s.last_mean_shift, s.last_var_log_ratio)
+         for s in single.get_model(model).batch_norms]
+    if [s[0] for s in a] != [s[0] for s in b]:
+        FAILURES.append(f"{what}: BatchNorm layers {a} in the job, {b} alone")
+        return
+    check("drift", f"{what} drift", [s[1:] for s in a], [s[1:] for s in b], scale)
 
 
 def replicas_agree(job, what, ranks):
@@ -205,15 +233,18 @@ def train_steps(job, single, model, spec, data, what, scale=1.0):
             FAILURES.append(f"{what} step {i + 1}: step/samples {a.step}/{a.samples} vs "
                             f"{b.step}/{b.samples}")
     compare_state(f"{what} after {len(data)} steps", job, single, model, scale)
+    compare_drift(f"{what} after {len(data)} steps", job, single, model, scale)
 
 
 def forward_backward(job, single, model, spec, data, what):
     job.create_model(spec, model)
     single.create_model(spec, model)
     for i, (x, _) in enumerate(data):
-        a = job.forward(model, x, retain_for_backward=True)
-        b = single.forward(model, x, retain_for_backward=True)
+        a = job.forward(model, x, retain_for_backward=True, layer_stats=True)
+        b = single.forward(model, x, retain_for_backward=True, layer_stats=True)
         check("outputs", f"{what} forward {i + 1}", a.output, b.output)
+        compare_layer_stats(f"{what} forward {i + 1}", a, b)
+        compare_drift(f"{what} forward {i + 1}", job, single, model)
         g = np.sin(np.arange(b.output.size, dtype=np.float32)).reshape(b.output.shape) / len(x)
         ga = job.backward(model, a.forward_id, g, return_grad_input=True)
         gb = single.backward(model, b.forward_id, g, return_grad_input=True)
@@ -288,6 +319,13 @@ def main():
                 cl.set_mode("mlp", "eval")
             check("outputs", "eval forward", c.forward("mlp", x).output,
                   single.forward("mlp", x).output)
+            # A retained eval forward runs on every rank: its layer statistics and drift are
+            # still the whole batch's.
+            fa = c.forward("mlp", x, retain_for_backward=True, layer_stats=True)
+            fb = single.forward("mlp", x, retain_for_backward=True, layer_stats=True)
+            check("outputs", "eval forward retained", fa.output, fb.output)
+            compare_layer_stats("eval forward retained", fa, fb)
+            compare_drift("eval forward retained", c, single, "mlp")
             ea, eb = c.evaluate("mlp", x, labels=y), single.evaluate("mlp", x, labels=y)
             check("loss", "evaluate loss", [ea.loss], [eb.loss])
             # track_running_stats=false normalises with the batch in eval mode too.
