@@ -34,6 +34,7 @@ enum class Op : uint32_t {
   kSetLayerOptions,
   kSync,
   kDigest,
+  kEvaluate,
 };
 
 constexpr int64_t kNoLimit = std::numeric_limits<int64_t>::max();
@@ -277,9 +278,19 @@ struct DataParallelJob::Command {
   }
 };
 
+// A worker's shard of a batch sent by SendBatch: its rows, their targets, where they sit.
+struct DataParallelJob::ShardBatch {
+  std::vector<char> x, labels, target;  // the scattered bytes the views below point into
+  ConstTensorView input;
+  Targets targets;
+  DataParallelShard shard;
+};
+
 struct DataParallelJob::Replica {
   std::unique_ptr<Model> model;
   ForwardRecord train_record;
+  ForwardRecord eval_record;     // Evaluate's
+  ForwardRecord forward_record;  // a Forward's that is not retained
   std::map<uint64_t, std::unique_ptr<ForwardRecord>> retained;
 };
 
@@ -391,6 +402,24 @@ Status DataParallelJob::Snapshot(ModelEntry& e, std::string* bytes) {
 
 // ---- Rank 0: compute --------------------------------------------------------------------------
 
+void DataParallelJob::SendBatch(Command* command, const v1::Tensor& input_wire,
+                                const v1::Tensor* target_wire, const ConstTensorView& x,
+                                const Targets& t) {
+  Command& c = *command;
+  c.arg = t.num_labels > 0 ? kLabels : (t.target.shape.rank() > 0 ? kTarget : kNoTargets);
+  v1::EvaluateRequest shapes;  // the batch without its values; the rows follow
+  ShapeOnly(input_wire, shapes.mutable_input());
+  if (c.arg == kTarget) ShapeOnly(*target_wire, shapes.mutable_target());
+  c.payload = shapes.SerializeAsString();
+  Send(c);
+  ScatterRows(x.data, x.rows(), x.shape.DropFirst().NumElements() * sizeof(float), nullptr);
+  if (c.arg == kLabels) ScatterRows(t.labels, x.rows(), sizeof(int64_t), nullptr);
+  if (c.arg == kTarget) {
+    ScatterRows(t.target.data, x.rows(),
+                t.target.shape.DropFirst().NumElements() * sizeof(float), nullptr);
+  }
+}
+
 Status DataParallelJob::TrainStep(ModelEntry& e, const v1::TrainStepRequest& req,
                                   const DecodedTensor& input, const DecodedTargets& targets,
                                   TrainResult* result) {
@@ -406,25 +435,33 @@ Status DataParallelJob::TrainStep(ModelEntry& e, const v1::TrainStepRequest& req
   Command c;
   c.op = Op::kTrainStep;
   c.key = KeyOf(e);
-  const Targets& t = targets.targets;
-  c.arg = t.num_labels > 0 ? kLabels : (t.target.shape.rank() > 0 ? kTarget : kNoTargets);
-  v1::TrainStepRequest shapes;  // the request without its values; the rows follow
-  ShapeOnly(req.input(), shapes.mutable_input());
-  if (c.arg == kTarget) ShapeOnly(req.target(), shapes.mutable_target());
-  c.payload = shapes.SerializeAsString();
-  Send(c);
-  const int64_t row_values = x.shape.DropFirst().NumElements();
-  ScatterRows(x.data, x.rows(), row_values * sizeof(float), nullptr);
-  if (c.arg == kLabels) ScatterRows(t.labels, x.rows(), sizeof(int64_t), nullptr);
-  if (c.arg == kTarget) {
-    ScatterRows(t.target.data, x.rows(),
-                t.target.shape.DropFirst().NumElements() * sizeof(float), nullptr);
-  }
+  SendBatch(&c, req.input(), &req.target(), x, targets.targets);
   int64_t n = 0;
   const DataParallelShard shard = ShardOf(x.rows(), &n);
   return m.TrainStep(RowsOf(x, shard.row_offset, n),
                      TargetRows(targets.targets, shard.row_offset, n),
                      &e.train_record, result, shard);
+}
+
+Status DataParallelJob::Evaluate(ModelEntry& e, const v1::EvaluateRequest& req,
+                                 const DecodedTensor& input, const DecodedTargets& targets,
+                                 ForwardRecord* rec, EvalResult* result) {
+  const Model& m = e.model();
+  const ConstTensorView x = input.view();
+  NORMD_RETURN_IF_ERROR(m.CheckInput(x, false));
+  NORMD_RETURN_IF_ERROR(ValidateTargets(m.config().loss,
+                                        m.net().output_shape().WithBatch(x.rows()),
+                                        targets.targets));
+  std::lock_guard<std::mutex> lock(job_mu_);
+  OpTimer timer(this);
+  Command c;
+  c.op = Op::kEvaluate;
+  c.key = KeyOf(e);
+  SendBatch(&c, req.input(), &req.target(), x, targets.targets);
+  int64_t n = 0;
+  const DataParallelShard shard = ShardOf(x.rows(), &n);
+  return m.Evaluate(RowsOf(x, shard.row_offset, n),
+                    TargetRows(targets.targets, shard.row_offset, n), rec, result, shard);
 }
 
 Status DataParallelJob::Forward(ModelEntry& e, const v1::ForwardRequest& req,
@@ -709,6 +746,25 @@ T Parse(int rank, const char* op, const std::string& payload) {
 
 }  // namespace
 
+void DataParallelJob::ReceiveBatch(const Command& c, const char* op, ShardBatch* b) {
+  const auto req = Parse<v1::EvaluateRequest>(channel_->rank(), op, c.payload);
+  const int64_t rows = req.input().shape(0);
+  const Shape row = RowShape(req.input());
+  ScatterRows(nullptr, rows, row.NumElements() * sizeof(float), &b->x);
+  int64_t n = 0;
+  b->shard = ShardOf(rows, &n);
+  b->input = ViewOf(b->x, row, n);
+  if (c.arg == kLabels) {
+    ScatterRows(nullptr, rows, sizeof(int64_t), &b->labels);
+    b->targets.labels = reinterpret_cast<const int64_t*>(b->labels.data());
+    b->targets.num_labels = n;
+  } else if (c.arg == kTarget) {
+    const Shape target_row = RowShape(req.target());
+    ScatterRows(nullptr, rows, target_row.NumElements() * sizeof(float), &b->target);
+    b->targets.target = ViewOf(b->target, target_row, n);
+  }
+}
+
 void DataParallelJob::Execute(const Command& c) {
   const int rank = channel_->rank();
   switch (c.op) {
@@ -730,30 +786,24 @@ void DataParallelJob::Execute(const Command& c) {
       return;
     case Op::kTrainStep: {
       Replica* r = Find(c.key, "TrainStep");
-      const auto req = Parse<v1::TrainStepRequest>(rank, "TrainStep", c.payload);
-      const int64_t rows = req.input().shape(0);
-      const Shape row = RowShape(req.input());
-      std::vector<char> x, labels, target;
-      ScatterRows(nullptr, rows, row.NumElements() * sizeof(float), &x);
-      Targets targets;
-      int64_t n = 0;
-      const DataParallelShard shard = ShardOf(rows, &n);
-      if (c.arg == kLabels) {
-        ScatterRows(nullptr, rows, sizeof(int64_t), &labels);
-        targets.labels = reinterpret_cast<const int64_t*>(labels.data());
-        targets.num_labels = n;
-      } else if (c.arg == kTarget) {
-        const Shape target_row = RowShape(req.target());
-        ScatterRows(nullptr, rows, target_row.NumElements() * sizeof(float), &target);
-        targets.target = ViewOf(target, target_row, n);
-      }
+      ShardBatch b;
+      ReceiveBatch(c, "TrainStep", &b);
       TrainResult result;
       // A refused non-finite step is refused on every rank alike: not a disagreement.
-      const Status s = r->model->TrainStep(ViewOf(x, row, n), targets, &r->train_record, &result,
-                                           shard);
+      const Status s = r->model->TrainStep(b.input, b.targets, &r->train_record, &result,
+                                           b.shard);
       if (!s.ok() && s.code() != StatusCode::kFailedPrecondition) {
         MustAgree(rank, "TrainStep", c.key, s);
       }
+      return;
+    }
+    case Op::kEvaluate: {
+      Replica* r = Find(c.key, "Evaluate");
+      ShardBatch b;
+      ReceiveBatch(c, "Evaluate", &b);
+      EvalResult result;
+      MustAgree(rank, "Evaluate", c.key,
+                r->model->Evaluate(b.input, b.targets, &r->eval_record, &result, b.shard));
       return;
     }
     case Op::kForward: {
@@ -765,8 +815,11 @@ void DataParallelJob::Execute(const Command& c) {
       ScatterRows(nullptr, rows, row.NumElements() * sizeof(float), &x);
       int64_t n = 0;
       const DataParallelShard shard = ShardOf(rows, &n);
-      auto rec = std::make_unique<ForwardRecord>();
-      const Status s = r->model->Forward(ViewOf(x, row, n), rec.get(), shard);
+      // A retained forward keeps a record of its own; the others reuse the replica's.
+      std::unique_ptr<ForwardRecord> kept;
+      if (req.retain_for_backward()) kept = std::make_unique<ForwardRecord>();
+      ForwardRecord* rec = kept != nullptr ? kept.get() : &r->forward_record;
+      const Status s = r->model->Forward(ViewOf(x, row, n), rec, shard);
       std::vector<std::string> unused;
       channel_->Gather(s.ok() ? Bytes(rec->output().data(), rec->output().size()) : std::string(),
                        &unused);
@@ -783,8 +836,8 @@ void DataParallelJob::Execute(const Command& c) {
                    ? r->retained.erase(it)
                    : std::next(it);
         }
-        rec->RetainInput();
-        r->retained[c.arg] = std::move(rec);
+        kept->RetainInput();
+        r->retained[c.arg] = std::move(kept);
       }
       return;
     }

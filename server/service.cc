@@ -779,9 +779,9 @@ grpc::ServerUnaryReactor* TrainerService::Forward(grpc::CallbackServerContext* c
     if (retain) NORMD_RETURN_IF_ERROR(model.CheckCanTrain("Forward with retain_for_backward"));
     if (retain) NORMD_RETURN_IF_ERROR(e.ReserveRetained());
     std::unique_ptr<ForwardRecord> rec = e.AcquireRecord();
-    // In a data-parallel job a forward that mixes the batch's samples or is kept for a Backward
-    // runs on every rank (rec holds rank 0's shard, `whole` the whole batch's output).
-    const bool distributed = dp_ != nullptr && (training || retain);
+    // In a data-parallel job every forward is split over the ranks (rec holds rank 0's shard,
+    // `whole` the whole batch's output): eval-mode ones too (data_parallel.h says why).
+    const bool distributed = dp_ != nullptr;
     Tensor whole;
     std::vector<LayerActivationStats> whole_stats;  // distributed: the whole batch's
     Status st = distributed ? dp_->Forward(e, *req, *input, rec.get(), &whole, &whole_stats)
@@ -949,11 +949,12 @@ grpc::ServerUnaryReactor* TrainerService::Evaluate(grpc::CallbackServerContext* 
   }
   // Evaluate reads the model in eval semantics whatever its mode: shared access.
   RunOnModel(call, req->model(), Want::kShared, BatchOf(*input),
-             [this, resp, input, targets](ModelEntry& e, Access) {
+             [this, req, resp, input, targets](ModelEntry& e, Access) {
     NORMD_RETURN_IF_ERROR(CheckBatch(e, input->view()));
     std::unique_ptr<ForwardRecord> rec = e.AcquireRecord();
     EvalResult r;
-    Status st = e.model().Evaluate(input->view(), targets->targets, rec.get(), &r);
+    Status st = dp_ != nullptr ? dp_->Evaluate(e, *req, *input, *targets, rec.get(), &r)
+                               : e.model().Evaluate(input->view(), targets->targets, rec.get(), &r);
     if (st.ok()) {
       if (ModelMetrics* m = e.metrics()) {
         m->AddSamples(SampleOp::kEvaluate, r.samples);

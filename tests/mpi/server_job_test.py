@@ -181,6 +181,16 @@ class Job:
             return None
 
 
+def dp_operations(job):
+    """How many distributed operations rank 0 has recorded (normd_dp_compute_seconds_count)."""
+    import urllib.request
+    text = urllib.request.urlopen(job.metrics_url, timeout=10).read().decode()
+    for line in text.splitlines():
+        if line.startswith("normd_dp_compute_seconds_count"):
+            return float(line.split()[1])
+    return 0.0
+
+
 def mlp_spec(bn=None, dropout=0.1, optimizer=None):
     bn = bn or {}
     return {
@@ -326,14 +336,35 @@ def main():
             check("outputs", "eval forward retained", fa.output, fb.output)
             compare_layer_stats("eval forward retained", fa, fb)
             compare_drift("eval forward retained", c, single, "mlp")
-            ea, eb = c.evaluate("mlp", x, labels=y), single.evaluate("mlp", x, labels=y)
-            check("loss", "evaluate loss", [ea.loss], [eb.loss])
+            # Evaluate and eval Forward are split over the ranks (one distributed operation per
+            # request): the whole batch's loss, accuracy and drift, also with a rank holding no
+            # rows.
+            ops = dp_operations(job)
+            for rows in (64, 2):
+                xe, ye = batches(rng, [16], 4, rows, 1)[0]
+                ea = c.evaluate("mlp", xe, labels=ye, batch_size=None)
+                eb = single.evaluate("mlp", xe, labels=ye, batch_size=None)
+                check("loss", f"evaluate loss, batch {rows}", [ea.loss], [eb.loss])
+                if (ea.accuracy, ea.samples) != (eb.accuracy, eb.samples):
+                    FAILURES.append(f"evaluate batch {rows}: accuracy/samples "
+                                    f"{ea.accuracy}/{ea.samples} vs {eb.accuracy}/{eb.samples}")
+                compare_drift(f"evaluate batch {rows}", c, single, "mlp")
+                check("outputs", f"eval forward, batch {rows}", c.forward("mlp", xe).output,
+                      single.forward("mlp", xe).output)
+            if dp_operations(job) != ops + 4:
+                FAILURES.append(f"2 Evaluate and 2 eval Forward calls ran "
+                                f"{dp_operations(job) - ops} distributed operations (want 4: "
+                                "both are split over the ranks)")
             # track_running_stats=false normalises with the batch in eval mode too.
             for cl in (c, single):
                 cl.set_mode("noaffine", "eval")
             check("outputs", "eval forward untracked",
                   c.forward("noaffine", x, retain_for_backward=True).output,
                   single.forward("noaffine", x, retain_for_backward=True).output)
+            ea = c.evaluate("noaffine", x, labels=y, batch_size=None)
+            eb = single.evaluate("noaffine", x, labels=y, batch_size=None)
+            check("loss", "evaluate loss untracked (the whole batch's statistics)", [ea.loss],
+                  [eb.loss])
 
             # Control RPCs keep the replicas identical; training goes on equal afterwards.
             for cl in (c, single):
