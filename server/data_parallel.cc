@@ -278,7 +278,8 @@ struct DataParallelJob::Command {
   }
 };
 
-// A worker's shard of a batch sent by SendBatch: its rows, their targets, where they sit.
+// A worker's shard of a batch sent by SendBatch: its rows, their targets, where they sit. The
+// buffers are kept from batch to batch (DataParallelJob::shard_batch_).
 struct DataParallelJob::ShardBatch {
   std::vector<char> x, labels, target;  // the scattered bytes the views below point into
   ConstTensorView input;
@@ -295,7 +296,8 @@ struct DataParallelJob::Replica {
 };
 
 DataParallelJob::DataParallelJob(JobChannel* channel, const Sequential::Limits& limits)
-    : channel_(channel), limits_(limits), timed_(channel->collective()) {}
+    : channel_(channel), limits_(limits), timed_(channel->collective()),
+      shard_batch_(std::make_unique<ShardBatch>()) {}
 
 namespace {
 using Clock = std::chrono::steady_clock;
@@ -754,6 +756,7 @@ void DataParallelJob::ReceiveBatch(const Command& c, const char* op, ShardBatch*
   int64_t n = 0;
   b->shard = ShardOf(rows, &n);
   b->input = ViewOf(b->x, row, n);
+  b->targets = Targets();
   if (c.arg == kLabels) {
     ScatterRows(nullptr, rows, sizeof(int64_t), &b->labels);
     b->targets.labels = reinterpret_cast<const int64_t*>(b->labels.data());
@@ -786,7 +789,7 @@ void DataParallelJob::Execute(const Command& c) {
       return;
     case Op::kTrainStep: {
       Replica* r = Find(c.key, "TrainStep");
-      ShardBatch b;
+      ShardBatch& b = *shard_batch_;
       ReceiveBatch(c, "TrainStep", &b);
       TrainResult result;
       // A refused non-finite step is refused on every rank alike: not a disagreement.
@@ -799,7 +802,7 @@ void DataParallelJob::Execute(const Command& c) {
     }
     case Op::kEvaluate: {
       Replica* r = Find(c.key, "Evaluate");
-      ShardBatch b;
+      ShardBatch& b = *shard_batch_;
       ReceiveBatch(c, "Evaluate", &b);
       EvalResult result;
       MustAgree(rank, "Evaluate", c.key,
@@ -811,7 +814,7 @@ void DataParallelJob::Execute(const Command& c) {
       const auto req = Parse<v1::ForwardRequest>(rank, "Forward", c.payload);
       const int64_t rows = req.input().shape(0);
       const Shape row = RowShape(req.input());
-      std::vector<char> x;
+      std::vector<char>& x = shard_batch_->x;  // reused, as a batch's
       ScatterRows(nullptr, rows, row.NumElements() * sizeof(float), &x);
       int64_t n = 0;
       const DataParallelShard shard = ShardOf(rows, &n);

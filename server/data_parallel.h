@@ -236,6 +236,7 @@ class DataParallelJob final : public Persistence {
   TimedCollective timed_;  // used under job_mu_ on rank 0
   std::mutex job_mu_;  // rank 0: one command (and its collectives) at a time
   std::map<std::string, std::unique_ptr<Replica>> replicas_;  // workers only
+  std::unique_ptr<ShardBatch> shard_batch_;  // workers: the batch buffers, reused
   bool stopped_ = false;  // GUARDED_BY(job_mu_)
 };
 
