@@ -50,6 +50,10 @@ environment of everything started (bench_common.child_env; checked in each rank'
 
 Usage: /usr/bin/python3 bench/dp_bench.py --build-dir build [--quick] [--rounds R]
        [--repeats N] [--json out.json]
+       /usr/bin/python3 bench/dp_bench.py --build-dir build --check   (ctest bench_dp_check:
+       a short 2-rank job checks what the figures rely on: placement, world size, one
+       distributed operation per step, all-reduce bytes per step against the gradient's;
+       measures nothing)
 """
 
 import argparse
@@ -229,6 +233,38 @@ def scaling_model(r):
 
 
 # ---------------------------------------------------------------------------------------------
+# --check: the apparatus, not the speed (ctest bench_dp_check)
+
+CHECK_BYTES_SLACK = 64 << 10  # BatchNorm statistics, the loss and the step's figures
+
+
+def check(normd_bin, load_bin, client_module, workdir):
+    """A 2-rank job trains the MLP a few steps; returns what is wrong with what dp_bench
+    relies on: the ranks on distinct single CPUs without the OpenBLAS variables (start()
+    exits otherwise), world size 2 (metrics and the model), one distributed operation per
+    step, and all-reduce bytes per step of at least the gradient's bytes and at most
+    CHECK_BYTES_SLACK more."""
+    server, placement = start(normd_bin, load_bin, workdir, 2, 0)
+    client = client_module.Client(server.address, timeout=60.0)
+    try:
+        m = measure(server, placement, load_bin, client, "mlp", 256, (1, 3), 1, None, None)
+    finally:
+        client.close()
+        server.stop()
+    errors = []
+    if m["world_size"] != 2:
+        errors.append(f"the model reports world_size {m['world_size']}")
+    if m.get("dp_ops") != m["steps"]:
+        errors.append(f"{m.get('dp_ops')} distributed operations for {m['steps']} steps")
+    grad = 4 * m["parameters"]
+    if not grad <= m.get("bytes", 0) <= grad + CHECK_BYTES_SLACK:
+        errors.append(f"{m.get('bytes')} all-reduce bytes per step for {grad} gradient bytes")
+    print(f"dp_bench check: ranks on CPUs {[p['cpus'] for p in placement.values()]}, "
+          f"{m.get('bytes', 0):.0f} all-reduce bytes per step, gradients {grad}")
+    return errors
+
+
+# ---------------------------------------------------------------------------------------------
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
@@ -241,6 +277,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=None,
                     help="timed repeats per workload and server (default 3; 1 quick)")
     ap.add_argument("--json", help="write every figure to this file")
+    ap.add_argument("--check", action="store_true",
+                    help="only check the apparatus on a short 2-rank job (a test)")
     args = ap.parse_args()
     rounds = args.rounds or (1 if args.quick else 2)
     repeats = args.repeats or (1 if args.quick else 3)
@@ -263,6 +301,16 @@ def main():
 
     t_start = time.time()
     workdir = tempfile.mkdtemp(prefix="normd-dp-bench-")
+    if args.check:
+        try:
+            errors = check(normd_bin, load_bin, normd, workdir)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        for e in errors:
+            print(f"FAILED: {e}")
+        if not errors:
+            print("dp_bench check: ok")
+        return 1 if errors else 0
     results = {"machine": machine_summary(), "rounds": rounds, "repeats": repeats,
                "quick": args.quick, "placement": {}, "workloads": {}, "allreduce": {}}
     runs = {}
