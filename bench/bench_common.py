@@ -8,8 +8,9 @@
                      CPU time, /metrics, the ranks' pids, stop)
   pinned(cpus)       a taskset prefix
   use_python_client(build_dir)   puts the Python client (`import normd`) on sys.path
-  process_cpu_seconds(pid), descendants(pid), cpus_allowed(pid)   a process's CPU time,
-                     descendants and CPU affinity, from /proc
+  process_cpu_seconds(pid), runqueue_wait_seconds(pid), descendants(pid), cpus_allowed(pid)
+                     a process's CPU time, time waiting for a CPU, descendants and CPU
+                     affinity, from /proc
   machine_summary()  lscpu's model, CPU count and caches, and the load average
   Targets            the "target / value / goal / met" table the scripts end with
 """
@@ -74,6 +75,23 @@ def process_cpu_seconds(pid):
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return 0.0
+
+
+def runqueue_wait_seconds(pid):
+    """Seconds the threads of process `pid` have spent runnable but waiting for a CPU, summed
+    (/proc/PID/task/TID/schedstat; threads that ended are not counted)."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    for t in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{t}/schedstat") as f:
+                total += int(f.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / 1e9
 
 
 def descendants(pid):

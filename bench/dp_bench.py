@@ -72,7 +72,7 @@ sys.path.insert(0, HERE)
 
 from bench_common import (Server, Targets, child_env, cpus_allowed, finish,  # noqa: E402
                           machine_summary, pinned, process_cpu_seconds, run_json,
-                          use_python_client)
+                          runqueue_wait_seconds, use_python_client)
 from cnn_bench import CLASSES, IMAGE, cnn_spec  # noqa: E402
 
 REPO = os.path.dirname(HERE)
@@ -154,10 +154,12 @@ def measure(server, placement, load_bin, client, net, batch, steps, repeats, dat
     run_json(cmd + ["--steps", str(warmup), "--repeats", "1"], timeout=900)
     m0 = server.metrics()
     cpu0 = {r: process_cpu_seconds(p["pid"]) for r, p in placement.items()}
+    wait0 = {r: runqueue_wait_seconds(p["pid"]) for r, p in placement.items()}
     t0 = time.monotonic()
     run = run_json(cmd + ["--steps", str(per_repeat), "--repeats", str(repeats)], timeout=1800)
     wall = time.monotonic() - t0
     cpu1 = {r: process_cpu_seconds(p["pid"]) for r, p in placement.items()}
+    wait1 = {r: runqueue_wait_seconds(p["pid"]) for r, p in placement.items()}
     m1 = server.metrics()
     info = client.get_model(model)
     subprocess.run([load_bin, "--address", server.address, "--scenario", "delete",
@@ -173,7 +175,9 @@ def measure(server, placement, load_bin, client, net, batch, steps, repeats, dat
     out = {"samples_per_s": run["samples_per_s"], "steps": n, "timed_s": timed,
            "client_cores": client_cpu / timed, "world_size": info.world_size,
            "parameters": info.parameter_count,
-           "rank_cores": {str(r): (cpu1[r] - cpu0[r]) / wall for r in placement}}
+           "rank_cores": {str(r): (cpu1[r] - cpu0[r]) / wall for r in placement},
+           "rank_waiting": {str(r): (wait1[r] - wait0[r]) / wall for r in placement},
+           "cpu_samples_per_s": n * batch / max(1e-9, sum(cpu1[r] - cpu0[r] for r in placement))}
     ops = delta("normd_dp_compute_seconds_count")
     if ops > 0:
         out.update({"dp_ops": ops, "compute_s": delta("normd_dp_compute_seconds_sum") / n,
@@ -360,6 +364,9 @@ def main():
             w[f"rates{ranks}"] = rates
             w[f"client_cores{ranks}"] = statistics.median(m["client_cores"] for m in ms)
             w[f"rank_cores{ranks}"] = ms[-1]["rank_cores"]
+            w[f"rank_waiting{ranks}"] = {
+                r: statistics.median(m["rank_waiting"][r] for m in ms) for r in ms[0]["rank_waiting"]}
+            w[f"cpu_rate{ranks}"] = statistics.median(m["cpu_samples_per_s"] for m in ms)
             w[f"world_size{ranks}"] = ms[-1]["world_size"]
             w["parameters"] = ms[-1]["parameters"]
             if ranks > 1 and all("bytes" in m for m in ms):
@@ -369,6 +376,7 @@ def main():
         if "rate1" in w and "rate2" in w:
             w["efficiency"] = w["rate2"] / (2 * w["rate1"])
             w["efficiency_client"] = w["rate2"] / ((2 - w["client_cores2"]) * w["rate1"])
+            w["efficiency_cpu"] = w["cpu_rate2"] / w["cpu_rate1"]
         results["workloads"][key(net, batch)] = w
     results["model"] = scaling_model(results)
     return finish(results, t_start, args.json, print_tables)
@@ -412,9 +420,21 @@ def print_tables(r):
     print("  client cores in the 1-rank run (client on its own core): " + ", ".join(
         f"{w['net']} b{w['batch']} {w['client_cores1']:.2f}" for w in r["workloads"].values()
         if "client_cores1" in w))
-    print("  ranks' CPU time over the timed steps, cores (MPI polls while it waits): " + ", ".join(
-        f"{w['net']} b{w['batch']} " + "/".join(f"{v:.2f}" for v in w["rank_cores2"].values())
-        for w in r["workloads"].values() if "rank_cores2" in w))
+    print("  the ranks' CPU time over the timed steps, cores (rank 0 / rank 1; below 1 when "
+          "other processes share their cores): " + ", ".join(
+              f"{w['net']} b{w['batch']} " + "/".join(f"{v:.2f}" for v in w["rank_cores2"].values())
+              for w in r["workloads"].values() if "rank_cores2" in w))
+    print("  the ranks' threads runnable but waiting for a CPU, share of the timed wall time "
+          "(other processes on their cores; 1 rank: rank 0 | 2 ranks: rank 0 / rank 1): " +
+          ", ".join(f"{w['net']} b{w['batch']} {w['rank_waiting1']['0']:.2f} | " +
+                    "/".join(f"{v:.2f}" for v in w["rank_waiting2"].values())
+                    for w in r["workloads"].values()
+                    if "rank_waiting1" in w and "rank_waiting2" in w))
+    print("  samples per CPU-second of the ranks, 1 rank / 2 ranks (ratio; time waiting in a "
+          "collective counts when MPI spins): " + ", ".join(
+              f"{w['net']} b{w['batch']} {w['cpu_rate1']:.0f} / {w['cpu_rate2']:.0f} "
+              f"({w['efficiency_cpu']:.2f})"
+              for w in r["workloads"].values() if "efficiency_cpu" in w))
 
     print("\nMPI_Allreduce, float sum, 2 ranks on 2 cores: bus bandwidth GB/s "
           "(2 (n-1)/n x bytes / time) and time per call")
