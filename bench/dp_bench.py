@@ -134,7 +134,8 @@ def start(normd_bin, load_bin, workdir, ranks, round_no):
         errors.append(f"normd_world_size is {world}, expected {ranks}")
     if errors:
         server.stop()
-        sys.exit(f"dp_bench: {ranks}-rank server: " + "; ".join(errors) + f" (log {server.log.name})")
+        sys.exit(f"dp_bench: {ranks}-rank server: " + "; ".join(errors)
+                 + f" (log {server.log.name})")
     return server, placement
 
 
@@ -363,9 +364,8 @@ def main():
             w[f"rate{ranks}"] = statistics.median(rates)
             w[f"rates{ranks}"] = rates
             w[f"client_cores{ranks}"] = statistics.median(m["client_cores"] for m in ms)
-            w[f"rank_cores{ranks}"] = ms[-1]["rank_cores"]
-            w[f"rank_waiting{ranks}"] = {
-                r: statistics.median(m["rank_waiting"][r] for m in ms) for r in ms[0]["rank_waiting"]}
+            for f in ("rank_cores", "rank_waiting"):
+                w[f"{f}{ranks}"] = {r: statistics.median(m[f][r] for m in ms) for r in ms[0][f]}
             w[f"cpu_rate{ranks}"] = statistics.median(m["cpu_samples_per_s"] for m in ms)
             w[f"world_size{ranks}"] = ms[-1]["world_size"]
             w["parameters"] = ms[-1]["parameters"]
