@@ -22,8 +22,9 @@ of larger jobs built from what was measured.
      step outside the core's collectives, the scatter of the shards included;
      normd_dp_collective_seconds: the all-reduces and all-gathers, waiting for rank 1 included)
      and the all-reduce bytes per step (normd_dp_allreduce_bytes_total), beside the gradient's
-     bytes (4 x the model's parameter_count); "other" is the rest of the step time at rate(2)
-     (gRPC, decoding, rank 0 waiting for the next request).
+     bytes (4 x the model's parameter_count); "rest" is the rest of the step time (the timed
+     steps' wall time over their count, less compute and collectives: gRPC, decoding, rank 0
+     waiting for the next request); each a median over the rounds.
   2. MPI_Allreduce (float, sum) between 2 ranks bound to the two cores, 4 KiB to 64 MiB
      (bench/mpi_allreduce_bench.cc), bus bandwidth 2 (n-1)/n x bytes / time, over TCP loopback
      (btl self,tcp; OMPI_MCA_btl_tcp_if_include=lo) and over shared memory (btl self,vader).
@@ -173,7 +174,7 @@ def measure(server, placement, load_bin, client, net, batch, steps, repeats, dat
     def delta(name):
         return m1.get(name, 0.0) - m0.get(name, 0.0)
 
-    out = {"samples_per_s": run["samples_per_s"], "steps": n, "timed_s": timed,
+    out = {"samples_per_s": run["samples_per_s"], "steps": n, "step_s": timed / n,
            "client_cores": client_cpu / timed, "world_size": info.world_size,
            "parameters": info.parameter_count,
            "rank_cores": {str(r): (cpu1[r] - cpu0[r]) / wall for r in placement},
@@ -372,6 +373,8 @@ def main():
             if ranks > 1 and all("bytes" in m for m in ms):
                 for f in ("compute_s", "collective_s", "bytes"):
                     w[f] = statistics.median(m[f] for m in ms)
+                w["rest_s"] = statistics.median(m["step_s"] - m["compute_s"] - m["collective_s"]
+                                                for m in ms)
                 w["dp_ops_per_step"] = sum(m["dp_ops"] for m in ms) / sum(m["steps"] for m in ms)
         if "rate1" in w and "rate2" in w:
             w["efficiency"] = w["rate2"] / (2 * w["rate1"])
@@ -397,8 +400,9 @@ def print_tables(r):
 
     print("\nTraining over gRPC (TrainStream), compute budget 1 per rank; samples/s (median); "
           "eff = rate(2) / (2 rate(1)); eff-c = rate(2) / ((2 - c) rate(1)), c = the client's "
-          "cores in the 2-rank run; per step at rate(2), ms: rank 0's compute, collectives, "
-          "the rest (gRPC, waiting); bytes = all-reduce bytes per step (gradients 4 x params)")
+          "cores in the 2-rank run; 2-rank step in ms (batch / rate(2)) and rank 0's "
+          "compute, collectives and the rest (gRPC, waiting); bytes = all-reduce bytes per "
+          "step, grad B = 4 x parameters")
     print(f"{'workload':>9} {'batch':>5} {'rate(1)':>8} {'rate(2)':>8} {'eff':>5} {'eff-c':>5} "
           f"{'c':>5} {'step':>7} {'compute':>7} {'collect':>7} {'rest':>6} {'bytes':>9} "
           f"{'grad B':>9}")
@@ -406,8 +410,7 @@ def print_tables(r):
         def f(k, spec, width):
             return format(w[k], spec) if k in w else f"{'-':>{width}}"
         step = w["batch"] / w["rate2"] * 1e3 if "rate2" in w else None
-        rest = (step - 1e3 * (w["compute_s"] + w["collective_s"])
-                if step and "compute_s" in w else None)
+        rest = 1e3 * w["rest_s"] if "rest_s" in w else None
         print(f"{w['net']:>9} {w['batch']:>5} {f('rate1', '8.0f', 8)} {f('rate2', '8.0f', 8)} "
               f"{f('efficiency', '5.2f', 5)} {f('efficiency_client', '5.2f', 5)} "
               f"{f('client_cores2', '5.2f', 5)} "
