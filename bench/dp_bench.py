@@ -32,8 +32,8 @@ of larger jobs built from what was measured.
      batch (each workload's batch), the global batch grows with N. Step time = the measured
      1-rank step time at that batch (batch / rate(1): compute, gRPC's share included) + a ring
      all-reduce of the measured all-reduce bytes per step, 2 (N-1)/N x bytes / link bandwidth,
-     at 10, 25 and 100 Gb/s and at the TCP loopback bus bandwidth measured in 2 at the nearest
-     size, for N = 4, 8, 16, 32. Efficiency = compute / step:
+     at 10, 25 and 100 Gb/s and at the TCP loopback bus bandwidth measured in 2 (the fastest
+     trial) at the nearest size, for N = 4, 8, 16, 32. Efficiency = compute / step:
        seq   the all-reduce after the backward pass, nothing overlapped (what normd does today);
        ovl   the all-reduce perfectly overlapped with the backward pass, taken as 2/3 of the
              compute (a backward computes two products per forward one): only its excess over
@@ -220,7 +220,7 @@ def scaling_model(r):
         links = {f"{g} Gb/s": g * 1e9 / 8 for g in LINKS_GBPS}
         if tcp:
             lo = nearest(tcp, w["bytes"])
-            links["loopback TCP"] = lo["busbw_GBps"] * 1e9
+            links["loopback TCP"] = lo["best_busbw_GBps"] * 1e9
         rows = {}
         for n in RANK_COUNTS:
             cells = {}
@@ -443,18 +443,17 @@ def print_tables(r):
               for w in r["workloads"].values() if "efficiency_cpu" in w))
 
     print("\nMPI_Allreduce, float sum, 2 ranks on 2 cores: bus bandwidth GB/s "
-          "(2 (n-1)/n x bytes / time) and time per call")
+          "(2 (n-1)/n x bytes / time) over all 5 trials / in the fastest trial, and the mean "
+          "time per call")
     tcp = {s["bytes"]: s for s in r["allreduce"].get("tcp", {}).get("sizes", [])}
     shm = {s["bytes"]: s for s in r["allreduce"].get("shm", {}).get("sizes", [])}
-    print(f"{'bytes':>10} {'TCP lo GB/s':>11} {'(Gb/s)':>7} {'TCP us':>9} {'shm GB/s':>9} "
-          f"{'shm us':>9}")
+    print(f"{'bytes':>10} {'TCP lo GB/s':>13} {'TCP us':>9} {'shm GB/s':>13} {'shm us':>9}")
     for b in sorted(set(tcp) | set(shm)):
-        t, s = tcp.get(b), shm.get(b)
-        print(f"{b:>10} "
-              + (f"{t['busbw_GBps']:11.2f} {8 * t['busbw_GBps']:7.1f} {1e6 * t['seconds']:9.1f} "
-                 if t else f"{'-':>11} {'-':>7} {'-':>9} ")
-              + (f"{s['busbw_GBps']:9.2f} {1e6 * s['seconds']:9.1f}" if s
-                 else f"{'-':>9} {'-':>9}"))
+        cells = []
+        for x in (tcp.get(b), shm.get(b)):
+            cells.append(f"{x['busbw_GBps']:6.2f}/{x['best_busbw_GBps']:6.2f} "
+                         f"{1e6 * x['seconds']:9.1f}" if x else f"{'-':>13} {'-':>9}")
+        print(f"{b:>10} " + " ".join(cells))
 
     print("\nModel of larger jobs: weak scaling at the workload's batch per rank; compute = the "
           "1-rank step time; ring all-reduce of the measured bytes per step; efficiency "
@@ -464,7 +463,7 @@ def print_tables(r):
         w = r["workloads"][k]
         print(f"  {w['net']} b{w['batch']}: compute {1e3 * mdl['compute_s']:.2f} ms/step, "
               f"{mdl['bytes'] / 2**20:.2f} MiB all-reduced per step; loopback TCP bus "
-              f"bandwidth at that size {mdl['loopback_busbw_GBps']:.2f} GB/s "
+              f"bandwidth at that size (fastest trial) {mdl['loopback_busbw_GBps']:.2f} GB/s "
               f"({8 * mdl['loopback_busbw_GBps']:.1f} Gb/s)")
         print(f"  {'N':>4} " + " ".join(f"{name:>20}" for name in mdl["links"]))
         for n, cells in mdl["ranks"].items():
