@@ -24,7 +24,11 @@ of larger jobs built from what was measured.
      and the all-reduce bytes per step (normd_dp_allreduce_bytes_total), beside the gradient's
      bytes (4 x the model's parameter_count); "rest" is the rest of the step time (the timed
      steps' wall time over their count, less compute and collectives: gRPC, decoding, rank 0
-     waiting for the next request); each a median over the rounds.
+     waiting for the next request); each a median over the rounds. "best" is the efficiency
+     from each side's fastest repeat. Beside the table, what the machine did to the ranks:
+     their CPU time, and the time their threads were runnable but waiting for a CPU
+     (/proc/PID/task/*/schedstat) — near 0 on quiet cores; well above it, the 2-rank figures
+     measure the other work (each collective needs both ranks on a CPU at once).
   2. MPI_Allreduce (float, sum) between 2 ranks bound to the two cores, 4 KiB to 64 MiB
      (bench/mpi_allreduce_bench.cc), bus bandwidth 2 (n-1)/n x bytes / time, over TCP loopback
      (btl self,tcp; OMPI_MCA_btl_tcp_if_include=lo) and over shared memory (btl self,vader).
