@@ -384,6 +384,10 @@ def main():
                 w["dp_ops_per_step"] = sum(m["dp_ops"] for m in ms) / sum(m["steps"] for m in ms)
         if "rate1" in w and "rate2" in w:
             w["efficiency"] = w["rate2"] / (2 * w["rate1"])
+            # Round by round: the rounds a burst of other work disturbed stand out.
+            w["efficiency_by_round"] = [
+                statistics.median(b["samples_per_s"]) / (2 * statistics.median(a["samples_per_s"]))
+                for a, b in zip(runs[(net, batch, 1)], runs[(net, batch, 2)])]
             w["efficiency_client"] = w["rate2"] / ((2 - w["client_cores2"]) * w["rate1"])
             w["efficiency_cpu"] = w["cpu_rate2"] / w["cpu_rate1"]
             w["efficiency_best"] = w["best2"] / (2 * w["best1"])
@@ -427,6 +431,9 @@ def print_tables(r):
               f"{format(rest, '6.2f') if rest is not None else '-':>6} "
               f"{format(w['bytes'], '9.0f') if 'bytes' in w else '-':>9} "
               f"{4 * w.get('parameters', 0):>9}")
+    print("  eff by round (the servers restart each round): " + ", ".join(
+        f"{w['net']} b{w['batch']} " + " ".join(f"{e:.2f}" for e in w["efficiency_by_round"])
+        for w in r["workloads"].values() if "efficiency_by_round" in w))
     print("  client cores in the 1-rank run (client on its own core): " + ", ".join(
         f"{w['net']} b{w['batch']} {w['client_cores1']:.2f}" for w in r["workloads"].values()
         if "client_cores1" in w))
