@@ -92,6 +92,10 @@ RANK_COUNTS = (4, 8, 16, 32)
 LINKS_GBPS = (10, 25, 100)
 BACKWARD_SHARE = 2.0 / 3.0
 SERVER_CPU, CLIENT_CPU = "0", "1"  # the 1-rank run
+# A worker rank's threads runnable but off the CPU for more than this share of the time: the
+# run was disturbed. (Rank 0 is not judged: its share includes its gRPC threads queued behind
+# its own compute thread, 0.05-0.25 in the 1-rank runs too.)
+DISTURBED_WAITING = 0.2
 
 
 def key(net, batch):
@@ -447,6 +451,13 @@ def print_tables(r):
                     "/".join(f"{v:.2f}" for v in w["rank_waiting2"].values())
                     for w in r["workloads"].values()
                     if "rank_waiting1" in w and "rank_waiting2" in w))
+    busy = [f"{w['net']} b{w['batch']}" for w in r["workloads"].values()
+            if max([v for k, v in w.get("rank_waiting2", {}).items() if k != "0"] or [0.0])
+            > DISTURBED_WAITING]
+    if busy:
+        print(f"  NOTE: a worker rank of the 2-rank job waited for a CPU more than "
+              f"{100 * DISTURBED_WAITING:.0f} % of the time ({', '.join(busy)}): other work "
+              f"shared its core, and those efficiencies measure that too")
     print("  samples per CPU-second of the ranks, 1 rank / 2 ranks (ratio; time waiting in a "
           "collective counts when MPI spins): " + ", ".join(
               f"{w['net']} b{w['batch']} {w['cpu_rate1']:.0f} / {w['cpu_rate2']:.0f} "
