@@ -91,13 +91,15 @@ demo: build
 # Benchmarks (bench/, BENCHMARKS.md): kernels, normd against PyTorch in-process and over gRPC,
 # RPC load and memory; the convolutional networks (the CNN, ResNet-20), their layers and the
 # server's memory training ResNet-20 (cnn_bench.py); prints the tables (~4 min on 2 cores, plus
-# cnn_bench's ~5 min with the im2col convolutions).
+# cnn_bench's ~5 min with the im2col convolutions); a 2-rank data-parallel job against one rank
+# and MPI_Allreduce's bandwidth (dp_bench.py, ~3 min).
 bench: build
 	/usr/bin/python3 bench/compare_torch.py --build-dir $(BUILD_DIR) --load
 	/usr/bin/python3 bench/cnn_bench.py --build-dir $(BUILD_DIR)
 	/usr/bin/python3 bench/fold_bench.py --build-dir $(BUILD_DIR)
 	/usr/bin/python3 bench/drift_quality.py --build-dir $(BUILD_DIR)
 	/usr/bin/python3 bench/tenant_fairness.py --build-dir $(BUILD_DIR)
+	/usr/bin/python3 bench/dp_bench.py --build-dir $(BUILD_DIR)
 
 clean:
 	rm -rf $(BUILD_DIR) dist
