@@ -60,23 +60,8 @@ void MpiCollective::AllReduceSum(float* data, int64_t n) {
 }
 
 void MpiCollective::StartAllReduceSum(float* data, int64_t n) {
-  for (int64_t done = 0; done < n; done += kMaxCount) {
-    const int count = static_cast<int>(n - done < kMaxCount ? n - done : kMaxCount);
-    pending_.emplace_back();
-    MPI_Iallreduce(MPI_IN_PLACE, data + done, count, MPI_FLOAT, MPI_SUM, comm_, &pending_.back());
-  }
-}
-
-void MpiCollective::Progress() {
-  if (pending_.empty()) return;
-  int all_done = 0;
-  MPI_Testall(static_cast<int>(pending_.size()), pending_.data(), &all_done, MPI_STATUSES_IGNORE);
-  if (all_done) pending_.clear();
-}
-
-void MpiCollective::WaitAll() {
-  MPI_Waitall(static_cast<int>(pending_.size()), pending_.data(), MPI_STATUSES_IGNORE);
-  pending_.clear();
+  // Completes the sum now, with the blocking MPI_Allreduce (see the header).
+  AllReduceSum(data, n);
 }
 
 void MpiCollective::AllGather(const double* in, int64_t n, double* out) {
