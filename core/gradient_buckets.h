@@ -5,8 +5,10 @@
 // (the last top-level layer first), into buckets of at least `bucket_bytes` (a bucket closes at
 // a top-level layer's boundary, so a residual block's parameters share one). The backward pass
 // reports each finished top-level layer (BackwardListener); once every layer of a bucket is
-// done, the bucket's gradients are copied into its buffer and a non-blocking sum over the ranks
-// starts (Collective::StartAllReduceSum), while the pass goes on below. A bucket holding a
+// done, the bucket's gradients are copied into its buffer and its sum over the ranks starts
+// (Collective::StartAllReduceSum): with a collective that completes it in the background it
+// travels while the pass goes on below; the MPI one completes it at once (mpi_collective.h
+// says why), between the layers. A bucket holding a
 // single parameter is summed in place. Finish starts what the pass never reached (layers below
 // the point where a backward without an input gradient stops: their gradients are zero), waits
 // for every sum and writes the results back into the gradients.
