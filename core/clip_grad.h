@@ -19,6 +19,10 @@ double GradNorm(const std::vector<Parameter*>& params, const std::vector<bool>& 
 // REQUIRES: max_norm > 0 and finite, the gradients finite.
 double ClipGradNorm(const std::vector<Parameter*>& params, const std::vector<bool>& include,
                     double max_norm);
+// ClipGradNorm with the total norm already known. REQUIRES: total_norm is GradNorm(params,
+// include) of the gradients as they are.
+void ClipGradsToNorm(const std::vector<Parameter*>& params, const std::vector<bool>& include,
+                     double max_norm, double total_norm);
 
 }  // namespace normd
 

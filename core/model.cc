@@ -136,12 +136,21 @@ Status Model::Backward(ForwardRecord* rec, const ConstTensorView& grad_output,
   return Status::Ok();
 }
 
-StepResult Model::Step() {
+int Model::CheckGradients(double* norm) const {
+  *norm = GradNorm(net_->parameters(), trainable_mask_);
+  // In double a sum of squares of finite floats cannot overflow, so it is finite exactly when
+  // every included gradient is; the others (untrainable layers') are kept at zero.
+  if (std::isfinite(*norm)) return -1;
+  const int bad = net_->FirstNonFiniteGradLayer();
+  return bad >= 0 ? bad : 0;
+}
+
+StepResult Model::Step(double grad_norm) {
   StepResult r;
   const std::vector<Parameter*> params = net_->parameters();
   const double max_norm = optimizer_->config().max_grad_norm;
-  r.grad_norm = max_norm > 0.0 ? ClipGradNorm(params, trainable_mask_, max_norm)
-                               : GradNorm(params, trainable_mask_);
+  if (max_norm > 0.0) ClipGradsToNorm(params, trainable_mask_, max_norm, grad_norm);
+  r.grad_norm = grad_norm;
   r.learning_rate = optimizer_->Step(params, trainable_mask_);
   net_->ZeroGrad();
   ++step_;
@@ -157,14 +166,15 @@ Status Model::ApplyGradients(StepResult* result, Collective* collective) {
     Buckets()->Begin(collective);
     Buckets()->Finish();
   }
-  const int bad = net_->FirstNonFiniteGradLayer();
+  double norm = 0.0;
+  const int bad = CheckGradients(&norm);
   if (bad >= 0) {
     net_->ZeroGrad();
     return FailedPrecondition("step ", step_ + 1, " produced non-finite gradients in ",
                               net_->node(bad).description,
                               "; model unchanged, accumulated gradients discarded");
   }
-  *result = Step();
+  *result = Step(norm);
   return Status::Ok();
 }
 
@@ -198,14 +208,15 @@ Status Model::TrainStep(const ConstTensorView& x, const Targets& targets, Forwar
   } else {
     net_->Backward(rec, loss_grad_.view(), nullptr);
   }
-  const int bad = net_->FirstNonFiniteGradLayer();
+  double norm = 0.0;
+  const int bad = CheckGradients(&norm);
   if (bad >= 0) {
     net_->ZeroGrad();
     return FailedPrecondition("step ", step_ + 1, " produced non-finite gradients in ",
                               net_->node(bad).description, "; model unchanged");
   }
   // Commit: nothing below can fail.
-  const StepResult step = Step();
+  const StepResult step = Step(norm);
   if (training_) rng_ = net_->CommitRunningStats(rec);
   rec->params_version = params_version_;
   rec->mode_version = mode_version_;

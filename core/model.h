@@ -267,9 +267,13 @@ class Model {
   ForwardContext CurrentModeContext();
   // Every named slot: the net's state, then (with include_optimizer) the optimizer's.
   std::vector<StateSlot> Slots(bool include_optimizer);
-  // The commit half of a step, which cannot fail: gradient norm and clipping, optimizer step,
-  // gradients cleared, counters advanced. REQUIRES: finite gradients.
-  StepResult Step();
+  // Sets *norm to the gradients' norm (GradNorm over the trainable parameters) and returns -1
+  // when every gradient is finite, else the node index of the first layer with a non-finite
+  // one. One pass over the gradients when they are finite.
+  int CheckGradients(double* norm) const;
+  // The commit half of a step, which cannot fail: clipping, optimizer step, gradients cleared,
+  // counters advanced. REQUIRES: grad_norm from CheckGradients, which found them finite.
+  StepResult Step(double grad_norm);
 
   ModelConfig config_;
   std::unique_ptr<Sequential> net_;
