@@ -6,7 +6,9 @@
 #include <atomic>
 #include <cmath>
 #include <filesystem>
+#include <mutex>
 #include <regex>
+#include <string>
 #include <thread>
 
 #include "core/loss.h"
@@ -828,6 +830,25 @@ TEST_F(ServiceTest, ConcurrentClientsOnOneModelAndOnMany) {
   // Meanwhile 4 clients train 4 other models.
   for (int m = 0; m < 4; ++m) Create("conc-train-" + std::to_string(m));
   std::atomic<int> mismatches{0}, errors{0};
+  // The first failure's status, for the failure message.
+  std::mutex first_error_mu;
+  std::string first_error;
+  auto failed = [&](const char* rpc, const grpc::Status& st) {
+    ++errors;
+    std::lock_guard<std::mutex> lock(first_error_mu);
+    if (first_error.empty()) {
+      first_error = std::string(rpc) + ": code " + std::to_string(st.error_code()) + ", " +
+                    st.error_message();
+    }
+  };
+  // Each client opens a channel of its own; wait_for_ready lets a call wait for that channel's
+  // connection (slow under the sanitizers) rather than fail fast: this test is about how the
+  // server serves concurrent calls, and a refusal or a deadline still counts as an error.
+  auto ready_ctx = [] {
+    auto ctx = Ctx();
+    ctx->set_wait_for_ready(true);
+    return ctx;
+  };
   std::vector<std::thread> threads;
   for (int c = 0; c < 8; ++c) {
     threads.emplace_back([&] {
@@ -837,8 +858,9 @@ TEST_F(ServiceTest, ConcurrentClientsOnOneModelAndOnMany) {
         req.set_model("conc-eval");
         *req.mutable_input() = x;
         v1::ForwardResponse resp;
-        if (!stub->Forward(Ctx().get(), req, &resp).ok()) {
-          ++errors;
+        const grpc::Status st = stub->Forward(ready_ctx().get(), req, &resp);
+        if (!st.ok()) {
+          failed("Forward", st);
         } else if (!BitEqual(Values(resp.output()), expected)) {
           ++mismatches;
         }
@@ -856,10 +878,11 @@ TEST_F(ServiceTest, ConcurrentClientsOnOneModelAndOnMany) {
         const std::vector<int64_t> labels = RandomLabels(16, kOut, i);
         *req.mutable_labels() = {labels.begin(), labels.end()};
         v1::TrainStepResponse resp;
-        if (stub->TrainStep(Ctx().get(), req, &resp).ok()) {
+        const grpc::Status st = stub->TrainStep(ready_ctx().get(), req, &resp);
+        if (st.ok()) {
           ++acked[m];
         } else {
-          ++errors;
+          failed("TrainStep", st);
         }
       }
     });
@@ -877,12 +900,12 @@ TEST_F(ServiceTest, ConcurrentClientsOnOneModelAndOnMany) {
         const std::vector<int64_t> labels = RandomLabels(8, kOut, i);
         *req.mutable_labels() = {labels.begin(), labels.end()};
         v1::TrainStepResponse resp;
-        if (stub->TrainStep(Ctx().get(), req, &resp).ok()) ++shared_acked;
+        if (stub->TrainStep(ready_ctx().get(), req, &resp).ok()) ++shared_acked;
       }
     });
   }
   for (std::thread& t : threads) t.join();
-  EXPECT_EQ(errors.load(), 0);
+  EXPECT_EQ(errors.load(), 0) << "first: " << first_error;
   EXPECT_EQ(mismatches.load(), 0);
   for (int m = 0; m < 4; ++m) {
     EXPECT_EQ(Get("conc-train-" + std::to_string(m)).step(), static_cast<uint64_t>(acked[m]));
