@@ -131,7 +131,15 @@ void NormdServer::Shutdown() {
   // Wait for the Trainer calls in flight, not for long-lived streams that carry no work
   // (health Watch, reflection): those are cancelled next, with anything past the deadline.
   const bool idle = service_->WaitIdle(begin + options_.drain_timeout);
-  server_->Shutdown(std::chrono::system_clock::now());
+  // The NOT_SERVING notice is written to each Watch stream asynchronously; cancelling the
+  // streams at once can drop it (seen under load). Open streams get up to a second from the
+  // notice (never past the drain timeout) before they are cancelled; with none open, Shutdown
+  // returns as soon as the calls above are done.
+  const auto notice_grace = std::min<std::chrono::steady_clock::duration>(
+      std::chrono::seconds(1), options_.drain_timeout);
+  const auto until = std::max(begin + notice_grace, std::chrono::steady_clock::now());
+  server_->Shutdown(std::chrono::system_clock::now() +
+                    (until - std::chrono::steady_clock::now()));
   pool_.reset();  // every queued task has finished its call; join the threads
   const auto drained = std::chrono::steady_clock::now();
   if (options_.persistence != nullptr) options_.persistence->OnShutdown(registry_.get());
