@@ -20,6 +20,7 @@ class Activation : public Layer {
   Activation(LayerKind kind, float negative_slope) : kind_(kind), slope_(negative_slope) {}
 
   const char* kind_name() const override { return LayerKindName(kind_); }
+  LayerKind kind() const { return kind_; }
   Status Build(const Shape& sample_in, Shape* sample_out) override;
   void Forward(const ConstTensorView& x, Tensor* y, LayerCache* cache,
                const ForwardContext& ctx) const override;

@@ -44,14 +44,57 @@ inline F16 LoadF16(const float* p) {
   return v;
 }
 
-inline D8 LoadF8(const float* p) {
-#if defined(__AVX512F__)
-  return reinterpret_cast<D8>(_mm512_cvtps_pd(_mm256_loadu_ps(p)));
-#else
+inline F8 LoadF8AsFloat(const float* p) {
   F8 v;
   std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline D8 ToD8(F8 v) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<D8>(_mm512_cvtps_pd(reinterpret_cast<__m256>(v)));
+#else
   return __builtin_convertvector(v, D8);
 #endif
+}
+
+inline D8 LoadF8(const float* p) { return ToD8(LoadF8AsFloat(p)); }
+
+// ReLU's backward inside a fused BatchNorm + ReLU (BatchNorm::BackwardWithRelu): g where the
+// pair's pre-ReLU value MulAdd(x, scale, shift) is positive, else 0: the forward's
+// normalisation, and this file is compiled without floating-point contraction
+// (core/CMakeLists.txt), so vector and scalar code round alike (a fused multiply-add only where
+// MulAdd asks for one) and the mask is the forward's bit for bit.
+typedef int32_t I8 __attribute__((vector_size(32)));
+typedef int32_t I16 __attribute__((vector_size(64)));
+
+// x * a + b with one rounding where the target has fused multiply-add (std::fma is then one
+// instruction, and vectorises), with two elsewhere; the same in vector and scalar code.
+inline float MulAdd(float x, float a, float b) {
+#if defined(__FMA__)
+  return std::fma(x, a, b);
+#else
+  return x * a + b;
+#endif
+}
+
+template <typename V>
+inline V MulAddLanes(V x, V a, V b) {
+  V r;
+  for (size_t j = 0; j < sizeof(V) / sizeof(float); ++j) r[j] = MulAdd(x[j], a[j], b[j]);
+  return r;
+}
+
+inline F8 ReluMasked(F8 x, F8 g, F8 scale, F8 shift) {
+  return (F8)((I8)g & (MulAddLanes(x, scale, shift) > F8{}));
+}
+
+inline F16 ReluMasked(F16 x, F16 g, F16 scale, F16 shift) {
+  return (F16)((I16)g & (MulAddLanes(x, scale, shift) > F16{}));
+}
+
+inline float ReluMasked(float x, float g, float scale, float shift) {
+  return MulAdd(x, scale, shift) > 0.0f ? g : 0.0f;
 }
 
 inline D8 LoadD8(const double* p) {
@@ -63,6 +106,12 @@ inline D8 LoadD8(const double* p) {
 inline void StoreD8(double* p, D8 v) { std::memcpy(p, &v, sizeof v); }
 
 inline D8 SplatD8(double v) { return D8{} + v; }
+
+inline F8 SplatF8(float v) {
+  F8 r;
+  for (int j = 0; j < 8; ++j) r[j] = v;
+  return r;
+}
 
 inline double Sum(D8 v) {
   double t = 0.0;
@@ -88,24 +137,53 @@ constexpr int64_t kCoefBlock = 1024;
 // gives, per channel, a constant (the shift or the mean) and the two terms from a loaded x
 // and g vector. Each channel's sums are added in the same order whatever C and ld are, so a
 // reduction over a block of channels gives those channels' results bit for bit.
-template <typename Op>
+// With kReluMask, g is first masked by ReLU's backward (ReluMasked) with the per-channel scale
+// and shift of a fused BatchNorm + ReLU; otherwise those two are not read.
+template <typename Op, bool kReluMask = false>
 void ChannelReduce(const Op& op, const float* x, const float* g, int64_t n, int64_t C,
-                   int64_t s, int64_t ld, const float* k, double* acc1, double* acc2) {
-  auto load_g = [g](int64_t o) { return Op::kUsesG ? LoadF8(g + o) : D8{}; };
-  auto load_g16 = [g](int64_t o) { return Op::kUsesG ? LoadF16(g + o) : F16{}; };
-  auto scalar_g = [g](int64_t o) { return Op::kUsesG ? g[o] : 0.0f; };
+                   int64_t s, int64_t ld, const float* k, double* acc1, double* acc2,
+                   const float* mask_scale = nullptr, const float* mask_shift = nullptr) {
+  static_assert(Op::kUsesG || !kReluMask, "the ReLU mask applies to g");
+  auto load_g = [x, g](int64_t o, F8 sc, F8 sh) {
+    if constexpr (kReluMask) {
+      return ToD8(ReluMasked(LoadF8AsFloat(x + o), LoadF8AsFloat(g + o), sc, sh));
+    } else {
+      return Op::kUsesG ? LoadF8(g + o) : D8{};
+    }
+  };
+  auto load_g16 = [x, g](int64_t o, F16 sc, F16 sh) {
+    if constexpr (kReluMask) {
+      return ReluMasked(LoadF16(x + o), LoadF16(g + o), sc, sh);
+    } else {
+      return Op::kUsesG ? LoadF16(g + o) : F16{};
+    }
+  };
+  auto scalar_g = [x, g](int64_t o, float sc, float sh) {
+    if constexpr (kReluMask) {
+      return ReluMasked(x[o], g[o], sc, sh);
+    } else {
+      return Op::kUsesG ? g[o] : 0.0f;
+    }
+  };
+  auto coef8 = [](const float* p, int64_t c) { return kReluMask ? LoadF8AsFloat(p + c) : F8{}; };
+  auto coef16 = [](const float* p, int64_t c) { return kReluMask ? LoadF16(p + c) : F16{}; };
+  auto coef1 = [](const float* p, int64_t c) { return kReluMask ? p[c] : 0.0f; };
   if (s == 1) {
     for (int64_t i0 = 0; i0 < n; i0 += kRowGroup) {
       const int64_t i1 = std::min(n, i0 + kRowGroup);
       int64_t c0 = 0;
       for (; c0 + kBlock <= C; c0 += kBlock) {
-        F16 a1[2] = {}, a2[2] = {}, kk[2];
-        for (int v = 0; v < 2; ++v) kk[v] = LoadF16(k + c0 + 16 * v);
+        F16 a1[2] = {}, a2[2] = {}, kk[2], sc[2], sh[2];
+        for (int v = 0; v < 2; ++v) {
+          kk[v] = LoadF16(k + c0 + 16 * v);
+          sc[v] = coef16(mask_scale, c0 + 16 * v);
+          sh[v] = coef16(mask_shift, c0 + 16 * v);
+        }
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t off = i * ld + c0;
           for (int v = 0; v < 2; ++v) {
             const int64_t o = off + 16 * v;
-            op.Vector(LoadF16(x + o), load_g16(o), kk[v], &a1[v], &a2[v]);
+            op.Vector(LoadF16(x + o), load_g16(o, sc[v], sh[v]), kk[v], &a1[v], &a2[v]);
           }
         }
         float p1[kBlock], p2[kBlock];
@@ -119,17 +197,19 @@ void ChannelReduce(const Op& op, const float* x, const float* g, int64_t n, int6
       for (; c0 + 8 <= C; c0 += 8) {
         D8 a1 = {}, a2 = {};
         const D8 kk = LoadF8(k + c0);
+        const F8 sc = coef8(mask_scale, c0), sh = coef8(mask_shift, c0);
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t o = i * ld + c0;
-          op.Vector(LoadF8(x + o), load_g(o), kk, &a1, &a2);
+          op.Vector(LoadF8(x + o), load_g(o, sc, sh), kk, &a1, &a2);
         }
         StoreD8(acc1 + c0, LoadD8(acc1 + c0) + a1);
         StoreD8(acc2 + c0, LoadD8(acc2 + c0) + a2);
       }
       for (; c0 < C; ++c0) {
+        const float sc = coef1(mask_scale, c0), sh = coef1(mask_shift, c0);
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t o = i * ld + c0;
-          op.Scalar(x[o], scalar_g(o), k[c0], &acc1[c0], &acc2[c0]);
+          op.Scalar(x[o], scalar_g(o, sc, sh), k[c0], &acc1[c0], &acc2[c0]);
         }
       }
     }
@@ -140,19 +220,21 @@ void ChannelReduce(const Op& op, const float* x, const float* g, int64_t n, int6
     for (int64_t c = 0; c < C; ++c) {
       const int64_t off = i * ld + c * s;
       const D8 kk = SplatD8(k[c]);
+      const float sc1 = coef1(mask_scale, c), sh1 = coef1(mask_shift, c);
+      const F8 sc = SplatF8(sc1), sh = SplatF8(sh1);
       D8 a1[2] = {}, a2[2] = {};
       int64_t j = 0;
       for (; j + 16 <= s; j += 16) {
         for (int v = 0; v < 2; ++v) {
           const int64_t o = off + j + 8 * v;
-          op.Vector(LoadF8(x + o), load_g(o), kk, &a1[v], &a2[v]);
+          op.Vector(LoadF8(x + o), load_g(o, sc, sh), kk, &a1[v], &a2[v]);
         }
       }
       for (; j + 8 <= s; j += 8) {
-        op.Vector(LoadF8(x + off + j), load_g(off + j), kk, &a1[0], &a2[0]);
+        op.Vector(LoadF8(x + off + j), load_g(off + j, sc, sh), kk, &a1[0], &a2[0]);
       }
       double t1 = Sum(a1[0] + a1[1]), t2 = Sum(a2[0] + a2[1]);
-      for (; j < s; ++j) op.Scalar(x[off + j], scalar_g(off + j), k[c], &t1, &t2);
+      for (; j < s; ++j) op.Scalar(x[off + j], scalar_g(off + j, sc1, sh1), k[c], &t1, &t2);
       acc1[c] += t1;
       acc2[c] += t2;
     }
@@ -265,6 +347,70 @@ int64_t CombineAcrossRanks(const DataParallelShard& shard, int64_t local_count, 
   return n;
 }
 
+// y = x * scale + shift for channels [c0, c1) of x viewed as (N, C, S), then ReLU
+// (v > 0 ? v : 0, the ReLU layer's) when kRelu: the normalisation, fused with the ReLU that
+// follows it or not. One MulAdd per element, which ReluMasked repeats.
+template <bool kRelu>
+void AffineChannels(const float* x, float* y, int64_t N, int64_t C, int64_t S,
+                    const float* scale, const float* shift, int64_t c0, int64_t c1) {
+  auto out = [](float v) { return kRelu ? (v > 0.0f ? v : 0.0f) : v; };
+  if (S == 1) {
+    for (int64_t b0 = c0; b0 < c1; b0 += kCoefBlock) {
+      const int64_t b1 = std::min(c1, b0 + kCoefBlock);
+      for (int64_t i = 0; i < N; ++i) {
+        const float* xr = x + i * C;
+        float* yr = y + i * C;
+        for (int64_t c = b0; c < b1; ++c) yr[c] = out(MulAdd(xr[c], scale[c], shift[c]));
+      }
+    }
+    return;
+  }
+  for (int64_t i = 0; i < N; ++i) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const float* xr = x + (i * C + c) * S;
+      float* yr = y + (i * C + c) * S;
+      const float a = scale[c], b = shift[c];
+      for (int64_t k = 0; k < S; ++k) yr[k] = out(MulAdd(xr[k], a, b));
+    }
+  }
+}
+
+// The backward's second pass for channels [c0, c1) of (N, C, S):
+//   dx = k * dy + a * (x - mean) + b per channel,
+// with dy first masked by ReLU's backward (ReluMasked with scale and shift) when kRelu.
+template <bool kRelu>
+void InputGradientChannels(const float* x, const float* dy, float* dx, int64_t N, int64_t C,
+                           int64_t S, const float* mean, const float* k, const float* a,
+                           const float* b, const float* scale, const float* shift, int64_t c0,
+                           int64_t c1) {
+  if (S == 1) {
+    for (int64_t b0 = c0; b0 < c1; b0 += kCoefBlock) {
+      const int64_t b1 = std::min(c1, b0 + kCoefBlock);
+      for (int64_t i = 0; i < N; ++i) {
+        const float* xr = x + i * C;
+        const float* gr = dy + i * C;
+        float* dr = dx + i * C;
+        for (int64_t c = b0; c < b1; ++c) {
+          const float g = kRelu ? ReluMasked(xr[c], gr[c], scale[c], shift[c]) : gr[c];
+          dr[c] = k[c] * g + a[c] * (xr[c] - mean[c]) + b[c];
+        }
+      }
+    }
+    return;
+  }
+  for (int64_t i = 0; i < N; ++i) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t off = (i * C + c) * S;
+      const float kc = k[c], ac = a[c], bc = b[c], mc = mean[c];
+      const float sc = kRelu ? scale[c] : 0.0f, sh = kRelu ? shift[c] : 0.0f;
+      for (int64_t j = 0; j < S; ++j) {
+        const float g = kRelu ? ReluMasked(x[off + j], dy[off + j], sc, sh) : dy[off + j];
+        dx[off + j] = kc * g + ac * (x[off + j] - mc) + bc;
+      }
+    }
+  }
+}
+
 }  // namespace
 
 void ComputeMoments(const float* x, int64_t n, int64_t channels, int64_t s,
@@ -341,6 +487,24 @@ Status BatchNorm::CheckBatch(const Shape& batch_in, const ForwardContext& ctx) c
 
 void BatchNorm::Forward(const ConstTensorView& x, Tensor* y, LayerCache* cache,
                         const ForwardContext& ctx) const {
+  ForwardPass(x, y, cache, ctx, /*relu=*/false);
+}
+
+void BatchNorm::ForwardWithRelu(const ConstTensorView& x, Tensor* y, LayerCache* cache,
+                                const ForwardContext& ctx) const {
+  ForwardPass(x, y, cache, ctx, /*relu=*/true);
+}
+
+void BatchNorm::RecomputeOutput(const ConstTensorView& x, const LayerCache& cache,
+                                Tensor* y) const {
+  const int64_t C = config_.num_features;
+  y->Resize(x.shape);
+  AffineChannels<false>(x.data, y->data(), x.rows(), C, spatial_, cache.f.data() + 2 * C,
+                        cache.f.data() + 3 * C, 0, C);
+}
+
+void BatchNorm::ForwardPass(const ConstTensorView& x, Tensor* y, LayerCache* cache,
+                            const ForwardContext& ctx, bool relu) const {
   const int64_t C = config_.num_features;
   const int64_t S = spatial_;
   const int64_t N = x.rows();
@@ -413,26 +577,10 @@ void BatchNorm::Forward(const ConstTensorView& x, Tensor* y, LayerCache* cache,
       scale.segment(c0, cw) = invstd_used.segment(c0, cw);
       shift.segment(c0, cw) = -mean_used.segment(c0, cw) * scale.segment(c0, cw);
     }
-    const float* sc = scale.data();
-    const float* sh = shift.data();
-    if (S == 1) {
-      for (int64_t b0 = c0; b0 < c1; b0 += kCoefBlock) {
-        const int64_t b1 = std::min(c1, b0 + kCoefBlock);
-        for (int64_t i = 0; i < N; ++i) {
-          const float* xr = xp + i * C;
-          float* yr = yp + i * C;
-          for (int64_t c = b0; c < b1; ++c) yr[c] = xr[c] * sc[c] + sh[c];
-        }
-      }
+    if (relu) {
+      AffineChannels<true>(xp, yp, N, C, S, scale.data(), shift.data(), c0, c1);
     } else {
-      for (int64_t i = 0; i < N; ++i) {
-        for (int64_t c = c0; c < c1; ++c) {
-          const float* xr = xp + (i * C + c) * S;
-          float* yr = yp + (i * C + c) * S;
-          const float a = sc[c], b = sh[c];
-          for (int64_t k = 0; k < S; ++k) yr[k] = xr[k] * a + b;
-        }
-      }
+      AffineChannels<false>(xp, yp, N, C, S, scale.data(), shift.data(), c0, c1);
     }
   };
 
@@ -483,11 +631,25 @@ void BatchNorm::Forward(const ConstTensorView& x, Tensor* y, LayerCache* cache,
 
 void BatchNorm::Backward(const ConstTensorView& x, const Tensor& /*y*/, const ConstTensorView& dy,
                          const LayerCache& cache, const ForwardContext& ctx, Tensor* dx) {
+  BackwardPass(x, dy, cache, ctx, dx, /*relu=*/false);
+}
+
+void BatchNorm::BackwardWithRelu(const ConstTensorView& x, const Tensor& /*y*/,
+                                 const ConstTensorView& dy, const LayerCache& cache,
+                                 const ForwardContext& ctx, Tensor* dx) {
+  BackwardPass(x, dy, cache, ctx, dx, /*relu=*/true);
+}
+
+void BatchNorm::BackwardPass(const ConstTensorView& x, const ConstTensorView& dy,
+                             const LayerCache& cache, const ForwardContext& ctx, Tensor* dx,
+                             bool relu) {
   const int64_t C = config_.num_features;
   const int64_t S = spatial_;
   const int64_t N = x.rows();
   const float* mean = cache.f.data();
   const float* invstd = cache.f.data() + C;
+  const float* scale = cache.f.data() + 2 * C;  // the forward's, for the fused ReLU's mask
+  const float* shift = cache.f.data() + 3 * C;
   const float* xp = x.data;
   const float* dyp = dy.data;
 
@@ -522,8 +684,14 @@ void BatchNorm::Backward(const ConstTensorView& x, const Tensor& /*y*/, const Co
   const double n = static_cast<double>((sync ? ctx.shard.global_rows : N) * S);
 
   auto sums = [&](int64_t c0, int64_t c1) {
-    ChannelReduce(GradSumsOp(), xp + c0 * S, dyp + c0 * S, N, c1 - c0, S, C * S, mean + c0,
-                  sum_dy + c0, sum_dy_xmu + c0);
+    if (relu) {
+      ChannelReduce<GradSumsOp, true>(GradSumsOp(), xp + c0 * S, dyp + c0 * S, N, c1 - c0, S,
+                                      C * S, mean + c0, sum_dy + c0, sum_dy_xmu + c0,
+                                      scale + c0, shift + c0);
+    } else {
+      ChannelReduce(GradSumsOp(), xp + c0 * S, dyp + c0 * S, N, c1 - c0, S, C * S, mean + c0,
+                    sum_dy + c0, sum_dy_xmu + c0);
+    }
     if (param_grads) {
       float* gw = weight_.grad.data();
       float* gb = bias_.grad.data();
@@ -550,28 +718,10 @@ void BatchNorm::Backward(const ConstTensorView& x, const Tensor& /*y*/, const Co
       std::fill(a + c0, a + c1, 0.0f);
       std::fill(b + c0, b + c1, 0.0f);
     }
-    if (S == 1) {
-      for (int64_t b0 = c0; b0 < c1; b0 += kCoefBlock) {
-        const int64_t b1 = std::min(c1, b0 + kCoefBlock);
-        for (int64_t i = 0; i < N; ++i) {
-          const float* xr = xp + i * C;
-          const float* gr = dyp + i * C;
-          float* dr = dxp + i * C;
-          for (int64_t c = b0; c < b1; ++c) {
-            dr[c] = k[c] * gr[c] + a[c] * (xr[c] - mean[c]) + b[c];
-          }
-        }
-      }
+    if (relu) {
+      InputGradientChannels<true>(xp, dyp, dxp, N, C, S, mean, k, a, b, scale, shift, c0, c1);
     } else {
-      for (int64_t i = 0; i < N; ++i) {
-        for (int64_t c = c0; c < c1; ++c) {
-          const int64_t off = (i * C + c) * S;
-          const float kc = k[c], ac = a[c], bc = b[c], mc = mean[c];
-          for (int64_t j = 0; j < S; ++j) {
-            dxp[off + j] = kc * dyp[off + j] + ac * (xp[off + j] - mc) + bc;
-          }
-        }
-      }
+      InputGradientChannels<false>(xp, dyp, dxp, N, C, S, mean, k, a, b, scale, shift, c0, c1);
     }
   };
 

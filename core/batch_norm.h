@@ -24,9 +24,9 @@
 // LayerCache and Commit applies it, so a training step that fails after the forward pass
 // (non-finite gradients) leaves the buffers untouched.
 //
-// Cost: the statistics take two passes over x with double accumulators; the normalisation
-// folds to one multiply-add per element (per-channel scale and shift); the training backward
-// takes two passes. Drift figures reuse the statistics (eval mode pays one extra pass to get
+// Cost: the statistics take one pass over x with double accumulators; the normalisation
+// folds to one multiply and one add per element (per-channel scale and shift); the training
+// backward takes two passes. A ReLU that follows is fused into both (ForwardWithRelu). Drift figures reuse the statistics (eval mode pays one extra pass to get
 // batch statistics, two reads of x in all).
 #ifndef NORMD_CORE_BATCH_NORM_H_
 #define NORMD_CORE_BATCH_NORM_H_
@@ -91,6 +91,19 @@ class BatchNorm : public Layer {
   std::vector<Parameter*> parameters() override;
   std::vector<StateSlot> state() override;
   BatchNorm* AsBatchNorm() override { return this; }
+
+  // Fused with a following ReLU (Layer::FusesRelu): two fewer passes over memory forward and
+  // one tensor less kept for the backward. The backward recomputes ReLU's mask from x and the
+  // forward's per-channel scale and shift in `cache` (the same float operations, so the same
+  // mask) instead of reading y, and saves a pass there too.
+  bool FusesRelu() const override { return true; }
+  void ForwardWithRelu(const ConstTensorView& x, Tensor* y, LayerCache* cache,
+                       const ForwardContext& ctx) const override;
+  void BackwardWithRelu(const ConstTensorView& x, const Tensor& y, const ConstTensorView& dy,
+                        const LayerCache& cache, const ForwardContext& ctx,
+                        Tensor* dx) override;
+  void RecomputeOutput(const ConstTensorView& x, const LayerCache& cache,
+                       Tensor* y) const override;
   bool HasRunningStats() const override { return config_.track_running_stats; }
 
   // Applies the running-statistics update left pending in `cache` by a Forward with
@@ -130,6 +143,11 @@ class BatchNorm : public Layer {
   const Parameter& bias() const { return bias_; }
 
  private:
+  void ForwardPass(const ConstTensorView& x, Tensor* y, LayerCache* cache,
+                   const ForwardContext& ctx, bool relu) const;
+  void BackwardPass(const ConstTensorView& x, const ConstTensorView& dy, const LayerCache& cache,
+                    const ForwardContext& ctx, Tensor* dx, bool relu);
+
   // True when this forward normalises with batch statistics. A frozen layer is in eval
   // semantics whatever the model's mode.
   bool UsesBatchStats(const ForwardContext& ctx) const {

@@ -1,5 +1,8 @@
 #include "core/layer.h"
 
+#include <cassert>
+#include <cstdlib>
+
 #include "core/activation.h"
 #include "core/batch_norm.h"
 #include "core/conv2d.h"
@@ -82,10 +85,45 @@ std::unique_ptr<Layer> MakeLayer(const LayerConfig& c) {
   return nullptr;
 }
 
+void Layer::ForwardWithRelu(const ConstTensorView& /*x*/, Tensor* /*y*/, LayerCache* /*cache*/,
+                            const ForwardContext& /*ctx*/) const {
+  std::abort();  // REQUIRES: FusesRelu()
+}
+
+void Layer::BackwardWithRelu(const ConstTensorView& /*x*/, const Tensor& /*y*/,
+                             const ConstTensorView& /*dy*/, const LayerCache& /*cache*/,
+                             const ForwardContext& /*ctx*/, Tensor* /*dx*/) {
+  std::abort();  // REQUIRES: FusesRelu()
+}
+
+void Layer::RecomputeOutput(const ConstTensorView& /*x*/, const LayerCache& /*cache*/,
+                            Tensor* /*y*/) const {
+  std::abort();  // REQUIRES: FusesRelu()
+}
+
+namespace {
+
+// True when layers[j] runs fused with the ReLU that follows it (Layer::FusesRelu).
+bool FusedWithNextRelu(const LayerList& layers, size_t j) {
+  if (j + 1 >= layers.size() || !layers[j]->FusesRelu()) return false;
+  const auto* act = dynamic_cast<const Activation*>(layers[j + 1].get());
+  return act != nullptr && act->kind() == LayerKind::kReLU;
+}
+
+}  // namespace
+
 void ForwardLayers(const LayerList& layers, const ConstTensorView& x, const ForwardContext& ctx,
                    Tensor* outputs, LayerCache* caches) {
   for (size_t j = 0; j < layers.size(); ++j) {
     const ConstTensorView in = j == 0 ? x : outputs[j - 1].view();
+    if (FusedWithNextRelu(layers, j)) {
+      layers[j]->ForwardWithRelu(in, &outputs[j + 1], &caches[j], ctx);
+      caches[j].relu_fused = true;
+      if (outputs[j].size() != 0) outputs[j] = Tensor();  // a record reused from before
+      ++j;
+      continue;
+    }
+    caches[j].relu_fused = false;
     layers[j]->Forward(in, &outputs[j], &caches[j], ctx);
   }
 }
@@ -109,9 +147,21 @@ void BackwardLayers(LayerList& layers, const ConstTensorView& x, const Tensor* o
   Tensor* bufs[2] = {buf_a, buf_b};
   int next = 0;
   for (int j = n - 1; j >= stop; --j) {
+    // A fused pair ends at the ReLU, j: both go back in one call. (The stop is a layer with
+    // parameters, never the ReLU, so the fused layer is at or above it.)
+    const bool fused = j >= 1 && caches[j - 1].relu_fused;
+    assert(!fused || j - 1 >= stop);
+    if (fused) {
+      if (listener != nullptr) listener->LayerDone(j);
+      --j;
+    }
     const ConstTensorView in = j == 0 ? x : outputs[j - 1].view();
     Tensor* out = j == stop ? dx : bufs[next];
-    layers[j]->Backward(in, outputs[j], grad, caches[j], ctx, out);
+    if (fused) {
+      layers[j]->BackwardWithRelu(in, outputs[j + 1], grad, caches[j], ctx, out);
+    } else {
+      layers[j]->Backward(in, outputs[j], grad, caches[j], ctx, out);
+    }
     if (!layers[j]->trainable()) {
       // A layer may have accumulated anyway (Layer::trainable lets it skip, not must).
       for (Parameter* p : layers[j]->parameters()) p->grad.SetZero();

@@ -48,6 +48,9 @@ struct LayerCache {
   std::vector<int32_t> i;
   // BatchNorm only: the pending running-statistics update is valid (see BatchNorm::Commit).
   bool has_pending_update = false;
+  // ForwardLayers fused the ReLU that follows into this layer (Layer::ForwardWithRelu), so
+  // the layer's own output was not written (it is empty).
+  bool relu_fused = false;
   // A layer that holds layers (ResidualBlock): per inner layer, in the block's order (body,
   // then shortcut), its output and its own cache. The tree of caches mirrors the tree of
   // layers, so the Sequential can reach a nested layer's cache by its path (LayerNode).
@@ -123,6 +126,24 @@ class Layer {
   virtual void ApplyPendingUpdate(LayerCache* /*cache*/) {}
   virtual void ResetRunningStats() {}
 
+  // ---- Fusion with a ReLU that directly follows (ForwardLayers, BackwardLayers) ----
+  //
+  // A layer whose FusesRelu() is true runs together with a ReLU after it in the same stack:
+  // ForwardWithRelu writes y = relu(layer(x)) (the ReLU layer's relu, v > 0 ? v : 0) bit for
+  // bit as Forward and then the ReLU layer would, without writing the layer's own output,
+  // and fills `cache` as Forward does; BackwardWithRelu is the pair's backward, given the
+  // ReLU's output y and dy = dL/dy, with Backward's contract otherwise; RecomputeOutput gives
+  // back the output ForwardWithRelu did not write (what Forward would have), from the same x and
+  // cache. The other methods REQUIRE FusesRelu() (they abort otherwise).
+  virtual bool FusesRelu() const { return false; }
+  virtual void ForwardWithRelu(const ConstTensorView& x, Tensor* y, LayerCache* cache,
+                               const ForwardContext& ctx) const;
+  virtual void BackwardWithRelu(const ConstTensorView& x, const Tensor& y,
+                                const ConstTensorView& dy, const LayerCache& cache,
+                                const ForwardContext& ctx, Tensor* dx);
+  virtual void RecomputeOutput(const ConstTensorView& x, const LayerCache& cache,
+                               Tensor* y) const;
+
   // Non-null for BatchNorm layers.
   virtual BatchNorm* AsBatchNorm() { return nullptr; }
   const BatchNorm* AsBatchNorm() const { return const_cast<Layer*>(this)->AsBatchNorm(); }
@@ -177,8 +198,11 @@ class BackwardListener {
 };
 
 // Runs layers[0], layers[1], ... on x: layer j reads the previous layer's output (x for the
-// first) and writes outputs[j] and caches[j]. REQUIRES: layers is not empty; outputs and caches
-// have room for layers.size() entries.
+// first) and writes outputs[j] and caches[j]. A layer that fuses a ReLU (Layer::FusesRelu:
+// BatchNorm, a residual block) directly followed by one runs with it as one layer
+// (ForwardWithRelu): the ReLU's output is written, the layer's own is left empty and its cache
+// says so (LayerCache::relu_fused; Layer::RecomputeOutput gives it back). REQUIRES: layers is
+// not empty; outputs and caches have room for layers.size() entries.
 void ForwardLayers(const LayerList& layers, const ConstTensorView& x, const ForwardContext& ctx,
                    Tensor* outputs, LayerCache* caches);
 
@@ -188,7 +212,8 @@ void ForwardLayers(const LayerList& layers, const ConstTensorView& x, const Forw
 // it the pass stops below the lowest layer with trainable parameters (PyTorch's autograd stops
 // there too, so a frozen backbone costs nothing). buf_a and buf_b are scratch for the
 // intermediate gradients; neither may hold dy. A non-null listener hears of each layer it
-// finishes (layers below the stopping point are never reported).
+// finishes (layers below the stopping point are never reported). A fused pair goes back in
+// one call (Layer::BackwardWithRelu), both layers reported.
 void BackwardLayers(LayerList& layers, const ConstTensorView& x, const Tensor* outputs,
                     const LayerCache* caches, const ConstTensorView& dy, const ForwardContext& ctx,
                     Tensor* dx, Tensor* buf_a, Tensor* buf_b,

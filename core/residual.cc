@@ -60,22 +60,51 @@ void ResidualBlock::Allocate(Rng& rng) {
 
 void ResidualBlock::Forward(const ConstTensorView& x, Tensor* y, LayerCache* cache,
                             const ForwardContext& ctx) const {
+  ForwardPass(x, y, cache, ctx, /*relu=*/false);
+}
+
+void ResidualBlock::ForwardWithRelu(const ConstTensorView& x, Tensor* y, LayerCache* cache,
+                                    const ForwardContext& ctx) const {
+  ForwardPass(x, y, cache, ctx, /*relu=*/true);
+}
+
+void ResidualBlock::RecomputeOutput(const ConstTensorView& x, const LayerCache& cache,
+                                    Tensor* y) const {
+  Combine(x, cache, /*relu=*/false, y);
+}
+
+void ResidualBlock::ForwardPass(const ConstTensorView& x, Tensor* y, LayerCache* cache,
+                                const ForwardContext& ctx, bool relu) const {
   const size_t nb = body_.size();
   cache->outputs.resize(nb + shortcut_.size());
   cache->children.resize(nb + shortcut_.size());
   cache->has_pending_update = false;
   ForwardLayers(body_, x, ctx, cache->outputs.data(), cache->children.data());
-  ConstTensorView skip = x;
   if (!shortcut_.empty()) {
     ForwardLayers(shortcut_, x, ctx, cache->outputs.data() + nb, cache->children.data() + nb);
-    skip = cache->outputs.back().view();
   }
-  const Tensor& body = cache->outputs[nb - 1];
+  Combine(x, *cache, relu, y);
+}
+
+void ResidualBlock::Combine(const ConstTensorView& x, const LayerCache& cache, bool relu,
+                            Tensor* y) const {
+  const Tensor& body = cache.outputs[body_.size() - 1];
+  const ConstTensorView skip = shortcut_.empty() ? x : cache.outputs.back().view();
   assert(body.size() == skip.size());
   y->Resize(body.shape());
-  Eigen::Map<Eigen::ArrayXf>(y->data(), y->size()) =
-      Eigen::Map<const Eigen::ArrayXf>(body.data(), body.size()) +
-      Eigen::Map<const Eigen::ArrayXf>(skip.data, skip.size());
+  const int64_t n = body.size();
+  const float* b = body.data();
+  const float* s = skip.data;
+  float* out = y->data();
+  if (relu) {
+    // The ReLU layer's relu, so the pair gives its bits.
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = b[i] + s[i];
+      out[i] = v > 0.0f ? v : 0.0f;
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = b[i] + s[i];
+  }
 }
 
 namespace {
@@ -84,6 +113,7 @@ namespace {
 struct BranchScratch {
   Tensor grad_a, grad_b;  // intermediate gradients inside a branch
   Tensor body_dx;         // the body's input gradient
+  Tensor masked_dy;       // BackwardWithRelu: dy through the fused ReLU
 };
 
 // The calling thread's scratch for the block now running backward, one level deeper for the
@@ -112,18 +142,15 @@ class ScratchForDepth {
   BranchScratch* scratch_;
 };
 
-}  // namespace
-
-void ResidualBlock::Backward(const ConstTensorView& x, const Tensor& /*y*/,
-                             const ConstTensorView& dy, const LayerCache& cache,
-                             const ForwardContext& ctx, Tensor* dx) {
-  const size_t nb = body_.size();
-  ScratchForDepth guard;
-  BranchScratch& s = guard.get();
-  BackwardLayers(body_, x, cache.outputs.data(), cache.children.data(), dy, ctx,
+// dy through both branches of a block (Backward's contract), with s for scratch.
+void BackwardBranches(LayerList& body, LayerList& shortcut, const ConstTensorView& x,
+                      const ConstTensorView& dy, const LayerCache& cache,
+                      const ForwardContext& ctx, Tensor* dx, BranchScratch& s) {
+  const size_t nb = body.size();
+  BackwardLayers(body, x, cache.outputs.data(), cache.children.data(), dy, ctx,
                  dx != nullptr ? &s.body_dx : nullptr, &s.grad_a, &s.grad_b);
-  if (!shortcut_.empty()) {
-    BackwardLayers(shortcut_, x, cache.outputs.data() + nb, cache.children.data() + nb, dy, ctx, dx,
+  if (!shortcut.empty()) {
+    BackwardLayers(shortcut, x, cache.outputs.data() + nb, cache.children.data() + nb, dy, ctx, dx,
                    &s.grad_a, &s.grad_b);
     if (dx != nullptr) AddInto(dx->data(), s.body_dx.data(), s.body_dx.size());
   } else if (dx != nullptr) {
@@ -132,6 +159,30 @@ void ResidualBlock::Backward(const ConstTensorView& x, const Tensor& /*y*/,
         Eigen::Map<const Eigen::ArrayXf>(dy.data, dy.size()) +
         Eigen::Map<const Eigen::ArrayXf>(s.body_dx.data(), s.body_dx.size());
   }
+}
+
+}  // namespace
+
+void ResidualBlock::Backward(const ConstTensorView& x, const Tensor& /*y*/,
+                             const ConstTensorView& dy, const LayerCache& cache,
+                             const ForwardContext& ctx, Tensor* dx) {
+  ScratchForDepth guard;
+  BackwardBranches(body_, shortcut_, x, dy, cache, ctx, dx, guard.get());
+}
+
+void ResidualBlock::BackwardWithRelu(const ConstTensorView& x, const Tensor& y,
+                                     const ConstTensorView& dy, const LayerCache& cache,
+                                     const ForwardContext& ctx, Tensor* dx) {
+  ScratchForDepth guard;
+  BranchScratch& s = guard.get();
+  // The ReLU layer's backward: dy where its output is positive.
+  s.masked_dy.Resize(y.shape());
+  const int64_t n = y.size();
+  const float* yv = y.data();
+  const float* g = dy.data;
+  float* m = s.masked_dy.data();
+  for (int64_t i = 0; i < n; ++i) m[i] = yv[i] > 0.0f ? g[i] : 0.0f;
+  BackwardBranches(body_, shortcut_, x, s.masked_dy.view(), cache, ctx, dx, s);
 }
 
 std::vector<Parameter*> ResidualBlock::parameters() {

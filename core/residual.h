@@ -21,8 +21,9 @@
 //
 // Thread safety: as every layer. Backward's intermediate gradients live in per-thread scratch,
 // one set per nesting depth (blocks at one depth run one after another, a nested block's dy
-// and dx are its parent's buffers), so a network of many blocks holds three gradient buffers
-// per depth, not three per block; they grow to the largest block a thread has run and stay.
+// and dx are its parent's buffers), so a network of many blocks holds four gradient buffers
+// per depth (three, and the masked dy of a fused ReLU), not four per block; they grow to the
+// largest block a thread has run and stay.
 #ifndef NORMD_CORE_RESIDUAL_H_
 #define NORMD_CORE_RESIDUAL_H_
 
@@ -56,6 +57,17 @@ class ResidualBlock : public Layer {
                const ForwardContext& ctx) const override;
   void Backward(const ConstTensorView& x, const Tensor& y, const ConstTensorView& dy,
                 const LayerCache& cache, const ForwardContext& ctx, Tensor* dx) override;
+  // Fused with the ReLU after the addition (Layer::FusesRelu), as in every ResNet block: the
+  // sum is not written, only its ReLU. The backward masks dy with the ReLU's output once and
+  // sends the masked gradient into both branches.
+  bool FusesRelu() const override { return true; }
+  void ForwardWithRelu(const ConstTensorView& x, Tensor* y, LayerCache* cache,
+                       const ForwardContext& ctx) const override;
+  void BackwardWithRelu(const ConstTensorView& x, const Tensor& y, const ConstTensorView& dy,
+                        const LayerCache& cache, const ForwardContext& ctx,
+                        Tensor* dx) override;
+  void RecomputeOutput(const ConstTensorView& x, const LayerCache& cache,
+                       Tensor* y) const override;
   // Every inner parameter, body first; state() names them as the torch module does:
   // "body.0.weight", "shortcut.1.running_mean", ...
   std::vector<Parameter*> parameters() override;
@@ -73,6 +85,11 @@ class ResidualBlock : public Layer {
   }
 
  private:
+  void ForwardPass(const ConstTensorView& x, Tensor* y, LayerCache* cache,
+                   const ForwardContext& ctx, bool relu) const;
+  // The output, body + shortcut (then ReLU'd), from the branches' outputs in cache.
+  void Combine(const ConstTensorView& x, const LayerCache& cache, bool relu, Tensor* y) const;
+
   LayerList body_;
   LayerList shortcut_;
   Shape body_out_, shortcut_out_;  // per sample; shortcut_out_ unset while the shortcut is empty

@@ -191,16 +191,23 @@ const LayerCache& Sequential::NodeCache(const ForwardRecord& rec, int node) cons
   return NodeCache(const_cast<ForwardRecord*>(&rec), node);
 }
 
-const Tensor& Sequential::NodeOutput(const ForwardRecord& rec, int node) const {
+ConstTensorView Sequential::NodeOutput(const ForwardRecord& rec, int node,
+                                       Tensor* scratch) const {
   const LayerNode& n = nodes_[node];
-  if (n.parent < 0) return rec.outputs_[n.slot];
-  return NodeCache(rec, n.parent).outputs[n.slot];
+  const LayerCache& cache = NodeCache(rec, node);
+  if (cache.relu_fused) {
+    n.layer->RecomputeOutput(NodeInput(rec, node, scratch), cache, scratch);
+    return scratch->view();
+  }
+  if (n.parent < 0) return rec.outputs_[n.slot].view();
+  return NodeCache(rec, n.parent).outputs[n.slot].view();
 }
 
-ConstTensorView Sequential::NodeInput(const ForwardRecord& rec, int node) const {
+ConstTensorView Sequential::NodeInput(const ForwardRecord& rec, int node,
+                                      Tensor* scratch) const {
   const LayerNode& n = nodes_[node];
-  if (n.previous >= 0) return NodeOutput(rec, n.previous).view();
-  if (n.parent >= 0) return NodeInput(rec, n.parent);
+  if (n.previous >= 0) return NodeOutput(rec, n.previous, scratch);
+  if (n.parent >= 0) return NodeInput(rec, n.parent, scratch);
   return rec.input_;
 }
 
@@ -335,12 +342,13 @@ std::vector<LayerActivationStats> Sequential::ActivationStats(const ForwardRecor
 
 std::vector<LayerActivationMoments> Sequential::ActivationMoments(const ForwardRecord& rec) const {
   std::vector<LayerActivationMoments> moments(nodes_.size());
+  Tensor scratch;
   for (size_t i = 0; i < nodes_.size(); ++i) {
-    const ConstTensorView in = NodeInput(rec, static_cast<int>(i));
-    const Tensor& out = NodeOutput(rec, static_cast<int>(i));
     moments[i].layer = static_cast<int>(i);
+    const ConstTensorView in = NodeInput(rec, static_cast<int>(i), &scratch);
     moments[i].input = MomentsOf(in.data, in.size());
-    moments[i].output = MomentsOf(out.data(), out.size());
+    const ConstTensorView out = NodeOutput(rec, static_cast<int>(i), &scratch);
+    moments[i].output = MomentsOf(out.data, out.size());
   }
   return moments;
 }

@@ -150,12 +150,14 @@ class Sequential {
   // The node labelled `label` (a configured name first), else the node whose path it is
   // ("3", "4.body.1"); -1 when none.
   int FindNode(const std::string& label) const;
-  // What node i's Forward in rec left for its Backward, and its input and output there.
+  // What node i's Forward in rec left for its Backward, and its input and output there. The
+  // output of a layer fused with the ReLU after it (LayerCache::relu_fused) was never written:
+  // it is recomputed into *scratch, which the returned view then refers to.
   // REQUIRES: rec holds a forward of this Sequential.
   const LayerCache& NodeCache(const ForwardRecord& rec, int node) const;
   LayerCache& NodeCache(ForwardRecord* rec, int node) const;
-  ConstTensorView NodeInput(const ForwardRecord& rec, int node) const;
-  const Tensor& NodeOutput(const ForwardRecord& rec, int node) const;
+  ConstTensorView NodeInput(const ForwardRecord& rec, int node, Tensor* scratch) const;
+  ConstTensorView NodeOutput(const ForwardRecord& rec, int node, Tensor* scratch) const;
 
   // Checks a batch against the model: rank and per-sample shape, at least one sample, and
   // each layer's training rules (BatchNorm's one value per channel), nested layers' included.

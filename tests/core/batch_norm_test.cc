@@ -5,7 +5,11 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
+#include <random>
 #include <vector>
+
+#include "core/activation.h"
 
 namespace normd {
 namespace {
@@ -264,6 +268,166 @@ TEST(BatchNormTest, ResetRunningStatsRestoresInitialBuffers) {
   EXPECT_EQ(bn->running_mean().data()[0], 0.0f);
   EXPECT_EQ(bn->running_var().data()[1], 1.0f);
   EXPECT_EQ(bn->num_batches_tracked(), 0);
+}
+
+
+// ---- BatchNorm + ReLU, fused by ForwardLayers / BackwardLayers -------------------------------
+
+bool SameBits(const float* a, const float* b, int64_t n) {
+  return std::memcmp(a, b, sizeof(float) * n) == 0;
+}
+
+void FillRandom(Tensor* t, uint32_t seed) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<float> dist(0.5f, 2.0f);
+  for (int64_t i = 0; i < t->size(); ++i) t->data()[i] = dist(gen);
+}
+
+struct FusionCase {
+  bool two_d;
+  Shape sample;
+  int64_t n;
+  bool affine;
+  bool track;
+  bool training;
+  bool frozen;
+};
+
+// The pair run fused (ForwardLayers, BackwardLayers) equals a BatchNorm and a ReLU layer run
+// one after the other, bit for bit: the output, the input and parameter gradients, the running
+// statistics after Commit, and the BatchNorm output RecomputeOutput gives back.
+void ExpectFusedEqualsSeparate(const FusionCase& fc) {
+  SCOPED_TRACE(testing::Message() << "sample " << fc.sample.ToString() << " n " << fc.n
+                                  << " affine " << fc.affine << " track " << fc.track
+                                  << " training " << fc.training << " frozen " << fc.frozen);
+  BatchNormConfig c;
+  c.num_features = fc.sample[0];
+  c.affine = fc.affine;
+  c.track_running_stats = fc.track;
+  LayerList pair;
+  pair.push_back(MakeBn(c, fc.sample, fc.two_d));
+  pair.push_back(std::make_unique<Activation>(LayerKind::kReLU, 0.0f));
+  BatchNorm* fused = pair[0]->AsBatchNorm();
+  std::unique_ptr<BatchNorm> alone = MakeBn(c, fc.sample, fc.two_d);
+  Activation relu(LayerKind::kReLU, 0.0f);
+
+  Tensor x(fc.sample.WithBatch(fc.n)), dy(x.shape());
+  FillRandom(&x, 1);
+  FillRandom(&dy, 2);
+  if (fc.affine) {
+    // Channel 0 gets weight 0 and bias 0: its pre-ReLU values are exactly zero, where the
+    // mask must say "not positive" in both directions.
+    Tensor w(Shape{c.num_features}), b(Shape{c.num_features});
+    FillRandom(&w, 3);
+    FillRandom(&b, 4);
+    w.data()[0] = b.data()[0] = 0.0f;
+    for (BatchNorm* bn : {fused, alone.get()}) {
+      std::vector<Parameter*> p = bn->parameters();
+      p[0]->value = w;
+      p[1]->value = b;
+    }
+  }
+  if (fc.track) {
+    // Non-trivial running statistics, the same in both.
+    Tensor warm(x.shape());
+    FillRandom(&warm, 5);
+    for (BatchNorm* bn : {fused, alone.get()}) {
+      Tensor y;
+      LayerCache cache;
+      bn->Forward(warm.view(), &y, &cache, Train());
+      bn->Commit(&cache);
+    }
+  }
+  fused->set_frozen(fc.frozen);
+  alone->set_frozen(fc.frozen);
+  ForwardContext ctx;
+  ctx.training = fc.training;
+  ctx.update_running_stats = fc.training;
+
+  Tensor outs[2];
+  LayerCache caches[2];
+  ForwardLayers(pair, x.view(), ctx, outs, caches);
+  Tensor bn_out, relu_out;
+  LayerCache bn_cache, relu_cache;
+  alone->Forward(x.view(), &bn_out, &bn_cache, ctx);
+  relu.Forward(bn_out.view(), &relu_out, &relu_cache, ctx);
+
+  EXPECT_TRUE(caches[0].relu_fused);
+  EXPECT_EQ(outs[0].size(), 0);
+  ASSERT_EQ(outs[1].shape(), relu_out.shape());
+  EXPECT_TRUE(SameBits(outs[1].data(), relu_out.data(), relu_out.size()));
+  Tensor recomputed;
+  fused->RecomputeOutput(x.view(), caches[0], &recomputed);
+  EXPECT_TRUE(SameBits(recomputed.data(), bn_out.data(), bn_out.size()));
+
+  // Backward with an input gradient, and without one (the BatchNorm is then the stop).
+  Tensor relu_dx, alone_dx;
+  relu.Backward(bn_out.view(), relu_out, dy.view(), relu_cache, ctx, &relu_dx);
+  alone->Backward(x.view(), bn_out, relu_dx.view(), bn_cache, ctx, &alone_dx);
+  Tensor dx, buf_a, buf_b;
+  BackwardLayers(pair, x.view(), outs, caches, dy.view(), ctx, &dx, &buf_a, &buf_b);
+  ASSERT_EQ(dx.shape(), alone_dx.shape());
+  EXPECT_TRUE(SameBits(dx.data(), alone_dx.data(), dx.size()));
+  if (fc.affine) {
+    const std::vector<Parameter*> f = fused->parameters(), a = alone->parameters();
+    for (int i = 0; i < 2; ++i) {
+      EXPECT_TRUE(SameBits(f[i]->grad.data(), a[i]->grad.data(), a[i]->grad.size()))
+          << f[i]->name;
+    }
+    // Without an input gradient the pass stops at the BatchNorm and still accumulates its
+    // parameter gradients: twice as much now.
+    BackwardLayers(pair, x.view(), outs, caches, dy.view(), ctx, nullptr, &buf_a, &buf_b);
+    for (int i = 0; i < 2; ++i) {
+      for (int64_t k = 0; k < a[i]->grad.size(); ++k) {
+        EXPECT_EQ(f[i]->grad.data()[k], 2.0f * a[i]->grad.data()[k]) << f[i]->name << " " << k;
+      }
+    }
+  }
+  if (fc.track) {
+    fused->Commit(&caches[0]);
+    alone->Commit(&bn_cache);
+    EXPECT_TRUE(SameBits(fused->running_mean().data(), alone->running_mean().data(),
+                         c.num_features));
+    EXPECT_TRUE(SameBits(fused->running_var().data(), alone->running_var().data(),
+                         c.num_features));
+    EXPECT_EQ(fused->num_batches_tracked(), alone->num_batches_tracked());
+  }
+}
+
+TEST(BatchNormReluFusionTest, FusedPairEqualsTheTwoLayersBitForBit) {
+  // BatchNorm1d at 45 channels walks the (N, C) kernels' 32-channel blocks, 8-channel blocks
+  // and single channels; BatchNorm2d at 5x5 their 16-, 8- and 1-value loops over a plane.
+  for (bool two_d : {false, true}) {
+    const Shape sample = two_d ? Shape{6, 5, 5} : Shape{45};
+    const int64_t n = two_d ? 3 : 19;
+    ExpectFusedEqualsSeparate({two_d, sample, n, true, true, true, false});    // training
+    ExpectFusedEqualsSeparate({two_d, sample, n, true, true, false, false});   // eval
+    ExpectFusedEqualsSeparate({two_d, sample, n, true, true, true, true});     // frozen
+    ExpectFusedEqualsSeparate({two_d, sample, n, false, true, true, false});   // affine=false
+    ExpectFusedEqualsSeparate({two_d, sample, n, true, false, false, false});  // untracked eval
+  }
+}
+
+TEST(BatchNormReluFusionTest, OnlyABatchNormDirectlyBeforeAReluFuses) {
+  BatchNormConfig c;
+  c.num_features = 4;
+  LayerList layers;
+  layers.push_back(MakeBn(c, Shape{4}, false));
+  layers.push_back(std::make_unique<Activation>(LayerKind::kLeakyReLU, 0.1f));
+  layers.push_back(MakeBn(c, Shape{4}, false));
+  layers.push_back(MakeBn(c, Shape{4}, false));
+  layers.push_back(std::make_unique<Activation>(LayerKind::kReLU, 0.0f));
+  layers.push_back(MakeBn(c, Shape{4}, false));
+  Tensor x(Shape{8, 4});
+  FillRandom(&x, 6);
+  Tensor outs[6];
+  LayerCache caches[6];
+  ForwardLayers(layers, x.view(), Train(), outs, caches);
+  const bool expected[6] = {false, false, false, true, false, false};
+  for (int j = 0; j < 6; ++j) {
+    EXPECT_EQ(caches[j].relu_fused, expected[j]) << j;
+    EXPECT_EQ(outs[j].size(), expected[j] ? 0 : 32) << j;
+  }
 }
 
 }  // namespace

@@ -5,6 +5,7 @@
 
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <map>
 #include <memory>
 #include <string>
@@ -168,6 +169,67 @@ TEST(ResidualTest, OutputIsBodyPlusShortcut) {
         ASSERT_EQ(rec.output().data()[i], rb.output().data()[i] + skip[i])
             << "identity " << identity << " training " << training << " at " << i;
       }
+    }
+  }
+}
+
+// A ReLU after the block runs fused with it (relu(body + shortcut) in one pass; the body's
+// BatchNorm + ReLU are fused too): the same bits as the block's Forward and Backward followed
+// and preceded by the ReLU layer's, the sum given back for layer statistics.
+TEST(ResidualTest, ReluAfterTheBlockFusesBitForBit) {
+  const Shape sample{3, 6, 6};
+  const LayerKind relu = LayerKind::kReLU;
+  std::unique_ptr<Sequential> net;
+  ASSERT_TRUE(Sequential::Create(sample.ToVector(),
+                                 {Residual({Conv(3, 6, 3, 2, 1), Bn2d(6), Simple(relu),
+                                            Conv(6, 6, 3, 1, 1), Bn2d(6)},
+                                           {Conv(3, 6, 1, 2, 0), Bn2d(6)}),
+                                  Simple(relu)},
+                                 7, {}, &net)
+                  .ok());
+  Randomise(&net->layer(0), 30);
+  auto same = [](const float* a, const float* b, int64_t n) {
+    return std::memcmp(a, b, sizeof(float) * n) == 0;
+  };
+  for (bool training : {true, false}) {
+    SCOPED_TRACE(training ? "training" : "eval");
+    ForwardContext ctx;
+    ctx.training = training;
+    const Tensor x = RandomTensor(sample.WithBatch(3), 31);
+    ForwardRecord rec;
+    net->Forward(x.view(), ctx, &rec);
+    EXPECT_TRUE(rec.cache(0).relu_fused);
+    const Tensor dy = RandomTensor(rec.output().shape(), 32);
+
+    Layer& block = net->layer(0);
+    Layer& act = net->layer(1);
+    Tensor sum, out;
+    LayerCache block_cache, act_cache;
+    block.Forward(x.view(), &sum, &block_cache, ctx);
+    act.Forward(sum.view(), &out, &act_cache, ctx);
+    ASSERT_EQ(rec.output().shape(), out.shape());
+    EXPECT_TRUE(same(rec.output().data(), out.data(), out.size()));
+    Tensor scratch;
+    const ConstTensorView recomputed = net->NodeOutput(rec, net->top_node(0), &scratch);
+    ASSERT_EQ(recomputed.size(), sum.size());
+    EXPECT_TRUE(same(recomputed.data, sum.data(), sum.size()));
+
+    net->ZeroGrad();
+    Tensor dx_fused;
+    net->Backward(&rec, dy.view(), &dx_fused);
+    std::vector<Tensor> grads_fused;
+    for (Parameter* p : net->parameters()) grads_fused.push_back(p->grad);
+    net->ZeroGrad();
+    Tensor g, dx;
+    act.Backward(sum.view(), out, dy.view(), act_cache, ctx, &g);
+    block.Backward(x.view(), sum, g.view(), block_cache, ctx, &dx);
+    ASSERT_EQ(dx.shape(), dx_fused.shape());
+    EXPECT_TRUE(same(dx.data(), dx_fused.data(), dx.size()));
+    const std::vector<Parameter*> params = net->parameters();
+    ASSERT_EQ(params.size(), grads_fused.size());
+    for (size_t i = 0; i < params.size(); ++i) {
+      EXPECT_TRUE(same(params[i]->grad.data(), grads_fused[i].data(), grads_fused[i].size()))
+          << "parameter " << i;
     }
   }
 }

@@ -417,9 +417,10 @@ TEST(SequentialTreeTest, AdaptStatisticsPoolsNestedBatchNormInputs) {
   ctx.adapting = true;
   double sum = 0.0;
   int64_t count = 0;
+  Tensor scratch;
   for (const Tensor* x : {&a, &b}) {
     m->net().Forward(x->view(), ctx, &rec);
-    const ConstTensorView in = m->net().NodeInput(rec, 16);
+    const ConstTensorView in = m->net().NodeInput(rec, 16, &scratch);
     for (int64_t i = 0; i < in.size(); ++i) {
       if ((i / 16) % 8 == 2) {  // channel 2 of (N, 8, 4, 4)
         sum += in.data[i];
