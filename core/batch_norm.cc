@@ -290,17 +290,6 @@ void MeanAndM2(const float* x, int64_t n, int64_t C, int64_t s, int64_t ld, doub
   }
 }
 
-// What one element of a BatchNorm layer counts for in SplitInTwo's threshold (which is in
-// multiply-adds of a matrix product): with 4, a layer splits from 2^20 elements (N * C * S) on.
-// Smaller layers stay on one core: their halves take tens of microseconds, the two halves share
-// the L3 bandwidth, and a half that ends late makes SplitInTwo back off for the next 64+
-// operations, the large products of the same step included. Measured on the reference MLP,
-// budget 2, quiet 2-core machine: when (256, 512) layers split (at the former weight of 64),
-// only 1.1-1.3 of the step's 5 large products split and it ran 63-65 k samples/s; since, 4.4-4.9
-// split and it runs 95-98 k. (1024, 512) layers gained nothing from splitting either (96-106 k
-// samples/s either way).
-constexpr int64_t kSplitWorkPerElement = 4;
-
 // Chan et al.'s pairwise update: merges a group of nb values per channel (mean_b, m2_b) into
 // the moments (*n, mean, m2) of another. Either group may be empty.
 void MergeMoments(int64_t nb, const double* mean_b, const double* m2_b, int64_t channels,

@@ -248,13 +248,19 @@ void Conv2d::Backward(const ConstTensorView& x, const Tensor& /*y*/, const Const
       Im2ColWeightGradient(x, dy);
     }
     if (c.bias) {
+      // Channels are independent: a large dy splits them across two cores, each channel
+      // summing its samples in order either way.
       const int64_t hw_out = h_out_ * w_out_;
-      for (int64_t s = 0; s < n; ++s) {
-        VectorMap(bias_.grad.data(), c.out_channels) +=
-            ConstMatrixMap(dy.data + s * c.out_channels * hw_out, c.out_channels, hw_out)
-                .rowwise()
-                .sum();
-      }
+      SplitInTwo(c.out_channels, 1, kSplitWorkPerElement * n * c.out_channels * hw_out,
+                 [&](int64_t c0, int64_t c1) {
+                   for (int64_t s = 0; s < n; ++s) {
+                     VectorMap(bias_.grad.data() + c0, c1 - c0) +=
+                         ConstMatrixMap(dy.data + (s * c.out_channels + c0) * hw_out, c1 - c0,
+                                        hw_out)
+                             .rowwise()
+                             .sum();
+                   }
+                 });
     }
   }
   if (dx == nullptr) return;

@@ -36,6 +36,9 @@ inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
 // Sized so accumulators plus the weight vectors of one kernel row fit the register file.
 constexpr int kWide = kManyRegisters ? 8 : 4;
 constexpr int kNarrow = kManyRegisters ? 16 : 8;
+// Winograd is used for stride-1 3x3 passes that sum at least this many channels: with fewer,
+// the transforms cost more than the products they save (the 3-channel stems).
+constexpr int64_t kWinogradMinChannels = 8;
 // Weight-gradient tiles: (channel, tap) pairs per tile, and vectors of output channels.
 constexpr int kGradPairs = 9;
 constexpr int kGradWideVectors = kManyRegisters ? 2 : 1;
@@ -44,12 +47,18 @@ int64_t RoundUp(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 // Per-thread scratch, grown to the largest use and then reused without allocating.
 float* Scratch(int which, int64_t n) {
-  thread_local std::vector<float> buffers[3];
+  thread_local std::vector<float> buffers[5];
   std::vector<float>& b = buffers[which];
   if (static_cast<int64_t>(b.size()) < n) b.resize(n);
   return b.data();
 }
-enum ScratchBuffer { kPrepared = 0, kTransposed = 1, kPacked = 2 };
+enum ScratchBuffer {
+  kPrepared = 0,
+  kTransposed = 1,
+  kPacked = 2,
+  kWinogradInput = 3,    // a sample's transformed input, its padded plane and row sums
+  kWinogradProducts = 4  // a sample's products in the transformed domain
+};
 
 // KB taps of one kernel row whose inputs lie side by side in `row` (a stride-1 row, or one
 // column phase of a strided input): tap b, with weights at w0 + b * tap_step, reads `row` at
@@ -437,6 +446,16 @@ DirectConvolution::DirectConvolution(const Shape& shape) : shape_(shape) {
   } else {
     MakeGradientPhases();
   }
+  if (shape.kernel == 3 && shape.stride == 1 && shape.winograd) {
+    if (shape.in_channels >= kWinogradMinChannels) {
+      winograd_forward_ = MakeWinogradPlan(shape.in_channels, shape.out_channels, shape.h,
+                                           shape.w, shape.padding);
+    }
+    if (shape.out_channels >= kWinogradMinChannels && shape.padding <= 2) {
+      winograd_input_grad_ = MakeWinogradPlan(shape.out_channels, shape.in_channels,
+                                              forward_.h_out, forward_.w_out, 2 - shape.padding);
+    }
+  }
 }
 
 void DirectConvolution::MakeGradientPhases() {
@@ -493,6 +512,109 @@ void RunGenericKernel(const int64_t* pair_offset, int64_t pairs, int64_t positio
   }
 }
 
+// ---- Winograd F(2x2, 3x3) --------------------------------------------------------------
+// A 2x2 block of outputs ("tile") of a stride-1 3x3 correlation is A^T [(G g G^T) . (B^T d B)] A
+// for the 4x4 input block d under it and kernel g, with
+//   B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1], G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1],
+//   A^T = [1 1 1 0; 0 1 -1 -1]:
+// 16 products per tile and channel pair instead of 36. The 16 products of every (tile, channel)
+// are 16 independent sums over channels, each a product of the transformed input
+// (xi, channel, tile) with the transformed weights (xi, channel, output channel): the generic
+// register tiles do them with tiles in place of positions.
+
+// The transformed weights: packed[(xi * channels + c) * padded_out + co] = (G g G^T)[xi] for
+// the 3x3 kernel g(ki, kj) = kernel(co, c, ki, kj), computed in double and rounded once; zero
+// for the padding output channels.
+template <typename Kernel>
+void PackWinogradWeights(int64_t channels, int64_t outputs, int64_t padded_out,
+                         const Kernel& kernel, float* packed) {
+  std::memset(packed, 0, sizeof(float) * 16 * channels * padded_out);
+  for (int64_t co = 0; co < outputs; ++co) {
+    for (int64_t c = 0; c < channels; ++c) {
+      double t[4][3];  // G g
+      for (int j = 0; j < 3; ++j) {
+        const double g0 = kernel(co, c, 0, j), g1 = kernel(co, c, 1, j), g2 = kernel(co, c, 2, j);
+        t[0][j] = g0;
+        t[1][j] = 0.5 * (g0 + g1 + g2);
+        t[2][j] = 0.5 * (g0 - g1 + g2);
+        t[3][j] = g2;
+      }
+      for (int i = 0; i < 4; ++i) {
+        const double u[4] = {t[i][0], 0.5 * (t[i][0] + t[i][1] + t[i][2]),
+                             0.5 * (t[i][0] - t[i][1] + t[i][2]), t[i][2]};
+        for (int j = 0; j < 4; ++j) {
+          packed[((i * 4 + j) * channels + c) * padded_out + co] = static_cast<float>(u[j]);
+        }
+      }
+    }
+  }
+}
+
+// The even and odd elements of the 2 * kLanes floats a, b (a first).
+inline Vec Evens(Vec a, Vec b) {
+#if defined(__clang__)
+  Vec r;
+  for (int i = 0; i < kLanes; ++i) r[i] = 2 * i < kLanes ? a[2 * i] : b[2 * i - kLanes];
+  return r;
+#else
+  using Index = int32_t __attribute__((vector_size(kLanes * sizeof(int32_t))));
+  Index idx;
+  for (int i = 0; i < kLanes; ++i) idx[i] = 2 * i;
+  return __builtin_shuffle(a, b, idx);
+#endif
+}
+inline Vec Odds(Vec a, Vec b) {
+#if defined(__clang__)
+  Vec r;
+  for (int i = 0; i < kLanes; ++i) r[i] = 2 * i + 1 < kLanes ? a[2 * i + 1] : b[2 * i + 1 - kLanes];
+  return r;
+#else
+  using Index = int32_t __attribute__((vector_size(kLanes * sizeof(int32_t))));
+  Index idx;
+  for (int i = 0; i < kLanes; ++i) idx[i] = 2 * i + 1;
+  return __builtin_shuffle(a, b, idx);
+#endif
+}
+
+// B^T d B for kLanes tiles side by side in one row of tiles: rows[r] is the plane row r of the
+// row of tiles at its first tile's first column (tile j's columns are 2j .. 2j + 3).
+// out[xi * xi_step + j] = (B^T d B)[xi] of tile j. The horizontal half runs on each row in
+// registers (even and odd columns split by shuffles), then the vertical half; whole vectors
+// are stored: lanes past the row's last tile land where the next row of tiles (or the
+// rounding tail) is written later.
+// REQUIRES: rows readable 2 * kLanes + 2 floats on.
+inline void WinogradInputTiles(const float* const (&rows)[4], float* out, int64_t xi_step) {
+  Vec h[4][4];  // h[r][s] = (d B)[r][s]
+  for (int r = 0; r < 4; ++r) {
+    const float* q = rows[r];
+    const Vec a = Load(q), b = Load(q + kLanes), a2 = Load(q + 2), b2 = Load(q + 2 + kLanes);
+    const Vec d0 = Evens(a, b), d1 = Odds(a, b), d2 = Evens(a2, b2), d3 = Odds(a2, b2);
+    h[r][0] = d0 - d2;
+    h[r][1] = d1 + d2;
+    h[r][2] = d2 - d1;
+    h[r][3] = d1 - d3;
+  }
+  for (int s = 0; s < 4; ++s) {
+    Store(out + s * xi_step, h[0][s] - h[2][s]);
+    Store(out + (4 + s) * xi_step, h[1][s] + h[2][s]);
+    Store(out + (8 + s) * xi_step, h[2][s] - h[1][s]);
+    Store(out + (12 + s) * xi_step, h[1][s] - h[3][s]);
+  }
+}
+
+// A^T m A for the 16 products m[xi] (vectors of output channels) of one tile: its 2x2 outputs.
+inline void WinogradOutputTile(const Vec (&m)[16], Vec* y00, Vec* y01, Vec* y10, Vec* y11) {
+  Vec a0[4], a1[4];
+  for (int s = 0; s < 4; ++s) {
+    a0[s] = m[s] + m[4 + s] + m[8 + s];
+    a1[s] = m[4 + s] - m[8 + s] - m[12 + s];
+  }
+  *y00 = a0[0] + a0[1] + a0[2];
+  *y01 = a0[1] - a0[2] - a0[3];
+  *y10 = a1[0] + a1[1] + a1[2];
+  *y11 = a1[1] - a1[2] - a1[3];
+}
+
 }  // namespace
 
 void DirectConvolution::RunForwardKernel(const Planes& p, int64_t padded_out, const float* in,
@@ -540,6 +662,18 @@ void DirectConvolution::RunForwardKernel(const Planes& p, int64_t padded_out, co
 void DirectConvolution::Forward(const float* x, int64_t n, const float* weight,
                                 const float* bias, float* y) const {
   const Shape& s = shape_;
+  if (winograd_forward_.channels > 0) {
+    const int64_t per_out = s.in_channels * 9;
+    float* packed = Scratch(kPacked, 16 * s.in_channels * padded_out_);
+    PackWinogradWeights(
+        s.in_channels, s.out_channels, padded_out_,
+        [&](int64_t co, int64_t c, int ki, int kj) {
+          return weight[co * per_out + c * 9 + ki * 3 + kj];
+        },
+        packed);
+    WinogradSamples(winograd_forward_, x, n, packed, padded_out_, bias, y);
+    return;
+  }
   const Planes& p = forward_;
   const int64_t taps = s.kernel * s.kernel;
   // packed[(c * taps + t) * padded_out + co] = weight[co, c, t], zero for the padding channels.
@@ -573,6 +707,114 @@ void DirectConvolution::ConvolveSamples(const Planes& p, const float* in, int64_
   });
 }
 
+DirectConvolution::WinogradPlan DirectConvolution::MakeWinogradPlan(int64_t channels,
+                                                                    int64_t outputs,
+                                                                    int64_t h, int64_t w,
+                                                                    int64_t padding) {
+  WinogradPlan p;
+  p.channels = channels;
+  p.outputs = outputs;
+  p.h = h;
+  p.w = w;
+  p.padding = padding;
+  p.h_out = h + 2 * padding - 2;
+  p.w_out = w + 2 * padding - 2;
+  p.tiles_h = (p.h_out + 1) / 2;
+  p.tiles_w = (p.w_out + 1) / 2;
+  // Blocks of whole tile rows, about 64 tiles each: a block's transformed input and products
+  // stay in the core's caches between the transforms and the products.
+  p.block_rows = std::max<int64_t>(1, std::min(p.tiles_h, 64 / p.tiles_w));
+  p.positions = RoundUp(p.block_rows * p.tiles_w, kNarrow);
+  // Room for the whole-vector stores of a block's last tiles (WinogradInputTiles).
+  p.tile_stride = RoundUp(std::max(p.positions, p.block_rows * p.tiles_w + kLanes), 16) + 16;
+  p.plane_h = 2 * p.tiles_h + 2;
+  p.plane_w = 2 * p.tiles_w + 2;
+  // Whole vectors are read past a plane's last row (WinogradInputTiles).
+  p.plane_stride = RoundUp(p.plane_h * p.plane_w + 3 * kLanes, 16) + 16;
+  for (int64_t c = 0; c < channels; ++c) p.pair_offset.push_back(c * p.tile_stride);
+  return p;
+}
+
+void DirectConvolution::WinogradSamples(const WinogradPlan& p, const float* in, int64_t n,
+                                        const float* packed, int64_t padded_out,
+                                        const float* bias, float* out) const {
+  const int64_t in_sample = p.channels * p.h * p.w;
+  const int64_t out_sample = p.outputs * p.h_out * p.w_out;
+  // Floats between two xi of a block's transformed input and of its products: strides that
+  // are not multiples of 4 KiB, so the 16 arrays written or read together do not compete for
+  // the same cache sets.
+  const int64_t xi_step = p.channels * p.tile_stride + 16;
+  const int64_t m_step = p.positions * padded_out + 3 * kLanes;
+  const int64_t out_w = 2 * p.tiles_w;  // row length of the untransformed outputs
+  const int64_t work = n * p.outputs * p.channels * 9 * p.h_out * p.w_out;
+  SplitInTwo(n, 1, work, [&](int64_t begin, int64_t end) {
+    float* planes = Scratch(kPrepared, p.channels * p.plane_stride);
+    float* v = Scratch(kWinogradInput, 16 * xi_step);
+    float* m = Scratch(kWinogradProducts, 16 * m_step);
+    float* out_t = Scratch(kTransposed, 2 * p.tiles_h * out_w * padded_out);
+    // The planes' zeros stay zero: only their data is rewritten.
+    std::memset(planes, 0, sizeof(float) * p.channels * p.plane_stride);
+    const int64_t whole = p.w / kLanes * kLanes;
+    for (int64_t i = begin; i < end; ++i) {
+      for (int64_t c = 0; c < p.channels; ++c) {
+        // (Vector copies inline: a libc call per short row costs more than the row.)
+        const float* xc = in + i * in_sample + c * p.h * p.w;
+        float* plane = planes + c * p.plane_stride + p.padding * p.plane_w + p.padding;
+        for (int64_t hh = 0; hh < p.h; ++hh) {
+          float* dst = plane + hh * p.plane_w;
+          const float* src = xc + hh * p.w;
+          for (int64_t j = 0; j < whole; j += kLanes) Store(dst + j, Load(src + j));
+          for (int64_t j = whole; j < p.w; ++j) dst[j] = src[j];
+        }
+      }
+      for (int64_t ti0 = 0; ti0 < p.tiles_h; ti0 += p.block_rows) {
+        const int64_t rows = std::min(p.block_rows, p.tiles_h - ti0);
+        const int64_t tiles = rows * p.tiles_w;
+        // The block's transformed input: v[xi * xi_step + c * tile_stride + tile].
+        for (int64_t c = 0; c < p.channels; ++c) {
+          const float* plane = planes + c * p.plane_stride;
+          for (int64_t r = 0; r < rows; ++r) {
+            const float* row = plane + 2 * (ti0 + r) * p.plane_w;
+            for (int64_t j0 = 0; j0 < p.tiles_w; j0 += kLanes) {
+              const float* const quad[4] = {row + 2 * j0, row + p.plane_w + 2 * j0,
+                                            row + 2 * p.plane_w + 2 * j0,
+                                            row + 3 * p.plane_w + 2 * j0};
+              WinogradInputTiles(quad, v + c * p.tile_stride + r * p.tiles_w + j0, xi_step);
+            }
+          }
+        }
+        // The 16 products, each a sum over channels.
+        const int64_t positions = RoundUp(tiles, kNarrow);
+        for (int xi = 0; xi < 16; ++xi) {
+          RunGenericKernel(p.pair_offset.data(), p.channels, positions, padded_out,
+                           v + xi * xi_step, packed + xi * p.channels * padded_out,
+                           m + xi * m_step);
+        }
+        // Back to outputs: out_t (2 tiles_h x 2 tiles_w positions, padded_out channels each).
+        for (int64_t t = 0; t < tiles; ++t) {
+          const int64_t ti = ti0 + t / p.tiles_w, tj = t % p.tiles_w;
+          float* o00 = out_t + (2 * ti * out_w + 2 * tj) * padded_out;
+          float* o10 = o00 + out_w * padded_out;
+          for (int64_t co0 = 0; co0 < padded_out; co0 += kLanes) {
+            Vec mv[16];
+            for (int xi = 0; xi < 16; ++xi) {
+              mv[xi] = Load(m + xi * m_step + t * padded_out + co0);
+            }
+            Vec y00, y01, y10, y11;
+            WinogradOutputTile(mv, &y00, &y01, &y10, &y11);
+            Store(o00 + co0, y00);
+            Store(o00 + padded_out + co0, y01);
+            Store(o10 + co0, y10);
+            Store(o10 + padded_out + co0, y11);
+          }
+        }
+      }
+      TransposeOut(out_t, padded_out, p.outputs, p.h_out, p.w_out, out_w, bias,
+                   out + i * out_sample);
+    }
+  });
+}
+
 void DirectConvolution::InputGradient(const float* dy, int64_t n, const float* weight,
                                       float* dx) const {
   if (input_grad_.channels == 0) {
@@ -580,6 +822,19 @@ void DirectConvolution::InputGradient(const float* dy, int64_t n, const float* w
     return;
   }
   const Shape& s = shape_;
+  if (winograd_input_grad_.channels > 0) {
+    // The flipped kernel with its channel axes swapped, as below.
+    const int64_t per_out = s.in_channels * 9;
+    float* packed = Scratch(kPacked, 16 * s.out_channels * padded_in_);
+    PackWinogradWeights(
+        s.out_channels, s.in_channels, padded_in_,
+        [&](int64_t c, int64_t co, int ki, int kj) {
+          return weight[co * per_out + c * 9 + (2 - ki) * 3 + (2 - kj)];
+        },
+        packed);
+    WinogradSamples(winograd_input_grad_, dy, n, packed, padded_in_, nullptr, dx);
+    return;
+  }
   const Planes& p = input_grad_;
   const int64_t taps = s.kernel * s.kernel;
   // The flipped kernel with its channel axes swapped:

@@ -47,6 +47,8 @@ class DirectConvolution {
     int64_t in_channels = 0, out_channels = 0;
     int64_t h = 0, w = 0;  // input plane
     int64_t kernel = 1, stride = 1, padding = 0;
+    // Whether stride-1 3x3 passes may use Winograd's F(2x2, 3x3) (see the file comment).
+    bool winograd = true;
   };
 
   DirectConvolution() = default;
@@ -107,8 +109,32 @@ class DirectConvolution {
   void PhaseInputGradient(const float* dy, int64_t n, const float* weight, float* dx) const;
   void MakeGradientPhases();
 
+  // A stride-1 3x3 pass by Winograd's F(2x2, 3x3): `channels` summed into `outputs`, over an
+  // input plane h x w padded by `padding` zeros on every side.
+  struct WinogradPlan {
+    int64_t channels = 0;  // 0: the pass does not use Winograd
+    int64_t outputs = 0;
+    int64_t h = 0, w = 0, padding = 0, h_out = 0, w_out = 0;
+    int64_t tiles_h = 0, tiles_w = 0;  // 2x2 output tiles down and across
+    int64_t block_rows = 0;            // tile rows transformed and multiplied together
+    int64_t positions = 0;             // a block's tiles rounded up to whole register tiles
+    int64_t tile_stride = 0;           // floats between two channels of a block's input
+    int64_t plane_h = 0, plane_w = 0;  // the zero-padded input plane, 2 * tiles + 2 each way
+    int64_t plane_stride = 0;          // floats between two channels' planes
+    std::vector<int64_t> pair_offset;  // channel c at c * tile_stride
+  };
+  static WinogradPlan MakeWinogradPlan(int64_t channels, int64_t outputs, int64_t h, int64_t w,
+                                       int64_t padding);
+  // out (n, p.outputs, p.h_out, p.w_out) = the pass over in (n, p.channels, p.h, p.w) with
+  // transformed weights `packed` (16 x p.channels rows of padded_out floats), plus bias (may
+  // be null); samples split over two cores.
+  void WinogradSamples(const WinogradPlan& p, const float* in, int64_t n, const float* packed,
+                       int64_t padded_out, const float* bias, float* out) const;
+
   Shape shape_;
   Planes forward_;
+  WinogradPlan winograd_forward_;
+  WinogradPlan winograd_input_grad_;
   Planes input_grad_;  // dy as the stride-1 input gradient reads it; channels 0: phases instead
   std::vector<GradientPhase> phases_;
   int64_t phase_lead_ = 0;       // zero rows and columns before dy in its prepared planes

@@ -5,6 +5,8 @@
 #include <cmath>
 #include <limits>
 
+#include "core/threads.h"
+
 namespace normd {
 namespace {
 
@@ -85,29 +87,65 @@ Status Pool2d::Build(const Shape& sample_in, Shape* sample_out) {
 // won the window: the first maximum in row-major window order, or a NaN (as PyTorch's CPU
 // kernel). Padding is -inf, so with padding <= kernel_size / 2 every window holds at least one
 // real element and the offset always points into the input.
+//
+// Planes are independent: a large layer splits them across two cores (SplitInTwo), and each
+// output is computed the same way whichever core takes its plane.
 void Pool2d::Forward(const ConstTensorView& x, Tensor* y, LayerCache* cache,
                      const ForwardContext& /*ctx*/) const {
   const int64_t n = x.shape[0];
+  const int64_t planes = n * c_;
+  y->Resize(Shape{n, c_, h_out_, w_out_});
+  if (max_) cache->i.resize(planes * h_out_ * w_out_);
+  const float* in = x.data;
+  float* out = y->data();
+  int32_t* arg = max_ ? cache->i.data() : nullptr;
+  SplitInTwo(planes, 1, kSplitWorkPerElement * planes * h_ * w_,
+             [&](int64_t p0, int64_t p1) { ForwardPlanes(in, p0, p1, out, arg); });
+}
+
+void Pool2d::ForwardPlanes(const float* x, int64_t p0, int64_t p1, float* y,
+                           int32_t* arg) const {
   const int64_t k = config_.kernel_size, s = config_.stride, p = config_.padding;
+  const int64_t in_plane = h_ * w_, out_plane = h_out_ * w_out_;
+  if (max_ && k == 2 && s == 2 && p == 0) {
+    // The usual 2x2 window with stride 2: its four elements read directly, in the generic
+    // loop's order and with its rule (the first element stands for the -inf it would replace:
+    // either wins the same comparisons).
+    for (int64_t pl = p0; pl < p1; ++pl) {
+      for (int64_t oh = 0; oh < h_out_; ++oh) {
+        const int64_t row = 2 * oh * w_;
+        const float* r0 = x + pl * in_plane + row;
+        const float* r1 = r0 + w_;
+        float* best = y + pl * out_plane + oh * w_out_;
+        int32_t* at = arg + pl * out_plane + oh * w_out_;
+        for (int64_t ow = 0; ow < w_out_; ++ow) {
+          float b = r0[2 * ow];
+          int32_t i = static_cast<int32_t>(row + 2 * ow);
+          const float v1 = r0[2 * ow + 1], v2 = r1[2 * ow], v3 = r1[2 * ow + 1];
+          if (v1 > b || v1 != v1) b = v1, i = static_cast<int32_t>(row + 2 * ow + 1);
+          if (v2 > b || v2 != v2) b = v2, i = static_cast<int32_t>(row + w_ + 2 * ow);
+          if (v3 > b || v3 != v3) b = v3, i = static_cast<int32_t>(row + w_ + 2 * ow + 1);
+          best[ow] = b;
+          at[ow] = i;
+        }
+      }
+    }
+    return;
+  }
+
   int64_t kj0, kj1;
   KernelColumns(k, s, p, w_, w_out_, &kj0, &kj1);
-  const int64_t planes = n * c_;
-  const int64_t in_plane = h_ * w_, out_plane = h_out_ * w_out_;
-  y->Resize(Shape{n, c_, h_out_, w_out_});
-  float* out = y->data();
-
   if (max_) {
-    cache->i.resize(planes * out_plane);
-    for (int64_t pl = 0; pl < planes; ++pl) {
-      const float* in = x.data + pl * in_plane;
+    for (int64_t pl = p0; pl < p1; ++pl) {
+      const float* in = x + pl * in_plane;
       for (int64_t oh = 0; oh < h_out_; ++oh) {
         int64_t h0, h1;
         Clip(oh * s - p, k, h_, &h0, &h1);
-        float* best = out + pl * out_plane + oh * w_out_;
-        int32_t* arg = cache->i.data() + pl * out_plane + oh * w_out_;
+        float* best = y + pl * out_plane + oh * w_out_;
+        int32_t* at = arg + pl * out_plane + oh * w_out_;
         for (int64_t ow = 0; ow < w_out_; ++ow) {
           best[ow] = -std::numeric_limits<float>::infinity();
-          arg[ow] = static_cast<int32_t>(h0 * w_ + std::max<int64_t>(ow * s - p, 0));
+          at[ow] = static_cast<int32_t>(h0 * w_ + std::max<int64_t>(ow * s - p, 0));
         }
         // Window elements in row-major order; a later one wins only when strictly greater.
         for (int64_t ih = h0; ih < h1; ++ih) {
@@ -119,7 +157,7 @@ void Pool2d::Forward(const ConstTensorView& x, Tensor* y, LayerCache* cache,
               const float v = in[base + ow * s];
               const bool take = v > best[ow] || v != v;
               best[ow] = take ? v : best[ow];
-              arg[ow] = take ? static_cast<int32_t>(base + ow * s) : arg[ow];
+              at[ow] = take ? static_cast<int32_t>(base + ow * s) : at[ow];
             }
           }
         }
@@ -131,12 +169,12 @@ void Pool2d::Forward(const ConstTensorView& x, Tensor* y, LayerCache* cache,
   // count_include_pad: the divisor is always k * k (ceil_mode is off, so no window reaches
   // past the padded input).
   const float inv = 1.0f / static_cast<float>(k * k);
-  for (int64_t pl = 0; pl < planes; ++pl) {
-    const float* in = x.data + pl * in_plane;
+  for (int64_t pl = p0; pl < p1; ++pl) {
+    const float* in = x + pl * in_plane;
     for (int64_t oh = 0; oh < h_out_; ++oh) {
       int64_t h0, h1;
       Clip(oh * s - p, k, h_, &h0, &h1);
-      float* sum = out + pl * out_plane + oh * w_out_;
+      float* sum = y + pl * out_plane + oh * w_out_;
       std::fill(sum, sum + w_out_, 0.0f);
       for (int64_t ih = h0; ih < h1; ++ih) {
         for (int64_t kj = kj0; kj < kj1; ++kj) {
@@ -154,35 +192,41 @@ void Pool2d::Forward(const ConstTensorView& x, Tensor* y, LayerCache* cache,
 void Pool2d::Backward(const ConstTensorView& x, const Tensor& /*y*/, const ConstTensorView& dy,
                       const LayerCache& cache, const ForwardContext& /*ctx*/, Tensor* dx) {
   if (dx == nullptr) return;
-  const int64_t n = x.shape[0];
-  const int64_t k = config_.kernel_size, s = config_.stride, p = config_.padding;
-  int64_t kj0, kj1;
-  KernelColumns(k, s, p, w_, w_out_, &kj0, &kj1);
-  const int64_t planes = n * c_;
-  const int64_t in_plane = h_ * w_, out_plane = h_out_ * w_out_;
+  const int64_t planes = x.shape[0] * c_;
+  assert(!max_ || static_cast<int64_t>(cache.i.size()) == planes * h_out_ * w_out_);
   dx->Resize(x.shape);
-  dx->SetZero();
+  const float* g = dy.data;
+  const int32_t* arg = max_ ? cache.i.data() : nullptr;
   float* out = dx->data();
+  SplitInTwo(planes, 1, kSplitWorkPerElement * planes * h_ * w_,
+             [&](int64_t p0, int64_t p1) { BackwardPlanes(g, arg, p0, p1, out); });
+}
 
+// Each plane of dx is zeroed and then receives its gradients while it is still in the cache.
+void Pool2d::BackwardPlanes(const float* dy, const int32_t* arg, int64_t p0, int64_t p1,
+                            float* dx) const {
+  const int64_t k = config_.kernel_size, s = config_.stride, p = config_.padding;
+  const int64_t in_plane = h_ * w_, out_plane = h_out_ * w_out_;
+  std::fill(dx + p0 * in_plane, dx + p1 * in_plane, 0.0f);
   if (max_) {
-    assert(static_cast<int64_t>(cache.i.size()) == planes * out_plane);
-    const int32_t* arg = cache.i.data();
-    for (int64_t pl = 0; pl < planes; ++pl) {
-      float* plane = out + pl * in_plane;
-      const float* g = dy.data + pl * out_plane;
+    for (int64_t pl = p0; pl < p1; ++pl) {
+      float* plane = dx + pl * in_plane;
+      const float* g = dy + pl * out_plane;
       const int32_t* a = arg + pl * out_plane;
       for (int64_t o = 0; o < out_plane; ++o) plane[a[o]] += g[o];
     }
     return;
   }
 
+  int64_t kj0, kj1;
+  KernelColumns(k, s, p, w_, w_out_, &kj0, &kj1);
   const float inv = 1.0f / static_cast<float>(k * k);
-  for (int64_t pl = 0; pl < planes; ++pl) {
-    float* plane = out + pl * in_plane;
+  for (int64_t pl = p0; pl < p1; ++pl) {
+    float* plane = dx + pl * in_plane;
     for (int64_t oh = 0; oh < h_out_; ++oh) {
       int64_t h0, h1;
       Clip(oh * s - p, k, h_, &h0, &h1);
-      const float* g = dy.data + pl * out_plane + oh * w_out_;
+      const float* g = dy + pl * out_plane + oh * w_out_;
       for (int64_t ih = h0; ih < h1; ++ih) {
         for (int64_t kj = kj0; kj < kj1; ++kj) {
           int64_t lo, hi;

@@ -22,6 +22,12 @@ class Pool2d : public Layer {
                 const LayerCache& cache, const ForwardContext& ctx, Tensor* dx) override;
 
  private:
+  // The layer's passes over planes [p0, p1) of the batch (planes are (sample, channel) pairs);
+  // arg is the cached argmax (MaxPool2d only).
+  void ForwardPlanes(const float* x, int64_t p0, int64_t p1, float* y, int32_t* arg) const;
+  void BackwardPlanes(const float* dy, const int32_t* arg, int64_t p0, int64_t p1,
+                      float* dx) const;
+
   Pool2dConfig config_;  // stride resolved to kernel_size by Build when 0
   bool max_;
   int64_t c_ = 0, h_ = 0, w_ = 0, h_out_ = 0, w_out_ = 0;

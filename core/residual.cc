@@ -2,14 +2,26 @@
 
 #include <algorithm>
 #include <cassert>
+#include <functional>
 #include <utility>
+
+#include "core/threads.h"
 
 namespace normd {
 namespace {
 
+// Runs body(i0, i1) over [0, n) elements of an elementwise pass, split across two cores when
+// the tensor is large (SplitInTwo; each element is computed alone, so the bits do not depend on
+// the split). Splits fall on whole cache lines.
+void ForElements(int64_t n, const std::function<void(int64_t, int64_t)>& body) {
+  SplitInTwo(n, 16, kSplitWorkPerElement * n, body);
+}
+
 // a += b elementwise. REQUIRES: same number of elements.
 void AddInto(float* a, const float* b, int64_t n) {
-  Eigen::Map<Eigen::ArrayXf>(a, n) += Eigen::Map<const Eigen::ArrayXf>(b, n);
+  ForElements(n, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) a[i] += b[i];
+  });
 }
 
 }  // namespace
@@ -96,15 +108,17 @@ void ResidualBlock::Combine(const ConstTensorView& x, const LayerCache& cache, b
   const float* b = body.data();
   const float* s = skip.data;
   float* out = y->data();
-  if (relu) {
-    // The ReLU layer's relu, so the pair gives its bits.
-    for (int64_t i = 0; i < n; ++i) {
-      const float v = b[i] + s[i];
-      out[i] = v > 0.0f ? v : 0.0f;
+  ForElements(n, [&](int64_t i0, int64_t i1) {
+    if (relu) {
+      // The ReLU layer's relu, so the pair gives its bits.
+      for (int64_t i = i0; i < i1; ++i) {
+        const float v = b[i] + s[i];
+        out[i] = v > 0.0f ? v : 0.0f;
+      }
+    } else {
+      for (int64_t i = i0; i < i1; ++i) out[i] = b[i] + s[i];
     }
-  } else {
-    for (int64_t i = 0; i < n; ++i) out[i] = b[i] + s[i];
-  }
+  });
 }
 
 namespace {
@@ -155,9 +169,12 @@ void BackwardBranches(LayerList& body, LayerList& shortcut, const ConstTensorVie
     if (dx != nullptr) AddInto(dx->data(), s.body_dx.data(), s.body_dx.size());
   } else if (dx != nullptr) {
     dx->Resize(x.shape);
-    Eigen::Map<Eigen::ArrayXf>(dx->data(), dx->size()) =
-        Eigen::Map<const Eigen::ArrayXf>(dy.data, dy.size()) +
-        Eigen::Map<const Eigen::ArrayXf>(s.body_dx.data(), s.body_dx.size());
+    float* out = dx->data();
+    const float* a = dy.data;
+    const float* b = s.body_dx.data();
+    ForElements(dx->size(), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) out[i] = a[i] + b[i];
+    });
   }
 }
 
@@ -181,7 +198,9 @@ void ResidualBlock::BackwardWithRelu(const ConstTensorView& x, const Tensor& y,
   const float* yv = y.data();
   const float* g = dy.data;
   float* m = s.masked_dy.data();
-  for (int64_t i = 0; i < n; ++i) m[i] = yv[i] > 0.0f ? g[i] : 0.0f;
+  ForElements(n, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) m[i] = yv[i] > 0.0f ? g[i] : 0.0f;
+  });
   BackwardBranches(body_, shortcut_, x, s.masked_dy.view(), cache, ctx, dx, s);
 }
 

@@ -77,6 +77,17 @@ class ScopedComputeCore {
 void SplitInTwo(int64_t n, int64_t align, int64_t work,
                 const std::function<void(int64_t, int64_t)>& body);
 
+// What one element of a memory-bound pass (BatchNorm, pooling, a bias gradient) counts for in
+// SplitInTwo's `work` (which is in multiply-adds of a matrix product): with 4, a pass splits
+// from 2^20 elements on. Smaller passes stay on one core: their halves take tens of
+// microseconds, the two halves share the L3 bandwidth, and a half that ends late makes
+// SplitInTwo back off for the next 64+ operations, the large products of the same step
+// included. Measured with BatchNorm on the reference MLP, budget 2, quiet 2-core machine: when
+// (256, 512) layers split (at the former weight of 64), only 1.1-1.3 of the step's 5 large
+// products split and it ran 63-65 k samples/s; since, 4.4-4.9 split and it runs 95-98 k.
+// (1024, 512) layers gained nothing from splitting either (96-106 k samples/s either way).
+constexpr int64_t kSplitWorkPerElement = 4;
+
 // The `align` that keeps an OpenBLAS product split by rows of its output bit-identical to the
 // whole product (with SplitInTwo's size floor): OpenBLAS computes every output element in the
 // same order whatever the other dimensions are, except in the tiles at the edges of the output

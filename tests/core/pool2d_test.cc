@@ -116,6 +116,61 @@ TEST(MaxPool2dTest, NaNPropagates) {
   EXPECT_TRUE(std::isnan(y.data()[0]));
 }
 
+// 2x2 windows with stride 2 and no padding take a fast path: it must pick the same element as
+// the definition (the first maximum in row-major window order, a later NaN over anything, -inf
+// only when the window holds nothing larger), on odd sizes whose last row and column no window
+// covers.
+TEST(MaxPool2dTest, TwoByTwoFastPathMatchesTheDefinition) {
+  const float inf = std::numeric_limits<float>::infinity();
+  const float nan = std::nanf("");
+  const float pool_of_values[] = {-inf, -1.0f, 0.0f, -0.0f, 2.0f, 2.0f, inf, nan};
+  const int64_t n = 3, c = 2, h = 7, w = 9, h_out = 3, w_out = 4;
+  Pool2d pool(Config(2, 2), true);
+  Shape out;
+  ASSERT_TRUE(pool.Build(Shape{c, h, w}, &out).ok());
+  ASSERT_EQ(out, (Shape{c, h_out, w_out}));
+  Tensor x(Shape{n, c, h, w});
+  uint32_t state = 12345;
+  for (int64_t i = 0; i < x.size(); ++i) {
+    state = state * 1664525u + 1013904223u;
+    x.data()[i] = pool_of_values[(state >> 24) % 8];
+  }
+  Tensor y;
+  LayerCache cache;
+  pool.Forward(x.view(), &y, &cache, ForwardContext{});
+  Tensor dy(y.shape());
+  for (int64_t i = 0; i < dy.size(); ++i) dy.data()[i] = static_cast<float>(i + 1);
+  Tensor dx;
+  pool.Backward(x.view(), y, dy.view(), cache, ForwardContext{}, &dx);
+
+  std::vector<float> want_dx(x.size(), 0.0f);
+  for (int64_t pl = 0; pl < n * c; ++pl) {
+    const float* in = x.data() + pl * h * w;
+    for (int64_t oh = 0; oh < h_out; ++oh) {
+      for (int64_t ow = 0; ow < w_out; ++ow) {
+        float best = -inf;
+        int64_t at = 2 * oh * w + 2 * ow;
+        for (int64_t i = 2 * oh; i < 2 * oh + 2; ++i) {
+          for (int64_t j = 2 * ow; j < 2 * ow + 2; ++j) {
+            const float v = in[i * w + j];
+            if (v > best || std::isnan(v)) best = v, at = i * w + j;
+          }
+        }
+        const int64_t o = (pl * h_out + oh) * w_out + ow;
+        const float got = y.data()[o];
+        if (std::isnan(best)) {
+          EXPECT_TRUE(std::isnan(got)) << o;
+        } else {
+          EXPECT_EQ(got, best) << o;
+          EXPECT_EQ(std::signbit(got), std::signbit(best)) << o;
+        }
+        want_dx[pl * h * w + at] = dy.data()[o];
+      }
+    }
+  }
+  EXPECT_EQ(Values(dx), want_dx);
+}
+
 TEST(AvgPool2dTest, KnownValuesCountPadding) {
   Pool2d pool(Config(2, 1, 1), /*max=*/false);
   Shape out;

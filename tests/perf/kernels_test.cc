@@ -20,9 +20,12 @@
 #include "core/conv2d.h"
 #include "core/linear.h"
 #include "core/optimizer.h"
+#include "core/pool2d.h"
+#include "core/sequential.h"
 #include "core/rng.h"
 #include "core/tensor.h"
 #include "core/threads.h"
+#include "tests/core/layer_configs.h"
 
 namespace normd {
 namespace {
@@ -357,7 +360,9 @@ TEST(ComputeThreadsTest, Conv2dIsBitIdenticalSplitOrNot) {
   struct Case {
     int64_t cin, cout, hw, stride, batch;
   };
-  for (const Case& k : {Case{32, 32, 16, 1, 9}, Case{16, 16, 16, 1, 8}, Case{16, 32, 16, 2, 17}}) {
+  // The last case's bias gradient (over 2^20 elements of dy) splits its channels too.
+  for (const Case& k : {Case{32, 32, 16, 1, 9}, Case{16, 16, 16, 1, 8}, Case{16, 32, 16, 2, 17},
+                        Case{8, 16, 64, 1, 17}}) {
     Conv2dConfig config;
     config.in_channels = k.cin;
     config.out_channels = k.cout;
@@ -386,6 +391,79 @@ TEST(ComputeThreadsTest, Conv2dIsBitIdenticalSplitOrNot) {
     };
     ASSERT_NO_FATAL_FAILURE(ExpectSameBitsSplitOrNot(run, 2, k.cout));
   }
+}
+
+// Pooling splits its planes across two cores for large inputs: outputs, the cached argmax
+// (seen through dx) and the input gradient are the same bits either way, for the 2x2 max
+// pooling fast path and the generic loops (overlapping, padded windows; average pooling).
+TEST(ComputeThreadsTest, Pool2dIsBitIdenticalSplitOrNot) {
+  if (!ComputeBorrowsIdleCores()) GTEST_SKIP() << kNoSplits;
+  struct Case {
+    int64_t k, stride, padding;
+    bool max;
+  };
+  for (const Case& k : {Case{2, 2, 0, true}, Case{3, 2, 1, true}, Case{3, 1, 1, false}}) {
+    Pool2dConfig config;
+    config.kernel_size = k.k;
+    config.stride = k.stride;
+    config.padding = k.padding;
+    auto run = [&](int budget, Tensor* y, Tensor* dx, std::vector<float>* rest) {
+      ScopedComputeThreads scoped(budget);
+      Pool2d pool(config, k.max);
+      Shape out;
+      ASSERT_TRUE(pool.Build(Shape{16, 33, 31}, &out).ok());
+      Rng rng(11);
+      // Coarse values, so windows hold ties.
+      Tensor x(Shape{66, 16, 33, 31}), dy(out.WithBatch(66));
+      for (int64_t i = 0; i < x.size(); ++i) x.data()[i] = std::round(rng.Uniform(-4.0f, 4.0f));
+      for (int64_t i = 0; i < dy.size(); ++i) dy.data()[i] = rng.Uniform(-1.0f, 1.0f);
+      LayerCache cache;
+      ForwardContext ctx;
+      ctx.training = true;
+      pool.Forward(x.view(), y, &cache, ctx);
+      pool.Backward(x.view(), *y, dy.view(), cache, ctx, dx);
+      rest->clear();
+    };
+    ASSERT_NO_FATAL_FAILURE(ExpectSameBitsSplitOrNot(run, 2, k.k * 10 + k.stride));
+  }
+}
+
+// Residual blocks split their elementwise passes (the sum, the fused ReLU and its mask, the
+// sum of the branches' input gradients) across two cores for large tensors: a block with an
+// identity shortcut and a ReLU after it, then one with a shortcut branch, give the same bits
+// split or not.
+TEST(ComputeThreadsTest, ResidualBlockIsBitIdenticalSplitOrNot) {
+  if (!ComputeBorrowsIdleCores()) GTEST_SKIP() << kNoSplits;
+  using testing::Bn2d;
+  using testing::Residual;
+  using testing::Simple;
+  const Shape sample{16, 64, 64};
+  const int64_t batch = 17;  // tensors of 2^20 + 2^16 elements
+  auto run = [&](int budget, Tensor* y, Tensor* dx, std::vector<float>* grads) {
+    ScopedComputeThreads scoped(budget);
+    std::unique_ptr<Sequential> net;
+    ASSERT_TRUE(Sequential::Create(sample.ToVector(),
+                                   {Residual({Bn2d(16)}), Simple(LayerKind::kReLU),
+                                    Residual({Bn2d(16)}, {Bn2d(16)})},
+                                   5, {}, &net)
+                    .ok());
+    Rng rng(9);
+    Tensor x(sample.WithBatch(batch)), dy(sample.WithBatch(batch));
+    for (int64_t i = 0; i < x.size(); ++i) x.data()[i] = rng.Uniform(-1.0f, 1.0f);
+    for (int64_t i = 0; i < dy.size(); ++i) dy.data()[i] = rng.Uniform(-1.0f, 1.0f);
+    ForwardContext ctx;
+    ctx.training = true;
+    ForwardRecord rec;
+    net->Forward(x.view(), ctx, &rec);
+    *y = rec.output();
+    net->ZeroGrad();
+    net->Backward(&rec, dy.view(), dx);
+    grads->clear();
+    for (Parameter* p : net->parameters()) {
+      grads->insert(grads->end(), p->grad.data(), p->grad.data() + p->grad.size());
+    }
+  };
+  ASSERT_NO_FATAL_FAILURE(ExpectSameBitsSplitOrNot(run, 4, 0));
 }
 
 }  // namespace
