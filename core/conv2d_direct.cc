@@ -36,9 +36,12 @@ inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
 // Sized so accumulators plus the weight vectors of one kernel row fit the register file.
 constexpr int kWide = kManyRegisters ? 8 : 4;
 constexpr int kNarrow = kManyRegisters ? 16 : 8;
-// Winograd is used for stride-1 3x3 passes that sum at least this many channels: with fewer,
-// the transforms cost more than the products they save (the 3-channel stems).
-constexpr int64_t kWinogradMinChannels = 8;
+// Winograd is used for stride-1 3x3 passes that sum at least this many channels into at least
+// this many: the transforms cost in proportion to the channels, the products they save in
+// proportion to their product. Measured per layer at budget 1 (`normd_kernels_bench
+// --benchmark_filter=ConvLayer`, against this file's direct tiles): 16 into 16 channels ran
+// 0.89-0.91x as fast, 32 into 32 1.12-1.18x, 32 into 64 1.31-1.47x, 64 into 64 1.34-1.53x.
+constexpr int64_t kWinogradMinChannels = 32;
 // Weight-gradient tiles: (channel, tap) pairs per tile, and vectors of output channels.
 constexpr int kGradPairs = 9;
 constexpr int kGradWideVectors = kManyRegisters ? 2 : 1;
@@ -447,11 +450,13 @@ DirectConvolution::DirectConvolution(const Shape& shape) : shape_(shape) {
     MakeGradientPhases();
   }
   if (shape.kernel == 3 && shape.stride == 1 && shape.winograd) {
-    if (shape.in_channels >= kWinogradMinChannels) {
+    const bool enough = shape.in_channels >= kWinogradMinChannels &&
+                        shape.out_channels >= kWinogradMinChannels;
+    if (enough) {
       winograd_forward_ = MakeWinogradPlan(shape.in_channels, shape.out_channels, shape.h,
                                            shape.w, shape.padding);
     }
-    if (shape.out_channels >= kWinogradMinChannels && shape.padding <= 2) {
+    if (enough && shape.padding <= 2) {
       winograd_input_grad_ = MakeWinogradPlan(shape.out_channels, shape.in_channels,
                                               forward_.h_out, forward_.w_out, 2 - shape.padding);
     }
@@ -615,6 +620,25 @@ inline void WinogradOutputTile(const Vec (&m)[16], Vec* y00, Vec* y01, Vec* y10,
   *y11 = a1[1] - a1[2] - a1[3];
 }
 
+// The weight-gradient tiles for `count` (1 to 8) input channels at once (WinogradWeightGradient):
+// channel counts that are multiples of 8 take whole tiles only.
+void WinogradGradTiles(bool wide, int count, const float* const* src, const float* dm,
+                       int64_t tiles, int64_t padded_out, int64_t co0, float* grad_rows) {
+  switch ((wide ? 8 : 0) + count - 1) {
+#define NORMD_GRAD_TILE(V, T) \
+  case (V == 2 ? 8 : 0) + T - 1: \
+    WeightGradTile<V, T>(src, dm, tiles, padded_out, co0, grad_rows); \
+    break;
+    NORMD_GRAD_TILE(1, 1) NORMD_GRAD_TILE(1, 2) NORMD_GRAD_TILE(1, 3) NORMD_GRAD_TILE(1, 4)
+    NORMD_GRAD_TILE(1, 5) NORMD_GRAD_TILE(1, 6) NORMD_GRAD_TILE(1, 7) NORMD_GRAD_TILE(1, 8)
+    NORMD_GRAD_TILE(2, 1) NORMD_GRAD_TILE(2, 2) NORMD_GRAD_TILE(2, 3) NORMD_GRAD_TILE(2, 4)
+    NORMD_GRAD_TILE(2, 5) NORMD_GRAD_TILE(2, 6) NORMD_GRAD_TILE(2, 7) NORMD_GRAD_TILE(2, 8)
+#undef NORMD_GRAD_TILE
+    default:
+      break;
+  }
+}
+
 }  // namespace
 
 void DirectConvolution::RunForwardKernel(const Planes& p, int64_t padded_out, const float* in,
@@ -735,6 +759,38 @@ DirectConvolution::WinogradPlan DirectConvolution::MakeWinogradPlan(int64_t chan
   return p;
 }
 
+void DirectConvolution::PrepareWinogradPlanes(const WinogradPlan& p, const float* x,
+                                              float* planes) {
+  // (Vector copies inline: a libc call per short row costs more than the row.)
+  const int64_t whole = p.w / kLanes * kLanes;
+  for (int64_t c = 0; c < p.channels; ++c) {
+    const float* xc = x + c * p.h * p.w;
+    float* plane = planes + c * p.plane_stride + p.padding * p.plane_w + p.padding;
+    for (int64_t hh = 0; hh < p.h; ++hh) {
+      float* dst = plane + hh * p.plane_w;
+      const float* src = xc + hh * p.w;
+      for (int64_t j = 0; j < whole; j += kLanes) Store(dst + j, Load(src + j));
+      for (int64_t j = whole; j < p.w; ++j) dst[j] = src[j];
+    }
+  }
+}
+
+void DirectConvolution::WinogradInputBlock(const WinogradPlan& p, const float* planes,
+                                           int64_t ti0, int64_t rows, float* v,
+                                           int64_t xi_step) {
+  for (int64_t c = 0; c < p.channels; ++c) {
+    const float* plane = planes + c * p.plane_stride;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* row = plane + 2 * (ti0 + r) * p.plane_w;
+      for (int64_t j0 = 0; j0 < p.tiles_w; j0 += kLanes) {
+        const float* const quad[4] = {row + 2 * j0, row + p.plane_w + 2 * j0,
+                                      row + 2 * p.plane_w + 2 * j0, row + 3 * p.plane_w + 2 * j0};
+        WinogradInputTiles(quad, v + c * p.tile_stride + r * p.tiles_w + j0, xi_step);
+      }
+    }
+  }
+}
+
 void DirectConvolution::WinogradSamples(const WinogradPlan& p, const float* in, int64_t n,
                                         const float* packed, int64_t padded_out,
                                         const float* bias, float* out) const {
@@ -754,35 +810,12 @@ void DirectConvolution::WinogradSamples(const WinogradPlan& p, const float* in, 
     float* out_t = Scratch(kTransposed, 2 * p.tiles_h * out_w * padded_out);
     // The planes' zeros stay zero: only their data is rewritten.
     std::memset(planes, 0, sizeof(float) * p.channels * p.plane_stride);
-    const int64_t whole = p.w / kLanes * kLanes;
     for (int64_t i = begin; i < end; ++i) {
-      for (int64_t c = 0; c < p.channels; ++c) {
-        // (Vector copies inline: a libc call per short row costs more than the row.)
-        const float* xc = in + i * in_sample + c * p.h * p.w;
-        float* plane = planes + c * p.plane_stride + p.padding * p.plane_w + p.padding;
-        for (int64_t hh = 0; hh < p.h; ++hh) {
-          float* dst = plane + hh * p.plane_w;
-          const float* src = xc + hh * p.w;
-          for (int64_t j = 0; j < whole; j += kLanes) Store(dst + j, Load(src + j));
-          for (int64_t j = whole; j < p.w; ++j) dst[j] = src[j];
-        }
-      }
+      PrepareWinogradPlanes(p, in + i * in_sample, planes);
       for (int64_t ti0 = 0; ti0 < p.tiles_h; ti0 += p.block_rows) {
         const int64_t rows = std::min(p.block_rows, p.tiles_h - ti0);
         const int64_t tiles = rows * p.tiles_w;
-        // The block's transformed input: v[xi * xi_step + c * tile_stride + tile].
-        for (int64_t c = 0; c < p.channels; ++c) {
-          const float* plane = planes + c * p.plane_stride;
-          for (int64_t r = 0; r < rows; ++r) {
-            const float* row = plane + 2 * (ti0 + r) * p.plane_w;
-            for (int64_t j0 = 0; j0 < p.tiles_w; j0 += kLanes) {
-              const float* const quad[4] = {row + 2 * j0, row + p.plane_w + 2 * j0,
-                                            row + 2 * p.plane_w + 2 * j0,
-                                            row + 3 * p.plane_w + 2 * j0};
-              WinogradInputTiles(quad, v + c * p.tile_stride + r * p.tiles_w + j0, xi_step);
-            }
-          }
-        }
+        WinogradInputBlock(p, planes, ti0, rows, v, xi_step);
         // The 16 products, each a sum over channels.
         const int64_t positions = RoundUp(tiles, kNarrow);
         for (int xi = 0; xi < 16; ++xi) {
@@ -854,6 +887,10 @@ void DirectConvolution::InputGradient(const float* dy, int64_t n, const float* w
 
 void DirectConvolution::AccumulateWeightGradient(const float* x, const float* dy, int64_t n,
                                                  float* weight_grad) const {
+  if (winograd_forward_.channels > 0) {
+    WinogradWeightGradient(x, dy, n, weight_grad);
+    return;
+  }
   const Shape& s = shape_;
   const Planes& p = forward_;
   const int64_t taps = s.kernel * s.kernel;
@@ -926,6 +963,105 @@ void DirectConvolution::AccumulateWeightGradient(const float* x, const float* dy
     for (int64_t i = 0; i < pairs; ++i) {
       weight_grad[co * pairs + i] +=
           halves[i * padded_out_ + co] + halves[grad_size + i * padded_out_ + co];
+    }
+  }
+}
+
+// The weight gradient by the same transform: with M = U . V the 16 products of a tile and
+// y = A^T M A, dL/dM = A dy A^T for the tile's 2x2 output gradients dy, so
+// dL/dU[xi] = sum over tiles of dL/dM[xi] (output channels) times V[xi] (input channels), a
+// product whose inner dimension is the tiles (the weight-gradient register tiles, with tiles
+// in place of positions), and dL/dg = G^T (dL/dU) G. Two halves of the batch, as the direct
+// path: the same bits on one thread or two.
+void DirectConvolution::WinogradWeightGradient(const float* x, const float* dy, int64_t n,
+                                               float* weight_grad) const {
+  const Shape& s = shape_;
+  const WinogradPlan& p = winograd_forward_;
+  const int64_t channels = s.in_channels;
+  const int64_t grad_size = 16 * channels * padded_out_;  // dL/dU[xi][c][co]
+  float* halves = Scratch(kPacked, 2 * grad_size);
+  std::memset(halves, 0, sizeof(float) * 2 * grad_size);
+  const int64_t middle = n / 2;
+  const int64_t in_sample = channels * s.h * s.w;
+  const int64_t out_sample = s.out_channels * p.h_out * p.w_out;
+  const int64_t xi_step = channels * p.tile_stride + 16;  // as WinogradSamples
+  const int64_t m_step = p.positions * padded_out_ + 3 * kLanes;
+  const int64_t out_w = 2 * p.tiles_w;
+  const int64_t dy_positions = 2 * p.tiles_h * out_w;
+  const int64_t work = n * s.out_channels * channels * 9 * p.h_out * p.w_out;
+  const bool wide = kGradWideVectors == 2 && (padded_out_ / kLanes) % 2 == 0;
+  SplitInTwo(2, 1, work, [&](int64_t begin, int64_t end) {
+    float* planes = Scratch(kPrepared, channels * p.plane_stride);
+    float* v = Scratch(kWinogradInput, 16 * xi_step);
+    float* dm = Scratch(kWinogradProducts, 16 * m_step);
+    float* dy_t = Scratch(kTransposed, dy_positions * padded_out_);
+    std::memset(planes, 0, sizeof(float) * channels * p.plane_stride);
+    for (int64_t half = begin; half < end; ++half) {
+      float* grad = halves + half * grad_size;
+      for (int64_t i = half == 0 ? 0 : middle; i < (half == 0 ? middle : n); ++i) {
+        PrepareWinogradPlanes(p, x + i * in_sample, planes);
+        // dy as (positions, channels), zero past the outputs (odd sizes' last tiles).
+        TransposeIn(dy + i * out_sample, s.out_channels, p.h_out, p.w_out, out_w, dy_positions,
+                    padded_out_, dy_t);
+        for (int64_t ti0 = 0; ti0 < p.tiles_h; ti0 += p.block_rows) {
+          const int64_t tiles = std::min(p.block_rows, p.tiles_h - ti0) * p.tiles_w;
+          WinogradInputBlock(p, planes, ti0, tiles / p.tiles_w, v, xi_step);
+          // dm[xi * m_step + tile * padded_out + co] = (A dy A^T)[xi].
+          for (int64_t t = 0; t < tiles; ++t) {
+            const int64_t ti = ti0 + t / p.tiles_w, tj = t % p.tiles_w;
+            const float* g00 = dy_t + (2 * ti * out_w + 2 * tj) * padded_out_;
+            const float* g10 = g00 + out_w * padded_out_;
+            float* out = dm + t * padded_out_;
+            for (int64_t co0 = 0; co0 < padded_out_; co0 += kLanes) {
+              const Vec a = Load(g00 + co0), b = Load(g00 + padded_out_ + co0);
+              const Vec c = Load(g10 + co0), d = Load(g10 + padded_out_ + co0);
+              const Vec rows[4][2] = {{a, b}, {a + c, b + d}, {a - c, b - d}, {-c, -d}};
+              for (int r = 0; r < 4; ++r) {
+                Store(out + (4 * r) * m_step + co0, rows[r][0]);
+                Store(out + (4 * r + 1) * m_step + co0, rows[r][0] + rows[r][1]);
+                Store(out + (4 * r + 2) * m_step + co0, rows[r][0] - rows[r][1]);
+                Store(out + (4 * r + 3) * m_step + co0, -rows[r][1]);
+              }
+            }
+          }
+          for (int xi = 0; xi < 16; ++xi) {
+            const float* dmx = dm + xi * m_step;
+            const float* vx = v + xi * xi_step;
+            float* gx = grad + xi * channels * padded_out_;
+            for (int64_t co0 = 0; co0 < padded_out_; co0 += (wide ? 2 : 1) * kLanes) {
+              for (int64_t c = 0; c < channels; c += 8) {
+                const float* src[8];
+                const int count = static_cast<int>(std::min<int64_t>(8, channels - c));
+                for (int k = 0; k < count; ++k) src[k] = vx + (c + k) * p.tile_stride;
+                WinogradGradTiles(wide, count, src, dmx, tiles, padded_out_, co0,
+                                  gx + c * padded_out_);
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+  // dL/dg = G^T (dL/dU) G, in double from the two halves' float sum.
+  for (int64_t co = 0; co < s.out_channels; ++co) {
+    for (int64_t c = 0; c < channels; ++c) {
+      double t[4][3];  // (dL/dU) G
+      for (int i = 0; i < 4; ++i) {
+        double u[4];
+        for (int j = 0; j < 4; ++j) {
+          const int64_t at = ((i * 4 + j) * channels + c) * padded_out_ + co;
+          u[j] = static_cast<double>(halves[at] + halves[grad_size + at]);
+        }
+        t[i][0] = u[0] + 0.5 * (u[1] + u[2]);
+        t[i][1] = 0.5 * (u[1] - u[2]);
+        t[i][2] = 0.5 * (u[1] + u[2]) + u[3];
+      }
+      float* g = weight_grad + (co * channels + c) * 9;
+      for (int j = 0; j < 3; ++j) {
+        g[j] += static_cast<float>(t[0][j] + 0.5 * (t[1][j] + t[2][j]));
+        g[3 + j] += static_cast<float>(0.5 * (t[1][j] - t[2][j]));
+        g[6 + j] += static_cast<float>(0.5 * (t[1][j] + t[2][j]) + t[3][j]);
+      }
     }
   }
 }

@@ -125,11 +125,22 @@ class DirectConvolution {
   };
   static WinogradPlan MakeWinogradPlan(int64_t channels, int64_t outputs, int64_t h, int64_t w,
                                        int64_t padding);
+  // One sample x (p.channels, p.h, p.w) into its zero-padded planes (p.plane_stride floats
+  // apart), whose padding the caller zeroed once.
+  static void PrepareWinogradPlanes(const WinogradPlan& p, const float* x, float* planes);
+  // B^T d B of tile rows [ti0, ti0 + rows): v[xi * xi_step + c * p.tile_stride + tile], tiles
+  // numbered from the block's first.
+  static void WinogradInputBlock(const WinogradPlan& p, const float* planes, int64_t ti0,
+                                 int64_t rows, float* v, int64_t xi_step);
   // out (n, p.outputs, p.h_out, p.w_out) = the pass over in (n, p.channels, p.h, p.w) with
   // transformed weights `packed` (16 x p.channels rows of padded_out floats), plus bias (may
   // be null); samples split over two cores.
   void WinogradSamples(const WinogradPlan& p, const float* in, int64_t n, const float* packed,
                        int64_t padded_out, const float* bias, float* out) const;
+
+  // AccumulateWeightGradient of a pass that runs forward by Winograd.
+  void WinogradWeightGradient(const float* x, const float* dy, int64_t n,
+                              float* weight_grad) const;
 
   Shape shape_;
   Planes forward_;

@@ -17,11 +17,32 @@ void ForElements(int64_t n, const std::function<void(int64_t, int64_t)>& body) {
   SplitInTwo(n, 16, kSplitWorkPerElement * n, body);
 }
 
+// The block's elementwise passes over elements [i0, i1), on distinct arrays. (Plain functions
+// of restrict pointers, so they vectorise: a lambda's captured pointers would not.)
+void AddRange(float* __restrict a, const float* __restrict b, int64_t i0, int64_t i1) {
+  for (int64_t i = i0; i < i1; ++i) a[i] += b[i];
+}
+void SumRange(const float* __restrict a, const float* __restrict b, float* __restrict out,
+              int64_t i0, int64_t i1) {
+  for (int64_t i = i0; i < i1; ++i) out[i] = a[i] + b[i];
+}
+// The ReLU layer's relu of the sum, so the pair gives its bits.
+void SumReluRange(const float* __restrict a, const float* __restrict b, float* __restrict out,
+                  int64_t i0, int64_t i1) {
+  for (int64_t i = i0; i < i1; ++i) {
+    const float v = a[i] + b[i];
+    out[i] = v > 0.0f ? v : 0.0f;
+  }
+}
+// The ReLU layer's backward: g where its output y is positive.
+void MaskRange(const float* __restrict y, const float* __restrict g, float* __restrict out,
+               int64_t i0, int64_t i1) {
+  for (int64_t i = i0; i < i1; ++i) out[i] = y[i] > 0.0f ? g[i] : 0.0f;
+}
+
 // a += b elementwise. REQUIRES: same number of elements.
 void AddInto(float* a, const float* b, int64_t n) {
-  ForElements(n, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) a[i] += b[i];
-  });
+  ForElements(n, [a, b](int64_t i0, int64_t i1) { AddRange(a, b, i0, i1); });
 }
 
 }  // namespace
@@ -108,17 +129,11 @@ void ResidualBlock::Combine(const ConstTensorView& x, const LayerCache& cache, b
   const float* b = body.data();
   const float* s = skip.data;
   float* out = y->data();
-  ForElements(n, [&](int64_t i0, int64_t i1) {
-    if (relu) {
-      // The ReLU layer's relu, so the pair gives its bits.
-      for (int64_t i = i0; i < i1; ++i) {
-        const float v = b[i] + s[i];
-        out[i] = v > 0.0f ? v : 0.0f;
-      }
-    } else {
-      for (int64_t i = i0; i < i1; ++i) out[i] = b[i] + s[i];
-    }
-  });
+  if (relu) {
+    ForElements(n, [b, s, out](int64_t i0, int64_t i1) { SumReluRange(b, s, out, i0, i1); });
+  } else {
+    ForElements(n, [b, s, out](int64_t i0, int64_t i1) { SumRange(b, s, out, i0, i1); });
+  }
 }
 
 namespace {
@@ -172,9 +187,8 @@ void BackwardBranches(LayerList& body, LayerList& shortcut, const ConstTensorVie
     float* out = dx->data();
     const float* a = dy.data;
     const float* b = s.body_dx.data();
-    ForElements(dx->size(), [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) out[i] = a[i] + b[i];
-    });
+    ForElements(dx->size(),
+                [a, b, out](int64_t i0, int64_t i1) { SumRange(a, b, out, i0, i1); });
   }
 }
 
@@ -198,9 +212,7 @@ void ResidualBlock::BackwardWithRelu(const ConstTensorView& x, const Tensor& y,
   const float* yv = y.data();
   const float* g = dy.data;
   float* m = s.masked_dy.data();
-  ForElements(n, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) m[i] = yv[i] > 0.0f ? g[i] : 0.0f;
-  });
+  ForElements(n, [yv, g, m](int64_t i0, int64_t i1) { MaskRange(yv, g, m, i0, i1); });
   BackwardBranches(body_, shortcut_, x, s.masked_dy.view(), cache, ctx, dx, s);
 }
 

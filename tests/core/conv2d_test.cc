@@ -166,9 +166,10 @@ INSTANTIATE_TEST_SUITE_P(
 
 // The shapes DirectConvolution tiles (groups 1, kernels above 1x1) at channel counts that fill
 // whole vectors and leave partial ones, planes wide enough for the whole-block transposes, the
-// stride-1 row-reuse kernels and the generic ones (stride 2 and 3, kernel 5), and padding beyond
-// kernel - 1 (its input gradient falls back to col2im). Forward, weight and input gradients
-// against the definition in double, at float32 accuracy for sums of this length.
+// stride-1 row-reuse kernels and the generic ones (stride 2 and 3, kernel 5), padding beyond
+// kernel - 1 (its input gradient falls back to col2im), and the Winograd passes. Forward,
+// weight and input gradients against the definition in double, at float32 accuracy for sums
+// of this length.
 struct ConvGradients {
   std::vector<double> dw, dx;
 };
@@ -270,7 +271,16 @@ INSTANTIATE_TEST_SUITE_P(
                       ConvCase{Config(16, 16, 5, 1, 2), Shape{16, 16, 18}},  // generic kernel
                       ConvCase{Config(8, 32, 3, 1, 3, false), Shape{8, 9, 9}},  // pad > k - 1
                       ConvCase{Config(4, 16, 2, 3, 1), Shape{4, 11, 13}},       // stride 3
-                      ConvCase{Config(2, 7, 3, 1, 1), Shape{2, 1, 1}}),         // 1x1 plane
+                      ConvCase{Config(2, 7, 3, 1, 1), Shape{2, 1, 1}},          // 1x1 plane
+                      // Winograd F(2x2, 3x3) (>= 32 channels into >= 32, stride 1): odd
+                      // planes whose last tiles reach past the outputs, partial vectors,
+                      // padding 0 and 2 (the input gradient's 2 and 0), padding beyond
+                      // kernel - 1 (forward only), rows of more than one vector of tiles.
+                      ConvCase{Config(32, 32, 3, 1, 1), Shape{32, 9, 11}},
+                      ConvCase{Config(33, 40, 3, 1, 0, false), Shape{33, 12, 7}},
+                      ConvCase{Config(32, 48, 3, 1, 2), Shape{32, 5, 6}},
+                      ConvCase{Config(32, 32, 3, 1, 3, false), Shape{32, 6, 5}},
+                      ConvCase{Config(32, 33, 3, 1, 1), Shape{32, 40, 37}}),
     [](const ::testing::TestParamInfo<ConvCase>& info) { return CaseName(info.param); });
 
 TEST(Conv2dTest, SamplesAreIndependent) {
