@@ -26,10 +26,22 @@
 // (r, q) of the padded input (rows i*s + r, columns j*s + q) is a stride-1 correlation of dy
 // with the taps that reach it (ki = r + a*s, kj = q + b*s), computed by the same tiles.
 //
+// Winograd. Stride-1 3x3 passes that sum at least 32 channels into at least 32 (forward, the
+// input gradient as the forward of the flipped kernel, and the weight gradient) use Winograd's
+// F(2x2, 3x3) instead: each 2x2 block of outputs comes from the 4x4 input block under it
+// through 16 products per channel pair instead of 36. A sample's input is transformed a block
+// of about 64 tiles at a time (B^T d B, in registers, 16 tiles a vector), the 16 products are
+// sums over channels done by the same register tiles (tiles in place of positions), and
+// A^T m A brings them back to outputs; the weights are transformed once per call in double.
+// The weight gradient multiplies A dy A^T by the transformed input over the tiles and takes
+// G^T (.) G of the sum. Its rounding differs from the direct tiles' (the tests hold both to the
+// definition in double, and the parity suite to PyTorch); fewer channels stay on the direct
+// tiles, which run them faster (see kWinogradMinChannels).
+//
 // Results: every output element sums its input channels in order and, per channel, its taps in
 // one fixed order, whatever the tile or the thread; the weight gradient sums a sample's
-// positions in lanes and the batch in two fixed halves, so a budget of 2 gives the bits of a
-// budget of 1.
+// positions (or tiles) in lanes and the batch in two fixed halves, so a budget of 2 gives the
+// bits of a budget of 1.
 //
 // Thread safety: all methods are const and may run concurrently; scratch memory is per thread
 // and grows to the largest layer once.

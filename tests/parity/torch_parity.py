@@ -1110,6 +1110,11 @@ def residual_cases():
                        conv(6, 12, 3, stride=2, pad=1, bias=False, groups=3), bn("2d", 12),
                        simple("relu"), separable(12)] + head(12, 3),
          OPTIMIZERS["sgd-weight-decay"], 4),
+        # 32-channel 3x3 convolutions, which normd runs by Winograd's F(2x2, 3x3) (forward,
+        # input and weight gradients), on an odd plane whose last tiles reach past the outputs.
+        ("resnet-winograd-32-channels-adamw", (3, 9, 10),
+         stem(3, 32) + [basic(32, 32, 1), simple("relu")] + head(32, 5),
+         OPTIMIZERS["adamw"], 4),
         # Global average pooling straight after a block, no stem: the block reads the input.
         ("resnet-gap-nested-adam", (4, 5, 5),
          [residual([conv(4, 4, 3, pad=1, bias=False), bn("2d", 4), simple("relu"),
