@@ -5,7 +5,7 @@
 #include <cmath>
 #include <cstring>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__FMA__)
 #include <immintrin.h>
 #endif
 
@@ -78,8 +78,24 @@ inline float MulAdd(float x, float a, float b) {
 #endif
 }
 
+// MulAdd on every lane: one vector fused multiply-add where the target has it (GCC does not
+// turn the lane loop below back into one), the lane loop elsewhere.
 template <typename V>
 inline V MulAddLanes(V x, V a, V b) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(V) == 64) {
+    return reinterpret_cast<V>(_mm512_fmadd_ps(reinterpret_cast<__m512>(x),
+                                               reinterpret_cast<__m512>(a),
+                                               reinterpret_cast<__m512>(b)));
+  }
+#endif
+#if defined(__FMA__)
+  if constexpr (sizeof(V) == 32) {
+    return reinterpret_cast<V>(_mm256_fmadd_ps(reinterpret_cast<__m256>(x),
+                                               reinterpret_cast<__m256>(a),
+                                               reinterpret_cast<__m256>(b)));
+  }
+#endif
   V r;
   for (size_t j = 0; j < sizeof(V) / sizeof(float); ++j) r[j] = MulAdd(x[j], a[j], b[j]);
   return r;
