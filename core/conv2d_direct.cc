@@ -59,8 +59,8 @@ enum ScratchBuffer {
   kPrepared = 0,
   kTransposed = 1,
   kPacked = 2,
-  kWinogradInput = 3,    // a sample's transformed input, its padded plane and row sums
-  kWinogradProducts = 4  // a sample's products in the transformed domain
+  kWinogradInput = 3,    // a block's transformed input (Winograd passes)
+  kWinogradProducts = 4  // a block's products, or its transformed output gradients
 };
 
 // KB taps of one kernel row whose inputs lie side by side in `row` (a stride-1 row, or one
@@ -128,6 +128,31 @@ void StridedTile(const float* in, int64_t channels, int64_t channel_stride, int6
           default: KernelRowTaps<V, P, 3>(row, w0, step, acc); break;
         }
       }
+    }
+  }
+  for (int q = 0; q < P; ++q) {
+    for (int j = 0; j < V; ++j) Store(out_t + q * padded_out + co0 + j * kLanes, acc[j][q]);
+  }
+}
+
+// StridedTile for the usual 3x3 kernel with stride 2, its shape known at compile time: per
+// channel and kernel row, column phase 0 holds taps 0 and 2, phase 1 tap 1. The same taps in
+// the same order as StridedTile, so the same bits.
+template <int V, int P>
+void Strided3x3Tile(const float* in, int64_t channels, int64_t channel_stride, int64_t plane,
+                    int64_t plane_w, const float* packed, int64_t padded_out, int64_t co0,
+                    float* out_t) {
+  Vec acc[V][P] = {};
+  const int64_t step = 2 * padded_out;
+  for (int64_t c = 0; c < channels; ++c) {
+    const float* base = in + c * channel_stride;
+    const float* wc = packed + c * 9 * padded_out + co0;
+#pragma GCC unroll 3
+    for (int ki = 0; ki < 3; ++ki) {
+      const float* rows = base + (ki % 2) * 2 * plane + (ki / 2) * plane_w;
+      const float* wrow = wc + ki * 3 * padded_out;
+      KernelRowTaps<V, P, 2>(rows, wrow, step, acc);
+      KernelRowTaps<V, P, 1>(rows + plane, wrow + padded_out, step, acc);
     }
   }
   for (int q = 0; q < P; ++q) {
@@ -646,15 +671,26 @@ void DirectConvolution::RunForwardKernel(const Planes& p, int64_t padded_out, co
   const bool wide = (padded_out / kLanes) % 2 == 0;
   if (p.stride > 1 && (p.kernel + p.stride - 1) / p.stride <= 3) {
     const int64_t plane = p.plane_h * p.plane_w;
+    const bool fixed = p.kernel == 3 && p.stride == 2;
     for (int64_t co0 = 0; co0 < padded_out; co0 += (wide ? 2 : 1) * kLanes) {
       if (wide) {
         for (int64_t o0 = 0; o0 < p.positions; o0 += kWide) {
+          if (fixed) {
+            Strided3x3Tile<2, kWide>(in + o0, p.channels, p.channel_stride, plane, p.plane_w,
+                                     packed, padded_out, co0, out_t + o0 * padded_out);
+            continue;
+          }
           StridedTile<2, kWide>(in + o0, p.channels, p.channel_stride, plane, p.plane_w,
                                 p.kernel, p.stride, packed, padded_out, co0,
                                 out_t + o0 * padded_out);
         }
       } else {
         for (int64_t o0 = 0; o0 < p.positions; o0 += kNarrow) {
+          if (fixed) {
+            Strided3x3Tile<1, kNarrow>(in + o0, p.channels, p.channel_stride, plane, p.plane_w,
+                                       packed, padded_out, co0, out_t + o0 * padded_out);
+            continue;
+          }
           StridedTile<1, kNarrow>(in + o0, p.channels, p.channel_stride, plane, p.plane_w,
                                   p.kernel, p.stride, packed, padded_out, co0,
                                   out_t + o0 * padded_out);
