@@ -36,6 +36,9 @@
 //    which the count deliberately does not credit. frac_memcpy is against a one-thread memcpy
 //    of one tensor's size at either budget.
 // Both report `splits`, the two-core splits per iteration (ReportSplits).
+//  - ConvKernel/<net>/<shape>/<pass>/{winograd,direct}: DirectConvolution alone on each
+//    stride-1 3x3 layer at budget 1, with Winograd's F(2x2, 3x3) forced on or off (the layer
+//    itself picks one by its channel counts); FLOP counted as ConvLayer's.
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
@@ -54,6 +57,7 @@
 #endif
 
 #include "bench/reference_models.h"
+#include "core/conv2d_direct.h"
 #include "core/layer.h"
 #include "core/model.h"
 #include "core/rng.h"
@@ -377,6 +381,45 @@ void BM_ConvLayer(benchmark::State& state, NetConv nc, ConvPass pass, int thread
   state.SetItemsProcessed(state.iterations() * nc.n);
 }
 
+// DirectConvolution alone on a network's stride-1 3x3 layer, with Winograd always or never, at
+// budget 1: the comparison behind kWinogradMinChannels (core/conv2d_direct.cc). The same FLOP
+// count as ConvLayer (a direct convolution's multiply-adds) either way.
+void BM_ConvKernel(benchmark::State& state, NetConv nc, ConvPass pass, bool winograd) {
+  ScopedComputeThreads budget(1);
+  using Shape2d = DirectConvolution::Shape;
+  Shape2d shape{nc.cin, nc.cout, nc.h, nc.w, nc.k, nc.stride, nc.pad};
+  shape.winograd = winograd ? Shape2d::Winograd::kAlways : Shape2d::Winograd::kNever;
+  const DirectConvolution conv(shape);
+  const int64_t h_out = (nc.h + 2 * nc.pad - nc.k) / nc.stride + 1;
+  const int64_t w_out = (nc.w + 2 * nc.pad - nc.k) / nc.stride + 1;
+  Tensor x(Shape{nc.n, nc.cin, nc.h, nc.w}), weight(Shape{nc.cout, nc.cin, nc.k, nc.k});
+  Tensor y(Shape{nc.n, nc.cout, h_out, w_out}), dy(y.shape()), dx(x.shape());
+  Tensor weight_grad(weight.shape(), 0.0f);
+  FillUniform(&x, 1);
+  FillUniform(&weight, 3);
+  FillUniform(&dy, 2);
+  auto run = [&] {
+    switch (pass) {
+      case ConvPass::kForward:
+        conv.Forward(x.data(), nc.n, weight.data(), nullptr, y.data());
+        benchmark::DoNotOptimize(y.data());
+        break;
+      case ConvPass::kInputGrad:
+        conv.InputGradient(dy.data(), nc.n, weight.data(), dx.data());
+        benchmark::DoNotOptimize(dx.data());
+        break;
+      case ConvPass::kWeightGrad:
+        conv.AccumulateWeightGradient(x.data(), dy.data(), nc.n, weight_grad.data());
+        benchmark::DoNotOptimize(weight_grad.data());
+        break;
+    }
+  };
+  run();  // untimed: scratch grows to this layer's size
+  for (auto _ : state) run();
+  ReportFlops(state, ConvPassFlops(ConvConfig(nc.cin, nc.cout, nc.k, nc.stride, nc.pad), y));
+  state.SetItemsProcessed(state.iterations() * nc.n);
+}
+
 // BatchNorm2d (training) then ReLU on (N, C, H, W), forward or forward and backward.
 void BM_BnRelu(benchmark::State& state, std::vector<int64_t> shape, bool backward, int threads) {
   ScopedComputeThreads budget(threads);
@@ -565,6 +608,20 @@ void RegisterAll() {
                                        std::pair{ConvPass::kWeightGrad, "bwd_dw"}}) {
         benchmark::RegisterBenchmark((base + name + tail).c_str(), BM_ConvLayer, c, pass,
                                      threads)
+            ->UseRealTime();
+      }
+    }
+  }
+  for (const NetConv& c : NetConvs()) {
+    if (c.k != 3 || c.stride != 1) continue;
+    const std::string base = std::string("ConvKernel/") + c.net + "/" + ConvName(c) + "/";
+    for (const auto& [pass, name] : {std::pair{ConvPass::kForward, "fwd"},
+                                     std::pair{ConvPass::kInputGrad, "bwd_dx"},
+                                     std::pair{ConvPass::kWeightGrad, "bwd_dw"}}) {
+      for (const bool winograd : {true, false}) {
+        benchmark::RegisterBenchmark(
+            (base + name + (winograd ? "/winograd" : "/direct")).c_str(), BM_ConvKernel, c,
+            pass, winograd)
             ->UseRealTime();
       }
     }

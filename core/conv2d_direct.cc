@@ -38,9 +38,10 @@ constexpr int kWide = kManyRegisters ? 8 : 4;
 constexpr int kNarrow = kManyRegisters ? 16 : 8;
 // Winograd is used for stride-1 3x3 passes that sum at least this many channels into at least
 // this many: the transforms cost in proportion to the channels, the products they save in
-// proportion to their product. Measured per layer at budget 1 (`normd_kernels_bench
-// --benchmark_filter=ConvLayer`, against this file's direct tiles): 16 into 16 channels ran
-// 0.89-0.91x as fast, 32 into 32 1.12-1.18x, 32 into 64 1.31-1.47x, 64 into 64 1.34-1.53x.
+// proportion to their product. Measured on issue 13's layers at budget 1 (`normd_kernels_bench
+// --benchmark_filter=ConvKernel`, Winograd against this file's direct tiles, BENCHMARKS.md):
+// 3 into 16 or 32 channels (the stems) ran 0.51-0.90x as fast, 16 into 16 0.80-0.87x, 32 into
+// 32 1.13-1.25x, 32 into 64 1.21-1.24x, 64 into 64 1.28-1.55x.
 constexpr int64_t kWinogradMinChannels = 32;
 // Weight-gradient tiles: (channel, tap) pairs per tile, and vectors of output channels.
 constexpr int kGradPairs = 9;
@@ -474,9 +475,10 @@ DirectConvolution::DirectConvolution(const Shape& shape) : shape_(shape) {
   } else {
     MakeGradientPhases();
   }
-  if (shape.kernel == 3 && shape.stride == 1 && shape.winograd) {
-    const bool enough = shape.in_channels >= kWinogradMinChannels &&
-                        shape.out_channels >= kWinogradMinChannels;
+  if (shape.kernel == 3 && shape.stride == 1 && shape.winograd != Shape::Winograd::kNever) {
+    const bool enough = shape.winograd == Shape::Winograd::kAlways ||
+                        (shape.in_channels >= kWinogradMinChannels &&
+                         shape.out_channels >= kWinogradMinChannels);
     if (enough) {
       winograd_forward_ = MakeWinogradPlan(shape.in_channels, shape.out_channels, shape.h,
                                            shape.w, shape.padding);

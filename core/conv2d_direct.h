@@ -59,8 +59,11 @@ class DirectConvolution {
     int64_t in_channels = 0, out_channels = 0;
     int64_t h = 0, w = 0;  // input plane
     int64_t kernel = 1, stride = 1, padding = 0;
-    // Whether stride-1 3x3 passes may use Winograd's F(2x2, 3x3) (see the file comment).
-    bool winograd = true;
+    // Whether stride-1 3x3 passes use Winograd's F(2x2, 3x3) (see the file comment): where it
+    // pays (kAuto: 32 or more channels into 32 or more), always, or never. The last two are for
+    // comparing the two (kernels_bench's ConvKernel benchmarks).
+    enum class Winograd { kAuto, kAlways, kNever };
+    Winograd winograd = Winograd::kAuto;
   };
 
   DirectConvolution() = default;
