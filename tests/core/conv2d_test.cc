@@ -4,6 +4,7 @@
 #include <ostream>
 #include <string>
 
+#include "core/conv2d_direct.h"
 #include "gtest/gtest.h"
 #include "tests/core/gradcheck.h"
 
@@ -282,6 +283,51 @@ INSTANTIATE_TEST_SUITE_P(
                       ConvCase{Config(32, 32, 3, 1, 3, false), Shape{32, 6, 5}},
                       ConvCase{Config(32, 33, 3, 1, 1), Shape{32, 40, 37}}),
     [](const ::testing::TestParamInfo<ConvCase>& info) { return CaseName(info.param); });
+
+// DirectConvolution's Winograd passes forced on (Shape::Winograd::kAlways, which
+// kernels_bench's ConvKernel benchmarks use) agree with the direct tiles (kNever) on channel
+// counts the layer itself keeps direct, with padding 0, 1 and 2 and odd planes: forward, input
+// gradient and an accumulated weight gradient, at float32 accuracy for sums of this length.
+TEST(Conv2dTest, ForcedWinogradMatchesTheDirectTiles) {
+  using Shape2d = DirectConvolution::Shape;
+  struct Case {
+    int64_t cin, cout, h, w, pad;
+  };
+  for (const Case& k : {Case{3, 5, 7, 9, 1}, Case{16, 16, 6, 5, 0}, Case{8, 20, 5, 8, 2}}) {
+    SCOPED_TRACE(::testing::Message() << k.cin << "->" << k.cout << " pad " << k.pad);
+    const int64_t n = 3, h_out = k.h + 2 * k.pad - 2, w_out = k.w + 2 * k.pad - 2;
+    const Tensor x = RandomTensor(Shape{n, k.cin, k.h, k.w}, 21);
+    const Tensor weight = RandomTensor(Shape{k.cout, k.cin, 3, 3}, 22);
+    const Tensor bias = RandomTensor(Shape{k.cout}, 23);
+    const Tensor dy = RandomTensor(Shape{n, k.cout, h_out, w_out}, 24);
+    Tensor y[2], dx[2], dw[2];
+    for (int i = 0; i < 2; ++i) {
+      Shape2d shape{k.cin, k.cout, k.h, k.w, 3, 1, k.pad};
+      shape.winograd = i == 0 ? Shape2d::Winograd::kAlways : Shape2d::Winograd::kNever;
+      const DirectConvolution conv(shape);
+      y[i] = Tensor(dy.shape());
+      dx[i] = Tensor(x.shape());
+      dw[i] = Tensor(weight.shape(), 0.5f);  // accumulated into
+      conv.Forward(x.data(), n, weight.data(), bias.data(), y[i].data());
+      conv.InputGradient(dy.data(), n, weight.data(), dx[i].data());
+      conv.AccumulateWeightGradient(x.data(), dy.data(), n, dw[i].data());
+    }
+    auto expect_close = [](const Tensor& a, const Tensor& b, int64_t terms, const char* what) {
+      const double tol = 4e-6 * std::sqrt(static_cast<double>(terms)) + 1e-6;
+      int64_t bad = 0;
+      for (int64_t j = 0; j < a.size(); ++j) {
+        const double d = std::abs(double{a.data()[j]} - double{b.data()[j]});
+        if (d > tol * (1.0 + std::abs(double{b.data()[j]})) && ++bad <= 3) {
+          ADD_FAILURE() << what << "[" << j << "]: " << a.data()[j] << " vs " << b.data()[j];
+        }
+      }
+      EXPECT_EQ(bad, 0) << what;
+    };
+    expect_close(y[0], y[1], k.cin * 9, "y");
+    expect_close(dx[0], dx[1], k.cout * 9, "dx");
+    expect_close(dw[0], dw[1], n * h_out * w_out, "dweight");
+  }
+}
 
 TEST(Conv2dTest, SamplesAreIndependent) {
   Conv2d conv(Config(2, 3, 3, 1, 1));
