@@ -373,9 +373,12 @@ t_job_stop=$(date +%s%3N)
 podman stop -t 30 "$CTR" >/dev/null 2>>"$WORK/podman-run.err" || fail "podman stop (launcher)"
 code=$(podman inspect -f '{{.State.ExitCode}}' "$CTR")
 [ "$code" = 0 ] || fail "the MPIJob's launcher exited with $code on SIGTERM"
-! procs "$WORKER_CTR" | grep -qx normd || fail "the worker's rank outlived the job"
+# (Outputs are captured before grep -q reads them: with pipefail, a grep that stops at its first
+# match can fail the pipeline with the writer's SIGPIPE.)
+! grep -qx normd <<<"$(procs "$WORKER_CTR")" || fail "the worker's rank outlived the job"
 log "MPIJob launcher: stopped in $(($(date +%s%3N) - t_job_stop)) ms"
-podman logs "$WORKER_CTR" 2>&1 | grep -q "Accepted publickey for normd" \
+worker_log=$(podman logs "$WORKER_CTR" 2>&1)
+grep -q "Accepted publickey for normd" <<<"$worker_log" \
   || fail "the worker's sshd did not log the job key's login"
 podman rm "$CTR" >/dev/null 2>>"$WORK/podman-run.err"
 podman rm -f -t 2 "$WORKER_CTR" >/dev/null 2>>"$WORK/podman-run.err"
