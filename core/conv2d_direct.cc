@@ -182,38 +182,46 @@ void GenericTile(const float* in, const int64_t* pair_offset, int64_t pairs, con
   }
 }
 
-// Weight gradient of one input channel's K x K taps for a stride-1 convolution, output channels
-// [co0, co0 + V * kLanes): grad_rows[ki * K + kj] += sum over o of dy_t[o] * in[o + ki * plane_w
-// + kj]. Walks the input positions m = o + kj: one broadcast of in[m + ki * plane_w] feeds the
-// K taps of kernel row ki, with dy at m, m - 1, ..., m - K + 1 kept in registers.
+// Weight gradient of CH input channels' K x K taps for a stride-1 convolution, output channels
+// [co0, co0 + V * kLanes): for channel h (planes channel_stride apart from `in`, rows K * K
+// apart from grad_rows), grad_rows[h * K * K + ki * K + kj] += sum over o of dy_t[o] *
+// in[h * channel_stride + o + ki * plane_w + kj]. Walks the input positions m = o + kj: one
+// broadcast of in[m + ki * plane_w] feeds the K taps of kernel row ki, with dy at m, m - 1, ...,
+// m - K + 1 kept in registers and shared by the CH channels. Each accumulator sums its positions
+// in order whatever CH is, so CH changes no bit.
 // REQUIRES: dy_t has K - 1 zero rows before its first position and after its last.
-template <int V, int K>
-void WeightGradRowReuseTile(const float* in, int64_t plane_w, const float* dy_t,
-                            int64_t positions, int64_t padded_out, int64_t co0,
-                            float* grad_rows) {
-  Vec acc[K][K][V] = {};
+template <int V, int K, int CH = 1>
+void WeightGradRowReuseTile(const float* in, int64_t channel_stride, int64_t plane_w,
+                            const float* dy_t, int64_t positions, int64_t padded_out,
+                            int64_t co0, float* grad_rows) {
+  Vec acc[CH][K][K][V] = {};
   Vec window[K][V];  // window[kj] = dy at position m - kj
   for (int kj = 1; kj < K; ++kj) {
     for (int j = 0; j < V; ++j) window[kj][j] = Vec{};
   }
   for (int64_t m = 0; m < positions + K - 1; ++m) {
     for (int j = 0; j < V; ++j) window[0][j] = Load(dy_t + m * padded_out + co0 + j * kLanes);
+#pragma GCC unroll 4
+    for (int h = 0; h < CH; ++h) {
 #pragma GCC unroll 8
-    for (int ki = 0; ki < K; ++ki) {
-      const float v = in[m + ki * plane_w];
+      for (int ki = 0; ki < K; ++ki) {
+        const float v = in[h * channel_stride + m + ki * plane_w];
 #pragma GCC unroll 8
-      for (int kj = 0; kj < K; ++kj) {
-        for (int j = 0; j < V; ++j) acc[ki][kj][j] += window[kj][j] * v;
+        for (int kj = 0; kj < K; ++kj) {
+          for (int j = 0; j < V; ++j) acc[h][ki][kj][j] += window[kj][j] * v;
+        }
       }
     }
     for (int kj = K - 1; kj > 0; --kj) {
       for (int j = 0; j < V; ++j) window[kj][j] = window[kj - 1][j];
     }
   }
-  for (int t = 0; t < K * K; ++t) {
-    for (int j = 0; j < V; ++j) {
-      float* g = grad_rows + t * padded_out + co0 + j * kLanes;
-      Store(g, Load(g) + acc[t / K][t % K][j]);
+  for (int h = 0; h < CH; ++h) {
+    for (int t = 0; t < K * K; ++t) {
+      for (int j = 0; j < V; ++j) {
+        float* g = grad_rows + (h * K * K + t) * padded_out + co0 + j * kLanes;
+        Store(g, Load(g) + acc[h][t / K][t % K][j]);
+      }
     }
   }
 }
@@ -960,16 +968,28 @@ void DirectConvolution::AccumulateWeightGradient(const float* x, const float* dy
                     p.positions, padded_out_, dy_t);
         for (int64_t co0 = 0; co0 < padded_out_; co0 += (wide ? 2 : 1) * kLanes) {
           if (row_reuse) {
-            for (int64_t c = 0; c < s.in_channels; ++c) {
+            // One vector of output channels leaves registers for two input channels at once
+            // (AVX-512's 32), which then share each load of dy.
+            const int64_t step = !wide && kManyRegisters ? 2 : 1;
+            int64_t c = 0;
+            for (; c + step <= s.in_channels; c += step) {
               const float* plane = in + c * p.channel_stride;
               float* rows = grad + c * taps * padded_out_;
               if (wide) {
-                WeightGradRowReuseTile<2, 3>(plane, p.plane_w, dy_t, p.positions, padded_out_,
-                                             co0, rows);
+                WeightGradRowReuseTile<2, 3>(plane, p.channel_stride, p.plane_w, dy_t,
+                                             p.positions, padded_out_, co0, rows);
+              } else if (step == 2) {
+                WeightGradRowReuseTile<1, 3, 2>(plane, p.channel_stride, p.plane_w, dy_t,
+                                                p.positions, padded_out_, co0, rows);
               } else {
-                WeightGradRowReuseTile<1, 3>(plane, p.plane_w, dy_t, p.positions, padded_out_,
-                                             co0, rows);
+                WeightGradRowReuseTile<1, 3>(plane, p.channel_stride, p.plane_w, dy_t,
+                                             p.positions, padded_out_, co0, rows);
               }
+            }
+            for (; c < s.in_channels; ++c) {  // an odd channel left by pairs
+              WeightGradRowReuseTile<1, 3>(in + c * p.channel_stride, p.channel_stride,
+                                           p.plane_w, dy_t, p.positions, padded_out_, co0,
+                                           grad + c * taps * padded_out_);
             }
             continue;
           }
