@@ -590,28 +590,21 @@ void PackWinogradWeights(int64_t channels, int64_t outputs, int64_t padded_out,
   }
 }
 
-// The even and odd elements of the 2 * kLanes floats a, b (a first).
-inline Vec Evens(Vec a, Vec b) {
+// Every other element of the 2 * kLanes floats a, b (a first), from element kFirst on: the
+// even elements (kFirst = 0) or the odd ones (1).
+template <int kFirst>
+inline Vec EveryOther(Vec a, Vec b) {
 #if defined(__clang__)
   Vec r;
-  for (int i = 0; i < kLanes; ++i) r[i] = 2 * i < kLanes ? a[2 * i] : b[2 * i - kLanes];
+  for (int i = 0; i < kLanes; ++i) {
+    const int k = 2 * i + kFirst;
+    r[i] = k < kLanes ? a[k] : b[k - kLanes];
+  }
   return r;
 #else
   using Index = int32_t __attribute__((vector_size(kLanes * sizeof(int32_t))));
   Index idx;
-  for (int i = 0; i < kLanes; ++i) idx[i] = 2 * i;
-  return __builtin_shuffle(a, b, idx);
-#endif
-}
-inline Vec Odds(Vec a, Vec b) {
-#if defined(__clang__)
-  Vec r;
-  for (int i = 0; i < kLanes; ++i) r[i] = 2 * i + 1 < kLanes ? a[2 * i + 1] : b[2 * i + 1 - kLanes];
-  return r;
-#else
-  using Index = int32_t __attribute__((vector_size(kLanes * sizeof(int32_t))));
-  Index idx;
-  for (int i = 0; i < kLanes; ++i) idx[i] = 2 * i + 1;
+  for (int i = 0; i < kLanes; ++i) idx[i] = 2 * i + kFirst;
   return __builtin_shuffle(a, b, idx);
 #endif
 }
@@ -628,7 +621,8 @@ inline void WinogradInputTiles(const float* const (&rows)[4], float* out, int64_
   for (int r = 0; r < 4; ++r) {
     const float* q = rows[r];
     const Vec a = Load(q), b = Load(q + kLanes), a2 = Load(q + 2), b2 = Load(q + 2 + kLanes);
-    const Vec d0 = Evens(a, b), d1 = Odds(a, b), d2 = Evens(a2, b2), d3 = Odds(a2, b2);
+    const Vec d0 = EveryOther<0>(a, b), d1 = EveryOther<1>(a, b);
+    const Vec d2 = EveryOther<0>(a2, b2), d3 = EveryOther<1>(a2, b2);
     h[r][0] = d0 - d2;
     h[r][1] = d1 + d2;
     h[r][2] = d2 - d1;
@@ -741,7 +735,7 @@ void DirectConvolution::Forward(const float* x, int64_t n, const float* weight,
           return weight[co * per_out + c * 9 + ki * 3 + kj];
         },
         packed);
-    WinogradSamples(winograd_forward_, x, n, packed, padded_out_, bias, y);
+    WinogradSamples(winograd_forward_, x, n, packed, bias, y);
     return;
   }
   const Planes& p = forward_;
@@ -801,6 +795,11 @@ DirectConvolution::WinogradPlan DirectConvolution::MakeWinogradPlan(int64_t chan
   p.plane_w = 2 * p.tiles_w + 2;
   // Whole vectors are read past a plane's last row (WinogradInputTiles).
   p.plane_stride = RoundUp(p.plane_h * p.plane_w + 3 * kLanes, 16) + 16;
+  p.padded_out = RoundUp(outputs, kLanes);
+  // Strides that are not multiples of 4 KiB, so the 16 arrays written or read together do not
+  // compete for the same cache sets.
+  p.xi_step = channels * p.tile_stride + 16;
+  p.product_step = p.positions * p.padded_out + 3 * kLanes;
   for (int64_t c = 0; c < channels; ++c) p.pair_offset.push_back(c * p.tile_stride);
   return p;
 }
@@ -822,8 +821,7 @@ void DirectConvolution::PrepareWinogradPlanes(const WinogradPlan& p, const float
 }
 
 void DirectConvolution::WinogradInputBlock(const WinogradPlan& p, const float* planes,
-                                           int64_t ti0, int64_t rows, float* v,
-                                           int64_t xi_step) {
+                                           int64_t ti0, int64_t rows, float* v) {
   for (int64_t c = 0; c < p.channels; ++c) {
     const float* plane = planes + c * p.plane_stride;
     for (int64_t r = 0; r < rows; ++r) {
@@ -831,22 +829,18 @@ void DirectConvolution::WinogradInputBlock(const WinogradPlan& p, const float* p
       for (int64_t j0 = 0; j0 < p.tiles_w; j0 += kLanes) {
         const float* const quad[4] = {row + 2 * j0, row + p.plane_w + 2 * j0,
                                       row + 2 * p.plane_w + 2 * j0, row + 3 * p.plane_w + 2 * j0};
-        WinogradInputTiles(quad, v + c * p.tile_stride + r * p.tiles_w + j0, xi_step);
+        WinogradInputTiles(quad, v + c * p.tile_stride + r * p.tiles_w + j0, p.xi_step);
       }
     }
   }
 }
 
 void DirectConvolution::WinogradSamples(const WinogradPlan& p, const float* in, int64_t n,
-                                        const float* packed, int64_t padded_out,
-                                        const float* bias, float* out) const {
+                                        const float* packed, const float* bias,
+                                        float* out) const {
   const int64_t in_sample = p.channels * p.h * p.w;
   const int64_t out_sample = p.outputs * p.h_out * p.w_out;
-  // Floats between two xi of a block's transformed input and of its products: strides that
-  // are not multiples of 4 KiB, so the 16 arrays written or read together do not compete for
-  // the same cache sets.
-  const int64_t xi_step = p.channels * p.tile_stride + 16;
-  const int64_t m_step = p.positions * padded_out + 3 * kLanes;
+  const int64_t padded_out = p.padded_out, xi_step = p.xi_step, m_step = p.product_step;
   const int64_t out_w = 2 * p.tiles_w;  // row length of the untransformed outputs
   const int64_t work = n * p.outputs * p.channels * 9 * p.h_out * p.w_out;
   SplitInTwo(n, 1, work, [&](int64_t begin, int64_t end) {
@@ -861,7 +855,7 @@ void DirectConvolution::WinogradSamples(const WinogradPlan& p, const float* in, 
       for (int64_t ti0 = 0; ti0 < p.tiles_h; ti0 += p.block_rows) {
         const int64_t rows = std::min(p.block_rows, p.tiles_h - ti0);
         const int64_t tiles = rows * p.tiles_w;
-        WinogradInputBlock(p, planes, ti0, rows, v, xi_step);
+        WinogradInputBlock(p, planes, ti0, rows, v);
         // The 16 products, each a sum over channels.
         const int64_t positions = RoundUp(tiles, kNarrow);
         for (int xi = 0; xi < 16; ++xi) {
@@ -911,7 +905,7 @@ void DirectConvolution::InputGradient(const float* dy, int64_t n, const float* w
           return weight[co * per_out + c * 9 + (2 - ki) * 3 + (2 - kj)];
         },
         packed);
-    WinogradSamples(winograd_input_grad_, dy, n, packed, padded_in_, nullptr, dx);
+    WinogradSamples(winograd_input_grad_, dy, n, packed, nullptr, dx);
     return;
   }
   const Planes& p = input_grad_;
@@ -968,28 +962,26 @@ void DirectConvolution::AccumulateWeightGradient(const float* x, const float* dy
                     p.positions, padded_out_, dy_t);
         for (int64_t co0 = 0; co0 < padded_out_; co0 += (wide ? 2 : 1) * kLanes) {
           if (row_reuse) {
-            // One vector of output channels leaves registers for two input channels at once
-            // (AVX-512's 32), which then share each load of dy.
-            const int64_t step = !wide && kManyRegisters ? 2 : 1;
             int64_t c = 0;
-            for (; c + step <= s.in_channels; c += step) {
+            if (!wide && kManyRegisters) {
+              // One vector of output channels leaves registers for two input channels at once
+              // (AVX-512's 32), which then share each load of dy.
+              for (; c + 2 <= s.in_channels; c += 2) {
+                WeightGradRowReuseTile<1, 3, 2>(in + c * p.channel_stride, p.channel_stride,
+                                                p.plane_w, dy_t, p.positions, padded_out_, co0,
+                                                grad + c * taps * padded_out_);
+              }
+            }
+            for (; c < s.in_channels; ++c) {
               const float* plane = in + c * p.channel_stride;
               float* rows = grad + c * taps * padded_out_;
               if (wide) {
                 WeightGradRowReuseTile<2, 3>(plane, p.channel_stride, p.plane_w, dy_t,
                                              p.positions, padded_out_, co0, rows);
-              } else if (step == 2) {
-                WeightGradRowReuseTile<1, 3, 2>(plane, p.channel_stride, p.plane_w, dy_t,
-                                                p.positions, padded_out_, co0, rows);
               } else {
                 WeightGradRowReuseTile<1, 3>(plane, p.channel_stride, p.plane_w, dy_t,
                                              p.positions, padded_out_, co0, rows);
               }
-            }
-            for (; c < s.in_channels; ++c) {  // an odd channel left by pairs
-              WeightGradRowReuseTile<1, 3>(in + c * p.channel_stride, p.channel_stride,
-                                           p.plane_w, dy_t, p.positions, padded_out_, co0,
-                                           grad + c * taps * padded_out_);
             }
             continue;
           }
@@ -1042,8 +1034,7 @@ void DirectConvolution::WinogradWeightGradient(const float* x, const float* dy, 
   const int64_t middle = n / 2;
   const int64_t in_sample = channels * s.h * s.w;
   const int64_t out_sample = s.out_channels * p.h_out * p.w_out;
-  const int64_t xi_step = channels * p.tile_stride + 16;  // as WinogradSamples
-  const int64_t m_step = p.positions * padded_out_ + 3 * kLanes;
+  const int64_t xi_step = p.xi_step, m_step = p.product_step;
   const int64_t out_w = 2 * p.tiles_w;
   const int64_t dy_positions = 2 * p.tiles_h * out_w;
   const int64_t work = n * s.out_channels * channels * 9 * p.h_out * p.w_out;
@@ -1062,8 +1053,9 @@ void DirectConvolution::WinogradWeightGradient(const float* x, const float* dy, 
         TransposeIn(dy + i * out_sample, s.out_channels, p.h_out, p.w_out, out_w, dy_positions,
                     padded_out_, dy_t);
         for (int64_t ti0 = 0; ti0 < p.tiles_h; ti0 += p.block_rows) {
-          const int64_t tiles = std::min(p.block_rows, p.tiles_h - ti0) * p.tiles_w;
-          WinogradInputBlock(p, planes, ti0, tiles / p.tiles_w, v, xi_step);
+          const int64_t tile_rows = std::min(p.block_rows, p.tiles_h - ti0);
+          const int64_t tiles = tile_rows * p.tiles_w;
+          WinogradInputBlock(p, planes, ti0, tile_rows, v);
           // dm[xi * m_step + tile * padded_out + co] = (A dy A^T)[xi].
           for (int64_t t = 0; t < tiles; ++t) {
             const int64_t ti = ti0 + t / p.tiles_w, tj = t % p.tiles_w;

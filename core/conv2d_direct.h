@@ -136,6 +136,10 @@ class DirectConvolution {
     int64_t tile_stride = 0;           // floats between two channels of a block's input
     int64_t plane_h = 0, plane_w = 0;  // the zero-padded input plane, 2 * tiles + 2 each way
     int64_t plane_stride = 0;          // floats between two channels' planes
+    int64_t padded_out = 0;            // outputs rounded up to whole vectors
+    // Floats between two xi of a block's transformed input (xi_step) and of its products or
+    // transformed output gradients (product_step).
+    int64_t xi_step = 0, product_step = 0;
     std::vector<int64_t> pair_offset;  // channel c at c * tile_stride
   };
   static WinogradPlan MakeWinogradPlan(int64_t channels, int64_t outputs, int64_t h, int64_t w,
@@ -143,15 +147,15 @@ class DirectConvolution {
   // One sample x (p.channels, p.h, p.w) into its zero-padded planes (p.plane_stride floats
   // apart), whose padding the caller zeroed once.
   static void PrepareWinogradPlanes(const WinogradPlan& p, const float* x, float* planes);
-  // B^T d B of tile rows [ti0, ti0 + rows): v[xi * xi_step + c * p.tile_stride + tile], tiles
-  // numbered from the block's first.
+  // B^T d B of tile rows [ti0, ti0 + rows): v[xi * p.xi_step + c * p.tile_stride + tile],
+  // tiles numbered from the block's first.
   static void WinogradInputBlock(const WinogradPlan& p, const float* planes, int64_t ti0,
-                                 int64_t rows, float* v, int64_t xi_step);
+                                 int64_t rows, float* v);
   // out (n, p.outputs, p.h_out, p.w_out) = the pass over in (n, p.channels, p.h, p.w) with
-  // transformed weights `packed` (16 x p.channels rows of padded_out floats), plus bias (may
-  // be null); samples split over two cores.
+  // transformed weights `packed` (16 x p.channels rows of p.padded_out floats), plus bias
+  // (may be null); samples split over two cores.
   void WinogradSamples(const WinogradPlan& p, const float* in, int64_t n, const float* packed,
-                       int64_t padded_out, const float* bias, float* out) const;
+                       const float* bias, float* out) const;
 
   // AccumulateWeightGradient of a pass that runs forward by Winograd.
   void WinogradWeightGradient(const float* x, const float* dy, int64_t n,
