@@ -7,7 +7,8 @@
 
 namespace normd {
 
-GradientBuckets::GradientBuckets(Sequential* net, int64_t bucket_bytes) {
+GradientBuckets::GradientBuckets(Sequential* net, int64_t bucket_bytes,
+                                 int64_t in_place_bytes) {
   const int layers = net->num_layers();
   ready_at_.resize(layers);
   // The nodes of top-level layer j are top_node(j) and, for a block, the nodes after it up to
@@ -20,8 +21,18 @@ GradientBuckets::GradientBuckets(Sequential* net, int64_t bucket_bytes) {
       Layer* layer = net->node(i).layer;
       if (layer->AsResidualBlock() != nullptr) continue;
       for (Parameter* p : layer->parameters()) {
+        const int64_t bytes = p->grad.size() * static_cast<int64_t>(sizeof(float));
+        if (bytes >= in_place_bytes) {
+          // Its own bucket, summed in place: copying it in and out would cost more than the
+          // message it saves.
+          Bucket alone;
+          alone.params.push_back(p);
+          ready_at_[j].push_back(static_cast<int>(buckets_.size()));
+          buckets_.push_back(std::move(alone));
+          continue;
+        }
         open.params.push_back(p);
-        open_bytes += p->grad.size() * static_cast<int64_t>(sizeof(float));
+        open_bytes += bytes;
       }
     }
     // Close the bucket at a layer boundary once it is big enough, and below the first layer.

@@ -132,6 +132,7 @@ Status Model::Backward(ForwardRecord* rec, const ConstTensorView& grad_output,
   if (!AllFinite(grad_output.data, grad_output.size())) {
     return InvalidArgument("grad_output contains non-finite values (NaN or Inf)");
   }
+  grads_zero_ = false;
   net_->Backward(rec, grad_output, grad_input);
   return Status::Ok();
 }
@@ -152,7 +153,7 @@ StepResult Model::Step(double grad_norm) {
   if (max_norm > 0.0) ClipGradsToNorm(params, trainable_mask_, max_norm, grad_norm);
   r.grad_norm = grad_norm;
   r.learning_rate = optimizer_->Step(params, trainable_mask_);
-  net_->ZeroGrad();
+  ZeroGradients();
   ++step_;
   ++params_version_;
   r.step = step_;
@@ -169,7 +170,7 @@ Status Model::ApplyGradients(StepResult* result, Collective* collective) {
   double norm = 0.0;
   const int bad = CheckGradients(&norm);
   if (bad >= 0) {
-    net_->ZeroGrad();
+    ZeroGradients();
     return FailedPrecondition("step ", step_ + 1, " produced non-finite gradients in ",
                               net_->node(bad).description,
                               "; model unchanged, accumulated gradients discarded");
@@ -188,7 +189,7 @@ Status Model::TrainStep(const ConstTensorView& x, const Targets& targets, Forwar
   }
   ForwardContext ctx = CurrentModeContext();
   ctx.shard = shard;
-  net_->ZeroGrad();
+  if (!grads_zero_) ZeroGradients();
   net_->Forward(x, ctx, rec);
   // Data-parallel: this shard's share of the whole batch's mean loss and of its gradient, then
   // the whole batch's loss and parameter gradients, summed over the ranks (the same bits on
@@ -200,6 +201,7 @@ Status Model::TrainStep(const ConstTensorView& x, const Targets& targets, Forwar
     return FailedPrecondition("step ", step_ + 1, " produced a non-finite loss (", loss,
                               "); model unchanged");
   }
+  grads_zero_ = false;
   if (shard.active()) {
     // The gradients' sum over the ranks travels while the backward pass goes on below.
     Buckets()->Begin(shard.collective);
@@ -211,7 +213,7 @@ Status Model::TrainStep(const ConstTensorView& x, const Targets& targets, Forwar
   double norm = 0.0;
   const int bad = CheckGradients(&norm);
   if (bad >= 0) {
-    net_->ZeroGrad();
+    ZeroGradients();
     return FailedPrecondition("step ", step_ + 1, " produced non-finite gradients in ",
                               net_->node(bad).description, "; model unchanged");
   }
@@ -227,6 +229,11 @@ Status Model::TrainStep(const ConstTensorView& x, const Targets& targets, Forwar
   result->grad_norm = step.grad_norm;
   result->learning_rate = step.learning_rate;
   return Status::Ok();
+}
+
+void Model::ZeroGradients() {
+  net_->ZeroGrad();
+  grads_zero_ = true;
 }
 
 GradientBuckets* Model::Buckets() {

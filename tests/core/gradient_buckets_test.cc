@@ -125,6 +125,41 @@ TEST(GradientBucketsTest, BucketsStartAsTheirLayersFinishAndSumAtWaitAll) {
   EXPECT_EQ(first->grad.data()[0], 4 * before[net->parameters()[0]][0]);
 }
 
+TEST(GradientBucketsTest, ALargeGradientIsSummedInPlaceInABucketOfItsOwn) {
+  // Linear(6,16), BatchNorm1d, ReLU, Dropout, Linear(16,3). With one large bucket and the
+  // in-place size at the first weight's 96 floats, that weight goes alone and everything else
+  // shares the bucket that closes below layer 0.
+  std::unique_ptr<Sequential> net = Net(Mlp());
+  Parameter* first_weight = net->layer(0).parameters()[0];
+  ASSERT_EQ(first_weight->grad.size(), 96);
+  GradientBuckets buckets(net.get(), int64_t{1} << 30, 96 * sizeof(float));
+  ExpectEveryParameterOnce(net.get(), buckets);
+  ASSERT_EQ(buckets.num_buckets(), 2);
+  EXPECT_EQ(buckets.bucket(0), std::vector<Parameter*>{first_weight});
+  EXPECT_EQ(buckets.bucket(1).size(), net->parameters().size() - 1);
+  std::map<Parameter*, std::vector<float>> before;
+  float v = 1.0f;
+  for (Parameter* p : net->parameters()) {
+    for (int64_t i = 0; i < p->grad.size(); ++i) p->grad.data()[i] = v++;
+    before[p].assign(p->grad.data(), p->grad.data() + p->grad.size());
+  }
+  DeferredDoubling collective;
+  buckets.Begin(&collective);
+  buckets.LayerDone(4);
+  EXPECT_EQ(collective.started, 0);  // the shared bucket waits for layer 0's bias
+  buckets.LayerDone(0);
+  ASSERT_EQ(collective.started, 2);
+  // The large weight's sum runs on the gradient itself, not on a copy.
+  EXPECT_EQ(collective.pending[0].first, first_weight->grad.data());
+  EXPECT_EQ(collective.pending[0].second, 96);
+  buckets.Finish();
+  for (Parameter* p : net->parameters()) {
+    for (int64_t i = 0; i < p->grad.size(); ++i) {
+      ASSERT_EQ(p->grad.data()[i], 2 * before[p][i]) << p->name << "[" << i << "]";
+    }
+  }
+}
+
 // Records the order in which a backward pass reports its layers.
 class LayerOrder : public BackwardListener {
  public:
