@@ -11,6 +11,7 @@
 #include <cstring>
 #include <limits>
 #include <shared_mutex>
+#include <thread>
 #include <utility>
 
 #include "core/loss.h"
@@ -362,7 +363,60 @@ class DataParallelJob::OpTimer {
   const Clock::time_point start_;
 };
 
-DataParallelJob::~DataParallelJob() = default;
+// job_mu_, held, with the time it was taken for the watchdog.
+class DataParallelJob::JobLock {
+ public:
+  explicit JobLock(DataParallelJob* job) : job_(job), lock_(job->job_mu_) {
+    job_->busy_since_ns_.store(NowNanos(), std::memory_order_relaxed);
+  }
+  ~JobLock() { job_->busy_since_ns_.store(0, std::memory_order_relaxed); }
+
+  static int64_t NowNanos() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(
+               Clock::now().time_since_epoch()).count();
+  }
+
+ private:
+  DataParallelJob* const job_;
+  std::lock_guard<std::mutex> lock_;
+};
+
+DataParallelJob::~DataParallelJob() {
+  if (watchdog_.joinable()) {
+    {
+      std::lock_guard<std::mutex> lock(watchdog_mu_);
+      watchdog_stop_ = true;
+    }
+    watchdog_cv_.notify_all();
+    watchdog_.join();
+  }
+}
+
+void DataParallelJob::StartWatchdog(std::chrono::milliseconds timeout) {
+  if (timeout.count() <= 0 || channel_->size() == 1 || watchdog_.joinable()) return;
+  watchdog_ = std::thread([this, timeout] {
+    const auto period = std::min<std::chrono::milliseconds>(timeout / 4,
+                                                            std::chrono::milliseconds(1000));
+    const int64_t limit = std::chrono::duration_cast<std::chrono::nanoseconds>(timeout).count();
+    std::unique_lock<std::mutex> lock(watchdog_mu_);
+    while (!watchdog_cv_.wait_for(lock, period, [this] { return watchdog_stop_; })) {
+      const int64_t since = busy_since_ns_.load(std::memory_order_relaxed);
+      if (since == 0 || JobLock::NowNanos() - since <= limit) continue;
+      // Rank 0 has waited that long in one operation: a rank stopped, hangs or cannot be
+      // reached (a dead one ends the job through its launcher; a hung one never would). The
+      // checkpoints on disk are whole (each is written aside and renamed), so ending the job
+      // loses nothing acknowledged as saved, and the launcher (mpirun, the MPIJob) sees a
+      // failed job and can start it again.
+      spdlog::critical("event=job_failed error=\"an operation of this data-parallel job has "
+                       "waited {:.1f} s for the other ranks (--job-stall-timeout {:.1f} s): a "
+                       "rank has stopped, hangs or cannot be reached; ending the job\"",
+                       static_cast<double>(JobLock::NowNanos() - since) * 1e-9,
+                       static_cast<double>(timeout.count()) * 1e-3);
+      spdlog::default_logger()->flush();
+      std::_Exit(kExitStalled);
+    }
+  });
+}
 
 void DataParallelJob::Send(const Command& c) {
   std::string bytes = c.Encode();
@@ -432,7 +486,7 @@ Status DataParallelJob::TrainStep(ModelEntry& e, const v1::TrainStepRequest& req
   NORMD_RETURN_IF_ERROR(ValidateTargets(m.config().loss,
                                         m.net().output_shape().WithBatch(x.rows()),
                                         targets.targets));
-  std::lock_guard<std::mutex> lock(job_mu_);
+  JobLock lock(this);
   OpTimer timer(this);
   Command c;
   c.op = Op::kTrainStep;
@@ -454,7 +508,7 @@ Status DataParallelJob::Evaluate(ModelEntry& e, const v1::EvaluateRequest& req,
   NORMD_RETURN_IF_ERROR(ValidateTargets(m.config().loss,
                                         m.net().output_shape().WithBatch(x.rows()),
                                         targets.targets));
-  std::lock_guard<std::mutex> lock(job_mu_);
+  JobLock lock(this);
   OpTimer timer(this);
   Command c;
   c.op = Op::kEvaluate;
@@ -472,7 +526,7 @@ Status DataParallelJob::Forward(ModelEntry& e, const v1::ForwardRequest& req,
   Model& m = e.model();
   const ConstTensorView x = input.view();
   NORMD_RETURN_IF_ERROR(m.CheckInput(x, m.training()));
-  std::lock_guard<std::mutex> lock(job_mu_);
+  JobLock lock(this);
   OpTimer timer(this);
   Command c;
   c.op = Op::kForward;
@@ -521,7 +575,7 @@ Status DataParallelJob::Backward(ModelEntry& e, const v1::BackwardRequest& req,
   if (!AllFinite(grad_output.data, grad_output.size())) {
     return InvalidArgument("grad_output contains non-finite values (NaN or Inf)");
   }
-  std::lock_guard<std::mutex> lock(job_mu_);
+  JobLock lock(this);
   OpTimer timer(this);
   Command c;
   c.op = Op::kBackward;
@@ -551,7 +605,7 @@ Status DataParallelJob::Backward(ModelEntry& e, const v1::BackwardRequest& req,
 
 Status DataParallelJob::ApplyGradients(ModelEntry& e, StepResult* result) {
   NORMD_RETURN_IF_ERROR(e.model().CheckCanTrain("ApplyGradients"));
-  std::lock_guard<std::mutex> lock(job_mu_);
+  JobLock lock(this);
   OpTimer timer(this);
   Command c;
   c.op = Op::kApplyGradients;
@@ -573,7 +627,7 @@ void DataParallelJob::Replicate(ModelEntry& e, Control op, const google::protobu
   }
   c.key = KeyOf(e);
   c.payload = req.SerializeAsString();
-  std::lock_guard<std::mutex> lock(job_mu_);
+  JobLock lock(this);
   Send(c);
 }
 
@@ -589,7 +643,7 @@ void DataParallelJob::SyncState(ModelEntry& e) {
                      e.name(), s.message());
     std::_Exit(3);
   }
-  std::lock_guard<std::mutex> lock(job_mu_);
+  JobLock lock(this);
   Send(c);
 }
 
@@ -619,7 +673,7 @@ Status DataParallelJob::CheckReplicas(Registry* registry, v1::CheckReplicasRespo
   const std::string mine = DigestRegistry(registry, &models, &locks);
   std::vector<std::string> digests;
   {
-    std::lock_guard<std::mutex> lock(job_mu_);
+    JobLock lock(this);
     Command c;
     c.op = Op::kDigest;
     Send(c);
@@ -637,7 +691,7 @@ Status DataParallelJob::CheckReplicas(Registry* registry, v1::CheckReplicasRespo
 }
 
 void DataParallelJob::StopWorkers() {
-  std::lock_guard<std::mutex> lock(job_mu_);
+  JobLock lock(this);
   if (stopped_) return;
   stopped_ = true;
   Command c;
@@ -655,7 +709,7 @@ Status DataParallelJob::RestoreAll(Registry* registry) {
     c.op = Op::kInstall;
     c.key = KeyOf(*e);
     NORMD_RETURN_IF_ERROR(Snapshot(*e, &c.payload));
-    std::lock_guard<std::mutex> lock(job_mu_);
+    JobLock lock(this);
     Send(c);
   }
   return Status::Ok();
@@ -667,7 +721,7 @@ Status DataParallelJob::OnCreate(ModelEntry& entry) {
   c.op = Op::kInstall;
   c.key = KeyOf(entry);
   NORMD_RETURN_IF_ERROR(Snapshot(entry, &c.payload));
-  std::lock_guard<std::mutex> lock(job_mu_);
+  JobLock lock(this);
   Send(c);
   return Status::Ok();
 }
@@ -690,7 +744,7 @@ Status DataParallelJob::OnDelete(ModelEntry& entry) {
   Command c;
   c.op = Op::kDelete;
   c.key = KeyOf(entry);
-  std::lock_guard<std::mutex> lock(job_mu_);
+  JobLock lock(this);
   Send(c);
   return Status::Ok();
 }

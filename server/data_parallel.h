@@ -56,16 +56,22 @@
 //
 // Failure: a worker that executes differently from rank 0 (which an identical replica cannot)
 // or cannot find a model rank 0 named stops its process (exit 3): the launcher then ends the
-// job, rather than let collectives wait forever.
+// job, rather than let collectives wait forever. A rank that dies ends the job through the
+// launcher too; one that stops or hangs without dying is caught by rank 0's watchdog
+// (StartWatchdog, --job-stall-timeout: exit 4).
 #ifndef NORMD_SERVER_DATA_PARALLEL_H_
 #define NORMD_SERVER_DATA_PARALLEL_H_
 
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <shared_mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "core/collective.h"
@@ -167,6 +173,13 @@ class DataParallelJob final : public Persistence {
   // Rank 0, at the end: the workers leave RunWorker.
   void StopWorkers();
 
+  // Rank 0: a thread that ends the process with kExitStalled, after logging why, once one
+  // operation has held the job (its command, scatter, collectives, gathers) for longer than
+  // `timeout`: a worker that is stopped, hung or unreachable would otherwise hold rank 0 in
+  // MPI forever (a dead one ends the job through its launcher). Nothing with 0, or alone.
+  static constexpr int kExitStalled = 4;
+  void StartWatchdog(std::chrono::milliseconds timeout);
+
   // ---- Workers ----------------------------------------------------------------------------
   // Executes rank 0's commands until kStop; returns the process's exit code.
   int RunWorker();
@@ -207,6 +220,8 @@ class DataParallelJob final : public Persistence {
   };
   // Times one distributed operation on rank 0 and records it when it goes out of scope.
   class OpTimer;
+  // Holds job_mu_ and marks the job busy for the watchdog.
+  class JobLock;
 
   // Rank 0: sends a command. REQUIRES: job_mu_ held.
   void Send(const Command& c);
@@ -238,6 +253,12 @@ class DataParallelJob final : public Persistence {
   std::map<std::string, std::unique_ptr<Replica>> replicas_;  // workers only
   std::unique_ptr<ShardBatch> shard_batch_;  // workers: the batch buffers, reused
   bool stopped_ = false;  // GUARDED_BY(job_mu_)
+  // Rank 0: when job_mu_ was taken (steady clock, ns), 0 while it is free.
+  std::atomic<int64_t> busy_since_ns_{0};
+  std::thread watchdog_;
+  std::mutex watchdog_mu_;
+  std::condition_variable watchdog_cv_;
+  bool watchdog_stop_ = false;  // GUARDED_BY(watchdog_mu_)
 };
 
 }  // namespace normd::server

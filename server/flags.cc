@@ -139,6 +139,11 @@ int ParseFlags(int argc, char** argv, Flags* f) {
   app.add_option("--drain-timeout", f->drain_timeout,
                  "Seconds to let in-flight RPCs finish on SIGTERM/SIGINT before cancelling them")
       ->envname("NORMD_DRAIN_TIMEOUT")->capture_default_str()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
+  app.add_option("--job-stall-timeout", f->job_stall_timeout,
+                 "Data-parallel jobs: seconds one operation may wait for the other ranks before "
+                 "rank 0 ends the job (exit 4) so that its launcher can restart it; 0: wait "
+                 "forever")
+      ->envname("NORMD_JOB_STALL_TIMEOUT")->capture_default_str()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   app.add_option("--port-file", f->port_file,
                  "Once serving, write 'grpc=PORT' and 'metrics=PORT' lines to this file")
       ->envname("NORMD_PORT_FILE")->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
@@ -310,6 +315,10 @@ Status ValidateFlags(const Flags& f) {
   if (!(f.drain_timeout >= 0) || f.drain_timeout > 3600) {
     return InvalidArgument("--drain-timeout must be in [0, 3600] seconds, got ", f.drain_timeout);
   }
+  if (!(f.job_stall_timeout >= 0) || f.job_stall_timeout > 86400) {
+    return InvalidArgument("--job-stall-timeout must be in [0, 86400] seconds, got ",
+                           f.job_stall_timeout);
+  }
   if (f.max_concurrent_streams < 1 || f.max_concurrent_streams > kMaxConcurrentStreams) {
     return InvalidArgument("--max-concurrent-streams must be in [1, ", kMaxConcurrentStreams,
                            "], got ", f.max_concurrent_streams);
@@ -417,6 +426,7 @@ std::string DescribeFlags(const Flags& f) {
      << (f.compute_threads > 0 ? "" : " (auto)") << "\n"
      << "log_level=" << f.log_level << "\n"
      << "drain_timeout=" << f.drain_timeout << "s\n"
+     << "job_stall_timeout=" << Limit(f.job_stall_timeout, "off") << "\n"
      << "persistence=" << (f.in_memory ? "off (in memory)" : "checkpoints") << "\n"
      << "keep_checkpoints=" << f.keep_checkpoints << "\n"
      << "autosave_steps=" << f.autosave_steps << "\n"

@@ -34,6 +34,7 @@ struct Flags {
   int compute_threads = 0;  // 0: one per available core
   std::string log_level = "info";
   double drain_timeout = 10;  // seconds
+  double job_stall_timeout = 300;  // seconds; 0: never (data-parallel jobs, rank 0)
   std::string port_file;
   // Persistence (checkpoints in data_dir).
   bool in_memory = false;

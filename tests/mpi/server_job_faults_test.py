@@ -10,6 +10,9 @@ Usage (ctest, label mpi): server_job_faults_test.py RANKS TRANSPORT
   same files.
 - kill -9 of a worker while rank 0 trains: calls end UNAVAILABLE and the job exits non-zero,
   nothing hangs (bounded waits); a new job restores the newest checkpoint on every rank.
+- The same with a worker stopped (SIGSTOP: alive, but it never answers): rank 0's watchdog
+  (--job-stall-timeout 3) ends the job no earlier than the timeout, says why in its log, and the
+  stopped rank does not outlive the job.
   Prints how long each took.
 """
 
@@ -147,12 +150,22 @@ def stop_and_restart(ranks, transport):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def kill_worker(ranks, transport):
-    tmp = tempfile.mkdtemp(prefix="normd-job-kill-")
+# A stopped worker is caught by rank 0's watchdog after this long.
+STALL_TIMEOUT_S = 3
+
+
+def fail_worker(ranks, transport, how):
+    """how = "kill": kill -9 of the last rank; "stop": SIGSTOP of it (alive but hung), which only
+    rank 0's watchdog (--job-stall-timeout) can notice. Either way, while a thread trains: calls
+    end UNAVAILABLE, the job exits non-zero within bounded time, no process is left, and a new
+    job restores the newest checkpoint on every rank."""
+    what = {"kill": "kill -9 of a worker", "stop": "a stopped worker (SIGSTOP)"}[how]
+    tmp = tempfile.mkdtemp(prefix=f"normd-job-{how}-")
     rng = np.random.default_rng(9)
     try:
         data_dir = os.path.join(tmp, "data")
-        flags = ["--autosave-steps", "5", "--autosave-seconds", "0"]
+        flags = ["--autosave-steps", "5", "--autosave-seconds", "0",
+                 "--job-stall-timeout", str(STALL_TIMEOUT_S)]
         job = Job(ranks, transport, data_dir=data_dir, extra=flags)
         c = job.client
         c.create_model(sj.mlp_spec(), "mlp")
@@ -161,7 +174,7 @@ def kill_worker(ranks, transport):
             c.train_step("mlp", x, labels=y)
         victims = worker_pids(job, ranks - 1)
         if len(victims) != 1:
-            FAILURES.append(f"kill: found worker pids {victims}")
+            FAILURES.append(f"{what}: found worker pids {victims}")
             job.kill()
             return
         errors = []
@@ -178,25 +191,39 @@ def kill_worker(ranks, transport):
         thread = threading.Thread(target=train, daemon=True)
         thread.start()
         time.sleep(0.3)
-        killed = time.monotonic()
-        os.kill(victims[0], signal.SIGKILL)
+        failed = time.monotonic()
+        os.kill(victims[0], signal.SIGKILL if how == "kill" else signal.SIGSTOP)
         try:
             code = job.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             code = None
-            FAILURES.append("kill -9 of a worker: the job still runs after 60 s")
+            FAILURES.append(f"{what}: the job still runs after 60 s")
             job.kill()
-        exited = time.monotonic() - killed
+        exited = time.monotonic() - failed
         time.sleep(0.5)
         stop.set()
         thread.join(timeout=60)
         if code == 0:
-            FAILURES.append("kill -9 of a worker: the job exited 0")
-        first = next((t - killed for t, code in errors), None)
+            FAILURES.append(f"{what}: the job exited 0")
+        if how == "stop":
+            # The watchdog ends rank 0 once one operation has waited the timeout; the launcher
+            # then takes the stopped rank down with it.
+            if exited < STALL_TIMEOUT_S:
+                FAILURES.append(f"{what}: the job ended after {exited:.2f} s, before the "
+                                f"{STALL_TIMEOUT_S} s stall timeout")
+            if "--job-stall-timeout" not in job.log():
+                FAILURES.append(f"{what}: rank 0's log does not say why the job ended")
+            if os.path.exists(f"/proc/{victims[0]}"):
+                with open(f"/proc/{victims[0]}/stat") as f:
+                    state = f.read().rsplit(")", 1)[1].split()[0]
+                if state != "Z":
+                    FAILURES.append(f"{what}: the stopped rank is left behind (state {state})")
+                    os.kill(victims[0], signal.SIGKILL)
+        first = next((t - failed for t, code in errors), None)
         codes = {str(code) for _, code in errors}
         if first is None or codes - {"StatusCode.UNAVAILABLE"}:
-            FAILURES.append(f"kill -9 of a worker: calls ended {codes}, not UNAVAILABLE")
-        print(f"kill -9 of rank {ranks - 1}: first UNAVAILABLE after "
+            FAILURES.append(f"{what}: calls ended {codes}, not UNAVAILABLE")
+        print(f"{what}, rank {ranks - 1}: first UNAVAILABLE after "
               f"{-1 if first is None else first:.2f} s, the job exited {code} after "
               f"{exited:.2f} s")
         # No corrupt checkpoint: a new job restores the newest one on every rank.
@@ -205,11 +232,11 @@ def kill_worker(ranks, transport):
         try:
             step = job.client.get_model("mlp").step
             if step < 10 or step % 5 != 0:
-                FAILURES.append(f"after the kill: restored step {step} (files {files})")
-            sj.replicas_agree(job.client, "restored after the kill", ranks)
+                FAILURES.append(f"after {what}: restored step {step} (files {files})")
+            sj.replicas_agree(job.client, f"restored after {what}", ranks)
             job.client.train_step("mlp", x, labels=y)
             if "moved" in job.log() and "corrupt" in job.log():
-                FAILURES.append("after the kill: a checkpoint was set aside as corrupt")
+                FAILURES.append(f"after {what}: a checkpoint was set aside as corrupt")
             print(f"restored step {step} from {files}")
         finally:
             job.stop()
@@ -221,13 +248,15 @@ def main():
     ranks, transport = int(sys.argv[1]), sys.argv[2]
     mismatch(ranks, transport)
     stop_and_restart(ranks, transport)
-    kill_worker(ranks, transport)
+    fail_worker(ranks, transport, "kill")
+    fail_worker(ranks, transport, "stop")
     for kind in sorted(sj.WORST):
         print(f"largest relative error, {kind}: {sj.WORST[kind]:.3g}")
     if FAILURES:
         print("FAILED:\n  " + "\n  ".join(FAILURES))
         return 1
-    print(f"OK: start-up check, stop and restart, kill -9 of a worker ({ranks} ranks, {transport})")
+    print(f"OK: start-up check, stop and restart, kill -9 of a worker, a stopped worker "
+          f"({ranks} ranks, {transport})")
     return 0
 
 

@@ -461,13 +461,17 @@ TEST(ConfigTest, CheckConfigValidatesFlagsAndEnvironment) {
   EXPECT_NE(RunCommand(bin + " --check-config --no-such-flag", &out), 0);
   EXPECT_NE(RunCommand("NORMD_MAX_MODELS=many " + bin + " --check-config", &out), 0);
   EXPECT_NE(RunCommand(bin + " --check-config --data-dir /etc/hostname", &out), 0);
+  EXPECT_NE(RunCommand(bin + " --check-config --job-stall-timeout -1", &out), 0);
+  EXPECT_NE(out.find("--job-stall-timeout must be in [0, 86400]"), std::string::npos) << out;
+  ASSERT_EQ(RunCommand("NORMD_JOB_STALL_TIMEOUT=0 " + bin + " --check-config", &out), 0) << out;
+  EXPECT_NE(out.find("job_stall_timeout=off"), std::string::npos) << out;
 
   ASSERT_EQ(RunCommand(bin + " --help", &out), 0);
   for (const char* flag : {"--listen", "--metrics", "--data-dir", "--max-models",
                            "--max-message-bytes", "--max-batch-elements", "--max-parameters",
                            "--max-retained-forwards", "--retained-forward-timeout",
                            "--compute-threads", "--log-level", "--drain-timeout",
-                           "--check-config", "NORMD_LISTEN"}) {
+                           "--job-stall-timeout", "--check-config", "NORMD_LISTEN"}) {
     EXPECT_NE(out.find(flag), std::string::npos) << flag;
   }
 }
