@@ -130,7 +130,7 @@ TEST(LayerOptionsTest, UntrainableLayerGetsNoGradientUpdateOrDecay) {
     EXPECT_EQ(before.at(name), after.at(name)) << name;
   }
   EXPECT_NE(before.at("0.weight"), after.at("0.weight"));
-  for (Parameter* p : m->net().layer(3).parameters()) {
+  for (Parameter* p : m->mutable_net().layer(3).parameters()) {
     for (int64_t i = 0; i < p->grad.size(); ++i) ASSERT_EQ(p->grad.data()[i], 0.0f);
   }
   // Input gradients still flow through it.

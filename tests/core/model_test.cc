@@ -193,6 +193,36 @@ TEST(ModelTest, ForwardBackwardApplyEqualsTrainStep) {
   ExpectSameState(a->GetState(true), b->GetState(true));
 }
 
+TEST(ModelTest, TrainStepStartsFromZeroGradients) {
+  // TrainStep skips clearing gradients it knows are zero (Model::grads_zero_): gradients left
+  // by a Backward that was never applied, or written through mutable_net(), must still not
+  // reach its step. Running statistics frozen, so that a's extra Forward changes nothing else.
+  auto a = Build(Mlp());
+  auto b = Build(Mlp());
+  a->SetMode(true, true);
+  b->SetMode(true, true);
+  std::vector<int64_t> labels = Labels(12, 3);
+  const Tensor x1 = RandomBatch(12, 6, 21), x2 = RandomBatch(12, 6, 22),
+               x3 = RandomBatch(12, 6, 23), x4 = RandomBatch(12, 6, 24);
+  ForwardRecord rec;
+  TrainResult r;
+  ASSERT_TRUE(a->TrainStep(x1.view(), LabelTargets(labels), &rec, &r).ok());
+  ASSERT_TRUE(b->TrainStep(x1.view(), LabelTargets(labels), &rec, &r).ok());
+  // a: a Backward's gradients, never applied.
+  ForwardRecord frec;
+  ASSERT_TRUE(a->Forward(x2.view(), &frec).ok());
+  Tensor dy(Shape{12, 3}, 0.5f);
+  ASSERT_TRUE(a->Backward(&frec, dy.view(), nullptr).ok());
+  ASSERT_TRUE(a->TrainStep(x3.view(), LabelTargets(labels), &rec, &r).ok());
+  ASSERT_TRUE(b->TrainStep(x3.view(), LabelTargets(labels), &rec, &r).ok());
+  ExpectSameState(a->GetState(true), b->GetState(true));
+  // a: a gradient written in place after the step cleared them.
+  a->mutable_net().parameters()[0]->grad.data()[0] = 1e3f;
+  ASSERT_TRUE(a->TrainStep(x4.view(), LabelTargets(labels), &rec, &r).ok());
+  ASSERT_TRUE(b->TrainStep(x4.view(), LabelTargets(labels), &rec, &r).ok());
+  ExpectSameState(a->GetState(true), b->GetState(true));
+}
+
 TEST(ModelTest, StaleForwardIsRefused) {
   auto m = Build(Mlp());
   Tensor x = RandomBatch(8, 6, 3);
@@ -388,7 +418,7 @@ TEST(ModelTest, TrainStepReportsTheGradientNormAndTheRateItUsed) {
     ComputeLoss(LossKind::kCrossEntropy, frec.output().view(), LabelTargets(labels), &grad);
     ASSERT_TRUE(b->Backward(&frec, grad.view(), nullptr).ok());
     double sq = 0.0;
-    for (const Parameter* p : b->net().parameters()) {
+    for (const Parameter* p : b->mutable_net().parameters()) {
       for (int64_t i = 0; i < p->grad.size(); ++i) sq += double{p->grad.data()[i]} * p->grad.data()[i];
     }
     StepResult applied;

@@ -146,15 +146,15 @@ TEST(SequentialTreeTest, StateNamesAreTheTorchModulesPaths) {
   want.push_back("8.bias");
   EXPECT_EQ(names, want);
   // Parameters in the same order, and the optimizer's state named after them.
-  std::vector<std::string> params = m->net().parameter_names();
+  std::vector<std::string> params = m->mutable_net().parameter_names();
   EXPECT_EQ(params.front(), "0.weight");
   EXPECT_EQ(params[3], "3.body.0.weight");
   EXPECT_EQ(params.back(), "8.bias");
-  EXPECT_EQ(m->net().parameters().size(), params.size());
+  EXPECT_EQ(m->mutable_net().parameters().size(), params.size());
   Train(*m, 1);
   EXPECT_EQ(State(*m).count("optimizer.4.shortcut.1.bias.momentum_buffer"), 1u);
   int64_t count = 0;
-  for (Parameter* p : m->net().parameters()) count += p->value.size();
+  for (Parameter* p : m->mutable_net().parameters()) count += p->value.size();
   EXPECT_EQ(m->net().parameter_count(), count);
 }
 
@@ -472,7 +472,7 @@ TEST(SequentialTreeTest, NonFiniteGradientsNameTheNestedLayer) {
   ASSERT_TRUE(m->Forward(x.view(), &rec).ok());
   std::vector<float> dy(12, 1.0f);
   ASSERT_TRUE(m->Backward(&rec, ConstTensorView{dy.data(), Shape{4, 3}}, nullptr).ok());
-  m->net().node(15).layer->parameters()[0]->grad.data()[0] = std::nanf("");
+  m->mutable_net().node(15).layer->parameters()[0]->grad.data()[0] = std::nanf("");
   StepResult step;
   const Status s = m->ApplyGradients(&step);
   EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition);

@@ -431,7 +431,7 @@ int Run(const char* case_path, const char* out_path) {
         out.Error(tag, FailedPrecondition("no successful forward to back-propagate"));
         continue;
       }
-      model->net().ZeroGrad();
+      model->mutable_net().ZeroGrad();
       Tensor dx;
       Status s = model->Backward(&rec, View(dy), &dx);
       if (!s.ok()) {
@@ -439,8 +439,8 @@ int Run(const char* case_path, const char* out_path) {
         continue;
       }
       out.WriteTensor(tag + ".gx", dx.shape(), dx.data());
-      std::vector<Parameter*> params = model->net().parameters();
-      std::vector<std::string> names = model->net().parameter_names();
+      std::vector<Parameter*> params = model->mutable_net().parameters();
+      std::vector<std::string> names = model->mutable_net().parameter_names();
       for (size_t i = 0; i < params.size(); ++i) {
         out.WriteTensor(tag + ".grad." + names[i], params[i]->grad.shape(), params[i]->grad.data());
       }
