@@ -47,6 +47,20 @@ constexpr int64_t kWinogradMinChannels = 32;
 constexpr int kGradPairs = 9;
 constexpr int kGradWideVectors = kManyRegisters ? 2 : 1;
 
+// The planar forward pass (few input channels, stride 1: the 3-channel stems). A tile holds
+// kPlanarCo output channels x V vectors of consecutive output columns of one output row, in
+// the output's own layout, so it is stored straight into y (no transpose); each tap loads V
+// vectors of a padded input row and multiplies them by kPlanarCo broadcast weights.
+constexpr int kPlanarCo = kManyRegisters ? 8 : 4;
+// Input channels up to which a stride-1 forward pass is planar. The tiles broadcast each input
+// value to vectors of output channels, around a copy into padded planes and a transpose of the
+// output, which many input channels share; with 3 they cost as much as the arithmetic. The
+// stems' forward at budget 1 (`normd_kernels_bench --benchmark_filter=ConvLayer/.*/3x32x32`):
+// 33-39 % of the FMA peak on the tiles, 56-60 % planar. Their weight gradient stays on the
+// tiles: a planar one (vectors of positions, lanes summed at the end) measured 25-27 % there,
+// against the tiles' 32-35 %.
+constexpr int64_t kPlanarMaxChannels = 4;
+
 int64_t RoundUp(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 // Per-thread scratch, grown to the largest use and then reused without allocating.
@@ -483,6 +497,18 @@ DirectConvolution::DirectConvolution(const Shape& shape) : shape_(shape) {
   } else {
     MakeGradientPhases();
   }
+  const int64_t w_out = forward_.w_out;
+  if (shape.stride == 1 && shape.in_channels <= kPlanarMaxChannels && w_out >= kLanes &&
+      shape.winograd != Shape::Winograd::kAlways) {
+    PlanarPlan& p = planar_;
+    p.active = true;
+    p.h_out = forward_.h_out;
+    p.w_out = w_out;
+    p.wide = w_out >= 2 * kLanes;
+    // Rows long enough for whole-vector loads at every tap of the last tile of a row.
+    p.pw = RoundUp(w_out, (p.wide ? 2 : 1) * kLanes) + shape.kernel - 1;
+    p.plane_size = (shape.h + 2 * shape.padding) * p.pw;
+  }
   if (shape.kernel == 3 && shape.stride == 1 && shape.winograd != Shape::Winograd::kNever) {
     const bool enough = shape.winograd == Shape::Winograd::kAlways ||
                         (shape.in_channels >= kWinogradMinChannels &&
@@ -668,6 +694,49 @@ void WinogradGradTiles(bool wide, int count, const float* const* src, const floa
   }
 }
 
+
+// One output row of a block of kPlanarCo output channels: y[j * plane_out + ow] for j < count,
+// ow < w_out, from planes (channels x plane_size floats, rows pw apart, zero-padded) and
+// weights packed [c][kh][kw][kPlanarCo]. Sums channels in order, taps in row-major order.
+// K > 0: the kernel size known at compile time (k is then K); 0: any, at run time.
+template <int V, int K>
+void PlanarForwardRow(const float* planes, int64_t plane_size, int64_t pw, int64_t channels,
+                      int64_t runtime_k, const float* packed, int64_t w_out, const float* bias,
+                      int64_t count, float* y, int64_t plane_out) {
+  const int64_t k = K > 0 ? K : runtime_k;
+  for (int64_t ow0 = 0; ow0 < w_out; ow0 += V * kLanes) {
+    Vec acc[kPlanarCo][V] = {};
+    const float* wv = packed;
+    for (int64_t c = 0; c < channels; ++c) {
+      for (int64_t kh = 0; kh < k; ++kh) {
+        const float* row = planes + c * plane_size + kh * pw + ow0;
+        for (int64_t kw = 0; kw < k; ++kw, wv += kPlanarCo) {
+          Vec xv[V];
+          for (int v = 0; v < V; ++v) xv[v] = Load(row + kw + v * kLanes);
+          for (int j = 0; j < kPlanarCo; ++j) {
+            const float w = wv[j];
+            for (int v = 0; v < V; ++v) acc[j][v] += w * xv[v];
+          }
+        }
+      }
+    }
+    const int64_t cols = std::min<int64_t>(V * kLanes, w_out - ow0);
+    for (int64_t j = 0; j < count; ++j) {
+      if (bias != nullptr) {
+        for (int v = 0; v < V; ++v) acc[j][v] += bias[j];
+      }
+      float* dst = y + j * plane_out + ow0;
+      if (cols == V * kLanes) {
+        for (int v = 0; v < V; ++v) Store(dst + v * kLanes, acc[j][v]);
+        continue;
+      }
+      float out[V * kLanes];
+      for (int v = 0; v < V; ++v) Store(out + v * kLanes, acc[j][v]);
+      std::memcpy(dst, out, sizeof(float) * cols);
+    }
+  }
+}
+
 }  // namespace
 
 void DirectConvolution::RunForwardKernel(const Planes& p, int64_t padded_out, const float* in,
@@ -738,6 +807,10 @@ void DirectConvolution::Forward(const float* x, int64_t n, const float* weight,
     WinogradSamples(winograd_forward_, x, n, packed, bias, y);
     return;
   }
+  if (planar_.active) {
+    PlanarForward(x, n, weight, bias, y);
+    return;
+  }
   const Planes& p = forward_;
   const int64_t taps = s.kernel * s.kernel;
   // packed[(c * taps + t) * padded_out + co] = weight[co, c, t], zero for the padding channels.
@@ -767,6 +840,69 @@ void DirectConvolution::ConvolveSamples(const Planes& p, const float* in, int64_
       RunForwardKernel(p, padded_out, prepared, packed, out_t);
       TransposeOut(out_t, padded_out, out_channels, p.h_out, p.w_out, p.plane_w, bias,
                    out + i * out_sample);
+    }
+  });
+}
+
+void DirectConvolution::PreparePlanar(const float* x, float* planes) const {
+  const Shape& s = shape_;
+  for (int64_t c = 0; c < s.in_channels; ++c) {
+    for (int64_t ih = 0; ih < s.h; ++ih) {
+      std::memcpy(planes + c * planar_.plane_size + (ih + s.padding) * planar_.pw + s.padding,
+                  x + (c * s.h + ih) * s.w, sizeof(float) * s.w);
+    }
+  }
+}
+
+void DirectConvolution::PlanarForward(const float* x, int64_t n, const float* weight,
+                                      const float* bias, float* y) const {
+  const Shape& s = shape_;
+  const PlanarPlan& p = planar_;
+  const int64_t k = s.kernel, taps = s.in_channels * k * k;
+  const int64_t blocks = (s.out_channels + kPlanarCo - 1) / kPlanarCo;
+  // packed[((block * C_in + c) * k + kh) * k + kw][j] = weight[block * kPlanarCo + j, c, kh, kw],
+  // zero past the last output channel.
+  float* packed = Scratch(kPacked, blocks * taps * kPlanarCo);
+  for (int64_t b = 0; b < blocks; ++b) {
+    for (int64_t t = 0; t < taps; ++t) {
+      for (int j = 0; j < kPlanarCo; ++j) {
+        const int64_t co = b * kPlanarCo + j;
+        packed[(b * taps + t) * kPlanarCo + j] = co < s.out_channels ? weight[co * taps + t] : 0;
+      }
+    }
+  }
+  const int64_t in_sample = s.in_channels * s.h * s.w;
+  const int64_t plane_out = p.h_out * p.w_out;
+  const int64_t out_sample = s.out_channels * plane_out;
+  const int64_t work = n * s.out_channels * taps * plane_out;
+  SplitInTwo(n, 1, work, [&](int64_t begin, int64_t end) {
+    float* planes = Scratch(kPrepared, s.in_channels * p.plane_size);
+    std::memset(planes, 0, sizeof(float) * s.in_channels * p.plane_size);
+    for (int64_t i = begin; i < end; ++i) {
+      PreparePlanar(x + i * in_sample, planes);
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t co0 = b * kPlanarCo;
+        const int64_t count = std::min<int64_t>(kPlanarCo, s.out_channels - co0);
+        for (int64_t oh = 0; oh < p.h_out; ++oh) {
+          float* out = y + i * out_sample + co0 * plane_out + oh * p.w_out;
+          const float* w = packed + b * taps * kPlanarCo;
+          const float* bb = bias != nullptr ? bias + co0 : nullptr;
+          const float* in = planes + oh * p.pw;
+          if (p.wide && k == 3) {
+            PlanarForwardRow<2, 3>(in, p.plane_size, p.pw, s.in_channels, k, w, p.w_out, bb,
+                                   count, out, plane_out);
+          } else if (p.wide) {
+            PlanarForwardRow<2, 0>(in, p.plane_size, p.pw, s.in_channels, k, w, p.w_out, bb,
+                                   count, out, plane_out);
+          } else if (k == 3) {
+            PlanarForwardRow<1, 3>(in, p.plane_size, p.pw, s.in_channels, k, w, p.w_out, bb,
+                                   count, out, plane_out);
+          } else {
+            PlanarForwardRow<1, 0>(in, p.plane_size, p.pw, s.in_channels, k, w, p.w_out, bb,
+                                   count, out, plane_out);
+          }
+        }
+      }
     }
   });
 }

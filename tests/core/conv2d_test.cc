@@ -273,6 +273,14 @@ INSTANTIATE_TEST_SUITE_P(
                       ConvCase{Config(8, 32, 3, 1, 3, false), Shape{8, 9, 9}},  // pad > k - 1
                       ConvCase{Config(4, 16, 2, 3, 1), Shape{4, 11, 13}},       // stride 3
                       ConvCase{Config(2, 7, 3, 1, 1), Shape{2, 1, 1}},          // 1x1 plane
+                      // The planar forward (stride 1, at most 4 input channels, output rows
+                      // of at least one vector): output channels past a whole block of 8 (4
+                      // without AVX-512), rows that end mid-vector, padding 0 and 2, 1 and 4
+                      // channels, kernels 5 and 7, no bias.
+                      ConvCase{Config(3, 20, 3, 1, 1), Shape{3, 9, 37}},
+                      ConvCase{Config(1, 9, 3, 1, 0, false), Shape{1, 6, 19}},
+                      ConvCase{Config(4, 16, 5, 1, 2), Shape{4, 7, 23}},
+                      ConvCase{Config(3, 8, 7, 1, 3), Shape{3, 8, 40}},
                       // Winograd F(2x2, 3x3) (>= 32 channels into >= 32, stride 1): odd
                       // planes whose last tiles reach past the outputs, partial vectors,
                       // padding 0 and 2 (the input gradient's 2 and 0), padding beyond

@@ -362,9 +362,10 @@ TEST(ComputeThreadsTest, Conv2dIsBitIdenticalSplitOrNot) {
   struct Case {
     int64_t cin, cout, hw, stride, batch;
   };
-  // The last case's bias gradient (over 2^20 elements of dy) splits its channels too.
+  // The last case's bias gradient (over 2^20 elements of dy) splits its channels too; the one
+  // before it is a 3-channel stem (the planar forward).
   for (const Case& k : {Case{32, 32, 16, 1, 9}, Case{16, 16, 16, 1, 8}, Case{16, 32, 16, 2, 17},
-                        Case{8, 16, 64, 1, 17}}) {
+                        Case{3, 20, 32, 1, 9}, Case{8, 16, 64, 1, 17}}) {
     Conv2dConfig config;
     config.in_channels = k.cin;
     config.out_channels = k.cout;
