@@ -55,11 +55,13 @@ constexpr int kPlanarCo = kManyRegisters ? 8 : 4;
 // Input channels up to which a stride-1 forward pass is planar. The tiles broadcast each input
 // value to vectors of output channels, around a copy into padded planes and a transpose of the
 // output, which many input channels share; with 3 they cost as much as the arithmetic. The
-// stems' forward at budget 1 (`normd_kernels_bench --benchmark_filter=ConvLayer/.*/3x32x32`):
-// 33-39 % of the FMA peak on the tiles, 56-60 % planar. Their weight gradient stays on the
-// tiles: a planar one (vectors of positions, lanes summed at the end) measured 25-27 % there,
-// against the tiles' 32-35 %.
+// stems at budget 1 (`normd_kernels_bench --benchmark_filter=ConvLayer/.*/3x32x32`), % of the
+// FMA peak: forward 33-39 % on the tiles, 56-60 % planar; weight gradient 32-35 % on the
+// tiles, 36-38 % planar (3x3 only; a fifth of that pass is Conv2d's bias gradient).
 constexpr int64_t kPlanarMaxChannels = 4;
+// The planar 3x3 weight gradient's output channels at once: 9 accumulators each (3 measured
+// 3-6 % slower than 2 on AVX-512: 27 accumulators leave too few registers).
+constexpr int kPlanarGradCo = kManyRegisters ? 2 : 1;
 
 int64_t RoundUp(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
@@ -508,6 +510,7 @@ DirectConvolution::DirectConvolution(const Shape& shape) : shape_(shape) {
     // Rows long enough for whole-vector loads at every tap of the last tile of a row.
     p.pw = RoundUp(w_out, (p.wide ? 2 : 1) * kLanes) + shape.kernel - 1;
     p.plane_size = (shape.h + 2 * shape.padding) * p.pw;
+    p.dyw = RoundUp(w_out, kLanes);
   }
   if (shape.kernel == 3 && shape.stride == 1 && shape.winograd != Shape::Winograd::kNever) {
     const bool enough = shape.winograd == Shape::Winograd::kAlways ||
@@ -737,6 +740,35 @@ void PlanarForwardRow(const float* planes, int64_t plane_size, int64_t pw, int64
   }
 }
 
+// The planar weight gradient of G output channels and one input channel, 3x3: adds
+// dy[j][oh][ow] x plane[(oh + kh) * pw + ow + kw] over h_out rows of dyw columns (dy rows dyw
+// apart, zero past the outputs) to the lanes acc[j] + (kh * 3 + kw) * kLanes. Each step loads
+// G vectors of dy and the 9 input vectors under them, for 9 G multiply-adds.
+template <int G>
+void PlanarGrad3x3(const float* plane, int64_t pw, const float* const* dy, int64_t dyw,
+                   int64_t h_out, float* const* acc) {
+  Vec a[G][9];
+  for (int j = 0; j < G; ++j) {
+    for (int t = 0; t < 9; ++t) a[j][t] = Load(acc[j] + t * kLanes);
+  }
+  for (int64_t oh = 0; oh < h_out; ++oh) {
+    const float* row = plane + oh * pw;
+    for (int64_t ow0 = 0; ow0 < dyw; ow0 += kLanes) {
+      Vec d[G];
+      for (int j = 0; j < G; ++j) d[j] = Load(dy[j] + oh * dyw + ow0);
+      for (int kh = 0; kh < 3; ++kh) {
+        for (int kw = 0; kw < 3; ++kw) {
+          const Vec xv = Load(row + kh * pw + ow0 + kw);
+          for (int j = 0; j < G; ++j) a[j][kh * 3 + kw] += d[j] * xv;
+        }
+      }
+    }
+  }
+  for (int j = 0; j < G; ++j) {
+    for (int t = 0; t < 9; ++t) Store(acc[j] + t * kLanes, a[j][t]);
+  }
+}
+
 }  // namespace
 
 void DirectConvolution::RunForwardKernel(const Planes& p, int64_t padded_out, const float* in,
@@ -907,6 +939,75 @@ void DirectConvolution::PlanarForward(const float* x, int64_t n, const float* we
   });
 }
 
+void DirectConvolution::PlanarWeightGradient(const float* x, const float* dy, int64_t n,
+                                             float* weight_grad) const {
+  const Shape& s = shape_;
+  const PlanarPlan& p = planar_;
+  const int64_t taps = s.in_channels * 9;
+  // Per half of the batch, one vector of lane sums per weight (co, c, kh, kw), in that order.
+  const int64_t grad_size = s.out_channels * taps * kLanes;
+  float* halves = Scratch(kPacked, 2 * grad_size);
+  std::memset(halves, 0, sizeof(float) * 2 * grad_size);
+  const int64_t middle = n / 2;
+  const int64_t in_sample = s.in_channels * s.h * s.w;
+  const int64_t plane_out = p.h_out * p.w_out;
+  const int64_t out_sample = s.out_channels * plane_out;
+  const bool copy_dy = p.dyw != p.w_out;  // rows that end mid-vector get zeros after them
+  const int64_t work = n * s.out_channels * taps * plane_out;
+  SplitInTwo(2, 1, work, [&](int64_t begin, int64_t end) {
+    float* planes = Scratch(kPrepared, s.in_channels * p.plane_size);
+    std::memset(planes, 0, sizeof(float) * s.in_channels * p.plane_size);
+    float* dy_p = copy_dy ? Scratch(kTransposed, s.out_channels * p.h_out * p.dyw) : nullptr;
+    if (copy_dy) std::memset(dy_p, 0, sizeof(float) * s.out_channels * p.h_out * p.dyw);
+    for (int64_t half = begin; half < end; ++half) {
+      float* grad = halves + half * grad_size;
+      for (int64_t i = half == 0 ? 0 : middle; i < (half == 0 ? middle : n); ++i) {
+        PreparePlanar(x + i * in_sample, planes);
+        const float* d = dy + i * out_sample;
+        if (copy_dy) {
+          for (int64_t r = 0; r < s.out_channels * p.h_out; ++r) {
+            std::memcpy(dy_p + r * p.dyw, d + r * p.w_out, sizeof(float) * p.w_out);
+          }
+          d = dy_p;
+        }
+        const int64_t dy_plane = p.h_out * p.dyw;
+        int64_t co = 0;
+        for (; co + kPlanarGradCo <= s.out_channels; co += kPlanarGradCo) {
+          const float* rows[kPlanarGradCo];
+          for (int j = 0; j < kPlanarGradCo; ++j) rows[j] = d + (co + j) * dy_plane;
+          for (int64_t c = 0; c < s.in_channels; ++c) {
+            float* acc[kPlanarGradCo];  // the 9 lane vectors of (co + j, c, *)
+            for (int j = 0; j < kPlanarGradCo; ++j) {
+              acc[j] = grad + ((co + j) * taps + c * 9) * kLanes;
+            }
+            PlanarGrad3x3<kPlanarGradCo>(planes + c * p.plane_size, p.pw, rows, p.dyw, p.h_out,
+                                         acc);
+          }
+        }
+        for (; co < s.out_channels; ++co) {
+          const float* rows[1] = {d + co * dy_plane};
+          for (int64_t c = 0; c < s.in_channels; ++c) {
+            float* acc[1] = {grad + (co * taps + c * 9) * kLanes};
+            PlanarGrad3x3<1>(planes + c * p.plane_size, p.pw, rows, p.dyw, p.h_out, acc);
+          }
+        }
+      }
+    }
+  });
+  // Each weight: its lanes summed in order, per half, then the two halves added in order: the
+  // same bits on one thread or two.
+  for (int64_t wi = 0; wi < s.out_channels * taps; ++wi) {
+    float sum[2];
+    for (int h = 0; h < 2; ++h) {
+      const float* lanes = halves + h * grad_size + wi * kLanes;
+      float t = 0.0f;
+      for (int l = 0; l < kLanes; ++l) t += lanes[l];
+      sum[h] = t;
+    }
+    weight_grad[wi] += sum[0] + sum[1];
+  }
+}
+
 DirectConvolution::WinogradPlan DirectConvolution::MakeWinogradPlan(int64_t channels,
                                                                     int64_t outputs,
                                                                     int64_t h, int64_t w,
@@ -1065,6 +1166,10 @@ void DirectConvolution::AccumulateWeightGradient(const float* x, const float* dy
                                                  float* weight_grad) const {
   if (winograd_forward_.channels > 0) {
     WinogradWeightGradient(x, dy, n, weight_grad);
+    return;
+  }
+  if (planar_.active && shape_.kernel == 3) {
+    PlanarWeightGradient(x, dy, n, weight_grad);
     return;
   }
   const Shape& s = shape_;

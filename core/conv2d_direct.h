@@ -26,10 +26,11 @@
 // (r, q) of the padded input (rows i*s + r, columns j*s + q) is a stride-1 correlation of dy
 // with the taps that reach it (ki = r + a*s, kj = q + b*s), computed by the same tiles.
 //
-// Planar forward. A stride-1 convolution from at most 4 input channels (the 3-channel stems)
+// Planar passes. A stride-1 convolution from at most 4 input channels (the 3-channel stems)
 // runs forward on tiles of output channels x consecutive output columns instead, reading the
 // padded input rows and writing y in place, because with so few input channels the copy and
-// transpose around the channel tiles cost as much as the arithmetic.
+// transpose around the channel tiles cost as much as the arithmetic; its 3x3 weight gradient
+// likewise multiplies vectors of dy's positions by the input under each tap, in dy's layout.
 //
 // Winograd. Stride-1 3x3 passes that sum at least 32 channels into at least 32 (forward, the
 // input gradient as the forward of the flipped kernel, and the weight gradient) use Winograd's
@@ -162,20 +163,25 @@ class DirectConvolution {
   void WinogradSamples(const WinogradPlan& p, const float* in, int64_t n, const float* packed,
                        const float* bias, float* out) const;
 
-  // The planar forward pass of a stride-1 convolution from at most 4 input channels (the
-  // stems): tiles of output channels x consecutive output columns, in y's own layout (see
-  // conv2d_direct.cc). Its gradients keep the tiles.
+  // The planar passes of a stride-1 convolution from at most 4 input channels (the stems):
+  // forward on tiles of output channels x consecutive output columns, in y's own layout, and
+  // (3x3 only) the weight gradient (see conv2d_direct.cc). The input gradient keeps the tiles.
   struct PlanarPlan {
     bool active = false;
     bool wide = false;         // two vectors of output columns per tile (w_out >= 2 vectors)
     int64_t h_out = 0, w_out = 0;
     int64_t pw = 0;            // floats per padded input row
     int64_t plane_size = 0;    // floats per padded input plane
+    int64_t dyw = 0;           // floats per row of dy as the weight gradient reads it
   };
   // One sample x into the padded planes, whose padding the caller zeroed once.
   void PreparePlanar(const float* x, float* planes) const;
   void PlanarForward(const float* x, int64_t n, const float* weight, const float* bias,
                      float* y) const;
+  // The 3x3 weight gradient of the same passes: vectors of positions, one accumulator per
+  // (output channel, input channel, tap), lanes summed at the end.
+  void PlanarWeightGradient(const float* x, const float* dy, int64_t n,
+                            float* weight_grad) const;
 
   // AccumulateWeightGradient of a pass that runs forward by Winograd.
   void WinogradWeightGradient(const float* x, const float* dy, int64_t n,
