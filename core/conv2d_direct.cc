@@ -65,6 +65,31 @@ constexpr int kPlanarGradCo = kManyRegisters ? 2 : 1;
 
 int64_t RoundUp(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
+// The weight gradients sum a batch of n samples in two fixed halves, [0, n/2) and [n/2, n),
+// each into its own buffer, and then add the two in order: the same bits on one core or two.
+// Half h (0 or 1) starts at HalfBegin(h, n) and ends at HalfBegin(h + 1, n).
+int64_t HalfBegin(int64_t half, int64_t n) { return half == 0 ? 0 : half == 1 ? n / 2 : n; }
+
+// A sample x (channels, h, w) into planes whose rows are row_stride floats apart and whose
+// channels are plane_stride apart, at row and column `padding` of each; the padding around is
+// the caller's (zeroed once). Vector copies inline: a libc call per short row costs more than
+// the row.
+void CopyIntoPaddedPlanes(const float* x, int64_t channels, int64_t h, int64_t w,
+                          int64_t padding, int64_t row_stride, int64_t plane_stride,
+                          float* planes) {
+  const int64_t whole = w / kLanes * kLanes;
+  for (int64_t c = 0; c < channels; ++c) {
+    const float* xc = x + c * h * w;
+    float* plane = planes + c * plane_stride + padding * row_stride + padding;
+    for (int64_t hh = 0; hh < h; ++hh) {
+      float* dst = plane + hh * row_stride;
+      const float* src = xc + hh * w;
+      for (int64_t j = 0; j < whole; j += kLanes) Store(dst + j, Load(src + j));
+      for (int64_t j = whole; j < w; ++j) dst[j] = src[j];
+    }
+  }
+}
+
 // Per-thread scratch, grown to the largest use and then reused without allocating.
 float* Scratch(int which, int64_t n) {
   thread_local std::vector<float> buffers[5];
@@ -878,12 +903,8 @@ void DirectConvolution::ConvolveSamples(const Planes& p, const float* in, int64_
 
 void DirectConvolution::PreparePlanar(const float* x, float* planes) const {
   const Shape& s = shape_;
-  for (int64_t c = 0; c < s.in_channels; ++c) {
-    for (int64_t ih = 0; ih < s.h; ++ih) {
-      std::memcpy(planes + c * planar_.plane_size + (ih + s.padding) * planar_.pw + s.padding,
-                  x + (c * s.h + ih) * s.w, sizeof(float) * s.w);
-    }
-  }
+  CopyIntoPaddedPlanes(x, s.in_channels, s.h, s.w, s.padding, planar_.pw, planar_.plane_size,
+                       planes);
 }
 
 void DirectConvolution::PlanarForward(const float* x, int64_t n, const float* weight,
@@ -915,10 +936,10 @@ void DirectConvolution::PlanarForward(const float* x, int64_t n, const float* we
       for (int64_t b = 0; b < blocks; ++b) {
         const int64_t co0 = b * kPlanarCo;
         const int64_t count = std::min<int64_t>(kPlanarCo, s.out_channels - co0);
+        const float* w = packed + b * taps * kPlanarCo;
+        const float* bb = bias != nullptr ? bias + co0 : nullptr;
         for (int64_t oh = 0; oh < p.h_out; ++oh) {
           float* out = y + i * out_sample + co0 * plane_out + oh * p.w_out;
-          const float* w = packed + b * taps * kPlanarCo;
-          const float* bb = bias != nullptr ? bias + co0 : nullptr;
           const float* in = planes + oh * p.pw;
           if (p.wide && k == 3) {
             PlanarForwardRow<2, 3>(in, p.plane_size, p.pw, s.in_channels, k, w, p.w_out, bb,
@@ -948,7 +969,6 @@ void DirectConvolution::PlanarWeightGradient(const float* x, const float* dy, in
   const int64_t grad_size = s.out_channels * taps * kLanes;
   float* halves = Scratch(kPacked, 2 * grad_size);
   std::memset(halves, 0, sizeof(float) * 2 * grad_size);
-  const int64_t middle = n / 2;
   const int64_t in_sample = s.in_channels * s.h * s.w;
   const int64_t plane_out = p.h_out * p.w_out;
   const int64_t out_sample = s.out_channels * plane_out;
@@ -961,7 +981,7 @@ void DirectConvolution::PlanarWeightGradient(const float* x, const float* dy, in
     if (copy_dy) std::memset(dy_p, 0, sizeof(float) * s.out_channels * p.h_out * p.dyw);
     for (int64_t half = begin; half < end; ++half) {
       float* grad = halves + half * grad_size;
-      for (int64_t i = half == 0 ? 0 : middle; i < (half == 0 ? middle : n); ++i) {
+      for (int64_t i = HalfBegin(half, n); i < HalfBegin(half + 1, n); ++i) {
         PreparePlanar(x + i * in_sample, planes);
         const float* d = dy + i * out_sample;
         if (copy_dy) {
@@ -1043,18 +1063,7 @@ DirectConvolution::WinogradPlan DirectConvolution::MakeWinogradPlan(int64_t chan
 
 void DirectConvolution::PrepareWinogradPlanes(const WinogradPlan& p, const float* x,
                                               float* planes) {
-  // (Vector copies inline: a libc call per short row costs more than the row.)
-  const int64_t whole = p.w / kLanes * kLanes;
-  for (int64_t c = 0; c < p.channels; ++c) {
-    const float* xc = x + c * p.h * p.w;
-    float* plane = planes + c * p.plane_stride + p.padding * p.plane_w + p.padding;
-    for (int64_t hh = 0; hh < p.h; ++hh) {
-      float* dst = plane + hh * p.plane_w;
-      const float* src = xc + hh * p.w;
-      for (int64_t j = 0; j < whole; j += kLanes) Store(dst + j, Load(src + j));
-      for (int64_t j = whole; j < p.w; ++j) dst[j] = src[j];
-    }
-  }
+  CopyIntoPaddedPlanes(x, p.channels, p.h, p.w, p.padding, p.plane_w, p.plane_stride, planes);
 }
 
 void DirectConvolution::WinogradInputBlock(const WinogradPlan& p, const float* planes,
@@ -1181,7 +1190,6 @@ void DirectConvolution::AccumulateWeightGradient(const float* x, const float* dy
   // pair, padded_out floats each), then added in order: the same bits on one thread or two.
   float* halves = Scratch(kPacked, 2 * grad_size);
   std::memset(halves, 0, sizeof(float) * 2 * grad_size);
-  const int64_t middle = n / 2;
   const int64_t in_sample = s.in_channels * s.h * s.w;
   const int64_t out_sample = s.out_channels * p.h_out * p.w_out;
   const int64_t work = n * s.out_channels * pairs * p.h_out * p.w_out;
@@ -1197,7 +1205,7 @@ void DirectConvolution::AccumulateWeightGradient(const float* x, const float* dy
     std::memset(dy_t + p.positions * padded_out_, 0, sizeof(float) * guard);
     for (int64_t half = begin; half < end; ++half) {
       float* grad = halves + half * grad_size;
-      for (int64_t i = half == 0 ? 0 : middle; i < (half == 0 ? middle : n); ++i) {
+      for (int64_t i = HalfBegin(half, n); i < HalfBegin(half + 1, n); ++i) {
         Prepare(p, x + i * in_sample, in);
         TransposeIn(dy + i * out_sample, s.out_channels, p.h_out, p.w_out, p.plane_w,
                     p.positions, padded_out_, dy_t);
@@ -1272,7 +1280,6 @@ void DirectConvolution::WinogradWeightGradient(const float* x, const float* dy, 
   const int64_t grad_size = 16 * channels * padded_out_;  // dL/dU[xi][c][co]
   float* halves = Scratch(kPacked, 2 * grad_size);
   std::memset(halves, 0, sizeof(float) * 2 * grad_size);
-  const int64_t middle = n / 2;
   const int64_t in_sample = channels * s.h * s.w;
   const int64_t out_sample = s.out_channels * p.h_out * p.w_out;
   const int64_t xi_step = p.xi_step, m_step = p.product_step;
@@ -1288,7 +1295,7 @@ void DirectConvolution::WinogradWeightGradient(const float* x, const float* dy, 
     std::memset(planes, 0, sizeof(float) * channels * p.plane_stride);
     for (int64_t half = begin; half < end; ++half) {
       float* grad = halves + half * grad_size;
-      for (int64_t i = half == 0 ? 0 : middle; i < (half == 0 ? middle : n); ++i) {
+      for (int64_t i = HalfBegin(half, n); i < HalfBegin(half + 1, n); ++i) {
         PrepareWinogradPlanes(p, x + i * in_sample, planes);
         // dy as (positions, channels), zero past the outputs (odd sizes' last tiles).
         TransposeIn(dy + i * out_sample, s.out_channels, p.h_out, p.w_out, out_w, dy_positions,
