@@ -9,9 +9,10 @@
 // (Collective::StartAllReduceSum): with a collective that completes it in the background it
 // travels while the pass goes on below; the MPI one completes it at once (mpi_collective.h
 // says why), between the layers. A gradient of at least `in_place_bytes` is a bucket of its
-// own; a bucket holding a single parameter is summed in place. Finish starts what the pass never reached (layers below
-// the point where a backward without an input gradient stops: their gradients are zero), waits
-// for every sum and writes the results back into the gradients.
+// own; a bucket holding a single parameter is summed in place. Finish starts what the pass
+// never reached (layers below the point where a backward without an input gradient stops:
+// their gradients are zero), waits for every sum and writes the results back into the
+// gradients.
 //
 // Every rank builds the same buckets from the same model and starts them at the same points of
 // the same pass, which is what the Collective contract asks of non-blocking calls. The result

@@ -56,10 +56,6 @@ Status CheckSeconds(double value, const char* flag, double min) {
                          "] seconds, got ", value);
 }
 
-std::chrono::milliseconds Millis(double seconds) {
-  return std::chrono::milliseconds(static_cast<int64_t>(std::llround(seconds * 1000.0)));
-}
-
 // The per-tenant quotas, each 0 flag resolved to the global figure it defaults to: the whole
 // server's models, the parameters the server could hold, the requests its models could queue.
 void TenantQuotas(const Flags& f, RegistryLimits* l) {
@@ -75,6 +71,10 @@ void TenantQuotas(const Flags& f, RegistryLimits* l) {
 }
 
 }  // namespace
+
+std::chrono::milliseconds Millis(double seconds) {
+  return std::chrono::milliseconds(static_cast<int64_t>(std::llround(seconds * 1000.0)));
+}
 
 int ParseFlags(int argc, char** argv, Flags* f) {
   CLI::App app(

@@ -4,6 +4,7 @@
 #ifndef NORMD_SERVER_FLAGS_H_
 #define NORMD_SERVER_FLAGS_H_
 
+#include <chrono>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -70,6 +71,9 @@ Status ValidateFlags(const Flags& flags);
 
 // Cores this process may run on (its CPU affinity), at least 1.
 int AvailableCores();
+
+// A duration flag's seconds as milliseconds, rounded to the nearest.
+std::chrono::milliseconds Millis(double seconds);
 
 // The server options the flags describe (compute_threads 0 resolved to AvailableCores()), without
 // the security objects, which LoadSecurity adds.

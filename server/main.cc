@@ -5,7 +5,6 @@
 #include <spdlog/spdlog.h>
 #include <unistd.h>
 
-#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -193,10 +192,6 @@ int main(int argc, char** argv) {
     }
     job = std::make_unique<normd::server::DataParallelJob>(
         job_channel.get(), ModelLimitsOf(normd::server::ToServerOptions(flags).limits));
-    if (job_channel->rank() == 0) {
-      job->StartWatchdog(std::chrono::milliseconds(
-          static_cast<int64_t>(flags.job_stall_timeout * 1000.0)));
-    }
     if (job_channel->rank() != 0) {
       // Workers stop when rank 0 tells them (after it drained and saved), never on a signal:
       // mpirun forwards SIGUSR1 to every rank, Kubernetes sends worker pods SIGTERM.
@@ -207,6 +202,7 @@ int main(int argc, char** argv) {
       mpi_session.reset();
       return code;
     }
+    job->StartWatchdog(normd::server::Millis(flags.job_stall_timeout));
   }
 
   // Rank 0 of a job: the workers leave their loop whenever this function returns, on an error

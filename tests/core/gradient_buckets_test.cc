@@ -67,6 +67,17 @@ void ExpectEveryParameterOnce(Sequential* net, const GradientBuckets& buckets) {
   for (Parameter* p : all) EXPECT_EQ(packed.count(p), 1u) << p->name;
 }
 
+// Sets every gradient of `net` to 1, 2, 3, ... (parameter by parameter) and returns the values.
+std::map<Parameter*, std::vector<float>> NumberGradients(Sequential* net) {
+  std::map<Parameter*, std::vector<float>> values;
+  float v = 1.0f;
+  for (Parameter* p : net->parameters()) {
+    for (int64_t i = 0; i < p->grad.size(); ++i) p->grad.data()[i] = v++;
+    values[p].assign(p->grad.data(), p->grad.data() + p->grad.size());
+  }
+  return values;
+}
+
 TEST(GradientBucketsTest, OneBucketPerLayerWithParametersLastLayerFirst) {
   std::unique_ptr<Sequential> net = Net(ResidualCnn());
   // 1 byte: every top-level layer with parameters closes a bucket of its own.
@@ -92,12 +103,7 @@ TEST(GradientBucketsTest, BucketsStartAsTheirLayersFinishAndSumAtWaitAll) {
   std::unique_ptr<Sequential> net = Net(Mlp());
   GradientBuckets buckets(net.get(), 1);
   ASSERT_EQ(buckets.num_buckets(), 3);
-  std::map<Parameter*, std::vector<float>> before;
-  float v = 1.0f;
-  for (Parameter* p : net->parameters()) {
-    for (int64_t i = 0; i < p->grad.size(); ++i) p->grad.data()[i] = v++;
-    before[p].assign(p->grad.data(), p->grad.data() + p->grad.size());
-  }
+  const std::map<Parameter*, std::vector<float>> before = NumberGradients(net.get());
   DeferredDoubling collective;
   buckets.Begin(&collective);
   buckets.LayerDone(4);
@@ -114,7 +120,7 @@ TEST(GradientBucketsTest, BucketsStartAsTheirLayersFinishAndSumAtWaitAll) {
   EXPECT_EQ(collective.started, 3);
   for (Parameter* p : net->parameters()) {
     for (int64_t i = 0; i < p->grad.size(); ++i) {
-      ASSERT_EQ(p->grad.data()[i], 2 * before[p][i]) << p->name << "[" << i << "]";
+      ASSERT_EQ(p->grad.data()[i], 2 * before.at(p)[i]) << p->name << "[" << i << "]";
     }
   }
   // A second step reuses the buckets.
@@ -122,7 +128,7 @@ TEST(GradientBucketsTest, BucketsStartAsTheirLayersFinishAndSumAtWaitAll) {
   buckets.Finish();
   EXPECT_EQ(collective.started, 6);
   const Parameter* first = net->parameters()[0];
-  EXPECT_EQ(first->grad.data()[0], 4 * before[net->parameters()[0]][0]);
+  EXPECT_EQ(first->grad.data()[0], 4 * before.at(net->parameters()[0])[0]);
 }
 
 TEST(GradientBucketsTest, ALargeGradientIsSummedInPlaceInABucketOfItsOwn) {
@@ -137,12 +143,7 @@ TEST(GradientBucketsTest, ALargeGradientIsSummedInPlaceInABucketOfItsOwn) {
   ASSERT_EQ(buckets.num_buckets(), 2);
   EXPECT_EQ(buckets.bucket(0), std::vector<Parameter*>{first_weight});
   EXPECT_EQ(buckets.bucket(1).size(), net->parameters().size() - 1);
-  std::map<Parameter*, std::vector<float>> before;
-  float v = 1.0f;
-  for (Parameter* p : net->parameters()) {
-    for (int64_t i = 0; i < p->grad.size(); ++i) p->grad.data()[i] = v++;
-    before[p].assign(p->grad.data(), p->grad.data() + p->grad.size());
-  }
+  const std::map<Parameter*, std::vector<float>> before = NumberGradients(net.get());
   DeferredDoubling collective;
   buckets.Begin(&collective);
   buckets.LayerDone(4);
@@ -155,7 +156,7 @@ TEST(GradientBucketsTest, ALargeGradientIsSummedInPlaceInABucketOfItsOwn) {
   buckets.Finish();
   for (Parameter* p : net->parameters()) {
     for (int64_t i = 0; i < p->grad.size(); ++i) {
-      ASSERT_EQ(p->grad.data()[i], 2 * before[p][i]) << p->name << "[" << i << "]";
+      ASSERT_EQ(p->grad.data()[i], 2 * before.at(p)[i]) << p->name << "[" << i << "]";
     }
   }
 }
